@@ -1,0 +1,635 @@
+/* sm_gemm.c - packed, cache-blocked SGEMM (Goto/BLIS scheme) with run-time chosen SIMD
+ * micro-kernels, plus a streaming path for matrix-vector-like shapes and a naive reference.
+ *
+ * Row-major view: C (M, N) = op(A) (M, K) @ op(B) (K, N). The micro-kernel keeps an MR x NR tile
+ * of C in registers; B supplies NR-wide vectors along a row of C, A supplies MR broadcast
+ * scalars down a column. Loop nest, per thread, over the thread's block of C:
+ *
+ *   for each chunk of rows of A (packed, <= ~1 MiB)        "A chunk"
+ *     for each KC-slice of K                                 (one pass accumulates into C)
+ *       pack A chunk [rows, KC] into MR-row slivers
+ *       for each block of columns of B (packed, ~L2 size)    "B block"
+ *         pack B block [KC, cols] into NR-column slivers
+ *         for each A sliver (MR x KC, stays in L1)
+ *           for each B sliver (KC x NR, streams from L2)
+ *             micro-kernel: C tile (+)= A sliver @ B sliver
+ *
+ * Determinism: every element of C is computed by exactly one thread, by the same sequence of
+ * operations (an FMA chain over each KC slice, slices added in order), whatever tile, thread or
+ * partition it falls in: so results do not depend on the thread count. Threads split C into
+ * whole tiles; no reduction is ever split across threads.
+ *
+ * Shapes that are matrix-vector-like (M or N tiny) skip packing, which would only double the
+ * memory traffic there, and stream the big operand once (see "small path" below).
+ */
+#include "sm_gemm.h"
+
+#include <string.h>
+
+#include "sm_runtime.h"
+
+#if SM_X86_KERNELS
+#include <immintrin.h>
+#endif
+
+/* ---- reference ------------------------------------------------------------------------------ */
+
+void sm_sgemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                    float *C, int64_t ldc) {
+    /* A: (M, K) or stored (K, M); B: (K, N) or stored (N, K); C: (M, N) */
+    for (int64_t i = 0; i < M; i++) {
+        for (int64_t j = 0; j < N; j++) {
+            double acc = 0.0;
+            for (int64_t k = 0; k < K; k++) {
+                float a = trans_a ? A[k * lda + i] : A[i * lda + k];
+                float b = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+                acc += (double)a * (double)b;
+            }
+            float r = (float)(alpha * acc);
+            C[i * ldc + j] = beta == 0.0f ? r : r + beta * C[i * ldc + j];
+        }
+    }
+}
+
+/* ---- strided operand views ------------------------------------------------------------------ */
+
+/* Element (r, c) of a logical matrix is p[r * sr + c * sc]: this absorbs the transposes. */
+typedef struct {
+    const float *p;
+    int64_t sr, sc;
+} mat_view;
+
+/* ---- packing ------------------------------------------------------------------------------- */
+
+/* Pack rows [0, m) x cols [0, kc) of A into slivers of MR rows: sliver s holds, for each k,
+ * the MR values A[s*MR + i, k] contiguously (zero past row m), so the kernel reads it linearly. */
+static void pack_a(float *SM_RESTRICT dst, mat_view a, int64_t m, int64_t kc, int MR) {
+    for (int64_t i0 = 0; i0 < m; i0 += MR) {
+        int64_t rows = m - i0 < MR ? m - i0 : MR;
+        if (a.sc == 1) {
+            /* rows of A are contiguous in k: read along them, write with stride MR */
+            for (int64_t i = 0; i < rows; i++) {
+                const float *src = a.p + (i0 + i) * a.sr;
+                for (int64_t k = 0; k < kc; k++) dst[k * MR + i] = src[k];
+            }
+        } else {
+            for (int64_t k = 0; k < kc; k++) {
+                const float *src = a.p + k * a.sc + i0 * a.sr;
+                for (int64_t i = 0; i < rows; i++) dst[k * MR + i] = src[i * a.sr];
+            }
+        }
+        if (rows < MR)
+            for (int64_t k = 0; k < kc; k++)
+                for (int64_t i = rows; i < MR; i++) dst[k * MR + i] = 0.0f;
+        dst += kc * MR;
+    }
+}
+
+/* Pack rows [0, kc) x cols [0, n) of B into slivers of NR columns: sliver s holds, for each k,
+ * the NR values B[k, s*NR + j] contiguously (zero past column n). */
+static void pack_b(float *SM_RESTRICT dst, mat_view b, int64_t kc, int64_t n, int NR) {
+    for (int64_t j0 = 0; j0 < n; j0 += NR) {
+        int64_t cols = n - j0 < NR ? n - j0 : NR;
+        if (b.sc == 1) {
+            for (int64_t k = 0; k < kc; k++) {
+                const float *src = b.p + k * b.sr + j0;
+                float *d = dst + k * NR;
+                memcpy(d, src, (size_t)cols * sizeof(float));
+                for (int64_t j = cols; j < NR; j++) d[j] = 0.0f;
+            }
+        } else {
+            /* columns of B are contiguous in k (B stored transposed): read along them */
+            for (int64_t j = 0; j < cols; j++) {
+                const float *src = b.p + (j0 + j) * b.sc;
+                for (int64_t k = 0; k < kc; k++) dst[k * NR + j] = src[k * b.sr];
+            }
+            for (int64_t k = 0; k < kc; k++)
+                for (int64_t j = cols; j < NR; j++) dst[k * NR + j] = 0.0f;
+        }
+        dst += kc * NR;
+    }
+}
+
+/* ---- micro-kernels ------------------------------------------------------------------------- */
+
+/* C[0:mr, 0:nr] = alpha * (A sliver @ B sliver) + beta * C   (beta == 0: C is not read).
+ * a: kc x MR packed, b: kc x NR packed. mr <= MR, nr <= NR; padding lanes are computed and
+ * dropped, so every element of C sees the same arithmetic wherever its tile lies. */
+typedef void (*ukernel_fn)(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
+                           float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
+                           float beta);
+
+/* Write an MR x NR tile held in `t` (row stride NR) into C: the edge case of every kernel. */
+static void store_tile(const float *t, int NR, float *c, int64_t ldc, int mr, int nr, float alpha,
+                       float beta) {
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float v = alpha * t[i * NR + j];
+            c[i * ldc + j] = beta == 0.0f ? v : v + beta * c[i * ldc + j];
+        }
+}
+
+/* Portable kernel: 4 x 16 tile in plain C (compilers vectorize the j loops). */
+#define GEN_MR 4
+#define GEN_NR 16
+static void ukernel_generic(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
+                            float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
+                            float beta) {
+    float acc[GEN_MR * GEN_NR];
+    for (int i = 0; i < GEN_MR * GEN_NR; i++) acc[i] = 0.0f;
+    for (int64_t k = 0; k < kc; k++) {
+        const float *bk = b + k * GEN_NR;
+        for (int i = 0; i < GEN_MR; i++) {
+            float ai = a[k * GEN_MR + i];
+            for (int j = 0; j < GEN_NR; j++) acc[i * GEN_NR + j] += ai * bk[j];
+        }
+    }
+    store_tile(acc, GEN_NR, c, ldc, mr, nr, alpha, beta);
+}
+
+#if SM_X86_KERNELS
+
+/* AVX2 + FMA: 6 x 16 tile = 12 ymm accumulators, 2 for B, 1 broadcast (15 of 16 registers). */
+#define AVX2_MR 6
+#define AVX2_NR 16
+SM_TARGET_AVX2
+static void ukernel_avx2(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
+                         float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
+                         float beta) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        __m256 x;
+        x = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(x, b0, c00); c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(x, b0, c10); c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(x, b0, c20); c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(x, b0, c30); c31 = _mm256_fmadd_ps(x, b1, c31);
+        x = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(x, b0, c40); c41 = _mm256_fmadd_ps(x, b1, c41);
+        x = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(x, b0, c50); c51 = _mm256_fmadd_ps(x, b1, c51);
+        a += AVX2_MR;
+        b += AVX2_NR;
+    }
+    __m256 acc[AVX2_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    if (mr == AVX2_MR && nr == AVX2_NR) {
+        __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+        for (int i = 0; i < AVX2_MR; i++) {
+            float *ci = c + i * ldc;
+            for (int h = 0; h < 2; h++) {
+                __m256 v = _mm256_mul_ps(va, acc[i][h]);
+                if (beta != 0.0f) v = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8 * h), v);
+                _mm256_storeu_ps(ci + 8 * h, v);
+            }
+        }
+        return;
+    }
+    float t[AVX2_MR * AVX2_NR];
+    for (int i = 0; i < AVX2_MR; i++) {
+        _mm256_storeu_ps(t + i * AVX2_NR, acc[i][0]);
+        _mm256_storeu_ps(t + i * AVX2_NR + 8, acc[i][1]);
+    }
+    store_tile(t, AVX2_NR, c, ldc, mr, nr, alpha, beta);
+}
+
+/* AVX-512: 14 x 32 tile = 28 zmm accumulators, 2 for B, broadcasts folded into the FMAs
+ * (vfmadd231ps zmm, zmm, dword{1to16}): 30 of 32 registers. */
+#define AVX512_MR 14
+#define AVX512_NR 32
+
+#define SM_FMA_ROW(i)                                                     \
+    do {                                                                  \
+        __m512 x = _mm512_set1_ps(a[i]);                                  \
+        c##i##0 = _mm512_fmadd_ps(x, b0, c##i##0);                        \
+        c##i##1 = _mm512_fmadd_ps(x, b1, c##i##1);                        \
+    } while (0)
+
+SM_TARGET_AVX512
+static void ukernel_avx512(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
+                           float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
+                           float beta) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
+    __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
+    __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
+    __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
+    __m512 c40 = _mm512_setzero_ps(), c41 = _mm512_setzero_ps();
+    __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
+    __m512 c60 = _mm512_setzero_ps(), c61 = _mm512_setzero_ps();
+    __m512 c70 = _mm512_setzero_ps(), c71 = _mm512_setzero_ps();
+    __m512 c80 = _mm512_setzero_ps(), c81 = _mm512_setzero_ps();
+    __m512 c90 = _mm512_setzero_ps(), c91 = _mm512_setzero_ps();
+    __m512 c100 = _mm512_setzero_ps(), c101 = _mm512_setzero_ps();
+    __m512 c110 = _mm512_setzero_ps(), c111 = _mm512_setzero_ps();
+    __m512 c120 = _mm512_setzero_ps(), c121 = _mm512_setzero_ps();
+    __m512 c130 = _mm512_setzero_ps(), c131 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        _mm_prefetch((const char *)(b + 8 * AVX512_NR), _MM_HINT_T0);
+        SM_FMA_ROW(0); SM_FMA_ROW(1); SM_FMA_ROW(2); SM_FMA_ROW(3); SM_FMA_ROW(4);
+        SM_FMA_ROW(5); SM_FMA_ROW(6); SM_FMA_ROW(7); SM_FMA_ROW(8); SM_FMA_ROW(9);
+        SM_FMA_ROW(10); SM_FMA_ROW(11); SM_FMA_ROW(12); SM_FMA_ROW(13);
+        a += AVX512_MR;
+        b += AVX512_NR;
+    }
+    __m512 acc[AVX512_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41},
+                                {c50, c51}, {c60, c61}, {c70, c71}, {c80, c81}, {c90, c91},
+                                {c100, c101}, {c110, c111}, {c120, c121}, {c130, c131}};
+    /* Columns past nr are masked off; rows past mr are skipped: one path for every tile. */
+    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1u);
+    __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1u);
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        __m512 v0 = _mm512_mul_ps(va, acc[i][0]), v1 = _mm512_mul_ps(va, acc[i][1]);
+        if (beta != 0.0f) {
+            v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), v0);
+            v1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), v1);
+        }
+        _mm512_mask_storeu_ps(ci, m0, v0);
+        _mm512_mask_storeu_ps(ci + 16, m1, v1);
+    }
+}
+#undef SM_FMA_ROW
+
+#endif /* SM_X86_KERNELS */
+
+/* Blocking parameters for one SIMD level. */
+typedef struct {
+    int MR, NR;
+    int64_t KC;        /* longest K slice (A sliver MR x KC should sit in L1) */
+    int64_t A_FLOATS;  /* packed A chunk budget per thread */
+    int64_t B_FLOATS;  /* packed B block budget per thread (half of a 1 MiB L2) */
+    ukernel_fn kernel;
+} gemm_params;
+
+static void get_params(int level, gemm_params *p) {
+#if SM_X86_KERNELS
+    if (level >= SM_SIMD_AVX512) {
+        *p = (gemm_params){AVX512_MR, AVX512_NR, 384, 256 * 1024, 128 * 1024, ukernel_avx512};
+        return;
+    }
+    if (level >= SM_SIMD_AVX2) {
+        *p = (gemm_params){AVX2_MR, AVX2_NR, 256, 256 * 1024, 128 * 1024, ukernel_avx2};
+        return;
+    }
+#endif
+    (void)level;
+    *p = (gemm_params){GEN_MR, GEN_NR, 256, 128 * 1024, 64 * 1024, ukernel_generic};
+}
+
+/* ---- packed path, one thread's block of C ------------------------------------------------- */
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+/* Split n into the fewest pieces of at most `most` (a multiple of `grain`) with equal sizes
+ * in whole grains; returns the piece size. Depends only on its arguments (never on threads). */
+static int64_t balanced_block(int64_t n, int64_t most, int64_t grain) {
+    int64_t pieces = ceil_div(n, most);
+    return round_up(ceil_div(n, pieces), grain);
+}
+
+static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, int64_t N,
+                       int64_t K, float alpha, float beta, float *C, int64_t ldc, float *apack,
+                       float *bpack) {
+    const int MR = P->MR, NR = P->NR;
+    /* K slices are fixed by K alone (not by M, N or threads): element results never depend
+     * on how C is partitioned. */
+    const int64_t kc_max = balanced_block(K, P->KC, 1);
+    const int64_t m_chunk = (P->A_FLOATS / kc_max) / MR * MR > MR ? (P->A_FLOATS / kc_max) / MR * MR : MR;
+    int64_t n_block = (P->B_FLOATS / kc_max) / NR * NR;
+    if (n_block < NR) n_block = NR;
+    n_block = balanced_block(N, n_block, NR);
+
+    for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
+        int64_t mc = M - m0 < m_chunk ? M - m0 : m_chunk;
+        for (int64_t p0 = 0; p0 < K; p0 += kc_max) {
+            int64_t kc = K - p0 < kc_max ? K - p0 : kc_max;
+            float beta_eff = p0 == 0 ? beta : 1.0f;
+            mat_view as = {a.p + m0 * a.sr + p0 * a.sc, a.sr, a.sc};
+            pack_a(apack, as, mc, kc, MR);
+            for (int64_t n0 = 0; n0 < N; n0 += n_block) {
+                int64_t nc = N - n0 < n_block ? N - n0 : n_block;
+                mat_view bs = {b.p + p0 * b.sr + n0 * b.sc, b.sr, b.sc};
+                pack_b(bpack, bs, kc, nc, NR);
+                for (int64_t i = 0; i < mc; i += MR) {
+                    int mr = (int)(mc - i < MR ? mc - i : MR);
+                    const float *ap = apack + (i / MR) * kc * MR;
+                    float *crow = C + (m0 + i) * ldc + n0;
+                    for (int64_t j = 0; j < nc; j += NR) {
+                        int nr = (int)(nc - j < NR ? nc - j : NR);
+                        P->kernel(kc, ap, bpack + (j / NR) * kc * NR, crow + j, ldc, mr, nr,
+                                  alpha, beta_eff);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- small path: M tiny (matrix-vector-like) ---------------------------------------------
+ * Computes C[r, n] for r < m (m <= SMALL_M) by streaming the big operand once, no packing.
+ * Each element is one FMA chain over k = 0..K-1 (then alpha, beta), the same arithmetic for
+ * every column and tile, so thread partitions never change the bits.
+ *   "rows" form: B is contiguous along n (B[k, :] rows): C[:, chunk] += a[:, k] * B[k, chunk]
+ *   "dots" form: B is contiguous along k (B^T rows): C[r, n] = dot(a[r, :], Bt[n, :])        */
+#define SMALL_M 4
+#define SMALL_W 512 /* columns per chunk in the rows form: m x 512 accumulators stay in L1 */
+
+typedef struct {
+    mat_view a, b;      /* a: (m, K) logical, b: (K, N) logical */
+    float *c;           /* C[r, n] at c[r * c_sr + n * c_sc] */
+    int64_t c_sr, c_sc;
+    int64_t m, K;
+    float alpha, beta;
+} small_problem;
+
+static void small_store(const small_problem *sp, int64_t r, int64_t n, float v) {
+    float *dst = sp->c + r * sp->c_sr + n * sp->c_sc;
+    v = sp->alpha * v;
+    *dst = sp->beta == 0.0f ? v : v + sp->beta * *dst;
+}
+
+static void small_rows_generic(const small_problem *sp, int64_t n0, int64_t n1) {
+    float acc[SMALL_M][SMALL_W];
+    for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
+        int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
+        for (int64_t r = 0; r < sp->m; r++)
+            for (int64_t j = 0; j < w; j++) acc[r][j] = 0.0f;
+        for (int64_t k = 0; k < sp->K; k++) {
+            const float *bk = sp->b.p + k * sp->b.sr + c0;
+            for (int64_t r = 0; r < sp->m; r++) {
+                float ar = sp->a.p[r * sp->a.sr + k * sp->a.sc];
+                for (int64_t j = 0; j < w; j++) acc[r][j] += ar * bk[j];
+            }
+        }
+        for (int64_t r = 0; r < sp->m; r++)
+            for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, acc[r][j]);
+    }
+}
+
+static void small_dots_generic(const small_problem *sp, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const float *bn = sp->b.p + n * sp->b.sc;
+        for (int64_t r = 0; r < sp->m; r++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < sp->K; k++) s += sp->a.p[r * sp->a.sr + k * sp->a.sc] * bn[k];
+            small_store(sp, r, n, s);
+        }
+    }
+}
+
+#if SM_X86_KERNELS
+SM_TARGET_AVX512
+static void small_rows_avx512(const small_problem *sp, int64_t n0, int64_t n1) {
+    __m512 acc[SMALL_M][SMALL_W / 16];
+    const int64_t m = sp->m;
+    for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
+        int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
+        int64_t nv = ceil_div(w, 16);
+        __mmask16 tail = (w % 16) ? (__mmask16)((1u << (w % 16)) - 1u) : (__mmask16)0xFFFF;
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t v = 0; v < nv; v++) acc[r][v] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < sp->K; k++) {
+            const float *bk = sp->b.p + k * sp->b.sr + c0;
+            __m512 ar[SMALL_M];
+            for (int64_t r = 0; r < m; r++) ar[r] = _mm512_set1_ps(sp->a.p[r * sp->a.sr + k * sp->a.sc]);
+            int64_t v = 0;
+            for (; v + 1 < nv; v++) {
+                __m512 bv = _mm512_loadu_ps(bk + 16 * v);
+                for (int64_t r = 0; r < m; r++) acc[r][v] = _mm512_fmadd_ps(ar[r], bv, acc[r][v]);
+            }
+            __m512 bv = _mm512_maskz_loadu_ps(tail, bk + 16 * v);
+            for (int64_t r = 0; r < m; r++) acc[r][v] = _mm512_fmadd_ps(ar[r], bv, acc[r][v]);
+        }
+        __m512 va = _mm512_set1_ps(sp->alpha), vb = _mm512_set1_ps(sp->beta);
+        for (int64_t r = 0; r < m; r++) {
+            if (sp->c_sc != 1) { /* C written transposed: scalar stores */
+                float t[SMALL_W];
+                for (int64_t v = 0; v < nv; v++) _mm512_storeu_ps(t + 16 * v, acc[r][v]);
+                for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, t[j]);
+                continue;
+            }
+            float *cr = sp->c + r * sp->c_sr + c0;
+            for (int64_t v = 0; v < nv; v++) {
+                __mmask16 mk = v + 1 < nv ? (__mmask16)0xFFFF : tail;
+                __m512 x = _mm512_mul_ps(va, acc[r][v]);
+                if (sp->beta != 0.0f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mk, cr + 16 * v), x);
+                _mm512_mask_storeu_ps(cr + 16 * v, mk, x);
+            }
+        }
+    }
+}
+
+SM_TARGET_AVX512
+static void small_dots_avx512(const small_problem *sp, int64_t n0, int64_t n1) {
+    const int64_t K = sp->K, m = sp->m;
+    const int64_t kfull = K / 16 * 16;
+    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
+    /* The a rows are gathered to contiguous scratch once, then each B^T row is streamed once
+     * and dotted with all m rows (m independent chains per column). */
+    for (int64_t n = n0; n < n1; n++) {
+        const float *bn = sp->b.p + n * sp->b.sc;
+        __m512 acc[SMALL_M];
+        for (int64_t r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < kfull; k += 16) {
+            __m512 bv = _mm512_loadu_ps(bn + k);
+            for (int64_t r = 0; r < m; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(sp->a.p + r * sp->a.sr + k), bv, acc[r]);
+        }
+        if (tail) {
+            __m512 bv = _mm512_maskz_loadu_ps(tail, bn + kfull);
+            for (int64_t r = 0; r < m; r++)
+                acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, sp->a.p + r * sp->a.sr + kfull), bv, acc[r]);
+        }
+        for (int64_t r = 0; r < m; r++) small_store(sp, r, n, _mm512_reduce_add_ps(acc[r]));
+    }
+}
+
+SM_TARGET_AVX2
+static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1) {
+    __m256 acc[SMALL_M][SMALL_W / 8];
+    const int64_t m = sp->m;
+    for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
+        int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
+        int64_t nv = ceil_div(w, 8);
+        int rem = (int)(w % 8);
+        __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem ? rem : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t v = 0; v < nv; v++) acc[r][v] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < sp->K; k++) {
+            const float *bk = sp->b.p + k * sp->b.sr + c0;
+            __m256 ar[SMALL_M];
+            for (int64_t r = 0; r < m; r++) ar[r] = _mm256_set1_ps(sp->a.p[r * sp->a.sr + k * sp->a.sc]);
+            int64_t v = 0;
+            for (; v + 1 < nv; v++) {
+                __m256 bv = _mm256_loadu_ps(bk + 8 * v);
+                for (int64_t r = 0; r < m; r++) acc[r][v] = _mm256_fmadd_ps(ar[r], bv, acc[r][v]);
+            }
+            __m256 bv = _mm256_maskload_ps(bk + 8 * v, tail);
+            for (int64_t r = 0; r < m; r++) acc[r][v] = _mm256_fmadd_ps(ar[r], bv, acc[r][v]);
+        }
+        for (int64_t r = 0; r < m; r++) {
+            float t[SMALL_W];
+            for (int64_t v = 0; v < nv; v++) _mm256_storeu_ps(t + 8 * v, acc[r][v]);
+            for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, t[j]);
+        }
+    }
+}
+
+SM_TARGET_AVX2
+static float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+SM_TARGET_AVX2
+static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1) {
+    const int64_t K = sp->K, m = sp->m;
+    const int64_t kfull = K / 8 * 8;
+    int rem = (int)(K % 8);
+    __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int64_t n = n0; n < n1; n++) {
+        const float *bn = sp->b.p + n * sp->b.sc;
+        __m256 acc[SMALL_M];
+        for (int64_t r = 0; r < m; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < kfull; k += 8) {
+            __m256 bv = _mm256_loadu_ps(bn + k);
+            for (int64_t r = 0; r < m; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(sp->a.p + r * sp->a.sr + k), bv, acc[r]);
+        }
+        if (rem) {
+            __m256 bv = _mm256_maskload_ps(bn + kfull, tail);
+            for (int64_t r = 0; r < m; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(sp->a.p + r * sp->a.sr + kfull, tail), bv, acc[r]);
+        }
+        for (int64_t r = 0; r < m; r++) small_store(sp, r, n, hsum256(acc[r]));
+    }
+}
+#endif
+
+/* Run one small problem over columns [0, N) with nt threads. `a` must be contiguous along k
+ * for the dots form (its caller gathers it if not). */
+static void small_run(const small_problem *sp, int64_t N, int dots, int level, int nt) {
+    void (*fn)(const small_problem *, int64_t, int64_t) = dots ? small_dots_generic : small_rows_generic;
+#if SM_X86_KERNELS
+    if (level >= SM_SIMD_AVX512) fn = dots ? small_dots_avx512 : small_rows_avx512;
+    else if (level >= SM_SIMD_AVX2) fn = dots ? small_dots_avx2 : small_rows_avx2;
+#else
+    (void)level;
+#endif
+    /* Columns go to threads in multiples of 64, so a column's code path (full vector or masked
+     * tail) never depends on the partition. Few threads for little work: waking a team costs
+     * microseconds, more than a small product takes. */
+    int64_t work = sp->m * sp->K * N;
+    int64_t max_nt = work / (64 * 1024) + 1;
+    if (nt > max_nt) nt = (int)max_nt;
+    if (nt > 1 && N / 64 < nt) nt = (int)(N / 64 > 0 ? N / 64 : 1);
+    SM_PARALLEL(nt)
+    {
+        int64_t n0, n1;
+        sm_split_range(N, 64, SM_THREAD_COUNT(), SM_THREAD_ID(), &n0, &n1);
+        if (n1 > n0) fn(sp, n0, n1);
+    }
+}
+
+/* ---- driver ---------------------------------------------------------------------------------- */
+
+int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+             const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+             int64_t ldc, int nthreads) {
+    /* op(A): (M, K), op(B): (K, N), C: (M, N) */
+    if (M <= 0 || N <= 0) return SM_OK;
+    if (K <= 0 || alpha == 0.0f) {
+        /* Nothing to multiply: C = beta * C (beta == 0 writes zeros, ignoring NaN in C). */
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t j = 0; j < N; j++) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+        return SM_OK;
+    }
+    int nt = sm_resolve_threads(nthreads);
+    int level = sm_simd_active();
+    mat_view a = trans_a ? (mat_view){A, 1, lda} : (mat_view){A, lda, 1};
+    mat_view b = trans_b ? (mat_view){B, 1, ldb} : (mat_view){B, ldb, 1};
+
+    /* Matrix-vector-like shapes: stream the big operand once instead of packing it. */
+    if (M <= SMALL_M || N <= SMALL_M) {
+        small_problem sp;
+        int dots;
+        if (M <= SMALL_M) {
+            sp = (small_problem){a, b, C, ldc, 1, M, K, alpha, beta};
+            dots = (b.sr == 1); /* B stored transposed: columns of op(B) contiguous in k */
+            if (dots && a.sc != 1) dots = 0;
+            if (dots || b.sc == 1) {
+                small_run(&sp, N, dots, level, nt);
+                return SM_OK;
+            }
+        } else {
+            /* C^T = op(B)^T op(A)^T: N (tiny) plays M; C^T written with strides (1, ldc). */
+            mat_view at = {b.p, b.sc, b.sr}; /* op(B)^T: (N, K) */
+            mat_view bt = {a.p, a.sc, a.sr}; /* op(A)^T: (K, M) */
+            sp = (small_problem){at, bt, C, 1, ldc, N, K, alpha, beta};
+            dots = (bt.sr == 1);
+            if (dots && at.sc != 1) dots = 0;
+            if (dots || bt.sc == 1) {
+                small_run(&sp, M, dots, level, nt);
+                return SM_OK;
+            }
+        }
+        /* Remaining layouts (a tiny operand strided along k against a big one contiguous in
+         * k) are rare; the packed path below handles them. */
+    }
+
+    gemm_params P;
+    get_params(level, &P);
+
+    /* Thread grid tm x tn over C: split rows while every thread keeps several A slivers, else
+     * split columns. The grid only moves whole tiles around, never changes arithmetic. */
+    int tm = nt, tn = 1;
+    while (tm > 1 && M / tm < 4 * P.MR) {
+        /* move a factor from tm to tn */
+        int f = 2;
+        while (tm % f) f++;
+        tm /= f;
+        tn *= f;
+    }
+    if (tn > 1 && N / tn < P.NR) tn = (int)(N / P.NR > 0 ? N / P.NR : 1);
+    /* Fewer threads for small products: waking a team costs more than it saves. */
+    int64_t flops = 2 * M * N * K;
+    if (flops < 4 * 1000 * 1000) tm = tn = 1;
+    int team = tm * tn;
+
+    int64_t kc_max = balanced_block(K, P.KC, 1);
+    int64_t a_floats = P.A_FLOATS > kc_max * P.MR ? P.A_FLOATS : kc_max * P.MR;
+    int64_t b_floats = P.B_FLOATS > kc_max * P.NR ? P.B_FLOATS : kc_max * P.NR;
+    /* Round each thread's share up to a cache line so threads never share a line. */
+    int64_t per_thread = round_up(a_floats + P.MR * kc_max, 16) + round_up(b_floats + P.NR * kc_max, 16);
+    float *scratch = (float *)sm_aligned_alloc((size_t)(per_thread * team) * sizeof(float));
+    if (!scratch) return SM_ERR_NOMEM;
+
+    SM_PARALLEL(team)
+    {
+        int tid = SM_THREAD_ID();
+        int nth = SM_THREAD_COUNT(); /* may be less than asked if OpenMP limits the team */
+        int gm = nth == team ? tm : nth, gn = nth == team ? tn : 1;
+        int im = tid / gn, in = tid % gn;
+        int64_t m0, m1, n0, n1;
+        sm_split_range(M, P.MR, gm, im, &m0, &m1);
+        sm_split_range(N, P.NR, gn, in, &n0, &n1);
+        if (m1 > m0 && n1 > n0) {
+            float *apack = scratch + (int64_t)tid * per_thread;
+            float *bpack = apack + round_up(a_floats + P.MR * kc_max, 16);
+            mat_view as = {a.p + m0 * a.sr, a.sr, a.sc};
+            mat_view bs = {b.p + n0 * b.sc, b.sr, b.sc};
+            gemm_block(&P, as, bs, m1 - m0, n1 - n0, K, alpha, beta, C + m0 * ldc + n0, ldc,
+                       apack, bpack);
+        }
+    }
+    sm_aligned_free(scratch);
+    return SM_OK;
+}

@@ -1,0 +1,24 @@
+/* sm_gemm.h - single-precision GEMM: C = alpha * op(A) @ op(B) + beta * C, row-major,
+ * op(X) = X or X^T. Packed, cache-blocked, with AVX-512 / AVX2+FMA micro-kernels chosen at run
+ * time and a portable fallback. Results are bitwise identical for any thread count. */
+#ifndef SM_GEMM_H
+#define SM_GEMM_H
+
+#include "sm_common.h"
+
+/* Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N).
+ * trans_a = 0: A is stored (M, K) with row stride lda;  trans_a = 1: A is stored (K, M).
+ * trans_b = 0: B is stored (K, N) with row stride ldb;  trans_b = 1: B is stored (N, K).
+ * beta == 0 means C is write-only (its old contents, even NaN, are ignored).
+ * C must not overlap A or B. nthreads <= 0 uses the library default.
+ * Returns SM_OK, or SM_ERR_NOMEM if scratch memory could not be allocated (C untouched). */
+int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+             const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+             int64_t ldc, int nthreads);
+
+/* The obvious triple loop (double accumulator), kept as the reference the tests compare with. */
+void sm_sgemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                    float *C, int64_t ldc);
+
+#endif /* SM_GEMM_H */

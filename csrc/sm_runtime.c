@@ -1,0 +1,222 @@
+/* sm_runtime.c - CPU feature detection, SIMD level selection, thread and build facts,
+ * and the small shared helpers declared in sm_common.h. */
+#include "sm_runtime.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(_WIN32)
+#include <malloc.h>
+#include <windows.h>
+#else
+#include <unistd.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(_MSC_VER)
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
+#endif
+
+void *sm_aligned_alloc(size_t bytes) {
+    if (bytes == 0) return NULL;
+#if defined(_WIN32)
+    return _aligned_malloc(bytes, SM_ALIGN);
+#else
+    void *p = NULL;
+    if (posix_memalign(&p, SM_ALIGN, bytes) != 0) return NULL;
+    return p;
+#endif
+}
+
+void sm_aligned_free(void *p) {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
+}
+
+void sm_split_range(int64_t n, int64_t grain, int parts, int i, int64_t *begin, int64_t *end) {
+    /* Work is handed out in whole grains so that each part's share keeps kernel tiles intact. */
+    if (grain < 1) grain = 1;
+    if (parts < 1) parts = 1;
+    int64_t units = (n + grain - 1) / grain;
+    int64_t base = units / parts, extra = units % parts;
+    int64_t u0 = i * base + (i < extra ? i : extra);
+    int64_t u1 = u0 + base + (i < extra ? 1 : 0);
+    int64_t b = u0 * grain, e = u1 * grain;
+    if (b > n) b = n;
+    if (e > n) e = n;
+    *begin = b;
+    *end = e;
+}
+
+/* ---- CPU features ------------------------------------------------------------------------ */
+
+#if defined(__x86_64__) || defined(_M_X64)
+static void cpuid(unsigned leaf, unsigned sub, unsigned r[4]) {
+#if defined(_MSC_VER)
+    int out[4];
+    __cpuidex(out, (int)leaf, (int)sub);
+    for (int i = 0; i < 4; i++) r[i] = (unsigned)out[i];
+#else
+    __cpuid_count(leaf, sub, r[0], r[1], r[2], r[3]);
+#endif
+}
+
+static unsigned long long xgetbv0(void) {
+#if defined(_MSC_VER)
+    return _xgetbv(0);
+#else
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+#endif
+}
+
+static int detect_x86(void) {
+    unsigned r[4];
+    cpuid(0, 0, r);
+    unsigned max_leaf = r[0];
+    if (max_leaf < 7) return SM_SIMD_GENERIC;
+    cpuid(1, 0, r);
+    int osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1, fma = (r[2] >> 12) & 1;
+    if (!osxsave || !avx) return SM_SIMD_GENERIC;
+    unsigned long long xcr0 = xgetbv0();
+    /* The OS must save YMM state (bits 1,2) for AVX, and opmask/ZMM state (5,6,7) for AVX-512. */
+    if ((xcr0 & 0x6) != 0x6) return SM_SIMD_GENERIC;
+    cpuid(7, 0, r);
+    int avx2 = (r[1] >> 5) & 1;
+    int avx512f = (r[1] >> 16) & 1, avx512dq = (r[1] >> 17) & 1;
+    int avx512bw = (r[1] >> 30) & 1, avx512vl = (r[1] >> 31) & 1;
+    if (!(avx2 && fma)) return SM_SIMD_GENERIC;
+    if (avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xe0) == 0xe0) return SM_SIMD_AVX512;
+    return SM_SIMD_AVX2;
+}
+#endif
+
+static int g_detected = -1;      /* cached CPUID result */
+static int g_env_cap = -1;       /* cap from SMALLMIND_SIMD, read once */
+static volatile int g_active = -1; /* level kernels use; written by sm_simd_set */
+
+int sm_simd_detected(void) {
+    if (g_detected < 0) {
+#if SM_X86_KERNELS
+        g_detected = detect_x86();
+#else
+        g_detected = SM_SIMD_GENERIC;
+#endif
+    }
+    return g_detected;
+}
+
+static int parse_level(const char *s) {
+    if (!s || !*s) return -1;
+    if (!strcmp(s, "avx512")) return SM_SIMD_AVX512;
+    if (!strcmp(s, "avx2")) return SM_SIMD_AVX2;
+    if (!strcmp(s, "generic") || !strcmp(s, "scalar") || !strcmp(s, "none")) return SM_SIMD_GENERIC;
+    return -1;
+}
+
+static int capped(int level) {
+    int det = sm_simd_detected();
+    if (level < 0 || level > det) level = det;
+    if (g_env_cap >= 0 && level > g_env_cap) level = g_env_cap;
+    return level;
+}
+
+int sm_simd_active(void) {
+    int a = g_active;
+    if (a < 0) {
+        static int env_read = 0;
+        if (!env_read) {
+            g_env_cap = parse_level(getenv("SMALLMIND_SIMD"));
+            env_read = 1;
+        }
+        a = capped(-1);
+        g_active = a;
+    }
+    return a;
+}
+
+int sm_simd_set(int level) {
+    (void)sm_simd_active(); /* make sure the environment cap is read first */
+    g_active = capped(level);
+    return g_active;
+}
+
+const char *sm_simd_name(int level) {
+    switch (level) {
+    case SM_SIMD_AVX512: return "avx512";
+    case SM_SIMD_AVX2: return "avx2";
+    default: return "generic";
+    }
+}
+
+/* ---- threads and build ----------------------------------------------------------------- */
+
+int sm_openmp_enabled(void) {
+#ifdef SM_HAVE_OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int sm_omp_max_threads(void) {
+#ifdef SM_HAVE_OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+void sm_omp_set_num_threads(int n) {
+#ifdef SM_HAVE_OPENMP
+    if (n >= 1) omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
+
+static volatile int g_num_threads = 0;
+
+int smallmind_get_num_threads(void) {
+    int n = g_num_threads;
+    return n > 0 ? n : sm_omp_max_threads();
+}
+
+void smallmind_set_num_threads(int n) { g_num_threads = n > 0 ? n : 0; }
+
+int sm_resolve_threads(int threads) {
+    int n = threads > 0 ? threads : smallmind_get_num_threads();
+    return sm_openmp_enabled() ? (n > 0 ? n : 1) : 1;
+}
+
+int sm_cpu_count(void) {
+#if defined(_WIN32)
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    return (int)si.dwNumberOfProcessors;
+#else
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+#endif
+}
+
+const char *sm_compiler(void) {
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+#define SM_STR2(x) #x
+#define SM_STR(x) SM_STR2(x)
+    return "msvc " SM_STR(_MSC_FULL_VER);
+#else
+    return "unknown";
+#endif
+}

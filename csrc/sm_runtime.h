@@ -1,0 +1,38 @@
+/* sm_runtime.h - run-time facts about the machine and the build: SIMD level chosen from CPUID
+ * (overridable downwards by SMALLMIND_SIMD), thread budget, compiler, OpenMP. */
+#ifndef SM_RUNTIME_H
+#define SM_RUNTIME_H
+
+#include "sm_common.h"
+
+/* SIMD levels, ordered: a higher level implies every lower one is usable. */
+typedef enum { SM_SIMD_GENERIC = 0, SM_SIMD_AVX2 = 1, SM_SIMD_AVX512 = 2 } sm_simd_level;
+
+/* Highest level this CPU and OS support (CPUID + XGETBV), ignoring any override. */
+int sm_simd_detected(void);
+/* Level kernels use now: detected level capped by SMALLMIND_SIMD (read once) or sm_simd_set. */
+int sm_simd_active(void);
+/* Cap the active level (-1 = back to the detected level, still capped by the environment).
+ * Returns the level now active. Thread-safe (a single int store kernels read per call). */
+int sm_simd_set(int level);
+const char *sm_simd_name(int level);
+
+/* 1 if built with OpenMP. */
+int sm_openmp_enabled(void);
+/* OpenMP's default team size for the calling thread (OMP_NUM_THREADS, omp_set_num_threads). */
+int sm_omp_max_threads(void);
+void sm_omp_set_num_threads(int n);
+/* The library-wide default thread budget used when a call passes threads <= 0.
+ * 0 (the initial state) means "follow OpenMP": omp_get_max_threads() of the calling thread,
+ * which honours OMP_NUM_THREADS and threadpoolctl's OpenMP limits. These two are exported
+ * from the extension module under stable names so threadpoolctl can find and drive them. */
+SM_EXPORT int smallmind_get_num_threads(void);
+SM_EXPORT void smallmind_set_num_threads(int n);
+/* threads > 0 -> threads; otherwise the library default above. */
+int sm_resolve_threads(int threads);
+/* Processors available to this process. */
+int sm_cpu_count(void);
+/* Compiler name and version this core was built with. */
+const char *sm_compiler(void);
+
+#endif /* SM_RUNTIME_H */

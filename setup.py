@@ -1,0 +1,125 @@
+"""Build script for smallmind: compiles csrc/*.c and the Cython wrapper into smallmind._core.
+
+OpenMP is detected by test-compiling a tiny program with the active compiler; SMALLMIND_OPENMP=0
+builds without it (single-threaded). SIMD kernels are compiled with per-function target
+attributes, so no -march flag is ever passed: one wheel runs on any x86-64 and picks its
+micro-kernels from CPUID at run time. No -ffast-math: results must be reproducible.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg):
+    # pip shows build output with -v; stderr also reaches logs of cibuildwheel and CI.
+    print(f"smallmind: {msg}", file=sys.stderr, flush=True)
+
+
+def _macos_libomp_prefix():
+    """Where Homebrew (or the user, via SMALLMIND_LIBOMP_PREFIX) keeps libomp on macOS."""
+    prefix = os.environ.get("SMALLMIND_LIBOMP_PREFIX")
+    if prefix:
+        return prefix
+    brew = shutil.which("brew")
+    if brew:
+        try:
+            out = subprocess.run([brew, "--prefix", "libomp"], capture_output=True, text=True, check=True)
+            return out.stdout.strip() or None
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    return None
+
+
+def _openmp_candidates(compiler_type):
+    """(compile_args, link_args, description) to try, best first."""
+    if compiler_type == "msvc":
+        # OpenMP 2.0 subset only: the C core uses `parallel` regions and omp_get_thread_num.
+        return [(["/openmp"], [], "/openmp")]
+    if sys.platform == "darwin":
+        cands = []
+        prefix = _macos_libomp_prefix()
+        if prefix:
+            cands.append((
+                ["-Xpreprocessor", "-fopenmp", f"-I{prefix}/include"],
+                [f"-L{prefix}/lib", "-lomp", f"-Wl,-rpath,{prefix}/lib"],
+                f"-Xpreprocessor -fopenmp with libomp from {prefix}",
+            ))
+        cands.append((["-fopenmp"], ["-fopenmp"], "-fopenmp"))
+        return cands
+    return [(["-fopenmp"], ["-fopenmp"], "-fopenmp")]
+
+
+def _try_openmp(compiler, cargs, largs):
+    code = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel\n{n=omp_get_num_threads();}\nreturn n>0?0:1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp_check.c")
+        with open(src, "w") as f:
+            f.write(code)
+        try:
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=cargs)
+            compiler.link_executable(objs, "omp_check", output_dir=tmp, extra_postargs=largs)
+        except Exception:  # any compile/link failure means "not available"
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        ctype = self.compiler.compiler_type
+        if ctype == "msvc":
+            cflags = ["/O2", "/fp:precise"]
+        else:
+            # -ffp-contract=off: scalar code is never silently fused into FMAs, so the generic
+            # path gives the same bits whatever the compiler decides; SIMD kernels use explicit FMAs.
+            cflags = ["-O3", "-std=gnu11", "-fvisibility=hidden", "-ffp-contract=off",
+                      "-fno-strict-aliasing", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+        ldflags = []
+        macros = []
+
+        want = os.environ.get("SMALLMIND_OPENMP", "1").strip().lower() not in ("0", "false", "no", "off")
+        found = None
+        if want:
+            for cargs, largs, desc in _openmp_candidates(ctype):
+                if _try_openmp(self.compiler, cargs, largs):
+                    found = (cargs, largs, desc)
+                    break
+        if found:
+            cflags += found[0]
+            ldflags += found[1]
+            macros.append(("SM_HAVE_OPENMP", "1"))
+            _log(f"OpenMP enabled ({found[2]})")
+        elif want:
+            _log("OpenMP NOT found: building single-threaded (install libgomp/libomp for threads)")
+        else:
+            _log("OpenMP disabled by SMALLMIND_OPENMP=0: building single-threaded")
+
+        for ext in self.extensions:
+            ext.extra_compile_args = list(ext.extra_compile_args or []) + cflags
+            ext.extra_link_args = list(ext.extra_link_args or []) + ldflags
+            ext.define_macros = list(ext.define_macros or []) + macros
+        super().build_extensions()
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    sources = ["smallmind/_core.pyx"] + sorted(glob.glob("csrc/*.c"))
+    ext = Extension("smallmind._core", sources=sources, include_dirs=["csrc"],
+                    depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("smallmind/*.pxi"))
+                    + ["smallmind/_core.pxd"])
+    return cythonize(
+        [ext],
+        compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,
+                             "initializedcheck": False, "cdivision": True, "embedsignature": True},
+    )
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

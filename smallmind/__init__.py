@@ -1,0 +1,31 @@
+"""smallmind - train and serve small GPT-style language models on the CPU.
+
+The compute core is C (csrc/) with OpenMP, reached through a thin Cython layer that releases
+the GIL; this package holds the readable Python classes on top. Start at README.md.
+"""
+from . import kernels
+from ._core import (
+    build_info,
+    get_num_threads,
+    set_num_threads,
+    set_simd_level,
+    simd_detected,
+    simd_level,
+)
+from .errors import (
+    CancelledError,
+    CheckpointError,
+    ObjectDisposedError,
+    SmallMindError,
+    ValidationError,
+)
+
+__version__ = "0.1.0"
+
+from . import _threadpool  # noqa: E402  (registers with threadpoolctl when it is installed)
+
+__all__ = [
+    "__version__", "build_info", "get_num_threads", "set_num_threads", "set_simd_level",
+    "simd_detected", "simd_level", "kernels",
+    "SmallMindError", "ValidationError", "ObjectDisposedError", "CheckpointError", "CancelledError",
+]

@@ -1,0 +1,1 @@
+# _attention.pxi - placeholder; filled by its own piece of work.

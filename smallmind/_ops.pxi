@@ -1,0 +1,1 @@
+# _ops.pxi - placeholder; filled by its own piece of work.

@@ -1,0 +1,1 @@
+# _pool.pxi - placeholder; filled by its own piece of work.

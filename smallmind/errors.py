@@ -1,0 +1,23 @@
+"""errors.py - smallmind's exception hierarchy: every error the library raises on purpose
+derives from SmallMindError, and also from the built-in it refines (ValueError, ...), so
+callers can catch either."""
+
+
+class SmallMindError(Exception):
+    """Base class of every exception smallmind raises on purpose."""
+
+
+class ValidationError(SmallMindError, ValueError):
+    """An argument or input is outside what the operation accepts; the message names it."""
+
+
+class ObjectDisposedError(SmallMindError, RuntimeError):
+    """A method was called on an object after its dispose()."""
+
+
+class CheckpointError(SmallMindError):
+    """A checkpoint or index file is missing, truncated, corrupted or does not match."""
+
+
+class CancelledError(SmallMindError):
+    """Long-running work stopped because its cancellation token was set."""

@@ -1,0 +1,34 @@
+"""conftest.py - shared fixtures: run a test under every SIMD level this CPU supports, seeded
+random generators, and comparison against float64 references."""
+import numpy as np
+import pytest
+
+import smallmind as sm
+
+_ORDER = ["generic", "avx2", "avx512"]
+SIMD_LEVELS = _ORDER[: _ORDER.index(sm.simd_detected()) + 1]
+
+
+@pytest.fixture(params=SIMD_LEVELS)
+def simd(request):
+    """Run the test with kernels capped at each SIMD level in turn (restored afterwards)."""
+    got = sm.set_simd_level(request.param)
+    assert got == request.param
+    yield request.param
+    sm.set_simd_level(None)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=None, what=""):
+    """Compare a float32 result with a float64 reference, relative to the reference's scale."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what} shape {actual.shape} != {expected.shape}"
+    scale = max(np.abs(expected).max(initial=0.0), 1e-30)
+    tol = atol if atol is not None else rtol * scale
+    err = np.abs(actual - expected).max(initial=0.0)
+    assert err <= tol, f"{what} max abs error {err:.3e} > {tol:.3e} (scale {scale:.3e})"

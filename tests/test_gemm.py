@@ -1,0 +1,138 @@
+"""test_gemm.py - sgemm against float64 numpy over odd shapes, every layout, every SIMD level,
+thread counts and concurrent Python threads (bitwise), and its argument validation."""
+import threading
+
+import numpy as np
+import pytest
+
+import smallmind as sm
+from conftest import assert_close
+
+SHAPES = [(1, 1, 1), (3, 17, 65), (17, 3, 5), (65, 257, 33), (100, 200, 300), (4, 768, 1000),
+          (1000, 768, 3), (257, 65, 1), (2, 5, 50257), (130, 1, 70), (15, 400, 33), (29, 31, 97)]
+
+
+def _operands(rng, M, K, N, ta, tb):
+    a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+    b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+    ref = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+    return a, b, ref
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_sgemm_matches_float64(simd, rng, shape, ta, tb):
+    M, K, N = shape
+    a, b, ref = _operands(rng, M, K, N, ta, tb)
+    out = sm.kernels.sgemm(a, b, trans_a=ta, trans_b=tb)
+    # float32 accumulation error grows like sqrt(K) * eps relative to the products' size
+    scale = np.sqrt(K) * (np.abs(a).max() * np.abs(b).max())
+    assert_close(out, ref, atol=4e-7 * np.sqrt(K) * scale + 1e-6, what=f"{shape} ta={ta} tb={tb}")
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 300), (70, 130, 90), (300, 520, 65)])
+def test_alpha_beta_accumulate(simd, rng, shape):
+    M, K, N = shape
+    a, b, ref = _operands(rng, M, K, N, 0, 0)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    out = c0.copy()
+    sm.kernels.sgemm(a, b, out=out, alpha=0.5, beta=1.0)
+    assert_close(out, 0.5 * ref + c0, atol=1e-4 * np.sqrt(K))
+    out2 = c0.copy()
+    sm.kernels.sgemm(a, b, out=out2, beta=-2.0)
+    assert_close(out2, ref - 2 * c0.astype(np.float64), atol=1e-4 * np.sqrt(K))
+
+
+def test_beta_zero_ignores_nan_in_out(rng):
+    a, b, ref = _operands(rng, 40, 50, 60, 0, 0)
+    out = np.full((40, 60), np.nan, np.float32)
+    sm.kernels.matmul(a, b, out=out)
+    assert np.isfinite(out).all()
+    assert_close(out, ref, atol=1e-4)
+
+
+def test_k_zero_gives_zeros():
+    a = np.zeros((5, 0), np.float32)
+    b = np.zeros((0, 7), np.float32)
+    out = np.full((5, 7), np.nan, np.float32)
+    sm.kernels.matmul(a, b, out=out)
+    assert (out == 0).all()
+
+
+def test_naive_reference_matches(rng):
+    a, b, ref = _operands(rng, 33, 44, 55, 1, 1)
+    assert_close(sm.kernels.sgemm_naive(a, b, trans_a=True, trans_b=True), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 768, 2304), (3, 500, 4000), (600, 300, 200), (4096, 128, 65),
+                                   (256, 64, 256), (2000, 40, 3)])
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0)])
+def test_bitwise_identical_across_thread_counts(simd, rng, shape, ta, tb):
+    M, K, N = shape
+    a, b, _ = _operands(rng, M, K, N, ta, tb)
+    outs = [sm.kernels.sgemm(a, b, trans_a=ta, trans_b=tb, threads=t) for t in (1, 2, 3, 4)]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+
+
+def test_concurrent_python_threads_bitwise_equal_serial(rng):
+    cases = [_operands(rng, M, K, N, 0, 0)[:2] for (M, K, N) in
+             [(300, 200, 100), (1, 768, 2304), (513, 129, 65), (64, 64, 64)]]
+    serial = [sm.kernels.matmul(a, b, threads=1) for a, b in cases]
+    results = {}
+    errors = []
+
+    def worker(w):
+        try:
+            for it in range(20):
+                i = (w + it) % len(cases)
+                a, b = cases[i]
+                out = sm.kernels.matmul(a, b, threads=1 + (w % 2))
+                if not np.array_equal(out, serial[i]):
+                    results[(w, it)] = False
+        except Exception as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert not results, f"{len(results)} concurrent results differ from serial"
+
+
+def test_matmul_validation():
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((4, 5), np.float32)
+    with pytest.raises(TypeError, match="a must have dtype float32"):
+        sm.kernels.matmul(a.astype(np.float64), b)
+    with pytest.raises(TypeError, match="b must be a numpy.ndarray"):
+        sm.kernels.matmul(a, [[1.0]])
+    with pytest.raises(ValueError, match="a must be 2-D"):
+        sm.kernels.matmul(np.ones(3, np.float32), b)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        sm.kernels.matmul(a, np.ones((5, 5), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        sm.kernels.matmul(np.ones((4, 3), np.float32).T, b)
+    with pytest.raises(ValueError, match="out must have shape"):
+        sm.kernels.matmul(a, b, out=np.empty((3, 4), np.float32))
+    with pytest.raises(ValueError, match="out must be writeable"):
+        o = np.empty((3, 5), np.float32)
+        o.flags.writeable = False
+        sm.kernels.matmul(a, b, out=o)
+    with pytest.raises(ValueError, match="out must not overlap a"):
+        sq = np.ones((4, 4), np.float32)
+        sm.kernels.matmul(sq, np.ones((4, 4), np.float32), out=sq)
+    with pytest.raises(ValueError, match="threads"):
+        sm.kernels.matmul(a, b, threads=0)
+    with pytest.raises(TypeError, match="threads"):
+        sm.kernels.matmul(a, b, threads=1.5)
+    with pytest.raises(ValueError, match="beta"):
+        sm.kernels.sgemm(a, b, beta=1.0)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        sm.kernels.sgemm(a, b, alpha=float("nan"))
+    with pytest.raises(TypeError, match="out must have dtype float32"):
+        sm.kernels.matmul(a, b, out=np.empty((3, 5), np.float64))
+    with pytest.raises(sm.ValidationError):
+        sm.kernels.matmul(a, np.ones((5, 5), np.float32))
