@@ -109,10 +109,12 @@ class BuildExt(build_ext):
 
 
 def extensions():
+    import numpy
     from Cython.Build import cythonize
 
     sources = ["smallmind/_core.pyx"] + sorted(glob.glob("csrc/*.c"))
-    ext = Extension("smallmind._core", sources=sources, include_dirs=["csrc"],
+    ext = Extension("smallmind._core", sources=sources, include_dirs=["csrc", numpy.get_include()],
+                    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
                     depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("smallmind/*.pxi"))
                     + ["smallmind/_core.pxd"])
     return cythonize(

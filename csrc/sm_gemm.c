@@ -111,6 +111,82 @@ static void pack_b(float *SM_RESTRICT dst, mat_view b, int64_t kc, int64_t n, in
     }
 }
 
+#if SM_X86_KERNELS
+/* In-register transpose of a 16 x 16 float block: r[i] holds row i on entry, column i on exit.
+ * Three rounds: interleave pairs of rows (32-bit), pairs of pairs (64-bit), then 128-bit lanes. */
+SM_TARGET_AVX512
+static inline void transpose16x16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4i + e], 128-bit lane l: rows 4i..4i+3 of column 4l + e */
+    for (int i = 0; i < 4; i++) {
+        __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d b0 = _mm512_castps_pd(t[4 * i + 2]), b1 = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, b0));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, b0));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+    }
+    for (int e = 0; e < 4; e++) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
+        __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
+        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+        __m512 v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+        r[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        r[8 + e] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        r[4 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        r[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+}
+
+/* pack_a for A rows contiguous in k (the common A @ B layout), MR = 14: 16 x 16 blocks are
+ * transposed in registers instead of moving one float at a time (packing A is ~16/N of the
+ * multiply's work, so it matters on skinny shapes). */
+SM_TARGET_AVX512
+static void pack_a_rows_avx512(float *SM_RESTRICT dst, mat_view a, int64_t m, int64_t kc) {
+    const int MR = 14;
+    for (int64_t i0 = 0; i0 < m; i0 += MR) {
+        int64_t rows = m - i0 < MR ? m - i0 : MR;
+        for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+            int kn = (int)(kc - k0 < 16 ? kc - k0 : 16);
+            __mmask16 km = (__mmask16)((1u << kn) - 1u);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < rows ? _mm512_maskz_loadu_ps(km, a.p + (i0 + i) * a.sr + k0) : _mm512_setzero_ps();
+            transpose16x16(r);
+            for (int e = 0; e < kn; e++) _mm512_mask_storeu_ps(dst + (k0 + e) * MR, 0x3FFF, r[e]);
+        }
+        dst += kc * MR;
+    }
+}
+
+/* pack_b for B stored transposed (rows of B^T contiguous in k), NR = 32. */
+SM_TARGET_AVX512
+static void pack_b_cols_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, int64_t n) {
+    const int NR = 32;
+    for (int64_t j0 = 0; j0 < n; j0 += NR) {
+        for (int g = 0; g < 2; g++) {
+            int64_t jg = j0 + 16 * g;
+            int64_t cols = n - jg;
+            cols = cols < 0 ? 0 : cols > 16 ? 16 : cols;
+            for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+                int kn = (int)(kc - k0 < 16 ? kc - k0 : 16);
+                __mmask16 km = (__mmask16)((1u << kn) - 1u);
+                __m512 r[16];
+                for (int j = 0; j < 16; j++)
+                    r[j] = j < cols ? _mm512_maskz_loadu_ps(km, b.p + (jg + j) * b.sc + k0) : _mm512_setzero_ps();
+                transpose16x16(r);
+                for (int e = 0; e < kn; e++) _mm512_storeu_ps(dst + (k0 + e) * NR + 16 * g, r[e]);
+            }
+        }
+        dst += kc * NR;
+    }
+}
+#endif
+
 /* ---- micro-kernels ------------------------------------------------------------------------- */
 
 /* C[0:mr, 0:nr] = alpha * (A sliver @ B sliver) + beta * C   (beta == 0: C is not read).
@@ -255,6 +331,38 @@ static void ukernel_avx512(int64_t kc, const float *SM_RESTRICT a, const float *
 }
 #undef SM_FMA_ROW
 
+/* Narrow edge of N (nr <= 16): the same tile with one vector per row, so a sliver holding a
+ * single leftover column costs half of a full one. Reads the packed sliver with stride NR. */
+#define SM_FMA_ROW1(i) c##i = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, c##i)
+SM_TARGET_AVX512
+static void ukernel_avx512_n16(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
+                               float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
+                               float beta) {
+    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps();
+    __m512 c3 = _mm512_setzero_ps(), c4 = _mm512_setzero_ps(), c5 = _mm512_setzero_ps();
+    __m512 c6 = _mm512_setzero_ps(), c7 = _mm512_setzero_ps(), c8 = _mm512_setzero_ps();
+    __m512 c9 = _mm512_setzero_ps(), c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
+    __m512 c12 = _mm512_setzero_ps(), c13 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+        __m512 b0 = _mm512_loadu_ps(b);
+        SM_FMA_ROW1(0); SM_FMA_ROW1(1); SM_FMA_ROW1(2); SM_FMA_ROW1(3); SM_FMA_ROW1(4);
+        SM_FMA_ROW1(5); SM_FMA_ROW1(6); SM_FMA_ROW1(7); SM_FMA_ROW1(8); SM_FMA_ROW1(9);
+        SM_FMA_ROW1(10); SM_FMA_ROW1(11); SM_FMA_ROW1(12); SM_FMA_ROW1(13);
+        a += AVX512_MR;
+        b += AVX512_NR;
+    }
+    __m512 acc[AVX512_MR] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13};
+    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1u);
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        __m512 v0 = _mm512_mul_ps(va, acc[i]);
+        if (beta != 0.0f) v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), v0);
+        _mm512_mask_storeu_ps(ci, m0, v0);
+    }
+}
+#undef SM_FMA_ROW1
+
 #endif /* SM_X86_KERNELS */
 
 /* Blocking parameters for one SIMD level. */
@@ -264,21 +372,27 @@ typedef struct {
     int64_t A_FLOATS;  /* packed A chunk budget per thread */
     int64_t B_FLOATS;  /* packed B block budget per thread (half of a 1 MiB L2) */
     ukernel_fn kernel;
+    ukernel_fn kernel_narrow; /* for edge slivers with nr <= NR / 2 (NULL: use kernel) */
+    void (*pack_a_rows)(float *, mat_view, int64_t, int64_t); /* fast pack for a.sc == 1 */
+    void (*pack_b_cols)(float *, mat_view, int64_t, int64_t); /* fast pack for b.sr == 1 */
 } gemm_params;
 
 static void get_params(int level, gemm_params *p) {
 #if SM_X86_KERNELS
     if (level >= SM_SIMD_AVX512) {
-        *p = (gemm_params){AVX512_MR, AVX512_NR, 384, 256 * 1024, 128 * 1024, ukernel_avx512};
+        *p = (gemm_params){AVX512_MR, AVX512_NR, 384, 256 * 1024, 128 * 1024, ukernel_avx512,
+                           ukernel_avx512_n16, pack_a_rows_avx512, pack_b_cols_avx512};
         return;
     }
     if (level >= SM_SIMD_AVX2) {
-        *p = (gemm_params){AVX2_MR, AVX2_NR, 256, 256 * 1024, 128 * 1024, ukernel_avx2};
+        *p = (gemm_params){AVX2_MR, AVX2_NR, 256, 256 * 1024, 128 * 1024, ukernel_avx2, NULL,
+                           NULL, NULL};
         return;
     }
 #endif
     (void)level;
-    *p = (gemm_params){GEN_MR, GEN_NR, 256, 128 * 1024, 64 * 1024, ukernel_generic};
+    *p = (gemm_params){GEN_MR, GEN_NR, 256, 128 * 1024, 64 * 1024, ukernel_generic, NULL, NULL,
+                       NULL};
 }
 
 /* ---- packed path, one thread's block of C ------------------------------------------------- */
@@ -311,18 +425,21 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
             int64_t kc = K - p0 < kc_max ? K - p0 : kc_max;
             float beta_eff = p0 == 0 ? beta : 1.0f;
             mat_view as = {a.p + m0 * a.sr + p0 * a.sc, a.sr, a.sc};
-            pack_a(apack, as, mc, kc, MR);
+            if (a.sc == 1 && P->pack_a_rows) P->pack_a_rows(apack, as, mc, kc);
+            else pack_a(apack, as, mc, kc, MR);
             for (int64_t n0 = 0; n0 < N; n0 += n_block) {
                 int64_t nc = N - n0 < n_block ? N - n0 : n_block;
                 mat_view bs = {b.p + p0 * b.sr + n0 * b.sc, b.sr, b.sc};
-                pack_b(bpack, bs, kc, nc, NR);
+                if (b.sr == 1 && P->pack_b_cols) P->pack_b_cols(bpack, bs, kc, nc);
+                else pack_b(bpack, bs, kc, nc, NR);
                 for (int64_t i = 0; i < mc; i += MR) {
                     int mr = (int)(mc - i < MR ? mc - i : MR);
                     const float *ap = apack + (i / MR) * kc * MR;
                     float *crow = C + (m0 + i) * ldc + n0;
                     for (int64_t j = 0; j < nc; j += NR) {
                         int nr = (int)(nc - j < NR ? nc - j : NR);
-                        P->kernel(kc, ap, bpack + (j / NR) * kc * NR, crow + j, ldc, mr, nr,
+                        ukernel_fn kern = (nr <= NR / 2 && P->kernel_narrow) ? P->kernel_narrow : P->kernel;
+                        kern(kc, ap, bpack + (j / NR) * kc * NR, crow + j, ldc, mr, nr,
                                   alpha, beta_eff);
                     }
                 }
@@ -604,9 +721,12 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     if (flops < 4 * 1000 * 1000) tm = tn = 1;
     int team = tm * tn;
 
+    /* Scratch sized to what the blocks below actually use (small products stay small). */
     int64_t kc_max = balanced_block(K, P.KC, 1);
     int64_t a_floats = P.A_FLOATS > kc_max * P.MR ? P.A_FLOATS : kc_max * P.MR;
     int64_t b_floats = P.B_FLOATS > kc_max * P.NR ? P.B_FLOATS : kc_max * P.NR;
+    if (a_floats > round_up(ceil_div(M, tm), P.MR) * kc_max) a_floats = round_up(ceil_div(M, tm), P.MR) * kc_max;
+    if (b_floats > round_up(ceil_div(N, tn), P.NR) * kc_max) b_floats = round_up(ceil_div(N, tn), P.NR) * kc_max;
     /* Round each thread's share up to a cache line so threads never share a line. */
     int64_t per_thread = round_up(a_floats + P.MR * kc_max, 16) + round_up(b_floats + P.NR * kc_max, 16);
     float *scratch = (float *)sm_aligned_alloc((size_t)(per_thread * team) * sizeof(float));

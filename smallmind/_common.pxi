@@ -2,9 +2,12 @@
 # arrays, the thread budget, SIMD level control and build facts.
 
 import numpy as np
+cimport numpy as cnp
 from .errors import ValidationError
 
 from libc.stdint cimport int64_t, uintptr_t
+
+cnp.import_array()
 
 # Read SMALLMIND_SIMD and CPUID once at import, before any thread can race on it.
 sm_simd_active()
@@ -13,32 +16,34 @@ _SIMD_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 
 
 # ---- validation ------------------------------------------------------------------------------
+# These run on every kernel call, so they use numpy's C API (a few ns each) rather than Python
+# attribute lookups (a microsecond each): small products are dominated by call overhead.
+
+cdef inline int _check_array(object a, str name, int typenum, str tname, int ndim,
+                             bint writable) except -1:
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy.ndarray of {tname}, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(arr) != typenum or not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise TypeError(f"{name} must have dtype {tname}, got {a.dtype}")
+    if ndim >= 0 and cnp.PyArray_NDIM(arr) != ndim:
+        raise ValidationError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValidationError(f"{name} must be C-contiguous (use np.ascontiguousarray({name}))")
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValidationError(f"{name} must be writeable")
+    return 0
+
 
 cdef object _check_f32(object a, str name, int ndim=-1, bint writable=False):
     """Return `a` if it is a C-contiguous float32 ndarray of rank `ndim` (any rank if -1)."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise TypeError(f"{name} must have dtype float32, got {a.dtype}")
-    if ndim >= 0 and a.ndim != ndim:
-        raise ValidationError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValidationError(f"{name} must be C-contiguous (use np.ascontiguousarray({name}))")
-    if writable and not a.flags.writeable:
-        raise ValidationError(f"{name} must be writeable")
+    _check_array(a, name, cnp.NPY_FLOAT32, "float32", ndim, writable)
     return a
 
 
 cdef object _check_i32(object a, str name, int ndim=-1):
     """Return `a` if it is a C-contiguous int32 ndarray of rank `ndim`."""
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of int32, got {type(a).__name__}")
-    if a.dtype != np.int32:
-        raise TypeError(f"{name} must have dtype int32, got {a.dtype}")
-    if ndim >= 0 and a.ndim != ndim:
-        raise ValidationError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValidationError(f"{name} must be C-contiguous (use np.ascontiguousarray({name}))")
+    _check_array(a, name, cnp.NPY_INT32, "int32", ndim, False)
     return a
 
 
@@ -46,6 +51,10 @@ cdef object _check_shape(object a, str name, tuple shape):
     if a.shape != shape:
         raise ValidationError(f"{name} must have shape {shape}, got {a.shape}")
     return a
+
+
+cdef object _empty_f32(tuple shape):
+    return np.empty(shape, dtype=np.float32)
 
 
 cdef object _out_f32(object out, str name, tuple shape):
@@ -58,21 +67,25 @@ cdef object _out_f32(object out, str name, tuple shape):
 
 
 cdef _check_no_overlap(object out, str out_name, object other, str other_name):
-    if np.may_share_memory(out, other):
+    """Both arrays are C-contiguous (checked before), so each spans exactly [data, data+nbytes)."""
+    cdef char *p = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
+    cdef char *q = <char *>cnp.PyArray_DATA(<cnp.ndarray>other)
+    cdef Py_ssize_t np_ = cnp.PyArray_NBYTES(<cnp.ndarray>out), nq = cnp.PyArray_NBYTES(<cnp.ndarray>other)
+    if np_ > 0 and nq > 0 and p < q + nq and q < p + np_:
         raise ValidationError(f"{out_name} must not overlap {other_name}")
 
 
 cdef inline float *_fptr(object a) except? NULL:
     """Data pointer of a C-contiguous float32 array (checked by the caller). NULL when empty."""
-    if a.size == 0:
+    if cnp.PyArray_SIZE(<cnp.ndarray>a) == 0:
         return NULL
-    return <float *><uintptr_t>a.__array_interface__["data"][0]
+    return <float *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
 cdef inline int *_iptr(object a) except? NULL:
-    if a.size == 0:
+    if cnp.PyArray_SIZE(<cnp.ndarray>a) == 0:
         return NULL
-    return <int *><uintptr_t>a.__array_interface__["data"][0]
+    return <int *>cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
 cdef int _check_int(object v, str name, long long lo, long long hi) except -1:

@@ -1,20 +1,30 @@
 # _gemm.pxi - Python wrappers of sm_gemm.h: matmul and the general sgemm with transposes.
 
 
+_ONE = 1.0
+_ZERO = 0.0
+
+
 cdef object _gemm_call(object a, object b, object out, bint trans_a, bint trans_b,
                        object alpha, object beta, object threads, bint naive):
     _check_f32(a, "a", 2)
     _check_f32(b, "b", 2)
-    cdef int64_t M = a.shape[1] if trans_a else a.shape[0]
-    cdef int64_t K = a.shape[0] if trans_a else a.shape[1]
-    cdef int64_t KB = b.shape[1] if trans_b else b.shape[0]
-    cdef int64_t N = b.shape[0] if trans_b else b.shape[1]
+    cdef cnp.npy_intp *da = cnp.PyArray_DIMS(<cnp.ndarray>a)
+    cdef cnp.npy_intp *db = cnp.PyArray_DIMS(<cnp.ndarray>b)
+    cdef int64_t M = da[1] if trans_a else da[0]
+    cdef int64_t K = da[0] if trans_a else da[1]
+    cdef int64_t KB = db[1] if trans_b else db[0]
+    cdef int64_t N = db[0] if trans_b else db[1]
     if K != KB:
         ta = "a.T" if trans_a else "a"
         tb = "b.T" if trans_b else "b"
         raise ValidationError(f"inner dimensions differ: {ta} is ({M}, {K}) but {tb} is ({KB}, {N})")
-    cdef float fa = <float>_check_float(alpha, "alpha")
-    cdef float fb = <float>_check_float(beta, "beta")
+    cdef float fa = 1.0
+    cdef float fb = 0.0
+    if alpha is not _ONE:
+        fa = <float>_check_float(alpha, "alpha")
+    if beta is not _ZERO:
+        fb = <float>_check_float(beta, "beta")
     cdef int nt = _threads(threads)
     if out is None:
         if fb != 0.0:
@@ -22,13 +32,14 @@ cdef object _gemm_call(object a, object b, object out, bint trans_a, bint trans_
         out = np.empty((M, N), dtype=np.float32)
     else:
         _check_f32(out, "out", 2, True)
-        _check_shape(out, "out", (M, N))
+        if cnp.PyArray_DIMS(<cnp.ndarray>out)[0] != M or cnp.PyArray_DIMS(<cnp.ndarray>out)[1] != N:
+            _check_shape(out, "out", (M, N))
         _check_no_overlap(out, "out", a, "a")
         _check_no_overlap(out, "out", b, "b")
     cdef const float *pa = _fptr(a)
     cdef const float *pb = _fptr(b)
     cdef float *pc = _fptr(out)
-    cdef int64_t lda = a.shape[1], ldb = b.shape[1], ldc = N
+    cdef int64_t lda = da[1], ldb = db[1], ldc = N
     cdef int rc = SM_OK
     cdef int ta_ = trans_a, tb_ = trans_b
     if M == 0 or N == 0:
@@ -49,10 +60,10 @@ def matmul(a, b, out=None, threads=None):
     `threads` is the OpenMP thread budget (None: `get_num_threads()`). Results are bitwise
     identical for any thread count.
     """
-    return _gemm_call(a, b, out, False, False, 1.0, 0.0, threads, False)
+    return _gemm_call(a, b, out, False, False, _ONE, _ZERO, threads, False)
 
 
-def sgemm(a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, threads=None):
+def sgemm(a, b, out=None, trans_a=False, trans_b=False, alpha=_ONE, beta=_ZERO, threads=None):
     """out = alpha * op(a) @ op(b) + beta * out, where op(x) is x or x.T (no copy is made).
 
     With beta == 0 `out` is only written; beta != 0 needs `out`. Shapes: op(a) (M, K),
@@ -62,6 +73,6 @@ def sgemm(a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, thr
     return _gemm_call(a, b, out, bool(trans_a), bool(trans_b), alpha, beta, threads, False)
 
 
-def sgemm_naive(a, b, out=None, trans_a=False, trans_b=False, alpha=1.0, beta=0.0):
+def sgemm_naive(a, b, out=None, trans_a=False, trans_b=False, alpha=_ONE, beta=_ZERO):
     """Reference triple loop with the same contract as `sgemm` (for tests, slow)."""
     return _gemm_call(a, b, out, bool(trans_a), bool(trans_b), alpha, beta, None, True)
