@@ -471,7 +471,8 @@ static void small_store(const small_problem *sp, int64_t r, int64_t n, float v) 
     *dst = sp->beta == 0.0f ? v : v + sp->beta * *dst;
 }
 
-static void small_rows_generic(const small_problem *sp, int64_t n0, int64_t n1) {
+static void small_rows_generic(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
+    (void)scratch;
     float acc[SMALL_M][SMALL_W];
     for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
         int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
@@ -489,7 +490,8 @@ static void small_rows_generic(const small_problem *sp, int64_t n0, int64_t n1) 
     }
 }
 
-static void small_dots_generic(const small_problem *sp, int64_t n0, int64_t n1) {
+static void small_dots_generic(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
+    (void)scratch;
     for (int64_t n = n0; n < n1; n++) {
         const float *bn = sp->b.p + n * sp->b.sc;
         for (int64_t r = 0; r < sp->m; r++) {
@@ -501,74 +503,183 @@ static void small_dots_generic(const small_problem *sp, int64_t n0, int64_t n1) 
 }
 
 #if SM_X86_KERNELS
+/* One register tile of the rows form: C[0:m, c0:c0+w] for w <= 16 * NV, m <= 4.
+ * Accumulators (m x NV zmm) stay in registers for the whole K loop; B rows are streamed. */
 SM_TARGET_AVX512
-static void small_rows_avx512(const small_problem *sp, int64_t n0, int64_t n1) {
-    __m512 acc[SMALL_M][SMALL_W / 16];
-    const int64_t m = sp->m;
-    for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
-        int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
-        int64_t nv = ceil_div(w, 16);
-        __mmask16 tail = (w % 16) ? (__mmask16)((1u << (w % 16)) - 1u) : (__mmask16)0xFFFF;
-        for (int64_t r = 0; r < m; r++)
-            for (int64_t v = 0; v < nv; v++) acc[r][v] = _mm512_setzero_ps();
+SM_INLINE void small_rows_tile_avx512(const small_problem *sp, int64_t c0, int64_t w,
+                                      const int m, const int NV) {
+    __m512 acc[SMALL_M][8];
+    __mmask16 mk[8];
+    for (int v = 0; v < NV; v++) {
+        int64_t left = w - 16 * v;
+        mk[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+        for (int r = 0; r < m; r++) acc[r][v] = _mm512_setzero_ps();
+    }
+    const float *bp = sp->b.p + c0;
+    const float *ap = sp->a.p;
+    const int64_t bsr = sp->b.sr, asr = sp->a.sr, asc = sp->a.sc;
+    if (w == 16 * NV) {
         for (int64_t k = 0; k < sp->K; k++) {
-            const float *bk = sp->b.p + k * sp->b.sr + c0;
-            __m512 ar[SMALL_M];
-            for (int64_t r = 0; r < m; r++) ar[r] = _mm512_set1_ps(sp->a.p[r * sp->a.sr + k * sp->a.sc]);
-            int64_t v = 0;
-            for (; v + 1 < nv; v++) {
+            const float *bk = bp + k * bsr;
+            for (int v = 0; v < NV; v++) {
                 __m512 bv = _mm512_loadu_ps(bk + 16 * v);
-                for (int64_t r = 0; r < m; r++) acc[r][v] = _mm512_fmadd_ps(ar[r], bv, acc[r][v]);
+                for (int r = 0; r < m; r++)
+                    acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(ap[r * asr + k * asc]), bv, acc[r][v]);
             }
-            __m512 bv = _mm512_maskz_loadu_ps(tail, bk + 16 * v);
-            for (int64_t r = 0; r < m; r++) acc[r][v] = _mm512_fmadd_ps(ar[r], bv, acc[r][v]);
         }
-        __m512 va = _mm512_set1_ps(sp->alpha), vb = _mm512_set1_ps(sp->beta);
-        for (int64_t r = 0; r < m; r++) {
-            if (sp->c_sc != 1) { /* C written transposed: scalar stores */
-                float t[SMALL_W];
-                for (int64_t v = 0; v < nv; v++) _mm512_storeu_ps(t + 16 * v, acc[r][v]);
-                for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, t[j]);
-                continue;
+    } else {
+        for (int64_t k = 0; k < sp->K; k++) {
+            const float *bk = bp + k * bsr;
+            for (int v = 0; v < NV; v++) {
+                __m512 bv = _mm512_maskz_loadu_ps(mk[v], bk + 16 * v);
+                for (int r = 0; r < m; r++)
+                    acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(ap[r * asr + k * asc]), bv, acc[r][v]);
             }
-            float *cr = sp->c + r * sp->c_sr + c0;
-            for (int64_t v = 0; v < nv; v++) {
-                __mmask16 mk = v + 1 < nv ? (__mmask16)0xFFFF : tail;
-                __m512 x = _mm512_mul_ps(va, acc[r][v]);
-                if (sp->beta != 0.0f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mk, cr + 16 * v), x);
-                _mm512_mask_storeu_ps(cr + 16 * v, mk, x);
-            }
+        }
+    }
+    __m512 va = _mm512_set1_ps(sp->alpha), vb = _mm512_set1_ps(sp->beta);
+    for (int r = 0; r < m; r++) {
+        if (sp->c_sc != 1) { /* C written transposed: scalar stores */
+            float t[16 * 8];
+            for (int v = 0; v < NV; v++) _mm512_storeu_ps(t + 16 * v, acc[r][v]);
+            for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, t[j]);
+            continue;
+        }
+        float *cr = sp->c + r * sp->c_sr + c0;
+        for (int v = 0; v < NV; v++) {
+            __m512 x = _mm512_mul_ps(va, acc[r][v]);
+            if (sp->beta != 0.0f) x = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mk[v], cr + 16 * v), x);
+            _mm512_mask_storeu_ps(cr + 16 * v, mk[v], x);
         }
     }
 }
 
+/* Rows form for a B too big for the caches. A narrow register tile walked down K would jump to
+ * a new page at every row and starve the prefetchers; instead each B row is swept contiguously
+ * across a wide column chunk (64 KiB of it), four rows per sweep, accumulating into an
+ * L2-resident buffer `acc` (m x SMALL_STREAM_W floats). Per element this is the same FMA chain
+ * in k order as the register tile, so the bits are the same. */
+#define SMALL_STREAM_W 16384
 SM_TARGET_AVX512
-static void small_dots_avx512(const small_problem *sp, int64_t n0, int64_t n1) {
-    const int64_t K = sp->K, m = sp->m;
-    const int64_t kfull = K / 16 * 16;
-    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
-    /* The a rows are gathered to contiguous scratch once, then each B^T row is streamed once
-     * and dotted with all m rows (m independent chains per column). */
-    for (int64_t n = n0; n < n1; n++) {
-        const float *bn = sp->b.p + n * sp->b.sc;
-        __m512 acc[SMALL_M];
-        for (int64_t r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < kfull; k += 16) {
-            __m512 bv = _mm512_loadu_ps(bn + k);
-            for (int64_t r = 0; r < m; r++)
-                acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(sp->a.p + r * sp->a.sr + k), bv, acc[r]);
+static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *acc) {
+    const int64_t m = sp->m, K = sp->K;
+    for (int64_t c0 = n0; c0 < n1; c0 += SMALL_STREAM_W) {
+        int64_t w = n1 - c0 < SMALL_STREAM_W ? n1 - c0 : SMALL_STREAM_W;
+        int64_t nv = ceil_div(w, 16);
+        int rem = (int)(w % 16);
+        __mmask16 tail = rem ? (__mmask16)((1u << rem) - 1u) : (__mmask16)0xFFFF;
+        memset(acc, 0, (size_t)(m * SMALL_STREAM_W) * sizeof(float));
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) {
+            const float *b0 = sp->b.p + k * sp->b.sr + c0, *b1 = b0 + sp->b.sr;
+            const float *b2 = b1 + sp->b.sr, *b3 = b2 + sp->b.sr;
+            for (int64_t r = 0; r < m; r++) {
+                const float *ar = sp->a.p + r * sp->a.sr + k * sp->a.sc;
+                __m512 x0 = _mm512_set1_ps(ar[0]), x1 = _mm512_set1_ps(ar[sp->a.sc]);
+                __m512 x2 = _mm512_set1_ps(ar[2 * sp->a.sc]), x3 = _mm512_set1_ps(ar[3 * sp->a.sc]);
+                float *cr = acc + r * SMALL_STREAM_W;
+                for (int64_t v = 0; v < nv; v++) {
+                    __mmask16 mk = v + 1 < nv ? (__mmask16)0xFFFF : tail;
+                    __m512 t = _mm512_load_ps(cr + 16 * v);
+                    t = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(mk, b0 + 16 * v), t);
+                    t = _mm512_fmadd_ps(x1, _mm512_maskz_loadu_ps(mk, b1 + 16 * v), t);
+                    t = _mm512_fmadd_ps(x2, _mm512_maskz_loadu_ps(mk, b2 + 16 * v), t);
+                    t = _mm512_fmadd_ps(x3, _mm512_maskz_loadu_ps(mk, b3 + 16 * v), t);
+                    _mm512_store_ps(cr + 16 * v, t);
+                }
+            }
         }
-        if (tail) {
-            __m512 bv = _mm512_maskz_loadu_ps(tail, bn + kfull);
-            for (int64_t r = 0; r < m; r++)
-                acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, sp->a.p + r * sp->a.sr + kfull), bv, acc[r]);
+        for (; k < K; k++) {
+            const float *b0 = sp->b.p + k * sp->b.sr + c0;
+            for (int64_t r = 0; r < m; r++) {
+                __m512 x0 = _mm512_set1_ps(sp->a.p[r * sp->a.sr + k * sp->a.sc]);
+                float *cr = acc + r * SMALL_STREAM_W;
+                for (int64_t v = 0; v < nv; v++) {
+                    __mmask16 mk = v + 1 < nv ? (__mmask16)0xFFFF : tail;
+                    __m512 t = _mm512_load_ps(cr + 16 * v);
+                    t = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(mk, b0 + 16 * v), t);
+                    _mm512_store_ps(cr + 16 * v, t);
+                }
+            }
         }
-        for (int64_t r = 0; r < m; r++) small_store(sp, r, n, _mm512_reduce_add_ps(acc[r]));
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, acc[r * SMALL_STREAM_W + j]);
     }
+}
+
+SM_TARGET_AVX512
+static void small_rows_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
+    /* 8 vectors per tile for one row, 4 for more: enough independent FMA chains to hide
+     * latency, few enough registers to never spill. */
+    const int m = (int)sp->m;
+    if (scratch) {
+        small_rows_stream_avx512(sp, n0, n1, scratch);
+        return;
+    }
+    const int64_t tw = m == 1 ? 128 : 64;
+    for (int64_t c0 = n0; c0 < n1; c0 += tw) {
+        int64_t w = n1 - c0 < tw ? n1 - c0 : tw;
+        switch (m) {
+        case 1: small_rows_tile_avx512(sp, c0, w, 1, 8); break;
+        case 2: small_rows_tile_avx512(sp, c0, w, 2, 4); break;
+        case 3: small_rows_tile_avx512(sp, c0, w, 3, 4); break;
+        default: small_rows_tile_avx512(sp, c0, w, 4, 4); break;
+        }
+    }
+}
+
+/* One group of 4 columns of the dots form: C[0:m, n:n+4] = a[0:m, :] . Bt[n:n+4, :]. */
+SM_TARGET_AVX512
+SM_INLINE void small_dots_group_avx512(const small_problem *sp, int64_t n, const int m, const int G) {
+    const int64_t K = sp->K, kfull = K / 16 * 16;
+    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
+    __m512 acc[SMALL_M][4];
+    const float *bn[4];
+    for (int g = 0; g < G; g++) {
+        bn[g] = sp->b.p + (n + g) * sp->b.sc;
+        for (int r = 0; r < m; r++) acc[r][g] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < kfull; k += 16) {
+        __m512 av[SMALL_M];
+        for (int r = 0; r < m; r++) av[r] = _mm512_loadu_ps(sp->a.p + r * sp->a.sr + k);
+        for (int g = 0; g < G; g++) {
+            __m512 bv = _mm512_loadu_ps(bn[g] + k);
+            for (int r = 0; r < m; r++) acc[r][g] = _mm512_fmadd_ps(av[r], bv, acc[r][g]);
+        }
+    }
+    if (tail) {
+        __m512 av[SMALL_M];
+        for (int r = 0; r < m; r++) av[r] = _mm512_maskz_loadu_ps(tail, sp->a.p + r * sp->a.sr + kfull);
+        for (int g = 0; g < G; g++) {
+            __m512 bv = _mm512_maskz_loadu_ps(tail, bn[g] + kfull);
+            for (int r = 0; r < m; r++) acc[r][g] = _mm512_fmadd_ps(av[r], bv, acc[r][g]);
+        }
+    }
+    for (int r = 0; r < m; r++)
+        for (int g = 0; g < G; g++) small_store(sp, r, n + g, _mm512_reduce_add_ps(acc[r][g]));
+}
+
+SM_TARGET_AVX512
+static void small_dots_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
+    (void)scratch;
+    /* Each B^T row is streamed once and dotted with all m rows of a; 4 rows at a time give
+     * 4m independent chains. A column's arithmetic is the same in a group of 4 or alone. */
+    const int m = (int)sp->m;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        switch (m) {
+        case 1: small_dots_group_avx512(sp, n, 1, 4); break;
+        case 2: small_dots_group_avx512(sp, n, 2, 4); break;
+        case 3: small_dots_group_avx512(sp, n, 3, 4); break;
+        default: small_dots_group_avx512(sp, n, 4, 4); break;
+        }
+    }
+    for (; n < n1; n++) small_dots_group_avx512(sp, n, m, 1);
 }
 
 SM_TARGET_AVX2
-static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1) {
+static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
+    (void)scratch;
     __m256 acc[SMALL_M][SMALL_W / 8];
     const int64_t m = sp->m;
     for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
@@ -607,7 +718,8 @@ static float hsum256(__m256 v) {
 }
 
 SM_TARGET_AVX2
-static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1) {
+static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
+    (void)scratch;
     const int64_t K = sp->K, m = sp->m;
     const int64_t kfull = K / 8 * 8;
     int rem = (int)(K % 8);
@@ -632,12 +744,17 @@ static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1) {
 #endif
 
 /* Run one small problem over columns [0, N) with nt threads. `a` must be contiguous along k
- * for the dots form (its caller gathers it if not). */
-static void small_run(const small_problem *sp, int64_t N, int dots, int level, int nt) {
-    void (*fn)(const small_problem *, int64_t, int64_t) = dots ? small_dots_generic : small_rows_generic;
+ * for the dots form. Returns SM_ERR_NOMEM if scratch could not be had (C untouched). */
+static int small_run(const small_problem *sp, int64_t N, int dots, int level, int nt) {
+    void (*fn)(const small_problem *, int64_t, int64_t, float *) = dots ? small_dots_generic : small_rows_generic;
+    int stream = 0;
 #if SM_X86_KERNELS
-    if (level >= SM_SIMD_AVX512) fn = dots ? small_dots_avx512 : small_rows_avx512;
-    else if (level >= SM_SIMD_AVX2) fn = dots ? small_dots_avx2 : small_rows_avx2;
+    if (level >= SM_SIMD_AVX512) {
+        fn = dots ? small_dots_avx512 : small_rows_avx512;
+        stream = !dots && sp->K * N > (int64_t)2 * 1024 * 1024; /* B beyond ~8 MiB: stream it */
+    } else if (level >= SM_SIMD_AVX2) {
+        fn = dots ? small_dots_avx2 : small_rows_avx2;
+    }
 #else
     (void)level;
 #endif
@@ -648,12 +765,22 @@ static void small_run(const small_problem *sp, int64_t N, int dots, int level, i
     int64_t max_nt = work / (64 * 1024) + 1;
     if (nt > max_nt) nt = (int)max_nt;
     if (nt > 1 && N / 64 < nt) nt = (int)(N / 64 > 0 ? N / 64 : 1);
+    float *scratch = NULL;
+#if SM_X86_KERNELS
+    if (stream) {
+        scratch = (float *)sm_aligned_alloc((size_t)(nt * SMALL_M * SMALL_STREAM_W) * sizeof(float));
+        if (!scratch) return SM_ERR_NOMEM;
+    }
+#endif
     SM_PARALLEL(nt)
     {
         int64_t n0, n1;
-        sm_split_range(N, 64, SM_THREAD_COUNT(), SM_THREAD_ID(), &n0, &n1);
-        if (n1 > n0) fn(sp, n0, n1);
+        int tid = SM_THREAD_ID();
+        sm_split_range(N, 64, SM_THREAD_COUNT(), tid, &n0, &n1);
+        if (n1 > n0) fn(sp, n0, n1, scratch ? scratch + (int64_t)tid * SMALL_M * SMALL_STREAM_W : NULL);
     }
+    sm_aligned_free(scratch);
+    return SM_OK;
 }
 
 /* ---- driver ---------------------------------------------------------------------------------- */
@@ -683,8 +810,7 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
             dots = (b.sr == 1); /* B stored transposed: columns of op(B) contiguous in k */
             if (dots && a.sc != 1) dots = 0;
             if (dots || b.sc == 1) {
-                small_run(&sp, N, dots, level, nt);
-                return SM_OK;
+                return small_run(&sp, N, dots, level, nt);
             }
         } else {
             /* C^T = op(B)^T op(A)^T: N (tiny) plays M; C^T written with strides (1, ldc). */
@@ -694,8 +820,7 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
             dots = (bt.sr == 1);
             if (dots && at.sc != 1) dots = 0;
             if (dots || bt.sc == 1) {
-                small_run(&sp, M, dots, level, nt);
-                return SM_OK;
+                return small_run(&sp, M, dots, level, nt);
             }
         }
         /* Remaining layouts (a tiny operand strided along k against a big one contiguous in

@@ -8,8 +8,11 @@ import pytest
 import smallmind as sm
 from conftest import assert_close
 
+# Odd sizes hit every edge: partial MR x NR tiles, narrow (<= 16 column) slivers, K slices with
+# tails, the matrix-vector paths (M or N <= 4) including the streaming one (K * N > 2M).
 SHAPES = [(1, 1, 1), (3, 17, 65), (17, 3, 5), (65, 257, 33), (100, 200, 300), (4, 768, 1000),
-          (1000, 768, 3), (257, 65, 1), (2, 5, 50257), (130, 1, 70), (15, 400, 33), (29, 31, 97)]
+          (1000, 768, 3), (257, 65, 1), (2, 5, 50257), (130, 1, 70), (15, 400, 33), (29, 31, 97),
+          (3, 80, 30000), (30000, 80, 2), (45, 1000, 17), (200, 385, 49)]
 
 
 def _operands(rng, M, K, N, ta, tb):
@@ -65,7 +68,8 @@ def test_naive_reference_matches(rng):
 
 
 @pytest.mark.parametrize("shape", [(1, 768, 2304), (3, 500, 4000), (600, 300, 200), (4096, 128, 65),
-                                   (256, 64, 256), (2000, 40, 3)])
+                                   (256, 64, 256), (2000, 40, 3), (30, 100, 1000), (2, 80, 30000),
+                                   (100, 700, 500)])
 @pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0)])
 def test_bitwise_identical_across_thread_counts(simd, rng, shape, ta, tb):
     M, K, N = shape
