@@ -192,9 +192,9 @@ static void pack_b_cols_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, i
 /* C[0:mr, 0:nr] = alpha * (A sliver @ B sliver) + beta * C   (beta == 0: C is not read).
  * a: kc x MR packed, b: kc x NR packed. mr <= MR, nr <= NR; padding lanes are computed and
  * dropped, so every element of C sees the same arithmetic wherever its tile lies. */
-typedef void (*ukernel_fn)(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
-                           float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
-                           float beta);
+typedef void (*ukernel_fn)(int64_t kc, const float *SM_RESTRICT a, int64_t lda,
+                           const float *SM_RESTRICT b, float *SM_RESTRICT c, int64_t ldc, int mr,
+                           int nr, float alpha, float beta);
 
 /* Write an MR x NR tile held in `t` (row stride NR) into C: the edge case of every kernel. */
 static void store_tile(const float *t, int NR, float *c, int64_t ldc, int mr, int nr, float alpha,
@@ -209,9 +209,10 @@ static void store_tile(const float *t, int NR, float *c, int64_t ldc, int mr, in
 /* Portable kernel: 4 x 16 tile in plain C (compilers vectorize the j loops). */
 #define GEN_MR 4
 #define GEN_NR 16
-static void ukernel_generic(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
-                            float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
-                            float beta) {
+static void ukernel_generic(int64_t kc, const float *SM_RESTRICT a, int64_t lda,
+                            const float *SM_RESTRICT b, float *SM_RESTRICT c, int64_t ldc, int mr,
+                            int nr, float alpha, float beta) {
+    (void)lda; /* A is always packed here */
     float acc[GEN_MR * GEN_NR];
     for (int i = 0; i < GEN_MR * GEN_NR; i++) acc[i] = 0.0f;
     for (int64_t k = 0; k < kc; k++) {
@@ -230,9 +231,10 @@ static void ukernel_generic(int64_t kc, const float *SM_RESTRICT a, const float 
 #define AVX2_MR 6
 #define AVX2_NR 16
 SM_TARGET_AVX2
-static void ukernel_avx2(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
-                         float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
-                         float beta) {
+static void ukernel_avx2(int64_t kc, const float *SM_RESTRICT a, int64_t lda,
+                         const float *SM_RESTRICT b, float *SM_RESTRICT c, int64_t ldc, int mr,
+                         int nr, float alpha, float beta) {
+    (void)lda; /* A is always packed here */
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
     __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -273,95 +275,104 @@ static void ukernel_avx2(int64_t kc, const float *SM_RESTRICT a, const float *SM
 }
 
 /* AVX-512: 14 x 32 tile = 28 zmm accumulators, 2 for B, broadcasts folded into the FMAs
- * (vfmadd231ps zmm, zmm, dword{1to16}): 30 of 32 registers. */
+ * (vfmadd231ps zmm, zmm, dword{1to16}): 30 of 32 registers. One always-inlined body is
+ * instantiated for each width (NV = 2 or 1 zmm per row, or an 8-lane ymm for the narrowest
+ * edge, which on cores that split 512-bit FMAs in two costs a quarter of a full sliver) and
+ * for A packed (a[k * MR + i]) or read in place (a[i * lda + k]; for skinny N, where packing A
+ * would cost ~16/N of the multiply). The compiler unrolls the constant loops and keeps every
+ * accumulator in a register. */
 #define AVX512_MR 14
 #define AVX512_NR 32
 
-#define SM_FMA_ROW(i)                                                     \
-    do {                                                                  \
-        __m512 x = _mm512_set1_ps(a[i]);                                  \
-        c##i##0 = _mm512_fmadd_ps(x, b0, c##i##0);                        \
-        c##i##1 = _mm512_fmadd_ps(x, b1, c##i##1);                        \
-    } while (0)
-
 SM_TARGET_AVX512
-static void ukernel_avx512(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
-                           float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
-                           float beta) {
-    __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
-    __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
-    __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
-    __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
-    __m512 c40 = _mm512_setzero_ps(), c41 = _mm512_setzero_ps();
-    __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
-    __m512 c60 = _mm512_setzero_ps(), c61 = _mm512_setzero_ps();
-    __m512 c70 = _mm512_setzero_ps(), c71 = _mm512_setzero_ps();
-    __m512 c80 = _mm512_setzero_ps(), c81 = _mm512_setzero_ps();
-    __m512 c90 = _mm512_setzero_ps(), c91 = _mm512_setzero_ps();
-    __m512 c100 = _mm512_setzero_ps(), c101 = _mm512_setzero_ps();
-    __m512 c110 = _mm512_setzero_ps(), c111 = _mm512_setzero_ps();
-    __m512 c120 = _mm512_setzero_ps(), c121 = _mm512_setzero_ps();
-    __m512 c130 = _mm512_setzero_ps(), c131 = _mm512_setzero_ps();
+SM_INLINE void kernel512_body(int64_t kc, const float *SM_RESTRICT a, int64_t lda,
+                              const float *SM_RESTRICT b, float *SM_RESTRICT c, int64_t ldc,
+                              int mr, int nr, float alpha, float beta, const int NV,
+                              const int PACKED) {
+    __m512 acc[AVX512_MR][2];
+#pragma GCC unroll 14
+    for (int i = 0; i < AVX512_MR; i++) {
+        acc[i][0] = _mm512_setzero_ps();
+        acc[i][1] = _mm512_setzero_ps();
+    }
     for (int64_t k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
-        _mm_prefetch((const char *)(b + 8 * AVX512_NR), _MM_HINT_T0);
-        SM_FMA_ROW(0); SM_FMA_ROW(1); SM_FMA_ROW(2); SM_FMA_ROW(3); SM_FMA_ROW(4);
-        SM_FMA_ROW(5); SM_FMA_ROW(6); SM_FMA_ROW(7); SM_FMA_ROW(8); SM_FMA_ROW(9);
-        SM_FMA_ROW(10); SM_FMA_ROW(11); SM_FMA_ROW(12); SM_FMA_ROW(13);
-        a += AVX512_MR;
+        __m512 b0 = _mm512_loadu_ps(b);
+        __m512 b1 = NV == 2 ? _mm512_loadu_ps(b + 16) : b0;
+#pragma GCC unroll 14
+        for (int i = 0; i < AVX512_MR; i++) {
+            __m512 x = _mm512_set1_ps(PACKED ? a[k * AVX512_MR + i] : a[i * lda + k]);
+            acc[i][0] = _mm512_fmadd_ps(x, b0, acc[i][0]);
+            if (NV == 2) acc[i][1] = _mm512_fmadd_ps(x, b1, acc[i][1]);
+        }
         b += AVX512_NR;
     }
-    __m512 acc[AVX512_MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41},
-                                {c50, c51}, {c60, c61}, {c70, c71}, {c80, c81}, {c90, c91},
-                                {c100, c101}, {c110, c111}, {c120, c121}, {c130, c131}};
     /* Columns past nr are masked off; rows past mr are skipped: one path for every tile. */
     __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1u);
     __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1u);
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     for (int i = 0; i < mr; i++) {
         float *ci = c + i * ldc;
-        __m512 v0 = _mm512_mul_ps(va, acc[i][0]), v1 = _mm512_mul_ps(va, acc[i][1]);
-        if (beta != 0.0f) {
-            v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), v0);
-            v1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), v1);
-        }
-        _mm512_mask_storeu_ps(ci, m0, v0);
-        _mm512_mask_storeu_ps(ci + 16, m1, v1);
-    }
-}
-#undef SM_FMA_ROW
-
-/* Narrow edge of N (nr <= 16): the same tile with one vector per row, so a sliver holding a
- * single leftover column costs half of a full one. Reads the packed sliver with stride NR. */
-#define SM_FMA_ROW1(i) c##i = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), b0, c##i)
-SM_TARGET_AVX512
-static void ukernel_avx512_n16(int64_t kc, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
-                               float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha,
-                               float beta) {
-    __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps();
-    __m512 c3 = _mm512_setzero_ps(), c4 = _mm512_setzero_ps(), c5 = _mm512_setzero_ps();
-    __m512 c6 = _mm512_setzero_ps(), c7 = _mm512_setzero_ps(), c8 = _mm512_setzero_ps();
-    __m512 c9 = _mm512_setzero_ps(), c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
-    __m512 c12 = _mm512_setzero_ps(), c13 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_loadu_ps(b);
-        SM_FMA_ROW1(0); SM_FMA_ROW1(1); SM_FMA_ROW1(2); SM_FMA_ROW1(3); SM_FMA_ROW1(4);
-        SM_FMA_ROW1(5); SM_FMA_ROW1(6); SM_FMA_ROW1(7); SM_FMA_ROW1(8); SM_FMA_ROW1(9);
-        SM_FMA_ROW1(10); SM_FMA_ROW1(11); SM_FMA_ROW1(12); SM_FMA_ROW1(13);
-        a += AVX512_MR;
-        b += AVX512_NR;
-    }
-    __m512 acc[AVX512_MR] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13};
-    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1u);
-    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    for (int i = 0; i < mr; i++) {
-        float *ci = c + i * ldc;
-        __m512 v0 = _mm512_mul_ps(va, acc[i]);
+        __m512 v0 = _mm512_mul_ps(va, acc[i][0]);
         if (beta != 0.0f) v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), v0);
         _mm512_mask_storeu_ps(ci, m0, v0);
+        if (NV == 2) {
+            __m512 v1 = _mm512_mul_ps(va, acc[i][1]);
+            if (beta != 0.0f) v1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), v1);
+            _mm512_mask_storeu_ps(ci + 16, m1, v1);
+        }
     }
 }
-#undef SM_FMA_ROW1
+
+/* The ymm twin of kernel512_body for edge slivers with nr <= 8. */
+SM_TARGET_AVX512
+SM_INLINE void kernel512_body8(int64_t kc, const float *SM_RESTRICT a, int64_t lda,
+                               const float *SM_RESTRICT b, float *SM_RESTRICT c, int64_t ldc,
+                               int mr, int nr, float alpha, float beta, const int PACKED) {
+    __m256 acc[AVX512_MR];
+#pragma GCC unroll 14
+    for (int i = 0; i < AVX512_MR; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_loadu_ps(b);
+#pragma GCC unroll 14
+        for (int i = 0; i < AVX512_MR; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(PACKED ? a[k * AVX512_MR + i] : a[i * lda + k]), b0, acc[i]);
+        b += AVX512_NR;
+    }
+    __mmask8 m0 = nr >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << nr) - 1u);
+    __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        __m256 v0 = _mm256_mul_ps(va, acc[i]);
+        if (beta != 0.0f) v0 = _mm256_fmadd_ps(vb, _mm256_maskz_loadu_ps(m0, ci), v0);
+        _mm256_mask_storeu_ps(ci, m0, v0);
+    }
+}
+
+#define SM_KERNEL512(name, NV, PACKED)                                                           \
+    SM_TARGET_AVX512 static void name(int64_t kc, const float *SM_RESTRICT a, int64_t lda,      \
+                                      const float *SM_RESTRICT b, float *SM_RESTRICT c,         \
+                                      int64_t ldc, int mr, int nr, float alpha, float beta) {   \
+        kernel512_body(kc, a, lda, b, c, ldc, mr, nr, alpha, beta, NV, PACKED);                  \
+    }
+SM_KERNEL512(ukernel_avx512, 2, 1)
+SM_KERNEL512(ukernel_avx512_n16, 1, 1)
+SM_KERNEL512(ukernel_avx512_ua, 2, 0)
+SM_KERNEL512(ukernel_avx512_ua_n16, 1, 0)
+#undef SM_KERNEL512
+
+SM_TARGET_AVX512
+static void ukernel_avx512_n8(int64_t kc, const float *SM_RESTRICT a, int64_t lda,
+                              const float *SM_RESTRICT b, float *SM_RESTRICT c, int64_t ldc, int mr,
+                              int nr, float alpha, float beta) {
+    kernel512_body8(kc, a, lda, b, c, ldc, mr, nr, alpha, beta, 1);
+}
+
+SM_TARGET_AVX512
+static void ukernel_avx512_ua_n8(int64_t kc, const float *SM_RESTRICT a, int64_t lda,
+                                 const float *SM_RESTRICT b, float *SM_RESTRICT c, int64_t ldc,
+                                 int mr, int nr, float alpha, float beta) {
+    kernel512_body8(kc, a, lda, b, c, ldc, mr, nr, alpha, beta, 0);
+}
 
 #endif /* SM_X86_KERNELS */
 
@@ -372,7 +383,9 @@ typedef struct {
     int64_t A_FLOATS;  /* packed A chunk budget per thread */
     int64_t B_FLOATS;  /* packed B block budget per thread (half of a 1 MiB L2) */
     ukernel_fn kernel;
-    ukernel_fn kernel_narrow; /* for edge slivers with nr <= NR / 2 (NULL: use kernel) */
+    ukernel_fn kernel_narrow;  /* for edge slivers with nr <= NR / 2 (NULL: use kernel) */
+    ukernel_fn kernel_narrow4; /* for edge slivers with nr <= NR / 4 (NULL: kernel_narrow) */
+    ukernel_fn kernel_ua[3];   /* A read in place: full, nr <= NR / 2, nr <= NR / 4 (or NULL) */
     void (*pack_a_rows)(float *, mat_view, int64_t, int64_t); /* fast pack for a.sc == 1 */
     void (*pack_b_cols)(float *, mat_view, int64_t, int64_t); /* fast pack for b.sr == 1 */
 } gemm_params;
@@ -381,18 +394,20 @@ static void get_params(int level, gemm_params *p) {
 #if SM_X86_KERNELS
     if (level >= SM_SIMD_AVX512) {
         *p = (gemm_params){AVX512_MR, AVX512_NR, 384, 256 * 1024, 128 * 1024, ukernel_avx512,
-                           ukernel_avx512_n16, pack_a_rows_avx512, pack_b_cols_avx512};
+                           ukernel_avx512_n16, ukernel_avx512_n8,
+                           {ukernel_avx512_ua, ukernel_avx512_ua_n16, ukernel_avx512_ua_n8},
+                           pack_a_rows_avx512, pack_b_cols_avx512};
         return;
     }
     if (level >= SM_SIMD_AVX2) {
         *p = (gemm_params){AVX2_MR, AVX2_NR, 256, 256 * 1024, 128 * 1024, ukernel_avx2, NULL,
-                           NULL, NULL};
+                           NULL, {NULL, NULL, NULL}, NULL, NULL};
         return;
     }
 #endif
     (void)level;
     *p = (gemm_params){GEN_MR, GEN_NR, 256, 128 * 1024, 64 * 1024, ukernel_generic, NULL, NULL,
-                       NULL};
+                       {NULL, NULL, NULL}, NULL, NULL};
 }
 
 /* ---- packed path, one thread's block of C ------------------------------------------------- */
@@ -419,14 +434,23 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
     if (n_block < NR) n_block = NR;
     n_block = balanced_block(N, n_block, NR);
 
+    /* Skinny N: read A in place rather than pack it (packing costs ~16/N of the multiply),
+     * unless A's row stride would alias the MR rows into one or two L1 sets. */
+    const int a_in_place = P->kernel_ua[0] && a.sc == 1 && N <= 3 * NR && (a.sr % 512) != 0;
+
     for (int64_t m0 = 0; m0 < M; m0 += m_chunk) {
         int64_t mc = M - m0 < m_chunk ? M - m0 : m_chunk;
         for (int64_t p0 = 0; p0 < K; p0 += kc_max) {
             int64_t kc = K - p0 < kc_max ? K - p0 : kc_max;
             float beta_eff = p0 == 0 ? beta : 1.0f;
             mat_view as = {a.p + m0 * a.sr + p0 * a.sc, a.sr, a.sc};
-            if (a.sc == 1 && P->pack_a_rows) P->pack_a_rows(apack, as, mc, kc);
-            else pack_a(apack, as, mc, kc, MR);
+            int64_t full = a_in_place ? mc / MR * MR : 0; /* rows read in place */
+            if (full < mc) {
+                /* pack the rows not read in place (all of them, or the last partial sliver) */
+                mat_view rest = {as.p + full * as.sr, as.sr, as.sc};
+                if (a.sc == 1 && P->pack_a_rows) P->pack_a_rows(apack, rest, mc - full, kc);
+                else pack_a(apack, rest, mc - full, kc, MR);
+            }
             for (int64_t n0 = 0; n0 < N; n0 += n_block) {
                 int64_t nc = N - n0 < n_block ? N - n0 : n_block;
                 mat_view bs = {b.p + p0 * b.sr + n0 * b.sc, b.sr, b.sc};
@@ -434,13 +458,18 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
                 else pack_b(bpack, bs, kc, nc, NR);
                 for (int64_t i = 0; i < mc; i += MR) {
                     int mr = (int)(mc - i < MR ? mc - i : MR);
-                    const float *ap = apack + (i / MR) * kc * MR;
+                    int in_place = i < full;
+                    const float *ap = in_place ? as.p + i * as.sr : apack + ((i - full) / MR) * kc * MR;
                     float *crow = C + (m0 + i) * ldc + n0;
                     for (int64_t j = 0; j < nc; j += NR) {
                         int nr = (int)(nc - j < NR ? nc - j : NR);
-                        ukernel_fn kern = (nr <= NR / 2 && P->kernel_narrow) ? P->kernel_narrow : P->kernel;
-                        kern(kc, ap, bpack + (j / NR) * kc * NR, crow + j, ldc, mr, nr,
-                                  alpha, beta_eff);
+                        int w = nr <= NR / 4 ? 2 : nr <= NR / 2 ? 1 : 0; /* narrowest kernel that fits */
+                        ukernel_fn kern = P->kernel;
+                        if (in_place) kern = P->kernel_ua[w];
+                        else if (w == 2 && P->kernel_narrow4) kern = P->kernel_narrow4;
+                        else if (w >= 1 && P->kernel_narrow) kern = P->kernel_narrow;
+                        kern(kc, ap, as.sr, bpack + (j / NR) * kc * NR, crow + j, ldc, mr, nr,
+                             alpha, beta_eff);
                     }
                 }
             }
