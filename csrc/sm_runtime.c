@@ -185,8 +185,11 @@ void sm_omp_set_num_threads(int n) {
 static volatile int g_num_threads = 0;
 
 int smallmind_get_num_threads(void) {
-    int n = g_num_threads;
-    return n > 0 ? n : sm_omp_max_threads();
+    /* OpenMP's per-thread limit always caps the budget, so OMP_NUM_THREADS and threadpoolctl's
+     * "openmp" limits apply even after set_num_threads (which raises OpenMP's limit for the
+     * calling thread to match). */
+    int n = g_num_threads, omp = sm_omp_max_threads();
+    return n > 0 && n < omp ? n : omp;
 }
 
 void smallmind_set_num_threads(int n) { g_num_threads = n > 0 ? n : 0; }

@@ -22,9 +22,9 @@ int sm_openmp_enabled(void);
 /* OpenMP's default team size for the calling thread (OMP_NUM_THREADS, omp_set_num_threads). */
 int sm_omp_max_threads(void);
 void sm_omp_set_num_threads(int n);
-/* The library-wide default thread budget used when a call passes threads <= 0.
- * 0 (the initial state) means "follow OpenMP": omp_get_max_threads() of the calling thread,
- * which honours OMP_NUM_THREADS and threadpoolctl's OpenMP limits. These two are exported
+/* The library-wide default thread budget used when a call passes threads <= 0: the value set
+ * (0 initially: none), capped by omp_get_max_threads() of the calling thread, which honours
+ * OMP_NUM_THREADS and threadpoolctl's OpenMP limits. These two are exported
  * from the extension module under stable names so threadpoolctl can find and drive them. */
 SM_EXPORT int smallmind_get_num_threads(void);
 SM_EXPORT void smallmind_set_num_threads(int n);

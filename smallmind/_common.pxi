@@ -123,7 +123,9 @@ cdef int _threads(object threads) except -1:
 def set_num_threads(n):
     """Set the default number of OpenMP threads each compute call uses (when `threads=None`).
 
-    Also sets OpenMP's own default for the calling thread, so threadpoolctl reports it.
+    Also raises OpenMP's own limit for the calling thread to `n`. The default is always capped
+    by OpenMP's limit of the calling thread (OMP_NUM_THREADS, or threadpoolctl's limits), so a
+    value above that limit only applies in the thread that set it.
     """
     _check_int(n, "n", 1, MAX_THREADS)
     smallmind_set_num_threads(<int>n)
