@@ -93,6 +93,17 @@ cdef class PooledBuffer:
     def __releasebuffer__(self, Py_buffer *view):
         self._exports -= 1
 
+    def __array__(self, dtype=None, copy=None):
+        # numpy tries the buffer protocol first and, when it fails (a released buffer), would
+        # silently build a 0-d object array; this makes np.asarray raise ObjectDisposedError.
+        self._check_live()
+        a = np.frombuffer(self, dtype=np.float32)
+        if dtype is not None and np.dtype(dtype) != a.dtype:
+            if copy is False:
+                raise ValueError(f"a PooledBuffer is float32; converting to {dtype} needs a copy")
+            return a.astype(dtype)
+        return a.copy() if copy else a
+
     def __len__(self):
         self._check_live()
         return self._n
