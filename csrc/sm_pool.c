@@ -358,6 +358,8 @@ sm_pool *sm_pool_block_pool(const void *block) { return block ? hdr_of(block)->p
 
 size_t sm_pool_block_capacity(const void *block) { return block ? hdr_of(block)->capacity : 0; }
 
+int sm_pool_block_size_class(const void *block) { return block ? (int)hdr_of(block)->bucket : -1; }
+
 /* ---- maintenance and statistics ---------------------------------------------------------- */
 
 int sm_pool_trim(sm_pool *p, int64_t *freed_bytes) {

@@ -106,9 +106,11 @@ int sm_pool_return(void *block);
 /* Same, but also checks that the block came from `p` (SM_ERR_ARG, counted in bad_returns). */
 int sm_pool_return_to(sm_pool *p, void *block);
 
-/* The pool a rented block belongs to and its usable capacity in bytes (>= the request). */
+/* The pool a rented block belongs to, its usable capacity in bytes (>= the request), and its
+ * size class (-1 for an oversize block, which its return always frees). */
 sm_pool *sm_pool_block_pool(const void *block);
 size_t sm_pool_block_capacity(const void *block);
+int sm_pool_block_size_class(const void *block);
 
 /* Free every idle block now; *freed_bytes (if not NULL) gets their capacity. Outstanding
  * blocks are not affected. SM_OK or SM_ERR_ARG. */

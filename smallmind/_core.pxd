@@ -79,6 +79,7 @@ cdef extern from "sm_pool.h" nogil:
     int sm_pool_return_to(sm_pool *p, void *block)
     sm_pool *sm_pool_block_pool(const void *block)
     size_t sm_pool_block_capacity(const void *block)
+    int sm_pool_block_size_class(const void *block)
     int sm_pool_trim(sm_pool *p, int64_t *freed_bytes)
     int sm_pool_dispose(sm_pool *p)
     void sm_pool_retain(sm_pool *p)

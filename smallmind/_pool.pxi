@@ -6,17 +6,21 @@
 # Atomicity: every check-then-act on a PooledBuffer or MemoryPool field below runs with the GIL
 # held and without calling back into Python between the check and the act, so two Python
 # threads can never both return one buffer, or rent from a pool another thread just disposed.
-# When a C call runs without the GIL (big blocks), the pool is first retained, so a dispose on
-# another thread cannot free the pool object under the call.
+# When a C call on a pool runs without the GIL (trim, the C stress test), the pool is first
+# retained, so a dispose on another thread cannot free the pool object under the call; a
+# block's return needs no such care, as an outstanding block keeps its pool object alive.
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
 from .errors import ObjectDisposedError, SmallMindError
 
 # Largest rent(n) accepted, in float32 elements (4 TiB): beyond it a request is surely a bug.
 MAX_RENT_ELEMENTS = 1 << 40
-# rent/return of blocks at least this big release the GIL: their allocation or free goes to the
-# system (mmap/munmap) and can take microseconds. Small ones keep it, because handing the GIL
-# to another thread and taking it back costs more than the whole rent (see bench/bench_pool.py).
+# Returning an oversize block at least this big releases the GIL: it is always freed, and
+# unmapping megabytes of touched pages takes long enough to stall other Python threads. Every
+# other rent and return keeps the GIL: a hit is a pop under the pool's mutex (~50 ns), a miss
+# costs one malloc (an mmap at most; pages are faulted in later, by whoever writes them), and
+# handing the GIL to another thread and waiting to get it back costs far more than either -
+# releasing it for 1 MiB rents made them 5x slower from 2 threads (bench/bench_pool.py).
 cdef size_t _NOGIL_BYTES = <size_t>1 << 20
 
 DEFAULT_MAX_BUFFER_SIZE = 1 << 24       # elements (64 MiB)
@@ -134,7 +138,7 @@ cdef class PooledBuffer:
         cdef void *blk = self._block
         cdef int rc
         self._block = NULL
-        if <size_t>self._n * 4 >= _NOGIL_BYTES:
+        if <size_t>self._n * 4 >= _NOGIL_BYTES and sm_pool_block_size_class(blk) < 0:
             with nogil:
                 rc = sm_pool_return_to(expect, blk) if expect != NULL else sm_pool_return(blk)
         else:
@@ -248,15 +252,10 @@ cdef class MemoryPool:
         cdef void *blk = NULL
         cdef int rc
         # Re-read the handle: the validation above ran Python code, during which another
-        # thread may have disposed the pool. From here to the C call nothing can switch threads.
+        # thread may have disposed the pool. From here to the C call nothing can switch threads,
+        # and the call keeps the GIL (see _NOGIL_BYTES), so dispose() cannot run meanwhile.
         cdef sm_pool *p = self._live()
-        if nbytes >= _NOGIL_BYTES:
-            sm_pool_retain(p)
-            with nogil:
-                rc = sm_pool_rent_ex(&blk, p, nbytes)
-                sm_pool_release(p)
-        else:
-            rc = sm_pool_rent_ex(&blk, p, nbytes)
+        rc = sm_pool_rent_ex(&blk, p, nbytes)
         if rc == SM_ERR_DISPOSED:
             raise ObjectDisposedError("this MemoryPool was disposed")
         if rc == SM_ERR_NOMEM:

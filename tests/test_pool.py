@@ -259,6 +259,17 @@ def test_released_buffer_raises_object_disposed_on_every_access():
     pool.dispose()
 
 
+def test_simple_buffer_consumers_see_the_bytes():
+    with sm.MemoryPool() as pool:
+        buf = pool.rent(5)
+        a = np.asarray(buf)
+        a[:] = [1, 2, 3, 4, 5]
+        assert bytes(buf) == a.tobytes() and len(bytearray(buf)) == 20
+        assert memoryview(buf).cast("B").nbytes == 20
+        del a
+        buf.release()
+
+
 def test_with_rent_returns_on_exit():
     with sm.MemoryPool() as pool:
         with pool.rent(32) as buf:
@@ -461,8 +472,13 @@ def test_rent_rejects_non_int_n(n):
 
 def test_rent_reports_memory_error_for_impossible_sizes():
     with sm.MemoryPool() as pool:
-        with pytest.raises(MemoryError):
-            pool.rent(1 << 40)            # 4 TiB: valid, but no machine has it
+        try:
+            buf = pool.rent(1 << 40)      # 4 TiB: valid, but no machine has it
+        except MemoryError:
+            pass
+        else:                             # vm.overcommit_memory=1 maps it without backing
+            buf.release()
+            pytest.skip("the OS overcommits memory: a 4 TiB allocation succeeded")
         st = pool.stats()
         assert st["failed_rents"] == 1 and st["rents"] == 0 and st["outstanding_buffers"] == 0
 
@@ -604,6 +620,7 @@ def test_dispose_racing_with_renting_threads():
         assert not errors, errors
         for b in kept:
             np.asarray(b)[0] = 2.0            # still valid after dispose
+        b = None
         kept.clear()
         del pool
         assert live() == g0, f"round {round_}"
