@@ -4,10 +4,12 @@ by side, for a few buffer sizes, from 1 and 2 Python threads.
     python bench/bench_pool.py            # table
     python bench/bench_pool.py --quick    # smoke run (a second)
 
-Each row times a batch of BATCH operations (aggregate over the threads) and reports seconds per
-batch; ratio = numpy_s / smallmind_s (above 1: the pool is faster). Two smallmind variants:
-"rent+return" (what C-side users and buffer reuse cost) and "rent+asarray+return" (what a
-Python user who wants an ndarray pays), both against `np.empty(n, np.float32)` + drop.
+Each row times a batch of operations (aggregate over the threads) and reports seconds per
+batch; ratio = numpy_s / smallmind_s (above 1: the pool is faster). Three smallmind variants:
+"rent+return" (the pool's own cost), "rent+asarray+return" (what a Python user who wants an
+ndarray pays), both against `np.empty(n, np.float32)` + drop, and "rent+fill+return" against
+`np.empty` + fill for a 64 MiB buffer: the case a pool exists for, since glibc maps buffers
+above 32 MiB fresh on every allocation and each one pays its page faults again.
 `cases(quick, threads=None)` returns the rows for bench/bench_kernels.py. Medians of repeats.
 """
 import os
@@ -24,6 +26,7 @@ import smallmind as sm  # noqa: E402
 BATCH = 20_000
 SIZES = [256, 16_384, 262_144, 4_194_304]        # 1 KiB, 64 KiB, 1 MiB, 16 MiB of float32
 QUICK_SIZES = [256, 262_144]
+FILL_N, FILL_BATCH = 16 << 20, 16                 # 64 MiB buffers, written in full
 
 
 def _sm_loop(pool, n, reps, with_array):
@@ -44,6 +47,22 @@ def _np_loop(n, reps):
     empty, f32 = np.empty, np.float32
     for _ in range(reps):
         a = empty(n, f32)
+        del a
+
+
+def _sm_fill(pool, n, reps):
+    for _ in range(reps):
+        b = pool.rent(n)
+        a = np.asarray(b)
+        a.fill(1.0)
+        del a
+        b.release()
+
+
+def _np_fill(n, reps):
+    for _ in range(reps):
+        a = np.empty(n, np.float32)
+        a.fill(1.0)
         del a
 
 
@@ -70,19 +89,19 @@ def _timed(fn, nthreads, ops):
     return time.perf_counter() - t
 
 
-def _median(fn, nthreads, repeats):
-    fn(BATCH // 10)                       # warm up: fills the pool, faults pages in
-    return float(np.median([_timed(fn, nthreads, BATCH) for _ in range(repeats)]))
+def _median(fn, nthreads, repeats, batch=BATCH):
+    fn(max(batch // 10, 2))               # warm up: fills the pool, faults pages in
+    return float(np.median([_timed(fn, nthreads, batch) for _ in range(repeats)]))
 
 
 def cases(quick=False, threads=None):
     """Rows {"name", "shape", "threads", "smallmind_s", "numpy_s", "ratio", ...}: seconds per
     BATCH rent+return operations (aggregate over `threads` Python threads; None: 1 and 2)."""
     sizes = QUICK_SIZES if quick else SIZES
-    repeats = 1 if quick else 15
+    repeats = 1 if quick else 9
     thread_counts = [1, 2] if threads is None else [int(threads)]
     rows = []
-    pool = sm.MemoryPool(max_buffer_size=max(sizes), max_buffers_per_bucket=8)
+    pool = sm.MemoryPool(max_buffer_size=max(sizes + [FILL_N]), max_buffers_per_bucket=8)
     try:
         for nt in thread_counts:
             for n in sizes:
@@ -95,6 +114,15 @@ def cases(quick=False, threads=None):
                         "smallmind_s": t_sm, "numpy_s": t_np, "ratio": t_np / t_sm,
                         "smallmind_ops_per_s": BATCH / t_sm, "numpy_ops_per_s": BATCH / t_np,
                     })
+            n, batch = (FILL_N // 16, 8) if quick else (FILL_N, FILL_BATCH)
+            t_np = _median(lambda k: _np_fill(n, k), nt, repeats, batch)
+            t_sm = _median(lambda k: _sm_fill(pool, n, k), nt, repeats, batch)
+            rows.append({
+                "name": "pool rent+fill+return", "kernel": "pool rent+fill+return",
+                "shape": f"n={n} x{batch}", "threads": nt, "smallmind_s": t_sm, "numpy_s": t_np,
+                "ratio": t_np / t_sm, "smallmind_ops_per_s": batch / t_sm,
+                "numpy_ops_per_s": batch / t_np,
+            })
     finally:
         pool.dispose()
     return rows

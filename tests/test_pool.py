@@ -597,7 +597,7 @@ def test_dispose_racing_with_renting_threads():
                 if i == 50:
                     busy.set()
                 try:
-                    buf = pool.rent((i % 7) * 50_000 + 1)   # some > 1 MiB: rent without GIL
+                    buf = pool.rent((i % 7) * 50_000 + 1)   # some > 1 MiB
                 except sm.ObjectDisposedError:
                     return
                 except Exception as e:  # pragma: no cover
