@@ -26,10 +26,6 @@ cdef size_t _NOGIL_BYTES = <size_t>1 << 20
 DEFAULT_MAX_BUFFER_SIZE = 1 << 24       # elements (64 MiB)
 DEFAULT_MAX_BUFFERS_PER_BUCKET = 16
 
-_STATS_KEYS = ("rents", "returns", "hits", "misses", "outstanding_buffers", "outstanding_bytes",
-               "pooled_buffers", "pooled_bytes", "peak_outstanding_bytes", "discarded",
-               "trimmed", "bad_returns", "failed_rents")
-
 
 cdef class PooledBuffer:
     """A block of float32 memory rented from a MemoryPool.
