@@ -4,6 +4,7 @@ The compute core is C (csrc/) with OpenMP, reached through a thin Cython layer t
 the GIL; this package holds the readable Python classes on top. Start at README.md.
 """
 from . import kernels
+from .memory import MemoryPool, PooledBuffer, default_pool
 from ._core import (
     build_info,
     get_num_threads,
@@ -29,3 +30,4 @@ __all__ = [
     "simd_detected", "simd_level", "kernels",
     "SmallMindError", "ValidationError", "ObjectDisposedError", "CheckpointError", "CancelledError",
 ]
+__all__ += ["MemoryPool", "PooledBuffer", "default_pool"]

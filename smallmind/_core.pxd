@@ -34,7 +34,62 @@ cdef extern from "sm_gemm.h" nogil:
 
 
 # ---- sm_pool.h (MemoryPool) ----------------------------------------------------------------
+from libc.stdint cimport int32_t, uint64_t
 
+cdef extern from "sm_pool.h" nogil:
+    ctypedef struct sm_pool:
+        pass
+    ctypedef struct sm_pool_stats:
+        int64_t rents
+        int64_t returns
+        int64_t hits
+        int64_t misses
+        int64_t outstanding_buffers
+        int64_t outstanding_bytes
+        int64_t pooled_buffers
+        int64_t pooled_bytes
+        int64_t peak_outstanding_bytes
+        int64_t discarded
+        int64_t trimmed
+        int64_t bad_returns
+        int64_t failed_rents
+        int64_t max_buffer_size
+        int64_t max_buffers_per_bucket
+        int64_t max_pooled_bytes
+        int64_t num_buckets
+        int32_t disposed
+        int32_t is_default
+    ctypedef struct sm_pool_global_stats:
+        int64_t live_pools
+        int64_t live_blocks
+        int64_t live_bytes
+    size_t SM_POOL_UNLIMITED
+    size_t SM_POOL_MAX_BUFFER_LIMIT
+    size_t SM_POOL_MAX_RENT_BYTES
+    int64_t SM_POOL_MAX_PER_BUCKET_LIMIT
+    size_t SM_POOL_DEFAULT_MAX_BUFFER_SIZE
+    int64_t SM_POOL_DEFAULT_MAX_PER_BUCKET
+    size_t SM_POOL_DEFAULT_MAX_POOLED_BYTES
+    int sm_pool_create(sm_pool **out, size_t max_buffer_size, int64_t max_buffers_per_bucket,
+                       size_t max_pooled_bytes)
+    sm_pool *sm_pool_default()
+    int sm_pool_rent_ex(void **out, sm_pool *p, size_t nbytes)
+    void *sm_pool_rent(sm_pool *p, size_t nbytes)
+    int sm_pool_return(void *block)
+    int sm_pool_return_to(sm_pool *p, void *block)
+    sm_pool *sm_pool_block_pool(const void *block)
+    size_t sm_pool_block_capacity(const void *block)
+    int sm_pool_block_size_class(const void *block)
+    int sm_pool_trim(sm_pool *p, int64_t *freed_bytes)
+    int sm_pool_dispose(sm_pool *p)
+    void sm_pool_retain(sm_pool *p)
+    void sm_pool_release(sm_pool *p)
+    int sm_pool_get_stats(sm_pool_stats *out, sm_pool *p)
+    void sm_pool_reset_peak(sm_pool *p)
+    void sm_pool_global_get_stats(sm_pool_global_stats *out)
+    int sm_pool_size_class(size_t nbytes)
+    size_t sm_pool_class_size(int size_class)
+    int64_t sm_pool_stress_test(sm_pool *p, int nthreads, int64_t iters, uint64_t seed)
 
 
 # ---- sm_ops.h (elementwise and row kernels) --------------------------------------------------
