@@ -26,6 +26,7 @@
 
 #include <string.h>
 
+#include "sm_pool.h"
 #include "sm_runtime.h"
 
 #if SM_X86_KERNELS
@@ -797,7 +798,7 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
     float *scratch = NULL;
 #if SM_X86_KERNELS
     if (stream) {
-        scratch = (float *)sm_aligned_alloc((size_t)(nt * SMALL_M * SMALL_STREAM_W) * sizeof(float));
+        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(nt * SMALL_M * SMALL_STREAM_W) * sizeof(float));
         if (!scratch) return SM_ERR_NOMEM;
     }
 #endif
@@ -808,7 +809,7 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
         sm_split_range(N, 64, SM_THREAD_COUNT(), tid, &n0, &n1);
         if (n1 > n0) fn(sp, n0, n1, scratch ? scratch + (int64_t)tid * SMALL_M * SMALL_STREAM_W : NULL);
     }
-    sm_aligned_free(scratch);
+    if (scratch) sm_pool_return(scratch);
     return SM_OK;
 }
 
@@ -883,7 +884,8 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     if (b_floats > round_up(ceil_div(N, tn), P.NR) * kc_max) b_floats = round_up(ceil_div(N, tn), P.NR) * kc_max;
     /* Round each thread's share up to a cache line so threads never share a line. */
     int64_t per_thread = round_up(a_floats + P.MR * kc_max, 16) + round_up(b_floats + P.NR * kc_max, 16);
-    float *scratch = (float *)sm_aligned_alloc((size_t)(per_thread * team) * sizeof(float));
+    /* Packing scratch comes from the process-wide pool: steady state allocates nothing. */
+    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per_thread * team) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
 
     SM_PARALLEL(team)
@@ -904,6 +906,6 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
                        apack, bpack);
         }
     }
-    sm_aligned_free(scratch);
+    sm_pool_return(scratch);
     return SM_OK;
 }

@@ -140,3 +140,19 @@ def test_matmul_validation():
         sm.kernels.matmul(a, b, out=np.empty((3, 5), np.float64))
     with pytest.raises(sm.ValidationError):
         sm.kernels.matmul(a, np.ones((5, 5), np.float32))
+
+
+def test_scratch_comes_from_default_pool_and_is_returned(rng):
+    pool = sm.default_pool()
+    cases = [_operands(rng, M, K, N, 0, 0)[:2] for (M, K, N) in [(300, 200, 100), (2, 64, 40000)]]
+    for a, b in cases:
+        sm.kernels.matmul(a, b, threads=2)  # warm the pool's size classes
+    before = pool.stats()
+    for _ in range(3):
+        for a, b in cases:
+            sm.kernels.matmul(a, b, threads=2)
+    after = pool.stats()
+    assert after["rents"] - before["rents"] == 6
+    assert after["returns"] - before["returns"] == 6
+    assert after["misses"] == before["misses"], "steady state must not allocate"
+    assert after["outstanding_buffers"] == before["outstanding_buffers"]
