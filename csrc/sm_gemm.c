@@ -186,6 +186,73 @@ static void pack_b_cols_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, i
         dst += kc * NR;
     }
 }
+
+/* The AVX2 twins: 8 x 8 in-register transposes for MR = 6 (A) and NR = 16 (B). */
+SM_TARGET_AVX2
+static inline void transpose8x8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4h + e], 128-bit lane l: rows 4h..4h+3 of column 4l + e */
+    for (int h = 0; h < 2; h++) {
+        u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+        u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+        u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+        u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+    }
+    for (int e = 0; e < 4; e++) {
+        r[e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x20);
+        r[4 + e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x31);
+    }
+}
+
+SM_TARGET_AVX2
+static __m256i avx2_mask(int n) { /* lanes [0, n) set */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+SM_TARGET_AVX2
+static void pack_a_rows_avx2(float *SM_RESTRICT dst, mat_view a, int64_t m, int64_t kc) {
+    const int MR = 6;
+    const __m256i six = avx2_mask(MR);
+    for (int64_t i0 = 0; i0 < m; i0 += MR) {
+        int64_t rows = m - i0 < MR ? m - i0 : MR;
+        for (int64_t k0 = 0; k0 < kc; k0 += 8) {
+            int kn = (int)(kc - k0 < 8 ? kc - k0 : 8);
+            __m256i km = avx2_mask(kn);
+            __m256 r[8];
+            for (int i = 0; i < 8; i++)
+                r[i] = i < rows ? _mm256_maskload_ps(a.p + (i0 + i) * a.sr + k0, km) : _mm256_setzero_ps();
+            transpose8x8(r);
+            for (int e = 0; e < kn; e++) _mm256_maskstore_ps(dst + (k0 + e) * MR, six, r[e]);
+        }
+        dst += kc * MR;
+    }
+}
+
+SM_TARGET_AVX2
+static void pack_b_cols_avx2(float *SM_RESTRICT dst, mat_view b, int64_t kc, int64_t n) {
+    const int NR = 16;
+    for (int64_t j0 = 0; j0 < n; j0 += NR) {
+        for (int g = 0; g < 2; g++) {
+            int64_t jg = j0 + 8 * g;
+            int64_t cols = n - jg;
+            cols = cols < 0 ? 0 : cols > 8 ? 8 : cols;
+            for (int64_t k0 = 0; k0 < kc; k0 += 8) {
+                int kn = (int)(kc - k0 < 8 ? kc - k0 : 8);
+                __m256i km = avx2_mask(kn);
+                __m256 r[8];
+                for (int j = 0; j < 8; j++)
+                    r[j] = j < cols ? _mm256_maskload_ps(b.p + (jg + j) * b.sc + k0, km) : _mm256_setzero_ps();
+                transpose8x8(r);
+                for (int e = 0; e < kn; e++) _mm256_storeu_ps(dst + (k0 + e) * NR + 8 * g, r[e]);
+            }
+        }
+        dst += kc * NR;
+    }
+}
 #endif
 
 /* ---- micro-kernels ------------------------------------------------------------------------- */
@@ -402,7 +469,7 @@ static void get_params(int level, gemm_params *p) {
     }
     if (level >= SM_SIMD_AVX2) {
         *p = (gemm_params){AVX2_MR, AVX2_NR, 256, 256 * 1024, 128 * 1024, ukernel_avx2, NULL,
-                           NULL, {NULL, NULL, NULL}, NULL, NULL};
+                           NULL, {NULL, NULL, NULL}, pack_a_rows_avx2, pack_b_cols_avx2};
         return;
     }
 #endif
