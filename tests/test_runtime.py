@@ -13,7 +13,11 @@ def _run(code, **env):
     """Run `code` in a fresh interpreter with extra environment variables; return its stdout."""
     full = dict(os.environ)
     full.update(env)
-    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+    # Run from the folder holding the smallmind these tests imported (site-packages, or the
+    # source tree of an in-place build), so the child imports the same build.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=full, cwd=here, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
