@@ -226,7 +226,12 @@ static void pack_a_rows_avx2(float *SM_RESTRICT dst, mat_view a, int64_t m, int6
             for (int i = 0; i < 8; i++)
                 r[i] = i < rows ? _mm256_maskload_ps(a.p + (i0 + i) * a.sr + k0, km) : _mm256_setzero_ps();
             transpose8x8(r);
-            for (int e = 0; e < kn; e++) _mm256_maskstore_ps(dst + (k0 + e) * MR, six, r[e]);
+            /* Full 8-lane stores spill 2 floats into the next k row, which the next store
+             * overwrites; only the sliver's last row is masked (vmaskmovps stores are
+             * microcoded on some AMD cores). */
+            int64_t last = k0 + kn == kc ? kn - 1 : kn;
+            for (int e = 0; e < last; e++) _mm256_storeu_ps(dst + (k0 + e) * MR, r[e]);
+            for (int e = (int)last; e < kn; e++) _mm256_maskstore_ps(dst + (k0 + e) * MR, six, r[e]);
         }
         dst += kc * MR;
     }
