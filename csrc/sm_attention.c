@@ -1,0 +1,1045 @@
+/* sm_attention.c - causal multi-head attention: tiled forward with online softmax, tiled
+ * backward that recomputes probabilities from the saved log-sum-exp, KV-cache prefill/append
+ * and a decode step, each with a *_naive reference. Layouts are described in sm_attention.h.
+ *
+ * Tiling. A work item is one head's block of BLK = 64 queries (forward) or one whole head
+ * (backward). Score tiles are held TRANSPOSED, S^T (keys x queries), so that queries run along
+ * the SIMD lanes: the softmax of a query is then a column of the tile, and its running max,
+ * sum and the probabilities are plain lane-wise vector ops, with no horizontal reductions.
+ * Every product in both passes has the form
+ *
+ *     C (m x W)  (+)=  A (m x K)  @  B (K x W)         (mm: a small GEMM micro-kernel)
+ *
+ * where A is read by scalar broadcasts through any two strides (so it can be K rows straight
+ * from qkv, or a tile read transposed) and B rows are W contiguous floats (W a multiple of
+ * 16): the queries of the tile transposed (W = 64) or rows of hs values (W = hs rounded up to
+ * 16, read in place from qkv when hs % 16 == 0, else from a zero-padded copy).
+ *
+ *   forward, per query block I:   QT = Q_I^T (hs x 64, packed once)
+ *     for key blocks J <= I:      S^T = K_J @ QT;  online softmax over the rows of S^T
+ *                                 O = diag(alpha) O + P @ V_J   (P read from S^T transposed)
+ *     out = O / l;  lse = m + log(l)
+ *   backward, per head:           QT, dOT (hs x T, packed once), D = rowsum(dO * O), dQ (T x hs)
+ *     for key blocks J:           dK_J = dV_J = 0
+ *       for query blocks I >= J:  S^T = K_J @ QT_I,  dP^T = V_J @ dOT_I
+ *                                 P = exp(scale S - lse),  dS = P (dP - D) scale
+ *                                 dV_J += P^T dO_I,  dK_J += dS^T Q_I,  dQ_I += dS K_J
+ *
+ * Memory: forward saves only lse (B, NH, T); scratch is a few tiles per thread (forward) or
+ * O(T hs) per thread (backward), never the (B, NH, T, T) attention matrix.
+ *
+ * Determinism: a work item's arithmetic depends only on its own data (fixed tile sizes, fixed
+ * loop order), and each output element is written by exactly one item, so results do not
+ * depend on the thread count. They do differ (by rounding) between SIMD levels.
+ *
+ * exp: a Cephes-style polynomial in every path (libm's expf would cost more than the matrix
+ * products it sits between); ~2 ulp, exact 0 below ln(FLT_MIN) (so -inf, the mask, gives 0),
+ * NaN in gives NaN out.
+ *
+ * Known limit: a NaN or inf in the key or value of a FUTURE position inside the diagonal tile
+ * can reach an earlier output (0 * NaN); finite values there never do.
+ */
+#include "sm_attention.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "sm_runtime.h"
+
+#if SM_X86_KERNELS
+#include <immintrin.h>
+#endif
+
+#define BLK SM_ATT_BLOCK
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Work below this many multiply-adds runs on the calling thread: waking a team costs more. */
+#define SMALL_WORK (1 << 20)
+
+static int team_size(int nthreads, int64_t units, double work) {
+    int nt = sm_resolve_threads(nthreads);
+    if (work < (double)SMALL_WORK) nt = 1;
+    if ((int64_t)nt > units) nt = (int)(units > 0 ? units : 1);
+    return nt;
+}
+
+/* ============================================================================================
+ * references (double accumulation, exact softmax)
+ * ============================================================================================ */
+
+int sm_attention_forward_naive(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                               int64_t C, int64_t NH) {
+    /* qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
+    if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    const int64_t hs = C / NH, C3 = 3 * C;
+    const double scale = 1.0 / sqrt((double)hs);
+    double *s = (double *)sm_aligned_alloc((size_t)T * sizeof(double));
+    if (!s) return SM_ERR_NOMEM;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < NH; h++)
+            for (int64_t t = 0; t < T; t++) {
+                const float *q = qkv + (b * T + t) * C3 + h * hs;
+                double mx = -INFINITY;
+                for (int64_t j = 0; j <= t; j++) {
+                    const float *k = qkv + (b * T + j) * C3 + C + h * hs;
+                    double acc = 0.0;
+                    for (int64_t d = 0; d < hs; d++) acc += (double)q[d] * (double)k[d];
+                    s[j] = acc * scale;
+                    if (s[j] > mx) mx = s[j];
+                }
+                double sum = 0.0;
+                for (int64_t j = 0; j <= t; j++) {
+                    s[j] = exp(s[j] - mx);
+                    sum += s[j];
+                }
+                float *o = out + (b * T + t) * C + h * hs;
+                for (int64_t d = 0; d < hs; d++) {
+                    double acc = 0.0;
+                    for (int64_t j = 0; j <= t; j++) acc += s[j] * (double)qkv[(b * T + j) * C3 + 2 * C + h * hs + d];
+                    o[d] = (float)(acc / sum);
+                }
+                lse[(b * NH + h) * T + t] = (float)(mx + log(sum));
+            }
+    sm_aligned_free(s);
+    return SM_OK;
+}
+
+int sm_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
+                                const float *out, const float *lse, int64_t B, int64_t T,
+                                int64_t C, int64_t NH) {
+    /* dqkv (B, T, 3C) +=, dout (B, T, C), qkv (B, T, 3C); out and lse unused (recomputed) */
+    (void)out;
+    (void)lse;
+    if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    const int64_t hs = C / NH, C3 = 3 * C;
+    const double scale = 1.0 / sqrt((double)hs);
+    /* p, dp (T); dq, dk, dv (T, hs) in double for this head */
+    double *buf = (double *)sm_aligned_alloc((size_t)(2 * T + 3 * T * hs) * sizeof(double));
+    if (!buf) return SM_ERR_NOMEM;
+    double *p = buf, *dp = p + T, *dq = dp + T, *dk = dq + T * hs, *dv = dk + T * hs;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < NH; h++) {
+            memset(dq, 0, (size_t)(3 * T * hs) * sizeof(double));
+            for (int64_t t = 0; t < T; t++) {
+                const float *q = qkv + (b * T + t) * C3 + h * hs;
+                const float *go = dout + (b * T + t) * C + h * hs;
+                double mx = -INFINITY, sum = 0.0;
+                for (int64_t j = 0; j <= t; j++) {
+                    const float *k = qkv + (b * T + j) * C3 + C + h * hs;
+                    double acc = 0.0;
+                    for (int64_t d = 0; d < hs; d++) acc += (double)q[d] * (double)k[d];
+                    p[j] = acc * scale;
+                    if (p[j] > mx) mx = p[j];
+                }
+                for (int64_t j = 0; j <= t; j++) {
+                    p[j] = exp(p[j] - mx);
+                    sum += p[j];
+                }
+                double pdp = 0.0;
+                for (int64_t j = 0; j <= t; j++) {
+                    const float *v = qkv + (b * T + j) * C3 + 2 * C + h * hs;
+                    p[j] /= sum;
+                    double acc = 0.0;
+                    for (int64_t d = 0; d < hs; d++) acc += (double)go[d] * (double)v[d];
+                    dp[j] = acc;
+                    pdp += p[j] * acc;
+                }
+                for (int64_t j = 0; j <= t; j++) {
+                    const float *k = qkv + (b * T + j) * C3 + C + h * hs;
+                    double ds = p[j] * (dp[j] - pdp) * scale;
+                    for (int64_t d = 0; d < hs; d++) {
+                        dq[t * hs + d] += ds * (double)k[d];
+                        dk[j * hs + d] += ds * (double)q[d];
+                        dv[j * hs + d] += p[j] * (double)go[d];
+                    }
+                }
+            }
+            for (int64_t t = 0; t < T; t++) {
+                float *g = dqkv + (b * T + t) * C3 + h * hs;
+                for (int64_t d = 0; d < hs; d++) {
+                    g[d] += (float)dq[t * hs + d];
+                    g[C + d] += (float)dk[t * hs + d];
+                    g[2 * C + d] += (float)dv[t * hs + d];
+                }
+            }
+        }
+    sm_aligned_free(buf);
+    return SM_OK;
+}
+
+int sm_attention_decode_naive(float *out, const float *q, const float *k_cache,
+                              const float *v_cache, const int *lengths, int64_t q_stride,
+                              int64_t B, int64_t NH, int64_t T_max, int64_t hs) {
+    /* out (B, NH*hs), q (B, q_stride), k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs) */
+    if (B <= 0 || NH <= 0 || hs <= 0 || T_max <= 0) return SM_OK;
+    const double scale = 1.0 / sqrt((double)hs);
+    double *s = (double *)sm_aligned_alloc((size_t)T_max * sizeof(double));
+    if (!s) return SM_ERR_NOMEM;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < NH; h++) {
+            const int64_t L = lengths[b];
+            const float *qh = q + b * q_stride + h * hs;
+            const float *kt = k_cache + (b * NH + h) * hs * T_max;
+            const float *v = v_cache + (b * NH + h) * T_max * hs;
+            double mx = -INFINITY, sum = 0.0;
+            for (int64_t j = 0; j < L; j++) {
+                double acc = 0.0;
+                for (int64_t d = 0; d < hs; d++) acc += (double)qh[d] * (double)kt[d * T_max + j];
+                s[j] = acc * scale;
+                if (s[j] > mx) mx = s[j];
+            }
+            for (int64_t j = 0; j < L; j++) {
+                s[j] = exp(s[j] - mx);
+                sum += s[j];
+            }
+            for (int64_t d = 0; d < hs; d++) {
+                double acc = 0.0;
+                for (int64_t j = 0; j < L; j++) acc += s[j] * (double)v[j * hs + d];
+                out[b * NH * hs + h * hs + d] = (float)(acc / sum);
+            }
+        }
+    sm_aligned_free(s);
+    return SM_OK;
+}
+
+/* ============================================================================================
+ * exp
+ * ============================================================================================ */
+
+#define EXP_LO (-87.33654475f)  /* ln(FLT_MIN): below it the result is flushed to 0 */
+#define EXP_HI 88.3762626647949f /* keeps 2^n finite */
+#define LOG2E 1.44269504088896341f
+#define LN2_HI 0.693359375f /* ln 2 split in two so n * LN2_HI is exact */
+#define LN2_LO (-2.12194440e-4f)
+#define EP0 1.9875691500e-4f
+#define EP1 1.3981999507e-3f
+#define EP2 8.3334519073e-3f
+#define EP3 4.1665795894e-2f
+#define EP4 1.6666665459e-1f
+#define EP5 5.0000001201e-1f
+#define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: x + MAGIC rounds x to an integer (|x| < 2^22) */
+
+SM_INLINE float exp_g(float x) {
+    float xc = x > EXP_HI ? EXP_HI : x; /* NaN compares false and stays NaN */
+    xc = xc < EXP_LO ? EXP_LO : xc;
+    float t = xc * LOG2E + ROUND_MAGIC;
+    float n = t - ROUND_MAGIC;
+    float r = xc - n * LN2_HI;
+    r = r - n * LN2_LO;
+    float p = EP0;
+    p = p * r + EP1;
+    p = p * r + EP2;
+    p = p * r + EP3;
+    p = p * r + EP4;
+    p = p * r + EP5;
+    float y = p * (r * r) + r + 1.0f;
+    uint32_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    /* low bits of t hold n (offset by MAGIC's bits): 2^n built directly; unsigned, no UB */
+    uint32_t eb = (tb - 0x4B400000u + 127u) << 23;
+    float s;
+    memcpy(&s, &eb, sizeof s);
+    return x < EXP_LO ? 0.0f : y * s;
+}
+
+#if SM_X86_KERNELS
+SM_TARGET_AVX512 SM_INLINE __m512 exp_512(__m512 x) {
+    /* max/min return their SECOND operand when either is NaN: keep x second so NaN survives */
+    __m512 xc = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x);
+    xc = _mm512_max_ps(_mm512_set1_ps(EXP_LO), xc);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(LOG2E)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    __m512 p = _mm512_set1_ps(EP0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP5));
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    y = _mm512_scalef_ps(y, n);
+    __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LO), _CMP_LT_OQ);
+    return _mm512_mask_mov_ps(y, under, _mm512_setzero_ps());
+}
+
+SM_TARGET_AVX2 SM_INLINE __m256 exp_256(__m256 x) {
+    __m256 xc = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x);
+    xc = _mm256_max_ps(_mm256_set1_ps(EXP_LO), xc);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    __m256 p = _mm256_set1_ps(EP0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP5));
+    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    /* n is in [-126, 127] after the clamp (NaN gives garbage bits, but y is NaN then) */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_LT_OQ);
+    return _mm256_andnot_ps(under, y);
+}
+#endif
+
+/* ============================================================================================
+ * mm: C (m x W) (+)= A (m x K) @ B (K x W)
+ *   A(i, k) = a[i * ars + k * aks] (read by broadcasts), B row k = b + k * ldb (W floats,
+ *   W % 16 == 0), C row i = c + i * ldc. acc = 0 overwrites C, acc = 1 adds to it (the FMA
+ *   chain starts from C's value). C must not overlap A or B.
+ * ============================================================================================ */
+
+typedef void (*mm_fn)(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
+                      const float *b, int64_t ldb, float *c, int64_t ldc, int acc);
+
+static void mm_generic(int64_t m, int64_t W, int64_t K, const float *SM_RESTRICT a, int64_t ars,
+                       int64_t aks, const float *SM_RESTRICT b, int64_t ldb, float *SM_RESTRICT c,
+                       int64_t ldc, int acc) {
+    for (int64_t c0 = 0; c0 < W; c0 += 16)
+        for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            const int mr = (int)min64(4, m - i0);
+            float t[4][16];
+            for (int r = 0; r < mr; r++)
+                for (int v = 0; v < 16; v++) t[r][v] = acc ? c[(i0 + r) * ldc + c0 + v] : 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                const float *bk = b + k * ldb + c0;
+                for (int r = 0; r < mr; r++) {
+                    const float x = a[(i0 + r) * ars + k * aks];
+                    for (int v = 0; v < 16; v++) t[r][v] += x * bk[v];
+                }
+            }
+            for (int r = 0; r < mr; r++)
+                for (int v = 0; v < 16; v++) c[(i0 + r) * ldc + c0 + v] = t[r][v];
+        }
+}
+
+#if SM_X86_KERNELS
+
+/* AVX-512: up to 6 rows x 4 vectors (64 columns): 24 accumulators + 4 B vectors, broadcasts
+ * folded into the FMAs. Called with constant mr, nv so the tile lives in registers. */
+SM_TARGET_AVX512 SM_INLINE void tile_512(const int mr, const int nv, int64_t K, const float *a,
+                                         int64_t ars, int64_t aks, const float *b, int64_t ldb,
+                                         float *c, int64_t ldc, int acc) {
+    __m512 t[6][4];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++)
+            t[r][v] = acc ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+    const float *ar[6];
+    for (int r = 0; r < mr; r++) ar[r] = a + r * ars;
+    for (int64_t k = 0; k < K; k++) {
+        __m512 bv[4];
+        for (int v = 0; v < nv; v++) bv[v] = _mm512_loadu_ps(b + 16 * v);
+        for (int r = 0; r < mr; r++) {
+            const __m512 x = _mm512_set1_ps(ar[r][k * aks]);
+            for (int v = 0; v < nv; v++) t[r][v] = _mm512_fmadd_ps(x, bv[v], t[r][v]);
+        }
+        b += ldb;
+    }
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(c + r * ldc + 16 * v, t[r][v]);
+}
+
+#define TILE512(MR)                                                                       \
+    switch (nv) {                                                                         \
+    case 4: tile_512(MR, 4, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;               \
+    case 3: tile_512(MR, 3, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;               \
+    case 2: tile_512(MR, 2, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;               \
+    default: tile_512(MR, 1, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;              \
+    }
+
+SM_TARGET_AVX512
+static void mm_avx512(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
+                      const float *b, int64_t ldb, float *c, int64_t ldc, int acc) {
+    for (int64_t c0 = 0; c0 < W; c0 += 64) {
+        const int nv = (int)min64(4, (W - c0) / 16);
+        const float *bc = b + c0;
+        int64_t i = 0;
+        for (; i + 6 <= m; i += 6) {
+            const float *ai = a + i * ars;
+            float *ci = c + i * ldc + c0;
+            TILE512(6)
+        }
+        const float *ai = a + i * ars;
+        float *ci = c + i * ldc + c0;
+        switch (m - i) {
+        case 5: TILE512(5) break;
+        case 4: TILE512(4) break;
+        case 3: TILE512(3) break;
+        case 2: TILE512(2) break;
+        case 1: TILE512(1) break;
+        default: break;
+        }
+    }
+}
+#undef TILE512
+
+/* AVX2: up to 6 rows x 2 vectors (16 columns): 12 accumulators, 2 B vectors, 1 broadcast. */
+SM_TARGET_AVX2 SM_INLINE void tile_256(const int mr, int64_t K, const float *a, int64_t ars,
+                                       int64_t aks, const float *b, int64_t ldb, float *c,
+                                       int64_t ldc, int acc) {
+    __m256 t[6][2];
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < 2; v++)
+            t[r][v] = acc ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps();
+    const float *ar[6];
+    for (int r = 0; r < mr; r++) ar[r] = a + r * ars;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        for (int r = 0; r < mr; r++) {
+            const __m256 x = _mm256_broadcast_ss(ar[r] + k * aks);
+            t[r][0] = _mm256_fmadd_ps(x, b0, t[r][0]);
+            t[r][1] = _mm256_fmadd_ps(x, b1, t[r][1]);
+        }
+        b += ldb;
+    }
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < 2; v++) _mm256_storeu_ps(c + r * ldc + 8 * v, t[r][v]);
+}
+
+SM_TARGET_AVX2
+static void mm_avx2(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
+                    const float *b, int64_t ldb, float *c, int64_t ldc, int acc) {
+    for (int64_t c0 = 0; c0 < W; c0 += 16) {
+        const float *bc = b + c0;
+        int64_t i = 0;
+        for (; i + 6 <= m; i += 6) tile_256(6, K, a + i * ars, ars, aks, bc, ldb, c + i * ldc + c0, ldc, acc);
+        const float *ai = a + i * ars;
+        float *ci = c + i * ldc + c0;
+        switch (m - i) {
+        case 5: tile_256(5, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
+        case 4: tile_256(4, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
+        case 3: tile_256(3, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
+        case 2: tile_256(2, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
+        case 1: tile_256(1, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
+        default: break;
+        }
+    }
+}
+
+#endif /* SM_X86_KERNELS */
+
+/* ============================================================================================
+ * softmax pieces on a transposed score tile S^T (nk rows = keys, BLK lanes = queries)
+ * ============================================================================================ */
+
+/* Forward step of the online softmax. S (nk, BLK): raw scores in, unnormalised probabilities
+ * exp(scale s - m_new) out. m, l (BLK): running max and sum, updated; alpha (BLK) out:
+ * exp(m_old - m_new), the factor the running output must be scaled by. diag: the tile sits on
+ * the diagonal (key j is masked for query lanes i < j). */
+typedef void (*fwd_softmax_fn)(float *S, int64_t nk, int diag, float scale, float *m, float *l,
+                               float *alpha);
+
+/* Backward tile. S (nk, BLK): raw scores in, P = exp(scale s - lse) out; dP (nk, BLK): dP in,
+ * dS = P (dP - D) scale out. Lanes i >= mq and masked keys give P = dS = 0. L, D (BLK). */
+typedef void (*bwd_tile_fn)(float *S, float *dP, int64_t nk, int diag, int64_t mq, float scale,
+                            const float *L, const float *D);
+
+static void fwd_softmax_generic(float *S, int64_t nk, int diag, float scale, float *m, float *l,
+                                float *alpha) {
+    float mx[BLK], ls[BLK];
+    for (int i = 0; i < BLK; i++) {
+        mx[i] = m[i];
+        ls[i] = 0.0f;
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        float *s = S + j * BLK;
+        for (int i = 0; i < BLK; i++) {
+            float x = (diag && i < j) ? -INFINITY : s[i] * scale;
+            s[i] = x;
+            mx[i] = x > mx[i] ? x : mx[i];
+        }
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        float *s = S + j * BLK;
+        for (int i = 0; i < BLK; i++) {
+            float p = exp_g(s[i] - mx[i]);
+            s[i] = p;
+            ls[i] += p;
+        }
+    }
+    for (int i = 0; i < BLK; i++) {
+        alpha[i] = exp_g(m[i] - mx[i]);
+        l[i] = l[i] * alpha[i] + ls[i];
+        m[i] = mx[i];
+    }
+}
+
+static void bwd_tile_generic(float *S, float *dP, int64_t nk, int diag, int64_t mq, float scale,
+                             const float *L, const float *D) {
+    for (int64_t j = 0; j < nk; j++) {
+        float *s = S + j * BLK, *dp = dP + j * BLK;
+        for (int i = 0; i < BLK; i++) {
+            int valid = i < mq && !(diag && i < j);
+            float p = valid ? exp_g(s[i] * scale - L[i]) : 0.0f;
+            s[i] = p;
+            dp[i] = valid ? p * (dp[i] - D[i]) * scale : 0.0f;
+        }
+    }
+}
+
+#if SM_X86_KERNELS
+
+SM_TARGET_AVX512
+static void fwd_softmax_avx512(float *S, int64_t nk, int diag, float scale, float *m, float *l,
+                               float *alpha) {
+    const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int v = 0; v < BLK / 16; v++) {
+        const __m512 lane = _mm512_add_ps(iota, _mm512_set1_ps((float)(16 * v)));
+        const __m512 m_old = _mm512_loadu_ps(m + 16 * v);
+        __m512 mx = m_old;
+        for (int64_t j = 0; j < nk; j++) {
+            float *s = S + j * BLK + 16 * v;
+            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s), vs);
+            if (diag) x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)j), _CMP_LT_OQ), ninf);
+            _mm512_storeu_ps(s, x);
+            mx = _mm512_max_ps(mx, x);
+        }
+        __m512 ls = _mm512_setzero_ps();
+        for (int64_t j = 0; j < nk; j++) {
+            float *s = S + j * BLK + 16 * v;
+            __m512 p = exp_512(_mm512_sub_ps(_mm512_loadu_ps(s), mx));
+            _mm512_storeu_ps(s, p);
+            ls = _mm512_add_ps(ls, p);
+        }
+        const __m512 al = exp_512(_mm512_sub_ps(m_old, mx));
+        _mm512_storeu_ps(alpha + 16 * v, al);
+        _mm512_storeu_ps(l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * v), al, ls));
+        _mm512_storeu_ps(m + 16 * v, mx);
+    }
+}
+
+SM_TARGET_AVX512
+static void bwd_tile_avx512(float *S, float *dP, int64_t nk, int diag, int64_t mq, float scale,
+                            const float *L, const float *D) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int v = 0; v < BLK / 16; v++) {
+        const __m512 lane = _mm512_add_ps(iota, _mm512_set1_ps((float)(16 * v)));
+        const __mmask16 live = _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)mq), _CMP_LT_OQ);
+        const __m512 vl = _mm512_loadu_ps(L + 16 * v), vd = _mm512_loadu_ps(D + 16 * v);
+        for (int64_t j = 0; j < nk; j++) {
+            float *s = S + j * BLK + 16 * v, *dp = dP + j * BLK + 16 * v;
+            __mmask16 ok = live;
+            if (diag) ok &= _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)j), _CMP_GE_OQ);
+            __m512 p = exp_512(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, vl));
+            p = _mm512_maskz_mov_ps(ok, p);
+            __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp), vd)), vs);
+            _mm512_storeu_ps(s, p);
+            _mm512_storeu_ps(dp, _mm512_maskz_mov_ps(ok, ds));
+        }
+    }
+}
+
+SM_TARGET_AVX2
+static void fwd_softmax_avx2(float *S, int64_t nk, int diag, float scale, float *m, float *l,
+                             float *alpha) {
+    const __m256 vs = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int v = 0; v < BLK / 8; v++) {
+        const __m256 lane = _mm256_add_ps(iota, _mm256_set1_ps((float)(8 * v)));
+        const __m256 m_old = _mm256_loadu_ps(m + 8 * v);
+        __m256 mx = m_old;
+        for (int64_t j = 0; j < nk; j++) {
+            float *s = S + j * BLK + 8 * v;
+            __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s), vs);
+            if (diag) x = _mm256_blendv_ps(x, ninf, _mm256_cmp_ps(lane, _mm256_set1_ps((float)j), _CMP_LT_OQ));
+            _mm256_storeu_ps(s, x);
+            mx = _mm256_max_ps(mx, x);
+        }
+        __m256 ls = _mm256_setzero_ps();
+        for (int64_t j = 0; j < nk; j++) {
+            float *s = S + j * BLK + 8 * v;
+            __m256 p = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s), mx));
+            _mm256_storeu_ps(s, p);
+            ls = _mm256_add_ps(ls, p);
+        }
+        const __m256 al = exp_256(_mm256_sub_ps(m_old, mx));
+        _mm256_storeu_ps(alpha + 8 * v, al);
+        _mm256_storeu_ps(l + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(l + 8 * v), al, ls));
+        _mm256_storeu_ps(m + 8 * v, mx);
+    }
+}
+
+SM_TARGET_AVX2
+static void bwd_tile_avx2(float *S, float *dP, int64_t nk, int diag, int64_t mq, float scale,
+                          const float *L, const float *D) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int v = 0; v < BLK / 8; v++) {
+        const __m256 lane = _mm256_add_ps(iota, _mm256_set1_ps((float)(8 * v)));
+        const __m256 live = _mm256_cmp_ps(lane, _mm256_set1_ps((float)mq), _CMP_LT_OQ);
+        const __m256 vl = _mm256_loadu_ps(L + 8 * v), vd = _mm256_loadu_ps(D + 8 * v);
+        for (int64_t j = 0; j < nk; j++) {
+            float *s = S + j * BLK + 8 * v, *dp = dP + j * BLK + 8 * v;
+            __m256 ok = live;
+            if (diag) ok = _mm256_and_ps(ok, _mm256_cmp_ps(lane, _mm256_set1_ps((float)j), _CMP_GE_OQ));
+            __m256 p = exp_256(_mm256_fmsub_ps(_mm256_loadu_ps(s), vs, vl));
+            p = _mm256_and_ps(ok, p);
+            __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp), vd)), vs);
+            _mm256_storeu_ps(s, p);
+            _mm256_storeu_ps(dp, _mm256_and_ps(ok, ds));
+        }
+    }
+}
+
+#endif /* SM_X86_KERNELS */
+
+typedef struct {
+    mm_fn mm;
+    fwd_softmax_fn fwd_softmax;
+    bwd_tile_fn bwd_tile;
+} att_kernels;
+
+static att_kernels get_kernels(void) {
+    int level = sm_simd_active();
+#if SM_X86_KERNELS
+    if (level >= SM_SIMD_AVX512) return (att_kernels){mm_avx512, fwd_softmax_avx512, bwd_tile_avx512};
+    if (level >= SM_SIMD_AVX2) return (att_kernels){mm_avx2, fwd_softmax_avx2, bwd_tile_avx2};
+#endif
+    (void)level;
+    return (att_kernels){mm_generic, fwd_softmax_generic, bwd_tile_generic};
+}
+
+/* ============================================================================================
+ * forward
+ * ============================================================================================ */
+
+typedef struct {
+    const float *qkv;
+    float *out, *lse;
+    int64_t T, C, NH, hs, hsp, nqb;
+    float scale;
+} fwd_args;
+
+/* One head's block I of queries. ws: per-thread scratch laid out as below. */
+static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_t h, int64_t I,
+                      float *ws) {
+    const int64_t T = A->T, C = A->C, C3 = 3 * C, hs = A->hs, hsp = A->hsp;
+    /* QT (hs, BLK), S (BLK, BLK), O (BLK, hsp), Vp (BLK, hsp), m, l, alpha (BLK) */
+    float *QT = ws, *S = QT + round_up(hs * BLK, 16), *O = S + BLK * BLK, *Vp = O + BLK * hsp;
+    float *m = Vp + BLK * hsp, *l = m + BLK, *alpha = l + BLK;
+    const float *base = A->qkv + b * T * C3 + h * hs;
+    const int64_t i0 = I * BLK, mq = min64(BLK, T - i0);
+    const int pad = hs != hsp;
+
+    for (int64_t i = 0; i < mq; i++) {
+        const float *qr = base + (i0 + i) * C3;
+        for (int64_t d = 0; d < hs; d++) QT[d * BLK + i] = qr[d];
+    }
+    for (int64_t d = 0; d < hs; d++)
+        for (int64_t i = mq; i < BLK; i++) QT[d * BLK + i] = 0.0f;
+    for (int i = 0; i < BLK; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    for (int64_t J = 0; J <= I; J++) {
+        const int64_t j0 = J * BLK, nk = J < I ? BLK : mq;
+        const float *Kj = base + j0 * C3 + C;
+        const float *Vj = base + j0 * C3 + 2 * C;
+        int64_t ldv = C3;
+        K->mm(nk, BLK, hs, Kj, C3, 1, QT, BLK, S, BLK, 0);
+        K->fwd_softmax(S, nk, J == I, A->scale, m, l, alpha);
+        if (pad) {
+            for (int64_t j = 0; j < nk; j++) {
+                memcpy(Vp + j * hsp, Vj + j * C3, (size_t)hs * sizeof(float));
+                memset(Vp + j * hsp + hs, 0, (size_t)(hsp - hs) * sizeof(float));
+            }
+            Vj = Vp;
+            ldv = hsp;
+        }
+        if (J > 0)
+            for (int64_t i = 0; i < mq; i++)
+                for (int64_t d = 0; d < hsp; d++) O[i * hsp + d] *= alpha[i];
+        /* O (mq, hsp) (+)= P (mq, nk) @ V_J (nk, hsp); P(i, j) = S[j * BLK + i] */
+        K->mm(mq, hsp, nk, S, 1, BLK, Vj, ldv, O, hsp, J > 0);
+    }
+    for (int64_t i = 0; i < mq; i++) {
+        float *o = A->out + (b * T + i0 + i) * C + h * hs;
+        for (int64_t d = 0; d < hs; d++) o[d] = O[i * hsp + d] / l[i];
+        A->lse[(b * A->NH + h) * T + i0 + i] = m[i] + logf(l[i]);
+    }
+}
+
+int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                         int64_t C, int64_t NH, int nthreads) {
+    /* qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
+    if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    fwd_args A;
+    A.qkv = qkv;
+    A.out = out;
+    A.lse = lse;
+    A.T = T;
+    A.C = C;
+    A.NH = NH;
+    A.hs = C / NH;
+    A.hsp = round_up(A.hs, 16);
+    A.nqb = ceil_div(T, BLK);
+    A.scale = (float)(1.0 / sqrt((double)A.hs));
+    const att_kernels K = get_kernels();
+    const int64_t units = B * NH * A.nqb;
+    const double work = (double)B * NH * (double)A.nqb * (A.nqb + 1) / 2 * BLK * BLK * 2.0 * A.hs;
+    const int nt = team_size(nthreads, units, work);
+    const int64_t per = round_up(A.hs * BLK, 16) + BLK * BLK + 2 * BLK * A.hsp + 3 * BLK;
+    float *scratch = (float *)sm_aligned_alloc((size_t)(per * nt) * sizeof(float));
+    if (!scratch) return SM_ERR_NOMEM;
+    SM_PARALLEL(nt) {
+        const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
+        int64_t u0, u1;
+        sm_split_range(units, 1, nth, tid, &u0, &u1);
+        float *ws = scratch + (int64_t)tid * per;
+        for (int64_t u = u0; u < u1; u++)
+            fwd_block(&K, &A, u / (NH * A.nqb), (u / A.nqb) % NH, u % A.nqb, ws);
+    }
+    sm_aligned_free(scratch);
+    return SM_OK;
+}
+
+/* ============================================================================================
+ * backward
+ * ============================================================================================ */
+
+typedef struct {
+    float *dqkv;
+    const float *dout, *qkv, *out, *lse;
+    int64_t T, C, NH, hs, hsp, nqb, Tp;
+    float scale;
+} bwd_args;
+
+static int64_t bwd_scratch_floats(int64_t hs, int64_t hsp, int64_t Tp) {
+    const int64_t rows = hs != hsp ? 3 * Tp * hsp : 0; /* padded Q, dO, K rows */
+    return 2 * round_up(hs * Tp, 16) + Tp * hsp + 2 * Tp + 2 * BLK * BLK + 2 * BLK * hsp + rows;
+}
+
+static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t h, float *ws) {
+    const int64_t T = A->T, C = A->C, C3 = 3 * C, hs = A->hs, hsp = A->hsp, Tp = A->Tp;
+    const int pad = hs != hsp;
+    /* QT, dOT (hs, Tp); dQ (Tp, hsp); L, D (Tp); S, dP (BLK, BLK); dK, dV (BLK, hsp);
+     * when hs % 16 != 0: Qr, dOr, Kr (Tp, hsp) zero-padded row copies */
+    float *QT = ws, *dOT = QT + round_up(hs * Tp, 16), *dQ = dOT + round_up(hs * Tp, 16);
+    float *L = dQ + Tp * hsp, *D = L + Tp, *S = D + Tp, *dP = S + BLK * BLK;
+    float *dK = dP + BLK * BLK, *dV = dK + BLK * hsp;
+    const float *qb = A->qkv + b * T * C3 + h * hs; /* row t: query at 0, key at C, value at 2C */
+    const float *ob = A->out + b * T * C + h * hs;
+    const float *gb = A->dout + b * T * C + h * hs;
+    float *db = A->dqkv + b * T * C3 + h * hs;
+    const float *lb = A->lse + (b * A->NH + h) * T;
+
+    const float *Qr = qb, *dOr = gb, *Kr = qb + C;
+    int64_t ldq = C3, ldo = C, ldk = C3;
+    if (pad) {
+        float *qr = dV + BLK * hsp, *gr = qr + Tp * hsp, *kr = gr + Tp * hsp;
+        memset(qr, 0, (size_t)(3 * Tp * hsp) * sizeof(float));
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(qr + t * hsp, qb + t * C3, (size_t)hs * sizeof(float));
+            memcpy(gr + t * hsp, gb + t * C, (size_t)hs * sizeof(float));
+            memcpy(kr + t * hsp, qb + t * C3 + C, (size_t)hs * sizeof(float));
+        }
+        Qr = qr;
+        dOr = gr;
+        Kr = kr;
+        ldq = ldo = ldk = hsp;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const float *q = qb + t * C3, *g = gb + t * C, *o = ob + t * C;
+        double acc = 0.0;
+        for (int64_t d = 0; d < hs; d++) {
+            QT[d * Tp + t] = q[d];
+            dOT[d * Tp + t] = g[d];
+            acc += (double)g[d] * (double)o[d];
+        }
+        D[t] = (float)acc;
+        L[t] = lb[t];
+    }
+    for (int64_t t = T; t < Tp; t++) {
+        for (int64_t d = 0; d < hs; d++) QT[d * Tp + t] = dOT[d * Tp + t] = 0.0f;
+        D[t] = L[t] = 0.0f;
+    }
+    memset(dQ, 0, (size_t)(Tp * hsp) * sizeof(float));
+
+    for (int64_t J = 0; J < A->nqb; J++) {
+        const int64_t j0 = J * BLK, nk = min64(BLK, T - j0);
+        const float *Kj = qb + j0 * C3 + C, *Vj = qb + j0 * C3 + 2 * C;
+        memset(dK, 0, (size_t)(2 * BLK * hsp) * sizeof(float)); /* dK and dV */
+        for (int64_t I = J; I < A->nqb; I++) {
+            const int64_t i0 = I * BLK, mq = min64(BLK, T - i0);
+            K->mm(nk, BLK, hs, Kj, C3, 1, QT + i0, Tp, S, BLK, 0);   /* S^T  = K_J Q_I^T  */
+            K->mm(nk, BLK, hs, Vj, C3, 1, dOT + i0, Tp, dP, BLK, 0); /* dP^T = V_J dO_I^T */
+            K->bwd_tile(S, dP, nk, I == J, mq, A->scale, L + i0, D + i0);
+            K->mm(nk, hsp, mq, S, BLK, 1, dOr + i0 * ldo, ldo, dV, hsp, 1);  /* dV_J += P^T dO_I  */
+            K->mm(nk, hsp, mq, dP, BLK, 1, Qr + i0 * ldq, ldq, dK, hsp, 1);  /* dK_J += dS^T Q_I  */
+            K->mm(mq, hsp, nk, dP, 1, BLK, Kr + j0 * ldk, ldk, dQ + i0 * hsp, hsp, 1); /* dQ_I += dS K_J */
+        }
+        for (int64_t j = 0; j < nk; j++) {
+            float *g = db + (j0 + j) * C3;
+            for (int64_t d = 0; d < hs; d++) {
+                g[C + d] += dK[j * hsp + d];
+                g[2 * C + d] += dV[j * hsp + d];
+            }
+        }
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t d = 0; d < hs; d++) db[t * C3 + d] += dQ[t * hsp + d];
+}
+
+int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out,
+                          const float *lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                          int nthreads) {
+    /* dqkv (B, T, 3C) +=, dout (B, T, C), qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
+    if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    bwd_args A;
+    A.dqkv = dqkv;
+    A.dout = dout;
+    A.qkv = qkv;
+    A.out = out;
+    A.lse = lse;
+    A.T = T;
+    A.C = C;
+    A.NH = NH;
+    A.hs = C / NH;
+    A.hsp = round_up(A.hs, 16);
+    A.nqb = ceil_div(T, BLK);
+    A.Tp = A.nqb * BLK;
+    A.scale = (float)(1.0 / sqrt((double)A.hs));
+    const att_kernels K = get_kernels();
+    const int64_t units = B * NH;
+    const double work = (double)B * NH * (double)A.nqb * (A.nqb + 1) / 2 * BLK * BLK * 5.0 * A.hs;
+    const int nt = team_size(nthreads, units, work);
+    const int64_t per = round_up(bwd_scratch_floats(A.hs, A.hsp, A.Tp), 16);
+    float *scratch = (float *)sm_aligned_alloc((size_t)(per * nt) * sizeof(float));
+    if (!scratch) return SM_ERR_NOMEM;
+    SM_PARALLEL(nt) {
+        const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
+        int64_t u0, u1;
+        sm_split_range(units, 1, nth, tid, &u0, &u1);
+        float *ws = scratch + (int64_t)tid * per;
+        for (int64_t u = u0; u < u1; u++) bwd_head(&K, &A, u / NH, u % NH, ws);
+    }
+    sm_aligned_free(scratch);
+    return SM_OK;
+}
+
+/* ============================================================================================
+ * KV cache
+ * ============================================================================================ */
+
+void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64_t start,
+                         int64_t B, int64_t T, int64_t NH, int64_t T_max, int64_t hs,
+                         int nthreads) {
+    /* k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs), qkv (B, T, 3C), C = NH*hs;
+     * positions start .. start+T-1 are written */
+    if (B <= 0 || T <= 0 || NH <= 0 || hs <= 0) return;
+    const int64_t C = NH * hs, C3 = 3 * C, units = B * NH;
+    const int nt = team_size(nthreads, units, (double)units * T * hs * 8);
+    SM_PARALLEL(nt) {
+        int64_t u0, u1;
+        sm_split_range(units, 1, SM_THREAD_COUNT(), SM_THREAD_ID(), &u0, &u1);
+        for (int64_t u = u0; u < u1; u++) {
+            const int64_t b = u / NH, h = u % NH;
+            const float *src = qkv + b * T * C3 + h * hs;
+            float *kt = k_cache + u * hs * T_max + start;
+            float *v = v_cache + (u * T_max + start) * hs;
+            /* write along the cache's contiguous positions, read qkv with stride */
+            for (int64_t d = 0; d < hs; d++)
+                for (int64_t t = 0; t < T; t++) kt[d * T_max + t] = src[t * C3 + C + d];
+            for (int64_t t = 0; t < T; t++) memcpy(v + t * hs, src + t * C3 + 2 * C, (size_t)hs * sizeof(float));
+        }
+    }
+}
+
+void sm_kv_cache_append(float *k_cache, float *v_cache, const float *qkv_row,
+                        const int *positions, int64_t B, int64_t NH, int64_t T_max, int64_t hs,
+                        int nthreads) {
+    /* k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs), qkv_row (B, 3C), positions (B) */
+    (void)nthreads; /* B * 2C floats: always less work than waking a team */
+    const int64_t C = NH * hs, C3 = 3 * C;
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t pos = positions[b];
+        for (int64_t h = 0; h < NH; h++) {
+            const float *src = qkv_row + b * C3 + h * hs;
+            float *kt = k_cache + (b * NH + h) * hs * T_max + pos;
+            for (int64_t d = 0; d < hs; d++) kt[d * T_max] = src[C + d];
+            memcpy(v_cache + ((b * NH + h) * T_max + pos) * hs, src + 2 * C, (size_t)hs * sizeof(float));
+        }
+    }
+}
+
+/* ============================================================================================
+ * decode: one query against cached positions 0 .. L-1, keys in chunks of BLK with an online
+ * softmax (scores of a chunk: lanes along keys, thanks to the transposed key cache).
+ * ws: o (hsp) running output, p (BLK) probabilities of the chunk.
+ * ============================================================================================ */
+
+typedef void (*decode_fn)(float *out, const float *q, const float *kt, const float *v, int64_t L,
+                          int64_t T_max, int64_t hs, float scale, float *ws);
+
+SM_INLINE void decode_head_body(float *out, const float *q, const float *kt, const float *v,
+                                int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
+    float *o = ws, *p = ws + round_up(hs, 16);
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t d = 0; d < hs; d++) o[d] = 0.0f;
+    for (int64_t j0 = 0; j0 < L; j0 += BLK) {
+        const int64_t nk = min64(BLK, L - j0);
+        for (int64_t j = 0; j < nk; j++) p[j] = 0.0f;
+        for (int64_t d = 0; d < hs; d++) {
+            const float qd = q[d];
+            const float *kr = kt + d * T_max + j0;
+            for (int64_t j = 0; j < nk; j++) p[j] += qd * kr[j];
+        }
+        float mx = m;
+        for (int64_t j = 0; j < nk; j++) {
+            p[j] *= scale;
+            mx = p[j] > mx ? p[j] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < nk; j++) {
+            p[j] = exp_g(p[j] - mx);
+            sum += p[j];
+        }
+        const float alpha = exp_g(m - mx);
+        l = l * alpha + sum;
+        m = mx;
+        for (int64_t d = 0; d < hs; d++) o[d] *= alpha;
+        for (int64_t j = 0; j < nk; j++) {
+            const float pj = p[j];
+            const float *vr = v + (j0 + j) * hs;
+            for (int64_t d = 0; d < hs; d++) o[d] += pj * vr[d];
+        }
+    }
+    for (int64_t d = 0; d < hs; d++) out[d] = o[d] / l;
+}
+
+static void decode_head_generic(float *out, const float *q, const float *kt, const float *v,
+                                int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
+    decode_head_body(out, q, kt, v, L, T_max, hs, scale, ws);
+}
+
+#if SM_X86_KERNELS
+/* AVX2: the portable body, which the compiler vectorizes 8 wide under this target. */
+SM_TARGET_AVX2
+static void decode_head_avx2(float *out, const float *q, const float *kt, const float *v,
+                             int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
+    decode_head_body(out, q, kt, v, L, T_max, hs, scale, ws);
+}
+
+SM_TARGET_AVX512 SM_INLINE __mmask16 tail_mask(int64_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+SM_TARGET_AVX512
+static void decode_head_avx512(float *out, const float *q, const float *kt, const float *v,
+                               int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
+    float *o = ws, *p = ws + round_up(hs, 16);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), vs = _mm512_set1_ps(scale);
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t d = 0; d < hs; d += 16) _mm512_mask_storeu_ps(o + d, tail_mask(hs - d), _mm512_setzero_ps());
+    for (int64_t j0 = 0; j0 < L; j0 += BLK) {
+        const int64_t nk = min64(BLK, L - j0);
+        const __mmask16 k0 = tail_mask(nk), k1 = tail_mask(nk - 16), k2 = tail_mask(nk - 32), k3 = tail_mask(nk - 48);
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        /* masked loads never touch positions >= L, so never past the cache's capacity */
+        for (int64_t d = 0; d < hs; d++) {
+            const __m512 x = _mm512_set1_ps(q[d]);
+            const float *kr = kt + d * T_max + j0;
+            s0 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k0, kr), s0);
+            s1 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k1, kr + 16), s1);
+            s2 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k2, kr + 32), s2);
+            s3 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k3, kr + 48), s3);
+        }
+        s0 = _mm512_mask_mul_ps(ninf, k0, s0, vs);
+        s1 = _mm512_mask_mul_ps(ninf, k1, s1, vs);
+        s2 = _mm512_mask_mul_ps(ninf, k2, s2, vs);
+        s3 = _mm512_mask_mul_ps(ninf, k3, s3, vs);
+        float cmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3)));
+        /* a NaN score must not vanish in the max: reduce_max may drop it, the sum keeps it */
+        const float mx = cmax > m ? cmax : m;
+        const __m512 vmx = _mm512_set1_ps(mx);
+        s0 = exp_512(_mm512_sub_ps(s0, vmx));
+        s1 = exp_512(_mm512_sub_ps(s1, vmx));
+        s2 = exp_512(_mm512_sub_ps(s2, vmx));
+        s3 = exp_512(_mm512_sub_ps(s3, vmx));
+        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+        _mm512_storeu_ps(p, s0);
+        _mm512_storeu_ps(p + 16, s1);
+        _mm512_storeu_ps(p + 32, s2);
+        _mm512_storeu_ps(p + 48, s3);
+        const float alpha = exp_g(m - mx);
+        l = l * alpha + sum;
+        m = mx;
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t d0 = 0; d0 < hs; d0 += 64) {
+            const __mmask16 d0m = tail_mask(hs - d0), d1m = tail_mask(hs - d0 - 16);
+            const __mmask16 d2m = tail_mask(hs - d0 - 32), d3m = tail_mask(hs - d0 - 48);
+            __m512 o0 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d0m, o + d0));
+            __m512 o1 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d1m, o + d0 + 16));
+            __m512 o2 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d2m, o + d0 + 32));
+            __m512 o3 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d3m, o + d0 + 48));
+            for (int64_t j = 0; j < nk; j++) {
+                const __m512 pj = _mm512_set1_ps(p[j]);
+                const float *vr = v + (j0 + j) * hs + d0;
+                o0 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d0m, vr), o0);
+                o1 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d1m, vr + 16), o1);
+                o2 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d2m, vr + 32), o2);
+                o3 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d3m, vr + 48), o3);
+            }
+            _mm512_mask_storeu_ps(o + d0, d0m, o0);
+            _mm512_mask_storeu_ps(o + d0 + 16, d1m, o1);
+            _mm512_mask_storeu_ps(o + d0 + 32, d2m, o2);
+            _mm512_mask_storeu_ps(o + d0 + 48, d3m, o3);
+        }
+    }
+    for (int64_t d = 0; d < hs; d++) out[d] = o[d] / l;
+}
+#endif
+
+/* Per-thread decode scratch up to this many floats lives on the stack. */
+#define DECODE_STACK 1024
+
+int sm_attention_decode(float *out, const float *q, const float *k_cache, const float *v_cache,
+                        const int *lengths, int64_t q_stride, int64_t B, int64_t NH,
+                        int64_t T_max, int64_t hs, int nthreads) {
+    /* out (B, NH*hs), q (B, q_stride), k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs),
+     * lengths (B) */
+    if (B <= 0 || NH <= 0 || hs <= 0 || T_max <= 0) return SM_OK;
+    decode_fn fn = decode_head_generic;
+#if SM_X86_KERNELS
+    {
+        int level = sm_simd_active();
+        if (level >= SM_SIMD_AVX512)
+            fn = decode_head_avx512;
+        else if (level >= SM_SIMD_AVX2)
+            fn = decode_head_avx2;
+    }
+#endif
+    const float scale = (float)(1.0 / sqrt((double)hs));
+    double work = 0.0;
+    for (int64_t b = 0; b < B; b++) work += (double)lengths[b] * NH * hs * 2.0;
+    const int64_t units = B * NH;
+    const int nt = team_size(nthreads, units, work);
+    const int64_t per = round_up(hs, 16) + BLK;
+    float *heap = NULL;
+    if (per > DECODE_STACK) {
+        heap = (float *)sm_aligned_alloc((size_t)(per * nt) * sizeof(float));
+        if (!heap) return SM_ERR_NOMEM;
+    }
+    SM_PARALLEL(nt) {
+        float local[DECODE_STACK];
+        const int tid = SM_THREAD_ID();
+        float *ws = heap ? heap + (int64_t)tid * per : local;
+        int64_t u0, u1;
+        sm_split_range(units, 1, SM_THREAD_COUNT(), tid, &u0, &u1);
+        for (int64_t u = u0; u < u1; u++) {
+            const int64_t b = u / NH, h = u % NH;
+            fn(out + b * NH * hs + h * hs, q + b * q_stride + h * hs, k_cache + u * hs * T_max,
+               v_cache + u * T_max * hs, lengths[b], T_max, hs, scale, ws);
+        }
+    }
+    sm_aligned_free(heap);
+    return SM_OK;
+}
