@@ -291,22 +291,29 @@ SM_TARGET_AVX2 SM_INLINE __m256 exp_256(__m256 x) {
 /* ============================================================================================
  * mm: C (m x W) (+)= A (m x K) @ B (K x W)
  *   A(i, k) = a[i * ars + k * aks] (read by broadcasts), B row k = b + k * ldb (W floats,
- *   W % 16 == 0), C row i = c + i * ldc. acc = 0 overwrites C, acc = 1 adds to it (the FMA
- *   chain starts from C's value). C must not overlap A or B.
+ *   W % 16 == 0), C row i = c + i * ldc. acc = 0 overwrites C; acc = 1 adds to it, after
+ *   scaling row i by rs[i] when rs is not NULL (the FMA chain starts from that value), which
+ *   is how the online softmax rescales its running output for free. C must not overlap A, B.
  * ============================================================================================ */
 
 typedef void (*mm_fn)(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
-                      const float *b, int64_t ldb, float *c, int64_t ldc, int acc);
+                      const float *b, int64_t ldb, float *c, int64_t ldc, int acc,
+                      const float *rs);
+
+/* Row dot product of n floats, one fixed summation order per SIMD level. */
+typedef float (*dot_fn)(const float *x, const float *y, int64_t n);
 
 static void mm_generic(int64_t m, int64_t W, int64_t K, const float *SM_RESTRICT a, int64_t ars,
                        int64_t aks, const float *SM_RESTRICT b, int64_t ldb, float *SM_RESTRICT c,
-                       int64_t ldc, int acc) {
+                       int64_t ldc, int acc, const float *rs) {
     for (int64_t c0 = 0; c0 < W; c0 += 16)
         for (int64_t i0 = 0; i0 < m; i0 += 4) {
             const int mr = (int)min64(4, m - i0);
             float t[4][16];
-            for (int r = 0; r < mr; r++)
-                for (int v = 0; v < 16; v++) t[r][v] = acc ? c[(i0 + r) * ldc + c0 + v] : 0.0f;
+            for (int r = 0; r < mr; r++) {
+                const float f = rs ? rs[i0 + r] : 1.0f;
+                for (int v = 0; v < 16; v++) t[r][v] = acc ? c[(i0 + r) * ldc + c0 + v] * f : 0.0f;
+            }
             for (int64_t k = 0; k < K; k++) {
                 const float *bk = b + k * ldb + c0;
                 for (int r = 0; r < mr; r++) {
@@ -325,11 +332,13 @@ static void mm_generic(int64_t m, int64_t W, int64_t K, const float *SM_RESTRICT
  * folded into the FMAs. Called with constant mr, nv so the tile lives in registers. */
 SM_TARGET_AVX512 SM_INLINE void tile_512(const int mr, const int nv, int64_t K, const float *a,
                                          int64_t ars, int64_t aks, const float *b, int64_t ldb,
-                                         float *c, int64_t ldc, int acc) {
+                                         float *c, int64_t ldc, int acc, const float *rs) {
     __m512 t[6][4];
-    for (int r = 0; r < mr; r++)
+    for (int r = 0; r < mr; r++) {
+        const __m512 f = _mm512_set1_ps(rs ? rs[r] : 1.0f);
         for (int v = 0; v < nv; v++)
-            t[r][v] = acc ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+            t[r][v] = acc ? _mm512_mul_ps(f, _mm512_loadu_ps(c + r * ldc + 16 * v)) : _mm512_setzero_ps();
+    }
     const float *ar[6];
     for (int r = 0; r < mr; r++) ar[r] = a + r * ars;
     for (int64_t k = 0; k < K; k++) {
@@ -347,25 +356,26 @@ SM_TARGET_AVX512 SM_INLINE void tile_512(const int mr, const int nv, int64_t K, 
 
 #define TILE512(MR)                                                                       \
     switch (nv) {                                                                         \
-    case 4: tile_512(MR, 4, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;               \
-    case 3: tile_512(MR, 3, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;               \
-    case 2: tile_512(MR, 2, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;               \
-    default: tile_512(MR, 1, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;              \
+    case 4: tile_512(MR, 4, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;               \
+    case 3: tile_512(MR, 3, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;               \
+    case 2: tile_512(MR, 2, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;               \
+    default: tile_512(MR, 1, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;              \
     }
 
 SM_TARGET_AVX512
 static void mm_avx512(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
-                      const float *b, int64_t ldb, float *c, int64_t ldc, int acc) {
+                      const float *b, int64_t ldb, float *c, int64_t ldc, int acc,
+                      const float *rs) {
     for (int64_t c0 = 0; c0 < W; c0 += 64) {
         const int nv = (int)min64(4, (W - c0) / 16);
         const float *bc = b + c0;
         int64_t i = 0;
         for (; i + 6 <= m; i += 6) {
-            const float *ai = a + i * ars;
+            const float *ai = a + i * ars, *ri = rs ? rs + i : NULL;
             float *ci = c + i * ldc + c0;
             TILE512(6)
         }
-        const float *ai = a + i * ars;
+        const float *ai = a + i * ars, *ri = rs ? rs + i : NULL;
         float *ci = c + i * ldc + c0;
         switch (m - i) {
         case 5: TILE512(5) break;
@@ -382,11 +392,13 @@ static void mm_avx512(int64_t m, int64_t W, int64_t K, const float *a, int64_t a
 /* AVX2: up to 6 rows x 2 vectors (16 columns): 12 accumulators, 2 B vectors, 1 broadcast. */
 SM_TARGET_AVX2 SM_INLINE void tile_256(const int mr, int64_t K, const float *a, int64_t ars,
                                        int64_t aks, const float *b, int64_t ldb, float *c,
-                                       int64_t ldc, int acc) {
+                                       int64_t ldc, int acc, const float *rs) {
     __m256 t[6][2];
-    for (int r = 0; r < mr; r++)
+    for (int r = 0; r < mr; r++) {
+        const __m256 f = _mm256_set1_ps(rs ? rs[r] : 1.0f);
         for (int v = 0; v < 2; v++)
-            t[r][v] = acc ? _mm256_loadu_ps(c + r * ldc + 8 * v) : _mm256_setzero_ps();
+            t[r][v] = acc ? _mm256_mul_ps(f, _mm256_loadu_ps(c + r * ldc + 8 * v)) : _mm256_setzero_ps();
+    }
     const float *ar[6];
     for (int r = 0; r < mr; r++) ar[r] = a + r * ars;
     for (int64_t k = 0; k < K; k++) {
@@ -404,25 +416,54 @@ SM_TARGET_AVX2 SM_INLINE void tile_256(const int mr, int64_t K, const float *a, 
 
 SM_TARGET_AVX2
 static void mm_avx2(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
-                    const float *b, int64_t ldb, float *c, int64_t ldc, int acc) {
+                    const float *b, int64_t ldb, float *c, int64_t ldc, int acc, const float *rs) {
     for (int64_t c0 = 0; c0 < W; c0 += 16) {
         const float *bc = b + c0;
         int64_t i = 0;
-        for (; i + 6 <= m; i += 6) tile_256(6, K, a + i * ars, ars, aks, bc, ldb, c + i * ldc + c0, ldc, acc);
-        const float *ai = a + i * ars;
+        for (; i + 6 <= m; i += 6)
+            tile_256(6, K, a + i * ars, ars, aks, bc, ldb, c + i * ldc + c0, ldc, acc, rs ? rs + i : NULL);
+        const float *ai = a + i * ars, *ri = rs ? rs + i : NULL;
         float *ci = c + i * ldc + c0;
         switch (m - i) {
-        case 5: tile_256(5, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
-        case 4: tile_256(4, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
-        case 3: tile_256(3, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
-        case 2: tile_256(2, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
-        case 1: tile_256(1, K, ai, ars, aks, bc, ldb, ci, ldc, acc); break;
+        case 5: tile_256(5, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
+        case 4: tile_256(4, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
+        case 3: tile_256(3, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
+        case 2: tile_256(2, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
+        case 1: tile_256(1, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
         default: break;
         }
     }
 }
 
 #endif /* SM_X86_KERNELS */
+
+static float dot_generic(const float *x, const float *y, int64_t n) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++) acc += x[i] * y[i];
+    return acc;
+}
+
+#if SM_X86_KERNELS
+SM_TARGET_AVX512 static float dot_avx512(const float *x, const float *y, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+SM_TARGET_AVX2 static float dot_avx2(const float *x, const float *y, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
+    float t[8];
+    _mm256_storeu_ps(t, acc);
+    float r = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    for (; i < n; i++) r += x[i] * y[i];
+    return r;
+}
+#endif
 
 /* ============================================================================================
  * softmax pieces on a transposed score tile S^T (nk rows = keys, BLK lanes = queries)
@@ -595,16 +636,17 @@ typedef struct {
     mm_fn mm;
     fwd_softmax_fn fwd_softmax;
     bwd_tile_fn bwd_tile;
+    dot_fn dot;
 } att_kernels;
 
 static att_kernels get_kernels(void) {
     int level = sm_simd_active();
 #if SM_X86_KERNELS
-    if (level >= SM_SIMD_AVX512) return (att_kernels){mm_avx512, fwd_softmax_avx512, bwd_tile_avx512};
-    if (level >= SM_SIMD_AVX2) return (att_kernels){mm_avx2, fwd_softmax_avx2, bwd_tile_avx2};
+    if (level >= SM_SIMD_AVX512) return (att_kernels){mm_avx512, fwd_softmax_avx512, bwd_tile_avx512, dot_avx512};
+    if (level >= SM_SIMD_AVX2) return (att_kernels){mm_avx2, fwd_softmax_avx2, bwd_tile_avx2, dot_avx2};
 #endif
     (void)level;
-    return (att_kernels){mm_generic, fwd_softmax_generic, bwd_tile_generic};
+    return (att_kernels){mm_generic, fwd_softmax_generic, bwd_tile_generic, dot_generic};
 }
 
 /* ============================================================================================
@@ -644,7 +686,7 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
         const float *Kj = base + j0 * C3 + C;
         const float *Vj = base + j0 * C3 + 2 * C;
         int64_t ldv = C3;
-        K->mm(nk, BLK, hs, Kj, C3, 1, QT, BLK, S, BLK, 0);
+        K->mm(nk, BLK, hs, Kj, C3, 1, QT, BLK, S, BLK, 0, NULL);
         K->fwd_softmax(S, nk, J == I, A->scale, m, l, alpha);
         if (pad) {
             for (int64_t j = 0; j < nk; j++) {
@@ -654,11 +696,8 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
             Vj = Vp;
             ldv = hsp;
         }
-        if (J > 0)
-            for (int64_t i = 0; i < mq; i++)
-                for (int64_t d = 0; d < hsp; d++) O[i * hsp + d] *= alpha[i];
-        /* O (mq, hsp) (+)= P (mq, nk) @ V_J (nk, hsp); P(i, j) = S[j * BLK + i] */
-        K->mm(mq, hsp, nk, S, 1, BLK, Vj, ldv, O, hsp, J > 0);
+        /* O (mq, hsp) = diag(alpha) O + P (mq, nk) @ V_J (nk, hsp); P(i, j) = S[j * BLK + i] */
+        K->mm(mq, hsp, nk, S, 1, BLK, Vj, ldv, O, hsp, J > 0, alpha);
     }
     for (int64_t i = 0; i < mq; i++) {
         float *o = A->out + (b * T + i0 + i) * C + h * hs;
@@ -720,7 +759,9 @@ static int64_t bwd_scratch_floats(int64_t hs, int64_t hsp, int64_t Tp) {
 static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t h, float *ws) {
     const int64_t T = A->T, C = A->C, C3 = 3 * C, hs = A->hs, hsp = A->hsp, Tp = A->Tp;
     const int pad = hs != hsp;
-    /* QT, dOT (hs, Tp); dQ (Tp, hsp); L, D (Tp); S, dP (BLK, BLK); dK, dV (BLK, hsp);
+    /* QT, dOT (nqb, hs, BLK): each query block transposed (blocks contiguous, so the rows a
+     * product reads are BLK apart, never a power-of-two multiple of 4 KiB as (hs, Tp) would
+     * be); dQ (Tp, hsp); L, D (Tp); S, dP (BLK, BLK); dK, dV (BLK, hsp);
      * when hs % 16 != 0: Qr, dOr, Kr (Tp, hsp) zero-padded row copies */
     float *QT = ws, *dOT = QT + round_up(hs * Tp, 16), *dQ = dOT + round_up(hs * Tp, 16);
     float *L = dQ + Tp * hsp, *D = L + Tp, *S = D + Tp, *dP = S + BLK * BLK;
@@ -747,18 +788,18 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
         ldq = ldo = ldk = hsp;
     }
     for (int64_t t = 0; t < T; t++) {
-        const float *q = qb + t * C3, *g = gb + t * C, *o = ob + t * C;
-        double acc = 0.0;
+        const float *q = qb + t * C3, *g = gb + t * C;
+        float *qt = QT + (t / BLK) * hs * BLK + t % BLK, *gt = dOT + (t / BLK) * hs * BLK + t % BLK;
         for (int64_t d = 0; d < hs; d++) {
-            QT[d * Tp + t] = q[d];
-            dOT[d * Tp + t] = g[d];
-            acc += (double)g[d] * (double)o[d];
+            qt[d * BLK] = q[d];
+            gt[d * BLK] = g[d];
         }
-        D[t] = (float)acc;
+        D[t] = K->dot(g, ob + t * C, hs);
         L[t] = lb[t];
     }
     for (int64_t t = T; t < Tp; t++) {
-        for (int64_t d = 0; d < hs; d++) QT[d * Tp + t] = dOT[d * Tp + t] = 0.0f;
+        float *qt = QT + (t / BLK) * hs * BLK + t % BLK, *gt = dOT + (t / BLK) * hs * BLK + t % BLK;
+        for (int64_t d = 0; d < hs; d++) qt[d * BLK] = gt[d * BLK] = 0.0f;
         D[t] = L[t] = 0.0f;
     }
     memset(dQ, 0, (size_t)(Tp * hsp) * sizeof(float));
@@ -769,12 +810,13 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
         memset(dK, 0, (size_t)(2 * BLK * hsp) * sizeof(float)); /* dK and dV */
         for (int64_t I = J; I < A->nqb; I++) {
             const int64_t i0 = I * BLK, mq = min64(BLK, T - i0);
-            K->mm(nk, BLK, hs, Kj, C3, 1, QT + i0, Tp, S, BLK, 0);   /* S^T  = K_J Q_I^T  */
-            K->mm(nk, BLK, hs, Vj, C3, 1, dOT + i0, Tp, dP, BLK, 0); /* dP^T = V_J dO_I^T */
+            const float *qt = QT + I * hs * BLK, *gt = dOT + I * hs * BLK;
+            K->mm(nk, BLK, hs, Kj, C3, 1, qt, BLK, S, BLK, 0, NULL);  /* S^T  = K_J Q_I^T  */
+            K->mm(nk, BLK, hs, Vj, C3, 1, gt, BLK, dP, BLK, 0, NULL); /* dP^T = V_J dO_I^T */
             K->bwd_tile(S, dP, nk, I == J, mq, A->scale, L + i0, D + i0);
-            K->mm(nk, hsp, mq, S, BLK, 1, dOr + i0 * ldo, ldo, dV, hsp, 1);  /* dV_J += P^T dO_I  */
-            K->mm(nk, hsp, mq, dP, BLK, 1, Qr + i0 * ldq, ldq, dK, hsp, 1);  /* dK_J += dS^T Q_I  */
-            K->mm(mq, hsp, nk, dP, 1, BLK, Kr + j0 * ldk, ldk, dQ + i0 * hsp, hsp, 1); /* dQ_I += dS K_J */
+            K->mm(nk, hsp, mq, S, BLK, 1, dOr + i0 * ldo, ldo, dV, hsp, 1, NULL); /* dV_J += P^T dO_I */
+            K->mm(nk, hsp, mq, dP, BLK, 1, Qr + i0 * ldq, ldq, dK, hsp, 1, NULL); /* dK_J += dS^T Q_I */
+            K->mm(mq, hsp, nk, dP, 1, BLK, Kr + j0 * ldk, ldk, dQ + i0 * hsp, hsp, 1, NULL); /* dQ_I += dS K_J */
         }
         for (int64_t j = 0; j < nk; j++) {
             float *g = db + (j0 + j) * C3;
