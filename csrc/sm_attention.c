@@ -294,27 +294,48 @@ SM_TARGET_AVX2 SM_INLINE __m256 exp_256(__m256 x) {
  *   W % 16 == 0), C row i = c + i * ldc. acc = 0 overwrites C; acc = 1 adds to it, after
  *   scaling row i by rs[i] when rs is not NULL (the FMA chain starts from that value), which
  *   is how the online softmax rescales its running output for free. C must not overlap A, B.
+ *   tri skips the parts of a diagonal tile (row, column and k indices are then positions that
+ *   compare) whose results are never used or are sums of exact zeros; rows are handled in
+ *   register tiles, so a little of the skippable work is still done (it is harmless):
  * ============================================================================================ */
+
+enum {
+    TRI_NONE = 0,
+    TRI_COLS = 1,   /* row i of C is only needed in columns >= i (scores: key rows, query lanes) */
+    TRI_K_UPTO = 2, /* A(i, k) == 0 for k > i (P or dS with query rows, keys along k) */
+    TRI_K_FROM = 3  /* A(i, k) == 0 for k < i (P^T or dS^T with key rows, queries along k) */
+};
 
 typedef void (*mm_fn)(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
                       const float *b, int64_t ldb, float *c, int64_t ldc, int acc,
-                      const float *rs);
+                      const float *rs, int tri);
 
 /* Row dot product of n floats, one fixed summation order per SIMD level. */
 typedef float (*dot_fn)(const float *x, const float *y, int64_t n);
 
+/* The k range [*k0, *k1) a register tile of rows [i, i + mr) needs. */
+SM_INLINE void tri_k_range(int tri, int64_t i, int64_t mr, int64_t K, int64_t *k0, int64_t *k1) {
+    *k0 = 0;
+    *k1 = K;
+    if (tri == TRI_K_UPTO) *k1 = min64(K, i + mr);
+    if (tri == TRI_K_FROM) *k0 = min64(K, i);
+}
+
 static void mm_generic(int64_t m, int64_t W, int64_t K, const float *SM_RESTRICT a, int64_t ars,
                        int64_t aks, const float *SM_RESTRICT b, int64_t ldb, float *SM_RESTRICT c,
-                       int64_t ldc, int acc, const float *rs) {
+                       int64_t ldc, int acc, const float *rs, int tri) {
     for (int64_t c0 = 0; c0 < W; c0 += 16)
         for (int64_t i0 = 0; i0 < m; i0 += 4) {
+            if (tri == TRI_COLS && c0 + 16 <= i0) continue;
             const int mr = (int)min64(4, m - i0);
+            int64_t k0, k1;
+            tri_k_range(tri, i0, mr, K, &k0, &k1);
             float t[4][16];
             for (int r = 0; r < mr; r++) {
                 const float f = rs ? rs[i0 + r] : 1.0f;
                 for (int v = 0; v < 16; v++) t[r][v] = acc ? c[(i0 + r) * ldc + c0 + v] * f : 0.0f;
             }
-            for (int64_t k = 0; k < K; k++) {
+            for (int64_t k = k0; k < k1; k++) {
                 const float *bk = b + k * ldb + c0;
                 for (int r = 0; r < mr; r++) {
                     const float x = a[(i0 + r) * ars + k * aks];
@@ -328,8 +349,8 @@ static void mm_generic(int64_t m, int64_t W, int64_t K, const float *SM_RESTRICT
 
 #if SM_X86_KERNELS
 
-/* AVX-512: up to 6 rows x 4 vectors (64 columns): 24 accumulators + 4 B vectors, broadcasts
- * folded into the FMAs. Called with constant mr, nv so the tile lives in registers. */
+/* AVX-512: up to 6 rows x 4 vectors (64 columns): 24 accumulators + 4 B vectors + 1 broadcast.
+ * Called with constant mr, nv so the tile lives in registers. */
 SM_TARGET_AVX512 SM_INLINE void tile_512(const int mr, const int nv, int64_t K, const float *a,
                                          int64_t ars, int64_t aks, const float *b, int64_t ldb,
                                          float *c, int64_t ldc, int acc, const float *rs) {
@@ -354,40 +375,38 @@ SM_TARGET_AVX512 SM_INLINE void tile_512(const int mr, const int nv, int64_t K, 
         for (int v = 0; v < nv; v++) _mm512_storeu_ps(c + r * ldc + 16 * v, t[r][v]);
 }
 
-#define TILE512(MR)                                                                       \
-    switch (nv) {                                                                         \
-    case 4: tile_512(MR, 4, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;               \
-    case 3: tile_512(MR, 3, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;               \
-    case 2: tile_512(MR, 2, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;               \
-    default: tile_512(MR, 1, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;              \
-    }
+#define T512(MR, NV) tile_512(MR, NV, kn, ai, ars, aks, bi, ldb, ci, ldc, acc, ri)
+#define T512_NV(MR)                          \
+    case MR * 8 + 4: T512(MR, 4); break;     \
+    case MR * 8 + 3: T512(MR, 3); break;     \
+    case MR * 8 + 2: T512(MR, 2); break;     \
+    case MR * 8 + 1: T512(MR, 1); break;
 
 SM_TARGET_AVX512
 static void mm_avx512(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
                       const float *b, int64_t ldb, float *c, int64_t ldc, int acc,
-                      const float *rs) {
+                      const float *rs, int tri) {
     for (int64_t c0 = 0; c0 < W; c0 += 64) {
-        const int nv = (int)min64(4, (W - c0) / 16);
-        const float *bc = b + c0;
-        int64_t i = 0;
-        for (; i + 6 <= m; i += 6) {
-            const float *ai = a + i * ars, *ri = rs ? rs + i : NULL;
-            float *ci = c + i * ldc + c0;
-            TILE512(6)
-        }
-        const float *ai = a + i * ars, *ri = rs ? rs + i : NULL;
-        float *ci = c + i * ldc + c0;
-        switch (m - i) {
-        case 5: TILE512(5) break;
-        case 4: TILE512(4) break;
-        case 3: TILE512(3) break;
-        case 2: TILE512(2) break;
-        case 1: TILE512(1) break;
-        default: break;
+        const int64_t nvc = min64(4, (W - c0) / 16);
+        for (int64_t i = 0; i < m; i += 6) {
+            const int64_t mr = min64(6, m - i);
+            int64_t v0 = 0, k0, k1;
+            if (tri == TRI_COLS) v0 = i / 16 - c0 / 16 > 0 ? i / 16 - c0 / 16 : 0;
+            if (v0 >= nvc) continue;
+            tri_k_range(tri, i, mr, K, &k0, &k1);
+            const int64_t kn = k1 - k0;
+            const float *ai = a + i * ars + k0 * aks, *ri = rs ? rs + i : NULL;
+            const float *bi = b + k0 * ldb + c0 + 16 * v0;
+            float *ci = c + i * ldc + c0 + 16 * v0;
+            switch (mr * 8 + (nvc - v0)) {
+                T512_NV(6) T512_NV(5) T512_NV(4) T512_NV(3) T512_NV(2) T512_NV(1)
+            default: break;
+            }
         }
     }
 }
-#undef TILE512
+#undef T512_NV
+#undef T512
 
 /* AVX2: up to 6 rows x 2 vectors (16 columns): 12 accumulators, 2 B vectors, 1 broadcast. */
 SM_TARGET_AVX2 SM_INLINE void tile_256(const int mr, int64_t K, const float *a, int64_t ars,
@@ -416,23 +435,25 @@ SM_TARGET_AVX2 SM_INLINE void tile_256(const int mr, int64_t K, const float *a, 
 
 SM_TARGET_AVX2
 static void mm_avx2(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars, int64_t aks,
-                    const float *b, int64_t ldb, float *c, int64_t ldc, int acc, const float *rs) {
-    for (int64_t c0 = 0; c0 < W; c0 += 16) {
-        const float *bc = b + c0;
-        int64_t i = 0;
-        for (; i + 6 <= m; i += 6)
-            tile_256(6, K, a + i * ars, ars, aks, bc, ldb, c + i * ldc + c0, ldc, acc, rs ? rs + i : NULL);
-        const float *ai = a + i * ars, *ri = rs ? rs + i : NULL;
-        float *ci = c + i * ldc + c0;
-        switch (m - i) {
-        case 5: tile_256(5, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
-        case 4: tile_256(4, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
-        case 3: tile_256(3, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
-        case 2: tile_256(2, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
-        case 1: tile_256(1, K, ai, ars, aks, bc, ldb, ci, ldc, acc, ri); break;
-        default: break;
+                    const float *b, int64_t ldb, float *c, int64_t ldc, int acc, const float *rs,
+                    int tri) {
+    for (int64_t c0 = 0; c0 < W; c0 += 16)
+        for (int64_t i = 0; i < m; i += 6) {
+            if (tri == TRI_COLS && c0 + 16 <= i) break; /* later row tiles start further right */
+            const int64_t mr = min64(6, m - i);
+            int64_t k0, k1;
+            tri_k_range(tri, i, mr, K, &k0, &k1);
+            const float *ai = a + i * ars + k0 * aks, *bi = b + k0 * ldb + c0, *ri = rs ? rs + i : NULL;
+            float *ci = c + i * ldc + c0;
+            switch (mr) {
+            case 6: tile_256(6, k1 - k0, ai, ars, aks, bi, ldb, ci, ldc, acc, ri); break;
+            case 5: tile_256(5, k1 - k0, ai, ars, aks, bi, ldb, ci, ldc, acc, ri); break;
+            case 4: tile_256(4, k1 - k0, ai, ars, aks, bi, ldb, ci, ldc, acc, ri); break;
+            case 3: tile_256(3, k1 - k0, ai, ars, aks, bi, ldb, ci, ldc, acc, ri); break;
+            case 2: tile_256(2, k1 - k0, ai, ars, aks, bi, ldb, ci, ldc, acc, ri); break;
+            default: tile_256(1, k1 - k0, ai, ars, aks, bi, ldb, ci, ldc, acc, ri); break;
+            }
         }
-    }
 }
 
 #endif /* SM_X86_KERNELS */
@@ -686,8 +707,9 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
         const float *Kj = base + j0 * C3 + C;
         const float *Vj = base + j0 * C3 + 2 * C;
         int64_t ldv = C3;
-        K->mm(nk, BLK, hs, Kj, C3, 1, QT, BLK, S, BLK, 0, NULL);
-        K->fwd_softmax(S, nk, J == I, A->scale, m, l, alpha);
+        const int tri = J == I; /* the diagonal tile: key j only matters to queries i >= j */
+        K->mm(nk, BLK, hs, Kj, C3, 1, QT, BLK, S, BLK, 0, NULL, tri ? TRI_COLS : TRI_NONE);
+        K->fwd_softmax(S, nk, tri, A->scale, m, l, alpha);
         if (pad) {
             for (int64_t j = 0; j < nk; j++) {
                 memcpy(Vp + j * hsp, Vj + j * C3, (size_t)hs * sizeof(float));
@@ -697,7 +719,7 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
             ldv = hsp;
         }
         /* O (mq, hsp) = diag(alpha) O + P (mq, nk) @ V_J (nk, hsp); P(i, j) = S[j * BLK + i] */
-        K->mm(mq, hsp, nk, S, 1, BLK, Vj, ldv, O, hsp, J > 0, alpha);
+        K->mm(mq, hsp, nk, S, 1, BLK, Vj, ldv, O, hsp, J > 0, alpha, tri ? TRI_K_UPTO : TRI_NONE);
     }
     for (int64_t i = 0; i < mq; i++) {
         float *o = A->out + (b * T + i0 + i) * C + h * hs;
@@ -752,8 +774,9 @@ typedef struct {
 } bwd_args;
 
 static int64_t bwd_scratch_floats(int64_t hs, int64_t hsp, int64_t Tp) {
-    const int64_t rows = hs != hsp ? 3 * Tp * hsp : 0; /* padded Q, dO, K rows */
-    return 2 * round_up(hs * Tp, 16) + Tp * hsp + 2 * Tp + 2 * BLK * BLK + 2 * BLK * hsp + rows;
+    /* padded Q, dO, K rows, dQ, dK and dV: only when hs % 16 != 0 */
+    const int64_t pad = hs != hsp ? 4 * Tp * hsp + 2 * BLK * hsp : 0;
+    return 2 * round_up(hs * Tp, 16) + 2 * Tp + 2 * BLK * BLK + pad;
 }
 
 static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t h, float *ws) {
@@ -761,11 +784,12 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
     const int pad = hs != hsp;
     /* QT, dOT (nqb, hs, BLK): each query block transposed (blocks contiguous, so the rows a
      * product reads are BLK apart, never a power-of-two multiple of 4 KiB as (hs, Tp) would
-     * be); dQ (Tp, hsp); L, D (Tp); S, dP (BLK, BLK); dK, dV (BLK, hsp);
-     * when hs % 16 != 0: Qr, dOr, Kr (Tp, hsp) zero-padded row copies */
-    float *QT = ws, *dOT = QT + round_up(hs * Tp, 16), *dQ = dOT + round_up(hs * Tp, 16);
-    float *L = dQ + Tp * hsp, *D = L + Tp, *S = D + Tp, *dP = S + BLK * BLK;
-    float *dK = dP + BLK * BLK, *dV = dK + BLK * hsp;
+     * be); L, D (Tp); S, dP (BLK, BLK).
+     * hs % 16 == 0: the products accumulate straight into dqkv (rows of hs are whole vectors).
+     * Otherwise they work on zero-padded rows of hsp: Qr, dOr, Kr (Tp, hsp) copies and dQ
+     * (Tp, hsp), dK, dV (BLK, hsp) accumulators, added into dqkv at the end. */
+    float *QT = ws, *dOT = QT + round_up(hs * Tp, 16);
+    float *L = dOT + round_up(hs * Tp, 16), *D = L + Tp, *S = D + Tp, *dP = S + BLK * BLK;
     const float *qb = A->qkv + b * T * C3 + h * hs; /* row t: query at 0, key at C, value at 2C */
     const float *ob = A->out + b * T * C + h * hs;
     const float *gb = A->dout + b * T * C + h * hs;
@@ -773,10 +797,15 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
     const float *lb = A->lse + (b * A->NH + h) * T;
 
     const float *Qr = qb, *dOr = gb, *Kr = qb + C;
-    int64_t ldq = C3, ldo = C, ldk = C3;
+    int64_t ldq = C3, ldo = C, ldk = C3, ldg = C3;
+    float *dQ = db, *dK = db + C, *dV = db + 2 * C; /* row t of each at t * ldg */
     if (pad) {
-        float *qr = dV + BLK * hsp, *gr = qr + Tp * hsp, *kr = gr + Tp * hsp;
-        memset(qr, 0, (size_t)(3 * Tp * hsp) * sizeof(float));
+        float *qr = dP + BLK * BLK, *gr = qr + Tp * hsp, *kr = gr + Tp * hsp;
+        dQ = kr + Tp * hsp;
+        dK = dQ + Tp * hsp;
+        dV = dK + BLK * hsp;
+        ldg = hsp;
+        memset(qr, 0, (size_t)(4 * Tp * hsp) * sizeof(float)); /* Qr, dOr, Kr, dQ */
         for (int64_t t = 0; t < T; t++) {
             memcpy(qr + t * hsp, qb + t * C3, (size_t)hs * sizeof(float));
             memcpy(gr + t * hsp, gb + t * C, (size_t)hs * sizeof(float));
@@ -802,32 +831,39 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
         for (int64_t d = 0; d < hs; d++) qt[d * BLK] = gt[d * BLK] = 0.0f;
         D[t] = L[t] = 0.0f;
     }
-    memset(dQ, 0, (size_t)(Tp * hsp) * sizeof(float));
 
     for (int64_t J = 0; J < A->nqb; J++) {
         const int64_t j0 = J * BLK, nk = min64(BLK, T - j0);
         const float *Kj = qb + j0 * C3 + C, *Vj = qb + j0 * C3 + 2 * C;
-        memset(dK, 0, (size_t)(2 * BLK * hsp) * sizeof(float)); /* dK and dV */
+        /* this key block's gradient rows (padded: block-local accumulators from zero) */
+        float *dKj = pad ? dK : dK + j0 * ldg, *dVj = pad ? dV : dV + j0 * ldg;
+        if (pad) memset(dK, 0, (size_t)(2 * BLK * hsp) * sizeof(float)); /* dK and dV */
         for (int64_t I = J; I < A->nqb; I++) {
             const int64_t i0 = I * BLK, mq = min64(BLK, T - i0);
             const float *qt = QT + I * hs * BLK, *gt = dOT + I * hs * BLK;
-            K->mm(nk, BLK, hs, Kj, C3, 1, qt, BLK, S, BLK, 0, NULL);  /* S^T  = K_J Q_I^T  */
-            K->mm(nk, BLK, hs, Vj, C3, 1, gt, BLK, dP, BLK, 0, NULL); /* dP^T = V_J dO_I^T */
-            K->bwd_tile(S, dP, nk, I == J, mq, A->scale, L + i0, D + i0);
-            K->mm(nk, hsp, mq, S, BLK, 1, dOr + i0 * ldo, ldo, dV, hsp, 1, NULL); /* dV_J += P^T dO_I */
-            K->mm(nk, hsp, mq, dP, BLK, 1, Qr + i0 * ldq, ldq, dK, hsp, 1, NULL); /* dK_J += dS^T Q_I */
-            K->mm(mq, hsp, nk, dP, 1, BLK, Kr + j0 * ldk, ldk, dQ + i0 * hsp, hsp, 1, NULL); /* dQ_I += dS K_J */
+            const int diag = I == J;
+            const int cols = diag ? TRI_COLS : TRI_NONE, kfrom = diag ? TRI_K_FROM : TRI_NONE;
+            K->mm(nk, BLK, hs, Kj, C3, 1, qt, BLK, S, BLK, 0, NULL, cols);  /* S^T  = K_J Q_I^T  */
+            K->mm(nk, BLK, hs, Vj, C3, 1, gt, BLK, dP, BLK, 0, NULL, cols); /* dP^T = V_J dO_I^T */
+            K->bwd_tile(S, dP, nk, diag, mq, A->scale, L + i0, D + i0);
+            /* dV_J += P^T dO_I;  dK_J += dS^T Q_I;  dQ_I += dS K_J */
+            K->mm(nk, hsp, mq, S, BLK, 1, dOr + i0 * ldo, ldo, dVj, ldg, 1, NULL, kfrom);
+            K->mm(nk, hsp, mq, dP, BLK, 1, Qr + i0 * ldq, ldq, dKj, ldg, 1, NULL, kfrom);
+            K->mm(mq, hsp, nk, dP, 1, BLK, Kr + j0 * ldk, ldk, dQ + i0 * ldg, ldg, 1, NULL,
+                  diag ? TRI_K_UPTO : TRI_NONE);
         }
-        for (int64_t j = 0; j < nk; j++) {
-            float *g = db + (j0 + j) * C3;
-            for (int64_t d = 0; d < hs; d++) {
-                g[C + d] += dK[j * hsp + d];
-                g[2 * C + d] += dV[j * hsp + d];
+        if (pad)
+            for (int64_t j = 0; j < nk; j++) {
+                float *g = db + (j0 + j) * C3;
+                for (int64_t d = 0; d < hs; d++) {
+                    g[C + d] += dK[j * hsp + d];
+                    g[2 * C + d] += dV[j * hsp + d];
+                }
             }
-        }
     }
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t d = 0; d < hs; d++) db[t * C3 + d] += dQ[t * hsp + d];
+    if (pad)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t d = 0; d < hs; d++) db[t * C3 + d] += dQ[t * hsp + d];
 }
 
 int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out,
