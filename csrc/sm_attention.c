@@ -556,7 +556,10 @@ static void fwd_softmax_avx512(float *S, int64_t nk, int diag, float scale, floa
         const __m512 lane = _mm512_add_ps(iota, _mm512_set1_ps((float)(16 * v)));
         const __m512 m_old = _mm512_loadu_ps(m + 16 * v);
         __m512 mx = m_old;
-        for (int64_t j = 0; j < nk; j++) {
+        /* on the diagonal, keys past this vector's last query are masked for all its lanes */
+        const int64_t jend = diag ? min64(nk, 16 * v + 16) : nk;
+        for (int64_t j = jend; j < nk; j++) _mm512_storeu_ps(S + j * BLK + 16 * v, _mm512_setzero_ps());
+        for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 16 * v;
             __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s), vs);
             if (diag) x = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)j), _CMP_LT_OQ), ninf);
@@ -564,7 +567,7 @@ static void fwd_softmax_avx512(float *S, int64_t nk, int diag, float scale, floa
             mx = _mm512_max_ps(mx, x);
         }
         __m512 ls = _mm512_setzero_ps();
-        for (int64_t j = 0; j < nk; j++) {
+        for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 16 * v;
             __m512 p = exp_512(_mm512_sub_ps(_mm512_loadu_ps(s), mx));
             _mm512_storeu_ps(s, p);
@@ -586,7 +589,12 @@ static void bwd_tile_avx512(float *S, float *dP, int64_t nk, int diag, int64_t m
         const __m512 lane = _mm512_add_ps(iota, _mm512_set1_ps((float)(16 * v)));
         const __mmask16 live = _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)mq), _CMP_LT_OQ);
         const __m512 vl = _mm512_loadu_ps(L + 16 * v), vd = _mm512_loadu_ps(D + 16 * v);
-        for (int64_t j = 0; j < nk; j++) {
+        const int64_t jend = diag ? min64(nk, 16 * v + 16) : nk;
+        for (int64_t j = jend; j < nk; j++) {
+            _mm512_storeu_ps(S + j * BLK + 16 * v, _mm512_setzero_ps());
+            _mm512_storeu_ps(dP + j * BLK + 16 * v, _mm512_setzero_ps());
+        }
+        for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 16 * v, *dp = dP + j * BLK + 16 * v;
             __mmask16 ok = live;
             if (diag) ok &= _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)j), _CMP_GE_OQ);
@@ -608,7 +616,9 @@ static void fwd_softmax_avx2(float *S, int64_t nk, int diag, float scale, float 
         const __m256 lane = _mm256_add_ps(iota, _mm256_set1_ps((float)(8 * v)));
         const __m256 m_old = _mm256_loadu_ps(m + 8 * v);
         __m256 mx = m_old;
-        for (int64_t j = 0; j < nk; j++) {
+        const int64_t jend = diag ? min64(nk, 8 * v + 8) : nk;
+        for (int64_t j = jend; j < nk; j++) _mm256_storeu_ps(S + j * BLK + 8 * v, _mm256_setzero_ps());
+        for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 8 * v;
             __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s), vs);
             if (diag) x = _mm256_blendv_ps(x, ninf, _mm256_cmp_ps(lane, _mm256_set1_ps((float)j), _CMP_LT_OQ));
@@ -616,7 +626,7 @@ static void fwd_softmax_avx2(float *S, int64_t nk, int diag, float scale, float 
             mx = _mm256_max_ps(mx, x);
         }
         __m256 ls = _mm256_setzero_ps();
-        for (int64_t j = 0; j < nk; j++) {
+        for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 8 * v;
             __m256 p = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s), mx));
             _mm256_storeu_ps(s, p);
@@ -638,7 +648,12 @@ static void bwd_tile_avx2(float *S, float *dP, int64_t nk, int diag, int64_t mq,
         const __m256 lane = _mm256_add_ps(iota, _mm256_set1_ps((float)(8 * v)));
         const __m256 live = _mm256_cmp_ps(lane, _mm256_set1_ps((float)mq), _CMP_LT_OQ);
         const __m256 vl = _mm256_loadu_ps(L + 8 * v), vd = _mm256_loadu_ps(D + 8 * v);
-        for (int64_t j = 0; j < nk; j++) {
+        const int64_t jend = diag ? min64(nk, 8 * v + 8) : nk;
+        for (int64_t j = jend; j < nk; j++) {
+            _mm256_storeu_ps(S + j * BLK + 8 * v, _mm256_setzero_ps());
+            _mm256_storeu_ps(dP + j * BLK + 8 * v, _mm256_setzero_ps());
+        }
+        for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 8 * v, *dp = dP + j * BLK + 8 * v;
             __m256 ok = live;
             if (diag) ok = _mm256_and_ps(ok, _mm256_cmp_ps(lane, _mm256_set1_ps((float)j), _CMP_GE_OQ));
@@ -999,11 +1014,99 @@ static void decode_head_generic(float *out, const float *q, const float *kt, con
 }
 
 #if SM_X86_KERNELS
-/* AVX2: the portable body, which the compiler vectorizes 8 wide under this target. */
+/* The x86 decoders keep two sets of accumulators (even and odd d, even and odd keys) so that
+ * enough independent FMA chains are in flight; the sets are added at the end of each chunk. */
+
 SM_TARGET_AVX2
 static void decode_head_avx2(float *out, const float *q, const float *kt, const float *v,
                              int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
-    decode_head_body(out, q, kt, v, L, T_max, hs, scale, ws);
+    float *o = ws, *p = ws + round_up(hs, 16);
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t d = 0; d < hs; d++) o[d] = 0.0f;
+    for (int64_t j0 = 0; j0 < L; j0 += BLK) {
+        const int64_t nk = min64(BLK, L - j0);
+        if (nk == BLK) {
+            __m256 s[8];
+            for (int u = 0; u < 8; u++) s[u] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < hs; d++) {
+                const __m256 x = _mm256_broadcast_ss(q + d);
+                const float *kr = kt + d * T_max + j0;
+                for (int u = 0; u < 8; u++) s[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr + 8 * u), s[u]);
+            }
+            for (int u = 0; u < 8; u++) _mm256_storeu_ps(p + 8 * u, s[u]);
+        } else {
+            /* the last, partial chunk: plain loops never read past position L - 1 */
+            for (int64_t j = 0; j < BLK; j++) p[j] = 0.0f;
+            for (int64_t d = 0; d < hs; d++) {
+                const float qd = q[d], *kr = kt + d * T_max + j0;
+                for (int64_t j = 0; j < nk; j++) p[j] += qd * kr[j];
+            }
+        }
+        const __m256 vs = _mm256_set1_ps(scale), iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256 ninf = _mm256_set1_ps(-INFINITY);
+        __m256 mx8 = ninf;
+        for (int u = 0; u < 8; u++) {
+            __m256 x = _mm256_mul_ps(_mm256_loadu_ps(p + 8 * u), vs);
+            const __m256 dead = _mm256_cmp_ps(_mm256_add_ps(iota, _mm256_set1_ps((float)(8 * u))),
+                                              _mm256_set1_ps((float)nk), _CMP_GE_OQ);
+            x = _mm256_blendv_ps(x, ninf, dead);
+            _mm256_storeu_ps(p + 8 * u, x);
+            mx8 = _mm256_max_ps(mx8, x);
+        }
+        float t8[8];
+        _mm256_storeu_ps(t8, mx8);
+        float cmax = t8[0];
+        for (int u = 1; u < 8; u++) cmax = t8[u] > cmax ? t8[u] : cmax;
+        const float mx = cmax > m ? cmax : m;
+        const __m256 vmx = _mm256_set1_ps(mx);
+        __m256 sum8 = _mm256_setzero_ps();
+        for (int u = 0; u < 8; u++) {
+            const __m256 e = exp_256(_mm256_sub_ps(_mm256_loadu_ps(p + 8 * u), vmx));
+            _mm256_storeu_ps(p + 8 * u, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+        _mm256_storeu_ps(t8, sum8);
+        const float sum = ((t8[0] + t8[4]) + (t8[1] + t8[5])) + ((t8[2] + t8[6]) + (t8[3] + t8[7]));
+        const float alpha = exp_g(m - mx);
+        l = l * alpha + sum;
+        m = mx;
+        const __m256 va = _mm256_set1_ps(alpha);
+        int64_t d0 = 0;
+        for (; d0 + 32 <= hs; d0 += 32) {
+            __m256 a[4], b[4];
+            for (int u = 0; u < 4; u++) {
+                a[u] = _mm256_mul_ps(va, _mm256_loadu_ps(o + d0 + 8 * u));
+                b[u] = _mm256_setzero_ps();
+            }
+            int64_t j = 0;
+            for (; j + 2 <= nk; j += 2) {
+                const __m256 pa = _mm256_broadcast_ss(p + j), pb = _mm256_broadcast_ss(p + j + 1);
+                const float *va_ = v + (j0 + j) * hs + d0, *vb_ = va_ + hs;
+                for (int u = 0; u < 4; u++) {
+                    a[u] = _mm256_fmadd_ps(pa, _mm256_loadu_ps(va_ + 8 * u), a[u]);
+                    b[u] = _mm256_fmadd_ps(pb, _mm256_loadu_ps(vb_ + 8 * u), b[u]);
+                }
+            }
+            if (j < nk) {
+                const __m256 pa = _mm256_broadcast_ss(p + j);
+                const float *va_ = v + (j0 + j) * hs + d0;
+                for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pa, _mm256_loadu_ps(va_ + 8 * u), a[u]);
+            }
+            for (int u = 0; u < 4; u++) _mm256_storeu_ps(o + d0 + 8 * u, _mm256_add_ps(a[u], b[u]));
+        }
+        for (; d0 + 8 <= hs; d0 += 8) {
+            __m256 a = _mm256_mul_ps(va, _mm256_loadu_ps(o + d0));
+            for (int64_t j = 0; j < nk; j++)
+                a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(v + (j0 + j) * hs + d0), a);
+            _mm256_storeu_ps(o + d0, a);
+        }
+        for (; d0 < hs; d0++) {
+            float a = o[d0] * alpha;
+            for (int64_t j = 0; j < nk; j++) a += p[j] * v[(j0 + j) * hs + d0];
+            o[d0] = a;
+        }
+    }
+    for (int64_t d = 0; d < hs; d++) out[d] = o[d] / l;
 }
 
 SM_TARGET_AVX512 SM_INLINE __mmask16 tail_mask(int64_t n) {
@@ -1019,57 +1122,74 @@ static void decode_head_avx512(float *out, const float *q, const float *kt, cons
     for (int64_t d = 0; d < hs; d += 16) _mm512_mask_storeu_ps(o + d, tail_mask(hs - d), _mm512_setzero_ps());
     for (int64_t j0 = 0; j0 < L; j0 += BLK) {
         const int64_t nk = min64(BLK, L - j0);
-        const __mmask16 k0 = tail_mask(nk), k1 = tail_mask(nk - 16), k2 = tail_mask(nk - 32), k3 = tail_mask(nk - 48);
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        __mmask16 km[4];
+        __m512 s[4], t[4];
+        for (int u = 0; u < 4; u++) {
+            km[u] = tail_mask(nk - 16 * u);
+            s[u] = t[u] = _mm512_setzero_ps();
+        }
         /* masked loads never touch positions >= L, so never past the cache's capacity */
-        for (int64_t d = 0; d < hs; d++) {
+        int64_t d = 0;
+        if (nk == BLK)
+            for (; d + 2 <= hs; d += 2) {
+                const __m512 x = _mm512_set1_ps(q[d]), y = _mm512_set1_ps(q[d + 1]);
+                const float *kr = kt + d * T_max + j0, *kr2 = kr + T_max;
+                for (int u = 0; u < 4; u++) {
+                    s[u] = _mm512_fmadd_ps(x, _mm512_loadu_ps(kr + 16 * u), s[u]);
+                    t[u] = _mm512_fmadd_ps(y, _mm512_loadu_ps(kr2 + 16 * u), t[u]);
+                }
+            }
+        else
+            for (; d + 2 <= hs; d += 2) {
+                const __m512 x = _mm512_set1_ps(q[d]), y = _mm512_set1_ps(q[d + 1]);
+                const float *kr = kt + d * T_max + j0, *kr2 = kr + T_max;
+                for (int u = 0; u < 4; u++) {
+                    s[u] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(km[u], kr + 16 * u), s[u]);
+                    t[u] = _mm512_fmadd_ps(y, _mm512_maskz_loadu_ps(km[u], kr2 + 16 * u), t[u]);
+                }
+            }
+        if (d < hs) {
             const __m512 x = _mm512_set1_ps(q[d]);
             const float *kr = kt + d * T_max + j0;
-            s0 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k0, kr), s0);
-            s1 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k1, kr + 16), s1);
-            s2 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k2, kr + 32), s2);
-            s3 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k3, kr + 48), s3);
+            for (int u = 0; u < 4; u++) s[u] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(km[u], kr + 16 * u), s[u]);
         }
-        s0 = _mm512_mask_mul_ps(ninf, k0, s0, vs);
-        s1 = _mm512_mask_mul_ps(ninf, k1, s1, vs);
-        s2 = _mm512_mask_mul_ps(ninf, k2, s2, vs);
-        s3 = _mm512_mask_mul_ps(ninf, k3, s3, vs);
-        float cmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s0, s1), _mm512_max_ps(s2, s3)));
-        /* a NaN score must not vanish in the max: reduce_max may drop it, the sum keeps it */
+        for (int u = 0; u < 4; u++) s[u] = _mm512_mask_mul_ps(ninf, km[u], _mm512_add_ps(s[u], t[u]), vs);
+        const float cmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3])));
+        /* reduce_max may drop a NaN score; the exp and the sum below keep it */
         const float mx = cmax > m ? cmax : m;
         const __m512 vmx = _mm512_set1_ps(mx);
-        s0 = exp_512(_mm512_sub_ps(s0, vmx));
-        s1 = exp_512(_mm512_sub_ps(s1, vmx));
-        s2 = exp_512(_mm512_sub_ps(s2, vmx));
-        s3 = exp_512(_mm512_sub_ps(s3, vmx));
-        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-        _mm512_storeu_ps(p, s0);
-        _mm512_storeu_ps(p + 16, s1);
-        _mm512_storeu_ps(p + 32, s2);
-        _mm512_storeu_ps(p + 48, s3);
+        for (int u = 0; u < 4; u++) {
+            s[u] = exp_512(_mm512_sub_ps(s[u], vmx));
+            _mm512_storeu_ps(p + 16 * u, s[u]);
+        }
+        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
         const float alpha = exp_g(m - mx);
         l = l * alpha + sum;
         m = mx;
         const __m512 va = _mm512_set1_ps(alpha);
         for (int64_t d0 = 0; d0 < hs; d0 += 64) {
-            const __mmask16 d0m = tail_mask(hs - d0), d1m = tail_mask(hs - d0 - 16);
-            const __mmask16 d2m = tail_mask(hs - d0 - 32), d3m = tail_mask(hs - d0 - 48);
-            __m512 o0 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d0m, o + d0));
-            __m512 o1 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d1m, o + d0 + 16));
-            __m512 o2 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d2m, o + d0 + 32));
-            __m512 o3 = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(d3m, o + d0 + 48));
-            for (int64_t j = 0; j < nk; j++) {
-                const __m512 pj = _mm512_set1_ps(p[j]);
-                const float *vr = v + (j0 + j) * hs + d0;
-                o0 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d0m, vr), o0);
-                o1 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d1m, vr + 16), o1);
-                o2 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d2m, vr + 32), o2);
-                o3 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(d3m, vr + 48), o3);
+            __mmask16 dm[4];
+            __m512 a[4], b[4];
+            for (int u = 0; u < 4; u++) {
+                dm[u] = tail_mask(hs - d0 - 16 * u);
+                a[u] = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(dm[u], o + d0 + 16 * u));
+                b[u] = _mm512_setzero_ps();
             }
-            _mm512_mask_storeu_ps(o + d0, d0m, o0);
-            _mm512_mask_storeu_ps(o + d0 + 16, d1m, o1);
-            _mm512_mask_storeu_ps(o + d0 + 32, d2m, o2);
-            _mm512_mask_storeu_ps(o + d0 + 48, d3m, o3);
+            int64_t j = 0;
+            for (; j + 2 <= nk; j += 2) {
+                const __m512 pa = _mm512_set1_ps(p[j]), pb = _mm512_set1_ps(p[j + 1]);
+                const float *va_ = v + (j0 + j) * hs + d0, *vb_ = va_ + hs;
+                for (int u = 0; u < 4; u++) {
+                    a[u] = _mm512_fmadd_ps(pa, _mm512_maskz_loadu_ps(dm[u], va_ + 16 * u), a[u]);
+                    b[u] = _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(dm[u], vb_ + 16 * u), b[u]);
+                }
+            }
+            if (j < nk) {
+                const __m512 pa = _mm512_set1_ps(p[j]);
+                const float *va_ = v + (j0 + j) * hs + d0;
+                for (int u = 0; u < 4; u++) a[u] = _mm512_fmadd_ps(pa, _mm512_maskz_loadu_ps(dm[u], va_ + 16 * u), a[u]);
+            }
+            for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(o + d0 + 16 * u, dm[u], _mm512_add_ps(a[u], b[u]));
         }
     }
     for (int64_t d = 0; d < hs; d++) out[d] = o[d] / l;
