@@ -121,15 +121,15 @@ def np_backward(dout, qkv, p, NH):
     return g.reshape(B, T, C3)
 
 
-def np_decode(q, k_cache, v_cache, L):
-    """out (B, C): q (B, C) against positions 0..L-1 of smallmind's cache layout."""
-    B, NH, hs, _ = k_cache.shape
+def np_decode(q, k, v, L):
+    """out (B, C): q (B, C) against positions 0..L-1 of a numpy cache k, v (B, NH, T_max, hs)."""
+    B, NH, _, hs = k.shape
     qh = q.reshape(B, NH, 1, hs)
-    s = np.matmul(qh, k_cache[..., :L]) * np.float32(1.0 / np.sqrt(hs))  # (B, NH, 1, L)
+    s = np.matmul(qh, k[:, :, :L].transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(hs))  # (B, NH, 1, L)
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
-    return np.matmul(s, v_cache[:, :, :L]).reshape(B, NH * hs)
+    return np.matmul(s, v[:, :, :L]).reshape(B, NH * hs)
 
 
 # ---- cases -----------------------------------------------------------------------------------
@@ -189,13 +189,15 @@ def _decode_row(B, L, C, NH, threads, quick, rng):
     _idle(quick)
     t_sm = timeit(lambda: sm.kernels.attention_decode(q, k_cache, v_cache, L, out=out, threads=threads), quick)
     _idle(quick)
+    # numpy and torch keep their caches in the plain (B, NH, L, hs) layout
+    k = np.ascontiguousarray(qkv[:, :, C:2 * C].reshape(B, L, NH, hs).transpose(0, 2, 1, 3))
+    v = np.ascontiguousarray(qkv[:, :, 2 * C:].reshape(B, L, NH, hs).transpose(0, 2, 1, 3))
     with _blas_threads(threads):
-        t_np = timeit(lambda: np_decode(q, k_cache, v_cache, L), quick)
+        t_np = timeit(lambda: np_decode(q, k, v, L), quick)
     t_t = None
     if torch is not None:
         torch.set_num_threads(threads)
-        kt = torch.from_numpy(np.ascontiguousarray(k_cache.transpose(0, 1, 3, 2)))
-        vt = torch.from_numpy(v_cache)
+        kt, vt = torch.from_numpy(k), torch.from_numpy(v)
         qt = torch.from_numpy(q).view(B, NH, 1, hs)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         with torch.no_grad():

@@ -56,6 +56,9 @@ static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* Offset of position t, dimension d in one head's key cache (T_max / BLK, hs, BLK). */
+static int64_t kc_index(int64_t t, int64_t d, int64_t hs) { return (t / BLK) * hs * BLK + d * BLK + t % BLK; }
+
 /* Work below this many multiply-adds runs on the calling thread: waking a team costs more. */
 #define SMALL_WORK (1 << 20)
 
@@ -173,7 +176,8 @@ int sm_attention_backward_naive(float *dqkv, const float *dout, const float *qkv
 int sm_attention_decode_naive(float *out, const float *q, const float *k_cache,
                               const float *v_cache, const int *lengths, int64_t q_stride,
                               int64_t B, int64_t NH, int64_t T_max, int64_t hs) {
-    /* out (B, NH*hs), q (B, q_stride), k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs) */
+    /* out (B, NH*hs), q (B, q_stride), k_cache (B, NH, T_max / BLK, hs, BLK),
+     * v_cache (B, NH, T_max, hs), lengths (B) */
     if (B <= 0 || NH <= 0 || hs <= 0 || T_max <= 0) return SM_OK;
     const double scale = 1.0 / sqrt((double)hs);
     double *s = (double *)sm_aligned_alloc((size_t)T_max * sizeof(double));
@@ -187,7 +191,7 @@ int sm_attention_decode_naive(float *out, const float *q, const float *k_cache,
             double mx = -INFINITY, sum = 0.0;
             for (int64_t j = 0; j < L; j++) {
                 double acc = 0.0;
-                for (int64_t d = 0; d < hs; d++) acc += (double)qh[d] * (double)kt[d * T_max + j];
+                for (int64_t d = 0; d < hs; d++) acc += (double)qh[d] * (double)kt[kc_index(j, d, hs)];
                 s[j] = acc * scale;
                 if (s[j] > mx) mx = s[j];
             }
@@ -925,8 +929,8 @@ int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, cons
 void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64_t start,
                          int64_t B, int64_t T, int64_t NH, int64_t T_max, int64_t hs,
                          int nthreads) {
-    /* k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs), qkv (B, T, 3C), C = NH*hs;
-     * positions start .. start+T-1 are written */
+    /* k_cache (B, NH, T_max / BLK, hs, BLK), v_cache (B, NH, T_max, hs), qkv (B, T, 3C),
+     * C = NH*hs; positions start .. start+T-1 are written */
     if (B <= 0 || T <= 0 || NH <= 0 || hs <= 0) return;
     const int64_t C = NH * hs, C3 = 3 * C, units = B * NH;
     const int nt = team_size(nthreads, units, (double)units * T * hs * 8);
@@ -936,11 +940,11 @@ void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64
         for (int64_t u = u0; u < u1; u++) {
             const int64_t b = u / NH, h = u % NH;
             const float *src = qkv + b * T * C3 + h * hs;
-            float *kt = k_cache + u * hs * T_max + start;
+            float *kt = k_cache + u * hs * T_max;
             float *v = v_cache + (u * T_max + start) * hs;
             /* write along the cache's contiguous positions, read qkv with stride */
             for (int64_t d = 0; d < hs; d++)
-                for (int64_t t = 0; t < T; t++) kt[d * T_max + t] = src[t * C3 + C + d];
+                for (int64_t t = 0; t < T; t++) kt[kc_index(start + t, d, hs)] = src[t * C3 + C + d];
             for (int64_t t = 0; t < T; t++) memcpy(v + t * hs, src + t * C3 + 2 * C, (size_t)hs * sizeof(float));
         }
     }
@@ -949,15 +953,16 @@ void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64
 void sm_kv_cache_append(float *k_cache, float *v_cache, const float *qkv_row,
                         const int *positions, int64_t B, int64_t NH, int64_t T_max, int64_t hs,
                         int nthreads) {
-    /* k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs), qkv_row (B, 3C), positions (B) */
+    /* k_cache (B, NH, T_max / BLK, hs, BLK), v_cache (B, NH, T_max, hs), qkv_row (B, 3C),
+     * positions (B) */
     (void)nthreads; /* B * 2C floats: always less work than waking a team */
     const int64_t C = NH * hs, C3 = 3 * C;
     for (int64_t b = 0; b < B; b++) {
         const int64_t pos = positions[b];
         for (int64_t h = 0; h < NH; h++) {
             const float *src = qkv_row + b * C3 + h * hs;
-            float *kt = k_cache + (b * NH + h) * hs * T_max + pos;
-            for (int64_t d = 0; d < hs; d++) kt[d * T_max] = src[C + d];
+            float *kt = k_cache + (b * NH + h) * hs * T_max;
+            for (int64_t d = 0; d < hs; d++) kt[kc_index(pos, d, hs)] = src[C + d];
             memcpy(v_cache + ((b * NH + h) * T_max + pos) * hs, src + 2 * C, (size_t)hs * sizeof(float));
         }
     }
@@ -965,7 +970,8 @@ void sm_kv_cache_append(float *k_cache, float *v_cache, const float *qkv_row,
 
 /* ============================================================================================
  * decode: one query against cached positions 0 .. L-1, keys in chunks of BLK with an online
- * softmax (scores of a chunk: lanes along keys, thanks to the transposed key cache).
+ * softmax. A chunk's keys are one contiguous, transposed (hs, BLK) block of the key cache, so
+ * its scores come out with lanes along keys and the block streams from memory in order.
  * ws: o (hsp) running output, p (BLK) probabilities of the chunk.
  * ============================================================================================ */
 
@@ -982,7 +988,7 @@ SM_INLINE void decode_head_body(float *out, const float *q, const float *kt, con
         for (int64_t j = 0; j < nk; j++) p[j] = 0.0f;
         for (int64_t d = 0; d < hs; d++) {
             const float qd = q[d];
-            const float *kr = kt + d * T_max + j0;
+            const float *kr = kt + j0 * hs + d * BLK;
             for (int64_t j = 0; j < nk; j++) p[j] += qd * kr[j];
         }
         float mx = m;
@@ -1025,22 +1031,16 @@ static void decode_head_avx2(float *out, const float *q, const float *kt, const 
     for (int64_t d = 0; d < hs; d++) o[d] = 0.0f;
     for (int64_t j0 = 0; j0 < L; j0 += BLK) {
         const int64_t nk = min64(BLK, L - j0);
-        if (nk == BLK) {
+        {
+            /* a block of the key cache is whole even past L; lanes >= nk are dropped below */
             __m256 s[8];
             for (int u = 0; u < 8; u++) s[u] = _mm256_setzero_ps();
             for (int64_t d = 0; d < hs; d++) {
                 const __m256 x = _mm256_broadcast_ss(q + d);
-                const float *kr = kt + d * T_max + j0;
+                const float *kr = kt + j0 * hs + d * BLK;
                 for (int u = 0; u < 8; u++) s[u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr + 8 * u), s[u]);
             }
             for (int u = 0; u < 8; u++) _mm256_storeu_ps(p + 8 * u, s[u]);
-        } else {
-            /* the last, partial chunk: plain loops never read past position L - 1 */
-            for (int64_t j = 0; j < BLK; j++) p[j] = 0.0f;
-            for (int64_t d = 0; d < hs; d++) {
-                const float qd = q[d], *kr = kt + d * T_max + j0;
-                for (int64_t j = 0; j < nk; j++) p[j] += qd * kr[j];
-            }
         }
         const __m256 vs = _mm256_set1_ps(scale), iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
         const __m256 ninf = _mm256_set1_ps(-INFINITY);
@@ -1128,30 +1128,22 @@ static void decode_head_avx512(float *out, const float *q, const float *kt, cons
             km[u] = tail_mask(nk - 16 * u);
             s[u] = t[u] = _mm512_setzero_ps();
         }
-        /* masked loads never touch positions >= L, so never past the cache's capacity */
+        /* the chunk's keys are one contiguous (hs, BLK) block of the cache, whole even past L
+         * (lanes >= nk are dropped by the masked scale below) */
+        const float *kb = kt + j0 * hs;
         int64_t d = 0;
-        if (nk == BLK)
-            for (; d + 2 <= hs; d += 2) {
-                const __m512 x = _mm512_set1_ps(q[d]), y = _mm512_set1_ps(q[d + 1]);
-                const float *kr = kt + d * T_max + j0, *kr2 = kr + T_max;
-                for (int u = 0; u < 4; u++) {
-                    s[u] = _mm512_fmadd_ps(x, _mm512_loadu_ps(kr + 16 * u), s[u]);
-                    t[u] = _mm512_fmadd_ps(y, _mm512_loadu_ps(kr2 + 16 * u), t[u]);
-                }
+        for (; d + 2 <= hs; d += 2) {
+            const __m512 x = _mm512_set1_ps(q[d]), y = _mm512_set1_ps(q[d + 1]);
+            const float *kr = kb + d * BLK;
+            for (int u = 0; u < 4; u++) {
+                s[u] = _mm512_fmadd_ps(x, _mm512_loadu_ps(kr + 16 * u), s[u]);
+                t[u] = _mm512_fmadd_ps(y, _mm512_loadu_ps(kr + BLK + 16 * u), t[u]);
             }
-        else
-            for (; d + 2 <= hs; d += 2) {
-                const __m512 x = _mm512_set1_ps(q[d]), y = _mm512_set1_ps(q[d + 1]);
-                const float *kr = kt + d * T_max + j0, *kr2 = kr + T_max;
-                for (int u = 0; u < 4; u++) {
-                    s[u] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(km[u], kr + 16 * u), s[u]);
-                    t[u] = _mm512_fmadd_ps(y, _mm512_maskz_loadu_ps(km[u], kr2 + 16 * u), t[u]);
-                }
-            }
+        }
         if (d < hs) {
             const __m512 x = _mm512_set1_ps(q[d]);
-            const float *kr = kt + d * T_max + j0;
-            for (int u = 0; u < 4; u++) s[u] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(km[u], kr + 16 * u), s[u]);
+            const float *kr = kb + d * BLK;
+            for (int u = 0; u < 4; u++) s[u] = _mm512_fmadd_ps(x, _mm512_loadu_ps(kr + 16 * u), s[u]);
         }
         for (int u = 0; u < 4; u++) s[u] = _mm512_mask_mul_ps(ninf, km[u], _mm512_add_ps(s[u], t[u]), vs);
         const float cmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3])));
@@ -1202,8 +1194,8 @@ static void decode_head_avx512(float *out, const float *q, const float *kt, cons
 int sm_attention_decode(float *out, const float *q, const float *k_cache, const float *v_cache,
                         const int *lengths, int64_t q_stride, int64_t B, int64_t NH,
                         int64_t T_max, int64_t hs, int nthreads) {
-    /* out (B, NH*hs), q (B, q_stride), k_cache (B, NH, hs, T_max), v_cache (B, NH, T_max, hs),
-     * lengths (B) */
+    /* out (B, NH*hs), q (B, q_stride), k_cache (B, NH, T_max / BLK, hs, BLK),
+     * v_cache (B, NH, T_max, hs), lengths (B) */
     if (B <= 0 || NH <= 0 || hs <= 0 || T_max <= 0) return SM_OK;
     decode_fn fn = decode_head_generic;
 #if SM_X86_KERNELS

@@ -12,12 +12,15 @@
  *   lse  (B, NH, T): log(sum_j exp(s_tj)) of row t's scaled scores s_tj = q_t.k_j / sqrt(hs)
  *                    over j <= t; the only activation the backward pass needs besides out.
  *
- * KV cache of one layer, capacity T_max tokens per sequence:
- *   k_cache (B, NH, hs, T_max): keys stored TRANSPOSED, so the decode step reads a query's
- *                               scores for 16 consecutive keys as one vector.
- *   v_cache (B, NH, T_max, hs): values stored by position, rows of hs floats.
- * Positions at or past a sequence's length are never read, so the cache may start
- * uninitialised.
+ * KV cache of one layer, capacity T_max tokens per sequence, T_max a multiple of SM_ATT_BLOCK:
+ *   k_cache (B, NH, T_max / 64, hs, 64): keys in blocks of 64 positions, each block stored
+ *                               TRANSPOSED (hs rows of 64 positions) and contiguous, so the
+ *                               decode step gets the scores of 16 consecutive positions as one
+ *                               vector and streams each block from memory in order. Key of
+ *                               position t, dimension d: k_cache[b, h, t / 64, d, t % 64].
+ *   v_cache (B, NH, T_max, hs): values by position, rows of hs floats.
+ * Positions at or past a sequence's length never affect a result (the decode step may read
+ * the rest of the last key block but drops it), so the cache may start uninitialised.
  *
  * All results are bitwise identical for any nthreads (each output row belongs to one work
  * item whose arithmetic does not depend on the team). nthreads <= 0 uses the library default.

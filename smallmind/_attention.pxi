@@ -4,7 +4,9 @@
 #   qkv (B, T, 3C)   fused c_attn output; head h's query at [h*hs, (h+1)*hs), key at C + ..,
 #                    value at 2C + ..; hs = C / n_head
 #   out (B, T, C)    heads concatenated;  lse (B, n_head, T) per-row log-sum-exp (for backward)
-#   k_cache (B, n_head, hs, capacity)  keys stored transposed;  v_cache (B, n_head, capacity, hs)
+#   k_cache (B, n_head, capacity / 64, hs, 64): keys in blocks of 64 positions, each block
+#            transposed (position t, dim d at [b, h, t // 64, d, t % 64])
+#   v_cache (B, n_head, capacity, hs): values by position
 
 ATTENTION_BLOCK = SM_ATT_BLOCK
 
@@ -123,26 +125,34 @@ def attention_backward_naive(dout, qkv, out, lse, n_head, dqkv=None):
 # ---- KV cache and decode ---------------------------------------------------------------------
 
 def kv_cache_new(batch, n_head, capacity, head_size):
-    """A zeroed KV cache for one layer: (k_cache (batch, n_head, head_size, capacity),
-    v_cache (batch, n_head, capacity, head_size)), float32. Keys are stored transposed so the
-    decode step reads consecutive positions as one vector."""
+    """A zeroed KV cache for one layer: (k_cache, v_cache), float32, holding at least
+    `capacity` positions per sequence (rounded up to a multiple of ATTENTION_BLOCK = 64; the
+    capacity is v_cache.shape[2]).
+
+    k_cache (batch, n_head, capacity / 64, head_size, 64): keys in blocks of 64 positions, each
+    block transposed, so the decode step reads the scores of consecutive positions as vectors
+    and streams each block in order (key of position t, dim d: k_cache[b, h, t // 64, d, t % 64]).
+    v_cache (batch, n_head, capacity, head_size): values by position.
+    """
     _check_int(batch, "batch", 0, _MAX_DIM)
     _check_int(n_head, "n_head", 1, _MAX_DIM)
     _check_int(capacity, "capacity", 1, _MAX_DIM)
     _check_int(head_size, "head_size", 1, _MAX_DIM)
-    return (np.zeros((batch, n_head, head_size, capacity), dtype=np.float32),
-            np.zeros((batch, n_head, capacity, head_size), dtype=np.float32))
+    nblk = (capacity + SM_ATT_BLOCK - 1) // SM_ATT_BLOCK
+    return (np.zeros((batch, n_head, nblk, head_size, SM_ATT_BLOCK), dtype=np.float32),
+            np.zeros((batch, n_head, nblk * SM_ATT_BLOCK, head_size), dtype=np.float32))
 
 
 cdef tuple _cache_dims(object k_cache, object v_cache):
     """(B, NH, T_max, hs) of a validated, writeable-or-not pair of cache arrays."""
-    _check_f32(k_cache, "k_cache", 4)
+    _check_f32(k_cache, "k_cache", 5)
     _check_f32(v_cache, "v_cache", 4)
-    cdef int64_t B = k_cache.shape[0], NH = k_cache.shape[1], hs = k_cache.shape[2]
-    cdef int64_t T_max = k_cache.shape[3]
-    if NH == 0 or hs == 0 or T_max == 0:
-        raise ValidationError(f"k_cache must have shape (batch, n_head, head_size, capacity) with "
-                              f"n_head, head_size, capacity >= 1, got {k_cache.shape}")
+    cdef int64_t B = k_cache.shape[0], NH = k_cache.shape[1], hs = k_cache.shape[3]
+    cdef int64_t T_max = k_cache.shape[2] * SM_ATT_BLOCK
+    if NH == 0 or hs == 0 or T_max == 0 or k_cache.shape[4] != SM_ATT_BLOCK:
+        raise ValidationError(f"k_cache must have shape (batch, n_head, capacity / {SM_ATT_BLOCK}, "
+                              f"head_size, {SM_ATT_BLOCK}) with n_head, head_size, capacity >= 1 "
+                              f"(see kv_cache_new), got {k_cache.shape}")
     if v_cache.shape != (B, NH, T_max, hs):
         raise ValidationError(f"v_cache must have shape (batch, n_head, capacity, head_size) = "
                               f"{(B, NH, T_max, hs)} to match k_cache {k_cache.shape}, got {v_cache.shape}")
@@ -175,7 +185,7 @@ def kv_cache_prefill(k_cache, v_cache, qkv, start=0, threads=None):
     """
     cdef int64_t B, NH, T_max, hs
     B, NH, T_max, hs = _cache_dims(k_cache, v_cache)
-    _check_f32(k_cache, "k_cache", 4, True)
+    _check_f32(k_cache, "k_cache", 5, True)
     _check_f32(v_cache, "v_cache", 4, True)
     _check_f32(qkv, "qkv", 3)
     cdef int64_t C = NH * hs, T = qkv.shape[1]
@@ -203,7 +213,7 @@ def kv_cache_append(k_cache, v_cache, qkv_row, positions, threads=None):
     `positions` (an int for all sequences, or an integer array (B,)), each in [0, capacity)."""
     cdef int64_t B, NH, T_max, hs
     B, NH, T_max, hs = _cache_dims(k_cache, v_cache)
-    _check_f32(k_cache, "k_cache", 4, True)
+    _check_f32(k_cache, "k_cache", 5, True)
     _check_f32(v_cache, "v_cache", 4, True)
     _check_f32(qkv_row, "qkv_row", 2)
     cdef int64_t C = NH * hs

@@ -225,25 +225,35 @@ def test_kernel_gradient_matches_finite_differences(simd, rng):
 
 # ---- KV cache and decode ---------------------------------------------------------------------
 
+def keys_t(kc):
+    """The key cache (B, NH, cap/64, hs, 64) as (B, NH, hs, cap): keys transposed, by position."""
+    B, NH, nb, hs, blk = kc.shape
+    return kc.transpose(0, 1, 3, 2, 4).reshape(B, NH, hs, nb * blk)
+
+
 def test_kv_cache_layout(rng):
-    B, T, NH, hs, cap = 2, 7, 3, 5, 11
+    B, T, NH, hs = 2, 70, 3, 5
+    assert K.ATTENTION_BLOCK == 64
     qkv = rand_qkv(rng, B, T, NH, hs)
-    kc, vc = K.kv_cache_new(B, NH, cap, hs)
-    assert kc.shape == (B, NH, hs, cap) and vc.shape == (B, NH, cap, hs)
+    kc, vc = K.kv_cache_new(B, NH, 75, hs)  # capacity rounds up to 128
+    assert kc.shape == (B, NH, 2, hs, 64) and vc.shape == (B, NH, 128, hs)
     K.kv_cache_prefill(kc, vc, qkv, start=2)
     C = NH * hs
     k = qkv[:, :, C:2 * C].reshape(B, T, NH, hs)
     v = qkv[:, :, 2 * C:].reshape(B, T, NH, hs)
-    assert np.array_equal(kc[..., 2:2 + T], k.transpose(0, 2, 3, 1))
+    kt = keys_t(kc)
+    assert np.array_equal(kt[..., 2:2 + T], k.transpose(0, 2, 3, 1))
+    assert np.array_equal(kc[1, 2, 1, 4, 3], k[1, 64 + 3 - 2, 2, 4])  # documented indexing
     assert np.array_equal(vc[:, :, 2:2 + T], v.transpose(0, 2, 1, 3))
-    assert (kc[..., :2] == 0).all() and (kc[..., 2 + T:] == 0).all()
+    assert (kt[..., :2] == 0).all() and (kt[..., 2 + T:] == 0).all()
     assert (vc[:, :, :2] == 0).all() and (vc[:, :, 2 + T:] == 0).all()
     row = rand_qkv(rng, B, 1, NH, hs)[:, 0]
-    K.kv_cache_append(kc, vc, row, np.array([0, 10]))
-    assert np.array_equal(kc[0, :, :, 0], row[0, C:2 * C].reshape(NH, hs))
-    assert np.array_equal(kc[1, :, :, 10], row[1, C:2 * C].reshape(NH, hs))
+    K.kv_cache_append(kc, vc, row, np.array([0, 127]))
+    kt = keys_t(kc)
+    assert np.array_equal(kt[0, :, :, 0], row[0, C:2 * C].reshape(NH, hs))
+    assert np.array_equal(kt[1, :, :, 127], row[1, C:2 * C].reshape(NH, hs))
     assert np.array_equal(vc[0, :, 0], row[0, 2 * C:].reshape(NH, hs))
-    assert np.array_equal(vc[1, :, 10], row[1, 2 * C:].reshape(NH, hs))
+    assert np.array_equal(vc[1, :, 127], row[1, 2 * C:].reshape(NH, hs))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 2, 5), (2, 17, 3, 64), (1, 65, 4, 48),
@@ -258,7 +268,7 @@ def test_decode_equals_last_row_of_forward(simd, rng, shape):
     dec = K.attention_decode(np.ascontiguousarray(qkv[:, -1, :C]), kc, vc, T)
     assert dec.shape == (B, C)
     assert_close(dec, out[:, -1], rtol=5e-6, what=str(shape))
-    ref = ref_forward(qkv[:, -1:], NH)[0][:, 0] if T == 1 else ref_forward(qkv, NH)[0][:, -1]
+    ref = ref_forward(qkv, NH)[0][:, -1]
     assert_close(dec, ref, rtol=5e-6)
     # queries read straight from fused qkv rows give the same bits
     dec2 = K.attention_decode(np.ascontiguousarray(qkv[:, -1]), kc, vc, T)
@@ -272,13 +282,13 @@ def test_decode_per_sequence_lengths(simd, rng):
     B, T, NH, hs = 4, 150, 2, 24
     C = NH * hs
     qkv = rand_qkv(rng, B, T, NH, hs)
-    # garbage (even NaN) past each sequence's length must never be read
-    kc = np.full((B, NH, hs, T), np.nan, np.float32)
-    vc = np.full((B, NH, T, hs), np.nan, np.float32)
+    # garbage (even NaN) past each sequence's length must never affect a result
+    kc, vc = K.kv_cache_new(B, NH, T, hs)
     K.kv_cache_prefill(kc, vc, qkv)
     lengths = np.array([1, 64, 65, 150], np.int64)
     for b, L in enumerate(lengths):
-        kc[b, :, :, L:] = np.nan
+        for t in range(L, kc.shape[2] * 64):
+            kc[b, :, t // 64, :, t % 64] = np.nan
         vc[b, :, L:] = np.nan
     q = np.stack([qkv[b, L - 1, :C] for b, L in enumerate(lengths)])
     dec = K.attention_decode(q, kc, vc, lengths)
@@ -433,8 +443,9 @@ def test_backward_validation():
 
 
 def test_cache_and_decode_validation():
-    B, NH, hs, cap = 2, 2, 4, 6
-    kc, vc = K.kv_cache_new(B, NH, cap, hs)
+    B, NH, hs, cap = 2, 2, 4, 64
+    kc, vc = K.kv_cache_new(B, NH, 6, hs)
+    assert vc.shape[2] == cap
     qkv = np.zeros((B, 3, 3 * NH * hs), np.float32)
     row = np.zeros((B, 3 * NH * hs), np.float32)
     q = np.zeros((B, NH * hs), np.float32)
@@ -444,21 +455,23 @@ def test_cache_and_decode_validation():
         with pytest.raises(sm.ValidationError, match=next(iter(bad))):
             K.kv_cache_new(**args)
     with pytest.raises(sm.ValidationError, match="v_cache must have shape"):
-        K.attention_decode(q, kc, vc[:, :, :5].copy(), 1)
-    with pytest.raises(sm.ValidationError, match="k_cache must be 4-D"):
+        K.attention_decode(q, kc, vc[:, :, :63].copy(), 1)
+    with pytest.raises(sm.ValidationError, match="k_cache must be 5-D"):
         K.attention_decode(q, kc[0], vc, 1)
     with pytest.raises(sm.ValidationError, match="k_cache must have shape"):
-        K.attention_decode(q, np.zeros((B, NH, hs, 0), np.float32), np.zeros((B, NH, 0, hs), np.float32), 1)
+        K.attention_decode(q, np.zeros((B, NH, 0, hs, 64), np.float32), np.zeros((B, NH, 0, hs), np.float32), 1)
+    with pytest.raises(sm.ValidationError, match="k_cache must have shape"):
+        K.attention_decode(q, np.zeros((B, NH, 1, hs, 32), np.float32), np.zeros((B, NH, 32, hs), np.float32), 1)
     with pytest.raises(sm.ValidationError, match="k_cache must not overlap v_cache"):
         K.attention_decode(q, kc, kc.reshape(vc.shape), 1)
     with pytest.raises(sm.ValidationError, match="q must have shape"):
         K.attention_decode(np.zeros((B, 5), np.float32), kc, vc, 1)
-    with pytest.raises(sm.ValidationError, match="lengths must be in \\[1, 6\\]"):
+    with pytest.raises(sm.ValidationError, match="lengths must be in \\[1, 64\\]"):
         K.attention_decode(q, kc, vc, 0)
-    with pytest.raises(sm.ValidationError, match="lengths must be in \\[1, 6\\]"):
-        K.attention_decode(q, kc, vc, 7)
-    with pytest.raises(sm.ValidationError, match="lengths must be in \\[1, 6\\]"):
-        K.attention_decode(q, kc, vc, np.array([3, 7]))
+    with pytest.raises(sm.ValidationError, match="lengths must be in \\[1, 64\\]"):
+        K.attention_decode(q, kc, vc, 65)
+    with pytest.raises(sm.ValidationError, match="lengths must be in \\[1, 64\\]"):
+        K.attention_decode(q, kc, vc, np.array([3, 65]))
     with pytest.raises(sm.ValidationError, match="lengths must be an int or have shape \\(2,\\)"):
         K.attention_decode(q, kc, vc, np.array([3, 3, 3]))
     with pytest.raises(TypeError, match="lengths must be an int or an integer array"):
@@ -475,8 +488,8 @@ def test_cache_and_decode_validation():
         K.kv_cache_prefill(kc, vc, np.zeros((B + 1, 3, 3 * NH * hs), np.float32))
     with pytest.raises(sm.ValidationError, match="capacity"):
         K.kv_cache_prefill(kc, vc, np.zeros((B, cap + 1, 3 * NH * hs), np.float32))
-    with pytest.raises(sm.ValidationError, match="start must be in \\[0, 3\\]"):
-        K.kv_cache_prefill(kc, vc, qkv, start=4)
+    with pytest.raises(sm.ValidationError, match="start must be in \\[0, 61\\]"):
+        K.kv_cache_prefill(kc, vc, qkv, start=62)
     with pytest.raises(sm.ValidationError, match="start"):
         K.kv_cache_prefill(kc, vc, qkv, start=-1)
     ro = kc.copy()
@@ -485,9 +498,9 @@ def test_cache_and_decode_validation():
         K.kv_cache_prefill(ro, vc, qkv)
     with pytest.raises(sm.ValidationError, match="qkv_row must have shape"):
         K.kv_cache_append(kc, vc, row[:, :5].copy(), 0)
-    with pytest.raises(sm.ValidationError, match="positions must be in \\[0, 5\\]"):
-        K.kv_cache_append(kc, vc, row, 6)
-    with pytest.raises(sm.ValidationError, match="positions must be in \\[0, 5\\]"):
+    with pytest.raises(sm.ValidationError, match="positions must be in \\[0, 63\\]"):
+        K.kv_cache_append(kc, vc, row, 64)
+    with pytest.raises(sm.ValidationError, match="positions must be in \\[0, 63\\]"):
         K.kv_cache_append(kc, vc, row, np.array([0, -1]))
     with pytest.raises(TypeError, match="positions"):
         K.kv_cache_append(kc, vc, row, 1.0)
