@@ -19,11 +19,16 @@
  *     for key blocks J <= I:      S^T = K_J @ QT;  online softmax over the rows of S^T
  *                                 O = diag(alpha) O + P @ V_J   (P read from S^T transposed)
  *     out = O / l;  lse = m + log(l)
- *   backward, per head:           QT, dOT (hs x T, packed once), D = rowsum(dO * O), dQ (T x hs)
- *     for key blocks J:           dK_J = dV_J = 0
+ *   backward, per head:           QT, dOT (each query block transposed, packed once),
+ *                                 D = rowsum(dO * O)
+ *     for key blocks J:
  *       for query blocks I >= J:  S^T = K_J @ QT_I,  dP^T = V_J @ dOT_I
  *                                 P = exp(scale S - lse),  dS = P (dP - D) scale
  *                                 dV_J += P^T dO_I,  dK_J += dS^T Q_I,  dQ_I += dS K_J
+ *   (the gradient products accumulate straight into dqkv when hs % 16 == 0)
+ *
+ * On a diagonal tile (I == J) the products skip, in whole register tiles, the masked triangle:
+ * score entries no query uses and k ranges where P or dS is exactly zero (see TRI_*).
  *
  * Memory: forward saves only lse (B, NH, T); scratch is a few tiles per thread (forward) or
  * O(T hs) per thread (backward), never the (B, NH, T, T) attention matrix.
@@ -33,11 +38,12 @@
  * depend on the thread count. They do differ (by rounding) between SIMD levels.
  *
  * exp: a Cephes-style polynomial in every path (libm's expf would cost more than the matrix
- * products it sits between); ~2 ulp, exact 0 below ln(FLT_MIN) (so -inf, the mask, gives 0),
- * NaN in gives NaN out.
+ * products it sits between), within 1 ulp on [-87, 0]; it flushes to exactly 0 below ln(FLT_MIN)
+ * (so -inf, the mask, gives 0) and keeps NaN.
  *
- * Known limit: a NaN or inf in the key or value of a FUTURE position inside the diagonal tile
- * can reach an earlier output (0 * NaN); finite values there never do.
+ * Known limit: a NaN or inf in the key or value of a FUTURE position that falls in the same
+ * register tile of a diagonal tile can reach an earlier output (0 * NaN); finite values there
+ * never change a result.
  */
 #include "sm_attention.h"
 

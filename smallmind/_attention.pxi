@@ -210,7 +210,9 @@ def kv_cache_prefill(k_cache, v_cache, qkv, start=0, threads=None):
 
 def kv_cache_append(k_cache, v_cache, qkv_row, positions, threads=None):
     """Write one new token's key and value per sequence, qkv_row (B, 3C), at cache position
-    `positions` (an int for all sequences, or an integer array (B,)), each in [0, capacity)."""
+    `positions` (an int for all sequences, or an integer array (B,)), each in [0, capacity).
+    `threads` is accepted like everywhere else; a copy this small always runs on the calling
+    thread."""
     cdef int64_t B, NH, T_max, hs
     B, NH, T_max, hs = _cache_dims(k_cache, v_cache)
     _check_f32(k_cache, "k_cache", 5, True)
