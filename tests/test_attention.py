@@ -354,11 +354,16 @@ def test_bitwise_identical_across_thread_counts(simd, rng):
 def test_concurrent_python_threads_bitwise_equal_serial(rng):
     qkvs = [rand_qkv(rng, 2, T, 2, hs) for T, hs in [(130, 32), (65, 48), (200, 16), (17, 64)]]
     douts = [rng.standard_normal(q.shape[:2] + (q.shape[2] // 3,)).astype(np.float32) for q in qkvs]
+    caches = []
+    for q in qkvs:
+        kc, vc = K.kv_cache_new(q.shape[0], 2, q.shape[1], q.shape[2] // 6)
+        K.kv_cache_prefill(kc, vc, q)
+        caches.append((np.ascontiguousarray(q[:, -1]), kc, vc, q.shape[1]))
     serial = []
-    for q, d in zip(qkvs, douts):
+    for q, d, c in zip(qkvs, douts, caches):
         o, l = K.attention_forward(q, 2, threads=1)
         g = K.attention_backward(d, q, o, l, 2, threads=1)
-        serial.append((o, l, g))
+        serial.append((o, l, g, K.attention_decode(*c, threads=1)))
     bad, errors = [], []
 
     def worker(w):
@@ -368,8 +373,9 @@ def test_concurrent_python_threads_bitwise_equal_serial(rng):
                 nt = 1 + (w % 2)
                 o, l = K.attention_forward(qkvs[i], 2, threads=nt)
                 g = K.attention_backward(douts[i], qkvs[i], o, l, 2, threads=nt)
+                dec = K.attention_decode(*caches[i], threads=nt)
                 if not (np.array_equal(o, serial[i][0]) and np.array_equal(l, serial[i][1])
-                        and np.array_equal(g, serial[i][2])):
+                        and np.array_equal(g, serial[i][2]) and np.array_equal(dec, serial[i][3])):
                     bad.append((w, it))
         except Exception as e:  # pragma: no cover - surfaced below
             errors.append(e)
