@@ -777,11 +777,18 @@ int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, in
     if (!scratch) return SM_ERR_NOMEM;
     SM_PARALLEL(nt) {
         const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
+        float *ws = scratch + (int64_t)tid * per;
+        /* A block's cost grows with its index I (it sees I + 1 key blocks). Units run over
+         * layers of B * NH blocks of one I, the layers ordered costliest, cheapest, next
+         * costliest, ... so that any contiguous share mixes dear and cheap blocks even when
+         * B * NH is small. Which thread computes a block never changes its bits. */
         int64_t u0, u1;
         sm_split_range(units, 1, nth, tid, &u0, &u1);
-        float *ws = scratch + (int64_t)tid * per;
-        for (int64_t u = u0; u < u1; u++)
-            fwd_block(&K, &A, u / (NH * A.nqb), (u / A.nqb) % NH, u % A.nqb, ws);
+        for (int64_t u = u0; u < u1; u++) {
+            const int64_t p = u / (B * NH), bh = u % (B * NH);
+            const int64_t I = p % 2 == 0 ? A.nqb - 1 - p / 2 : p / 2;
+            fwd_block(&K, &A, bh / NH, bh % NH, I, ws);
+        }
     }
     sm_aligned_free(scratch);
     return SM_OK;
