@@ -98,6 +98,31 @@ cdef extern from "sm_pool.h" nogil:
 
 # ---- sm_attention.h (causal attention, decode) -----------------------------------------------
 
+cdef extern from "sm_attention.h" nogil:
+    enum:
+        SM_ATT_BLOCK
+    int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                             int64_t C, int64_t NH, int nthreads)
+    int sm_attention_forward_naive(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                                   int64_t C, int64_t NH)
+    int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out,
+                              const float *lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                              int nthreads)
+    int sm_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
+                                    const float *out, const float *lse, int64_t B, int64_t T,
+                                    int64_t C, int64_t NH)
+    void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64_t start,
+                             int64_t B, int64_t T, int64_t NH, int64_t T_max, int64_t hs,
+                             int nthreads)
+    void sm_kv_cache_append(float *k_cache, float *v_cache, const float *qkv_row,
+                            const int *positions, int64_t B, int64_t NH, int64_t T_max,
+                            int64_t hs, int nthreads)
+    int sm_attention_decode(float *out, const float *q, const float *k_cache,
+                            const float *v_cache, const int *lengths, int64_t q_stride,
+                            int64_t B, int64_t NH, int64_t T_max, int64_t hs, int nthreads)
+    int sm_attention_decode_naive(float *out, const float *q, const float *k_cache,
+                                  const float *v_cache, const int *lengths, int64_t q_stride,
+                                  int64_t B, int64_t NH, int64_t T_max, int64_t hs)
 
 
 # ---- end of declarations ---------------------------------------------------------------------

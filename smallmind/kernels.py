@@ -8,3 +8,12 @@ the GIL, so calls from several Python threads run in parallel. Each takes `threa
 from ._core import matmul, sgemm, sgemm_naive  # noqa: F401
 
 __all__ = ["matmul", "sgemm", "sgemm_naive"]
+from ._core import (  # noqa: F401,E402
+    ATTENTION_BLOCK, attention_backward, attention_backward_naive, attention_decode,
+    attention_decode_naive, attention_forward, attention_forward_naive, kv_cache_append,
+    kv_cache_new, kv_cache_prefill,
+)
+
+__all__ += ["attention_forward", "attention_forward_naive", "attention_backward",
+            "attention_backward_naive", "attention_decode", "attention_decode_naive",
+            "kv_cache_new", "kv_cache_prefill", "kv_cache_append", "ATTENTION_BLOCK"]

@@ -1,0 +1,81 @@
+/* sm_attention.h - causal multi-head self-attention on GPT-2-layout activations: a tiled
+ * forward pass (online softmax over key tiles) that saves only each row's log-sum-exp, the
+ * matching backward pass (recomputes the probabilities tile by tile), and the inference side:
+ * a KV cache (prefill, append) and a decode step of one query per sequence against it.
+ * Leaves out: dropout on the attention probabilities, masks other than causal, and a prefill
+ * that attends to an already filled cache (chunked prompts).
+ *
+ * Layout (as GPT-2's fused c_attn projection and llm.c):
+ *   qkv  (B, T, 3C): for head h, the query is qkv[b, t, h*hs : (h+1)*hs], the key sits at
+ *                    offset C and the value at offset 2C; hs = C / NH.
+ *   out  (B, T, C):  heads concatenated, ready for c_proj.
+ *   lse  (B, NH, T): log(sum_j exp(s_tj)) of row t's scaled scores s_tj = q_t.k_j / sqrt(hs)
+ *                    over j <= t; the only activation the backward pass needs besides out.
+ *
+ * KV cache of one layer, capacity T_max tokens per sequence, T_max a multiple of SM_ATT_BLOCK:
+ *   k_cache (B, NH, T_max / 64, hs, 64): keys in blocks of 64 positions, each block stored
+ *                               TRANSPOSED (hs rows of 64 positions) and contiguous, so the
+ *                               decode step gets the scores of 16 consecutive positions as one
+ *                               vector and streams each block from memory in order. Key of
+ *                               position t, dimension d: k_cache[b, h, t / 64, d, t % 64].
+ *   v_cache (B, NH, T_max, hs): values by position, rows of hs floats.
+ * Positions at or past a sequence's length never affect a result (the decode step may read
+ * the rest of the last key block but drops it), so the cache may start uninitialised.
+ *
+ * All results are bitwise identical for any nthreads (each output row belongs to one work
+ * item whose arithmetic does not depend on the team). nthreads <= 0 uses the library default.
+ * Functions returning int give SM_OK or SM_ERR_NOMEM (scratch allocation failed; outputs are
+ * then unspecified). */
+#ifndef SM_ATTENTION_H
+#define SM_ATTENTION_H
+
+#include "sm_common.h"
+
+/* Queries and keys are processed in tiles of this many rows. */
+#define SM_ATT_BLOCK 64
+
+/* ---- training ------------------------------------------------------------------------------ */
+
+/* out (B, T, C), lse (B, NH, T) <- causal softmax(q k^T / sqrt(hs)) v for every head.
+ * Overwrites out and lse. C % NH == 0. */
+int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                         int64_t C, int64_t NH, int nthreads);
+int sm_attention_forward_naive(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                               int64_t C, int64_t NH);
+
+/* dqkv (B, T, 3C) += d(loss)/d(qkv) given dout = d(loss)/d(out) (B, T, C) and the forward's
+ * qkv, out and lse. Accumulates (the caller zeroes gradients once per step). The naive twin
+ * recomputes the softmax in double and ignores out and lse. */
+int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out,
+                          const float *lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                          int nthreads);
+int sm_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
+                                const float *out, const float *lse, int64_t B, int64_t T,
+                                int64_t C, int64_t NH);
+
+/* ---- inference: KV cache and decode --------------------------------------------------------- */
+
+/* Copy the keys and values of qkv (B, T, 3C) into cache positions start .. start+T-1 of every
+ * sequence (start + T <= T_max). */
+void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64_t start,
+                         int64_t B, int64_t T, int64_t NH, int64_t T_max, int64_t hs,
+                         int nthreads);
+
+/* Write the key and value of one new token per sequence, qkv_row (B, 3C), at cache position
+ * positions[b] (0 <= positions[b] < T_max). */
+void sm_kv_cache_append(float *k_cache, float *v_cache, const float *qkv_row,
+                        const int *positions, int64_t B, int64_t NH, int64_t T_max, int64_t hs,
+                        int nthreads);
+
+/* out (B, C) <- attention of one query per sequence over cached positions 0 .. lengths[b]-1
+ * (the new token's key and value already appended; 1 <= lengths[b] <= T_max). The query of
+ * sequence b, head h is q[b * q_stride + h*hs + d]: q_stride = C for a (B, C) array, 3C to
+ * read the queries straight from qkv rows. */
+int sm_attention_decode(float *out, const float *q, const float *k_cache, const float *v_cache,
+                        const int *lengths, int64_t q_stride, int64_t B, int64_t NH,
+                        int64_t T_max, int64_t hs, int nthreads);
+int sm_attention_decode_naive(float *out, const float *q, const float *k_cache,
+                              const float *v_cache, const int *lengths, int64_t q_stride,
+                              int64_t B, int64_t NH, int64_t T_max, int64_t hs);
+
+#endif /* SM_ATTENTION_H */
