@@ -50,6 +50,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "sm_pool.h"
 #include "sm_runtime.h"
 
 #if SM_X86_KERNELS
@@ -773,7 +774,7 @@ int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, in
     const double work = (double)B * NH * (double)A.nqb * (A.nqb + 1) / 2 * BLK * BLK * 2.0 * A.hs;
     const int nt = team_size(nthreads, units, work);
     const int64_t per = round_up(A.hs * BLK, 16) + BLK * BLK + 2 * BLK * A.hsp + 3 * BLK;
-    float *scratch = (float *)sm_aligned_alloc((size_t)(per * nt) * sizeof(float));
+    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
     SM_PARALLEL(nt) {
         const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
@@ -790,7 +791,7 @@ int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, in
             fwd_block(&K, &A, bh / NH, bh % NH, I, ws);
         }
     }
-    sm_aligned_free(scratch);
+    sm_pool_return(scratch);
     return SM_OK;
 }
 
@@ -922,7 +923,7 @@ int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, cons
     const double work = (double)B * NH * (double)A.nqb * (A.nqb + 1) / 2 * BLK * BLK * 5.0 * A.hs;
     const int nt = team_size(nthreads, units, work);
     const int64_t per = round_up(bwd_scratch_floats(A.hs, A.hsp, A.Tp), 16);
-    float *scratch = (float *)sm_aligned_alloc((size_t)(per * nt) * sizeof(float));
+    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
     SM_PARALLEL(nt) {
         const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
@@ -931,7 +932,7 @@ int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, cons
         float *ws = scratch + (int64_t)tid * per;
         for (int64_t u = u0; u < u1; u++) bwd_head(&K, &A, u / NH, u % NH, ws);
     }
-    sm_aligned_free(scratch);
+    sm_pool_return(scratch);
     return SM_OK;
 }
 
@@ -1228,7 +1229,7 @@ int sm_attention_decode(float *out, const float *q, const float *k_cache, const 
     const int64_t per = round_up(hs, 16) + BLK;
     float *heap = NULL;
     if (per > DECODE_STACK) {
-        heap = (float *)sm_aligned_alloc((size_t)(per * nt) * sizeof(float));
+        heap = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
         if (!heap) return SM_ERR_NOMEM;
     }
     SM_PARALLEL(nt) {
@@ -1243,6 +1244,6 @@ int sm_attention_decode(float *out, const float *q, const float *k_cache, const 
                v_cache + u * T_max * hs, lengths[b], T_max, hs, scale, ws);
         }
     }
-    sm_aligned_free(heap);
+    sm_pool_return(heap);
     return SM_OK;
 }
