@@ -95,12 +95,25 @@ static void run_ranges(range_fn fn, const void *ctx, int64_t n, int64_t grain, i
 /* 1.5 * 2^23: (v + M) - M rounds v to the nearest integer for |v| < 2^22, without floorf. */
 #define ROUND_MAGIC 12582912.0f
 
+/* c ? a : b through integer masks. GCC will not if-convert a float `?:` whose arms it could
+ * turn into trapping arithmetic (-ftrapping-math), which keeps loops from vectorizing; the
+ * bitwise form always vectorizes (SSE2, NEON). */
+SM_INLINE float sel(int c, float a, float b) {
+    uint32_t ab, bb, m = 0u - (uint32_t)(c != 0);
+    memcpy(&ab, &a, sizeof ab);
+    memcpy(&bb, &b, sizeof bb);
+    ab = (ab & m) | (bb & ~m);
+    memcpy(&a, &ab, sizeof a);
+    return a;
+}
+
+/* Branch-free so that loops calling it vectorize. The clamped copy xc is always finite (NaN
+ * fails both compares), so the float -> int conversion is always defined. */
 SM_INLINE float exp_generic(float x) {
-    if (x != x) return x;
-    if (x < EXP_LO) return 0.0f;
-    if (x > EXP_HI) x = EXP_HI;
-    float n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
-    float r = x - n * LN2_HI;
+    float xc = sel(x < EXP_HI, x, EXP_HI);
+    xc = sel(xc > EXP_LO, xc, EXP_LO);
+    float n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    float r = xc - n * LN2_HI;
     r = r - n * LN2_LO;
     float p = EP0;
     p = p * r + EP1;
@@ -109,10 +122,11 @@ SM_INLINE float exp_generic(float x) {
     p = p * r + EP4;
     p = p * r + EP5;
     float y = p * (r * r) + (r + 1.0f);
-    int32_t bits = ((int32_t)n + 127) * (1 << 23);
+    int32_t bits = ((int32_t)n + 127) << 23; /* in [1, 254] << 23: no overflow */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
+    y = sel(x >= EXP_LO, y * scale, 0.0f);
+    return sel(x == x, y, x);
 }
 
 /* GELU as x * sigmoid(2u): 0.5 (1 + tanh(u)) == 1 / (1 + exp(-2u)), u = k (x + c x^3). This
@@ -186,6 +200,23 @@ SM_TARGET_AVX512 SM_INLINE __m512 gelu_grad16(__m512 x) {
 SM_TARGET_AVX2 SM_INLINE __m256i mask8(int64_t r) {
     int k = r >= 8 ? 8 : (int)r;
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* r >= 8: a full vector; else the r remaining floats (zeros after). maskload is cheap, but
+ * maskstore is microcoded on AMD cores (tens of cycles), so partial stores go through a stack
+ * buffer; full vectors use plain loads and stores. Lane arithmetic is identical either way. */
+SM_TARGET_AVX2 SM_INLINE __m256 load8(const float *p, int64_t r) {
+    return r >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask8(r));
+}
+
+SM_TARGET_AVX2 SM_INLINE void store8(float *p, __m256 v, int64_t r) {
+    if (r >= 8) {
+        _mm256_storeu_ps(p, v);
+    } else {
+        float t[8];
+        _mm256_storeu_ps(t, v);
+        memcpy(p, t, (size_t)r * sizeof(float));
+    }
 }
 
 SM_TARGET_AVX2 SM_INLINE float hsum8(__m256 v) {
@@ -523,8 +554,8 @@ SM_TARGET_AVX2 static void ln_fwd_row_avx2(float *SM_RESTRICT o, float *mo, floa
     }
     if (has_tail) {
         __m256 nrm = _mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + full, tm), vm), vr);
-        _mm256_maskstore_ps(o + full, tm, _mm256_fmadd_ps(nrm, _mm256_maskload_ps(w + full, tm),
-                                                          _mm256_maskload_ps(b + full, tm)));
+        store8(o + full, _mm256_fmadd_ps(nrm, _mm256_maskload_ps(w + full, tm),
+                                         _mm256_maskload_ps(b + full, tm)), C - full);
     }
     if (mo) *mo = mean;
     if (ro) *ro = rs;
@@ -660,24 +691,24 @@ SM_TARGET_AVX2 static void ln_bwd_row_avx2(float *SM_RESTRICT dx, float *SM_REST
     const __m256 vm = _mm256_set1_ps(mean), vr = _mm256_set1_ps(rstd);
     __m256 a = _mm256_setzero_ps(), s = _mm256_setzero_ps();
     int64_t i;
-    for (i = 0; i < C; i += 8) { /* masked lanes load 0: dn = 0 adds nothing */
-        __m256i m = mask8(C - i);
-        __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vm), vr);
-        __m256 dn = _mm256_mul_ps(_mm256_maskload_ps(w + i, m), _mm256_maskload_ps(dy + i, m));
+    for (i = 0; i < C; i += 8) { /* lanes past C load 0: dn = 0 adds nothing */
+        int64_t r = C - i;
+        __m256 xh = _mm256_mul_ps(_mm256_sub_ps(load8(x + i, r), vm), vr);
+        __m256 dn = _mm256_mul_ps(load8(w + i, r), load8(dy + i, r));
         a = _mm256_add_ps(a, dn);
         s = _mm256_fmadd_ps(dn, xh, s);
     }
     const __m256 dnm = _mm256_set1_ps(hsum8(a) / (float)C);
     const __m256 dnnm = _mm256_set1_ps(hsum8(s) / (float)C);
     for (i = 0; i < C; i += 8) {
-        __m256i m = mask8(C - i);
-        __m256 g = _mm256_maskload_ps(dy + i, m);
-        __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vm), vr);
-        __m256 dn = _mm256_mul_ps(_mm256_maskload_ps(w + i, m), g);
-        _mm256_maskstore_ps(pw + i, m, _mm256_fmadd_ps(g, xh, _mm256_maskload_ps(pw + i, m)));
-        _mm256_maskstore_ps(pb + i, m, _mm256_add_ps(_mm256_maskload_ps(pb + i, m), g));
+        int64_t r = C - i;
+        __m256 g = load8(dy + i, r);
+        __m256 xh = _mm256_mul_ps(_mm256_sub_ps(load8(x + i, r), vm), vr);
+        __m256 dn = _mm256_mul_ps(load8(w + i, r), g);
+        store8(pw + i, _mm256_fmadd_ps(g, xh, load8(pw + i, r)), r);
+        store8(pb + i, _mm256_add_ps(load8(pb + i, r), g), r);
         __m256 t = _mm256_fnmadd_ps(xh, dnnm, _mm256_sub_ps(dn, dnm));
-        _mm256_maskstore_ps(dx + i, m, _mm256_fmadd_ps(t, vr, _mm256_maskload_ps(dx + i, m)));
+        store8(dx + i, _mm256_fmadd_ps(t, vr, load8(dx + i, r)), r);
     }
 }
 #endif
@@ -788,13 +819,18 @@ typedef struct {
     const float *inp, *dout;
 } ew_ctx;
 
+/* (pointers are copied to restrict locals so the compiler sees no aliasing and vectorizes) */
 static void gelu_fwd_generic(const void *vc, int64_t i0, int64_t i1) {
     const ew_ctx *c = (const ew_ctx *)vc;
-    for (int64_t i = i0; i < i1; i++) c->out[i] = gelu_generic(c->inp[i]);
+    float *SM_RESTRICT o = c->out;
+    const float *SM_RESTRICT x = c->inp;
+    for (int64_t i = i0; i < i1; i++) o[i] = gelu_generic(x[i]);
 }
 static void gelu_bwd_generic(const void *vc, int64_t i0, int64_t i1) {
     const ew_ctx *c = (const ew_ctx *)vc;
-    for (int64_t i = i0; i < i1; i++) c->out[i] += gelu_grad_generic(c->inp[i]) * c->dout[i];
+    float *SM_RESTRICT d = c->out;
+    const float *SM_RESTRICT x = c->inp, *SM_RESTRICT g = c->dout;
+    for (int64_t i = i0; i < i1; i++) d[i] += gelu_grad_generic(x[i]) * g[i];
 }
 
 #if SM_X86_KERNELS
@@ -826,18 +862,14 @@ SM_TARGET_AVX512 static void gelu_bwd_avx512(const void *vc, int64_t i0, int64_t
 }
 SM_TARGET_AVX2 static void gelu_fwd_avx2(const void *vc, int64_t i0, int64_t i1) {
     const ew_ctx *c = (const ew_ctx *)vc;
-    for (int64_t i = i0; i < i1; i += 8) {
-        __m256i m = mask8(i1 - i);
-        _mm256_maskstore_ps(c->out + i, m, gelu8(_mm256_maskload_ps(c->inp + i, m)));
-    }
+    for (int64_t i = i0; i < i1; i += 8) store8(c->out + i, gelu8(load8(c->inp + i, i1 - i)), i1 - i);
 }
 SM_TARGET_AVX2 static void gelu_bwd_avx2(const void *vc, int64_t i0, int64_t i1) {
     const ew_ctx *c = (const ew_ctx *)vc;
     for (int64_t i = i0; i < i1; i += 8) {
-        __m256i m = mask8(i1 - i);
-        __m256 gr = gelu_grad8(_mm256_maskload_ps(c->inp + i, m));
-        _mm256_maskstore_ps(c->out + i, m, _mm256_fmadd_ps(gr, _mm256_maskload_ps(c->dout + i, m),
-                                                           _mm256_maskload_ps(c->out + i, m)));
+        int64_t r = i1 - i;
+        __m256 gr = gelu_grad8(load8(c->inp + i, r));
+        store8(c->out + i, _mm256_fmadd_ps(gr, load8(c->dout + i, r), load8(c->out + i, r)), r);
     }
 }
 #endif
@@ -913,11 +945,19 @@ static float rowmax_generic(const float *x, int64_t V) {
     return r;
 }
 static float sumexp_generic(float *store, const float *x, int64_t V, float mx, float scale) {
-    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = 0; i < V; i++) {
-        float e = exp_generic((x[i] - mx) * scale);
-        if (store) store[i] = e;
-        s[i & 7] += e;
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, e[8];
+    int64_t i = 0;
+    for (; i + 8 <= V; i += 8) {
+        for (int l = 0; l < 8; l++) {
+            e[l] = exp_generic((x[i + l] - mx) * scale);
+            s[l] += e[l];
+        }
+        if (store) memcpy(store + i, e, sizeof e);
+    }
+    for (; i < V; i++) {
+        float t = exp_generic((x[i] - mx) * scale);
+        if (store) store[i] = t;
+        s[i & 7] += t;
     }
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
@@ -1016,7 +1056,7 @@ SM_TARGET_AVX2 static float sumexp_avx2(float *store, const float *x, int64_t V,
         __m256i m = mask8(V - i);
         __m256 e = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vm), vs));
         e = _mm256_and_ps(e, _mm256_castsi256_ps(m));
-        if (store) _mm256_maskstore_ps(store + i, m, e);
+        if (store) store8(store + i, e, V - i);
         s0 = _mm256_add_ps(s0, e);
     }
     return hsum8(_mm256_add_ps(s0, s1));
@@ -1030,9 +1070,9 @@ SM_TARGET_AVX2 static void scale_avx2(float *p, int64_t V, float s) {
 SM_TARGET_AVX2 static void grad_avx2(float *dl, const float *x, int64_t V, float lse, float d) {
     const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(d);
     for (int64_t i = 0; i < V; i += 8) {
-        __m256i m = mask8(V - i);
-        __m256 p = exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vl));
-        _mm256_maskstore_ps(dl + i, m, _mm256_fmadd_ps(p, vd, _mm256_maskload_ps(dl + i, m)));
+        int64_t r = V - i;
+        __m256 p = exp8(_mm256_sub_ps(load8(x + i, r), vl));
+        store8(dl + i, _mm256_fmadd_ps(p, vd, load8(dl + i, r)), r);
     }
 }
 #endif
@@ -1094,11 +1134,25 @@ void sm_softmax_forward_naive(float *probs, const float *logits, int64_t N, int6
     }
 }
 
-/* logsumexp of one row, in float (the sum and log are taken in double). */
-SM_INLINE float row_lse(const row_ops *ops, const float *x, int64_t V) {
-    float mx = ops->rowmax(x, V);
-    float s = ops->sumexp(NULL, x, V, mx, 1.0f);
-    return (float)((double)mx + log((double)s));
+/* logsumexp of one row, in float. The row is taken in chunks small enough for L1: each chunk's
+ * max is found as it streams in from memory, then its exps are summed from L1, the running sum
+ * (double) rescaled whenever the max grows. So a long row (V = 50257) is read from memory once,
+ * not twice, and the exp work overlaps the streaming. */
+#define LSE_CHUNK 2048
+
+static float row_lse(const row_ops *ops, const float *x, int64_t V) {
+    float mx = -INFINITY;
+    double s = 0.0;
+    for (int64_t c0 = 0; c0 < V; c0 += LSE_CHUNK) {
+        int64_t n = V - c0 < LSE_CHUNK ? V - c0 : LSE_CHUNK;
+        float mc = ops->rowmax(x + c0, n);
+        if (mc > mx) {
+            s *= exp((double)mx - (double)mc); /* exp(-inf) = 0 for the first chunk */
+            mx = mc;
+        }
+        s += ops->sumexp(NULL, x + c0, n, mx, 1.0f);
+    }
+    return (float)((double)mx + log(s));
 }
 
 static void ce_fwd_rows(const void *vc, int64_t r0, int64_t r1) {
@@ -1339,17 +1393,26 @@ typedef struct {
     float b1, b2, omb1, omb2, ibc1, ibc2, lr, eps, wd;
 } adamw_ctx;
 
+/* sqrtf may set errno (for negative inputs, impossible here), which stops GCC from vectorizing
+ * the loop; this function alone is compiled without errno semantics. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-math-errno")))
+#endif
 static void adamw_generic(const void *vc, int64_t i0, int64_t i1) {
     const adamw_ctx *c = (const adamw_ctx *)vc;
+    float *SM_RESTRICT pp = c->p, *SM_RESTRICT pm = c->m, *SM_RESTRICT pv = c->v;
+    const float *SM_RESTRICT pg = c->g;
+    const float b1 = c->b1, b2 = c->b2, omb1 = c->omb1, omb2 = c->omb2, ibc1 = c->ibc1;
+    const float ibc2 = c->ibc2, lr = c->lr, eps = c->eps, wd = c->wd;
     for (int64_t i = i0; i < i1; i++) {
-        float g = c->g[i];
-        float m = c->b1 * c->m[i] + c->omb1 * g;
-        float v = c->b2 * c->v[i] + (c->omb2 * g) * g;
-        float upd = (m * c->ibc1) / (sqrtf(v * c->ibc2) + c->eps);
-        float p = c->p[i];
-        c->p[i] = p - c->lr * (upd + c->wd * p);
-        c->m[i] = m;
-        c->v[i] = v;
+        float g = pg[i];
+        float m = b1 * pm[i] + omb1 * g;
+        float v = b2 * pv[i] + (omb2 * g) * g;
+        float upd = (m * ibc1) / (sqrtf(v * ibc2) + eps);
+        float p = pp[i];
+        pp[i] = p - lr * (upd + wd * p);
+        pm[i] = m;
+        pv[i] = v;
     }
 }
 
@@ -1383,18 +1446,18 @@ SM_TARGET_AVX2 static void adamw_avx2(const void *vc, int64_t i0, int64_t i1) {
     const __m256 ibc1 = _mm256_set1_ps(c->ibc1), ibc2 = _mm256_set1_ps(c->ibc2);
     const __m256 lr = _mm256_set1_ps(c->lr), eps = _mm256_set1_ps(c->eps), wd = _mm256_set1_ps(c->wd);
     for (int64_t i = i0; i < i1; i += 8) {
-        __m256i k = mask8(i1 - i);
-        __m256 g = _mm256_maskload_ps(c->g + i, k);
-        __m256 m = _mm256_fmadd_ps(b1, _mm256_maskload_ps(c->m + i, k), _mm256_mul_ps(omb1, g));
-        __m256 v = _mm256_fmadd_ps(b2, _mm256_maskload_ps(c->v + i, k),
+        int64_t k = i1 - i;
+        __m256 g = load8(c->g + i, k);
+        __m256 m = _mm256_fmadd_ps(b1, load8(c->m + i, k), _mm256_mul_ps(omb1, g));
+        __m256 v = _mm256_fmadd_ps(b2, load8(c->v + i, k),
                                    _mm256_mul_ps(_mm256_mul_ps(omb2, g), g));
         __m256 den = _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(v, ibc2)), eps);
         __m256 upd = _mm256_div_ps(_mm256_mul_ps(m, ibc1), den);
-        __m256 p = _mm256_maskload_ps(c->p + i, k);
+        __m256 p = load8(c->p + i, k);
         p = _mm256_fnmadd_ps(lr, _mm256_fmadd_ps(wd, p, upd), p);
-        _mm256_maskstore_ps(c->p + i, k, p);
-        _mm256_maskstore_ps(c->m + i, k, m);
-        _mm256_maskstore_ps(c->v + i, k, v);
+        store8(c->p + i, p, k);
+        store8(c->m + i, m, k);
+        store8(c->v + i, v, k);
     }
 }
 #endif
