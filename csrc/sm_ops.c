@@ -1147,9 +1147,10 @@ static float row_lse(const row_ops *ops, const float *x, int64_t V) {
         int64_t n = V - c0 < LSE_CHUNK ? V - c0 : LSE_CHUNK;
         float mc = ops->rowmax(x + c0, n);
         if (mc > mx) {
-            s *= exp((double)mx - (double)mc); /* exp(-inf) = 0 for the first chunk */
+            if (s != 0.0) s *= exp((double)mx - (double)mc); /* (short rows never get here) */
             mx = mc;
         }
+        if (mx == -INFINITY) continue; /* all -inf so far (masked): they add exp(-inf) = 0 */
         s += ops->sumexp(NULL, x + c0, n, mx, 1.0f);
     }
     return (float)((double)mx + log(s));

@@ -337,6 +337,19 @@ def test_cross_entropy_scalar_dloss_leading_shape_and_nan(rng):
     assert np.isnan(k.cross_entropy_forward(bad, targets)[1, 1])  # divergence is visible
 
 
+def test_cross_entropy_masked_leading_chunk(simd, rng):
+    # a long row whose first few thousand logits are -inf (masked) must not give NaN
+    logits = rand(rng, 2, 5000)
+    logits[:, :3000] = -np.inf
+    targets = np.array([4000, 4999], np.int32)
+    ref = ce_ref(logits[:, 3000:], targets - 3000)
+    assert_close(k.cross_entropy_forward(logits, targets), ref, atol=2e-5)
+    g = np.zeros_like(logits)
+    k.cross_entropy_backward(g, logits, targets, 1.0)
+    assert (g[:, :3000] == 0).all()
+    assert_close(g[:, 3000:], ce_grad_ref(logits[:, 3000:], targets - 3000, np.ones(2)), atol=1e-6)
+
+
 def test_residual_and_bias(simd, rng):
     for shape in [(1,), (3, 17), (5, 65), (2, 3, 257)]:
         a, b = rand(rng, *shape), rand(rng, *shape)
