@@ -758,6 +758,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
 #endif
     (void)level;
     int nt = team_size(nthreads, nblocks, N * C * 4);
+    (void)nt; /* unused without OpenMP */
     SM_PARALLEL(nt)
     {
         int nth = SM_THREAD_COUNT(), tid = SM_THREAD_ID();
@@ -1355,6 +1356,7 @@ int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, floa
     }
     acc_fn acc = pick_acc(sm_simd_active());
     int nt = team_size(nthreads, nblocks, N * C);
+    (void)nt; /* unused without OpenMP */
     SM_PARALLEL(nt)
     {
         int nth = SM_THREAD_COUNT(), tid = SM_THREAD_ID();
