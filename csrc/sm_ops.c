@@ -411,7 +411,27 @@ void sm_encoder_backward(float *dwte, float *dwpe, const float *dout, const int 
     /* dwte (V,C), dwpe (>=T,C), dout (B,T,C), idx (B,T) */
     if (B <= 0 || T <= 0 || C <= 0) return;
     enc_bwd_ctx c = {dwte, dwpe, dout, idx, B * T, T, C, V, pick_acc(sm_simd_active())};
-    run_ranges(enc_bwd_channels, &c, C, CH_GRAIN, B * T * C * 2, nthreads);
+    int nt = team_size(nthreads, ceil_div(C, CH_GRAIN), B * T * C * 2);
+    if (nt <= 1) {
+        enc_bwd_channels(&c, 0, C);
+        return;
+    }
+    /* Every row updates a dwte and a dwpe row in all threads' channel ranges at once, so a
+     * cache line straddling two ranges would bounce between cores on every row. Range
+     * boundaries are therefore put on 64-byte lines of dwte (exact for every row when C is a
+     * multiple of 16 and dwpe is aligned alike, as in the model's parameter block): the first
+     * `lead` channels go with the first range. Which thread adds a channel never changes its
+     * sum, so this choice cannot change results. */
+    int64_t lead = (int64_t)(((SM_ALIGN - (uintptr_t)dwte % SM_ALIGN) % SM_ALIGN) / sizeof(float));
+    if (lead >= C || (uintptr_t)dwte % sizeof(float)) lead = 0;
+    SM_PARALLEL(nt)
+    {
+        int64_t c0, c1;
+        sm_split_range(C - lead, CH_GRAIN, SM_THREAD_COUNT(), SM_THREAD_ID(), &c0, &c1);
+        c0 = c0 == 0 ? 0 : c0 + lead;
+        c1 += lead;
+        if (c1 > c0) enc_bwd_channels(&c, c0, c1);
+    }
 }
 
 void sm_encoder_backward_naive(float *dwte, float *dwpe, const float *dout, const int *idx,

@@ -531,6 +531,26 @@ def _cases(rng):
     ]
 
 
+@pytest.mark.parametrize("shift", [0, 1, 4, 15])
+def test_encoder_backward_any_alignment(rng, shift):
+    # channel ranges are cut on dwte's 64-byte lines, wherever the array starts
+    V, C = 9, 160
+    idx = rng.integers(0, V, (8, 300)).astype(np.int32)
+    dout = rand(rng, 8, 300, C)
+    outs = []
+    for t in (1, 2, 3, 4):
+        buf = np.zeros(V * C + 64, F32)
+        base = (-buf.ctypes.data % 64) // 4
+        dwte = buf[base + shift: base + shift + V * C].reshape(V, C)
+        dwpe = np.zeros((300, C), F32)
+        k.encoder_backward(dwte, dwpe, dout, idx, threads=t)
+        outs.append((dwte.copy(), dwpe))
+    ref_te, ref_pe = np.zeros((V, C), F32), np.zeros((300, C), F32)
+    k.encoder_backward_naive(ref_te, ref_pe, dout, idx)
+    for te, pe in outs:
+        assert np.array_equal(te, ref_te) and np.array_equal(pe, ref_pe)
+
+
 def _same(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 
