@@ -11,6 +11,12 @@ bench_kernels.py. Times are medians of repeated calls on preallocated arrays (bo
 into existing buffers where numpy allows it). numpy's elementwise code is single-threaded; only
 its BLAS calls (np.dot in the norm, a float32 accumulation where smallmind sums in double)
 follow `threads`. Benchmarks measure; they never fail.
+
+On a machine shared with other processes, multi-thread rows that come out as whole multiples of
+the scheduler tick (4 ms, 8 ms, 16 ms ...) mean a worker thread waited for a busy core: rerun
+them when the machine is quiet. The memory-bound kernels (residual, bias, layernorm, AdamW, the
+norm) run at memory speed on one core already; more threads help only as far as the memory
+system scales.
 """
 import argparse
 import os
