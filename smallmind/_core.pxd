@@ -94,6 +94,74 @@ cdef extern from "sm_pool.h" nogil:
 
 # ---- sm_ops.h (elementwise and row kernels) --------------------------------------------------
 
+cdef extern from "sm_ops.h" nogil:
+    void sm_encoder_forward(float *out, const int *idx, const float *wte, const float *wpe,
+                            int64_t B, int64_t T, int64_t C, int64_t V, int nthreads)
+    void sm_encoder_forward_naive(float *out, const int *idx, const float *wte, const float *wpe,
+                                  int64_t B, int64_t T, int64_t C, int64_t V)
+    void sm_encoder_backward(float *dwte, float *dwpe, const float *dout, const int *idx,
+                             int64_t B, int64_t T, int64_t C, int64_t V, int nthreads)
+    void sm_encoder_backward_naive(float *dwte, float *dwpe, const float *dout, const int *idx,
+                                   int64_t B, int64_t T, int64_t C, int64_t V)
+    void sm_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                              const float *weight, const float *bias, int64_t N, int64_t C,
+                              float eps, int nthreads)
+    void sm_layernorm_forward_naive(float *out, float *mean, float *rstd, const float *inp,
+                                    const float *weight, const float *bias, int64_t N, int64_t C,
+                                    float eps)
+    int64_t sm_layernorm_backward_scratch(int64_t N, int64_t C)
+    int64_t sm_bias_backward_scratch(int64_t N, int64_t C)
+    int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                              const float *inp, const float *weight, const float *mean,
+                              const float *rstd, int64_t N, int64_t C, float *scratch,
+                              int nthreads)
+    void sm_layernorm_backward_naive(float *dinp, float *dweight, float *dbias, const float *dout,
+                                     const float *inp, const float *weight, const float *mean,
+                                     const float *rstd, int64_t N, int64_t C)
+    void sm_gelu_forward(float *out, const float *inp, int64_t n, int nthreads)
+    void sm_gelu_forward_naive(float *out, const float *inp, int64_t n)
+    void sm_gelu_backward(float *dinp, const float *inp, const float *dout, int64_t n, int nthreads)
+    void sm_gelu_backward_naive(float *dinp, const float *inp, const float *dout, int64_t n)
+    void sm_softmax_forward(float *probs, const float *logits, int64_t N, int64_t V,
+                            float temperature, int nthreads)
+    void sm_softmax_forward_naive(float *probs, const float *logits, int64_t N, int64_t V,
+                                  float temperature)
+    void sm_crossentropy_forward(float *losses, float *lse, const float *logits, const int *targets,
+                                 int64_t N, int64_t V, int nthreads)
+    void sm_crossentropy_forward_naive(float *losses, float *lse, const float *logits,
+                                       const int *targets, int64_t N, int64_t V)
+    void sm_crossentropy_backward(float *dlogits, const float *logits, const float *lse,
+                                  const int *targets, const float *dloss, int64_t N, int64_t V,
+                                  int nthreads)
+    void sm_crossentropy_backward_naive(float *dlogits, const float *logits, const float *lse,
+                                        const int *targets, const float *dloss, int64_t N,
+                                        int64_t V)
+    void sm_crossentropy_forward_backward(float *losses, float *dlogits, const float *logits,
+                                          const int *targets, const float *dloss, int64_t N,
+                                          int64_t V, int nthreads)
+    void sm_residual_forward(float *out, const float *a, const float *b, int64_t n, int nthreads)
+    void sm_residual_forward_naive(float *out, const float *a, const float *b, int64_t n)
+    void sm_residual_backward(float *da, float *db, const float *dout, int64_t n, int nthreads)
+    void sm_residual_backward_naive(float *da, float *db, const float *dout, int64_t n)
+    void sm_bias_add(float *out, const float *bias, int64_t N, int64_t C, int nthreads)
+    void sm_bias_add_naive(float *out, const float *bias, int64_t N, int64_t C)
+    int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, float *scratch,
+                         int nthreads)
+    void sm_bias_backward_naive(float *dbias, const float *dout, int64_t N, int64_t C)
+    void sm_adamw_step(float *param, float *m, float *v, const float *grad, int64_t n, float lr,
+                       float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                       int nthreads)
+    void sm_adamw_step_naive(float *param, float *m, float *v, const float *grad, int64_t n,
+                             float lr, float beta1, float beta2, float eps, float weight_decay,
+                             int64_t step)
+    enum:
+        SM_NORM_BLOCK
+    double sm_sumsq(const float *x, int64_t n, int nthreads)
+    double sm_sumsq_naive(const float *x, int64_t n)
+    double sm_clip_grad_norm(float *grad, int64_t n, float max_norm, int nthreads)
+    double sm_clip_grad_norm_naive(float *grad, int64_t n, float max_norm)
+
+
 
 
 # ---- sm_attention.h (causal attention, decode) -----------------------------------------------
