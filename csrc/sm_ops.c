@@ -21,6 +21,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "sm_pool.h"
 #include "sm_runtime.h"
 
 #if SM_X86_KERNELS
@@ -767,7 +768,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
     const int64_t Cp = round_up(C, 16), nblocks = ceil_div(N, ROW_BLOCK);
     float *owned = NULL, *part = scratch;
     if (!part) {
-        owned = part = (float *)sm_aligned_alloc((size_t)sm_layernorm_backward_scratch(N, C) * sizeof(float));
+        owned = part = (float *)sm_pool_rent(sm_pool_default(), (size_t)sm_layernorm_backward_scratch(N, C) * sizeof(float));
         if (!part) return SM_ERR_NOMEM;
     }
     int level = sm_simd_active();
@@ -796,7 +797,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
         float *dst[2] = {dweight, dbias};
         if (c1 > c0) combine_blocks(dst, 2, part, nblocks, Cp, c0, c1);
     }
-    sm_aligned_free(owned);
+    sm_pool_return(owned);
     return SM_OK;
 }
 
@@ -1371,7 +1372,7 @@ int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, floa
     const int64_t Cp = round_up(C, 16), nblocks = ceil_div(N, ROW_BLOCK);
     float *owned = NULL, *part = scratch;
     if (!part) {
-        owned = part = (float *)sm_aligned_alloc((size_t)sm_bias_backward_scratch(N, C) * sizeof(float));
+        owned = part = (float *)sm_pool_rent(sm_pool_default(), (size_t)sm_bias_backward_scratch(N, C) * sizeof(float));
         if (!part) return SM_ERR_NOMEM;
     }
     acc_fn acc = pick_acc(sm_simd_active());
@@ -1393,7 +1394,7 @@ int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, floa
         float *dst[1] = {dbias};
         if (c1 > c0) combine_blocks(dst, 1, part, nblocks, Cp, c0, c1);
     }
-    sm_aligned_free(owned);
+    sm_pool_return(owned);
     return SM_OK;
 }
 
