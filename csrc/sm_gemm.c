@@ -865,7 +865,7 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
     float *scratch = NULL;
 #if SM_X86_KERNELS
     if (stream) {
-        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(nt * SMALL_M * SMALL_STREAM_W) * sizeof(float));
+        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)nt * SMALL_M * SMALL_STREAM_W * sizeof(float));
         if (!scratch) return SM_ERR_NOMEM;
     }
 #endif
@@ -958,19 +958,23 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     SM_PARALLEL(team)
     {
         int tid = SM_THREAD_ID();
-        int nth = SM_THREAD_COUNT(); /* may be less than asked if OpenMP limits the team */
-        int gm = nth == team ? tm : nth, gn = nth == team ? tn : 1;
-        int im = tid / gn, in = tid % gn;
-        int64_t m0, m1, n0, n1;
-        sm_split_range(M, P.MR, gm, im, &m0, &m1);
-        sm_split_range(N, P.NR, gn, in, &n0, &n1);
-        if (m1 > m0 && n1 > n0) {
-            float *apack = scratch + (int64_t)tid * per_thread;
-            float *bpack = apack + round_up(a_floats + P.MR * kc_max, 16);
-            mat_view as = {a.p + m0 * a.sr, a.sr, a.sc};
-            mat_view bs = {b.p + n0 * b.sc, b.sr, b.sc};
-            gemm_block(&P, as, bs, m1 - m0, n1 - n0, K, alpha, beta, C + m0 * ldc + n0, ldc,
-                       apack, bpack);
+        /* OpenMP may grant fewer threads than asked (thread limit, nesting, dynamic teams).
+         * The scratch above is sized for one cell of the tm x tn grid, so the threads we got
+         * take whole cells in turn: a thread never works on a bigger block than planned. */
+        int nth = SM_THREAD_COUNT();
+        float *apack = scratch + (int64_t)tid * per_thread;
+        float *bpack = apack + round_up(a_floats + P.MR * kc_max, 16);
+        for (int cell = tid; cell < team; cell += nth) {
+            int im = cell / tn, in = cell % tn;
+            int64_t m0, m1, n0, n1;
+            sm_split_range(M, P.MR, tm, im, &m0, &m1);
+            sm_split_range(N, P.NR, tn, in, &n0, &n1);
+            if (m1 > m0 && n1 > n0) {
+                mat_view as = {a.p + m0 * a.sr, a.sr, a.sc};
+                mat_view bs = {b.p + n0 * b.sc, b.sr, b.sc};
+                gemm_block(&P, as, bs, m1 - m0, n1 - n0, K, alpha, beta, C + m0 * ldc + n0,
+                           ldc, apack, bpack);
+            }
         }
     }
     sm_pool_return(scratch);

@@ -156,3 +156,42 @@ def test_scratch_comes_from_default_pool_and_is_returned(rng):
     assert after["returns"] - before["returns"] == 6
     assert after["misses"] == before["misses"], "steady state must not allocate"
     assert after["outstanding_buffers"] == before["outstanding_buffers"]
+
+
+# ---- regression tests from the adversarial review -------------------------------------------
+
+_TEAM_SCRIPT = r"""
+import numpy as np, smallmind as sm
+rng = np.random.default_rng(7)
+# (700, 300, 700): 4 row blocks planned, 2 threads granted -> each thread twice the rows its
+# packing scratch was sized for. (50, 64, 2048): 8 column blocks planned -> a thread packed all
+# of B into a slot sized for 1/8 of it, past the end of the scratch block (heap overflow).
+for M, K, N in [(700, 300, 700), (50, 64, 2048), (120, 300, 3000)]:
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    one = sm.kernels.matmul(a, b, threads=1)
+    assert np.abs(one - ref).max() < 1e-3, (M, K, N)
+    for t in (3, 4, 8):
+        got = sm.kernels.matmul(a, b, threads=t)
+        assert np.array_equal(got, one), (M, K, N, t, float(np.abs(got - one).max()))
+print("OK")
+"""
+
+
+def test_openmp_team_smaller_than_requested():
+    """OpenMP may grant fewer threads than `threads=` (OMP_THREAD_LIMIT, nesting, dynamic
+    teams). The packed path used to re-split C over the threads it got while its scratch was
+    sized for the planned grid: wrong results, and writes past the scratch block."""
+    import os
+    import subprocess
+    import sys
+
+    if not sm.build_info()["openmp"]:
+        pytest.skip("build without OpenMP")
+    env = dict(os.environ, OMP_THREAD_LIMIT="2", OMP_DYNAMIC="false")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _TEAM_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
