@@ -553,6 +553,7 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
  *   "dots" form: B is contiguous along k (B^T rows): C[r, n] = dot(a[r, :], Bt[n, :])        */
 #define SMALL_M 4
 #define SMALL_W 512 /* columns per chunk in the rows form: m x 512 accumulators stay in L1 */
+#define SMALL_STREAM_W 16384 /* columns per chunk of the streaming rows form (AVX-512) */
 
 typedef struct {
     mat_view a, b;      /* a: (m, K) logical, b: (K, N) logical */
@@ -656,7 +657,6 @@ SM_INLINE void small_rows_tile_avx512(const small_problem *sp, int64_t c0, int64
  * across a wide column chunk (64 KiB of it), four rows per sweep, accumulating into an
  * L2-resident buffer `acc` (m x SMALL_STREAM_W floats). Per element this is the same FMA chain
  * in k order as the register tile, so the bits are the same. */
-#define SMALL_STREAM_W 16384
 SM_TARGET_AVX512
 static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *acc) {
     const int64_t m = sp->m, K = sp->K;
@@ -854,6 +854,7 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
     }
 #else
     (void)level;
+    (void)stream; /* only the AVX-512 rows form streams */
 #endif
     /* Columns go to threads in multiples of 64, so a column's code path (full vector or masked
      * tail) never depends on the partition. Few threads for little work: waking a team costs

@@ -195,3 +195,32 @@ def test_openmp_team_smaller_than_requested():
     r = subprocess.run([sys.executable, "-c", _TEAM_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_portable_build_compiles(tmp_path):
+    """The portable (non-x86: arm64, ...) build of sm_gemm.c must compile cleanly. It used a
+    macro defined only inside the x86 block (SMALL_STREAM_W), so it did not compile at all."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not os.path.exists(os.path.join(csrc, "sm_gemm.c")) or cc is None:
+        pytest.skip("needs the csrc/ sources and a C compiler")
+    for f in glob.glob(os.path.join(csrc, "*.h")) + [os.path.join(csrc, "sm_gemm.c")]:
+        shutil.copy(f, tmp_path)
+    common = (tmp_path / "sm_common.h").read_text()
+    patched = common.replace("defined(__x86_64__)", "0").replace("defined(_M_X64)", "0")
+    assert patched != common
+    (tmp_path / "sm_common.h").write_text(patched)
+    (tmp_path / "portable.c").write_text(
+        '#include "sm_gemm.c"\n_Static_assert(SM_X86_KERNELS == 0, "portable path");\n')
+    base = [cc, "-std=gnu11", "-O1", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unused-function",
+            "-Wno-unknown-pragmas", "-I", str(tmp_path), str(tmp_path / "portable.c")]
+    for extra in ([], ["-fopenmp", "-DSM_HAVE_OPENMP"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True)
+        if extra and "omp.h" in r.stderr:
+            continue  # compiler without OpenMP headers
+        assert r.returncode == 0, f"{extra}: {r.stderr}"
