@@ -224,3 +224,17 @@ def test_portable_build_compiles(tmp_path):
         if extra and "omp.h" in r.stderr:
             continue  # compiler without OpenMP headers
         assert r.returncode == 0, f"{extra}: {r.stderr}"
+
+
+def test_alpha_beta_must_be_finite_in_float32():
+    """alpha=1e39 is a finite double but inf as the float the kernel gets: it used to pass
+    validation and fill `out` with inf/NaN."""
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((4, 5), np.float32)
+    for v in (1e39, -1e300, 3.5e38):
+        with pytest.raises(sm.ValidationError, match="alpha must be finite in float32"):
+            sm.kernels.sgemm(a, b, alpha=v)
+        with pytest.raises(sm.ValidationError, match="beta must be finite in float32"):
+            sm.kernels.sgemm(a, b, out=np.ones((3, 5), np.float32), beta=v)
+    out = sm.kernels.sgemm(a, b, alpha=np.float64(3e37))  # 4 * 3e37 fits in float32
+    assert np.isfinite(out).all()
