@@ -41,6 +41,10 @@ void sm_sgemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, f
     /* A: (M, K) or stored (K, M); B: (K, N) or stored (N, K); C: (M, N) */
     for (int64_t i = 0; i < M; i++) {
         for (int64_t j = 0; j < N; j++) {
+            if (alpha == 0.0f) { /* A and B are not read (as in sm_sgemm): C = beta * C */
+                C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+                continue;
+            }
             double acc = 0.0;
             for (int64_t k = 0; k < K; k++) {
                 float a = trans_a ? A[k * lda + i] : A[i * lda + k];

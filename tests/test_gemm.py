@@ -238,3 +238,20 @@ def test_alpha_beta_must_be_finite_in_float32():
             sm.kernels.sgemm(a, b, out=np.ones((3, 5), np.float32), beta=v)
     out = sm.kernels.sgemm(a, b, alpha=np.float64(3e37))  # 4 * 3e37 fits in float32
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 2), (40, 30, 50)])
+def test_alpha_zero_does_not_read_operands_naive_too(simd, shape):
+    """alpha == 0 means C = beta * C with A and B unread (sgemm did this; the naive reference
+    computed 0 * inf = NaN, so the two disagreed)."""
+    M, K, N = shape
+    a = np.full((M, K), np.inf, np.float32)
+    b = np.full((K, N), np.nan, np.float32)
+    c0 = np.arange(M * N, dtype=np.float32).reshape(M, N) - 7
+    for fn in (sm.kernels.sgemm, sm.kernels.sgemm_naive):
+        out = c0.copy()
+        fn(a, b, out=out, alpha=0.0, beta=-0.5)
+        assert np.array_equal(out, c0 * np.float32(-0.5)), fn.__name__
+        out = np.full((M, N), np.nan, np.float32)
+        fn(a, b, out=out, alpha=0.0)
+        assert (out == 0).all(), fn.__name__
