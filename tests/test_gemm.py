@@ -152,8 +152,10 @@ def test_scratch_comes_from_default_pool_and_is_returned(rng):
         for a, b in cases:
             sm.kernels.matmul(a, b, threads=2)
     after = pool.stats()
-    assert after["rents"] - before["rents"] == 6
-    assert after["returns"] - before["returns"] == 6
+    # the packed path always rents; the matrix-vector case only streams (and rents) on AVX-512
+    rents = 3 * (1 + (sm.simd_level() == "avx512"))
+    assert after["rents"] - before["rents"] == rents
+    assert after["returns"] - before["returns"] == rents
     assert after["misses"] == before["misses"], "steady state must not allocate"
     assert after["outstanding_buffers"] == before["outstanding_buffers"]
 
