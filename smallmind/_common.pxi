@@ -31,6 +31,10 @@ cdef inline int _check_array(object a, str name, int typenum, str tname, int ndi
         raise ValidationError(f"{name} must be {ndim}-D, got shape {a.shape}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValidationError(f"{name} must be C-contiguous (use np.ascontiguousarray({name}))")
+    if not cnp.PyArray_ISALIGNED(arr):
+        # e.g. np.frombuffer(buf, np.float32, offset=1): C would dereference misaligned floats
+        raise ValidationError(f"{name} must be aligned to its dtype "
+                              f"(use np.require({name}, requirements='CA'))")
     if writable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValidationError(f"{name} must be writeable")
     return 0

@@ -257,3 +257,38 @@ def test_alpha_zero_does_not_read_operands_naive_too(simd, shape):
         out = np.full((M, N), np.nan, np.float32)
         fn(a, b, out=out, alpha=0.0)
         assert (out == 0).all(), fn.__name__
+
+
+def test_unaligned_arrays_rejected():
+    """A float32 array at an odd byte offset is C-contiguous but misaligned; the C core
+    dereferenced it as float * (undefined behaviour, flagged by UBSan). Now a ValidationError."""
+    buf = np.zeros(4 * 20 + 8, np.uint8)
+    odd = buf[1:1 + 4 * 20].view(np.float32).reshape(4, 5)
+    assert not odd.flags.aligned and odd.flags.c_contiguous
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((4, 5), np.float32)
+    with pytest.raises(sm.ValidationError, match="b must be aligned"):
+        sm.kernels.matmul(a, odd)
+    with pytest.raises(sm.ValidationError, match="a must be aligned"):
+        sm.kernels.sgemm(odd, np.ones((4, 2), np.float32), trans_a=True)
+    out = buf[1:1 + 4 * 15].view(np.float32).reshape(3, 5)
+    with pytest.raises(sm.ValidationError, match="out must be aligned"):
+        sm.kernels.matmul(a, b, out=out)
+    fixed = np.require(odd, requirements="CA")
+    assert_close(sm.kernels.matmul(a, fixed), a.astype(np.float64) @ fixed, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1)])
+def test_bitwise_when_column_split_reads_a_in_place(simd, rng, ta, tb):
+    """M small and N moderate: threads split columns, and a thread's narrow block (N <= 96)
+    reads A in place where one thread packs it (AVX-512): the bits must not change."""
+    a, b, ref = _operands(rng, 30, 1000, 200, ta, tb)
+    c0 = rng.standard_normal((30, 200)).astype(np.float32)
+    outs = []
+    for t in (1, 2, 3, 4):
+        out = c0.copy()
+        sm.kernels.sgemm(a, b, out=out, trans_a=ta, trans_b=tb, alpha=0.7, beta=-1.3, threads=t)
+        outs.append(out)
+    assert_close(outs[0], 0.7 * ref - 1.3 * c0.astype(np.float64), atol=1e-3)
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
