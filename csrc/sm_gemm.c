@@ -41,6 +41,10 @@ void sm_sgemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, f
     /* A: (M, K) or stored (K, M); B: (K, N) or stored (N, K); C: (M, N) */
     for (int64_t i = 0; i < M; i++) {
         for (int64_t j = 0; j < N; j++) {
+            if (alpha == 0.0f) { /* A and B are not read (as in sm_sgemm): C = beta * C */
+                C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+                continue;
+            }
             double acc = 0.0;
             for (int64_t k = 0; k < K; k++) {
                 float a = trans_a ? A[k * lda + i] : A[i * lda + k];
@@ -558,6 +562,7 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
  *   "dots" form: B is contiguous along k (B^T rows): C[r, n] = dot(a[r, :], Bt[n, :])        */
 #define SMALL_M 4
 #define SMALL_W 512 /* columns per chunk in the rows form: m x 512 accumulators stay in L1 */
+#define SMALL_STREAM_W 16384 /* columns per chunk of the streaming rows form (AVX-512) */
 
 typedef struct {
     mat_view a, b;      /* a: (m, K) logical, b: (K, N) logical */
@@ -661,7 +666,6 @@ SM_INLINE void small_rows_tile_avx512(const small_problem *sp, int64_t c0, int64
  * across a wide column chunk (64 KiB of it), four rows per sweep, accumulating into an
  * L2-resident buffer `acc` (m x SMALL_STREAM_W floats). Per element this is the same FMA chain
  * in k order as the register tile, so the bits are the same. */
-#define SMALL_STREAM_W 16384
 SM_TARGET_AVX512
 static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *acc) {
     const int64_t m = sp->m, K = sp->K;
@@ -859,6 +863,7 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
     }
 #else
     (void)level;
+    (void)stream; /* only the AVX-512 rows form streams */
 #endif
     /* Columns go to threads in multiples of 64, so a column's code path (full vector or masked
      * tail) never depends on the partition. Few threads for little work: waking a team costs
@@ -870,7 +875,7 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
     float *scratch = NULL;
 #if SM_X86_KERNELS
     if (stream) {
-        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(nt * SMALL_M * SMALL_STREAM_W) * sizeof(float));
+        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)nt * SMALL_M * SMALL_STREAM_W * sizeof(float));
         if (!scratch) return SM_ERR_NOMEM;
     }
 #endif
@@ -963,19 +968,23 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     SM_PARALLEL(team)
     {
         int tid = SM_THREAD_ID();
-        int nth = SM_THREAD_COUNT(); /* may be less than asked if OpenMP limits the team */
-        int gm = nth == team ? tm : nth, gn = nth == team ? tn : 1;
-        int im = tid / gn, in = tid % gn;
-        int64_t m0, m1, n0, n1;
-        sm_split_range(M, P.MR, gm, im, &m0, &m1);
-        sm_split_range(N, P.NR, gn, in, &n0, &n1);
-        if (m1 > m0 && n1 > n0) {
-            float *apack = scratch + (int64_t)tid * per_thread;
-            float *bpack = apack + round_up(a_floats + P.MR * kc_max, 16);
-            mat_view as = {a.p + m0 * a.sr, a.sr, a.sc};
-            mat_view bs = {b.p + n0 * b.sc, b.sr, b.sc};
-            gemm_block(&P, as, bs, m1 - m0, n1 - n0, K, alpha, beta, C + m0 * ldc + n0, ldc,
-                       apack, bpack);
+        /* OpenMP may grant fewer threads than asked (thread limit, nesting, dynamic teams).
+         * The scratch above is sized for one cell of the tm x tn grid, so the threads we got
+         * take whole cells in turn: a thread never works on a bigger block than planned. */
+        int nth = SM_THREAD_COUNT();
+        float *apack = scratch + (int64_t)tid * per_thread;
+        float *bpack = apack + round_up(a_floats + P.MR * kc_max, 16);
+        for (int cell = tid; cell < team; cell += nth) {
+            int im = cell / tn, in = cell % tn;
+            int64_t m0, m1, n0, n1;
+            sm_split_range(M, P.MR, tm, im, &m0, &m1);
+            sm_split_range(N, P.NR, tn, in, &n0, &n1);
+            if (m1 > m0 && n1 > n0) {
+                mat_view as = {a.p + m0 * a.sr, a.sr, a.sc};
+                mat_view bs = {b.p + n0 * b.sc, b.sr, b.sc};
+                gemm_block(&P, as, bs, m1 - m0, n1 - n0, K, alpha, beta, C + m0 * ldc + n0,
+                           ldc, apack, bpack);
+            }
         }
     }
     sm_pool_return(scratch);

@@ -10,6 +10,7 @@
  * trans_a = 0: A is stored (M, K) with row stride lda;  trans_a = 1: A is stored (K, M).
  * trans_b = 0: B is stored (K, N) with row stride ldb;  trans_b = 1: B is stored (N, K).
  * beta == 0 means C is write-only (its old contents, even NaN, are ignored).
+ * alpha == 0 or K == 0: A and B are not read (NaN or Inf in them do not reach C); C = beta * C.
  * C must not overlap A or B. nthreads <= 0 uses the library default.
  * Returns SM_OK, or SM_ERR_NOMEM if scratch memory could not be allocated (C untouched). */
 int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,

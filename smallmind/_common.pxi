@@ -6,6 +6,7 @@ cimport numpy as cnp
 from .errors import ValidationError
 
 from libc.stdint cimport int64_t, uintptr_t
+from libc.float cimport FLT_MAX
 
 cnp.import_array()
 
@@ -30,6 +31,10 @@ cdef inline int _check_array(object a, str name, int typenum, str tname, int ndi
         raise ValidationError(f"{name} must be {ndim}-D, got shape {a.shape}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValidationError(f"{name} must be C-contiguous (use np.ascontiguousarray({name}))")
+    if not cnp.PyArray_ISALIGNED(arr):
+        # e.g. np.frombuffer(buf, np.float32, offset=1): C would dereference misaligned floats
+        raise ValidationError(f"{name} must be aligned to its dtype "
+                              f"(use np.require({name}, requirements='CA'))")
     if writable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValidationError(f"{name} must be writeable")
     return 0
@@ -105,6 +110,15 @@ cdef double _check_float(object v, str name) except? -1.0:
     if d != d or d == float("inf") or d == float("-inf"):
         raise ValidationError(f"{name} must be finite, got {v}")
     return d
+
+
+cdef float _check_float32(object v, str name) except? -1.0:
+    """Validate a real number the C core takes as a float: finite, and finite once rounded to
+    float32 (1e39 passes `_check_float` but would reach C as inf)."""
+    cdef double d = _check_float(v, name)
+    if d > FLT_MAX or d < -FLT_MAX:
+        raise ValidationError(f"{name} must be finite in float32 (|{name}| <= {FLT_MAX:.7g}), got {v}")
+    return <float>d
 
 
 # ---- threads ---------------------------------------------------------------------------------

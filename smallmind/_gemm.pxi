@@ -22,9 +22,9 @@ cdef object _gemm_call(object a, object b, object out, bint trans_a, bint trans_
     cdef float fa = 1.0
     cdef float fb = 0.0
     if alpha is not _ONE:
-        fa = <float>_check_float(alpha, "alpha")
+        fa = _check_float32(alpha, "alpha")
     if beta is not _ZERO:
-        fb = <float>_check_float(beta, "beta")
+        fb = _check_float32(beta, "beta")
     cdef int nt = _threads(threads)
     if out is None:
         if fb != 0.0:
