@@ -65,7 +65,10 @@ def _try_openmp(compiler, cargs, largs):
             f.write(code)
         try:
             objs = compiler.compile([src], output_dir=tmp, extra_postargs=cargs)
-            compiler.link_executable(objs, "omp_check", output_dir=tmp, extra_postargs=largs)
+            # LDFLAGS reach shared-object links but not executables: pass them to the probe too,
+            # so e.g. sanitizer builds detect OpenMP the same way the real link will see it.
+            env_ld = os.environ.get("LDFLAGS", "").split()
+            compiler.link_executable(objs, "omp_check", output_dir=tmp, extra_postargs=largs + env_ld)
         except Exception:  # any compile/link failure means "not available"
             return False
     return True

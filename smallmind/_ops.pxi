@@ -54,6 +54,7 @@ cdef _check_disjoint(list outs, list ins):
 
 cdef float _hyper(object v, str name, double lo, bint lo_open, double hi, bint hi_open) except? -1.0:
     """A finite real hyperparameter in the interval lo..hi (open ends as flagged), as float32."""
+    _check_float32(v, name)  # finite once rounded to float32
     cdef double d = _check_float(v, name)
     cdef str left = "(" if lo_open else "["
     cdef str right = ")" if hi_open else "]"
@@ -402,7 +403,7 @@ cdef object _dloss_array(object dloss, tuple shape):
         _check_f32(dloss, "dloss")
         _check_shape(dloss, "dloss", shape)
         return dloss
-    cdef double d = _check_float(dloss, "dloss")
+    cdef double d = _check_float32(dloss, "dloss")
     return np.full(shape, d, dtype=np.float32)
 
 
