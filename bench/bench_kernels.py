@@ -85,30 +85,46 @@ def idle(quick):
         time.sleep(IDLE_GAP_S)
 
 
-def bench_gemm(shapes, thread_counts, quick):
+def interleaved(fns, reps, quick):
+    """Median seconds per call of each fn in `fns` (a dict), measured round-robin: in each round
+    every library gets an idle gap (so no other library's worker threads are still spinning), a
+    warm-up call (its own threads awake), then the timed call. Round-robin keeps slow drifts of
+    a shared machine from favouring whichever library ran first."""
+    times = {name: [] for name in fns}
+    for _ in range(1 if quick else reps):
+        for name, fn in fns.items():
+            idle(quick)
+            fn()
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def bench_gemm(shapes, thread_counts, quick, reps=9):
     rows = []
     rng = np.random.default_rng(0)
     for nt in thread_counts:
+        if torch is not None:
+            torch.set_num_threads(nt)
         for (M, K, N) in shapes:
             a = rng.standard_normal((M, K), dtype=np.float32)
             b = rng.standard_normal((K, N), dtype=np.float32)
             c = np.empty((M, N), np.float32)
             flops = 2.0 * M * K * N
-            idle(quick)
+            fns = {"smallmind": lambda: sm.kernels.matmul(a, b, out=c, threads=nt)}
             with numpy_threads(nt):
-                t_np = timeit(lambda: np.matmul(a, b, out=c), quick=quick)
-            idle(quick)
-            t_sm = timeit(lambda: sm.kernels.matmul(a, b, out=c, threads=nt), quick=quick)
+                fns["numpy"] = lambda: np.matmul(a, b, out=c)
+                if torch is not None:
+                    ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+                    fns["torch"] = lambda: torch.matmul(ta, tb, out=tc)
+                t = interleaved(fns, reps, quick)
             row = {"kernel": "sgemm", "shape": f"{M}x{K}x{N}", "threads": nt,
-                   "smallmind_gflops": flops / t_sm / 1e9, "numpy_gflops": flops / t_np / 1e9,
-                   "vs_numpy": t_np / t_sm}
-            if torch is not None:
-                ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
-                torch.set_num_threads(nt)
-                idle(quick)
-                t_t = timeit(lambda: torch.matmul(ta, tb, out=tc), quick=quick)
-                row["torch_gflops"] = flops / t_t / 1e9
-                row["vs_torch"] = t_t / t_sm
+                   "smallmind_gflops": flops / t["smallmind"] / 1e9,
+                   "numpy_gflops": flops / t["numpy"] / 1e9, "vs_numpy": t["numpy"] / t["smallmind"]}
+            if "torch" in t:
+                row["torch_gflops"] = flops / t["torch"] / 1e9
+                row["vs_torch"] = t["torch"] / t["smallmind"]
             rows.append(row)
             print_row(row)
     return rows

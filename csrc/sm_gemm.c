@@ -563,6 +563,7 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
 #define SMALL_M 4
 #define SMALL_W 512 /* columns per chunk in the rows form: m x 512 accumulators stay in L1 */
 #define SMALL_STREAM_W 16384 /* columns per chunk of the streaming rows form (AVX-512) */
+#define SMALL_STREAM_K 8     /* B rows per sweep of that form: fewer passes over its accumulators */
 
 typedef struct {
     mat_view a, b;      /* a: (m, K) logical, b: (K, N) logical */
@@ -676,21 +677,20 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
         __mmask16 tail = rem ? (__mmask16)((1u << rem) - 1u) : (__mmask16)0xFFFF;
         memset(acc, 0, (size_t)(m * SMALL_STREAM_W) * sizeof(float));
         int64_t k = 0;
-        for (; k + 4 <= K; k += 4) {
-            const float *b0 = sp->b.p + k * sp->b.sr + c0, *b1 = b0 + sp->b.sr;
-            const float *b2 = b1 + sp->b.sr, *b3 = b2 + sp->b.sr;
+        for (; k + SMALL_STREAM_K <= K; k += SMALL_STREAM_K) {
+            const float *bk[SMALL_STREAM_K];
+            for (int u = 0; u < SMALL_STREAM_K; u++) bk[u] = sp->b.p + (k + u) * sp->b.sr + c0;
             for (int64_t r = 0; r < m; r++) {
                 const float *ar = sp->a.p + r * sp->a.sr + k * sp->a.sc;
-                __m512 x0 = _mm512_set1_ps(ar[0]), x1 = _mm512_set1_ps(ar[sp->a.sc]);
-                __m512 x2 = _mm512_set1_ps(ar[2 * sp->a.sc]), x3 = _mm512_set1_ps(ar[3 * sp->a.sc]);
+                __m512 x[SMALL_STREAM_K];
+                for (int u = 0; u < SMALL_STREAM_K; u++) x[u] = _mm512_set1_ps(ar[u * sp->a.sc]);
                 float *cr = acc + r * SMALL_STREAM_W;
                 for (int64_t v = 0; v < nv; v++) {
                     __mmask16 mk = v + 1 < nv ? (__mmask16)0xFFFF : tail;
                     __m512 t = _mm512_load_ps(cr + 16 * v);
-                    t = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(mk, b0 + 16 * v), t);
-                    t = _mm512_fmadd_ps(x1, _mm512_maskz_loadu_ps(mk, b1 + 16 * v), t);
-                    t = _mm512_fmadd_ps(x2, _mm512_maskz_loadu_ps(mk, b2 + 16 * v), t);
-                    t = _mm512_fmadd_ps(x3, _mm512_maskz_loadu_ps(mk, b3 + 16 * v), t);
+#pragma GCC unroll 8
+                    for (int u = 0; u < SMALL_STREAM_K; u++)
+                        t = _mm512_fmadd_ps(x[u], _mm512_maskz_loadu_ps(mk, bk[u] + 16 * v), t);
                     _mm512_store_ps(cr + 16 * v, t);
                 }
             }
@@ -857,7 +857,11 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
 #if SM_X86_KERNELS
     if (level >= SM_SIMD_AVX512) {
         fn = dots ? small_dots_avx512 : small_rows_avx512;
-        stream = !dots && sp->K * N > (int64_t)2 * 1024 * 1024; /* B beyond ~8 MiB: stream it */
+        /* Stream B rows when B is beyond the caches (> 8 MiB), or already beyond L2 (> 2 MiB)
+         * for a single row, where a register tile has too little work per B load to hide the
+         * strided walk down K (measured both ways on the shapes in bench/). */
+        int64_t kn = sp->K * N;
+        stream = !dots && (kn > (int64_t)2 * 1024 * 1024 || (sp->m == 1 && kn > (int64_t)512 * 1024));
     } else if (level >= SM_SIMD_AVX2) {
         fn = dots ? small_dots_avx2 : small_rows_avx2;
     }
