@@ -44,7 +44,7 @@ GEMM_SHAPES = [(4096, 128, 384), (4096, 128, 512), (4096, 512, 128), (4096, 128,
                (1024, 1024, 1024)]
 QUICK_SHAPES = [(64, 32, 48), (1, 64, 300), (33, 17, 65)]
 
-IDLE_GAP_S = 0.25
+IDLE_GAP_S = 0.3
 
 
 def timeit(fn, min_time=0.3, max_reps=50, min_reps=5, quick=False):
@@ -85,23 +85,30 @@ def idle(quick):
         time.sleep(IDLE_GAP_S)
 
 
-def interleaved(fns, reps, quick):
+def interleaved(fns, rounds, quick, batch_time=0.05):
     """Median seconds per call of each fn in `fns` (a dict), measured round-robin: in each round
-    every library gets an idle gap (so no other library's worker threads are still spinning), a
-    warm-up call (its own threads awake), then the timed call. Round-robin keeps slow drifts of
-    a shared machine from favouring whichever library ran first."""
+    every library gets an idle gap (so no other library's worker threads are still spinning),
+    a warm-up call, then a batch of calls lasting at least `batch_time` (steady state: caches,
+    clocks and thread teams warm). Round-robin keeps slow drifts of a shared machine from
+    favouring whichever library ran first. The result is the median over all timed calls."""
     times = {name: [] for name in fns}
-    for _ in range(1 if quick else reps):
+    for _ in range(1 if quick else rounds):
         for name, fn in fns.items():
             idle(quick)
             fn()
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+            start = time.perf_counter()
+            n = 0
+            while n < 3 or time.perf_counter() - start < batch_time:
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+                n += 1
+                if quick:
+                    break
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def bench_gemm(shapes, thread_counts, quick, reps=9):
+def bench_gemm(shapes, thread_counts, quick, rounds=5):
     rows = []
     rng = np.random.default_rng(0)
     for nt in thread_counts:
@@ -118,7 +125,7 @@ def bench_gemm(shapes, thread_counts, quick, reps=9):
                 if torch is not None:
                     ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
                     fns["torch"] = lambda: torch.matmul(ta, tb, out=tc)
-                t = interleaved(fns, reps, quick)
+                t = interleaved(fns, rounds, quick)
             row = {"kernel": "sgemm", "shape": f"{M}x{K}x{N}", "threads": nt,
                    "smallmind_gflops": flops / t["smallmind"] / 1e9,
                    "numpy_gflops": flops / t["numpy"] / 1e9, "vs_numpy": t["numpy"] / t["smallmind"]}
@@ -131,35 +138,40 @@ def bench_gemm(shapes, thread_counts, quick, reps=9):
 
 
 def bench_concurrency(quick):
-    """Aggregate matmul throughput of 2 Python threads (threads=1 each) over 1 thread."""
-    M, K, N = (64, 64, 64) if quick else (1024, 384, 384)
-    calls = 4 if quick else 60
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((M, K), dtype=np.float32)
-    b = rng.standard_normal((K, N), dtype=np.float32)
+    """Aggregate matmul throughput of 2 Python threads (threads=1 each) over 1 thread: the GIL
+    is released for the whole product, so two threads should get close to 2x."""
+    shapes = [(64, 64, 64)] if quick else [(1024, 384, 384), (256, 128, 128)]
+    rows = []
+    for (M, K, N) in shapes:
+        rng = np.random.default_rng(1)
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((K, N), dtype=np.float32)
+        # about 0.3 s of work per run on one core
+        calls = 4 if quick else max(2, int(0.3 * 90e9 / (2.0 * M * K * N)) // 2 * 2)
 
-    def work(n):
-        out = np.empty((M, N), np.float32)
-        for _ in range(n):
-            sm.kernels.matmul(a, b, out=out, threads=1)
+        def work(n):
+            out = np.empty((M, N), np.float32)
+            for _ in range(n):
+                sm.kernels.matmul(a, b, out=out, threads=1)
 
-    def run(nthreads):
-        ts = [threading.Thread(target=work, args=(calls // nthreads,)) for _ in range(nthreads)]
-        t = time.perf_counter()
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join()
-        return time.perf_counter() - t
+        def run(nthreads):
+            ts = [threading.Thread(target=work, args=(calls // nthreads,)) for _ in range(nthreads)]
+            t = time.perf_counter()
+            for th in ts:
+                th.start()
+            for th in ts:
+                th.join()
+            return time.perf_counter() - t
 
-    work(2)
-    reps = 1 if quick else 5
-    t1 = float(np.median([run(1) for _ in range(reps)]))
-    t2 = float(np.median([run(2) for _ in range(reps)]))
-    row = {"kernel": "matmul x 2 Python threads", "shape": f"{M}x{K}x{N}", "threads": 1,
-           "speedup_2_threads": t1 / t2, "calls": calls}
-    print(f"  2 Python threads x matmul(threads=1) {M}x{K}x{N}: aggregate speedup {t1 / t2:.2f}x over 1 thread")
-    return [row]
+        work(2)
+        reps = 1 if quick else 5
+        t1 = float(np.median([run(1) for _ in range(reps)]))
+        t2 = float(np.median([run(2) for _ in range(reps)]))
+        rows.append({"kernel": "matmul x 2 Python threads", "shape": f"{M}x{K}x{N}", "threads": 1,
+                     "speedup_2_threads": t1 / t2, "calls": calls})
+        print(f"  2 Python threads x matmul(threads=1) {M}x{K}x{N} ({calls} calls): "
+              f"aggregate speedup {t1 / t2:.2f}x over 1 thread")
+    return rows
 
 
 def other_kernel_rows(quick, thread_counts):
