@@ -49,7 +49,8 @@
 /* Open a team of `nt` threads; a team of one runs inline with no OpenMP overhead. */
 #define SM_PARALLEL(nt) SM_PRAGMA(omp parallel num_threads(nt) if ((nt) > 1))
 #else
-#define SM_PARALLEL(nt)
+/* Without OpenMP the block after SM_PARALLEL runs once, inline; the budget is still "used". */
+#define SM_PARALLEL(nt) (void)(nt);
 #endif
 
 /* Error codes returned by core functions (0 = success). */

@@ -1,5 +1,9 @@
 """conftest.py - shared fixtures: run a test under every SIMD level this CPU supports, seeded
 random generators, and comparison against float64 references."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -33,3 +37,15 @@ def assert_close(actual, expected, rtol=1e-5, atol=None, what=""):
     tol = atol if atol is not None else rtol * scale
     err = np.abs(actual - expected).max(initial=0.0)
     assert err <= tol, f"{what} max abs error {err:.3e} > {tol:.3e} (scale {scale:.3e})"
+
+
+def run_python(code, timeout=120, **env):
+    """Run `code` in a fresh interpreter with extra environment variables; return the completed
+    process. It runs from the folder holding the smallmind these tests imported (site-packages,
+    or the source tree of an in-place build), so the child imports the same build and never a
+    source checkout without its compiled core."""
+    full = dict(os.environ)
+    full.update(env)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
+    return subprocess.run([sys.executable, "-c", code], env=full, cwd=here, capture_output=True,
+                          text=True, timeout=timeout)

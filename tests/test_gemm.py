@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from conftest import assert_close
+from conftest import assert_close, run_python
 
 # Odd sizes hit every edge: partial MR x NR tiles, narrow (<= 16 column) slivers, K slices with
 # tails, the matrix-vector paths (M or N <= 4) including the streaming one (K * N > 2M).
@@ -185,23 +185,16 @@ def test_openmp_team_smaller_than_requested():
     """OpenMP may grant fewer threads than `threads=` (OMP_THREAD_LIMIT, nesting, dynamic
     teams). The packed path used to re-split C over the threads it got while its scratch was
     sized for the planned grid: wrong results, and writes past the scratch block."""
-    import os
-    import subprocess
-    import sys
-
     if not sm.build_info()["openmp"]:
         pytest.skip("build without OpenMP")
-    env = dict(os.environ, OMP_THREAD_LIMIT="2", OMP_DYNAMIC="false")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _TEAM_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = run_python(_TEAM_SCRIPT, OMP_THREAD_LIMIT="2", OMP_DYNAMIC="false")
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
 def test_portable_build_compiles(tmp_path):
-    """The portable (non-x86: arm64, ...) build of sm_gemm.c must compile cleanly. It used a
-    macro defined only inside the x86 block (SMALL_STREAM_W), so it did not compile at all."""
+    """The portable (non-x86: arm64, ...) build of every C file must compile cleanly, with and
+    without OpenMP. sm_gemm.c once used a macro defined only inside the x86 block, so it did
+    not compile at all there."""
     import glob
     import os
     import shutil
@@ -209,23 +202,26 @@ def test_portable_build_compiles(tmp_path):
 
     csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
     cc = shutil.which("gcc") or shutil.which("cc")
-    if not os.path.exists(os.path.join(csrc, "sm_gemm.c")) or cc is None:
+    sources = sorted(glob.glob(os.path.join(csrc, "*.c")))
+    if not sources or cc is None:
         pytest.skip("needs the csrc/ sources and a C compiler")
-    for f in glob.glob(os.path.join(csrc, "*.h")) + [os.path.join(csrc, "sm_gemm.c")]:
+    for f in glob.glob(os.path.join(csrc, "*.h")) + sources:
         shutil.copy(f, tmp_path)
     common = (tmp_path / "sm_common.h").read_text()
     patched = common.replace("defined(__x86_64__)", "0").replace("defined(_M_X64)", "0")
     assert patched != common
     (tmp_path / "sm_common.h").write_text(patched)
-    (tmp_path / "portable.c").write_text(
-        '#include "sm_gemm.c"\n_Static_assert(SM_X86_KERNELS == 0, "portable path");\n')
-    base = [cc, "-std=gnu11", "-O1", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unused-function",
-            "-Wno-unknown-pragmas", "-I", str(tmp_path), str(tmp_path / "portable.c")]
-    for extra in ([], ["-fopenmp", "-DSM_HAVE_OPENMP"]):
-        r = subprocess.run(base + extra, capture_output=True, text=True)
-        if extra and "omp.h" in r.stderr:
-            continue  # compiler without OpenMP headers
-        assert r.returncode == 0, f"{extra}: {r.stderr}"
+    for src in sources:
+        name = os.path.basename(src)
+        (tmp_path / f"portable_{name}").write_text(
+            f'#include "{name}"\n_Static_assert(SM_X86_KERNELS == 0, "portable path");\n')
+        base = [cc, "-std=gnu11", "-O1", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unused-function",
+                "-Wno-unknown-pragmas", "-I", str(tmp_path), str(tmp_path / f"portable_{name}")]
+        for extra in ([], ["-fopenmp", "-DSM_HAVE_OPENMP"]):
+            r = subprocess.run(base + extra, capture_output=True, text=True)
+            if extra and "omp.h" in r.stderr:
+                continue  # compiler without OpenMP headers
+            assert r.returncode == 0, f"{name} {extra}: {r.stderr}"
 
 
 def test_alpha_beta_must_be_finite_in_float32():

@@ -1,23 +1,14 @@
 """test_runtime.py - build facts, SIMD level selection (CPUID, SMALLMIND_SIMD, set_simd_level),
 the thread budget (set_num_threads, OMP_NUM_THREADS, threadpoolctl) and the error hierarchy."""
-import os
-import subprocess
-import sys
-
 import pytest
 
 import smallmind as sm
+from conftest import run_python
 
 
 def _run(code, **env):
-    """Run `code` in a fresh interpreter with extra environment variables; return its stdout."""
-    full = dict(os.environ)
-    full.update(env)
-    # Run from the folder holding the smallmind these tests imported (site-packages, or the
-    # source tree of an in-place build), so the child imports the same build.
-    here = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=full, cwd=here, capture_output=True,
-                         text=True, timeout=120)
+    """Run `code` in a fresh interpreter (see conftest.run_python); return its stdout."""
+    out = run_python(code, **env)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
