@@ -38,10 +38,12 @@ def cmd_bench(args):
         a = rng.standard_normal((M, K), dtype=np.float32)
         b = rng.standard_normal((K, N), dtype=np.float32)
         c = np.empty((M, N), np.float32)
+        # OpenBLAS and OpenMP keep their worker threads spinning for a while after a call:
+        # let the other library's go idle before timing each one.
+        time.sleep(0.3)
         t_sm = _median_time(lambda: kernels.matmul(a, b, out=c))
-        time.sleep(0.1)  # let the other library's worker threads go idle before timing
+        time.sleep(0.3)
         t_np = _median_time(lambda: np.matmul(a, b, out=c))
-        time.sleep(0.1)
         fl = 2.0 * M * K * N
         print(f"{str((M, K, N)):>20s} {fl / t_sm / 1e9:18.1f} {fl / t_np / 1e9:14.1f} {t_np / t_sm:5.2f}x")
     return 0
