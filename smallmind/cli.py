@@ -12,10 +12,12 @@ from . import __version__, build_info, kernels
 _SHAPES = [(4096, 128, 384), (4096, 512, 128), (1024, 1024, 1024), (1, 768, 2304)]
 
 
-def _median_time(fn, reps=5):
+def _median_time(fn, min_reps=5, min_time=0.25):
+    """Median seconds per call, over at least `min_reps` calls and `min_time` seconds."""
     fn()
     times = []
-    for _ in range(reps):
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
