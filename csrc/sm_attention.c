@@ -51,6 +51,7 @@
 #include <string.h>
 
 #include "sm_pool.h"
+#include "sm_vecmath.h"
 #include "sm_runtime.h"
 
 #if SM_X86_KERNELS
@@ -215,89 +216,6 @@ int sm_attention_decode_naive(float *out, const float *q, const float *k_cache,
     sm_aligned_free(s);
     return SM_OK;
 }
-
-/* ============================================================================================
- * exp
- * ============================================================================================ */
-
-#define EXP_LO (-87.33654475f)  /* ln(FLT_MIN): below it the result is flushed to 0 */
-#define EXP_HI 88.3762626647949f /* keeps 2^n finite */
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693359375f /* ln 2 split in two so n * LN2_HI is exact */
-#define LN2_LO (-2.12194440e-4f)
-#define EP0 1.9875691500e-4f
-#define EP1 1.3981999507e-3f
-#define EP2 8.3334519073e-3f
-#define EP3 4.1665795894e-2f
-#define EP4 1.6666665459e-1f
-#define EP5 5.0000001201e-1f
-#define ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: x + MAGIC rounds x to an integer (|x| < 2^22) */
-
-SM_INLINE float exp_g(float x) {
-    float xc = x > EXP_HI ? EXP_HI : x; /* NaN compares false and stays NaN */
-    xc = xc < EXP_LO ? EXP_LO : xc;
-    float t = xc * LOG2E + ROUND_MAGIC;
-    float n = t - ROUND_MAGIC;
-    float r = xc - n * LN2_HI;
-    r = r - n * LN2_LO;
-    float p = EP0;
-    p = p * r + EP1;
-    p = p * r + EP2;
-    p = p * r + EP3;
-    p = p * r + EP4;
-    p = p * r + EP5;
-    float y = p * (r * r) + r + 1.0f;
-    uint32_t tb;
-    memcpy(&tb, &t, sizeof tb);
-    /* low bits of t hold n (offset by MAGIC's bits): 2^n built directly; unsigned, no UB */
-    uint32_t eb = (tb - 0x4B400000u + 127u) << 23;
-    float s;
-    memcpy(&s, &eb, sizeof s);
-    return x < EXP_LO ? 0.0f : y * s;
-}
-
-#if SM_X86_KERNELS
-SM_TARGET_AVX512 SM_INLINE __m512 exp_512(__m512 x) {
-    /* max/min return their SECOND operand when either is NaN: keep x second so NaN survives */
-    __m512 xc = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x);
-    xc = _mm512_max_ps(_mm512_set1_ps(EXP_LO), xc);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(LOG2E)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-    __m512 p = _mm512_set1_ps(EP0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP5));
-    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    y = _mm512_scalef_ps(y, n);
-    __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LO), _CMP_LT_OQ);
-    return _mm512_mask_mov_ps(y, under, _mm512_setzero_ps());
-}
-
-SM_TARGET_AVX2 SM_INLINE __m256 exp_256(__m256 x) {
-    __m256 xc = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x);
-    xc = _mm256_max_ps(_mm256_set1_ps(EXP_LO), xc);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-    __m256 p = _mm256_set1_ps(EP0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP5));
-    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    /* n is in [-126, 127] after the clamp (NaN gives garbage bits, but y is NaN then) */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_LT_OQ);
-    return _mm256_andnot_ps(under, y);
-}
-#endif
 
 /* ============================================================================================
  * mm: C (m x W) (+)= A (m x K) @ B (K x W)
@@ -531,13 +449,13 @@ static void fwd_softmax_generic(float *S, int64_t nk, int diag, float scale, flo
     for (int64_t j = 0; j < nk; j++) {
         float *s = S + j * BLK;
         for (int i = 0; i < BLK; i++) {
-            float p = exp_g(s[i] - mx[i]);
+            float p = sm_exp_scalar(s[i] - mx[i]);
             s[i] = p;
             ls[i] += p;
         }
     }
     for (int i = 0; i < BLK; i++) {
-        alpha[i] = exp_g(m[i] - mx[i]);
+        alpha[i] = sm_exp_scalar(m[i] - mx[i]);
         l[i] = l[i] * alpha[i] + ls[i];
         m[i] = mx[i];
     }
@@ -549,7 +467,7 @@ static void bwd_tile_generic(float *S, float *dP, int64_t nk, int diag, int64_t 
         float *s = S + j * BLK, *dp = dP + j * BLK;
         for (int i = 0; i < BLK; i++) {
             int valid = i < mq && !(diag && i < j);
-            float p = valid ? exp_g(s[i] * scale - L[i]) : 0.0f;
+            float p = valid ? sm_exp_scalar(s[i] * scale - L[i]) : 0.0f;
             s[i] = p;
             dp[i] = valid ? p * (dp[i] - D[i]) * scale : 0.0f;
         }
@@ -580,11 +498,11 @@ static void fwd_softmax_avx512(float *S, int64_t nk, int diag, float scale, floa
         __m512 ls = _mm512_setzero_ps();
         for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 16 * v;
-            __m512 p = exp_512(_mm512_sub_ps(_mm512_loadu_ps(s), mx));
+            __m512 p = sm_exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(s), mx));
             _mm512_storeu_ps(s, p);
             ls = _mm512_add_ps(ls, p);
         }
-        const __m512 al = exp_512(_mm512_sub_ps(m_old, mx));
+        const __m512 al = sm_exp_avx512(_mm512_sub_ps(m_old, mx));
         _mm512_storeu_ps(alpha + 16 * v, al);
         _mm512_storeu_ps(l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * v), al, ls));
         _mm512_storeu_ps(m + 16 * v, mx);
@@ -609,7 +527,7 @@ static void bwd_tile_avx512(float *S, float *dP, int64_t nk, int diag, int64_t m
             float *s = S + j * BLK + 16 * v, *dp = dP + j * BLK + 16 * v;
             __mmask16 ok = live;
             if (diag) ok &= _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)j), _CMP_GE_OQ);
-            __m512 p = exp_512(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, vl));
+            __m512 p = sm_exp_avx512(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, vl));
             p = _mm512_maskz_mov_ps(ok, p);
             __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp), vd)), vs);
             _mm512_storeu_ps(s, p);
@@ -639,11 +557,11 @@ static void fwd_softmax_avx2(float *S, int64_t nk, int diag, float scale, float 
         __m256 ls = _mm256_setzero_ps();
         for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 8 * v;
-            __m256 p = exp_256(_mm256_sub_ps(_mm256_loadu_ps(s), mx));
+            __m256 p = sm_exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s), mx));
             _mm256_storeu_ps(s, p);
             ls = _mm256_add_ps(ls, p);
         }
-        const __m256 al = exp_256(_mm256_sub_ps(m_old, mx));
+        const __m256 al = sm_exp_avx2(_mm256_sub_ps(m_old, mx));
         _mm256_storeu_ps(alpha + 8 * v, al);
         _mm256_storeu_ps(l + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(l + 8 * v), al, ls));
         _mm256_storeu_ps(m + 8 * v, mx);
@@ -668,7 +586,7 @@ static void bwd_tile_avx2(float *S, float *dP, int64_t nk, int diag, int64_t mq,
             float *s = S + j * BLK + 8 * v, *dp = dP + j * BLK + 8 * v;
             __m256 ok = live;
             if (diag) ok = _mm256_and_ps(ok, _mm256_cmp_ps(lane, _mm256_set1_ps((float)j), _CMP_GE_OQ));
-            __m256 p = exp_256(_mm256_fmsub_ps(_mm256_loadu_ps(s), vs, vl));
+            __m256 p = sm_exp_avx2(_mm256_fmsub_ps(_mm256_loadu_ps(s), vs, vl));
             p = _mm256_and_ps(ok, p);
             __m256 ds = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp), vd)), vs);
             _mm256_storeu_ps(s, p);
@@ -1012,10 +930,10 @@ SM_INLINE void decode_head_body(float *out, const float *q, const float *kt, con
         }
         float sum = 0.0f;
         for (int64_t j = 0; j < nk; j++) {
-            p[j] = exp_g(p[j] - mx);
+            p[j] = sm_exp_scalar(p[j] - mx);
             sum += p[j];
         }
-        const float alpha = exp_g(m - mx);
+        const float alpha = sm_exp_scalar(m - mx);
         l = l * alpha + sum;
         m = mx;
         for (int64_t d = 0; d < hs; d++) o[d] *= alpha;
@@ -1075,13 +993,13 @@ static void decode_head_avx2(float *out, const float *q, const float *kt, const 
         const __m256 vmx = _mm256_set1_ps(mx);
         __m256 sum8 = _mm256_setzero_ps();
         for (int u = 0; u < 8; u++) {
-            const __m256 e = exp_256(_mm256_sub_ps(_mm256_loadu_ps(p + 8 * u), vmx));
+            const __m256 e = sm_exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + 8 * u), vmx));
             _mm256_storeu_ps(p + 8 * u, e);
             sum8 = _mm256_add_ps(sum8, e);
         }
         _mm256_storeu_ps(t8, sum8);
         const float sum = ((t8[0] + t8[4]) + (t8[1] + t8[5])) + ((t8[2] + t8[6]) + (t8[3] + t8[7]));
-        const float alpha = exp_g(m - mx);
+        const float alpha = sm_exp_scalar(m - mx);
         l = l * alpha + sum;
         m = mx;
         const __m256 va = _mm256_set1_ps(alpha);
@@ -1165,11 +1083,11 @@ static void decode_head_avx512(float *out, const float *q, const float *kt, cons
         const float mx = cmax > m ? cmax : m;
         const __m512 vmx = _mm512_set1_ps(mx);
         for (int u = 0; u < 4; u++) {
-            s[u] = exp_512(_mm512_sub_ps(s[u], vmx));
+            s[u] = sm_exp_avx512(_mm512_sub_ps(s[u], vmx));
             _mm512_storeu_ps(p + 16 * u, s[u]);
         }
         const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3])));
-        const float alpha = exp_g(m - mx);
+        const float alpha = sm_exp_scalar(m - mx);
         l = l * alpha + sum;
         m = mx;
         const __m512 va = _mm512_set1_ps(alpha);

@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "sm_pool.h"
+#include "sm_vecmath.h"
 #include "sm_runtime.h"
 
 #if SM_X86_KERNELS
@@ -77,59 +78,6 @@ static void run_ranges(range_fn fn, const void *ctx, int64_t n, int64_t grain, i
     }
 }
 
-/* ---- exp approximation ----------------------------------------------------------------------
- * exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in
- * two parts so r is exact), exp(r) by a degree-7 polynomial (Cephes expf coefficients): about
- * 1 ulp. The input is clamped above at 88 (so 2^n stays a normal float) and results for
- * x < ln(FLT_MIN) are flushed to exactly 0 (softmax of -inf logits gives 0). NaN propagates. */
-#define EXP_HI 88.0f
-#define EXP_LO (-87.33654f)
-#define LOG2E 1.44269504088896341f
-#define LN2_HI 0.693359375f
-#define LN2_LO (-2.12194440e-4f)
-#define EP0 1.9875691500e-4f
-#define EP1 1.3981999507e-3f
-#define EP2 8.3334519073e-3f
-#define EP3 4.1665795894e-2f
-#define EP4 1.6666665459e-1f
-#define EP5 5.0000001201e-1f
-/* 1.5 * 2^23: (v + M) - M rounds v to the nearest integer for |v| < 2^22, without floorf. */
-#define ROUND_MAGIC 12582912.0f
-
-/* c ? a : b through integer masks. GCC will not if-convert a float `?:` whose arms it could
- * turn into trapping arithmetic (-ftrapping-math), which keeps loops from vectorizing; the
- * bitwise form always vectorizes (SSE2, NEON). */
-SM_INLINE float sel(int c, float a, float b) {
-    uint32_t ab, bb, m = 0u - (uint32_t)(c != 0);
-    memcpy(&ab, &a, sizeof ab);
-    memcpy(&bb, &b, sizeof bb);
-    ab = (ab & m) | (bb & ~m);
-    memcpy(&a, &ab, sizeof a);
-    return a;
-}
-
-/* Branch-free so that loops calling it vectorize. The clamped copy xc is always finite (NaN
- * fails both compares), so the float -> int conversion is always defined. */
-SM_INLINE float exp_generic(float x) {
-    float xc = sel(x < EXP_HI, x, EXP_HI);
-    xc = sel(xc > EXP_LO, xc, EXP_LO);
-    float n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
-    float r = xc - n * LN2_HI;
-    r = r - n * LN2_LO;
-    float p = EP0;
-    p = p * r + EP1;
-    p = p * r + EP2;
-    p = p * r + EP3;
-    p = p * r + EP4;
-    p = p * r + EP5;
-    float y = p * (r * r) + (r + 1.0f);
-    int32_t bits = ((int32_t)n + 127) << 23; /* in [1, 254] << 23: no overflow */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    y = sel(x >= EXP_LO, y * scale, 0.0f);
-    return sel(x == x, y, x);
-}
-
 /* GELU as x * sigmoid(2u): 0.5 (1 + tanh(u)) == 1 / (1 + exp(-2u)), u = k (x + c x^3). This
  * needs one exp and one division, and stays accurate in both tails (no 1 - tanh cancellation). */
 #define GELU_K 0.7978845608028654f      /* sqrt(2 / pi) */
@@ -139,14 +87,14 @@ SM_INLINE float exp_generic(float x) {
 
 SM_INLINE float gelu_generic(float x) {
     float inner = x + (GELU_C * x * x) * x;
-    float e = exp_generic(GELU_M2K * inner);
+    float e = sm_exp_scalar(GELU_M2K * inner);
     return x / (1.0f + e);
 }
 
 /* d gelu / dx = s + x * 2 s (1 - s) * du/dx with s = sigmoid(2u), 1 - s = e s, e = exp(-2u). */
 SM_INLINE float gelu_grad_generic(float x) {
     float inner = x + (GELU_C * x * x) * x;
-    float e = exp_generic(GELU_M2K * inner);
+    float e = sm_exp_scalar(GELU_M2K * inner);
     float s = 1.0f / (1.0f + e);
     float oms = e * s;
     float dudx = GELU_K + GELU_3CK * (x * x);
@@ -160,35 +108,17 @@ SM_TARGET_AVX512 SM_INLINE __mmask16 mask16(int64_t r) {
     return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u);
 }
 
-SM_TARGET_AVX512 SM_INLINE __m512 exp16(__m512 x) {
-    __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LO), _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x); /* min returns its 2nd operand on NaN */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-    __m512 p = _mm512_set1_ps(EP0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EP5));
-    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    y = _mm512_scalef_ps(y, n);
-    return _mm512_maskz_mov_ps((__mmask16)~under, y);
-}
-
 SM_TARGET_AVX512 SM_INLINE __m512 gelu16(__m512 x) {
     __m512 x2c = _mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(GELU_C));
     __m512 inner = _mm512_fmadd_ps(x2c, x, x);
-    __m512 e = exp16(_mm512_mul_ps(inner, _mm512_set1_ps(GELU_M2K)));
+    __m512 e = sm_exp_avx512(_mm512_mul_ps(inner, _mm512_set1_ps(GELU_M2K)));
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
 SM_TARGET_AVX512 SM_INLINE __m512 gelu_grad16(__m512 x) {
     __m512 xx = _mm512_mul_ps(x, x);
     __m512 inner = _mm512_fmadd_ps(_mm512_mul_ps(xx, _mm512_set1_ps(GELU_C)), x, x);
-    __m512 e = exp16(_mm512_mul_ps(inner, _mm512_set1_ps(GELU_M2K)));
+    __m512 e = sm_exp_avx512(_mm512_mul_ps(inner, _mm512_set1_ps(GELU_M2K)));
     __m512 s = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
     __m512 sos = _mm512_mul_ps(s, _mm512_mul_ps(e, s));
     __m512 dudx = _mm512_fmadd_ps(xx, _mm512_set1_ps(GELU_3CK), _mm512_set1_ps(GELU_K));
@@ -234,37 +164,17 @@ SM_TARGET_AVX2 SM_INLINE float hmax8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-SM_TARGET_AVX2 SM_INLINE __m256 exp8(__m256 x) {
-    __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_LT_OQ);
-    x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), x);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-    __m256 p = _mm256_set1_ps(EP0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EP5));
-    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    /* n is in [-126, 127] here, so 2^n is built directly in the exponent field */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    return _mm256_andnot_ps(under, y);
-}
-
 SM_TARGET_AVX2 SM_INLINE __m256 gelu8(__m256 x) {
     __m256 x2c = _mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(GELU_C));
     __m256 inner = _mm256_fmadd_ps(x2c, x, x);
-    __m256 e = exp8(_mm256_mul_ps(inner, _mm256_set1_ps(GELU_M2K)));
+    __m256 e = sm_exp_avx2(_mm256_mul_ps(inner, _mm256_set1_ps(GELU_M2K)));
     return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
 SM_TARGET_AVX2 SM_INLINE __m256 gelu_grad8(__m256 x) {
     __m256 xx = _mm256_mul_ps(x, x);
     __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(xx, _mm256_set1_ps(GELU_C)), x, x);
-    __m256 e = exp8(_mm256_mul_ps(inner, _mm256_set1_ps(GELU_M2K)));
+    __m256 e = sm_exp_avx2(_mm256_mul_ps(inner, _mm256_set1_ps(GELU_M2K)));
     __m256 s = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
     __m256 sos = _mm256_mul_ps(s, _mm256_mul_ps(e, s));
     __m256 dudx = _mm256_fmadd_ps(xx, _mm256_set1_ps(GELU_3CK), _mm256_set1_ps(GELU_K));
@@ -971,13 +881,13 @@ static float sumexp_generic(float *store, const float *x, int64_t V, float mx, f
     int64_t i = 0;
     for (; i + 8 <= V; i += 8) {
         for (int l = 0; l < 8; l++) {
-            e[l] = exp_generic((x[i + l] - mx) * scale);
+            e[l] = sm_exp_scalar((x[i + l] - mx) * scale);
             s[l] += e[l];
         }
         if (store) memcpy(store + i, e, sizeof e);
     }
     for (; i < V; i++) {
-        float t = exp_generic((x[i] - mx) * scale);
+        float t = sm_exp_scalar((x[i] - mx) * scale);
         if (store) store[i] = t;
         s[i & 7] += t;
     }
@@ -987,7 +897,7 @@ static void scale_generic(float *p, int64_t V, float s) {
     for (int64_t i = 0; i < V; i++) p[i] *= s;
 }
 static void grad_generic(float *dl, const float *x, int64_t V, float lse, float d) {
-    for (int64_t i = 0; i < V; i++) dl[i] += exp_generic(x[i] - lse) * d;
+    for (int64_t i = 0; i < V; i++) dl[i] += sm_exp_scalar(x[i] - lse) * d;
 }
 
 #if SM_X86_KERNELS
@@ -1008,8 +918,8 @@ SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= V; i += 32) {
-        __m512 e0 = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vs));
-        __m512 e1 = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vm), vs));
+        __m512 e0 = sm_exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vs));
+        __m512 e1 = sm_exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vm), vs));
         if (store) {
             _mm512_storeu_ps(store + i, e0);
             _mm512_storeu_ps(store + i + 16, e1);
@@ -1019,7 +929,7 @@ SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_
     }
     for (; i < V; i += 16) {
         __mmask16 m = mask16(V - i);
-        __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vs));
+        __m512 e = sm_exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vs));
         e = _mm512_maskz_mov_ps(m, e);
         if (store) _mm512_mask_storeu_ps(store + i, m, e);
         s0 = _mm512_add_ps(s0, e);
@@ -1037,12 +947,12 @@ SM_TARGET_AVX512 static void grad_avx512(float *dl, const float *x, int64_t V, f
     const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(d);
     int64_t i = 0;
     for (; i + 16 <= V; i += 16) {
-        __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vl));
+        __m512 p = sm_exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), vl));
         _mm512_storeu_ps(dl + i, _mm512_fmadd_ps(p, vd, _mm512_loadu_ps(dl + i)));
     }
     if (i < V) {
         __mmask16 m = mask16(V - i);
-        __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vl));
+        __m512 p = sm_exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vl));
         _mm512_mask_storeu_ps(dl + i, m, _mm512_fmadd_ps(p, vd, _mm512_maskz_loadu_ps(m, dl + i)));
     }
 }
@@ -1065,8 +975,8 @@ SM_TARGET_AVX2 static float sumexp_avx2(float *store, const float *x, int64_t V,
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= V; i += 16) {
-        __m256 e0 = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vs));
-        __m256 e1 = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), vs));
+        __m256 e0 = sm_exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vs));
+        __m256 e1 = sm_exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm), vs));
         if (store) {
             _mm256_storeu_ps(store + i, e0);
             _mm256_storeu_ps(store + i + 8, e1);
@@ -1076,7 +986,7 @@ SM_TARGET_AVX2 static float sumexp_avx2(float *store, const float *x, int64_t V,
     }
     for (; i < V; i += 8) {
         __m256i m = mask8(V - i);
-        __m256 e = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vm), vs));
+        __m256 e = sm_exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vm), vs));
         e = _mm256_and_ps(e, _mm256_castsi256_ps(m));
         if (store) store8(store + i, e, V - i);
         s0 = _mm256_add_ps(s0, e);
@@ -1093,7 +1003,7 @@ SM_TARGET_AVX2 static void grad_avx2(float *dl, const float *x, int64_t V, float
     const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(d);
     for (int64_t i = 0; i < V; i += 8) {
         int64_t r = V - i;
-        __m256 p = exp8(_mm256_sub_ps(load8(x + i, r), vl));
+        __m256 p = sm_exp_avx2(_mm256_sub_ps(load8(x + i, r), vl));
         store8(dl + i, _mm256_fmadd_ps(p, vd, load8(dl + i, r)), r);
     }
 }
