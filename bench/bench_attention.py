@@ -16,23 +16,18 @@ cache for decode. Medians of repeated calls; `cases()` is what bench_kernels.py 
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _timing
 
 import smallmind as sm  # noqa: E402
+from _timing import idle, numpy_threads, timeit  # noqa: E402
 
 try:
     import torch  # noqa: E402
 except ImportError:  # torch is optional: rows then lack the torch_s column
     torch = None
-
-try:
-    from threadpoolctl import threadpool_limits  # noqa: E402
-except ImportError:
-    threadpool_limits = None
 
 # (B, T, C, NH)
 TRAIN_SHAPES = [(8, 256, 384, 6), (16, 64, 128, 4), (4, 1024, 768, 12)]
@@ -40,43 +35,6 @@ QUICK_TRAIN_SHAPES = [(2, 17, 48, 3)]
 # (B, L, C, NH): one new query per sequence against L cached positions
 DECODE_SHAPES = [(1, 256, 384, 6), (8, 256, 384, 6), (1, 1024, 768, 12)]
 QUICK_DECODE_SHAPES = [(2, 9, 48, 3)]
-
-
-def timeit(fn, quick=False, min_time=0.3, min_reps=5, max_reps=200):
-    """Median seconds per call of fn(), after one warm-up call."""
-    fn()
-    if quick:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-class _blas_threads:
-    def __init__(self, n):
-        self.n, self.ctx = n, None
-
-    def __enter__(self):
-        if threadpool_limits is not None:
-            self.ctx = threadpool_limits(self.n, user_api="blas")
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-def _idle(quick):
-    # OpenBLAS and OpenMP workers spin for a while after a call: let them sleep before the
-    # next library is timed.
-    if not quick:
-        time.sleep(0.2)
 
 
 # ---- numpy reference implementation ----------------------------------------------------------
@@ -149,16 +107,16 @@ def _train_rows(B, T, C, NH, threads, quick, rng):
     dqkv = np.zeros_like(qkv)
     shape = f"B{B} T{T} C{C} NH{NH}"
 
-    _idle(quick)
+    idle(quick)
     t_f = timeit(lambda: sm.kernels.attention_forward(qkv, NH, out=out, lse=lse, threads=threads), quick)
-    _idle(quick)
+    idle(quick)
     t_b = timeit(lambda: sm.kernels.attention_backward(dout, qkv, out, lse, NH, dqkv=dqkv,
                                                        threads=threads), quick)
-    _idle(quick)
-    with _blas_threads(threads):
+    idle(quick)
+    with numpy_threads(threads):
         _, p = np_forward(qkv, NH)
         n_f = timeit(lambda: np_forward(qkv, NH), quick)
-        _idle(quick)
+        idle(quick)
         n_b = timeit(lambda: np_backward(dout, qkv, p, NH), quick)
     del p
     tt_f = tt_b = None
@@ -169,11 +127,11 @@ def _train_rows(B, T, C, NH, threads, quick, rng):
         q, k, v = (x[i].detach().clone().requires_grad_(True) for i in range(3))
         sdpa = torch.nn.functional.scaled_dot_product_attention
         with torch.no_grad():
-            _idle(quick)
+            idle(quick)
             tt_f = timeit(lambda: sdpa(q, k, v, is_causal=True), quick)
         o = sdpa(q, k, v, is_causal=True)
         go = torch.from_numpy(dout).view(B, T, NH, hs).transpose(1, 2)
-        _idle(quick)
+        idle(quick)
         tt_b = timeit(lambda: torch.autograd.grad(o, (q, k, v), go, retain_graph=True), quick)
     return [_row("attention forward", shape, t_f, n_f, tt_f),
             _row("attention backward", shape, t_b, n_b, tt_b)]
@@ -186,13 +144,13 @@ def _decode_row(B, L, C, NH, threads, quick, rng):
     sm.kernels.kv_cache_prefill(k_cache, v_cache, qkv)
     q = np.ascontiguousarray(qkv[:, -1, :C])
     out = np.empty((B, C), np.float32)
-    _idle(quick)
+    idle(quick)
     t_sm = timeit(lambda: sm.kernels.attention_decode(q, k_cache, v_cache, L, out=out, threads=threads), quick)
-    _idle(quick)
+    idle(quick)
     # numpy and torch keep their caches in the plain (B, NH, L, hs) layout
     k = np.ascontiguousarray(qkv[:, :, C:2 * C].reshape(B, L, NH, hs).transpose(0, 2, 1, 3))
     v = np.ascontiguousarray(qkv[:, :, 2 * C:].reshape(B, L, NH, hs).transpose(0, 2, 1, 3))
-    with _blas_threads(threads):
+    with numpy_threads(threads):
         t_np = timeit(lambda: np_decode(q, k, v, L), quick)
     t_t = None
     if torch is not None:
@@ -201,7 +159,7 @@ def _decode_row(B, L, C, NH, threads, quick, rng):
         qt = torch.from_numpy(q).view(B, NH, 1, hs)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         with torch.no_grad():
-            _idle(quick)
+            idle(quick)
             t_t = timeit(lambda: sdpa(qt, kt, vt), quick)
     return _row("attention decode", f"B{B} L{L} C{C} NH{NH}", t_sm, t_np, t_t)
 

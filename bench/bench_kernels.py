@@ -28,85 +28,17 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import smallmind as sm  # noqa: E402
+from _timing import interleaved, numpy_threads  # noqa: E402
 
 try:
     import torch  # noqa: E402
 except ImportError:  # torch is optional: the table just lacks its column
     torch = None
 
-try:
-    from threadpoolctl import threadpool_limits  # noqa: E402
-except ImportError:
-    threadpool_limits = None
-
 GEMM_SHAPES = [(4096, 128, 384), (4096, 128, 512), (4096, 512, 128), (4096, 128, 65),
                (16384, 384, 1152), (16384, 1536, 384), (1, 768, 2304), (1, 768, 50257),
                (1024, 1024, 1024)]
 QUICK_SHAPES = [(64, 32, 48), (1, 64, 300), (33, 17, 65)]
-
-IDLE_GAP_S = 0.3
-
-
-def timeit(fn, min_time=0.3, max_reps=50, min_reps=5, quick=False):
-    """Median seconds per call of fn(), after one warm-up call."""
-    fn()
-    if quick:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-class numpy_threads:
-    """Limit OpenBLAS (numpy's BLAS) to n threads inside the block, when threadpoolctl is here."""
-
-    def __init__(self, n):
-        self.n = n
-        self.ctx = None
-
-    def __enter__(self):
-        if threadpool_limits is not None:
-            self.ctx = threadpool_limits(self.n, user_api="blas")
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-def idle(quick):
-    if not quick:
-        time.sleep(IDLE_GAP_S)
-
-
-def interleaved(fns, rounds, quick, batch_time=0.05):
-    """Median seconds per call of each fn in `fns` (a dict), measured round-robin: in each round
-    every library gets an idle gap (so no other library's worker threads are still spinning),
-    a warm-up call, then a batch of calls lasting at least `batch_time` (steady state: caches,
-    clocks and thread teams warm). Round-robin keeps slow drifts of a shared machine from
-    favouring whichever library ran first. The result is the median over all timed calls."""
-    times = {name: [] for name in fns}
-    for _ in range(1 if quick else rounds):
-        for name, fn in fns.items():
-            idle(quick)
-            fn()
-            start = time.perf_counter()
-            n = 0
-            while n < 3 or time.perf_counter() - start < batch_time:
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-                n += 1
-                if quick:
-                    break
-    return {name: float(np.median(ts)) for name, ts in times.items()}
-
 
 def bench_gemm(shapes, thread_counts, quick, rounds=5):
     rows = []

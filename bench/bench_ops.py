@@ -21,7 +21,6 @@ system scales.
 import argparse
 import os
 import sys
-import time
 
 for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
     os.environ.pop(_var, None)
@@ -29,43 +28,10 @@ for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
 import numpy as np  # noqa: E402
 
 import smallmind as sm  # noqa: E402
-
-try:
-    from threadpoolctl import threadpool_limits  # noqa: E402
-except ImportError:
-    threadpool_limits = None
+from _timing import numpy_threads, timeit  # noqa: E402
 
 k = sm.kernels
 GELU_K = np.float32(np.sqrt(2.0 / np.pi))
-
-
-def timeit(fn, quick, min_time=0.25, max_reps=30, min_reps=5):
-    """Median seconds per call of fn(), after one warm-up call."""
-    fn()
-    if quick:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-class _blas_threads:
-    def __init__(self, n):
-        self.ctx = threadpool_limits(n, user_api="blas") if threadpool_limits else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 # ---- numpy equivalents ---------------------------------------------------------------------------
@@ -246,7 +212,7 @@ def cases(quick=False, threads=1):
     t_np = timeit(lambda: np_adamw(prm, g, m, v, 1e-4, 0.9, 0.999, 1e-8, 0.1, 10), q)
     rows.append(_row("adamw_step", f"{P}", t_sm, t_np))
     gg = f32(P)
-    with _blas_threads(nt):
+    with numpy_threads(nt):
         t_np = timeit(lambda: float(np.sqrt(np.dot(gg, gg))), q)
     t_sm = timeit(lambda: k.grad_norm(gg, threads=nt), q)
     rows.append(_row("grad_norm", f"{P}", t_sm, t_np))
@@ -260,7 +226,7 @@ def cases(quick=False, threads=1):
             fn(g_, state["norm"])
         return run
 
-    with _blas_threads(nt):
+    with numpy_threads(nt):
         t_np = timeit(clipper(np_clip, f32(P)), q)
     t_sm = timeit(clipper(lambda g_, mx: k.clip_grad_norm(g_, mx, threads=nt), f32(P)), q)
     rows.append(_row("clip_grad_norm", f"{P}", t_sm, t_np))

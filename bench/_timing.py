@@ -1,0 +1,76 @@
+"""_timing.py - the timing helpers every benchmark in bench/ shares: medians of repeated calls,
+an idle gap between libraries, and a limit on numpy's BLAS threads (via threadpoolctl)."""
+import time
+
+import numpy as np
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # without it numpy uses its own default thread count
+    threadpool_limits = None
+
+# OpenBLAS and OpenMP keep their worker threads spinning for a while after a call; timing one
+# library while another's workers still spin on the same cores measures the contention.
+IDLE_GAP_S = 0.3
+
+
+def idle(quick=False):
+    """Let other libraries' worker threads go to sleep before the next measurement."""
+    if not quick:
+        time.sleep(IDLE_GAP_S)
+
+
+def timeit(fn, quick=False, min_time=0.3, min_reps=5, max_reps=200):
+    """Median seconds per call of fn(), after one warm-up call; one timed call when quick."""
+    fn()
+    if quick:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def interleaved(fns, rounds, quick, batch_time=0.05):
+    """Median seconds per call of each fn in `fns` (a dict), measured round-robin: in each round
+    every library gets an idle gap (so no other library's worker threads are still spinning),
+    a warm-up call, then a batch of calls lasting at least `batch_time` (steady state: caches,
+    clocks and thread teams warm). Round-robin keeps slow drifts of a shared machine from
+    favouring whichever library ran first. The result is the median over all timed calls."""
+    times = {name: [] for name in fns}
+    for _ in range(1 if quick else rounds):
+        for name, fn in fns.items():
+            idle(quick)
+            fn()
+            start = time.perf_counter()
+            n = 0
+            while n < 3 or time.perf_counter() - start < batch_time:
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+                n += 1
+                if quick:
+                    break
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+class numpy_threads:
+    """Limit OpenBLAS (numpy's BLAS) to n threads inside the block, when threadpoolctl is here."""
+
+    def __init__(self, n):
+        self.n = n
+        self.ctx = None
+
+    def __enter__(self):
+        if threadpool_limits is not None:
+            self.ctx = threadpool_limits(self.n, user_api="blas")
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
