@@ -60,7 +60,14 @@ cdef float _hyper(object v, str name, double lo, bint lo_open, double hi, bint h
     cdef str right = ")" if hi_open else "]"
     if d < lo or d > hi or (lo_open and d == lo) or (hi_open and d == hi):
         raise ValidationError(f"{name} must be in {left}{lo:g}, {hi:g}{right}, got {v}")
-    return <float>d
+    # C gets the float32 value: an open lower end must still hold after rounding (eps=1e-50 is
+    # > 0 in double but 0.0f in float32, and then AdamW divides 0 by 0). The betas' open upper
+    # end gets its own check in _adamw_step.
+    cdef float f = <float>d
+    if lo_open and f == <float>lo:
+        raise ValidationError(f"{name} must be in {left}{lo:g}, {hi:g}{right} in float32, got {v} "
+                              f"(rounds to {f:g})")
+    return f
 
 
 cdef int64_t _rows_of(object a, str name) except -1:

@@ -723,3 +723,27 @@ def test_bad_inputs(i):
 def test_validation_errors_are_value_errors():
     with pytest.raises(ValueError):
         k.softmax(np.ones((2, 3), F32), temperature=0)
+
+
+def test_open_interval_hyperparameters_that_round_to_zero_in_float32_are_rejected():
+    # eps=1e-50 is > 0 as a Python float but 0.0 once rounded to float32, which C receives:
+    # AdamW then divides 0 by 0 where grad, m and v are zero (NaN params), and layernorm gives
+    # rstd = inf on a constant row (NaN output). The wrapper must refuse what C would see as 0.
+    VE = sm.ValidationError
+    p, z = np.ones(4, F32), np.zeros(4, F32)
+    with pytest.raises(VE, match="eps"):
+        k.adamw_step(p, z.copy(), z.copy(), z.copy(), lr=0.1, eps=1e-50)
+    assert np.array_equal(p, np.ones(4, F32))
+    x, w, b = np.ones((2, 5), F32), np.ones(5, F32), np.zeros(5, F32)
+    with pytest.raises(VE, match="eps"):
+        k.layernorm_forward(x, w, b, eps=1e-50)
+    with pytest.raises(VE, match="max_norm"):
+        k.clip_grad_norm(np.ones(3, F32), 1e-50)
+    with pytest.raises(VE, match="temperature"):
+        k.softmax_naive(np.ones((2, 3), F32), temperature=1e-50)
+    # the smallest positive float32 (a subnormal) is still accepted and stays finite
+    tiny = float(np.nextafter(F32(0), F32(1)))
+    out, _, _ = k.layernorm_forward(np.arange(10, dtype=F32).reshape(2, 5), w, b, eps=tiny)
+    assert np.isfinite(out).all()
+    k.adamw_step(p, np.full(4, 0.5, F32), z.copy(), z.copy(), lr=0.1, eps=tiny)
+    assert np.isfinite(p).all()
