@@ -437,8 +437,10 @@ int64_t sm_pool_stress_test(sm_pool *p, int nthreads, int64_t iters, uint64_t se
                 held[slot] = NULL;
             } else if (it < iters) {
                 size_t bytes = (size_t)(xorshift64s(&s) % span);
-                uint32_t *blk = (uint32_t *)sm_pool_rent(p, bytes);
-                if (!blk) {
+                uint32_t *blk = NULL;
+                int rc = sm_pool_rent_ex((void **)&blk, p, bytes);
+                if (rc == SM_ERR_DISPOSED) continue; /* disposed meanwhile: not a failure */
+                if (rc != SM_OK) {
                     oom++;
                     continue;
                 }

@@ -138,8 +138,9 @@ size_t sm_pool_class_size(int size_class);
 
 /* Self-test for the test suite: `nthreads` OpenMP threads each rent and return `iters` blocks
  * of pseudo-random sizes (holding up to four at once), fill each with a per-thread pattern and
- * check it is intact before returning. Returns the number of corrupted or failed blocks (0 is
- * correct), or -SM_ERR_NOMEM. */
+ * check it is intact before returning. Rents refused because the pool was disposed meanwhile
+ * are skipped. Returns the number of corrupted or failed blocks (0 is correct), or
+ * -SM_ERR_NOMEM. */
 int64_t sm_pool_stress_test(sm_pool *p, int nthreads, int64_t iters, uint64_t seed);
 
 #endif /* SM_POOL_H */

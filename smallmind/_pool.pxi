@@ -15,6 +15,9 @@ from .errors import ObjectDisposedError, SmallMindError
 
 # Largest rent(n) accepted, in float32 elements (4 TiB): beyond it a request is surely a bug.
 MAX_RENT_ELEMENTS = 1 << 40
+# The bound rent() enforces, as a C constant: the Python name above is informative only (it can
+# be reassigned), and the check runs again on the converted C value (see rent).
+cdef Py_ssize_t _MAX_RENT_N = <Py_ssize_t>1 << 40
 # Returning an oversize block at least this big releases the GIL: it is always freed, and
 # unmapping megabytes of touched pages takes long enough to stall other Python threads. Every
 # other rent and return keeps the GIL: a hit is a pop under the pool's mutex (~50 ns), a miss
@@ -201,11 +204,15 @@ cdef class MemoryPool:
     cdef int64_t _max_buffer_size
     cdef int64_t _max_per_bucket
     cdef object _max_pooled_bytes
+    cdef bint _inited  # set by a successful __init__, never cleared (dispose keeps it)
     cdef object __weakref__
 
     def __init__(self, max_buffer_size=DEFAULT_MAX_BUFFER_SIZE,
                  max_buffers_per_bucket=DEFAULT_MAX_BUFFERS_PER_BUCKET, max_pooled_bytes=None):
-        if self._p != NULL or self._is_default:
+        # _inited, not only _p: a disposed pool has _p == NULL, and re-initializing it would
+        # revive it (breaking "every method raises after dispose") under buffers still
+        # outstanding from its first C pool, which then could not be returned to it.
+        if self._p != NULL or self._is_default or self._inited:
             raise TypeError("MemoryPool.__init__ cannot be called on an existing pool")
         _check_int(max_buffer_size, "max_buffer_size", 1, SM_POOL_MAX_BUFFER_LIMIT // 4)
         _check_int(max_buffers_per_bucket, "max_buffers_per_bucket", 0, SM_POOL_MAX_PER_BUCKET_LIMIT)
@@ -218,6 +225,7 @@ cdef class MemoryPool:
                                      <int64_t>max_buffers_per_bucket, cap)
         _raise_for(rc, "MemoryPool")
         self._p = p
+        self._inited = True
         self._max_buffer_size = max_buffer_size
         self._max_per_bucket = max_buffers_per_bucket
         self._max_pooled_bytes = None if max_pooled_bytes is None else int(max_pooled_bytes)
@@ -242,8 +250,13 @@ cdef class MemoryPool:
         of range, MemoryError when the system cannot supply the memory.
         """
         self._live()
-        _check_int(n, "n", 0, MAX_RENT_ELEMENTS)
+        _check_int(n, "n", 0, _MAX_RENT_N)
         cdef Py_ssize_t count = n
+        # Check again on the C value: an int subclass whose comparisons lie passes _check_int
+        # with any value, and count * 4 must not wrap (it would rent a small block under a
+        # huge length: a memoryview could then write anywhere).
+        if count < 0 or count > _MAX_RENT_N:
+            raise ValidationError(f"n must be in [0, {_MAX_RENT_N}], got {count}")
         cdef size_t nbytes = <size_t>count * 4
         cdef void *blk = NULL
         cdef int rc

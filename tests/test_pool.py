@@ -646,3 +646,91 @@ def test_two_threads_releasing_the_same_buffers_return_each_once():
     st = pool.stats()
     assert st["returns"] == 2000 and st["bad_returns"] == 0 and st["outstanding_buffers"] == 0
     pool.dispose()
+
+
+# ---- regressions from the adversarial review (rev3) -----------------------------------------
+
+class _LyingInt(int):
+    """An int whose range comparisons always pass: only the C value tells the truth."""
+    def __lt__(self, other):
+        return False
+
+    def __gt__(self, other):
+        return False
+
+
+def test_rent_rechecks_n_as_a_c_value():
+    # Before: rent(n) trusted _check_int's Python comparisons and the mutable module constant
+    # MAX_RENT_ELEMENTS, so n = 2**62 + 2**20 passed, n * 4 wrapped to a 4 MiB rent, and a
+    # memoryview of len(buf) = 2**62 + 2**20 elements could write anywhere (SEGV).
+    n = (1 << 62) + (1 << 20)
+    with sm.MemoryPool() as pool:
+        with pytest.raises(sm.ValidationError, match="n must be"):
+            pool.rent(_LyingInt(n))
+        with pytest.raises(sm.ValidationError, match="n must be"):
+            pool.rent(_LyingInt(-1))
+        saved = _core.MAX_RENT_ELEMENTS
+        _core.MAX_RENT_ELEMENTS = 1 << 62
+        try:
+            with pytest.raises(sm.ValidationError, match="n must be"):
+                pool.rent(n)
+        finally:
+            _core.MAX_RENT_ELEMENTS = saved
+        st = pool.stats()
+        assert st["rents"] == 0 and st["outstanding_buffers"] == 0
+        with pool.rent(_LyingInt(5)) as buf:         # an honest value still works
+            assert len(buf) == 5
+
+
+def test_init_after_dispose_is_refused():
+    # Before: __init__ only looked at the C handle, which dispose clears, so a disposed pool
+    # could be re-initialized: it came back to life (against "every method raises after
+    # dispose") and pool.return_buffer(buf) of a buffer rented before the dispose failed with
+    # RuntimeError("internal error code 2").
+    pool = sm.MemoryPool(max_buffer_size=64)
+    buf = pool.rent(10)
+    pool.dispose()
+    with pytest.raises(TypeError, match="existing pool"):
+        pool.__init__(max_buffer_size=64)
+    assert pool.disposed
+    with pytest.raises(sm.ObjectDisposedError):
+        pool.rent(1)
+    with pytest.raises(sm.ObjectDisposedError):
+        pool.return_buffer(buf)
+    buf.release()
+    # an instance made with __new__ whose __init__ failed can still be initialized once
+    fresh = sm.MemoryPool.__new__(sm.MemoryPool)
+    with pytest.raises(sm.ValidationError):
+        fresh.__init__(max_buffer_size=0)
+    fresh.__init__(max_buffer_size=64)
+    with pytest.raises(TypeError, match="existing pool"):
+        fresh.__init__()
+    fresh.dispose()
+
+
+def test_c_stress_racing_dispose_is_not_out_of_memory():
+    # Before: rents that the C stress test saw refused because the pool was disposed under it
+    # were counted as out-of-memory, so the helper raised MemoryError on a healthy machine.
+    g0 = live()
+    for iters in (200_000, 1_000_000, 4_000_000):
+        pool = sm.MemoryPool(max_buffer_size=16, max_buffers_per_bucket=2)
+        result = []
+
+        def run():
+            try:
+                result.append(_core._pool_stress_c(pool, 2, iters, 3))
+            except BaseException as e:     # noqa: BLE001 - reported below
+                result.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        while pool.stats()["rents"] == 0 and t.is_alive():
+            pass
+        raced = t.is_alive()
+        pool.dispose()
+        t.join()
+        assert result == [0], result
+        if raced:
+            break
+    assert raced, "the stress test always finished before dispose; raise iters"
+    assert live() == g0
