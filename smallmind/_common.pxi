@@ -1,6 +1,8 @@
 # _common.pxi - shared plumbing for every wrapper: argument validation, raw pointers from numpy
 # arrays, the thread budget, SIMD level control and build facts.
 
+import operator
+
 import numpy as np
 cimport numpy as cnp
 from .errors import ValidationError
@@ -97,8 +99,11 @@ cdef int _check_int(object v, str name, long long lo, long long hi) except -1:
     """Validate an integer argument in [lo, hi]."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo or v > hi:
-        raise ValidationError(f"{name} must be in [{lo}, {hi}], got {v}")
+    # Compare the plain integer value, never the object: an int subclass may override its
+    # comparisons, but C reads the real value.
+    cdef object iv = int.__index__(v) if isinstance(v, int) else operator.index(v)
+    if iv < lo or iv > hi:
+        raise ValidationError(f"{name} must be in [{lo}, {hi}], got {iv}")
     return 0
 
 

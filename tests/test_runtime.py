@@ -1,5 +1,6 @@
 """test_runtime.py - build facts, SIMD level selection (CPUID, SMALLMIND_SIMD, set_simd_level),
 the thread budget (set_num_threads, OMP_NUM_THREADS, threadpoolctl) and the error hierarchy."""
+import numpy as np
 import pytest
 
 import smallmind as sm
@@ -81,3 +82,19 @@ def test_error_hierarchy():
     assert issubclass(sm.ObjectDisposedError, sm.SmallMindError)
     assert issubclass(sm.CheckpointError, sm.SmallMindError)
     assert issubclass(sm.CancelledError, sm.SmallMindError)
+
+
+def test_integer_arguments_are_checked_by_value_not_by_comparison():
+    """An int subclass whose comparisons lie must not slip an out-of-range value into C."""
+
+    class Lying(int):
+        def __lt__(self, other):
+            return False
+
+        def __gt__(self, other):
+            return False
+
+    with pytest.raises(ValueError, match="threads must be in"):
+        sm.kernels.matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), threads=Lying(10**6))
+    with pytest.raises(ValueError, match="n must be in"):
+        sm.set_num_threads(Lying(0))
