@@ -291,7 +291,8 @@ cdef class MemoryPool:
         cdef PooledBuffer pb = <PooledBuffer>buf
         if pb._block == NULL:
             raise ObjectDisposedError("buf was already returned to its pool")
-        if pb._pool is not self:
+        # Decide from the block's own header (its C pool), not only from the Python reference.
+        if pb._pool is not self or sm_pool_block_pool(pb._block) != p:
             sm_pool_return_to(p, pb._block)  # refused (wrong pool) and counted in bad_returns
             raise ValidationError("buf was rented from a different MemoryPool; return it to that "
                                   "pool or call buf.release()")
