@@ -5,6 +5,7 @@ the GIL; this package holds the readable Python classes on top. Start at README.
 """
 from . import kernels
 from .memory import MemoryPool, PooledBuffer, default_pool
+from .model import PRESETS, ModelConfig, TransformerModel
 from ._core import (
     build_info,
     get_num_threads,
@@ -31,3 +32,4 @@ __all__ = [
     "SmallMindError", "ValidationError", "ObjectDisposedError", "CheckpointError", "CancelledError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
+__all__ += ["ModelConfig", "TransformerModel", "PRESETS"]

@@ -193,4 +193,42 @@ cdef extern from "sm_attention.h" nogil:
                                   int64_t B, int64_t NH, int64_t T_max, int64_t hs)
 
 
+# ---- sm_model.h (whole GPT-2 forward / backward / AdamW) -------------------------------------
+
+cdef extern from "sm_model.h" nogil:
+    ctypedef struct sm_gpt_config:
+        int64_t vocab_size
+        int64_t block_size
+        int64_t n_layer
+        int64_t n_head
+        int64_t n_embd
+    enum:
+        SM_GPT_NUM_KINDS
+    ctypedef struct sm_gpt_state:
+        pass
+    int sm_gpt_kind_per_layer(int kind)
+    int64_t sm_gpt_tensor_size(const sm_gpt_config *cfg, int kind)
+    int64_t sm_gpt_tensor_offset(const sm_gpt_config *cfg, int kind, int64_t layer)
+    int64_t sm_gpt_num_params(const sm_gpt_config *cfg)
+    int64_t sm_gpt_decay_size(const sm_gpt_config *cfg)
+    int sm_gpt_config_check(const sm_gpt_config *cfg)
+    int sm_gpt_state_create(sm_gpt_state **out, const sm_gpt_config *cfg, int64_t B, int64_t T)
+    void sm_gpt_state_free(sm_gpt_state *s)
+    int64_t sm_gpt_state_nbytes(const sm_gpt_state *s)
+    int64_t sm_gpt_state_B(const sm_gpt_state *s)
+    int64_t sm_gpt_state_T(const sm_gpt_state *s)
+    int sm_gpt_state_ready(const sm_gpt_state *s)
+    int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *state,
+                       const float *params, const sm_gpt_config *cfg, const int *idx,
+                       const int *targets, int64_t B, int64_t T, float dropout, uint64_t seed,
+                       int nthreads)
+    int sm_gpt_backward(float *grads, sm_gpt_state *state, const float *params, float loss_scale,
+                        int nthreads)
+    void sm_gpt_adamw(float *params, float *m, float *v, const float *grads,
+                      const sm_gpt_config *cfg, float lr, float beta1, float beta2, float eps,
+                      float weight_decay, int64_t step, int nthreads)
+    void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,
+                            uint64_t stream, int nthreads)
+
+
 # ---- end of declarations ---------------------------------------------------------------------

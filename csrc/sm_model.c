@@ -1,0 +1,556 @@
+/* sm_model.c - GPT-2 forward, backward and AdamW update over one parameter block, each one C
+ * call built from the kernels of sm_gemm / sm_ops / sm_attention (see sm_model.h for the model
+ * and the block layout).
+ *
+ * Memory. A training forward saves, per layer, only what backward cannot cheaply recompute: the
+ * layer input x, qkv, the attention output and its log-sum-exp, the mid-block residual, the MLP
+ * pre-activation and the two layernorms' mean/rstd. Backward recomputes the layernorm outputs
+ * and the GELU (elementwise work, small next to the matrix products it feeds), so a layer keeps
+ * 10 (B,T,C)-sized arrays instead of the ~16 an autograd framework holds. Inference rents ten
+ * per-call buffers shared by all layers and returns them before it ends. */
+#include "sm_model.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "sm_attention.h"
+#include "sm_gemm.h"
+#include "sm_ops.h"
+#include "sm_pool.h"
+#include "sm_runtime.h"
+
+#define LN_EPS 1e-5f
+
+/* ---- parameter layout -------------------------------------------------------------------- */
+
+static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+int sm_gpt_kind_per_layer(int kind) {
+    return kind != SM_GPT_WTE && kind != SM_GPT_WPE && kind != SM_GPT_LNFW && kind != SM_GPT_LNFB;
+}
+
+int64_t sm_gpt_tensor_size(const sm_gpt_config *cfg, int kind) {
+    const int64_t C = cfg->n_embd;
+    switch (kind) {
+    case SM_GPT_QKVW: return C * 3 * C;
+    case SM_GPT_ATTPROJW: return C * C;
+    case SM_GPT_FCW: return C * 4 * C;
+    case SM_GPT_FCPROJW: return 4 * C * C;
+    case SM_GPT_WTE: return cfg->vocab_size * C;
+    case SM_GPT_WPE: return cfg->block_size * C;
+    case SM_GPT_QKVB: return 3 * C;
+    case SM_GPT_FCB: return 4 * C;
+    case SM_GPT_LN1W: case SM_GPT_LN1B: case SM_GPT_ATTPROJB: case SM_GPT_LN2W:
+    case SM_GPT_LN2B: case SM_GPT_FCPROJB: case SM_GPT_LNFW: case SM_GPT_LNFB: return C;
+    default: return 0;
+    }
+}
+
+/* Floats a kind occupies in the block: its tensor (or one per layer), each padded to 16. */
+static int64_t kind_span(const sm_gpt_config *cfg, int kind) {
+    int64_t one = round16(sm_gpt_tensor_size(cfg, kind));
+    return sm_gpt_kind_per_layer(kind) ? one * cfg->n_layer : one;
+}
+
+int64_t sm_gpt_tensor_offset(const sm_gpt_config *cfg, int kind, int64_t layer) {
+    if (kind < 0 || kind >= SM_GPT_NUM_KINDS) return -1;
+    int per_layer = sm_gpt_kind_per_layer(kind);
+    if (per_layer && (layer < 0 || layer >= cfg->n_layer)) return -1;
+    int64_t off = 0;
+    for (int k = 0; k < kind; k++) off += kind_span(cfg, k);
+    if (per_layer) off += layer * round16(sm_gpt_tensor_size(cfg, kind));
+    return off;
+}
+
+int64_t sm_gpt_num_params(const sm_gpt_config *cfg) {
+    int64_t n = 0;
+    for (int k = 0; k < SM_GPT_NUM_KINDS; k++) n += kind_span(cfg, k);
+    return n;
+}
+
+int64_t sm_gpt_decay_size(const sm_gpt_config *cfg) {
+    return sm_gpt_tensor_offset(cfg, SM_GPT_WTE, 0);
+}
+
+int sm_gpt_config_check(const sm_gpt_config *cfg) {
+    if (!cfg || cfg->vocab_size < 1 || cfg->block_size < 1 || cfg->n_layer < 1 ||
+        cfg->n_head < 1 || cfg->n_embd < 1 || cfg->n_embd % cfg->n_head != 0)
+        return SM_ERR_ARG;
+    /* keep every tensor and activation offset far inside int64 */
+    if (cfg->vocab_size > ((int64_t)1 << 31) || cfg->block_size > ((int64_t)1 << 24) ||
+        cfg->n_layer > 4096 || cfg->n_embd > ((int64_t)1 << 20))
+        return SM_ERR_ARG;
+    return SM_OK;
+}
+
+/* Pointer to tensor `kind` of `layer` in a block laid out for cfg. */
+#define P(base, kind, layer) ((base) + sm_gpt_tensor_offset(cfg, (kind), (layer)))
+
+/* ---- dropout -------------------------------------------------------------------------------- */
+
+/* A counter-based hash (the splitmix64 finaliser) of (seed, stream, index): the keep decision of
+ * every element is a pure function of where it is, so threads need no shared generator and the
+ * backward pass recomputes the mask instead of storing it. */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+typedef struct {
+    float *out;
+    const float *inp;
+    uint64_t key;
+    uint32_t threshold; /* drop when the hash's top 32 bits are below it */
+    float scale;
+} drop_ctx;
+
+static void dropout_range(const drop_ctx *c, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+        uint32_t h = (uint32_t)(mix64(c->key + (uint64_t)i * 0x9E3779B97F4A7C15ull) >> 32);
+        c->out[i] = h < c->threshold ? 0.0f : c->inp[i] * c->scale;
+    }
+}
+
+void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,
+                        uint64_t stream, int nthreads) {
+    /* out, inp (n) */
+    if (n <= 0) return;
+    drop_ctx c;
+    c.out = out;
+    c.inp = inp;
+    c.key = mix64(seed ^ mix64(stream + 0x632BE59BD9B4E019ull));
+    double t = (double)p * 4294967296.0;
+    c.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : (uint32_t)t;
+    c.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    int nt = sm_resolve_threads(nthreads);
+    if (n < 65536) nt = 1;
+    if (nt <= 1) {
+        dropout_range(&c, 0, n);
+        return;
+    }
+    SM_PARALLEL(nt)
+    {
+        int64_t b, e;
+        sm_split_range(n, 1024, SM_THREAD_COUNT(), SM_THREAD_ID(), &b, &e);
+        if (e > b) dropout_range(&c, b, e);
+    }
+}
+
+/* Dropout streams: 0 for the embedding sum, then two per layer. */
+#define STREAM_EMB 0
+#define STREAM_ATT(l) (1 + 2 * (uint64_t)(l))
+#define STREAM_MLP(l) (2 + 2 * (uint64_t)(l))
+
+/* ---- buffers -------------------------------------------------------------------------------- */
+
+/* A bump allocator over one rented block: a first pass with base == NULL only measures. Every
+ * buffer starts on a 64-byte boundary. */
+typedef struct {
+    char *base;
+    int64_t used;
+} carver;
+
+static void *carve(carver *cv, int64_t bytes) {
+    void *p = cv->base ? cv->base + cv->used : NULL;
+    cv->used += (bytes + 63) & ~(int64_t)63;
+    return p;
+}
+#define CARVE_F(cv, n) ((float *)carve((cv), (int64_t)(n) * (int64_t)sizeof(float)))
+
+struct sm_gpt_state {
+    sm_gpt_config cfg;
+    int64_t B, T;
+    int ready;
+    float dropout;
+    uint64_t seed;
+    int64_t nbytes;
+    void *block;
+    /* saved by the forward pass: layer l's slice of each array (x has L+1 of them) */
+    int *idx;                           /* (B,T) */
+    float *x;                           /* (L+1, B,T,C): input of layer l; x[L] feeds ln_f */
+    float *qkv;                         /* (L, B,T,3C) */
+    float *atty;                        /* (L, B,T,C) */
+    float *lse;                         /* (L, B,NH,T) */
+    float *res2;                        /* (L, B,T,C): x + attention branch */
+    float *fch;                         /* (L, B,T,4C): MLP pre-activation */
+    float *mean1, *rstd1, *mean2, *rstd2; /* (L, B,T) */
+    float *meanf, *rstdf;               /* (B,T) */
+    float *dlogits;                     /* (B,T,V): d(mean loss)/d(logits) */
+    /* scratch of both passes */
+    float *ln;                          /* (B,T,C) a layernorm output */
+    float *br;                          /* (B,T,C) a branch output / its gradient */
+    float *g;                           /* (B,T,4C) GELU output / d fch */
+    float *dg;                          /* (B,T,4C) d GELU output */
+    float *dres;                        /* (B,T,C) gradient of the residual stream */
+    float *dln;                         /* (B,T,C) gradient of a layernorm output */
+    float *datty;                       /* (B,T,C) */
+    float *dqkv;                        /* (B,T,3C) */
+    float *logits;                      /* (B,T,V) used when the caller wants no logits */
+    float *losses, *dloss;              /* (B,T) */
+    float *ln_scratch, *bias_scratch;
+};
+
+static void layout_state(sm_gpt_state *s, carver *cv) {
+    const int64_t L = s->cfg.n_layer, C = s->cfg.n_embd, V = s->cfg.vocab_size;
+    const int64_t NH = s->cfg.n_head, BT = s->B * s->T;
+    s->idx = (int *)carve(cv, BT * (int64_t)sizeof(int));
+    s->x = CARVE_F(cv, (L + 1) * BT * C);
+    s->qkv = CARVE_F(cv, L * BT * 3 * C);
+    s->atty = CARVE_F(cv, L * BT * C);
+    s->lse = CARVE_F(cv, L * s->B * NH * s->T);
+    s->res2 = CARVE_F(cv, L * BT * C);
+    s->fch = CARVE_F(cv, L * BT * 4 * C);
+    s->mean1 = CARVE_F(cv, L * BT);
+    s->rstd1 = CARVE_F(cv, L * BT);
+    s->mean2 = CARVE_F(cv, L * BT);
+    s->rstd2 = CARVE_F(cv, L * BT);
+    s->meanf = CARVE_F(cv, BT);
+    s->rstdf = CARVE_F(cv, BT);
+    s->dlogits = CARVE_F(cv, BT * V);
+    s->ln = CARVE_F(cv, BT * C);
+    s->br = CARVE_F(cv, BT * C);
+    s->g = CARVE_F(cv, BT * 4 * C);
+    s->dg = CARVE_F(cv, BT * 4 * C);
+    s->dres = CARVE_F(cv, BT * C);
+    s->dln = CARVE_F(cv, BT * C);
+    s->datty = CARVE_F(cv, BT * C);
+    s->dqkv = CARVE_F(cv, BT * 3 * C);
+    s->logits = CARVE_F(cv, BT * V);
+    s->losses = CARVE_F(cv, BT);
+    s->dloss = CARVE_F(cv, BT);
+    s->ln_scratch = CARVE_F(cv, sm_layernorm_backward_scratch(BT, C));
+    int64_t bs = sm_bias_backward_scratch(BT, 4 * C);
+    if (sm_bias_backward_scratch(BT, 3 * C) > bs) bs = sm_bias_backward_scratch(BT, 3 * C);
+    s->bias_scratch = CARVE_F(cv, bs);
+}
+
+int sm_gpt_state_create(sm_gpt_state **out, const sm_gpt_config *cfg, int64_t B, int64_t T) {
+    *out = NULL;
+    if (sm_gpt_config_check(cfg) != SM_OK || B < 1 || T < 1 || T > cfg->block_size ||
+        B > ((int64_t)1 << 30) / T)
+        return SM_ERR_ARG;
+    sm_gpt_state *s = (sm_gpt_state *)sm_pool_rent(sm_pool_default(), sizeof(sm_gpt_state));
+    if (!s) return SM_ERR_NOMEM;
+    memset(s, 0, sizeof(*s));
+    s->cfg = *cfg;
+    s->B = B;
+    s->T = T;
+    carver cv = {NULL, 0};
+    layout_state(s, &cv);
+    s->block = sm_pool_rent(sm_pool_default(), (size_t)cv.used);
+    if (!s->block) {
+        sm_pool_return(s);
+        return SM_ERR_NOMEM;
+    }
+    s->nbytes = cv.used;
+    cv.base = (char *)s->block;
+    cv.used = 0;
+    layout_state(s, &cv);
+    *out = s;
+    return SM_OK;
+}
+
+void sm_gpt_state_free(sm_gpt_state *s) {
+    if (!s) return;
+    sm_pool_return(s->block);
+    sm_pool_return(s);
+}
+
+int64_t sm_gpt_state_nbytes(const sm_gpt_state *s) { return s ? s->nbytes : 0; }
+int64_t sm_gpt_state_B(const sm_gpt_state *s) { return s->B; }
+int64_t sm_gpt_state_T(const sm_gpt_state *s) { return s->T; }
+int sm_gpt_state_ready(const sm_gpt_state *s) { return s->ready; }
+
+/* ---- forward -------------------------------------------------------------------------------- */
+
+/* Where one forward pass writes: with a training state, each layer's saved arrays are its own
+ * slice (stride > 0); for inference every layer reuses one buffer (stride 0) and the residual
+ * stream ping-pongs between two. */
+typedef struct {
+    float *x0, *x1;            /* inference: the two residual buffers */
+    float *x;                  /* training: (L+1) slices */
+    float *qkv, *atty, *lse, *res2, *fch, *mean1, *rstd1, *mean2, *rstd2, *meanf, *rstdf;
+    int64_t s_c, s_3c, s_4c, s_lse, s_row; /* per-layer strides in floats (0 = shared) */
+    float *ln, *br, *g, *logits, *losses;
+} fwd_bufs;
+
+#define RET_IF(rc)                                                                                \
+    do {                                                                                          \
+        int rc_ = (rc);                                                                           \
+        if (rc_ != SM_OK) return rc_;                                                             \
+    } while (0)
+
+static int gpt_forward_body(const fwd_bufs *f, const float *params, const sm_gpt_config *cfg,
+                            const int *idx, int64_t B, int64_t T, float dropout, uint64_t seed,
+                            int nt) {
+    const int64_t L = cfg->n_layer, C = cfg->n_embd, NH = cfg->n_head, V = cfg->vocab_size;
+    const int64_t BT = B * T;
+    const int drop = dropout > 0.0f;
+    float *x = f->x ? f->x : f->x0;
+
+    sm_encoder_forward(x, idx, P(params, SM_GPT_WTE, 0), P(params, SM_GPT_WPE, 0), B, T, C, V, nt);
+    if (drop) sm_dropout_forward(x, x, BT * C, dropout, seed, STREAM_EMB, nt);
+
+    for (int64_t l = 0; l < L; l++) {
+        float *xout = f->x ? f->x + (l + 1) * BT * C : (l % 2 ? f->x0 : f->x1);
+        float *qkv = f->qkv + l * f->s_3c, *atty = f->atty + l * f->s_c;
+        float *lse = f->lse + l * f->s_lse, *res2 = f->res2 + l * f->s_c;
+        float *fch = f->fch + l * f->s_4c;
+        float *mean1 = f->mean1 ? f->mean1 + l * f->s_row : NULL;
+        float *rstd1 = f->rstd1 ? f->rstd1 + l * f->s_row : NULL;
+        float *mean2 = f->mean2 ? f->mean2 + l * f->s_row : NULL;
+        float *rstd2 = f->rstd2 ? f->rstd2 + l * f->s_row : NULL;
+
+        /* attention branch: res2 = x + drop(c_proj(attn(c_attn(ln_1(x))))) */
+        sm_layernorm_forward(f->ln, mean1, rstd1, x, P(params, SM_GPT_LN1W, l),
+                             P(params, SM_GPT_LN1B, l), BT, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(0, 0, BT, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
+                        qkv, 3 * C, nt));
+        sm_bias_add(qkv, P(params, SM_GPT_QKVB, l), BT, 3 * C, nt);
+        RET_IF(sm_attention_forward(atty, lse, qkv, B, T, C, NH, nt));
+        RET_IF(sm_sgemm(0, 0, BT, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+                        f->br, C, nt));
+        sm_bias_add(f->br, P(params, SM_GPT_ATTPROJB, l), BT, C, nt);
+        if (drop) sm_dropout_forward(f->br, f->br, BT * C, dropout, seed, STREAM_ATT(l), nt);
+        sm_residual_forward(res2, x, f->br, BT * C, nt);
+
+        /* MLP branch: xout = res2 + drop(c_proj(gelu(c_fc(ln_2(res2))))) */
+        sm_layernorm_forward(f->ln, mean2, rstd2, res2, P(params, SM_GPT_LN2W, l),
+                             P(params, SM_GPT_LN2B, l), BT, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(0, 0, BT, 4 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
+                        fch, 4 * C, nt));
+        sm_bias_add(fch, P(params, SM_GPT_FCB, l), BT, 4 * C, nt);
+        sm_gelu_forward(f->g, fch, BT * 4 * C, nt);
+        RET_IF(sm_sgemm(0, 0, BT, C, 4 * C, 1.0f, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
+                        0.0f, f->br, C, nt));
+        sm_bias_add(f->br, P(params, SM_GPT_FCPROJB, l), BT, C, nt);
+        if (drop) sm_dropout_forward(f->br, f->br, BT * C, dropout, seed, STREAM_MLP(l), nt);
+        sm_residual_forward(xout, res2, f->br, BT * C, nt);
+        x = xout;
+    }
+
+    sm_layernorm_forward(f->ln, f->meanf, f->rstdf, x, P(params, SM_GPT_LNFW, 0),
+                         P(params, SM_GPT_LNFB, 0), BT, C, LN_EPS, nt);
+    if (f->logits) /* LM head tied to wte: logits = ln_f(x) wte^T */
+        RET_IF(sm_sgemm(0, 1, BT, V, C, 1.0f, f->ln, C, P(params, SM_GPT_WTE, 0), C, 0.0f,
+                        f->logits, V, nt));
+    return SM_OK;
+}
+
+static int64_t count_valid(const int *targets, int64_t n, int64_t V) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) k += targets[i] >= 0 && targets[i] < V;
+    return k;
+}
+
+/* Mean of the per-position losses, summed in double in position order (thread-independent). */
+static float mean_loss(const float *losses, int64_t n, int64_t n_valid) {
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++) s += losses[i];
+    return n_valid > 0 ? (float)(s / (double)n_valid) : NAN;
+}
+
+static int forward_inference(float *logits, float *loss, int64_t *n_valid, const float *params,
+                             const sm_gpt_config *cfg, const int *idx, const int *targets,
+                             int64_t B, int64_t T, float dropout, uint64_t seed, int nt) {
+    const int64_t C = cfg->n_embd, V = cfg->vocab_size, BT = B * T;
+    const int want_logits = logits != NULL || targets != NULL;
+    fwd_bufs f;
+    memset(&f, 0, sizeof(f));
+    carver cv = {NULL, 0};
+    for (int pass = 0; pass < 2; pass++) {
+        f.x0 = CARVE_F(&cv, BT * C);
+        f.x1 = CARVE_F(&cv, BT * C);
+        f.qkv = CARVE_F(&cv, BT * 3 * C);
+        f.atty = CARVE_F(&cv, BT * C);
+        f.lse = CARVE_F(&cv, B * cfg->n_head * T);
+        f.res2 = CARVE_F(&cv, BT * C);
+        f.fch = CARVE_F(&cv, BT * 4 * C);
+        f.ln = CARVE_F(&cv, BT * C);
+        f.br = CARVE_F(&cv, BT * C);
+        f.g = CARVE_F(&cv, BT * 4 * C);
+        f.logits = (want_logits && !logits) ? CARVE_F(&cv, BT * V) : NULL;
+        f.losses = targets ? CARVE_F(&cv, BT) : NULL;
+        if (pass == 0) {
+            cv.base = (char *)sm_pool_rent(sm_pool_default(), (size_t)cv.used);
+            if (!cv.base) return SM_ERR_NOMEM;
+            cv.used = 0;
+        }
+    }
+    if (logits) f.logits = logits;
+    int rc = gpt_forward_body(&f, params, cfg, idx, B, T, dropout, seed, nt);
+    if (rc == SM_OK && targets) {
+        sm_crossentropy_forward(f.losses, NULL, f.logits, targets, BT, V, nt);
+        int64_t k = count_valid(targets, BT, V);
+        if (loss) *loss = mean_loss(f.losses, BT, k);
+        if (n_valid) *n_valid = k;
+    }
+    sm_pool_return(cv.base);
+    return rc;
+}
+
+static int forward_training(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *s,
+                            const float *params, const int *idx, const int *targets,
+                            float dropout, uint64_t seed, int nt) {
+    const sm_gpt_config *cfg = &s->cfg;
+    const int64_t C = cfg->n_embd, V = cfg->vocab_size, B = s->B, T = s->T, BT = B * T;
+    s->ready = 0;
+    memcpy(s->idx, idx, (size_t)BT * sizeof(int));
+    fwd_bufs f;
+    memset(&f, 0, sizeof(f));
+    f.x = s->x;
+    f.qkv = s->qkv;
+    f.atty = s->atty;
+    f.lse = s->lse;
+    f.res2 = s->res2;
+    f.fch = s->fch;
+    f.mean1 = s->mean1;
+    f.rstd1 = s->rstd1;
+    f.mean2 = s->mean2;
+    f.rstd2 = s->rstd2;
+    f.meanf = s->meanf;
+    f.rstdf = s->rstdf;
+    f.s_c = BT * C;
+    f.s_3c = BT * 3 * C;
+    f.s_4c = BT * 4 * C;
+    f.s_lse = B * cfg->n_head * T;
+    f.s_row = BT;
+    f.ln = s->ln;
+    f.br = s->br;
+    f.g = s->g;
+    f.logits = logits ? logits : (targets ? s->logits : NULL);
+    RET_IF(gpt_forward_body(&f, params, cfg, s->idx, B, T, dropout, seed, nt));
+    if (!targets) return SM_OK; /* dropout-mode logits without a loss: nothing to differentiate */
+
+    int64_t k = count_valid(targets, BT, V);
+    float d = k > 0 ? 1.0f / (float)k : 0.0f;
+    for (int64_t i = 0; i < BT; i++) s->dloss[i] = d;
+    memset(s->dlogits, 0, (size_t)(BT * V) * sizeof(float));
+    sm_crossentropy_forward_backward(s->losses, s->dlogits, f.logits, targets, s->dloss, BT, V, nt);
+    if (loss) *loss = mean_loss(s->losses, BT, k);
+    if (n_valid) *n_valid = k;
+    s->dropout = dropout;
+    s->seed = seed;
+    s->ready = 1;
+    return SM_OK;
+}
+
+int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *state,
+                   const float *params, const sm_gpt_config *cfg, const int *idx,
+                   const int *targets, int64_t B, int64_t T, float dropout, uint64_t seed,
+                   int nthreads) {
+    if (sm_gpt_config_check(cfg) != SM_OK || !params || !idx || B < 1 || T < 1 ||
+        T > cfg->block_size || !(dropout >= 0.0f && dropout < 1.0f))
+        return SM_ERR_ARG;
+    int nt = sm_resolve_threads(nthreads);
+    if (state) {
+        if (state->B != B || state->T != T || memcmp(&state->cfg, cfg, sizeof(*cfg)) != 0)
+            return SM_ERR_ARG;
+        return forward_training(logits, loss, n_valid, state, params, idx, targets, dropout,
+                                seed, nt);
+    }
+    return forward_inference(logits, loss, n_valid, params, cfg, idx, targets, B, T, dropout,
+                             seed, nt);
+}
+
+/* ---- backward ------------------------------------------------------------------------------- */
+
+/* The gradient reaching a dropped branch: dout * mask / (1-p), or dout itself without dropout. */
+static const float *branch_grad(sm_gpt_state *s, const float *dout, uint64_t stream, int nt) {
+    if (s->dropout <= 0.0f) return dout;
+    sm_dropout_forward(s->br, dout, s->B * s->T * s->cfg.n_embd, s->dropout, s->seed, stream, nt);
+    return s->br;
+}
+
+int sm_gpt_backward(float *grads, sm_gpt_state *s, const float *params, float loss_scale,
+                    int nthreads) {
+    if (!s || !grads || !params) return SM_ERR_ARG;
+    if (!s->ready) return SM_ERR_STATE;
+    const sm_gpt_config *cfg = &s->cfg;
+    const int64_t L = cfg->n_layer, C = cfg->n_embd, NH = cfg->n_head, V = cfg->vocab_size;
+    const int64_t B = s->B, T = s->T, BT = B * T;
+    const int nt = sm_resolve_threads(nthreads);
+    s->ready = 0;
+
+    /* LM head and ln_f: dln = scale * dlogits wte; dwte += scale * dlogits^T ln_f(x) */
+    float *xL = s->x + L * BT * C;
+    sm_layernorm_forward(s->ln, NULL, NULL, xL, P(params, SM_GPT_LNFW, 0),
+                         P(params, SM_GPT_LNFB, 0), BT, C, LN_EPS, nt);
+    RET_IF(sm_sgemm(0, 0, BT, C, V, loss_scale, s->dlogits, V, P(params, SM_GPT_WTE, 0), C, 0.0f,
+                    s->dln, C, nt));
+    RET_IF(sm_sgemm(1, 0, V, C, BT, loss_scale, s->dlogits, V, s->ln, C, 1.0f,
+                    P(grads, SM_GPT_WTE, 0), C, nt));
+    memset(s->dres, 0, (size_t)(BT * C) * sizeof(float));
+    RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LNFW, 0), P(grads, SM_GPT_LNFB, 0),
+                                 s->dln, xL, P(params, SM_GPT_LNFW, 0), s->meanf, s->rstdf, BT,
+                                 C, s->ln_scratch, nt));
+
+    for (int64_t l = L - 1; l >= 0; l--) {
+        /* dres holds d(layer output) and accumulates into d(layer input) */
+        float *x = s->x + l * BT * C, *qkv = s->qkv + l * BT * 3 * C, *atty = s->atty + l * BT * C;
+        float *lse = s->lse + l * B * NH * T, *res2 = s->res2 + l * BT * C;
+        float *fch = s->fch + l * BT * 4 * C;
+        const float *dbr;
+
+        /* MLP branch */
+        dbr = branch_grad(s, s->dres, STREAM_MLP(l), nt);
+        sm_gelu_forward(s->g, fch, BT * 4 * C, nt);
+        RET_IF(sm_sgemm(1, 0, 4 * C, C, BT, 1.0f, s->g, 4 * C, dbr, C, 1.0f,
+                        P(grads, SM_GPT_FCPROJW, l), C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_FCPROJB, l), dbr, BT, C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, BT, 4 * C, C, 1.0f, dbr, C, P(params, SM_GPT_FCPROJW, l), C, 0.0f,
+                        s->dg, 4 * C, nt));
+        memset(s->g, 0, (size_t)(BT * 4 * C) * sizeof(float)); /* g becomes d fch */
+        sm_gelu_backward(s->g, fch, s->dg, BT * 4 * C, nt);
+        sm_layernorm_forward(s->ln, NULL, NULL, res2, P(params, SM_GPT_LN2W, l),
+                             P(params, SM_GPT_LN2B, l), BT, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(1, 0, C, 4 * C, BT, 1.0f, s->ln, C, s->g, 4 * C, 1.0f,
+                        P(grads, SM_GPT_FCW, l), 4 * C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_FCB, l), s->g, BT, 4 * C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, BT, C, 4 * C, 1.0f, s->g, 4 * C, P(params, SM_GPT_FCW, l), 4 * C,
+                        0.0f, s->dln, C, nt));
+        RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN2W, l), P(grads, SM_GPT_LN2B, l),
+                                     s->dln, res2, P(params, SM_GPT_LN2W, l),
+                                     s->mean2 + l * BT, s->rstd2 + l * BT, BT, C, s->ln_scratch,
+                                     nt));
+
+        /* attention branch */
+        dbr = branch_grad(s, s->dres, STREAM_ATT(l), nt);
+        RET_IF(sm_sgemm(1, 0, C, C, BT, 1.0f, atty, C, dbr, C, 1.0f,
+                        P(grads, SM_GPT_ATTPROJW, l), C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_ATTPROJB, l), dbr, BT, C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, BT, C, C, 1.0f, dbr, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+                        s->datty, C, nt));
+        memset(s->dqkv, 0, (size_t)(BT * 3 * C) * sizeof(float));
+        RET_IF(sm_attention_backward(s->dqkv, s->datty, qkv, atty, lse, B, T, C, NH, nt));
+        sm_layernorm_forward(s->ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
+                             P(params, SM_GPT_LN1B, l), BT, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(1, 0, C, 3 * C, BT, 1.0f, s->ln, C, s->dqkv, 3 * C, 1.0f,
+                        P(grads, SM_GPT_QKVW, l), 3 * C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_QKVB, l), s->dqkv, BT, 3 * C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, BT, C, 3 * C, 1.0f, s->dqkv, 3 * C, P(params, SM_GPT_QKVW, l), 3 * C,
+                        0.0f, s->dln, C, nt));
+        RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN1W, l), P(grads, SM_GPT_LN1B, l),
+                                     s->dln, x, P(params, SM_GPT_LN1W, l), s->mean1 + l * BT,
+                                     s->rstd1 + l * BT, BT, C, s->ln_scratch, nt));
+    }
+
+    /* embeddings */
+    const float *demb = branch_grad(s, s->dres, STREAM_EMB, nt);
+    sm_encoder_backward(P(grads, SM_GPT_WTE, 0), P(grads, SM_GPT_WPE, 0), demb, s->idx, B, T, C, V,
+                        nt);
+    return SM_OK;
+}
+
+/* ---- optimizer ------------------------------------------------------------------------------ */
+
+void sm_gpt_adamw(float *params, float *m, float *v, const float *grads, const sm_gpt_config *cfg,
+                  float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                  int nthreads) {
+    /* params, m, v, grads (sm_gpt_num_params) */
+    const int64_t nd = sm_gpt_decay_size(cfg), n = sm_gpt_num_params(cfg);
+    sm_adamw_step(params, m, v, grads, nd, lr, beta1, beta2, eps, weight_decay, step, nthreads);
+    sm_adamw_step(params + nd, m + nd, v + nd, grads + nd, n - nd, lr, beta1, beta2, eps, 0.0f,
+                  step, nthreads);
+}

@@ -1,0 +1,124 @@
+/* sm_model.h - a whole GPT-2 model as single C calls: the parameter block layout, the forward
+ * pass (inference, or training with saved activations and the loss gradient), the backward pass
+ * into one gradient block, and the AdamW update with weight decay on the weight matrices only.
+ * Leaves out: attention-probability dropout (dropout is applied where GPT-2's resid/embd dropout
+ * sits: the embedding sum and each block's two branch outputs) and the KV-cache decode step.
+ *
+ * The model (Hugging Face GPT2LMHeadModel): x = wte[idx] + wpe[t]; per layer
+ * x = x + c_proj(attn(ln_1(x))); x = x + mlp_c_proj(gelu(c_fc(ln_2(x)))); logits = ln_f(x) wte^T.
+ * Weights are stored (in, out) like GPT-2's Conv1D, so every projection is y = x W + b, one SGEMM.
+ *
+ * Parameter block: every tensor is a contiguous range of one float array, starting on a 64-byte
+ * boundary (offsets are multiples of 16 floats; the padding between tensors is zero and stays
+ * zero through training). The four weight-matrix kinds of every layer come first, so weight
+ * decay is one flat AdamW pass over [0, sm_gpt_decay_size) and a second, undecayed one over the
+ * rest. Gradients and optimizer moments use the same layout.
+ *
+ * Threads: nthreads is the budget of every kernel the call runs (<= 0: the library default).
+ * All results are bitwise identical for any thread count. Parameters are only read by the
+ * forward pass, so any number of inference forwards may run at once on one parameter block;
+ * a training state belongs to one caller at a time. */
+#ifndef SM_MODEL_H
+#define SM_MODEL_H
+
+#include "sm_common.h"
+
+typedef struct sm_gpt_config {
+    int64_t vocab_size; /* V */
+    int64_t block_size; /* maxT: rows of wpe */
+    int64_t n_layer;    /* L */
+    int64_t n_head;     /* NH, divides n_embd */
+    int64_t n_embd;     /* C */
+} sm_gpt_config;
+
+/* Tensor kinds, in block order. The first four repeat per layer and take weight decay; the
+ * per-layer kinds after WPE repeat per layer too; the others exist once. */
+enum {
+    SM_GPT_QKVW = 0,     /* attn.c_attn.weight (C, 3C) */
+    SM_GPT_ATTPROJW,     /* attn.c_proj.weight (C, C) */
+    SM_GPT_FCW,          /* mlp.c_fc.weight (C, 4C) */
+    SM_GPT_FCPROJW,      /* mlp.c_proj.weight (4C, C) */
+    SM_GPT_WTE,          /* wte.weight (V, C), also the LM head */
+    SM_GPT_WPE,          /* wpe.weight (maxT, C) */
+    SM_GPT_LN1W,         /* ln_1.weight (C) */
+    SM_GPT_LN1B,         /* ln_1.bias (C) */
+    SM_GPT_QKVB,         /* attn.c_attn.bias (3C) */
+    SM_GPT_ATTPROJB,     /* attn.c_proj.bias (C) */
+    SM_GPT_LN2W,         /* ln_2.weight (C) */
+    SM_GPT_LN2B,         /* ln_2.bias (C) */
+    SM_GPT_FCB,          /* mlp.c_fc.bias (4C) */
+    SM_GPT_FCPROJB,      /* mlp.c_proj.bias (C) */
+    SM_GPT_LNFW,         /* ln_f.weight (C) */
+    SM_GPT_LNFB,         /* ln_f.bias (C) */
+    SM_GPT_NUM_KINDS
+};
+
+/* 1 when the kind has one tensor per layer, 0 when it exists once. */
+int sm_gpt_kind_per_layer(int kind);
+/* Elements of one tensor of `kind` (no padding). */
+int64_t sm_gpt_tensor_size(const sm_gpt_config *cfg, int kind);
+/* Offset in floats of tensor `kind` of `layer` (layer ignored for global kinds), or -1 for an
+ * invalid kind or layer. */
+int64_t sm_gpt_tensor_offset(const sm_gpt_config *cfg, int kind, int64_t layer);
+/* Length in floats of the whole block (including the padding), and of its decayed prefix. */
+int64_t sm_gpt_num_params(const sm_gpt_config *cfg);
+int64_t sm_gpt_decay_size(const sm_gpt_config *cfg);
+/* SM_OK when the configuration is usable (all sizes >= 1, n_head divides n_embd), else
+ * SM_ERR_ARG. The Python layer validates first and names the field. */
+int sm_gpt_config_check(const sm_gpt_config *cfg);
+
+/* ---- training state ------------------------------------------------------------------------- */
+
+/* Everything a training step keeps between its forward and backward calls, for one batch shape
+ * (B, T): the saved activations of every layer, the loss gradient of the logits and the scratch
+ * of both passes, in one block rented from the default MemoryPool. Reused step after step while
+ * the shape stays the same; sm_gpt_state_free returns the block. */
+typedef struct sm_gpt_state sm_gpt_state;
+
+/* SM_OK, SM_ERR_ARG (bad config, B or T < 1, T > block_size) or SM_ERR_NOMEM. */
+int sm_gpt_state_create(sm_gpt_state **out, const sm_gpt_config *cfg, int64_t B, int64_t T);
+void sm_gpt_state_free(sm_gpt_state *s);
+/* Bytes of the block a state holds, for memory accounting. */
+int64_t sm_gpt_state_nbytes(const sm_gpt_state *s);
+/* The state's batch shape, and 1 while it holds a forward pass that backward has not used. */
+int64_t sm_gpt_state_B(const sm_gpt_state *s);
+int64_t sm_gpt_state_T(const sm_gpt_state *s);
+int sm_gpt_state_ready(const sm_gpt_state *s);
+
+/* ---- forward / backward / update ------------------------------------------------------------ */
+
+/* One forward pass over idx (B, T), ids in [0, V), T <= block_size.
+ *   logits (B, T, V): written when not NULL.
+ *   targets (B, T) or NULL: ids in [0, V), or -1 to ignore a position; *loss (when loss is not
+ *     NULL) receives the mean cross-entropy over the n_valid positions that are not ignored
+ *     (NaN when there are none), and *n_valid (when not NULL) their count.
+ *   state: NULL for inference (activations rented from the default pool and returned before the
+ *     call ends). A training state of shape (B, T) makes the pass save what backward needs; with
+ *     targets it also computes d(mean loss)/d(logits), so the state becomes ready for backward.
+ *   dropout in [0, 1): probability of zeroing each value of the embedding sum and of each
+ *     block's two branch outputs (the kept ones are scaled by 1/(1-dropout)); the mask is a hash
+ *     of (seed, position in the tensor), so it is the same for any thread count and backward
+ *     recomputes it instead of storing it.
+ * Returns SM_OK, SM_ERR_ARG (shape mismatch with the state, bad sizes) or SM_ERR_NOMEM. */
+int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *state,
+                   const float *params, const sm_gpt_config *cfg, const int *idx,
+                   const int *targets, int64_t B, int64_t T, float dropout, uint64_t seed,
+                   int nthreads);
+
+/* grads += loss_scale * d(mean loss)/d(params), from a ready state (the forward's dropout and
+ * seed are reused). The state stops being ready. SM_ERR_STATE when it was not ready, else SM_OK
+ * or SM_ERR_NOMEM (scratch for a kernel). */
+int sm_gpt_backward(float *grads, sm_gpt_state *state, const float *params, float loss_scale,
+                    int nthreads);
+
+/* AdamW over the whole block: weight decay on [0, sm_gpt_decay_size), none on the rest. */
+void sm_gpt_adamw(float *params, float *m, float *v, const float *grads, const sm_gpt_config *cfg,
+                  float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                  int nthreads);
+
+/* The dropout used above, exposed for tests: out = inp * keep(i) / (1 - p), where keep(i) is the
+ * hash test for element i of stream `stream`. out may equal inp. */
+void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,
+                        uint64_t stream, int nthreads);
+
+#endif /* SM_MODEL_H */

@@ -1,0 +1,234 @@
+# _model.pxi - wrappers of sm_model.h: the GPT parameter layout, the training state, and the
+# whole-model forward / backward / AdamW calls that smallmind/model.py builds TransformerModel on.
+# Each call validates with the GIL, then runs the entire pass in C without it.
+
+import threading as _threading
+
+# Tensor kinds in C enum order (sm_model.h), as the suffix of their Hugging Face GPT-2 name.
+GPT_KIND_NAMES = (
+    "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
+    "wte.weight", "wpe.weight", "ln_1.weight", "ln_1.bias", "attn.c_attn.bias",
+    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias",
+    "ln_f.weight", "ln_f.bias",
+)
+
+_SEED_MAX = 2 ** 63 - 1  # seeds and streams are taken as non-negative int64
+
+
+cdef int _gpt_config(object cfg, sm_gpt_config *c) except -1:
+    """Fill c from a (vocab_size, block_size, n_layer, n_head, n_embd) tuple."""
+    if not isinstance(cfg, tuple) or len(cfg) != 5:
+        raise TypeError("cfg must be a (vocab_size, block_size, n_layer, n_head, n_embd) tuple")
+    names = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+    for v, name in zip(cfg, names):
+        _check_int(v, name, 1, 2 ** 31)
+    c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd = [int(v) for v in cfg]
+    if sm_gpt_config_check(c) != SM_OK:
+        raise ValidationError(f"invalid GPT configuration {cfg}: n_embd must be a multiple of "
+                              f"n_head and every size within the core's limits")
+    return 0
+
+
+def gpt_layout(tuple cfg):
+    """The parameter block layout for `cfg`: a dict with num_params and decay_size (floats) and
+    tensors, a list of (kind_name, layer or -1, offset, size) in block order."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    tensors = []
+    cdef int kind
+    cdef int64_t layer
+    for kind in range(SM_GPT_NUM_KINDS):
+        size = sm_gpt_tensor_size(&c, kind)
+        if sm_gpt_kind_per_layer(kind):
+            for layer in range(c.n_layer):
+                tensors.append((GPT_KIND_NAMES[kind], layer, sm_gpt_tensor_offset(&c, kind, layer), size))
+        else:
+            tensors.append((GPT_KIND_NAMES[kind], -1, sm_gpt_tensor_offset(&c, kind, 0), size))
+    return {"num_params": sm_gpt_num_params(&c), "decay_size": sm_gpt_decay_size(&c),
+            "tensors": tensors}
+
+
+cdef class GPTState:
+    """The saved activations and scratch of training steps of one batch shape, in one block
+    rented from the default MemoryPool (kept across steps, returned by free() or when the
+    object goes away). Calls that use it hold its lock, so free() never pulls memory from
+    under a running pass."""
+    cdef sm_gpt_state *s
+    cdef sm_gpt_config cfg
+    cdef object lock
+
+    def __cinit__(self, tuple cfg, B, T):
+        self.s = NULL
+        self.lock = _threading.Lock()
+        _gpt_config(cfg, &self.cfg)
+        _check_int(B, "B", 1, 2 ** 30)
+        _check_int(T, "T", 1, self.cfg.block_size)
+        cdef int64_t b = B, t = T
+        cdef int rc
+        with nogil:
+            rc = sm_gpt_state_create(&self.s, &self.cfg, b, t)
+        _raise_for(rc, "GPTState")
+
+    def __dealloc__(self):
+        if self.s != NULL:
+            sm_gpt_state_free(self.s)
+            self.s = NULL
+
+    def free(self):
+        """Return the block to the pool now (idempotent)."""
+        with self.lock:
+            if self.s != NULL:
+                sm_gpt_state_free(self.s)
+                self.s = NULL
+
+    @property
+    def freed(self):
+        return self.s == NULL
+
+    @property
+    def nbytes(self):
+        return sm_gpt_state_nbytes(self.s) if self.s != NULL else 0
+
+    @property
+    def shape(self):
+        if self.s == NULL:
+            return None
+        return (sm_gpt_state_B(self.s), sm_gpt_state_T(self.s))
+
+    @property
+    def ready(self):
+        """True between a forward pass with targets and the backward pass that uses it."""
+        return self.s != NULL and sm_gpt_state_ready(self.s) != 0
+
+
+def gpt_forward(params, tuple cfg, idx, targets=None, logits=None, GPTState state=None,
+                dropout=0.0, seed=0, threads=None):
+    """One whole-model forward pass (see sm_gpt_forward). params: the float32 block; idx and
+    targets: int32 (B, T); logits: float32 (B, T, V) to fill, or None. Returns (loss, n_valid),
+    loss None without targets."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    _check_f32(params, "params", 1)
+    if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&c):
+        raise ValidationError(f"params must hold {sm_gpt_num_params(&c)} floats, got {params.shape[0]}")
+    _check_i32(idx, "idx", 2)
+    cdef int64_t B = idx.shape[0], T = idx.shape[1]
+    if B < 1 or T < 1:
+        raise ValidationError(f"idx must have at least one row and one column, got shape {idx.shape}")
+    if T > c.block_size:
+        raise ValidationError(f"idx has {T} positions, more than block_size = {c.block_size}")
+    _check_ids(idx, "idx", 0, c.vocab_size - 1,
+               f"token ids in [0, {c.vocab_size - 1}] (vocab_size is {c.vocab_size})")
+    cdef const int *pt = NULL
+    if targets is not None:
+        _check_i32(targets, "targets", 2)
+        _check_shape(targets, "targets", (B, T))
+        _check_ids(targets, "targets", -1, c.vocab_size - 1,
+                   f"token ids in [0, {c.vocab_size - 1}] or -1 (ignored)")
+        pt = _iptr(targets)
+    cdef float *pl = NULL
+    if logits is not None:
+        _out_f32(logits, "logits", (B, T, c.vocab_size))
+        _check_no_overlap(logits, "logits", params, "params")
+        pl = _fptr(logits)
+    cdef float p = _check_float32(dropout, "dropout")
+    if not (0.0 <= p < 1.0):
+        raise ValidationError(f"dropout must be in [0, 1), got {dropout}")
+    _check_int(seed, "seed", 0, _SEED_MAX)
+    cdef uint64_t sd = <uint64_t>int(seed)
+    cdef int nt = _threads(threads)
+    cdef const float *pp = _fptr(params)
+    cdef const int *pi = _iptr(idx)
+    cdef float loss = 0.0
+    cdef int64_t n_valid = 0
+    cdef int rc = SM_OK
+    if state is None:
+        with nogil:
+            rc = sm_gpt_forward(pl, &loss, &n_valid, NULL, pp, &c, pi, pt, B, T, p, sd, nt)
+    else:
+        with state.lock:
+            if state.s == NULL:
+                raise ObjectDisposedError("the training state was freed")
+            if sm_gpt_state_B(state.s) != B or sm_gpt_state_T(state.s) != T:
+                raise ValidationError(f"idx shape {(B, T)} differs from the training state's "
+                                      f"{state.shape}")
+            if (state.cfg.vocab_size, state.cfg.block_size, state.cfg.n_layer, state.cfg.n_head,
+                    state.cfg.n_embd) != cfg:
+                raise ValidationError("the training state belongs to another configuration")
+            with nogil:
+                rc = sm_gpt_forward(pl, &loss, &n_valid, state.s, pp, &c, pi, pt, B, T, p, sd, nt)
+    _raise_for(rc, "gpt_forward")
+    return (float(loss) if targets is not None else None), int(n_valid)
+
+
+def gpt_backward(grads, GPTState state, params, loss_scale=1.0, threads=None):
+    """grads += loss_scale * d(mean loss)/d(params) from the state's last forward with targets."""
+    _check_f32(grads, "grads", 1, True)
+    _check_f32(params, "params", 1)
+    if grads.shape != params.shape:
+        raise ValidationError(f"grads must have the shape of params {params.shape}, got {grads.shape}")
+    _check_no_overlap(grads, "grads", params, "params")
+    cdef float sc = _check_float32(loss_scale, "loss_scale")
+    cdef int nt = _threads(threads)
+    cdef float *pg = _fptr(grads)
+    cdef const float *pp = _fptr(params)
+    cdef int rc = SM_OK
+    with state.lock:
+        if state.s == NULL:
+            raise ObjectDisposedError("the training state was freed")
+        if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&state.cfg):
+            raise ValidationError(f"params must hold {sm_gpt_num_params(&state.cfg)} floats")
+        if not sm_gpt_state_ready(state.s):
+            raise ValidationError("backward() needs a forward pass with targets first "
+                                  "(each such forward allows one backward)")
+        with nogil:
+            rc = sm_gpt_backward(pg, state.s, pp, sc, nt)
+    _raise_for(rc, "gpt_backward")
+
+
+def gpt_adamw(params, m, v, grads, tuple cfg, lr, beta1, beta2, eps, weight_decay, step,
+              threads=None):
+    """One AdamW step over the whole block; weight decay only on the weight matrices."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    n = sm_gpt_num_params(&c)
+    for a, name in ((params, "params"), (m, "m"), (v, "v")):
+        _check_f32(a, name, 1, True)
+        _check_shape(a, name, (n,))
+    _check_f32(grads, "grads", 1)
+    _check_shape(grads, "grads", (n,))
+    cdef float flr = _check_float32(lr, "lr"), b1 = _check_float32(beta1, "beta1")
+    cdef float b2 = _check_float32(beta2, "beta2"), fe = _check_float32(eps, "eps")
+    cdef float wd = _check_float32(weight_decay, "weight_decay")
+    if not (0.0 <= b1 < 1.0) or not (0.0 <= b2 < 1.0):
+        raise ValidationError(f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
+    if flr < 0 or fe <= 0 or wd < 0:
+        raise ValidationError("lr and weight_decay must be >= 0 and eps > 0")
+    _check_int(step, "step", 1, 2 ** 62)
+    cdef int64_t st = step
+    cdef int nt = _threads(threads)
+    cdef float *pp = _fptr(params)
+    cdef float *pm = _fptr(m)
+    cdef float *pv = _fptr(v)
+    cdef const float *pg = _fptr(grads)
+    with nogil:
+        sm_gpt_adamw(pp, pm, pv, pg, &c, flr, b1, b2, fe, wd, st, nt)
+
+
+def dropout_forward(inp, p, seed, stream=0, out=None, threads=None):
+    """out = inp * keep / (1 - p) with the model's hash mask for (seed, stream); for tests."""
+    _check_f32(inp, "inp")
+    out = _out_f32(out, "out", inp.shape)
+    cdef float fp = _check_float32(p, "p")
+    if not (0.0 <= fp < 1.0):
+        raise ValidationError(f"p must be in [0, 1), got {p}")
+    _check_int(seed, "seed", 0, _SEED_MAX)
+    _check_int(stream, "stream", 0, _SEED_MAX)
+    cdef uint64_t sd = <uint64_t>int(seed), st = <uint64_t>int(stream)
+    cdef int nt = _threads(threads)
+    cdef int64_t n = cnp.PyArray_SIZE(<cnp.ndarray>inp)
+    cdef float *po = _fptr(out)
+    cdef const float *pi = _fptr(inp)
+    with nogil:
+        sm_dropout_forward(po, pi, n, fp, sd, st, nt)
+    return out

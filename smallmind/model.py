@@ -1,0 +1,436 @@
+"""model.py - ModelConfig and TransformerModel: a GPT-2 whose whole forward and backward pass is
+one C call each (csrc/sm_model.c), with parameters and gradients in two flat blocks that Python
+sees as zero-copy numpy views under Hugging Face GPT-2 names.
+
+Leaves out: the KV-cache decode step (smallmind.sampling), checkpoints' training state
+(smallmind.training) and byte-level BPE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import _core
+from .errors import ObjectDisposedError, ValidationError
+
+__all__ = ["ModelConfig", "TransformerModel", "PRESETS"]
+
+# Core limits (sm_gpt_config_check), repeated here so errors name the field.
+_LIMITS = {"vocab_size": 2 ** 31, "block_size": 2 ** 24, "n_layer": 4096, "n_head": 2 ** 20,
+           "n_embd": 2 ** 20}
+
+# Named shapes. tiny/small/medium are the original SmallMind's presets; shakespeare-char is
+# nanoGPT's character-level Shakespeare model; gpt2 is GPT-2 124M's shape (vocab 50257).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
+    "small": dict(block_size=128, n_layer=4, n_head=4, n_embd=64, dropout=0.1),
+    "medium": dict(block_size=256, n_layer=6, n_head=8, n_embd=128, dropout=0.1),
+    "shakespeare-char": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                 dropout=0.0),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a GPT-2 model. Validated on construction: a bad field raises
+    `ValidationError` (or `TypeError` for a wrong type) naming the field and the rule.
+
+    vocab_size, block_size (longest context), n_layer, n_head, n_embd (n_head must divide it);
+    dropout in [0, 1) is applied in train mode only; seed makes initialisation and dropout
+    masks reproducible.
+    """
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    seed: int = 42
+
+    def __post_init__(self):
+        for name, hi in _LIMITS.items():
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise TypeError(f"ModelConfig.{name} must be an int, got {type(v).__name__}")
+            if not 1 <= v <= hi:
+                raise ValidationError(f"ModelConfig.{name} must be in [1, {hi}], got {v}")
+            object.__setattr__(self, name, int(v))
+        if self.n_embd % self.n_head:
+            raise ValidationError(f"ModelConfig.n_embd must be a multiple of n_head, got "
+                                  f"n_embd={self.n_embd}, n_head={self.n_head}")
+        d = self.dropout
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, float, np.integer, np.floating)):
+            raise TypeError(f"ModelConfig.dropout must be a float, got {type(d).__name__}")
+        if not (0.0 <= float(d) < 1.0):
+            raise ValidationError(f"ModelConfig.dropout must be in [0, 1), got {d}")
+        object.__setattr__(self, "dropout", float(d))
+        if not _is_int(self.seed):
+            raise TypeError(f"ModelConfig.seed must be an int, got {type(self.seed).__name__}")
+        if not 0 <= self.seed < 2 ** 64:
+            raise ValidationError(f"ModelConfig.seed must be in [0, 2**64), got {self.seed}")
+        object.__setattr__(self, "seed", int(self.seed))
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int | None = None, **overrides) -> "ModelConfig":
+        """A named configuration (see PRESETS) with any field overridden."""
+        if name not in PRESETS:
+            raise ValidationError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        fields = dict(PRESETS[name])
+        if vocab_size is not None:
+            fields["vocab_size"] = vocab_size
+        fields.update(overrides)
+        if "vocab_size" not in fields:
+            raise ValidationError(f"preset {name!r} needs a vocab_size")
+        return cls(**fields)
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (the LM head shares wte)."""
+        V, T, L, C = self.vocab_size, self.block_size, self.n_layer, self.n_embd
+        return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        if not isinstance(d, Mapping):
+            raise ValidationError(f"a model configuration must be a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValidationError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def _core_tuple(self) -> tuple:
+        return (self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd)
+
+
+def _aligned_zeros(n: int) -> np.ndarray:
+    """A float32 array of n zeros whose data starts on a 64-byte boundary (SIMD-friendly)."""
+    raw = np.zeros(n + 16, dtype=np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip:skip + n]
+
+
+def _hf_name(kind: str, layer: int) -> str:
+    return f"transformer.{kind}" if layer < 0 else f"transformer.h.{layer}.{kind}"
+
+
+# Per-layer tensors in Hugging Face order, with their shapes as functions of C.
+_LAYER_ORDER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def _shape_of(kind: str, cfg: ModelConfig) -> tuple:
+    C = cfg.n_embd
+    return {"wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.block_size, C),
+            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+            "attn.c_proj.weight": (C, C), "mlp.c_fc.weight": (C, 4 * C),
+            "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C)}.get(kind, (C,))
+
+
+class TransformerModel:
+    """A GPT-2 language model on the CPU.
+
+    ``TransformerModel(config)`` or ``TransformerModel(vocab_size=..., block_size=..., ...)``.
+    A new model is in train mode (dropout on), like a PyTorch module; ``eval()`` switches it off.
+
+    Thread safety: in eval mode ``forward`` may be called from any number of threads at once
+    (each call rents its own activations; the parameters are only read), and the calls run in
+    parallel because the GIL is released for the whole pass. Training calls (train-mode forward
+    with targets, backward, optimizer steps, load_state_dict) are serialised by a lock and must
+    not overlap eval-mode forwards of the same model from other threads.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, **kwargs):
+        if config is None:
+            config = ModelConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a ModelConfig or keyword arguments, not both")
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self._cfg = config._core_tuple()
+        layout = _core.gpt_layout(self._cfg)
+        self._num_floats = layout["num_params"]
+        self._params = _aligned_zeros(self._num_floats)
+        self._grads = _aligned_zeros(self._num_floats)
+        # name -> (offset, shape), in Hugging Face order
+        where = {_hf_name(k, l): off for k, l, off, _ in layout["tensors"]}
+        self._names: list[str] = ["transformer.wte.weight", "transformer.wpe.weight"]
+        for l in range(config.n_layer):
+            self._names += [_hf_name(k, l) for k in _LAYER_ORDER]
+        self._names += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
+        self._index = {}
+        for name in self._names:
+            kind = name.split(".", 3)[-1] if ".h." in name else name[len("transformer."):]
+            self._index[name] = (where[name], _shape_of(kind, config))
+        self._training = True
+        self._state = None            # GPTState of the last training batch shape
+        self._lock = threading.RLock()
+        self._disposed = False
+        # Dropout masks: one 64-bit seed per training forward, drawn from this generator.
+        self._dropout_rng = np.random.Generator(np.random.PCG64([config.seed, 0x5EED_D409]))
+        self._init_weights()
+
+    # ---- parameters ---------------------------------------------------------------------------
+
+    def _view(self, block: np.ndarray, name: str) -> np.ndarray:
+        off, shape = self._index[name]
+        return block[off:off + math.prod(shape)].reshape(shape)
+
+    def _init_weights(self) -> None:
+        """GPT-2 initialisation: weights N(0, 0.02), the two residual projections of every block
+        N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm weight 1 - drawn in name order from
+        the config's seed, so the same seed always gives the same model."""
+        rng = np.random.Generator(np.random.PCG64(self.config.seed))
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name in self._names:
+            v = self._view(self._params, name)
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                v[...] = 1.0
+            elif name.endswith(".bias"):
+                v[...] = 0.0
+            else:
+                std = resid_std if name.endswith("c_proj.weight") else 0.02
+                v[...] = rng.standard_normal(v.shape, dtype=np.float32) * np.float32(std)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters as zero-copy float32 views, Hugging Face GPT-2 names and (in, out) layout.
+        Writing into a view changes the model. The LM head is tied to transformer.wte.weight."""
+        self._check_alive()
+        return {name: self._view(self._params, name) for name in self._names}
+
+    def grads(self) -> dict[str, np.ndarray]:
+        """Gradients, same names and shapes as state_dict(), as zero-copy views."""
+        self._check_alive()
+        return {name: self._view(self._grads, name) for name in self._names}
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Copy parameters in from a mapping of name -> array (numpy, or anything np.asarray
+        takes, such as CPU torch tensors). Shapes must match; values must be finite. With
+        strict, the names must be exactly those of state_dict() (an `lm_head.weight` equal to
+        wte is accepted, as Hugging Face checkpoints carry one). Nothing is changed on error."""
+        self._check_alive()
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of name -> array, got {type(state).__name__}")
+        extra = [k for k in state if k not in self._index and k != "lm_head.weight"]
+        missing = [k for k in self._names if k not in state]
+        if strict and (extra or missing):
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+            if extra:
+                parts.append(f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+            raise ValidationError("state_dict does not match the model: " + "; ".join(parts))
+        staged = {}
+        for name in self._names:
+            if name not in state:
+                continue
+            try:
+                a = np.asarray(state[name])
+            except Exception as e:  # e.g. a torch tensor that needs .detach()
+                raise ValidationError(f"{name}: cannot be read as an array ({e})") from None
+            shape = self._index[name][1]
+            if a.shape != shape:
+                raise ValidationError(f"{name} must have shape {shape}, got {a.shape}")
+            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+                raise ValidationError(f"{name} must hold real numbers, got dtype {a.dtype}")
+            a = a.astype(np.float32, copy=False)
+            if not np.isfinite(a).all():
+                raise ValidationError(f"{name} contains NaN or infinite values")
+            staged[name] = a
+        if "lm_head.weight" in state:
+            head = np.asarray(state["lm_head.weight"], dtype=np.float32)
+            wte = staged.get("transformer.wte.weight", self._view(self._params, "transformer.wte.weight"))
+            if head.shape != wte.shape or not np.array_equal(head, wte):
+                raise ValidationError("lm_head.weight differs from transformer.wte.weight; "
+                                      "smallmind ties the LM head to the token embedding")
+        with self._lock:
+            for name, a in staged.items():
+                self._view(self._params, name)[...] = a
+
+    def num_parameters(self) -> int:
+        return self.config.num_parameters()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this model holds: parameters, gradients and any training state."""
+        st = self._state
+        return self._params.nbytes + self._grads.nbytes + (st.nbytes if st is not None else 0)
+
+    # ---- modes --------------------------------------------------------------------------------
+
+    @property
+    def training(self) -> bool:
+        return self._training
+
+    def train(self, mode: bool = True) -> "TransformerModel":
+        self._check_alive()
+        self._training = bool(mode)
+        return self
+
+    def eval(self) -> "TransformerModel":
+        return self.train(False)
+
+    # ---- forward / backward -------------------------------------------------------------------
+
+    def _ids(self, a, name: str) -> np.ndarray:
+        """A (B, T) int32 array from any integer array-like, with a clear error otherwise."""
+        if isinstance(a, np.ndarray):
+            arr = a
+        else:
+            try:
+                arr = np.asarray(a)
+            except Exception as e:
+                raise ValidationError(f"{name} must be a (B, T) integer array ({e})") from None
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise ValidationError(f"{name} must be a (B, T) array of integer token ids, got dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise ValidationError(f"{name} must be 2-D (B, T), got shape {arr.shape}")
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ValidationError(f"{name} must have at least one row and one position, got shape {arr.shape}")
+        if arr.shape[1] > self.config.block_size:
+            raise ValidationError(f"{name} has {arr.shape[1]} positions, more than "
+                                  f"block_size = {self.config.block_size}")
+        if arr.dtype != np.int32:
+            lo, hi = arr.min(), arr.max()
+            if lo < -(2 ** 31) or hi >= 2 ** 31:
+                bad = lo if lo < -(2 ** 31) else hi
+                raise ValidationError(f"{name} values must be token ids in [0, "
+                                      f"{self.config.vocab_size - 1}], got {bad}")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def forward(self, idx, targets=None, *, threads: int | None = None):
+        """Logits (B, T, V) for token ids idx (B, T); with targets (B, T) also the mean
+        cross-entropy: returns (logits, loss). Targets of -1 are ignored. In train mode with
+        targets the pass keeps what backward() needs."""
+        self._check_alive()
+        idx = self._ids(idx, "idx")
+        B, T = idx.shape
+        logits = np.empty((B, T, self.config.vocab_size), dtype=np.float32)
+        if targets is None:
+            if self._training and self.config.dropout > 0.0:
+                with self._lock:
+                    seed = self._next_dropout_seed()
+                _core.gpt_forward(self._params, self._cfg, idx, None, logits, None,
+                                  self.config.dropout, seed, threads)
+            else:
+                _core.gpt_forward(self._params, self._cfg, idx, None, logits, threads=threads)
+            return logits
+        targets = self._ids(targets, "targets")
+        if targets.shape != idx.shape:
+            raise ValidationError(f"targets must have the shape of idx {idx.shape}, got {targets.shape}")
+        if self._training:
+            loss = self._forward_train(idx, targets, logits, threads)
+        else:
+            loss, n_valid = _core.gpt_forward(self._params, self._cfg, idx, targets, logits,
+                                              threads=threads)
+            self._check_valid(n_valid)
+        return logits, loss
+
+    __call__ = forward
+
+    def _check_valid(self, n_valid: int) -> None:
+        if n_valid == 0:
+            raise ValidationError("targets has no position to score: every target is -1")
+
+    def _next_dropout_seed(self) -> int:
+        return int(self._dropout_rng.integers(0, 2 ** 63))
+
+    def _forward_train(self, idx: np.ndarray, targets: np.ndarray, logits=None, threads=None) -> float:
+        """Training forward with the loss gradient kept for backward; idx/targets validated
+        int32 (B, T). Returns the mean loss."""
+        with self._lock:
+            self._check_alive()
+            B, T = idx.shape
+            if self._state is None or self._state.shape != (B, T):
+                if self._state is not None:
+                    self._state.free()
+                    self._state = None
+                self._state = _core.GPTState(self._cfg, B, T)
+            p = self.config.dropout
+            seed = self._next_dropout_seed() if p > 0.0 else 0
+            loss, n_valid = _core.gpt_forward(self._params, self._cfg, idx, targets, logits,
+                                              self._state, p, seed, threads)
+            if n_valid == 0:
+                self._state.free()
+                self._state = None
+                self._check_valid(0)
+            return loss
+
+    def backward(self, *, loss_scale: float = 1.0, threads: int | None = None) -> None:
+        """Accumulate loss_scale * d(loss)/d(parameters) into grads() for the last train-mode
+        forward with targets. Call zero_grad() first unless you mean to accumulate."""
+        with self._lock:
+            self._check_alive()
+            if self._state is None or not self._state.ready:
+                raise ValidationError("backward() needs a train-mode forward(idx, targets) first "
+                                      "(each such forward allows one backward)")
+            _core.gpt_backward(self._grads, self._state, self._params, loss_scale, threads)
+
+    def zero_grad(self) -> None:
+        self._check_alive()
+        with self._lock:
+            self._grads.fill(0.0)
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def free_training_state(self) -> None:
+        """Give the saved activations of training steps back to the MemoryPool now."""
+        with self._lock:
+            if self._state is not None:
+                self._state.free()
+                self._state = None
+
+    def dispose(self) -> None:
+        """Free the training state; every later call raises ObjectDisposedError. Idempotent."""
+        with self._lock:
+            self.free_training_state()
+            self._disposed = True
+
+    @property
+    def disposed(self) -> bool:
+        return self._disposed
+
+    def _check_alive(self) -> None:
+        if self._disposed:
+            raise ObjectDisposedError("this TransformerModel was disposed")
+
+    def __enter__(self):
+        self._check_alive()
+        return self
+
+    def __exit__(self, *exc):
+        self.dispose()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"TransformerModel(vocab_size={c.vocab_size}, block_size={c.block_size}, "
+                f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
+                f"params={self.num_parameters():,}, {'train' if self._training else 'eval'})")
+
+    # ---- the flat blocks, for the optimizer and checkpoints ------------------------------------
+
+    @property
+    def _core_cfg(self) -> tuple:
+        return self._cfg
+
+    def config_json(self) -> str:
+        return json.dumps(self.config.to_dict(), sort_keys=True)
