@@ -191,6 +191,39 @@ static void pack_b_cols_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, i
     }
 }
 
+/* pack_a for A stored transposed (op(A) rows strided, its k rows contiguous), MR = 14, and
+ * pack_b for B rows contiguous in n, NR = 32: both are one masked vector move per k (the weight
+ * gradients X^T dY of a training step take this path, with K = B*T in the thousands). */
+SM_TARGET_AVX512
+static void pack_a_cols_avx512(float *SM_RESTRICT dst, mat_view a, int64_t m, int64_t kc) {
+    const int MR = 14;
+    for (int64_t i0 = 0; i0 < m; i0 += MR) {
+        int64_t rows = m - i0 < MR ? m - i0 : MR;
+        __mmask16 rm = (__mmask16)((1u << rows) - 1u);
+        const float *src = a.p + i0 * a.sr;
+        for (int64_t k = 0; k < kc; k++)
+            _mm512_mask_storeu_ps(dst + k * MR, 0x3FFF, _mm512_maskz_loadu_ps(rm, src + k * a.sc));
+        dst += kc * MR;
+    }
+}
+
+SM_TARGET_AVX512
+static void pack_b_rows_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, int64_t n) {
+    const int NR = 32;
+    for (int64_t j0 = 0; j0 < n; j0 += NR) {
+        int64_t cols = n - j0 < NR ? n - j0 : NR;
+        __mmask16 m0 = (__mmask16)(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+        __mmask16 m1 = (__mmask16)(cols >= 32 ? 0xFFFFu : cols <= 16 ? 0u : (1u << (cols - 16)) - 1u);
+        const float *src = b.p + j0;
+        for (int64_t k = 0; k < kc; k++) {
+            const float *r = src + k * b.sr;
+            _mm512_storeu_ps(dst + k * NR, _mm512_maskz_loadu_ps(m0, r));
+            _mm512_storeu_ps(dst + k * NR + 16, _mm512_maskz_loadu_ps(m1, r + 16));
+        }
+        dst += kc * NR;
+    }
+}
+
 /* The AVX2 twins: 8 x 8 in-register transposes for MR = 6 (A) and NR = 16 (B). */
 SM_TARGET_AVX2
 static inline void transpose8x8(__m256 r[8]) {
@@ -465,6 +498,8 @@ typedef struct {
     ukernel_fn kernel_ua[3];   /* A read in place: full, nr <= NR / 2, nr <= NR / 4 (or NULL) */
     void (*pack_a_rows)(float *, mat_view, int64_t, int64_t); /* fast pack for a.sc == 1 */
     void (*pack_b_cols)(float *, mat_view, int64_t, int64_t); /* fast pack for b.sr == 1 */
+    void (*pack_a_cols)(float *, mat_view, int64_t, int64_t); /* fast pack for a.sr == 1 */
+    void (*pack_b_rows)(float *, mat_view, int64_t, int64_t); /* fast pack for b.sc == 1 */
 } gemm_params;
 
 static void get_params(int level, gemm_params *p) {
@@ -473,18 +508,19 @@ static void get_params(int level, gemm_params *p) {
         *p = (gemm_params){AVX512_MR, AVX512_NR, 384, 256 * 1024, 128 * 1024, ukernel_avx512,
                            ukernel_avx512_n16, ukernel_avx512_n8,
                            {ukernel_avx512_ua, ukernel_avx512_ua_n16, ukernel_avx512_ua_n8},
-                           pack_a_rows_avx512, pack_b_cols_avx512};
+                           pack_a_rows_avx512, pack_b_cols_avx512, pack_a_cols_avx512,
+                           pack_b_rows_avx512};
         return;
     }
     if (level >= SM_SIMD_AVX2) {
         *p = (gemm_params){AVX2_MR, AVX2_NR, 256, 256 * 1024, 128 * 1024, ukernel_avx2, NULL,
-                           NULL, {NULL, NULL, NULL}, pack_a_rows_avx2, pack_b_cols_avx2};
+                           NULL, {NULL, NULL, NULL}, pack_a_rows_avx2, pack_b_cols_avx2, NULL, NULL};
         return;
     }
 #endif
     (void)level;
     *p = (gemm_params){GEN_MR, GEN_NR, 256, 128 * 1024, 64 * 1024, ukernel_generic, NULL, NULL,
-                       {NULL, NULL, NULL}, NULL, NULL};
+                       {NULL, NULL, NULL}, NULL, NULL, NULL, NULL};
 }
 
 /* ---- packed path, one thread's block of C ------------------------------------------------- */
@@ -526,12 +562,14 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
                 /* pack the rows not read in place (all of them, or the last partial sliver) */
                 mat_view rest = {as.p + full * as.sr, as.sr, as.sc};
                 if (a.sc == 1 && P->pack_a_rows) P->pack_a_rows(apack, rest, mc - full, kc);
+                else if (a.sr == 1 && P->pack_a_cols) P->pack_a_cols(apack, rest, mc - full, kc);
                 else pack_a(apack, rest, mc - full, kc, MR);
             }
             for (int64_t n0 = 0; n0 < N; n0 += n_block) {
                 int64_t nc = N - n0 < n_block ? N - n0 : n_block;
                 mat_view bs = {b.p + p0 * b.sr + n0 * b.sc, b.sr, b.sc};
                 if (b.sr == 1 && P->pack_b_cols) P->pack_b_cols(bpack, bs, kc, nc);
+                else if (b.sc == 1 && P->pack_b_rows) P->pack_b_rows(bpack, bs, kc, nc);
                 else pack_b(bpack, bs, kc, nc, NR);
                 for (int64_t i = 0; i < mc; i += MR) {
                     int mr = (int)(mc - i < MR ? mc - i : MR);
