@@ -256,6 +256,9 @@ def test_decode_out_of_range_names_position_and_value():
         tok.decode(np.array([2**64 - 1], np.uint64))
     with pytest.raises(ValidationError, match=r"ids\[1\] = 3 is out of range"):
         tok.decode([np.int64(1), np.int64(3)])
+    for big in ([np.uint64(2**64 - 1)], [2**63], [-2**63 - 1], [1, np.uint64(2**63)]):
+        with pytest.raises(ValidationError, match=rf"ids\[{len(big) - 1}\] = {int(big[-1])} is out"):
+            tok.decode(big)
 
 
 @pytest.mark.parametrize("ids, match", [
