@@ -138,7 +138,7 @@ def gpt2_init_(model, seed):
     resid_std = 0.02 / math.sqrt(2 * model.config.n_layer)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".ln_" in name or name.startswith("transformer.ln_f"):
+            if ".ln_" in name:  # ln_1, ln_2 and ln_f
                 p.fill_(1.0 if name.endswith(".weight") else 0.0)
             elif name.endswith(".bias"):
                 p.zero_()
@@ -178,8 +178,10 @@ DECAY_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), eps=1e-8, flavour=None):
     """AdamW with weight decay on the four weight matrices of each block only (not biases,
-    LayerNorm or the embeddings). `flavour`: "fused", "foreach" or "for-loop"; the default is
-    fused, measured fastest on CPU for the 6-layer/6-head/384 model (see the __main__ notes)."""
+    LayerNorm or the embeddings). `flavour`: "fused", "foreach" or "for-loop". The default is
+    fused, the fastest on CPU: for the 6-layer/6-head/384 model (10.8 M parameters, torch 2.13,
+    2 threads, shared 2-core machine) one step took 6.3 ms fused, 15.8 ms for-loop and 30 ms
+    foreach (medians of 7) - all small beside the ~12 s forward+backward at batch 64 x 256."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if name.endswith(DECAY_SUFFIXES) else no_decay).append(p)
