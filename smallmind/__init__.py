@@ -6,6 +6,10 @@ the GIL; this package holds the readable Python classes on top. Start at README.
 from . import kernels
 from .memory import MemoryPool, PooledBuffer, default_pool
 from .model import PRESETS, ModelConfig, TransformerModel
+from .tokenizer import Tokenizer, UnknownCharacterWarning
+from .cancellation import CancellationToken, CancellationTokenSource
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .training import History, Training
 from ._core import (
     build_info,
     get_num_threads,
@@ -32,4 +36,6 @@ __all__ = [
     "SmallMindError", "ValidationError", "ObjectDisposedError", "CheckpointError", "CancelledError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
-__all__ += ["ModelConfig", "TransformerModel", "PRESETS"]
+__all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",
+            "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
+            "save_checkpoint", "Training", "History"]

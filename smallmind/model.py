@@ -390,6 +390,22 @@ class TransformerModel:
         with self._lock:
             self._grads.fill(0.0)
 
+    # ---- files --------------------------------------------------------------------------------
+
+    def save(self, path, tokenizer=None) -> None:
+        """Write a safetensors checkpoint (atomically): parameters under Hugging Face names,
+        the config and, if given, the tokenizer in its metadata."""
+        from .checkpoint import save_checkpoint
+        self._check_alive()
+        with self._lock:
+            save_checkpoint(path, self, tokenizer)
+
+    @classmethod
+    def load(cls, path) -> "TransformerModel":
+        """The model of a checkpoint file, in eval mode (CheckpointError if the file is bad)."""
+        from .checkpoint import load_checkpoint
+        return load_checkpoint(path)[0]
+
     # ---- lifetime -----------------------------------------------------------------------------
 
     def free_training_state(self) -> None:

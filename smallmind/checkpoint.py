@@ -1,0 +1,176 @@
+"""checkpoint.py - one-file checkpoints in safetensors format (never pickle): the model's
+parameters under their Hugging Face GPT-2 names, and in the header metadata the model
+configuration, the tokenizer's vocabulary and, for training checkpoints, the optimizer state
+(AdamW moments as tensors `optimizer.exp_avg.<name>` / `optimizer.exp_avg_sq.<name>`) and the
+step and random-generator states needed to resume bit for bit.
+
+Files are written atomically (temporary file, fsync, rename), so a crash never leaves a partial
+file under the final name. Loading validates everything and raises CheckpointError saying what
+is wrong. The parameter tensors load unchanged into PyTorch / transformers' GPT-2 (lm_head tied).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _safetensors
+from .errors import CheckpointError, ValidationError
+from .model import ModelConfig, TransformerModel
+from .tokenizer import Tokenizer
+
+__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "Checkpoint"]
+
+FORMAT = "smallmind"
+FORMAT_VERSION = 1
+_M = "optimizer.exp_avg."
+_V = "optimizer.exp_avg_sq."
+
+
+@dataclass
+class Checkpoint:
+    """Everything one checkpoint file holds, validated."""
+    path: str
+    config: ModelConfig
+    params: dict            # name -> float32 array
+    tokenizer: Tokenizer | None
+    training: dict | None   # step, RNG states, hyperparameters (JSON values)
+    exp_avg: dict | None    # AdamW first moments, name -> array (None without optimizer state)
+    exp_avg_sq: dict | None
+
+
+def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None = None, *,
+                    training: dict | None = None, optimizer: tuple | None = None) -> None:
+    """Write model (and optionally its tokenizer, a JSON-serialisable `training` dict and the
+    optimizer moments `optimizer=(exp_avg, exp_avg_sq)` as flat blocks in the model's layout)
+    to `path` atomically."""
+    if not isinstance(model, TransformerModel):
+        raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer must be a Tokenizer or None, got {type(tokenizer).__name__}")
+    tensors = dict(model.state_dict())
+    if optimizer is not None:
+        m, v = optimizer
+        for prefix, block in ((_M, m), (_V, v)):
+            for name in model._names:
+                tensors[prefix + name] = model._view(block, name)
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+            "model_config": json.dumps(model.config.to_dict(), sort_keys=True)}
+    from . import __version__
+    meta["smallmind_version"] = __version__
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer.to_json()
+    if training is not None:
+        meta["training"] = json.dumps(training, sort_keys=True)
+    _safetensors.save_file(tensors, os.fspath(path), meta)
+
+
+def _fail(path, what: str):
+    raise CheckpointError(f"{os.fspath(path)}: {what}")
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Read and validate a checkpoint file (see the module docstring)."""
+    tensors, meta = _safetensors.load_file(path)
+    if meta.get("format") != FORMAT:
+        _fail(path, f"not a smallmind checkpoint (metadata format is {meta.get('format')!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        _fail(path, f"bad format_version {meta.get('format_version')!r}")
+    if version != FORMAT_VERSION:
+        _fail(path, f"format_version {version} is not supported (this smallmind reads {FORMAT_VERSION})")
+    try:
+        cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
+    except KeyError:
+        _fail(path, "the model_config metadata is missing")
+    except (ValueError, TypeError) as e:
+        _fail(path, f"invalid model_config: {e}")
+    tok = None
+    if "tokenizer" in meta:
+        try:
+            tok = Tokenizer.from_json(meta["tokenizer"])
+        except (ValueError, TypeError) as e:
+            _fail(path, f"invalid tokenizer: {e}")
+        if tok.vocab_size > cfg.vocab_size:
+            _fail(path, f"the tokenizer has {tok.vocab_size} symbols but the model only "
+                        f"{cfg.vocab_size}")
+    training = None
+    if "training" in meta:
+        try:
+            training = json.loads(meta["training"])
+        except ValueError as e:
+            _fail(path, f"invalid training metadata: {e}")
+        if not isinstance(training, dict):
+            _fail(path, "invalid training metadata: not an object")
+    # Shapes come from a throwaway layout (cheap: no parameters are touched).
+    shapes = _param_shapes(cfg)
+    params = {k: t for k, t in tensors.items() if not k.startswith("optimizer.")}
+    missing = [n for n in shapes if n not in params]
+    extra = [n for n in params if n not in shapes]
+    if missing or extra:
+        _fail(path, f"tensors do not match the configuration "
+                    f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, shape in shapes.items():
+        t = params[name]
+        if t.dtype != np.float32 or t.shape != shape:
+            _fail(path, f"{name} must be float32 {shape}, got {t.dtype} {t.shape}")
+        if not np.isfinite(t).all():
+            _fail(path, f"{name} contains NaN or infinite values")
+    moments = [None, None]
+    for i, prefix in enumerate((_M, _V)):
+        part = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        if set(part) != set(shapes):
+            _fail(path, f"optimizer state {prefix}* does not cover the model's tensors")
+        for name, shape in shapes.items():
+            if part[name].dtype != np.float32 or part[name].shape != shape:
+                _fail(path, f"{prefix}{name} must be float32 {shape}")
+        moments[i] = part
+    if (moments[0] is None) != (moments[1] is None):
+        _fail(path, "optimizer state is incomplete (one of exp_avg / exp_avg_sq is missing)")
+    odd = [k for k in tensors if k.startswith("optimizer.") and not k.startswith((_M, _V))]
+    if odd:
+        _fail(path, f"unexpected tensor {odd[0]!r}")
+    return Checkpoint(os.fspath(path), cfg, params, tok, training, moments[0], moments[1])
+
+
+def _param_shapes(cfg: ModelConfig) -> dict:
+    C, L = cfg.n_embd, cfg.n_layer
+    shapes = {"transformer.wte.weight": (cfg.vocab_size, C), "transformer.wpe.weight": (cfg.block_size, C)}
+    per = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
+           "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+           "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, 4 * C),
+           "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
+    for l in range(L):
+        for k, s in per.items():
+            shapes[f"transformer.h.{l}.{k}"] = s
+    shapes["transformer.ln_f.weight"] = (C,)
+    shapes["transformer.ln_f.bias"] = (C,)
+    return shapes
+
+
+def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
+    model = TransformerModel(ck.config)
+    try:
+        model.load_state_dict(ck.params)
+    except ValidationError as e:  # validated above; kept as a guard
+        _fail(ck.path, str(e))
+    return model
+
+
+def load_checkpoint(path) -> tuple[TransformerModel, Tokenizer | None]:
+    """(model, tokenizer) from a checkpoint file; the tokenizer is None if none was saved.
+    The model is returned in eval mode, ready for generation."""
+    ck = read_checkpoint(path)
+    return model_from_checkpoint(ck).eval(), ck.tokenizer
+
+
+def copy_moments(model: TransformerModel, block: np.ndarray, moments: dict[str, Any]) -> None:
+    """Fill a flat optimizer block (model layout) from per-name arrays."""
+    for name in model._names:
+        model._view(block, name)[...] = moments[name]

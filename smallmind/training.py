@@ -1,0 +1,424 @@
+"""training.py - Training: the loop that fits a TransformerModel to a text (random windows of a
+90/10 train/validation split, AdamW with warmup and cosine decay, gradient clipping and
+accumulation, periodic evaluation, atomic checkpoints, cooperative cancellation).
+
+Each micro-step is two C calls (forward with loss, backward) and each step one more (AdamW over
+the whole parameter block), all without the GIL; Python only samples batches and keeps the
+history. A checkpoint holds the optimizer moments and every random-generator state, so training
+N steps equals training k, saving, resuming in a fresh process and training to N - bit for bit.
+
+Thread safety: a Training object belongs to one thread at a time. Independent Training objects
+(each with its own model) may run concurrently in separate threads; give each a `threads=`
+budget so that together they do not oversubscribe the cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from . import _core
+from .cancellation import check_cancel
+from .checkpoint import (Checkpoint, copy_moments, model_from_checkpoint, read_checkpoint,
+                         save_checkpoint)
+from .errors import CancelledError, CheckpointError, ValidationError
+from .model import TransformerModel, _aligned_zeros, _is_int
+from .tokenizer import Tokenizer
+
+__all__ = ["Training", "History"]
+
+logger = logging.getLogger("smallmind.training")
+
+BEST_FILE = "model_best.safetensors"
+LAST_FILE = "model_last.safetensors"
+CANCELLED_FILE = "model_cancelled.safetensors"
+
+
+@dataclasses.dataclass
+class History:
+    """What one `train()` call did. Per optimizer step: `steps` (1-based step numbers), the
+    mean training loss of its batch, the learning rate used, the gradient norm before clipping
+    and tokens/s. Per evaluation: `val_steps`, `val_loss`, `train_eval_loss` (the same number of
+    batches from the training split). `skipped_steps` lists steps whose gradient was not
+    finite (no update was made)."""
+    steps: list = dataclasses.field(default_factory=list)
+    train_loss: list = dataclasses.field(default_factory=list)
+    lr: list = dataclasses.field(default_factory=list)
+    grad_norm: list = dataclasses.field(default_factory=list)
+    tokens_per_sec: list = dataclasses.field(default_factory=list)
+    val_steps: list = dataclasses.field(default_factory=list)
+    val_loss: list = dataclasses.field(default_factory=list)
+    train_eval_loss: list = dataclasses.field(default_factory=list)
+    skipped_steps: list = dataclasses.field(default_factory=list)
+    best_val_loss: float = math.inf
+    elapsed_sec: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def _check_number(v, name: str, lo: float, hi: float = math.inf, *, lo_open=False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    f = float(v)
+    ok = (f > lo if lo_open else f >= lo) and f <= hi
+    if not ok or math.isnan(f):
+        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise ValidationError(f"{name} must be in {rng}, got {v}")
+    return f
+
+
+def _check_count(v, name: str, lo: int, hi: int = 2 ** 62) -> int:
+    if not _is_int(v):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ValidationError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return int(v)
+
+
+class Training:
+    """Trains `model` on `text` encoded by `tokenizer`.
+
+    block_size: context length of the training windows (default: the model's); batch_size:
+    windows per micro-step; seed: the batch sampler's seed; val_fraction: the share of the text
+    (its end) held out for validation (0 disables evaluation).
+    """
+
+    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, text: str,
+                 block_size: int | None = None, batch_size: int = 16, seed: int = 42,
+                 val_fraction: float = 0.1):
+        if not isinstance(model, TransformerModel):
+            raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
+        model._check_alive()
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
+                                  f"vocab_size is {model.config.vocab_size}")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        self.block_size = (model.config.block_size if block_size is None
+                           else _check_count(block_size, "block_size", 1, model.config.block_size))
+        self.batch_size = _check_count(batch_size, "batch_size", 1, 2 ** 20)
+        self.seed = _check_count(seed, "seed", 0, 2 ** 63 - 1)
+        self.val_fraction = _check_number(val_fraction, "val_fraction", 0.0, 0.5)
+        self.model = model
+        self.tokenizer = tokenizer
+
+        tokens = tokenizer.encode_array(text)
+        n_val = int(len(tokens) * self.val_fraction)
+        self._train_tokens = tokens[:len(tokens) - n_val]
+        self._val_tokens = tokens[len(tokens) - n_val:]
+        need = self.block_size + 1
+        if len(self._train_tokens) < need:
+            raise ValidationError(f"text is too short: the training split has "
+                                  f"{len(self._train_tokens)} tokens, block_size + 1 = {need} needed")
+        if self.val_fraction > 0 and len(self._val_tokens) < need:
+            raise ValidationError(f"text is too short for val_fraction={self.val_fraction}: the "
+                                  f"validation split has {len(self._val_tokens)} tokens, "
+                                  f"block_size + 1 = {need} needed (lower block_size or set "
+                                  f"val_fraction=0)")
+        self._data_digest = hashlib.sha256(tokens.tobytes()).hexdigest()[:16]
+
+        self._rng = np.random.Generator(np.random.PCG64(self.seed))
+        self.step = 0                   # optimizer steps taken so far (including skipped ones)
+        self._adam_t = 0                # updates actually applied (AdamW bias correction)
+        self.best_val_loss = math.inf
+        self._m = _aligned_zeros(model._num_floats)
+        self._v = _aligned_zeros(model._num_floats)
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def _windows(self, tokens: np.ndarray, rng: np.random.Generator, batch: int):
+        T = self.block_size
+        ix = rng.integers(0, len(tokens) - T, size=batch)
+        rows = ix[:, None] + np.arange(T + 1)
+        w = tokens[rows]                                  # (B, T+1)
+        return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+
+    def get_batch(self, split: str = "train"):
+        """A (x, y) pair of int32 (batch_size, block_size) arrays from `split` ("train" or
+        "val"); y is x shifted by one token. Draws from the training sampler's generator."""
+        tokens = self._split(split)
+        return self._windows(tokens, self._rng, self.batch_size)
+
+    def _split(self, split: str) -> np.ndarray:
+        if split == "train":
+            return self._train_tokens
+        if split == "val":
+            if len(self._val_tokens) <= self.block_size:
+                raise ValidationError("there is no validation split (val_fraction=0)")
+            return self._val_tokens
+        raise ValidationError(f"split must be 'train' or 'val', got {split!r}")
+
+    def estimate_loss(self, eval_batches: int = 20, threads: int | None = None) -> dict:
+        """Mean loss over eval_batches random batches of each split, in eval mode (no dropout).
+        The batches depend only on the seed and the current step, never on the training
+        sampler, so evaluating does not change what training sees."""
+        eval_batches = _check_count(eval_batches, "eval_batches", 1, 2 ** 20)
+        out = {}
+        model = self.model
+        for split in ("train", "val"):
+            if split == "val" and self.val_fraction == 0:
+                continue
+            rng = np.random.Generator(np.random.PCG64([self.seed, 1 + (split == "val"), self.step]))
+            tokens = self._split(split)
+            total = 0.0
+            for _ in range(eval_batches):
+                x, y = self._windows(tokens, rng, self.batch_size)
+                loss, _ = _core.gpt_forward(model._params, model._cfg, x, y, threads=threads)
+                total += loss
+            out[split] = total / eval_batches
+        return out
+
+    # ---- schedule ------------------------------------------------------------------------------
+
+    @staticmethod
+    def lr_at(step: int, learning_rate: float, warmup_steps: int, decay_steps: int,
+              min_lr: float) -> float:
+        """Learning rate of 0-based step `step`: linear warmup over warmup_steps, then cosine
+        decay to min_lr at decay_steps, then min_lr."""
+        if step < warmup_steps:
+            return learning_rate * (step + 1) / (warmup_steps + 1)
+        if step >= decay_steps:
+            return min_lr
+        ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def train(self, steps: int, learning_rate: float = 1e-3, *, warmup_steps: int = 0,
+              min_lr: float | None = None, lr_decay_steps: int | None = None,
+              weight_decay: float = 0.1, beta1: float = 0.9, beta2: float = 0.95,
+              eps: float = 1e-8, grad_clip: float = 1.0, grad_accum_steps: int = 1,
+              log_every: int = 10, eval_every: int = 0, eval_batches: int = 20,
+              save_every: int = 0, checkpoint_dir=None, cancel=None,
+              callback: Callable[[dict], object] | None = None,
+              threads: int | None = None) -> History:
+        """Train until `steps` optimizer steps have been taken in all (a Training resumed at
+        step k runs steps - k more) and return this call's History.
+
+        The learning rate warms up linearly over warmup_steps, then follows a cosine from
+        learning_rate down to min_lr (default learning_rate / 10) at lr_decay_steps (default
+        `steps`). AdamW's weight decay applies to the weight matrices only (not to biases,
+        LayerNorm parameters or embeddings). grad_clip > 0 clips the global gradient norm; a
+        step whose gradient is not finite is skipped (logged, recorded in skipped_steps).
+        grad_accum_steps micro-batches are averaged per step. Every eval_every steps (and at
+        the last step) the loss of eval_batches batches of each split is measured; with a
+        checkpoint_dir the best model by validation loss is kept in model_best.safetensors,
+        and model_last.safetensors is written every save_every steps and at the end.
+
+        cancel (a CancellationToken, CancellationTokenSource or threading.Event) is checked
+        between steps and micro-steps: the model keeps the parameters of the last completed
+        step, model_cancelled.safetensors is written to checkpoint_dir (when given), and
+        CancelledError is raised. callback(info) is called after every step with a dict of
+        step, loss, lr, grad_norm, tokens_per_sec (and val_loss/train_eval_loss when
+        evaluated). Log lines go to logging.getLogger("smallmind.training").
+        """
+        steps = _check_count(steps, "steps", 0)
+        lr0 = _check_number(learning_rate, "learning_rate", 0.0, 10.0)
+        warmup_steps = _check_count(warmup_steps, "warmup_steps", 0)
+        min_lr = lr0 / 10 if min_lr is None else _check_number(min_lr, "min_lr", 0.0, lr0)
+        decay_steps = steps if lr_decay_steps is None else _check_count(lr_decay_steps, "lr_decay_steps", 0)
+        weight_decay = _check_number(weight_decay, "weight_decay", 0.0, 10.0)
+        beta1 = _check_number(beta1, "beta1", 0.0, 0.999999)
+        beta2 = _check_number(beta2, "beta2", 0.0, 0.999999)
+        eps = _check_number(eps, "eps", 0.0, 1.0, lo_open=True)
+        grad_clip = _check_number(grad_clip, "grad_clip", 0.0)
+        accum = _check_count(grad_accum_steps, "grad_accum_steps", 1, 2 ** 20)
+        log_every = _check_count(log_every, "log_every", 0)
+        eval_every = _check_count(eval_every, "eval_every", 0)
+        eval_batches = _check_count(eval_batches, "eval_batches", 1, 2 ** 20)
+        save_every = _check_count(save_every, "save_every", 0)
+        if eval_every and self.val_fraction == 0:
+            raise ValidationError("eval_every needs a validation split (val_fraction > 0)")
+        if checkpoint_dir is not None:
+            checkpoint_dir = os.fspath(checkpoint_dir)
+            os.makedirs(checkpoint_dir, exist_ok=True)
+        elif save_every:
+            raise ValidationError("save_every needs a checkpoint_dir")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable or None")
+        is_cancelled = check_cancel(cancel)
+        if threads is not None:
+            _check_count(threads, "threads", 1, 1024)
+
+        model = self.model
+        model._check_alive()
+        hist = History(best_val_loss=self.best_val_loss)
+        hparams = dict(learning_rate=lr0, warmup_steps=warmup_steps, min_lr=min_lr,
+                       lr_decay_steps=decay_steps, weight_decay=weight_decay, beta1=beta1,
+                       beta2=beta2, eps=eps, grad_clip=grad_clip, grad_accum_steps=accum)
+        was_training = model.training
+        model.train()
+        tokens_per_step = self.batch_size * self.block_size * accum
+        t_start = time.perf_counter()
+        logger.info("training %s from step %d to %d (%d tokens per step)", model, self.step,
+                    steps, tokens_per_step)
+        try:
+            while self.step < steps:
+                # Snapshot of the resumable state before this step: a cancel inside it saves
+                # this, so resuming replays the interrupted step exactly.
+                snapshot = self._training_state(hparams)
+                if is_cancelled():
+                    self._cancelled(checkpoint_dir, snapshot, hist)
+                t0 = time.perf_counter()
+                lr = self.lr_at(self.step, lr0, warmup_steps, decay_steps, min_lr)
+                model.zero_grad()
+                loss_sum = 0.0
+                for micro in range(accum):
+                    if micro and is_cancelled():
+                        model.zero_grad()
+                        self._cancelled(checkpoint_dir, snapshot, hist)
+                    x, y = self._windows(self._train_tokens, self._rng, self.batch_size)
+                    loss_sum += model._forward_train(x, y, None, threads)
+                    model.backward(loss_scale=1.0 / accum, threads=threads)
+                loss = loss_sum / accum
+                if grad_clip > 0:
+                    norm = _core.clip_grad_norm(model._grads, grad_clip, threads)
+                else:
+                    norm = _core.grad_norm(model._grads, threads)
+                self.step += 1
+                if math.isfinite(norm) and math.isfinite(loss):
+                    self._adam_t += 1
+                    _core.gpt_adamw(model._params, self._m, self._v, model._grads, model._cfg, lr,
+                                    beta1, beta2, eps, weight_decay, self._adam_t, threads)
+                else:
+                    hist.skipped_steps.append(self.step)
+                    logger.warning("step %d: non-finite loss or gradient (loss %s, norm %s); "
+                                   "update skipped", self.step, loss, norm)
+                dt = time.perf_counter() - t0
+                hist.steps.append(self.step)
+                hist.train_loss.append(loss)
+                hist.lr.append(lr)
+                hist.grad_norm.append(norm)
+                hist.tokens_per_sec.append(tokens_per_step / dt if dt > 0 else math.inf)
+                info = {"step": self.step, "steps": steps, "loss": loss, "lr": lr,
+                        "grad_norm": norm, "tokens_per_sec": hist.tokens_per_sec[-1]}
+                if log_every and (self.step % log_every == 0 or self.step == steps):
+                    logger.info("step %d/%d: loss %.4f, lr %.3g, %.0f tokens/s", self.step, steps,
+                                loss, lr, hist.tokens_per_sec[-1])
+                if eval_every and (self.step % eval_every == 0 or self.step == steps):
+                    self._evaluate(eval_batches, threads, hist, info, checkpoint_dir, hparams)
+                if save_every and self.step % save_every == 0:
+                    self.save_checkpoint(os.path.join(checkpoint_dir, LAST_FILE), hparams)
+                if callback is not None:
+                    callback(info)
+            if checkpoint_dir is not None:
+                self.save_checkpoint(os.path.join(checkpoint_dir, LAST_FILE), hparams)
+        finally:
+            model.train(was_training)
+            hist.elapsed_sec = time.perf_counter() - t_start
+        return hist
+
+    def _evaluate(self, eval_batches, threads, hist, info, checkpoint_dir, hparams):
+        losses = self.estimate_loss(eval_batches, threads)
+        hist.val_steps.append(self.step)
+        hist.val_loss.append(losses["val"])
+        hist.train_eval_loss.append(losses["train"])
+        info["val_loss"] = losses["val"]
+        info["train_eval_loss"] = losses["train"]
+        logger.info("step %d: train loss %.4f, val loss %.4f", self.step, losses["train"],
+                    losses["val"])
+        if losses["val"] < self.best_val_loss:
+            self.best_val_loss = losses["val"]
+            hist.best_val_loss = self.best_val_loss
+            if checkpoint_dir is not None:
+                self.save_checkpoint(os.path.join(checkpoint_dir, BEST_FILE), hparams)
+
+    def _cancelled(self, checkpoint_dir, snapshot, hist):
+        """Stop: the parameters are those of the last completed step; save and raise."""
+        if checkpoint_dir is not None:
+            path = os.path.join(checkpoint_dir, CANCELLED_FILE)
+            self._save(path, snapshot)
+            logger.info("training cancelled at step %d; saved %s", self.step, path)
+            raise CancelledError(f"training cancelled at step {self.step}; checkpoint saved to {path}")
+        logger.info("training cancelled at step %d", self.step)
+        raise CancelledError(f"training cancelled at step {self.step}")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _training_state(self, hparams: dict | None = None) -> dict:
+        return {"step": self.step, "adam_t": self._adam_t, "seed": self.seed,
+                "block_size": self.block_size, "batch_size": self.batch_size,
+                "val_fraction": self.val_fraction,
+                "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+                "rng": self._rng.bit_generator.state,
+                "dropout_rng": self.model._dropout_rng.bit_generator.state,
+                "data": self._data_digest, "hparams": hparams or {}}
+
+    def _save(self, path, state: dict) -> None:
+        with self.model._lock:
+            save_checkpoint(path, self.model, self.tokenizer, training=state,
+                            optimizer=(self._m, self._v))
+
+    def save_checkpoint(self, path, hparams: dict | None = None) -> None:
+        """Write model, tokenizer, optimizer moments, step and generator states to `path`."""
+        self._save(path, self._training_state(hparams))
+
+    def restore(self, source) -> None:
+        """Load a training checkpoint (a path or a read Checkpoint) into this Training and its
+        model: parameters, optimizer moments, step and generator states. The checkpoint must be
+        for the same model configuration and tokenizer (CheckpointError otherwise)."""
+        ck = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+        if ck.config != self.model.config:
+            raise CheckpointError(f"{ck.path}: the checkpoint is for {ck.config}, not this "
+                                  f"model's {self.model.config}")
+        if ck.tokenizer is not None and ck.tokenizer != self.tokenizer:
+            raise CheckpointError(f"{ck.path}: the checkpoint's tokenizer differs from this one")
+        t = ck.training
+        if t is None or ck.exp_avg is None:
+            raise CheckpointError(f"{ck.path}: no training state (a model-only checkpoint)")
+        try:
+            step, adam_t = int(t["step"]), int(t["adam_t"])
+            rng_state, drop_state = t["rng"], t["dropout_rng"]
+            best = t.get("best_val_loss")
+            rng = np.random.Generator(np.random.PCG64())
+            rng.bit_generator.state = rng_state
+            drop = np.random.Generator(np.random.PCG64())
+            drop.bit_generator.state = drop_state
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
+        if step < 0 or adam_t < 0 or adam_t > step:
+            raise CheckpointError(f"{ck.path}: invalid step counters ({step}, {adam_t})")
+        if t.get("data") not in (None, self._data_digest):
+            logger.warning("%s was trained on different text; continuing on this one", ck.path)
+        with self.model._lock:
+            self.model.load_state_dict(ck.params)
+            copy_moments(self.model, self._m, ck.exp_avg)
+            copy_moments(self.model, self._v, ck.exp_avg_sq)
+            self.model._dropout_rng = drop
+        self._rng = rng
+        self.step, self._adam_t = step, adam_t
+        self.best_val_loss = math.inf if best is None else float(best)
+
+    @classmethod
+    def resume(cls, path, text: str, *, block_size: int | None = None,
+               batch_size: int | None = None, val_fraction: float | None = None) -> "Training":
+        """A Training rebuilt from a training checkpoint: its model (train mode), tokenizer,
+        optimizer and sampler state, and its block_size / batch_size / seed / val_fraction
+        unless overridden. `trainer.model` and `trainer.tokenizer` give the rebuilt objects."""
+        ck = read_checkpoint(path)
+        if ck.tokenizer is None:
+            raise CheckpointError(f"{ck.path}: the checkpoint has no tokenizer to resume with")
+        t = ck.training or {}
+        try:
+            kw = dict(block_size=int(t["block_size"]) if block_size is None else block_size,
+                      batch_size=int(t["batch_size"]) if batch_size is None else batch_size,
+                      seed=int(t["seed"]),
+                      val_fraction=float(t["val_fraction"]) if val_fraction is None else val_fraction)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
+        model = model_from_checkpoint(ck)
+        trainer = cls(model, ck.tokenizer, text, **kw)
+        trainer.restore(ck)
+        return trainer
