@@ -1,6 +1,7 @@
-"""cli.py - the `python -m smallmind` command. For now it reports the build and measures the
-compute core against numpy on a few GPT-shaped products; training and generation subcommands
-arrive with the model (see the open issues)."""
+"""cli.py - the `smallmind` command (also `python -m smallmind`). With no subcommand it runs the
+demo: train a small GPT on the built-in corpus (the standard library's own documentation), then
+generate text from it. `info` reports the build, `bench` times the core against numpy. The full
+train / generate / serve commands arrive with their issues."""
 import argparse
 import sys
 import time
@@ -51,19 +52,87 @@ def cmd_bench(args):
     return 0
 
 
+def _sample(model, ids, n, temperature, top_k, rng):
+    """Continue `ids` by n tokens (full forward over the last block_size tokens per token; the
+    KV-cache sampler arrives with smallmind.sampling)."""
+    ids = list(ids)
+    T = model.config.block_size
+    for _ in range(n):
+        ctx = np.asarray([ids[-T:]], dtype=np.int32)
+        logits = model.forward(ctx)[0, -1].astype(np.float64) / temperature
+        if 0 < top_k < logits.size:
+            cut = np.partition(logits, -top_k)[-top_k]
+            logits[logits < cut] = -np.inf
+        p = np.exp(logits - logits.max())
+        ids.append(int(rng.choice(p.size, p=p / p.sum())))
+    return ids
+
+
+def cmd_demo(args):
+    """Train a small model on the built-in corpus, then generate from it."""
+    from .corpus import builtin_corpus
+    from .model import ModelConfig, TransformerModel
+    from .tokenizer import Tokenizer
+    from .training import Training
+
+    text = builtin_corpus()
+    tok = Tokenizer(text)
+    cfg = ModelConfig(tok.vocab_size, args.block_size, args.n_layer, args.n_head, args.n_embd,
+                      seed=args.seed)
+    model = TransformerModel(cfg)
+    print(f"smallmind {__version__}: training {model} on {len(text):,} characters of the "
+          f"Python standard library's documentation ({build_info()['simd']}, "
+          f"{build_info()['num_threads']} threads)")
+    trainer = Training(model, tok, text, args.block_size, args.batch_size, seed=args.seed)
+
+    def progress(info):
+        if info["step"] % args.log_every == 0 or info["step"] == args.steps:
+            extra = f", val loss {info['val_loss']:.3f}" if "val_loss" in info else ""
+            print(f"  step {info['step']:5d}/{args.steps}: loss {info['loss']:.3f}{extra}, "
+                  f"{info['tokens_per_sec']:,.0f} tokens/s", flush=True)
+
+    t0 = time.perf_counter()
+    hist = trainer.train(args.steps, args.learning_rate, warmup_steps=min(100, args.steps // 10),
+                         eval_every=args.steps, eval_batches=20, log_every=0, callback=progress)
+    print(f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s; validation loss "
+          f"{hist.val_loss[-1]:.3f} (a uniform guess scores {np.log(tok.vocab_size):.3f})")
+    model.eval()
+    rng = np.random.default_rng(args.seed)
+    prompt = args.prompt
+    ids = _sample(model, tok.encode(prompt), args.tokens, 0.8, 20, rng)
+    print("\n--- generated ---")
+    print(tok.decode(ids))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="smallmind", description="smallmind: small GPT models on the CPU")
     sub = ap.add_subparsers(dest="command")
     sub.add_parser("info", help="version, build facts, SIMD level, threads")
     sub.add_parser("bench", help="a quick matmul table against numpy")
+    demo = sub.add_parser("demo", help="train on the built-in corpus, then generate (the default)")
+    for p in (ap, demo):
+        p.add_argument("--steps", type=int, default=800, help="optimizer steps (default 800)")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--block-size", type=int, default=64)
+        p.add_argument("--n-layer", type=int, default=4)
+        p.add_argument("--n-head", type=int, default=4)
+        p.add_argument("--n-embd", type=int, default=128)
+        p.add_argument("--learning-rate", type=float, default=2e-3)
+        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--log-every", type=int, default=100)
+        p.add_argument("--tokens", type=int, default=300, help="characters to generate")
+        p.add_argument("--prompt", default="The ", help="text to continue")
     args = ap.parse_args(argv)
     if args.command == "info":
         return cmd_info(args)
     if args.command == "bench":
         return cmd_bench(args)
-    cmd_info(args)
-    print()
-    return cmd_bench(args)
+    try:
+        return cmd_demo(args)
+    except (ValueError, TypeError) as e:  # bad option values: one clear line, no traceback
+        print(f"smallmind: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
