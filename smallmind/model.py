@@ -252,7 +252,8 @@ class TransformerModel:
                 raise ValidationError(f"{name} must have shape {shape}, got {a.shape}")
             if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
                 raise ValidationError(f"{name} must hold real numbers, got dtype {a.dtype}")
-            a = a.astype(np.float32, copy=False)
+            with np.errstate(over="ignore", invalid="ignore"):  # 1e39 -> inf, refused below
+                a = a.astype(np.float32, copy=False)
             if not np.isfinite(a).all():
                 raise ValidationError(f"{name} contains NaN or infinite values")
             staged[name] = a
@@ -301,7 +302,8 @@ class TransformerModel:
             except Exception as e:
                 raise ValidationError(f"{name} must be a (B, T) integer array ({e})") from None
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-            raise ValidationError(f"{name} must be a (B, T) array of integer token ids, got dtype {arr.dtype}")
+            # a wrong dtype is a TypeError, as in every wrapper of the core (and gpt_forward)
+            raise TypeError(f"{name} must be a (B, T) array of integer token ids, got dtype {arr.dtype}")
         if arr.ndim != 2:
             raise ValidationError(f"{name} must be 2-D (B, T), got shape {arr.shape}")
         if arr.shape[0] < 1 or arr.shape[1] < 1:
