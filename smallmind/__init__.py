@@ -21,6 +21,7 @@ from ._core import (
 from .errors import (
     CancelledError,
     CheckpointError,
+    DTypeError,
     ObjectDisposedError,
     SmallMindError,
     ValidationError,
@@ -33,7 +34,7 @@ from . import _threadpool  # noqa: E402  (registers with threadpoolctl when it i
 __all__ = [
     "__version__", "build_info", "get_num_threads", "set_num_threads", "set_simd_level",
     "simd_detected", "simd_level", "kernels",
-    "SmallMindError", "ValidationError", "ObjectDisposedError", "CheckpointError", "CancelledError",
+    "SmallMindError", "ValidationError", "DTypeError", "ObjectDisposedError", "CheckpointError", "CancelledError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",

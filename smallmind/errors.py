@@ -11,6 +11,12 @@ class ValidationError(SmallMindError, ValueError):
     """An argument or input is outside what the operation accepts; the message names it."""
 
 
+class DTypeError(ValidationError, TypeError):
+    """An array has the wrong dtype (float ids, say). Both a ValidationError and a TypeError,
+    so it is caught as either: the model API promises ValidationError for bad input, Python
+    convention says TypeError for a wrong type."""
+
+
 class ObjectDisposedError(SmallMindError, RuntimeError):
     """A method was called on an object after its dispose()."""
 

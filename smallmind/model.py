@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import _core
-from .errors import ObjectDisposedError, ValidationError
+from .errors import DTypeError, ObjectDisposedError, ValidationError
 
 __all__ = ["ModelConfig", "TransformerModel", "PRESETS"]
 
@@ -183,6 +183,7 @@ class TransformerModel:
             self._index[name] = (where[name], _shape_of(kind, config))
         self._training = True
         self._state = None            # GPTState of the last training batch shape
+        self._backward_ready = False  # the latest forward was a train-mode one with targets
         self._lock = threading.RLock()
         self._disposed = False
         # Dropout masks: one 64-bit seed per training forward, drawn from this generator.
@@ -302,8 +303,8 @@ class TransformerModel:
             except Exception as e:
                 raise ValidationError(f"{name} must be a (B, T) integer array ({e})") from None
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-            # a wrong dtype is a TypeError, as in every wrapper of the core (and gpt_forward)
-            raise TypeError(f"{name} must be a (B, T) array of integer token ids, got dtype {arr.dtype}")
+            # both a ValidationError (the model's bad-input contract) and a TypeError (convention)
+            raise DTypeError(f"{name} must be a (B, T) array of integer token ids, got dtype {arr.dtype}")
         if arr.ndim != 2:
             raise ValidationError(f"{name} must be 2-D (B, T), got shape {arr.shape}")
         if arr.shape[0] < 1 or arr.shape[1] < 1:
@@ -326,6 +327,8 @@ class TransformerModel:
         self._check_alive()
         idx = self._ids(idx, "idx")
         B, T = idx.shape
+        if not (self._training and targets is not None):
+            self._backward_ready = False   # backward() refers to the latest forward only
         logits = np.empty((B, T, self.config.vocab_size), dtype=np.float32)
         if targets is None:
             if self._training and self.config.dropout > 0.0:
@@ -375,6 +378,7 @@ class TransformerModel:
                 self._state.free()
                 self._state = None
                 self._check_valid(0)
+            self._backward_ready = True
             return loss
 
     def backward(self, *, loss_scale: float = 1.0, threads: int | None = None) -> None:
@@ -382,10 +386,12 @@ class TransformerModel:
         forward with targets. Call zero_grad() first unless you mean to accumulate."""
         with self._lock:
             self._check_alive()
-            if self._state is None or not self._state.ready:
+            if self._state is None or not self._state.ready or not self._backward_ready:
                 raise ValidationError("backward() needs a train-mode forward(idx, targets) first "
-                                      "(each such forward allows one backward)")
+                                      "(each such forward allows one backward, and only until "
+                                      "the next forward)")
             _core.gpt_backward(self._grads, self._state, self._params, loss_scale, threads)
+            self._backward_ready = False
 
     def zero_grad(self) -> None:
         self._check_alive()

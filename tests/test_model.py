@@ -1054,3 +1054,26 @@ def test_pool_holds_nothing_after_eval_and_reuses_the_training_state():
         assert pool.stats()["outstanding_buffers"] == base["outstanding_buffers"]
     finally:
         gc.enable()
+
+
+def test_wrong_dtype_is_both_validation_and_type_error():
+    m = sm.TransformerModel(sm.ModelConfig(11, 8, 1, 1, 4))
+    with pytest.raises(sm.DTypeError) as e:
+        m.forward(np.zeros((1, 3), np.float32))
+    assert isinstance(e.value, sm.ValidationError) and isinstance(e.value, TypeError)
+    assert "idx" in str(e.value)
+
+
+def test_backward_refers_to_the_latest_forward_only():
+    m = sm.TransformerModel(sm.ModelConfig(11, 8, 1, 1, 4))
+    idx = np.zeros((1, 3), np.int32)
+    m.forward(idx, idx)
+    m.eval().forward(idx)                      # any later forward makes the saved pass stale
+    with pytest.raises(sm.ValidationError, match="backward"):
+        m.backward()
+    m.train().forward(idx, idx)
+    m.forward(idx)                             # a train-mode forward without targets too
+    with pytest.raises(sm.ValidationError, match="backward"):
+        m.backward()
+    m.forward(idx, idx)
+    m.backward()                               # the fresh one works
