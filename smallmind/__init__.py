@@ -3,7 +3,7 @@
 The compute core is C (csrc/) with OpenMP, reached through a thin Cython layer that releases
 the GIL; this package holds the readable Python classes on top. Start at README.md.
 """
-from . import kernels
+from . import corpus, kernels
 from .memory import MemoryPool, PooledBuffer, default_pool
 from .model import PRESETS, ModelConfig, TransformerModel
 from .tokenizer import Tokenizer, UnknownCharacterWarning

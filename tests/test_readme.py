@@ -15,8 +15,10 @@ def _python_blocks():
 
 
 @pytest.mark.parametrize("i", range(len(_python_blocks())) or [pytest.param(0, marks=pytest.mark.skip("no README"))])
-def test_readme_python_block_runs(i, capsys):
+def test_readme_python_block_runs(i, capsys, tmp_path, monkeypatch):
     import smallmind as sm
+
+    monkeypatch.chdir(tmp_path)   # the examples write checkpoints to relative paths
 
     before = sm.get_num_threads()
     try:
