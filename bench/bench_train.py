@@ -253,6 +253,7 @@ def throughput_rows(names, thread_counts, quick):
             for lib, ts in times.items():
                 med = float(np.median(ts))
                 row[f"{lib}_ms"] = 1e3 * med
+                row[f"{lib}_best_ms"] = 1e3 * float(np.min(ts))
                 row[f"{lib}_tokens_per_s"] = B * T / med
                 row[f"{lib}_steps_timed"] = len(ts)
                 row[f"{lib}_loss_step1"] = losses[lib][0]
@@ -261,6 +262,7 @@ def throughput_rows(names, thread_counts, quick):
                 row["speed_vs_torch"] = row["torch_ms"] / row["smallmind_ms"]
                 row["loss_diff_step1"] = abs(losses["smallmind"][0] - losses["torch"][0])
                 row["loss_diff_step2"] = abs(losses["smallmind"][1] - losses["torch"][1])
+            row["loadavg_1min"] = (loadavg() or [None])[0]
             rows.append(row)
             print(fmt_throughput(row), flush=True)
             del steppers, model
@@ -274,7 +276,7 @@ def fmt_throughput(r):
         s += (f"  torch {r['torch_ms']:9.1f} ms {r['torch_tokens_per_s']:9.0f} tok/s"
               f"  sm/torch {r['speed_vs_torch']:.2f}x"
               f"  |dloss| step1 {r['loss_diff_step1']:.1e} step2 {r['loss_diff_step2']:.1e}")
-    return s
+    return s + f"  (load {r.get('loadavg_1min')})"
 
 
 # ---- memory (one child process per library and model) --------------------------------------------
