@@ -1,7 +1,8 @@
-"""report.py - render the JSON written by bench_kernels.py / bench_scaling.py as the markdown
-tables README.md shows, so the README is regenerated rather than retyped.
+"""report.py - render the JSON written by bench_kernels.py / bench_scaling.py / bench_train.py as
+the markdown tables README.md shows, so the README is regenerated rather than retyped.
 
     python bench/report.py bench/results/full.json [bench/results/scaling_16core.json]
+    python bench/report.py bench/results/train.json
 """
 import json
 import sys
@@ -81,8 +82,82 @@ def scaling_tables(rows):
     return "\n".join(out)
 
 
+def train_tables(rows):
+    """Markdown for bench_train.py's rows: a throughput + memory table and a quality table."""
+    out = []
+    tp = [r for r in rows if r.get("kind") == "throughput"]
+    mem = {r["config"]: r for r in rows if r.get("kind") == "memory"}
+    if tp:
+        has_torch = any("torch_ms" in r for r in tp)
+        out += ["| model (layers/heads/width, block x batch) | threads | smallmind ms/step | "
+                "smallmind tokens/s" + (" | torch ms/step | torch tokens/s | vs torch | "
+                                        "step-1 / step-2 loss diff" if has_torch else "") + " |",
+                "|---|---|---|---" + ("|---|---|---|---" if has_torch else "") + "|"]
+        for r in tp:
+            sh = r["shape"]
+            model = (f"{r['config']} ({sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}, "
+                     f"{sh['block_size']} x {sh['batch_size']})")
+            cells = [model, str(r["threads"]), f"{r['smallmind_ms']:.1f}",
+                     f"{r['smallmind_tokens_per_s']:,.0f}"]
+            if has_torch:
+                if "torch_ms" in r:
+                    cells += [f"{r['torch_ms']:.1f}", f"{r['torch_tokens_per_s']:,.0f}",
+                              f"**{r['speed_vs_torch']:.2f}x**",
+                              f"{r['loss_diff_step1']:.0e} / {r['loss_diff_step2']:.0e}"]
+                else:
+                    cells += ["-"] * 4
+            out.append("| " + " | ".join(cells) + " |")
+    if mem:
+        libs = [lib for lib in ("smallmind", "torch") if any(f"{lib}_peak_mb" in r for r in mem.values())]
+        threads = next(iter(mem.values()))["threads"]
+        out += ["", f"Peak resident memory of a training process ({threads} threads, one fresh "
+                "process per library and model; in brackets: the growth after imports and model "
+                "creation):", "",
+                "| model | " + " | ".join(f"{lib} peak MB (training)" for lib in libs)
+                + (" | torch / smallmind peak" if len(libs) == 2 else "") + " |",
+                "|---" + "|---" * len(libs) + ("|---" if len(libs) == 2 else "") + "|"]
+        for name, r in mem.items():
+            cells = [name]
+            for lib in libs:
+                cells.append(f"{r[lib + '_peak_mb']:.0f} ({r[lib + '_training_mb']:+.0f})"
+                             if f"{lib}_peak_mb" in r else "-")
+            if len(libs) == 2:
+                ok = "smallmind_peak_mb" in r and "torch_peak_mb" in r
+                cells.append(f"{r['torch_peak_mb'] / r['smallmind_peak_mb']:.1f}x" if ok else "-")
+            out.append("| " + " | ".join(cells) + " |")
+    for r in (r for r in rows if r.get("kind") == "quality"):
+        c, h = r["config"], r["hparams"]
+        out += ["", f"Quality, {r['recipe']} recipe ({c['n_layer']} layers, {c['n_head']} heads, "
+                f"{c['n_embd']} wide, block {c['block_size']}, batch {c['batch_size']}, "
+                f"{r['steps']} steps, lr {h['learning_rate']:g} warmup {h['warmup_steps']} cosine to "
+                f"{h['min_lr']:g}, betas {h['beta1']}/{h['beta2']}, weight decay "
+                f"{h['weight_decay']}, clip {h['grad_clip']}; {r['threads']} threads; losses over "
+                f"the same {r['eval_batches']} batches of each split; nanoGPT reports "
+                f"~{r['nanogpt_reported_val_loss']} validation loss):", "",
+                "| library | val loss | train loss | wall time s | ms/step | tokens/s |",
+                "|---|---|---|---|---|---|"]
+        for lib in ("smallmind", "torch"):
+            if f"{lib}_val_loss" in r:
+                out.append(f"| {lib} | {r[lib + '_val_loss']:.4f} | {r[lib + '_train_loss']:.4f} | "
+                           f"{r[lib + '_wall_s']:.1f} | {r[lib + '_ms_per_step']:.1f} | "
+                           f"{r[lib + '_tokens_per_s']:,.0f} |")
+        if "speed_vs_torch" in r:
+            out.append(f"\nsmallmind trains this recipe **{r['speed_vs_torch']:.2f}x** as fast as PyTorch.")
+    return "\n".join(out)
+
+
 def main(argv):
     full = json.load(open(argv[0]))
+    if any(r.get("kind") in ("throughput", "memory", "quality") for r in full["rows"]):
+        m = full["machine"]
+        print(f"Machine: {m.get('cpu', '?')}, {m.get('cores', m['build']['cpu_count'])} cores; "
+              f"{m['build']['compiler']}, SIMD {m['build']['simd']}; numpy {m['numpy']}"
+              + (f", torch {m['torch']}" if "torch" in m else "")
+              + (f"; load average {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end"
+                 if m.get("loadavg_start") and m.get("loadavg_end") else ""))
+        print()
+        print(train_tables(full["rows"]))
+        return
     m = full["machine"]
     print(f"Machine: {m.get('cpu', '?')}, {m['build']['cpu_count']} cores; {m['build']['compiler']}, "
           f"SIMD {m['build']['simd']}; numpy {m['numpy']}" + (f", torch {m['torch']}" if "torch" in m else ""))
