@@ -100,25 +100,29 @@ static inline uint64_t mix64(uint64_t z) {
 typedef struct {
     float *out;
     const float *inp;
-    uint64_t key;
+    uint64_t key, offset; /* element i of the call is element offset + i of the tensor */
     uint32_t threshold; /* drop when the hash's top 32 bits are below it */
     float scale;
 } drop_ctx;
 
 static void dropout_range(const drop_ctx *c, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++) {
-        uint32_t h = (uint32_t)(mix64(c->key + (uint64_t)i * 0x9E3779B97F4A7C15ull) >> 32);
+        uint64_t e = c->offset + (uint64_t)i;
+        uint32_t h = (uint32_t)(mix64(c->key + e * 0x9E3779B97F4A7C15ull) >> 32);
         c->out[i] = h < c->threshold ? 0.0f : c->inp[i] * c->scale;
     }
 }
 
-void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,
-                        uint64_t stream, int nthreads) {
+/* Dropout of elements offset .. offset+n-1 of a tensor: a batch processed in chunks gets the
+ * same mask as in one piece. */
+static void dropout_at(float *out, const float *inp, int64_t n, float p, uint64_t seed,
+                       uint64_t stream, int64_t offset, int nthreads) {
     /* out, inp (n) */
     if (n <= 0) return;
     drop_ctx c;
     c.out = out;
     c.inp = inp;
+    c.offset = (uint64_t)offset;
     c.key = mix64(seed ^ mix64(stream + 0x632BE59BD9B4E019ull));
     double t = (double)p * 4294967296.0;
     c.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : (uint32_t)t;
@@ -137,10 +141,33 @@ void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64
     }
 }
 
+void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,
+                        uint64_t stream, int nthreads) {
+    dropout_at(out, inp, n, p, seed, stream, 0, nthreads);
+}
+
 /* Dropout streams: 0 for the embedding sum, then two per layer. */
 #define STREAM_EMB 0
 #define STREAM_ATT(l) (1 + 2 * (uint64_t)(l))
 #define STREAM_MLP(l) (2 + 2 * (uint64_t)(l))
+
+/* ---- batch chunks --------------------------------------------------------------------------- */
+
+/* A pass runs the whole model on a chunk of sequences at a time (forward: all layers for chunk
+ * 0, then chunk 1, ...; backward likewise), so the per-layer scratch and each product's output
+ * are still in cache when the next kernel reads them; at one pass over a 4096-token batch the
+ * layer's arrays stream through DRAM between every two kernels. A chunk holds about
+ * CHUNK_TOKENS tokens, more for wide models, so the weight-gradient products (which re-read
+ * their (C, 4C) outputs once per chunk) stay long in K. The chunk size depends only on the
+ * shapes, never on the thread count, so results stay bitwise thread-independent. */
+#define CHUNK_TOKENS 1024
+
+static int64_t chunk_seqs(int64_t B, int64_t T, int64_t C) {
+    int64_t tokens = CHUNK_TOKENS > 8 * C ? CHUNK_TOKENS : 8 * C;
+    int64_t bc = tokens / T;
+    if (bc < 1) bc = 1;
+    return bc < B ? bc : B;
+}
 
 /* ---- buffers -------------------------------------------------------------------------------- */
 
@@ -160,13 +187,14 @@ static void *carve(carver *cv, int64_t bytes) {
 
 struct sm_gpt_state {
     sm_gpt_config cfg;
-    int64_t B, T;
+    int64_t B, T, Bc; /* batch shape, sequences per chunk */
     int ready;
     float dropout;
     uint64_t seed;
     int64_t nbytes;
     void *block;
-    /* saved by the forward pass: layer l's slice of each array (x has L+1 of them) */
+    /* saved by the forward pass for the whole batch: layer l's slice of each array (x has
+     * L+1 of them), each slice laid out (B, T, ...) */
     int *idx;                           /* (B,T) */
     float *x;                           /* (L+1, B,T,C): input of layer l; x[L] feeds ln_f */
     float *qkv;                         /* (L, B,T,3C) */
@@ -177,23 +205,23 @@ struct sm_gpt_state {
     float *mean1, *rstd1, *mean2, *rstd2; /* (L, B,T) */
     float *meanf, *rstdf;               /* (B,T) */
     float *dlogits;                     /* (B,T,V): d(mean loss)/d(logits) */
-    /* scratch of both passes */
-    float *ln;                          /* (B,T,C) a layernorm output */
-    float *br;                          /* (B,T,C) a branch output / its gradient */
-    float *g;                           /* (B,T,4C) GELU output / d fch */
-    float *dg;                          /* (B,T,4C) d GELU output */
-    float *dres;                        /* (B,T,C) gradient of the residual stream */
-    float *dln;                         /* (B,T,C) gradient of a layernorm output */
-    float *datty;                       /* (B,T,C) */
-    float *dqkv;                        /* (B,T,3C) */
     float *logits;                      /* (B,T,V) used when the caller wants no logits */
     float *losses, *dloss;              /* (B,T) */
+    /* scratch of both passes, for one chunk of Bc sequences (Tc = Bc*T rows) */
+    float *ln;                          /* (Tc,C) a layernorm output */
+    float *br;                          /* (Tc,C) a branch output / its gradient */
+    float *g;                           /* (Tc,4C) GELU output / d fch */
+    float *dg;                          /* (Tc,4C) d GELU output */
+    float *dres;                        /* (Tc,C) gradient of the residual stream */
+    float *dln;                         /* (Tc,C) gradient of a layernorm output */
+    float *datty;                       /* (Tc,C) */
+    float *dqkv;                        /* (Tc,3C) */
     float *ln_scratch, *bias_scratch;
 };
 
 static void layout_state(sm_gpt_state *s, carver *cv) {
     const int64_t L = s->cfg.n_layer, C = s->cfg.n_embd, V = s->cfg.vocab_size;
-    const int64_t NH = s->cfg.n_head, BT = s->B * s->T;
+    const int64_t NH = s->cfg.n_head, BT = s->B * s->T, Tc = s->Bc * s->T;
     s->idx = (int *)carve(cv, BT * (int64_t)sizeof(int));
     s->x = CARVE_F(cv, (L + 1) * BT * C);
     s->qkv = CARVE_F(cv, L * BT * 3 * C);
@@ -208,20 +236,20 @@ static void layout_state(sm_gpt_state *s, carver *cv) {
     s->meanf = CARVE_F(cv, BT);
     s->rstdf = CARVE_F(cv, BT);
     s->dlogits = CARVE_F(cv, BT * V);
-    s->ln = CARVE_F(cv, BT * C);
-    s->br = CARVE_F(cv, BT * C);
-    s->g = CARVE_F(cv, BT * 4 * C);
-    s->dg = CARVE_F(cv, BT * 4 * C);
-    s->dres = CARVE_F(cv, BT * C);
-    s->dln = CARVE_F(cv, BT * C);
-    s->datty = CARVE_F(cv, BT * C);
-    s->dqkv = CARVE_F(cv, BT * 3 * C);
     s->logits = CARVE_F(cv, BT * V);
     s->losses = CARVE_F(cv, BT);
     s->dloss = CARVE_F(cv, BT);
-    s->ln_scratch = CARVE_F(cv, sm_layernorm_backward_scratch(BT, C));
-    int64_t bs = sm_bias_backward_scratch(BT, 4 * C);
-    if (sm_bias_backward_scratch(BT, 3 * C) > bs) bs = sm_bias_backward_scratch(BT, 3 * C);
+    s->ln = CARVE_F(cv, Tc * C);
+    s->br = CARVE_F(cv, Tc * C);
+    s->g = CARVE_F(cv, Tc * 4 * C);
+    s->dg = CARVE_F(cv, Tc * 4 * C);
+    s->dres = CARVE_F(cv, Tc * C);
+    s->dln = CARVE_F(cv, Tc * C);
+    s->datty = CARVE_F(cv, Tc * C);
+    s->dqkv = CARVE_F(cv, Tc * 3 * C);
+    s->ln_scratch = CARVE_F(cv, sm_layernorm_backward_scratch(Tc, C));
+    int64_t bs = sm_bias_backward_scratch(Tc, 4 * C);
+    if (sm_bias_backward_scratch(Tc, 3 * C) > bs) bs = sm_bias_backward_scratch(Tc, 3 * C);
     s->bias_scratch = CARVE_F(cv, bs);
 }
 
@@ -236,6 +264,7 @@ int sm_gpt_state_create(sm_gpt_state **out, const sm_gpt_config *cfg, int64_t B,
     s->cfg = *cfg;
     s->B = B;
     s->T = T;
+    s->Bc = chunk_seqs(B, T, cfg->n_embd);
     carver cv = {NULL, 0};
     layout_state(s, &cv);
     s->block = sm_pool_rent(sm_pool_default(), (size_t)cv.used);
@@ -264,15 +293,17 @@ int sm_gpt_state_ready(const sm_gpt_state *s) { return s->ready; }
 
 /* ---- forward -------------------------------------------------------------------------------- */
 
-/* Where one forward pass writes: with a training state, each layer's saved arrays are its own
- * slice (stride > 0); for inference every layer reuses one buffer (stride 0) and the residual
- * stream ping-pongs between two. */
+/* Where one forward pass writes. Saved arrays are given for the whole batch with per-layer
+ * strides (0: every layer reuses one buffer, as inference does) and indexed by the chunk's
+ * first sequence; scratch (ln, br, g, and inference's ping-pong residual x0/x1) holds one
+ * chunk. */
 typedef struct {
-    float *x0, *x1;            /* inference: the two residual buffers */
-    float *x;                  /* training: (L+1) slices */
+    float *x0, *x1;            /* inference: the two residual buffers (one chunk) */
+    float *x;                  /* training: (L+1) slices of the whole batch */
     float *qkv, *atty, *lse, *res2, *fch, *mean1, *rstd1, *mean2, *rstd2, *meanf, *rstdf;
     int64_t s_c, s_3c, s_4c, s_lse, s_row; /* per-layer strides in floats (0 = shared) */
-    float *ln, *br, *g, *logits, *losses;
+    int chunked_saves;         /* 1: saved arrays span the batch (offset by chunk); 0: a chunk */
+    float *ln, *br, *g, *logits;
 } fwd_bufs;
 
 #define RET_IF(rc)                                                                                \
@@ -281,60 +312,66 @@ typedef struct {
         if (rc_ != SM_OK) return rc_;                                                             \
     } while (0)
 
-static int gpt_forward_body(const fwd_bufs *f, const float *params, const sm_gpt_config *cfg,
-                            const int *idx, int64_t B, int64_t T, float dropout, uint64_t seed,
-                            int nt) {
+/* The forward pass of sequences b0 .. b0+bc-1 of the batch (idx points at the batch). */
+static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gpt_config *cfg,
+                             const int *idx, int64_t b0, int64_t bc, int64_t T, float dropout,
+                             uint64_t seed, int nt) {
     const int64_t L = cfg->n_layer, C = cfg->n_embd, NH = cfg->n_head, V = cfg->vocab_size;
-    const int64_t BT = B * T;
+    const int64_t N = bc * T;                    /* rows of this chunk */
+    const int64_t r0 = f->chunked_saves ? b0 * T : 0; /* its first row in the saved arrays */
     const int drop = dropout > 0.0f;
-    float *x = f->x ? f->x : f->x0;
+    const int64_t e0 = b0 * T * C;               /* its first element in a (B,T,C) tensor */
+    float *x = f->x ? f->x + r0 * C : f->x0;
 
-    sm_encoder_forward(x, idx, P(params, SM_GPT_WTE, 0), P(params, SM_GPT_WPE, 0), B, T, C, V, nt);
-    if (drop) sm_dropout_forward(x, x, BT * C, dropout, seed, STREAM_EMB, nt);
+    sm_encoder_forward(x, idx + b0 * T, P(params, SM_GPT_WTE, 0), P(params, SM_GPT_WPE, 0), bc, T,
+                       C, V, nt);
+    if (drop) dropout_at(x, x, N * C, dropout, seed, STREAM_EMB, e0, nt);
 
     for (int64_t l = 0; l < L; l++) {
-        float *xout = f->x ? f->x + (l + 1) * BT * C : (l % 2 ? f->x0 : f->x1);
-        float *qkv = f->qkv + l * f->s_3c, *atty = f->atty + l * f->s_c;
-        float *lse = f->lse + l * f->s_lse, *res2 = f->res2 + l * f->s_c;
-        float *fch = f->fch + l * f->s_4c;
-        float *mean1 = f->mean1 ? f->mean1 + l * f->s_row : NULL;
-        float *rstd1 = f->rstd1 ? f->rstd1 + l * f->s_row : NULL;
-        float *mean2 = f->mean2 ? f->mean2 + l * f->s_row : NULL;
-        float *rstd2 = f->rstd2 ? f->rstd2 + l * f->s_row : NULL;
+        float *xout = f->x ? f->x + (l + 1) * f->s_c + r0 * C : (l % 2 ? f->x0 : f->x1);
+        float *qkv = f->qkv + l * f->s_3c + r0 * 3 * C, *atty = f->atty + l * f->s_c + r0 * C;
+        float *lse = f->lse + l * f->s_lse + (f->chunked_saves ? b0 * NH * T : 0);
+        float *res2 = f->res2 + l * f->s_c + r0 * C;
+        float *fch = f->fch + l * f->s_4c + r0 * 4 * C;
+        float *mean1 = f->mean1 ? f->mean1 + l * f->s_row + r0 : NULL;
+        float *rstd1 = f->rstd1 ? f->rstd1 + l * f->s_row + r0 : NULL;
+        float *mean2 = f->mean2 ? f->mean2 + l * f->s_row + r0 : NULL;
+        float *rstd2 = f->rstd2 ? f->rstd2 + l * f->s_row + r0 : NULL;
 
         /* attention branch: res2 = x + drop(c_proj(attn(c_attn(ln_1(x))))) */
         sm_layernorm_forward(f->ln, mean1, rstd1, x, P(params, SM_GPT_LN1W, l),
-                             P(params, SM_GPT_LN1B, l), BT, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(0, 0, BT, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
+                             P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(0, 0, N, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
                         qkv, 3 * C, nt));
-        sm_bias_add(qkv, P(params, SM_GPT_QKVB, l), BT, 3 * C, nt);
-        RET_IF(sm_attention_forward(atty, lse, qkv, B, T, C, NH, nt));
-        RET_IF(sm_sgemm(0, 0, BT, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+        sm_bias_add(qkv, P(params, SM_GPT_QKVB, l), N, 3 * C, nt);
+        RET_IF(sm_attention_forward(atty, lse, qkv, bc, T, C, NH, nt));
+        RET_IF(sm_sgemm(0, 0, N, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
                         f->br, C, nt));
-        sm_bias_add(f->br, P(params, SM_GPT_ATTPROJB, l), BT, C, nt);
-        if (drop) sm_dropout_forward(f->br, f->br, BT * C, dropout, seed, STREAM_ATT(l), nt);
-        sm_residual_forward(res2, x, f->br, BT * C, nt);
+        sm_bias_add(f->br, P(params, SM_GPT_ATTPROJB, l), N, C, nt);
+        if (drop) dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_ATT(l), e0, nt);
+        sm_residual_forward(res2, x, f->br, N * C, nt);
 
         /* MLP branch: xout = res2 + drop(c_proj(gelu(c_fc(ln_2(res2))))) */
         sm_layernorm_forward(f->ln, mean2, rstd2, res2, P(params, SM_GPT_LN2W, l),
-                             P(params, SM_GPT_LN2B, l), BT, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(0, 0, BT, 4 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
+                             P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(0, 0, N, 4 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
                         fch, 4 * C, nt));
-        sm_bias_add(fch, P(params, SM_GPT_FCB, l), BT, 4 * C, nt);
-        sm_gelu_forward(f->g, fch, BT * 4 * C, nt);
-        RET_IF(sm_sgemm(0, 0, BT, C, 4 * C, 1.0f, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
+        sm_bias_add(fch, P(params, SM_GPT_FCB, l), N, 4 * C, nt);
+        sm_gelu_forward(f->g, fch, N * 4 * C, nt);
+        RET_IF(sm_sgemm(0, 0, N, C, 4 * C, 1.0f, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
                         0.0f, f->br, C, nt));
-        sm_bias_add(f->br, P(params, SM_GPT_FCPROJB, l), BT, C, nt);
-        if (drop) sm_dropout_forward(f->br, f->br, BT * C, dropout, seed, STREAM_MLP(l), nt);
-        sm_residual_forward(xout, res2, f->br, BT * C, nt);
+        sm_bias_add(f->br, P(params, SM_GPT_FCPROJB, l), N, C, nt);
+        if (drop) dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_MLP(l), e0, nt);
+        sm_residual_forward(xout, res2, f->br, N * C, nt);
         x = xout;
     }
 
-    sm_layernorm_forward(f->ln, f->meanf, f->rstdf, x, P(params, SM_GPT_LNFW, 0),
-                         P(params, SM_GPT_LNFB, 0), BT, C, LN_EPS, nt);
-    if (f->logits) /* LM head tied to wte: logits = ln_f(x) wte^T */
-        RET_IF(sm_sgemm(0, 1, BT, V, C, 1.0f, f->ln, C, P(params, SM_GPT_WTE, 0), C, 0.0f,
-                        f->logits, V, nt));
+    sm_layernorm_forward(f->ln, f->meanf ? f->meanf + r0 : NULL, f->rstdf ? f->rstdf + r0 : NULL,
+                         x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0), N, C, LN_EPS,
+                         nt);
+    if (f->logits) /* LM head tied to wte: logits = ln_f(x) wte^T (logits span the batch) */
+        RET_IF(sm_sgemm(0, 1, N, V, C, 1.0f, f->ln, C, P(params, SM_GPT_WTE, 0), C, 0.0f,
+                        f->logits + b0 * T * V, V, nt));
     return SM_OK;
 }
 
@@ -355,23 +392,25 @@ static int forward_inference(float *logits, float *loss, int64_t *n_valid, const
                              const sm_gpt_config *cfg, const int *idx, const int *targets,
                              int64_t B, int64_t T, float dropout, uint64_t seed, int nt) {
     const int64_t C = cfg->n_embd, V = cfg->vocab_size, BT = B * T;
+    const int64_t Bc = chunk_seqs(B, T, C), N = Bc * T;
     const int want_logits = logits != NULL || targets != NULL;
     fwd_bufs f;
     memset(&f, 0, sizeof(f));
+    float *losses = NULL;
     carver cv = {NULL, 0};
     for (int pass = 0; pass < 2; pass++) {
-        f.x0 = CARVE_F(&cv, BT * C);
-        f.x1 = CARVE_F(&cv, BT * C);
-        f.qkv = CARVE_F(&cv, BT * 3 * C);
-        f.atty = CARVE_F(&cv, BT * C);
-        f.lse = CARVE_F(&cv, B * cfg->n_head * T);
-        f.res2 = CARVE_F(&cv, BT * C);
-        f.fch = CARVE_F(&cv, BT * 4 * C);
-        f.ln = CARVE_F(&cv, BT * C);
-        f.br = CARVE_F(&cv, BT * C);
-        f.g = CARVE_F(&cv, BT * 4 * C);
+        f.x0 = CARVE_F(&cv, N * C);
+        f.x1 = CARVE_F(&cv, N * C);
+        f.qkv = CARVE_F(&cv, N * 3 * C);
+        f.atty = CARVE_F(&cv, N * C);
+        f.lse = CARVE_F(&cv, Bc * cfg->n_head * T);
+        f.res2 = CARVE_F(&cv, N * C);
+        f.fch = CARVE_F(&cv, N * 4 * C);
+        f.ln = CARVE_F(&cv, N * C);
+        f.br = CARVE_F(&cv, N * C);
+        f.g = CARVE_F(&cv, N * 4 * C);
         f.logits = (want_logits && !logits) ? CARVE_F(&cv, BT * V) : NULL;
-        f.losses = targets ? CARVE_F(&cv, BT) : NULL;
+        losses = targets ? CARVE_F(&cv, BT) : NULL;
         if (pass == 0) {
             cv.base = (char *)sm_pool_rent(sm_pool_default(), (size_t)cv.used);
             if (!cv.base) return SM_ERR_NOMEM;
@@ -379,11 +418,15 @@ static int forward_inference(float *logits, float *loss, int64_t *n_valid, const
         }
     }
     if (logits) f.logits = logits;
-    int rc = gpt_forward_body(&f, params, cfg, idx, B, T, dropout, seed, nt);
+    int rc = SM_OK;
+    for (int64_t b0 = 0; b0 < B && rc == SM_OK; b0 += Bc) {
+        const int64_t bc = B - b0 < Bc ? B - b0 : Bc;
+        rc = gpt_forward_chunk(&f, params, cfg, idx, b0, bc, T, dropout, seed, nt);
+    }
     if (rc == SM_OK && targets) {
-        sm_crossentropy_forward(f.losses, NULL, f.logits, targets, BT, V, nt);
+        sm_crossentropy_forward(losses, NULL, f.logits, targets, BT, V, nt);
         int64_t k = count_valid(targets, BT, V);
-        if (loss) *loss = mean_loss(f.losses, BT, k);
+        if (loss) *loss = mean_loss(losses, BT, k);
         if (n_valid) *n_valid = k;
     }
     sm_pool_return(cv.base);
@@ -416,11 +459,15 @@ static int forward_training(float *logits, float *loss, int64_t *n_valid, sm_gpt
     f.s_4c = BT * 4 * C;
     f.s_lse = B * cfg->n_head * T;
     f.s_row = BT;
+    f.chunked_saves = 1;
     f.ln = s->ln;
     f.br = s->br;
     f.g = s->g;
     f.logits = logits ? logits : (targets ? s->logits : NULL);
-    RET_IF(gpt_forward_body(&f, params, cfg, s->idx, B, T, dropout, seed, nt));
+    for (int64_t b0 = 0; b0 < B; b0 += s->Bc) {
+        const int64_t bc = B - b0 < s->Bc ? B - b0 : s->Bc;
+        RET_IF(gpt_forward_chunk(&f, params, cfg, s->idx, b0, bc, T, dropout, seed, nt));
+    }
     if (!targets) return SM_OK; /* dropout-mode logits without a loss: nothing to differentiate */
 
     int64_t k = count_valid(targets, BT, V);
@@ -456,90 +503,106 @@ int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *s
 
 /* ---- backward ------------------------------------------------------------------------------- */
 
-/* The gradient reaching a dropped branch: dout * mask / (1-p), or dout itself without dropout. */
-static const float *branch_grad(sm_gpt_state *s, const float *dout, uint64_t stream, int nt) {
+/* The gradient reaching a dropped branch of the chunk whose first element is e0: dout * mask /
+ * (1-p), or dout itself without dropout. */
+static const float *branch_grad(sm_gpt_state *s, const float *dout, int64_t n, uint64_t stream,
+                                int64_t e0, int nt) {
     if (s->dropout <= 0.0f) return dout;
-    sm_dropout_forward(s->br, dout, s->B * s->T * s->cfg.n_embd, s->dropout, s->seed, stream, nt);
+    dropout_at(s->br, dout, n, s->dropout, s->seed, stream, e0, nt);
     return s->br;
+}
+
+/* grads += loss_scale * d(loss)/d(params) through sequences b0 .. b0+bc-1. */
+static int gpt_backward_chunk(float *grads, sm_gpt_state *s, const float *params,
+                              float loss_scale, int64_t b0, int64_t bc, int nt) {
+    const sm_gpt_config *cfg = &s->cfg;
+    const int64_t L = cfg->n_layer, C = cfg->n_embd, NH = cfg->n_head, V = cfg->vocab_size;
+    const int64_t T = s->T, BT = s->B * T, N = bc * T, r0 = b0 * T, e0 = r0 * C;
+
+    /* LM head and ln_f: dln = scale * dlogits wte; dwte += scale * dlogits^T ln_f(x) */
+    const float *dlogits = s->dlogits + r0 * V;
+    float *xL = s->x + L * BT * C + r0 * C;
+    sm_layernorm_forward(s->ln, NULL, NULL, xL, P(params, SM_GPT_LNFW, 0),
+                         P(params, SM_GPT_LNFB, 0), N, C, LN_EPS, nt);
+    RET_IF(sm_sgemm(0, 0, N, C, V, loss_scale, dlogits, V, P(params, SM_GPT_WTE, 0), C, 0.0f,
+                    s->dln, C, nt));
+    RET_IF(sm_sgemm(1, 0, V, C, N, loss_scale, dlogits, V, s->ln, C, 1.0f,
+                    P(grads, SM_GPT_WTE, 0), C, nt));
+    memset(s->dres, 0, (size_t)(N * C) * sizeof(float));
+    RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LNFW, 0), P(grads, SM_GPT_LNFB, 0),
+                                 s->dln, xL, P(params, SM_GPT_LNFW, 0), s->meanf + r0,
+                                 s->rstdf + r0, N, C, s->ln_scratch, nt));
+
+    for (int64_t l = L - 1; l >= 0; l--) {
+        /* dres holds d(layer output) and accumulates into d(layer input) */
+        float *x = s->x + l * BT * C + r0 * C, *qkv = s->qkv + (l * BT + r0) * 3 * C;
+        float *atty = s->atty + (l * BT + r0) * C, *res2 = s->res2 + (l * BT + r0) * C;
+        float *lse = s->lse + l * s->B * NH * T + b0 * NH * T;
+        float *fch = s->fch + (l * BT + r0) * 4 * C;
+        const float *mean1 = s->mean1 + l * BT + r0, *rstd1 = s->rstd1 + l * BT + r0;
+        const float *mean2 = s->mean2 + l * BT + r0, *rstd2 = s->rstd2 + l * BT + r0;
+        const float *dbr;
+
+        /* MLP branch */
+        dbr = branch_grad(s, s->dres, N * C, STREAM_MLP(l), e0, nt);
+        sm_gelu_forward(s->g, fch, N * 4 * C, nt);
+        RET_IF(sm_sgemm(1, 0, 4 * C, C, N, 1.0f, s->g, 4 * C, dbr, C, 1.0f,
+                        P(grads, SM_GPT_FCPROJW, l), C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_FCPROJB, l), dbr, N, C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, N, 4 * C, C, 1.0f, dbr, C, P(params, SM_GPT_FCPROJW, l), C, 0.0f,
+                        s->dg, 4 * C, nt));
+        memset(s->g, 0, (size_t)(N * 4 * C) * sizeof(float)); /* g becomes d fch */
+        sm_gelu_backward(s->g, fch, s->dg, N * 4 * C, nt);
+        sm_layernorm_forward(s->ln, NULL, NULL, res2, P(params, SM_GPT_LN2W, l),
+                             P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(1, 0, C, 4 * C, N, 1.0f, s->ln, C, s->g, 4 * C, 1.0f,
+                        P(grads, SM_GPT_FCW, l), 4 * C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_FCB, l), s->g, N, 4 * C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, N, C, 4 * C, 1.0f, s->g, 4 * C, P(params, SM_GPT_FCW, l), 4 * C,
+                        0.0f, s->dln, C, nt));
+        RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN2W, l), P(grads, SM_GPT_LN2B, l),
+                                     s->dln, res2, P(params, SM_GPT_LN2W, l), mean2, rstd2, N, C,
+                                     s->ln_scratch, nt));
+
+        /* attention branch */
+        dbr = branch_grad(s, s->dres, N * C, STREAM_ATT(l), e0, nt);
+        RET_IF(sm_sgemm(1, 0, C, C, N, 1.0f, atty, C, dbr, C, 1.0f,
+                        P(grads, SM_GPT_ATTPROJW, l), C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_ATTPROJB, l), dbr, N, C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, N, C, C, 1.0f, dbr, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+                        s->datty, C, nt));
+        memset(s->dqkv, 0, (size_t)(N * 3 * C) * sizeof(float));
+        RET_IF(sm_attention_backward(s->dqkv, s->datty, qkv, atty, lse, bc, T, C, NH, nt));
+        sm_layernorm_forward(s->ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
+                             P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(1, 0, C, 3 * C, N, 1.0f, s->ln, C, s->dqkv, 3 * C, 1.0f,
+                        P(grads, SM_GPT_QKVW, l), 3 * C, nt));
+        RET_IF(sm_bias_backward(P(grads, SM_GPT_QKVB, l), s->dqkv, N, 3 * C, s->bias_scratch, nt));
+        RET_IF(sm_sgemm(0, 1, N, C, 3 * C, 1.0f, s->dqkv, 3 * C, P(params, SM_GPT_QKVW, l), 3 * C,
+                        0.0f, s->dln, C, nt));
+        RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN1W, l), P(grads, SM_GPT_LN1B, l),
+                                     s->dln, x, P(params, SM_GPT_LN1W, l), mean1, rstd1, N, C,
+                                     s->ln_scratch, nt));
+    }
+
+    /* embeddings */
+    const float *demb = branch_grad(s, s->dres, N * C, STREAM_EMB, e0, nt);
+    sm_encoder_backward(P(grads, SM_GPT_WTE, 0), P(grads, SM_GPT_WPE, 0), demb, s->idx + r0, bc,
+                        T, C, V, nt);
+    return SM_OK;
 }
 
 int sm_gpt_backward(float *grads, sm_gpt_state *s, const float *params, float loss_scale,
                     int nthreads) {
     if (!s || !grads || !params) return SM_ERR_ARG;
     if (!s->ready) return SM_ERR_STATE;
-    const sm_gpt_config *cfg = &s->cfg;
-    const int64_t L = cfg->n_layer, C = cfg->n_embd, NH = cfg->n_head, V = cfg->vocab_size;
-    const int64_t B = s->B, T = s->T, BT = B * T;
     const int nt = sm_resolve_threads(nthreads);
     s->ready = 0;
-
-    /* LM head and ln_f: dln = scale * dlogits wte; dwte += scale * dlogits^T ln_f(x) */
-    float *xL = s->x + L * BT * C;
-    sm_layernorm_forward(s->ln, NULL, NULL, xL, P(params, SM_GPT_LNFW, 0),
-                         P(params, SM_GPT_LNFB, 0), BT, C, LN_EPS, nt);
-    RET_IF(sm_sgemm(0, 0, BT, C, V, loss_scale, s->dlogits, V, P(params, SM_GPT_WTE, 0), C, 0.0f,
-                    s->dln, C, nt));
-    RET_IF(sm_sgemm(1, 0, V, C, BT, loss_scale, s->dlogits, V, s->ln, C, 1.0f,
-                    P(grads, SM_GPT_WTE, 0), C, nt));
-    memset(s->dres, 0, (size_t)(BT * C) * sizeof(float));
-    RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LNFW, 0), P(grads, SM_GPT_LNFB, 0),
-                                 s->dln, xL, P(params, SM_GPT_LNFW, 0), s->meanf, s->rstdf, BT,
-                                 C, s->ln_scratch, nt));
-
-    for (int64_t l = L - 1; l >= 0; l--) {
-        /* dres holds d(layer output) and accumulates into d(layer input) */
-        float *x = s->x + l * BT * C, *qkv = s->qkv + l * BT * 3 * C, *atty = s->atty + l * BT * C;
-        float *lse = s->lse + l * B * NH * T, *res2 = s->res2 + l * BT * C;
-        float *fch = s->fch + l * BT * 4 * C;
-        const float *dbr;
-
-        /* MLP branch */
-        dbr = branch_grad(s, s->dres, STREAM_MLP(l), nt);
-        sm_gelu_forward(s->g, fch, BT * 4 * C, nt);
-        RET_IF(sm_sgemm(1, 0, 4 * C, C, BT, 1.0f, s->g, 4 * C, dbr, C, 1.0f,
-                        P(grads, SM_GPT_FCPROJW, l), C, nt));
-        RET_IF(sm_bias_backward(P(grads, SM_GPT_FCPROJB, l), dbr, BT, C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, BT, 4 * C, C, 1.0f, dbr, C, P(params, SM_GPT_FCPROJW, l), C, 0.0f,
-                        s->dg, 4 * C, nt));
-        memset(s->g, 0, (size_t)(BT * 4 * C) * sizeof(float)); /* g becomes d fch */
-        sm_gelu_backward(s->g, fch, s->dg, BT * 4 * C, nt);
-        sm_layernorm_forward(s->ln, NULL, NULL, res2, P(params, SM_GPT_LN2W, l),
-                             P(params, SM_GPT_LN2B, l), BT, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(1, 0, C, 4 * C, BT, 1.0f, s->ln, C, s->g, 4 * C, 1.0f,
-                        P(grads, SM_GPT_FCW, l), 4 * C, nt));
-        RET_IF(sm_bias_backward(P(grads, SM_GPT_FCB, l), s->g, BT, 4 * C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, BT, C, 4 * C, 1.0f, s->g, 4 * C, P(params, SM_GPT_FCW, l), 4 * C,
-                        0.0f, s->dln, C, nt));
-        RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN2W, l), P(grads, SM_GPT_LN2B, l),
-                                     s->dln, res2, P(params, SM_GPT_LN2W, l),
-                                     s->mean2 + l * BT, s->rstd2 + l * BT, BT, C, s->ln_scratch,
-                                     nt));
-
-        /* attention branch */
-        dbr = branch_grad(s, s->dres, STREAM_ATT(l), nt);
-        RET_IF(sm_sgemm(1, 0, C, C, BT, 1.0f, atty, C, dbr, C, 1.0f,
-                        P(grads, SM_GPT_ATTPROJW, l), C, nt));
-        RET_IF(sm_bias_backward(P(grads, SM_GPT_ATTPROJB, l), dbr, BT, C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, BT, C, C, 1.0f, dbr, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
-                        s->datty, C, nt));
-        memset(s->dqkv, 0, (size_t)(BT * 3 * C) * sizeof(float));
-        RET_IF(sm_attention_backward(s->dqkv, s->datty, qkv, atty, lse, B, T, C, NH, nt));
-        sm_layernorm_forward(s->ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
-                             P(params, SM_GPT_LN1B, l), BT, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(1, 0, C, 3 * C, BT, 1.0f, s->ln, C, s->dqkv, 3 * C, 1.0f,
-                        P(grads, SM_GPT_QKVW, l), 3 * C, nt));
-        RET_IF(sm_bias_backward(P(grads, SM_GPT_QKVB, l), s->dqkv, BT, 3 * C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, BT, C, 3 * C, 1.0f, s->dqkv, 3 * C, P(params, SM_GPT_QKVW, l), 3 * C,
-                        0.0f, s->dln, C, nt));
-        RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN1W, l), P(grads, SM_GPT_LN1B, l),
-                                     s->dln, x, P(params, SM_GPT_LN1W, l), s->mean1 + l * BT,
-                                     s->rstd1 + l * BT, BT, C, s->ln_scratch, nt));
+    /* chunks in batch order: the gradient sums always add their contributions in one order */
+    for (int64_t b0 = 0; b0 < s->B; b0 += s->Bc) {
+        const int64_t bc = s->B - b0 < s->Bc ? s->B - b0 : s->Bc;
+        RET_IF(gpt_backward_chunk(grads, s, params, loss_scale, b0, bc, nt));
     }
-
-    /* embeddings */
-    const float *demb = branch_grad(s, s->dres, STREAM_EMB, nt);
-    sm_encoder_backward(P(grads, SM_GPT_WTE, 0), P(grads, SM_GPT_WPE, 0), demb, s->idx, B, T, C, V,
-                        nt);
     return SM_OK;
 }
 

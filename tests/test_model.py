@@ -1077,3 +1077,34 @@ def test_backward_refers_to_the_latest_forward_only():
         m.backward()
     m.forward(idx, idx)
     m.backward()                               # the fresh one works
+
+
+def test_batches_run_in_chunks_with_the_same_results(params64):
+    """sm_model.c runs a pass over chunks of ~1024 tokens (here 16 sequences of 64): a batch of
+    37 sequences takes three chunks (16, 16, 5). Logits, loss and every gradient still match
+    the reference, and dropout masks are indexed by position in the whole batch."""
+    B, T = 37, 64
+    m = loaded_model(params64)
+    idx, targets = batch(B, T, seed=77, ignore=[(0, 0), (36, 63), (20, 5)])
+    want_logits, want_loss, cache = ref.forward(params64, idx, targets, n_head=NH)
+    want = ref.backward(params64, cache)
+    m.zero_grad()
+    logits, loss = m.forward(idx, targets)
+    assert_close(logits, want_logits, rtol=1e-4, what="chunked logits")
+    assert abs(loss - want_loss) <= 1e-5 * want_loss
+    m.backward()
+    got = m.grads()
+    assert_grads_close({k: got[k] for k in want}, want, rtol=1e-4, what="chunked: ")
+    # dropout across chunks: the masks are those of the whole (B, T, C) tensor
+    p, seed = 0.2, 99
+    ones = np.ones((B, T, C), np.float32)
+    masks = {s: _core.dropout_forward(ones, p, seed, s).astype(np.float64) for s in range(1 + 2 * L)}
+    d_logits, d_loss = masked_reference(params64, idx, targets, NH, masks)
+    state = _core.GPTState(m._cfg, B, T)
+    out = np.empty((B, T, V), np.float32)
+    loss_t, _ = _core.gpt_forward(m._params, m._cfg, idx, targets, out, state, p, seed)
+    assert_close(out, d_logits, rtol=1e-4, what="chunked dropout logits")
+    assert abs(loss_t - d_loss) <= 1e-5 * d_loss
+    inf = np.empty_like(out)
+    _core.gpt_forward(m._params, m._cfg, idx, targets, inf, None, p, seed)
+    assert np.array_equal(inf, out)
