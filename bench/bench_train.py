@@ -71,10 +71,15 @@ QUALITY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, le
 
 
 def import_sm():
+    """The installed smallmind, else the repository's in-place build (python setup.py
+    build_ext --inplace). Never the bare source tree in front of an installed package."""
     global sm
     if sm is None:
-        sys.path.insert(0, REPO)
-        import smallmind
+        try:
+            import smallmind
+        except ImportError:
+            sys.path.insert(0, REPO)
+            import smallmind
         sm = smallmind
     return sm
 
@@ -324,8 +329,10 @@ def memory_rows(names, threads, quick):
         for lib in libs:
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", lib, name,
                    str(threads), str(steps)]
+            # the child imports the same smallmind as this process (installed or in-place)
+            pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(import_sm().__file__)))
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [REPO, HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+                [pkg_parent, HERE] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             try:
                 res = json.loads(p.stdout.strip().splitlines()[-1])
