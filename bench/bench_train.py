@@ -213,7 +213,6 @@ def idle(quick):
 # ---- throughput ---------------------------------------------------------------------------------
 
 def throughput_rows(names, thread_counts, quick):
-    from torch_gpt import from_numpy_state
     rows = []
     for name in names:
         cfg = model_config(name)
@@ -226,6 +225,7 @@ def throughput_rows(names, thread_counts, quick):
             state = {k: v.copy() for k, v in model.state_dict().items()}
             steppers = {"smallmind": (SmStepper(model, nt), batches)}
             if torch is not None:
+                from torch_gpt import from_numpy_state  # needs torch
                 tmodel = from_numpy_state(cfg, state)
                 steppers["torch"] = (TorchStepper(tmodel), torch_batches(batches))
             # Sanity: the first two steps on the same batches from the same weights. These are
@@ -374,7 +374,6 @@ def find_data(path):
 
 
 def quality_rows(data_path, steps, threads, quick):
-    from torch_gpt import from_numpy_state, make_optimizer
     q = QUALITY
     with open(data_path, encoding="utf-8") as f:
         text = f.read()
@@ -402,6 +401,7 @@ def quality_rows(data_path, steps, threads, quick):
                  beta2=q["beta2"], grad_clip=q["grad_clip"])
     libs = ["smallmind"]
     if torch is not None:
+        from torch_gpt import from_numpy_state, make_optimizer  # needs torch
         libs.append("torch")
         tmodel = from_numpy_state(cfg, init_state)
         topt = make_optimizer(tmodel, q["learning_rate"], q["weight_decay"],
