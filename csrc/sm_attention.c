@@ -50,6 +50,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "sm_hash.h"
 #include "sm_pool.h"
 #include "sm_vecmath.h"
 #include "sm_runtime.h"
@@ -81,10 +82,28 @@ static int team_size(int nthreads, int64_t units, double work) {
  * references (double accumulation, exact softmax)
  * ============================================================================================ */
 
+/* The dropout factor of (sequence b, head h, query t, key j), or 1 without dropout. */
+static double att_factor(const sm_drop_mask *m, const sm_att_dropout *drop, int64_t b,
+                         int64_t h, int64_t t, int64_t j, int64_t NH, int64_t T) {
+    if (!m) return 1.0;
+    uint64_t e = ((uint64_t)((b + drop->batch_offset) * NH + h) * (uint64_t)T + (uint64_t)t) * (uint64_t)T + (uint64_t)j;
+    return sm_drop_factor(m, e);
+}
+
 int sm_attention_forward_naive(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
                                int64_t C, int64_t NH) {
+    return sm_attention_forward_naive_ex(out, lse, qkv, B, T, C, NH, NULL);
+}
+
+int sm_attention_forward_naive_ex(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                                  int64_t C, int64_t NH, const sm_att_dropout *drop) {
     /* qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    sm_drop_mask mask, *m = NULL;
+    if (drop && drop->p > 0.0f) {
+        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
+        m = &mask;
+    }
     const int64_t hs = C / NH, C3 = 3 * C;
     const double scale = 1.0 / sqrt((double)hs);
     double *s = (double *)sm_aligned_alloc((size_t)T * sizeof(double));
@@ -109,7 +128,9 @@ int sm_attention_forward_naive(float *out, float *lse, const float *qkv, int64_t
                 float *o = out + (b * T + t) * C + h * hs;
                 for (int64_t d = 0; d < hs; d++) {
                     double acc = 0.0;
-                    for (int64_t j = 0; j <= t; j++) acc += s[j] * (double)qkv[(b * T + j) * C3 + 2 * C + h * hs + d];
+                    for (int64_t j = 0; j <= t; j++)
+                        acc += s[j] * att_factor(m, drop, b, h, t, j, NH, T) *
+                               (double)qkv[(b * T + j) * C3 + 2 * C + h * hs + d];
                     o[d] = (float)(acc / sum);
                 }
                 lse[(b * NH + h) * T + t] = (float)(mx + log(sum));
@@ -121,10 +142,22 @@ int sm_attention_forward_naive(float *out, float *lse, const float *qkv, int64_t
 int sm_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
                                 const float *out, const float *lse, int64_t B, int64_t T,
                                 int64_t C, int64_t NH) {
-    /* dqkv (B, T, 3C) +=, dout (B, T, C), qkv (B, T, 3C); out and lse unused (recomputed) */
+    return sm_attention_backward_naive_ex(dqkv, dout, qkv, out, lse, B, T, C, NH, NULL);
+}
+
+int sm_attention_backward_naive_ex(float *dqkv, const float *dout, const float *qkv,
+                                   const float *out, const float *lse, int64_t B, int64_t T,
+                                   int64_t C, int64_t NH, const sm_att_dropout *drop) {
+    /* dqkv (B, T, 3C) +=, dout (B, T, C), qkv (B, T, 3C); out and lse unused (recomputed).
+     * With dropout factors f: out = (P f) V, so dV = (P f)^T dO and dP = f (dO V^T). */
     (void)out;
     (void)lse;
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    sm_drop_mask mask, *m = NULL;
+    if (drop && drop->p > 0.0f) {
+        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
+        m = &mask;
+    }
     const int64_t hs = C / NH, C3 = 3 * C;
     const double scale = 1.0 / sqrt((double)hs);
     /* p, dp (T); dq, dk, dv (T, hs) in double for this head */
@@ -155,16 +188,17 @@ int sm_attention_backward_naive(float *dqkv, const float *dout, const float *qkv
                     p[j] /= sum;
                     double acc = 0.0;
                     for (int64_t d = 0; d < hs; d++) acc += (double)go[d] * (double)v[d];
-                    dp[j] = acc;
-                    pdp += p[j] * acc;
+                    dp[j] = acc * att_factor(m, drop, b, h, t, j, NH, T);
+                    pdp += p[j] * dp[j];
                 }
                 for (int64_t j = 0; j <= t; j++) {
                     const float *k = qkv + (b * T + j) * C3 + C + h * hs;
                     double ds = p[j] * (dp[j] - pdp) * scale;
+                    double pf = p[j] * att_factor(m, drop, b, h, t, j, NH, T);
                     for (int64_t d = 0; d < hs; d++) {
                         dq[t * hs + d] += ds * (double)k[d];
                         dk[j * hs + d] += ds * (double)q[d];
-                        dv[j * hs + d] += p[j] * (double)go[d];
+                        dv[j * hs + d] += pf * (double)go[d];
                     }
                 }
             }
@@ -623,7 +657,22 @@ typedef struct {
     float *out, *lse;
     int64_t T, C, NH, hs, hsp, nqb;
     float scale;
+    const sm_drop_mask *mask; /* attention dropout, or NULL */
+    int64_t batch_offset;
 } fwd_args;
+
+/* Multiply a transposed tile S (nk keys x BLK query lanes; entry (j, i) is query i0 + i, key
+ * j0 + j of head h of sequence b) by its dropout factors. Lanes past mq are padding. */
+static void att_mask_tile(float *S, int64_t nk, int64_t mq, const sm_drop_mask *m, int64_t bh,
+                          int64_t T, int64_t i0, int64_t j0) {
+    for (int64_t j = 0; j < nk; j++) {
+        float *s = S + j * BLK;
+        for (int64_t i = 0; i < mq; i++) {
+            uint64_t e = ((uint64_t)bh * (uint64_t)T + (uint64_t)(i0 + i)) * (uint64_t)T + (uint64_t)(j0 + j);
+            s[i] *= sm_drop_factor(m, e);
+        }
+    }
+}
 
 /* One head's block I of queries. ws: per-thread scratch laid out as below. */
 static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_t h, int64_t I,
@@ -654,6 +703,8 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
         const int tri = J == I; /* the diagonal tile: key j only matters to queries i >= j */
         K->mm(nk, BLK, hs, Kj, C3, 1, QT, BLK, S, BLK, 0, NULL, tri ? TRI_COLS : TRI_NONE);
         K->fwd_softmax(S, nk, tri, A->scale, m, l, alpha);
+        /* dropout: l summed the whole probabilities; only O sees the dropped ones */
+        if (A->mask) att_mask_tile(S, nk, mq, A->mask, (b + A->batch_offset) * A->NH + h, T, i0, j0);
         if (pad) {
             for (int64_t j = 0; j < nk; j++) {
                 memcpy(Vp + j * hsp, Vj + j * C3, (size_t)hs * sizeof(float));
@@ -674,9 +725,22 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
 
 int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
                          int64_t C, int64_t NH, int nthreads) {
+    return sm_attention_forward_ex(out, lse, qkv, B, T, C, NH, NULL, nthreads);
+}
+
+int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                            int64_t C, int64_t NH, const sm_att_dropout *drop, int nthreads) {
     /* qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
     fwd_args A;
+    sm_drop_mask mask;
+    A.mask = NULL;
+    A.batch_offset = 0;
+    if (drop && drop->p > 0.0f) {
+        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
+        A.mask = &mask;
+        A.batch_offset = drop->batch_offset;
+    }
     A.qkv = qkv;
     A.out = out;
     A.lse = lse;
@@ -722,6 +786,8 @@ typedef struct {
     const float *dout, *qkv, *out, *lse;
     int64_t T, C, NH, hs, hsp, nqb, Tp;
     float scale;
+    const sm_drop_mask *mask; /* attention dropout, or NULL */
+    int64_t batch_offset;
 } bwd_args;
 
 static int64_t bwd_scratch_floats(int64_t hs, int64_t hsp, int64_t Tp) {
@@ -796,7 +862,14 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
             const int cols = diag ? TRI_COLS : TRI_NONE, kfrom = diag ? TRI_K_FROM : TRI_NONE;
             K->mm(nk, BLK, hs, Kj, C3, 1, qt, BLK, S, BLK, 0, NULL, cols);  /* S^T  = K_J Q_I^T  */
             K->mm(nk, BLK, hs, Vj, C3, 1, gt, BLK, dP, BLK, 0, NULL, cols); /* dP^T = V_J dO_I^T */
-            K->bwd_tile(S, dP, nk, diag, mq, A->scale, L + i0, D + i0);
+            if (A->mask) { /* dP = f (dO V^T): the gradient reaching the kept probabilities */
+                const int64_t bh = (b + A->batch_offset) * A->NH + h;
+                att_mask_tile(dP, nk, mq, A->mask, bh, T, i0, j0);
+                K->bwd_tile(S, dP, nk, diag, mq, A->scale, L + i0, D + i0);
+                att_mask_tile(S, nk, mq, A->mask, bh, T, i0, j0); /* dV needs P f */
+            } else {
+                K->bwd_tile(S, dP, nk, diag, mq, A->scale, L + i0, D + i0);
+            }
             /* dV_J += P^T dO_I;  dK_J += dS^T Q_I;  dQ_I += dS K_J */
             K->mm(nk, hsp, mq, S, BLK, 1, dOr + i0 * ldo, ldo, dVj, ldg, 1, NULL, kfrom);
             K->mm(nk, hsp, mq, dP, BLK, 1, Qr + i0 * ldq, ldq, dKj, ldg, 1, NULL, kfrom);
@@ -820,9 +893,23 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
 int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out,
                           const float *lse, int64_t B, int64_t T, int64_t C, int64_t NH,
                           int nthreads) {
+    return sm_attention_backward_ex(dqkv, dout, qkv, out, lse, B, T, C, NH, NULL, nthreads);
+}
+
+int sm_attention_backward_ex(float *dqkv, const float *dout, const float *qkv, const float *out,
+                             const float *lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                             const sm_att_dropout *drop, int nthreads) {
     /* dqkv (B, T, 3C) +=, dout (B, T, C), qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
     bwd_args A;
+    sm_drop_mask mask;
+    A.mask = NULL;
+    A.batch_offset = 0;
+    if (drop && drop->p > 0.0f) {
+        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
+        A.mask = &mask;
+        A.batch_offset = drop->batch_offset;
+    }
     A.dqkv = dqkv;
     A.dout = dout;
     A.qkv = qkv;

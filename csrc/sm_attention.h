@@ -2,8 +2,8 @@
  * forward pass (online softmax over key tiles) that saves only each row's log-sum-exp, the
  * matching backward pass (recomputes the probabilities tile by tile), and the inference side:
  * a KV cache (prefill, append) and a decode step of one query per sequence against it.
- * Leaves out: dropout on the attention probabilities, masks other than causal, and a prefill
- * that attends to an already filled cache (chunked prompts).
+ * Training may drop attention probabilities (the _ex variants). Leaves out: masks other than
+ * causal, and a prefill that attends to an already filled cache (chunked prompts).
  *
  * Layout (as GPT-2's fused c_attn projection and llm.c):
  *   qkv  (B, T, 3C): for head h, the query is qkv[b, t, h*hs : (h+1)*hs], the key sits at
@@ -52,6 +52,31 @@ int sm_attention_backward(float *dqkv, const float *dout, const float *qkv, cons
 int sm_attention_backward_naive(float *dqkv, const float *dout, const float *qkv,
                                 const float *out, const float *lse, int64_t B, int64_t T,
                                 int64_t C, int64_t NH);
+
+/* Dropout on the attention probabilities (GPT-2's attn_dropout). Query t of head h of sequence
+ * b attends to key j with probability P[t, j] * factor, where factor is 0 or 1 / (1 - p): the
+ * factor of element ((b + batch_offset) * NH + h) * T + t) * T + j of the (p, seed, stream)
+ * mask of sm_hash.h. batch_offset is the index of the call's first sequence in a larger batch,
+ * so a batch processed in chunks gets the mask it would get whole. The log-sum-exp saved by the
+ * forward pass is that of the undropped probabilities, as the backward pass expects. */
+typedef struct sm_att_dropout {
+    float p;              /* in [0, 1) */
+    uint64_t seed, stream;
+    int64_t batch_offset;
+} sm_att_dropout;
+
+/* sm_attention_forward / _backward (and the naive twins) with attention dropout; drop == NULL
+ * or drop->p == 0 is exactly the plain call. The backward pass must get the forward's drop. */
+int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                            int64_t C, int64_t NH, const sm_att_dropout *drop, int nthreads);
+int sm_attention_backward_ex(float *dqkv, const float *dout, const float *qkv, const float *out,
+                             const float *lse, int64_t B, int64_t T, int64_t C, int64_t NH,
+                             const sm_att_dropout *drop, int nthreads);
+int sm_attention_forward_naive_ex(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                                  int64_t C, int64_t NH, const sm_att_dropout *drop);
+int sm_attention_backward_naive_ex(float *dqkv, const float *dout, const float *qkv,
+                                   const float *out, const float *lse, int64_t B, int64_t T,
+                                   int64_t C, int64_t NH, const sm_att_dropout *drop);
 
 /* ---- inference: KV cache and decode --------------------------------------------------------- */
 

@@ -15,6 +15,7 @@
 
 #include "sm_attention.h"
 #include "sm_gemm.h"
+#include "sm_hash.h"
 #include "sm_ops.h"
 #include "sm_pool.h"
 #include "sm_runtime.h"
@@ -88,29 +89,17 @@ int sm_gpt_config_check(const sm_gpt_config *cfg) {
 
 /* ---- dropout -------------------------------------------------------------------------------- */
 
-/* A counter-based hash (the splitmix64 finaliser) of (seed, stream, index): the keep decision of
- * every element is a pure function of where it is, so threads need no shared generator and the
- * backward pass recomputes the mask instead of storing it. */
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
+/* Activation dropout with the counter-based hash mask of sm_hash.h. */
 typedef struct {
     float *out;
     const float *inp;
-    uint64_t key, offset; /* element i of the call is element offset + i of the tensor */
-    uint32_t threshold; /* drop when the hash's top 32 bits are below it */
-    float scale;
+    sm_drop_mask mask;
+    uint64_t offset; /* element i of the call is element offset + i of the tensor */
 } drop_ctx;
 
 static void dropout_range(const drop_ctx *c, int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; i++) {
-        uint64_t e = c->offset + (uint64_t)i;
-        uint32_t h = (uint32_t)(mix64(c->key + e * 0x9E3779B97F4A7C15ull) >> 32);
-        c->out[i] = h < c->threshold ? 0.0f : c->inp[i] * c->scale;
-    }
+    for (int64_t i = i0; i < i1; i++)
+        c->out[i] = c->inp[i] * sm_drop_factor(&c->mask, c->offset + (uint64_t)i);
 }
 
 /* Dropout of elements offset .. offset+n-1 of a tensor: a batch processed in chunks gets the
@@ -123,10 +112,7 @@ static void dropout_at(float *out, const float *inp, int64_t n, float p, uint64_
     c.out = out;
     c.inp = inp;
     c.offset = (uint64_t)offset;
-    c.key = mix64(seed ^ mix64(stream + 0x632BE59BD9B4E019ull));
-    double t = (double)p * 4294967296.0;
-    c.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : (uint32_t)t;
-    c.scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    c.mask = sm_drop_mask_make(p, seed, stream);
     int nt = sm_resolve_threads(nthreads);
     if (n < 65536) nt = 1;
     if (nt <= 1) {
@@ -150,6 +136,9 @@ void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64
 #define STREAM_EMB 0
 #define STREAM_ATT(l) (1 + 2 * (uint64_t)(l))
 #define STREAM_MLP(l) (2 + 2 * (uint64_t)(l))
+/* attention probabilities of layer l (sm_attention.h's mask, indexed by sequence, head,
+ * query and key) */
+#define STREAM_PROB(l) (((uint64_t)1 << 32) + (uint64_t)(l))
 
 /* ---- batch chunks --------------------------------------------------------------------------- */
 
@@ -344,7 +333,8 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         RET_IF(sm_sgemm(0, 0, N, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
                         qkv, 3 * C, nt));
         sm_bias_add(qkv, P(params, SM_GPT_QKVB, l), N, 3 * C, nt);
-        RET_IF(sm_attention_forward(atty, lse, qkv, bc, T, C, NH, nt));
+        sm_att_dropout ad = {dropout, seed, STREAM_PROB(l), b0};
+        RET_IF(sm_attention_forward_ex(atty, lse, qkv, bc, T, C, NH, drop ? &ad : NULL, nt));
         RET_IF(sm_sgemm(0, 0, N, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
                         f->br, C, nt));
         sm_bias_add(f->br, P(params, SM_GPT_ATTPROJB, l), N, C, nt);
@@ -572,7 +562,9 @@ static int gpt_backward_chunk(float *grads, sm_gpt_state *s, const float *params
         RET_IF(sm_sgemm(0, 1, N, C, C, 1.0f, dbr, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
                         s->datty, C, nt));
         memset(s->dqkv, 0, (size_t)(N * 3 * C) * sizeof(float));
-        RET_IF(sm_attention_backward(s->dqkv, s->datty, qkv, atty, lse, bc, T, C, NH, nt));
+        sm_att_dropout ad = {s->dropout, s->seed, STREAM_PROB(l), b0};
+        RET_IF(sm_attention_backward_ex(s->dqkv, s->datty, qkv, atty, lse, bc, T, C, NH,
+                                        s->dropout > 0.0f ? &ad : NULL, nt));
         sm_layernorm_forward(s->ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
                              P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
         RET_IF(sm_sgemm(1, 0, C, 3 * C, N, 1.0f, s->ln, C, s->dqkv, 3 * C, 1.0f,

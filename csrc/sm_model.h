@@ -1,8 +1,8 @@
 /* sm_model.h - a whole GPT-2 model as single C calls: the parameter block layout, the forward
  * pass (inference, or training with saved activations and the loss gradient), the backward pass
  * into one gradient block, and the AdamW update with weight decay on the weight matrices only.
- * Leaves out: attention-probability dropout (dropout is applied where GPT-2's resid/embd dropout
- * sits: the embedding sum and each block's two branch outputs) and the KV-cache decode step.
+ * Dropout sits where GPT-2 applies it: the embedding sum, the attention probabilities and each
+ * block's two branch outputs. Leaves out: the KV-cache decode step.
  *
  * The model (Hugging Face GPT2LMHeadModel): x = wte[idx] + wpe[t]; per layer
  * x = x + c_proj(attn(ln_1(x))); x = x + mlp_c_proj(gelu(c_fc(ln_2(x)))); logits = ln_f(x) wte^T.
@@ -95,10 +95,12 @@ int sm_gpt_state_ready(const sm_gpt_state *s);
  *   state: NULL for inference (activations rented from the default pool and returned before the
  *     call ends). A training state of shape (B, T) makes the pass save what backward needs; with
  *     targets it also computes d(mean loss)/d(logits), so the state becomes ready for backward.
- *   dropout in [0, 1): probability of zeroing each value of the embedding sum and of each
- *     block's two branch outputs (the kept ones are scaled by 1/(1-dropout)); the mask is a hash
- *     of (seed, position in the tensor), so it is the same for any thread count and backward
- *     recomputes it instead of storing it.
+ *   dropout in [0, 1): probability of zeroing each value of the embedding sum, each attention
+ *     probability and each value of every block's two branch outputs (the kept ones are scaled
+ *     by 1/(1-dropout)). Masks are hashes of (seed, stream, position in the tensor) (sm_hash.h;
+ *     streams: 0 embeddings, 1 + 2l and 2 + 2l the attention and MLP outputs of layer l, 2^32 + l
+ *     its attention probabilities), the same for any thread count or chunking; backward
+ *     recomputes them instead of storing them.
  * Returns SM_OK, SM_ERR_ARG (shape mismatch with the state, bad sizes) or SM_ERR_NOMEM. */
 int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *state,
                    const float *params, const sm_gpt_config *cfg, const int *idx,

@@ -27,10 +27,29 @@ cdef tuple _qkv_dims(object qkv, object n_head):
     return B, T, C, NH
 
 
+cdef int _att_dropout(sm_att_dropout *d, object dropout, object seed, object stream,
+                      object batch_offset) except -1:
+    """Fill d from the dropout keyword arguments (validated); returns 1 when dropout is on."""
+    cdef float p = _check_float32(dropout, "dropout")
+    if not (0.0 <= p < 1.0):
+        raise ValidationError(f"dropout must be in [0, 1), got {dropout}")
+    _check_int(seed, "seed", 0, 2 ** 63 - 1)
+    _check_int(stream, "stream", 0, 2 ** 63 - 1)
+    _check_int(batch_offset, "batch_offset", 0, 2 ** 40)
+    d.p = p
+    d.seed = <uint64_t>int(seed)
+    d.stream = <uint64_t>int(stream)
+    d.batch_offset = <int64_t>int(batch_offset)
+    return 1 if p > 0.0 else 0
+
+
 cdef object _forward_call(object qkv, object n_head, object out, object lse, object threads,
-                          bint naive):
+                          bint naive, object dropout=0.0, object seed=0, object stream=0,
+                          object batch_offset=0):
     cdef int64_t B, T, C, NH
     B, T, C, NH = _qkv_dims(qkv, n_head)
+    cdef sm_att_dropout drop
+    cdef const sm_att_dropout *pdrop = &drop if _att_dropout(&drop, dropout, seed, stream, batch_offset) else NULL
     cdef int nt = _threads(threads)
     out = _out_f32(out, "out", (B, T, C))
     lse = _out_f32(lse, "lse", (B, NH, T))
@@ -45,14 +64,15 @@ cdef object _forward_call(object qkv, object n_head, object out, object lse, obj
         return out, lse
     with nogil:
         if naive:
-            rc = sm_attention_forward_naive(po, pl, pq, B, T, C, NH)
+            rc = sm_attention_forward_naive_ex(po, pl, pq, B, T, C, NH, pdrop)
         else:
-            rc = sm_attention_forward(po, pl, pq, B, T, C, NH, nt)
+            rc = sm_attention_forward_ex(po, pl, pq, B, T, C, NH, pdrop, nt)
     _raise_for(rc, "attention_forward")
     return out, lse
 
 
-def attention_forward(qkv, n_head, out=None, lse=None, threads=None):
+def attention_forward(qkv, n_head, out=None, lse=None, threads=None, *, dropout=0.0, seed=0,
+                      stream=0, batch_offset=0):
     """Causal multi-head self-attention: returns (out, lse).
 
     qkv: float32 (B, T, 3C), the fused c_attn projection (queries, keys, values side by side,
@@ -60,19 +80,52 @@ def attention_forward(qkv, n_head, out=None, lse=None, threads=None):
     to itself and earlier positions with scores q.k / sqrt(head_size). lse: (B, n_head, T), the
     log-sum-exp of each row's scores: all that `attention_backward` needs besides `out` (the
     (T, T) attention matrix is never stored). `out` / `lse`, if given, are overwritten.
+
+    dropout > 0 drops attention probabilities (kept ones scaled by 1 / (1 - dropout)) with the
+    hash mask of (seed, stream) (see `attention_dropout_mask`); give the backward pass the same
+    arguments. lse stays that of the undropped probabilities.
     """
-    return _forward_call(qkv, n_head, out, lse, threads, False)
+    return _forward_call(qkv, n_head, out, lse, threads, False, dropout, seed, stream, batch_offset)
 
 
-def attention_forward_naive(qkv, n_head, out=None, lse=None):
+def attention_forward_naive(qkv, n_head, out=None, lse=None, *, dropout=0.0, seed=0, stream=0,
+                            batch_offset=0):
     """Reference loops (double accumulation) with the contract of `attention_forward` (slow)."""
-    return _forward_call(qkv, n_head, out, lse, None, True)
+    return _forward_call(qkv, n_head, out, lse, None, True, dropout, seed, stream, batch_offset)
+
+
+def attention_dropout_mask(B, n_head, T, dropout, seed, stream=0, batch_offset=0):
+    """The (B, n_head, T, T) float32 factors (0 or 1 / (1 - dropout)) that attention dropout
+    multiplies the probabilities of query t, key j by (entries j > t are never used). For tests
+    and references: the kernels compute these on the fly and never store them."""
+    cdef sm_att_dropout d
+    _check_int(B, "B", 0, 2 ** 20)
+    _check_int(n_head, "n_head", 1, 2 ** 20)
+    _check_int(T, "T", 0, 2 ** 16)
+    _att_dropout(&d, dropout, seed, stream, batch_offset)
+    e = ((np.arange(B, dtype=np.uint64)[:, None, None, None] + np.uint64(d.batch_offset))
+         * np.uint64(n_head) + np.arange(n_head, dtype=np.uint64)[None, :, None, None])
+    e = (e * np.uint64(T) + np.arange(T, dtype=np.uint64)[None, None, :, None]) * np.uint64(T) \
+        + np.arange(T, dtype=np.uint64)[None, None, None, :]
+    flat = np.ascontiguousarray(e.reshape(-1))
+    out = np.empty(flat.shape, dtype=np.float32)
+    cdef const uint64_t[::1] ev = flat
+    cdef float[::1] ov = out
+    cdef sm_drop_mask m = sm_drop_mask_make(d.p, d.seed, d.stream)
+    cdef Py_ssize_t i, n = flat.shape[0]
+    with nogil:
+        for i in range(n):
+            ov[i] = sm_drop_factor(&m, ev[i])
+    return out.reshape((B, n_head, T, T))
 
 
 cdef object _backward_call(object dout, object qkv, object out, object lse, object n_head,
-                           object dqkv, object threads, bint naive):
+                           object dqkv, object threads, bint naive, object dropout=0.0,
+                           object seed=0, object stream=0, object batch_offset=0):
     cdef int64_t B, T, C, NH
     B, T, C, NH = _qkv_dims(qkv, n_head)
+    cdef sm_att_dropout drop
+    cdef const sm_att_dropout *pdrop = &drop if _att_dropout(&drop, dropout, seed, stream, batch_offset) else NULL
     _check_f32(dout, "dout", 3)
     _check_shape(dout, "dout", (B, T, C))
     _check_f32(out, "out", 3)
@@ -99,27 +152,32 @@ cdef object _backward_call(object dout, object qkv, object out, object lse, obje
         return dqkv
     with nogil:
         if naive:
-            rc = sm_attention_backward_naive(pg, pd, pq, po, pl, B, T, C, NH)
+            rc = sm_attention_backward_naive_ex(pg, pd, pq, po, pl, B, T, C, NH, pdrop)
         else:
-            rc = sm_attention_backward(pg, pd, pq, po, pl, B, T, C, NH, nt)
+            rc = sm_attention_backward_ex(pg, pd, pq, po, pl, B, T, C, NH, pdrop, nt)
     _raise_for(rc, "attention_backward")
     return dqkv
 
 
-def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, threads=None):
+def attention_backward(dout, qkv, out, lse, n_head, dqkv=None, threads=None, *, dropout=0.0,
+                       seed=0, stream=0, batch_offset=0):
     """Gradient of `attention_forward` with respect to qkv, ACCUMULATED into dqkv.
 
     dout: float32 (B, T, C), the gradient of the loss with respect to `out`; qkv, out, lse: the
     forward's input and results. dqkv: float32 (B, T, 3C) that receives += the gradient (a new
-    zero array when None); returned. Probabilities are recomputed tile by tile from lse.
+    zero array when None); returned. Probabilities are recomputed tile by tile from lse. The
+    dropout arguments must be those of the forward pass.
     """
-    return _backward_call(dout, qkv, out, lse, n_head, dqkv, threads, False)
+    return _backward_call(dout, qkv, out, lse, n_head, dqkv, threads, False, dropout, seed,
+                          stream, batch_offset)
 
 
-def attention_backward_naive(dout, qkv, out, lse, n_head, dqkv=None):
+def attention_backward_naive(dout, qkv, out, lse, n_head, dqkv=None, *, dropout=0.0, seed=0,
+                             stream=0, batch_offset=0):
     """Reference loops (double accumulation, softmax recomputed exactly; out and lse are only
     checked, not used) with the contract of `attention_backward` (slow)."""
-    return _backward_call(dout, qkv, out, lse, n_head, dqkv, None, True)
+    return _backward_call(dout, qkv, out, lse, n_head, dqkv, None, True, dropout, seed, stream,
+                          batch_offset)
 
 
 # ---- KV cache and decode ---------------------------------------------------------------------

@@ -34,7 +34,7 @@ cdef extern from "sm_gemm.h" nogil:
 
 
 # ---- sm_pool.h (MemoryPool) ----------------------------------------------------------------
-from libc.stdint cimport int32_t, uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 cdef extern from "sm_pool.h" nogil:
     ctypedef struct sm_pool:
@@ -166,9 +166,34 @@ cdef extern from "sm_ops.h" nogil:
 
 # ---- sm_attention.h (causal attention, decode) -----------------------------------------------
 
+cdef extern from "sm_hash.h" nogil:
+    ctypedef struct sm_drop_mask:
+        uint64_t key
+        uint32_t threshold
+        float scale
+    sm_drop_mask sm_drop_mask_make(float p, uint64_t seed, uint64_t stream)
+    float sm_drop_factor(const sm_drop_mask *m, uint64_t e)
+
+
 cdef extern from "sm_attention.h" nogil:
     enum:
         SM_ATT_BLOCK
+    ctypedef struct sm_att_dropout:
+        float p
+        uint64_t seed
+        uint64_t stream
+        int64_t batch_offset
+    int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                                int64_t C, int64_t NH, const sm_att_dropout *drop, int nthreads)
+    int sm_attention_backward_ex(float *dqkv, const float *dout, const float *qkv,
+                                 const float *out, const float *lse, int64_t B, int64_t T,
+                                 int64_t C, int64_t NH, const sm_att_dropout *drop, int nthreads)
+    int sm_attention_forward_naive_ex(float *out, float *lse, const float *qkv, int64_t B,
+                                      int64_t T, int64_t C, int64_t NH,
+                                      const sm_att_dropout *drop)
+    int sm_attention_backward_naive_ex(float *dqkv, const float *dout, const float *qkv,
+                                       const float *out, const float *lse, int64_t B, int64_t T,
+                                       int64_t C, int64_t NH, const sm_att_dropout *drop)
     int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
                              int64_t C, int64_t NH, int nthreads)
     int sm_attention_forward_naive(float *out, float *lse, const float *qkv, int64_t B, int64_t T,

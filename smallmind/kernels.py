@@ -25,6 +25,7 @@ from ._core import (
 # causal attention and the KV cache (csrc/sm_attention.h)
 from ._core import (
     ATTENTION_BLOCK, attention_backward, attention_backward_naive, attention_decode,
+    attention_dropout_mask,
     attention_decode_naive, attention_forward, attention_forward_naive, kv_cache_append,
     kv_cache_new, kv_cache_prefill,
 )
@@ -42,5 +43,6 @@ __all__ = [
     "clip_grad_norm_naive",
     "attention_forward", "attention_forward_naive", "attention_backward",
     "attention_backward_naive", "attention_decode", "attention_decode_naive",
+    "attention_dropout_mask",
     "kv_cache_new", "kv_cache_prefill", "kv_cache_append", "ATTENTION_BLOCK",
 ]

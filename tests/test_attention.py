@@ -512,3 +512,95 @@ def test_cache_and_decode_validation():
         K.kv_cache_append(kc, vc, row, 1.0)
     # nothing above wrote into the cache
     assert (kc == 0).all() and (vc == 0).all()
+
+
+# ---- attention dropout -----------------------------------------------------------------------
+
+def _masked_reference(qkv, nh, mask):
+    """float64 out of causal attention whose probabilities are multiplied by `mask`."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // nh
+    x = qkv.astype(np.float64)
+    q, k, v = (x[..., i * C:(i + 1) * C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3) for i in range(3))
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return ((p * mask) @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 32, 2), (1, 130, 24, 3), (3, 5, 16, 1)])
+def test_dropout_forward_backward_match_naive_and_mask(simd, rng, shape):
+    B, T, C, NH = shape          # hs = 16, 8 (padded rows), 16
+    K = sm.kernels
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    kw = dict(dropout=0.25, seed=11, stream=3, batch_offset=2)
+    out, lse = K.attention_forward(qkv, NH, **kw)
+    out_n, lse_n = K.attention_forward_naive(qkv, NH, **kw)
+    assert_close(out, out_n, rtol=1e-5)
+    mask = K.attention_dropout_mask(B, NH, T, 0.25, 11, 3, 2).astype(np.float64)
+    kept = mask[np.broadcast_to(np.tril(np.ones((T, T), bool)), mask.shape)]
+    assert set(np.unique(kept)) <= {0.0, np.float32(1 / 0.75)}
+    assert_close(out, _masked_reference(qkv, NH, mask), rtol=1e-4)
+    # lse is that of the undropped probabilities
+    assert_close(lse, K.attention_forward(qkv, NH)[1], rtol=1e-6)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    g = K.attention_backward(dout, qkv, out, lse, NH, **kw)
+    g_n = K.attention_backward_naive(dout, qkv, out, lse, NH, **kw)
+    assert_close(g, g_n, rtol=1e-4)
+    # the backward must use the forward's mask: another seed gives another gradient
+    g_other = K.attention_backward(dout, qkv, out, lse, NH, **dict(kw, seed=12))
+    assert np.abs(g_other - g_n).max() > 1e-2 * np.abs(g_n).max()
+
+
+def test_dropout_naive_gradient_matches_finite_differences(rng):
+    K = sm.kernels
+    B, T, C, NH = 1, 9, 8, 2
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    dout = rng.standard_normal((B, T, C))
+    mask = K.attention_dropout_mask(B, NH, T, 0.4, 3).astype(np.float64)
+    out, lse = K.attention_forward(qkv, NH, dropout=0.4, seed=3)
+    g = K.attention_backward(dout.astype(np.float32), qkv, out, lse, NH, dropout=0.4, seed=3)
+    x0 = qkv.astype(np.float64)
+    for idx in [(0, 0, 1), (0, 4, 9), (0, 8, 17), (0, 6, 20), (0, 3, 5)]:
+        e = 1e-5
+        xp, xm = x0.copy(), x0.copy()
+        xp[idx] += e
+        xm[idx] -= e
+        num = ((_masked_reference(xp, NH, mask) - _masked_reference(xm, NH, mask)) * dout).sum() / (2 * e)
+        assert abs(num - g[idx]) <= 1e-3 * max(1.0, abs(num)), (idx, num, g[idx])
+
+
+def test_dropout_zero_is_plain_and_mask_is_chunk_and_thread_independent(rng):
+    K = sm.kernels
+    B, T, C, NH = 4, 66, 32, 2
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    plain = K.attention_forward(qkv, NH)
+    zero = K.attention_forward(qkv, NH, dropout=0.0, seed=5)
+    assert np.array_equal(plain[0], zero[0]) and np.array_equal(plain[1], zero[1])
+    kw = dict(dropout=0.5, seed=8)
+    whole = K.attention_forward(qkv, NH, **kw)[0]
+    first = K.attention_forward(qkv[:1], NH, **kw)[0]
+    rest = K.attention_forward(np.ascontiguousarray(qkv[1:]), NH, batch_offset=1, **kw)[0]
+    assert np.array_equal(np.concatenate([first, rest]), whole)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    out, lse = K.attention_forward(qkv, NH, **kw)
+    grads = [K.attention_backward(dout, qkv, out, lse, NH, threads=t, **kw) for t in (1, 2, 3)]
+    assert all(np.array_equal(grads[0], g) for g in grads[1:])
+    outs = [K.attention_forward(qkv, NH, threads=t, **kw)[0] for t in (1, 2, 3)]
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_dropout_argument_validation(rng):
+    K = sm.kernels
+    qkv = rng.standard_normal((1, 4, 12)).astype(np.float32)
+    with pytest.raises(sm.ValidationError, match="dropout"):
+        K.attention_forward(qkv, 2, dropout=1.0)
+    with pytest.raises(sm.ValidationError, match="dropout"):
+        K.attention_forward(qkv, 2, dropout=-0.1)
+    with pytest.raises(sm.ValidationError, match="seed"):
+        K.attention_forward(qkv, 2, dropout=0.1, seed=-1)
+    with pytest.raises(TypeError, match="stream"):
+        K.attention_backward(np.zeros((1, 4, 4), np.float32), qkv, *K.attention_forward(qkv, 2), 2,
+                             dropout=0.1, stream=1.5)

@@ -526,18 +526,27 @@ def test_dropout_train_vs_eval_and_seeds():
     assert r1 != r3 and not np.array_equal(l1, l3)
 
 
+def att_masks(B, T, p, seed):
+    """The attention-probability factors of every layer (stream 2^32 + l in sm_model.c)."""
+    return {("att", l): sm.kernels.attention_dropout_mask(B, NH, T, p, seed, (1 << 32) + l)
+            .astype(np.float64) for l in range(L)}
+
+
 def masked_reference(P, idx, targets, n_head, masks):
     """The float64 reference forward with dropout masks applied where sm_model.c applies them
-    (the embedding sum, then each block's attention and MLP branch outputs); masks[s] is the
-    factor (0 or 1/(1-p)) of stream s: 0 embeddings, 1 + 2l attention, 2 + 2l MLP of layer l.
-    Returns (logits, loss)."""
+    (the embedding sum, then each block's attention probabilities and its attention and MLP
+    branch outputs); masks[s] is the factor (0 or 1/(1-p)) of stream s: 0 embeddings, 1 + 2l
+    attention, 2 + 2l MLP of layer l; masks["att", l] (B, NH, T, T) those of layer l's
+    attention probabilities. Returns (logits, loss)."""
     T = idx.shape[1]
     x = (P["transformer.wte.weight"][idx] + P["transformer.wpe.weight"][:T]) * masks[0]
     for l in range(L):
         h = f"transformer.h.{l}."
         ln1, _ = ref.layernorm(x, P[h + "ln_1.weight"], P[h + "ln_1.bias"])
-        atty, _ = ref.attention(ln1 @ P[h + "attn.c_attn.weight"] + P[h + "attn.c_attn.bias"],
-                                n_head)
+        _, (q, k, v, prob, _) = ref.attention(
+            ln1 @ P[h + "attn.c_attn.weight"] + P[h + "attn.c_attn.bias"], n_head)
+        y = (prob * masks["att", l]) @ v                 # (B, nh, T, hs)
+        atty = y.transpose(0, 2, 1, 3).reshape(x.shape)
         x = x + (atty @ P[h + "attn.c_proj.weight"] + P[h + "attn.c_proj.bias"]) * masks[1 + 2 * l]
         ln2, _ = ref.layernorm(x, P[h + "ln_2.weight"], P[h + "ln_2.bias"])
         g = ref.gelu(ln2 @ P[h + "mlp.c_fc.weight"] + P[h + "mlp.c_fc.bias"])
@@ -563,6 +572,7 @@ def test_dropout_gradient_is_exact_for_its_mask(params64):
     ones = np.ones((B, T, C), np.float32)
     masks = {s: _core.dropout_forward(ones, p, seed, s).astype(np.float64)
              for s in range(1 + 2 * L)}
+    masks.update(att_masks(B, T, p, seed))
     scale = np.float32(1) / np.float32(1 - np.float32(p))
     for mk in masks.values():  # each stream drops some values and keeps the rest, scaled
         assert 0 < (mk == 0).mean() < 1 and np.all((mk == 0) | (mk == scale))
@@ -1099,6 +1109,7 @@ def test_batches_run_in_chunks_with_the_same_results(params64):
     p, seed = 0.2, 99
     ones = np.ones((B, T, C), np.float32)
     masks = {s: _core.dropout_forward(ones, p, seed, s).astype(np.float64) for s in range(1 + 2 * L)}
+    masks.update(att_masks(B, T, p, seed))
     d_logits, d_loss = masked_reference(params64, idx, targets, NH, masks)
     state = _core.GPTState(m._cfg, B, T)
     out = np.empty((B, T, V), np.float32)
