@@ -14,6 +14,18 @@ except ImportError:  # without it numpy uses its own default thread count
 IDLE_GAP_S = 0.3
 
 
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def idle(quick=False):
     """Let other libraries' worker threads go to sleep before the next measurement."""
     if not quick:

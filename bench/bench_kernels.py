@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import smallmind as sm  # noqa: E402
-from _timing import interleaved, numpy_threads  # noqa: E402
+from _timing import cpu_model, interleaved, numpy_threads  # noqa: E402
 
 try:
     import torch  # noqa: E402
@@ -149,14 +149,8 @@ def print_row(r):
 def machine_info():
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "smallmind": sm.__version__, "build": sm.build_info(), "platform": platform.platform()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    if cpu_model():
+        info["cpu"] = cpu_model()
     if torch is not None:
         info["torch"] = torch.__version__
     return info

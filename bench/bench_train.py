@@ -45,6 +45,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+from _timing import cpu_model  # noqa: E402
 
 # smallmind and torch are imported lazily so that each memory child imports only its library.
 sm = None
@@ -132,14 +133,8 @@ def loadavg():
 def machine_info():
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "platform": platform.platform(), "cores": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    if cpu_model():
+        info["cpu"] = cpu_model()
     import_sm()
     info["smallmind"] = sm.__version__
     info["build"] = sm.build_info()

@@ -82,6 +82,16 @@ static int team_size(int nthreads, int64_t units, double work) {
  * references (double accumulation, exact softmax)
  * ============================================================================================ */
 
+/* The mask of an attention-dropout request, in *storage; NULL when there is no dropout. */
+static const sm_drop_mask *att_mask_of(const sm_att_dropout *drop, sm_drop_mask *storage,
+                                       int64_t *batch_offset) {
+    *batch_offset = 0;
+    if (!drop || !(drop->p > 0.0f)) return NULL;
+    *storage = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
+    *batch_offset = drop->batch_offset;
+    return storage;
+}
+
 /* The dropout factor of (sequence b, head h, query t, key j), or 1 without dropout. */
 static double att_factor(const sm_drop_mask *m, const sm_att_dropout *drop, int64_t b,
                          int64_t h, int64_t t, int64_t j, int64_t NH, int64_t T) {
@@ -99,11 +109,9 @@ int sm_attention_forward_naive_ex(float *out, float *lse, const float *qkv, int6
                                   int64_t C, int64_t NH, const sm_att_dropout *drop) {
     /* qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
-    sm_drop_mask mask, *m = NULL;
-    if (drop && drop->p > 0.0f) {
-        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
-        m = &mask;
-    }
+    sm_drop_mask mask;
+    int64_t boff;
+    const sm_drop_mask *m = att_mask_of(drop, &mask, &boff);
     const int64_t hs = C / NH, C3 = 3 * C;
     const double scale = 1.0 / sqrt((double)hs);
     double *s = (double *)sm_aligned_alloc((size_t)T * sizeof(double));
@@ -153,11 +161,9 @@ int sm_attention_backward_naive_ex(float *dqkv, const float *dout, const float *
     (void)out;
     (void)lse;
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
-    sm_drop_mask mask, *m = NULL;
-    if (drop && drop->p > 0.0f) {
-        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
-        m = &mask;
-    }
+    sm_drop_mask mask;
+    int64_t boff;
+    const sm_drop_mask *m = att_mask_of(drop, &mask, &boff);
     const int64_t hs = C / NH, C3 = 3 * C;
     const double scale = 1.0 / sqrt((double)hs);
     /* p, dp (T); dq, dk, dv (T, hs) in double for this head */
@@ -734,13 +740,7 @@ int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B,
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
     fwd_args A;
     sm_drop_mask mask;
-    A.mask = NULL;
-    A.batch_offset = 0;
-    if (drop && drop->p > 0.0f) {
-        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
-        A.mask = &mask;
-        A.batch_offset = drop->batch_offset;
-    }
+    A.mask = att_mask_of(drop, &mask, &A.batch_offset);
     A.qkv = qkv;
     A.out = out;
     A.lse = lse;
@@ -903,13 +903,7 @@ int sm_attention_backward_ex(float *dqkv, const float *dout, const float *qkv, c
     if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
     bwd_args A;
     sm_drop_mask mask;
-    A.mask = NULL;
-    A.batch_offset = 0;
-    if (drop && drop->p > 0.0f) {
-        mask = sm_drop_mask_make(drop->p, drop->seed, drop->stream);
-        A.mask = &mask;
-        A.batch_offset = drop->batch_offset;
-    }
+    A.mask = att_mask_of(drop, &mask, &A.batch_offset);
     A.dqkv = dqkv;
     A.dout = dout;
     A.qkv = qkv;
