@@ -671,12 +671,9 @@ typedef struct {
  * j0 + j of head h of sequence b) by its dropout factors. Lanes past mq are padding. */
 static void att_mask_tile(float *S, int64_t nk, int64_t mq, const sm_drop_mask *m, int64_t bh,
                           int64_t T, int64_t i0, int64_t j0) {
-    for (int64_t j = 0; j < nk; j++) {
-        float *s = S + j * BLK;
-        for (int64_t i = 0; i < mq; i++) {
-            uint64_t e = ((uint64_t)bh * (uint64_t)T + (uint64_t)(i0 + i)) * (uint64_t)T + (uint64_t)(j0 + j);
-            s[i] *= sm_drop_factor(m, e);
-        }
+    for (int64_t j = 0; j < nk; j++) { /* lane i of row j: element (bh, i0 + i, j0 + j) */
+        uint64_t e = ((uint64_t)bh * (uint64_t)T + (uint64_t)i0) * (uint64_t)T + (uint64_t)(j0 + j);
+        sm_drop_apply(S + j * BLK, S + j * BLK, mq, m, e, (uint64_t)T);
     }
 }
 

@@ -98,8 +98,7 @@ typedef struct {
 } drop_ctx;
 
 static void dropout_range(const drop_ctx *c, int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; i++)
-        c->out[i] = c->inp[i] * sm_drop_factor(&c->mask, c->offset + (uint64_t)i);
+    sm_drop_apply(c->out + i0, c->inp + i0, i1 - i0, &c->mask, c->offset + (uint64_t)i0, 1);
 }
 
 /* Dropout of elements offset .. offset+n-1 of a tensor: a batch processed in chunks gets the

@@ -1119,3 +1119,23 @@ def test_batches_run_in_chunks_with_the_same_results(params64):
     inf = np.empty_like(out)
     _core.gpt_forward(m._params, m._cfg, idx, targets, inf, None, p, seed)
     assert np.array_equal(inf, out)
+
+
+def test_dropout_mask_is_the_same_at_every_simd_level(simd):
+    """sm_drop_apply hashes eight indices per step with AVX-512 and one at a time elsewhere:
+    the masks must agree bit for bit (odd lengths exercise the vector tail)."""
+    x = np.arange(1, 1 + 4099, dtype=np.float32)
+    got = _core.dropout_forward(x, 0.37, 123456789, 5)
+    sm.set_simd_level("generic")
+    try:
+        want = _core.dropout_forward(x, 0.37, 123456789, 5)
+    finally:
+        sm.set_simd_level(None)
+    assert np.array_equal(got, want)
+    kept = got != 0
+    assert np.allclose(got[kept], x[kept] / np.float32(0.63), rtol=1e-6)
+    assert abs((~kept).mean() - 0.37) < 0.05
+    # a NaN input stays NaN whether its element is kept or dropped
+    y = x.copy()
+    y[::7] = np.nan
+    assert np.isnan(_core.dropout_forward(y, 0.37, 1, 2)[::7]).all()
