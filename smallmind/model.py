@@ -170,7 +170,7 @@ class TransformerModel:
         layout = _core.gpt_layout(self._cfg)
         self._num_floats = layout["num_params"]
         self._params = _aligned_zeros(self._num_floats)
-        self._grads = _aligned_zeros(self._num_floats)
+        self._grad_block = None        # allocated on first use: inference never needs it
         # name -> (offset, shape), in Hugging Face order
         where = {_hf_name(k, l): off for k, l, off, _ in layout["tensors"]}
         self._names: list[str] = ["transformer.wte.weight", "transformer.wpe.weight"]
@@ -191,6 +191,16 @@ class TransformerModel:
         self._init_weights()
 
     # ---- parameters ---------------------------------------------------------------------------
+
+    @property
+    def _grads(self) -> np.ndarray:
+        """The flat gradient block, allocated (zeroed) the first time training needs it, so a
+        model that only serves does not carry a second copy of its parameters' size."""
+        if self._grad_block is None:
+            with self._lock:
+                if self._grad_block is None:
+                    self._grad_block = _aligned_zeros(self._num_floats)
+        return self._grad_block
 
     def _view(self, block: np.ndarray, name: str) -> np.ndarray:
         off, shape = self._index[name]
@@ -273,9 +283,12 @@ class TransformerModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this model holds: parameters, gradients and any training state."""
+        """Bytes this model holds: parameters, gradients (once training has used them) and any
+        training state."""
         st = self._state
-        return self._params.nbytes + self._grads.nbytes + (st.nbytes if st is not None else 0)
+        g = self._grad_block
+        return (self._params.nbytes + (g.nbytes if g is not None else 0)
+                + (st.nbytes if st is not None else 0))
 
     # ---- modes --------------------------------------------------------------------------------
 
@@ -396,7 +409,8 @@ class TransformerModel:
     def zero_grad(self) -> None:
         self._check_alive()
         with self._lock:
-            self._grads.fill(0.0)
+            if self._grad_block is not None:   # a block not yet allocated is zero already
+                self._grad_block.fill(0.0)
 
     # ---- files --------------------------------------------------------------------------------
 

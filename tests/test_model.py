@@ -1139,3 +1139,18 @@ def test_dropout_mask_is_the_same_at_every_simd_level(simd):
     y = x.copy()
     y[::7] = np.nan
     assert np.isnan(_core.dropout_forward(y, 0.37, 1, 2)[::7]).all()
+
+
+def test_gradient_block_is_allocated_only_for_training():
+    m = sm.TransformerModel(sm.ModelConfig(50, 16, 2, 2, 16))
+    params_only = m.nbytes
+    assert params_only == m._params.nbytes
+    m.eval().forward(np.zeros((1, 4), np.int32))
+    m.zero_grad()
+    assert m.nbytes == params_only                  # serving never allocates gradients
+    g = m.grads()
+    assert m.nbytes == 2 * params_only and all(not v.any() for v in g.values())
+    m.train().forward(np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32))
+    m.backward()
+    assert any(v.any() for v in m.grads().values())
+    assert np.shares_memory(m.grads()["transformer.wte.weight"], m._grads)
