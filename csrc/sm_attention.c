@@ -637,21 +637,94 @@ static void bwd_tile_avx2(float *S, float *dP, int64_t nk, int diag, int64_t mq,
 
 #endif /* SM_X86_KERNELS */
 
+/* ---- transposed query blocks and row dot products -------------------------------------------
+ * pack_T: dst (hs, BLK) <- the first `rows` rows (hs floats, row stride ss) of src transposed,
+ * zero in lanes rows .. BLK-1. row_dots: D[r] = x_r . y_r for r < rows (row stride ss). The
+ * AVX-512 versions work on 16 x 16 blocks transposed in registers (D as 16 lanes of vertical
+ * sums, no horizontal reductions); the others go row by row. */
+typedef void (*pack_T_fn)(float *dst, const float *src, int64_t ss, int64_t rows, int64_t hs);
+typedef void (*row_dots_fn)(float *D, const float *x, const float *y, int64_t ss, int64_t rows,
+                            int64_t hs);
+
+static void pack_T_generic(float *dst, const float *src, int64_t ss, int64_t rows, int64_t hs) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < hs; d++) dst[d * BLK + r] = src[r * ss + d];
+    for (int64_t d = 0; d < hs; d++)
+        for (int64_t r = rows; r < BLK; r++) dst[d * BLK + r] = 0.0f;
+}
+
+static void row_dots_generic(float *D, const float *x, const float *y, int64_t ss, int64_t rows,
+                             int64_t hs) {
+    for (int64_t r = 0; r < rows; r++) D[r] = dot_generic(x + r * ss, y + r * ss, hs);
+}
+
+#if SM_X86_KERNELS
+SM_TARGET_AVX512 SM_INLINE void load_rows16(__m512 r[16], const float *src, int64_t ss,
+                                            int64_t rn, __mmask16 km) {
+    for (int i = 0; i < 16; i++)
+        r[i] = i < rn ? _mm512_maskz_loadu_ps(km, src + i * ss) : _mm512_setzero_ps();
+}
+
+SM_TARGET_AVX512
+static void pack_T_avx512(float *dst, const float *src, int64_t ss, int64_t rows, int64_t hs) {
+    for (int64_t r0 = 0; r0 < BLK; r0 += 16)
+        for (int64_t d0 = 0; d0 < hs; d0 += 16) {
+            const int dn = (int)min64(16, hs - d0);
+            __m512 r[16];
+            load_rows16(r, src + r0 * ss + d0, ss, rows - r0, (__mmask16)((1u << dn) - 1u));
+            sm_transpose16x16(r);
+            for (int e = 0; e < dn; e++) _mm512_storeu_ps(dst + (d0 + e) * BLK + r0, r[e]);
+        }
+}
+
+SM_TARGET_AVX512
+static void row_dots_avx512(float *D, const float *x, const float *y, int64_t ss, int64_t rows,
+                            int64_t hs) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        const int64_t rn = min64(16, rows - r0);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d0 = 0; d0 < hs; d0 += 16) {
+            const int dn = (int)min64(16, hs - d0);
+            const __mmask16 km = (__mmask16)((1u << dn) - 1u);
+            __m512 a[16], b[16];
+            load_rows16(a, x + r0 * ss + d0, ss, rn, km);
+            load_rows16(b, y + r0 * ss + d0, ss, rn, km);
+            sm_transpose16x16(a);
+            sm_transpose16x16(b);
+            for (int e = 0; e < dn; e++) acc = _mm512_fmadd_ps(a[e], b[e], acc);
+        }
+        _mm512_mask_storeu_ps(D + r0, (__mmask16)((1u << rn) - 1u), acc);
+    }
+}
+
+SM_TARGET_AVX2
+static void row_dots_avx2(float *D, const float *x, const float *y, int64_t ss, int64_t rows,
+                          int64_t hs) {
+    for (int64_t r = 0; r < rows; r++) D[r] = dot_avx2(x + r * ss, y + r * ss, hs);
+}
+#endif
+
 typedef struct {
     mm_fn mm;
     fwd_softmax_fn fwd_softmax;
     bwd_tile_fn bwd_tile;
-    dot_fn dot;
+    pack_T_fn pack_T;
+    row_dots_fn row_dots;
 } att_kernels;
 
 static att_kernels get_kernels(void) {
     int level = sm_simd_active();
 #if SM_X86_KERNELS
-    if (level >= SM_SIMD_AVX512) return (att_kernels){mm_avx512, fwd_softmax_avx512, bwd_tile_avx512, dot_avx512};
-    if (level >= SM_SIMD_AVX2) return (att_kernels){mm_avx2, fwd_softmax_avx2, bwd_tile_avx2, dot_avx2};
+    if (level >= SM_SIMD_AVX512)
+        return (att_kernels){mm_avx512, fwd_softmax_avx512, bwd_tile_avx512, pack_T_avx512,
+                             row_dots_avx512};
+    if (level >= SM_SIMD_AVX2)
+        return (att_kernels){mm_avx2, fwd_softmax_avx2, bwd_tile_avx2, pack_T_generic,
+                             row_dots_avx2};
 #endif
     (void)level;
-    return (att_kernels){mm_generic, fwd_softmax_generic, bwd_tile_generic, dot_generic};
+    return (att_kernels){mm_generic, fwd_softmax_generic, bwd_tile_generic, pack_T_generic,
+                         row_dots_generic};
 }
 
 /* ============================================================================================
@@ -688,12 +761,7 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
     const int64_t i0 = I * BLK, mq = min64(BLK, T - i0);
     const int pad = hs != hsp;
 
-    for (int64_t i = 0; i < mq; i++) {
-        const float *qr = base + (i0 + i) * C3;
-        for (int64_t d = 0; d < hs; d++) QT[d * BLK + i] = qr[d];
-    }
-    for (int64_t d = 0; d < hs; d++)
-        for (int64_t i = mq; i < BLK; i++) QT[d * BLK + i] = 0.0f;
+    K->pack_T(QT, base + i0 * C3, C3, mq, hs);
     for (int i = 0; i < BLK; i++) {
         m[i] = -INFINITY;
         l[i] = 0.0f;
@@ -830,21 +898,14 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
         Kr = kr;
         ldq = ldo = ldk = hsp;
     }
-    for (int64_t t = 0; t < T; t++) {
-        const float *q = qb + t * C3, *g = gb + t * C;
-        float *qt = QT + (t / BLK) * hs * BLK + t % BLK, *gt = dOT + (t / BLK) * hs * BLK + t % BLK;
-        for (int64_t d = 0; d < hs; d++) {
-            qt[d * BLK] = q[d];
-            gt[d * BLK] = g[d];
-        }
-        D[t] = K->dot(g, ob + t * C, hs);
-        L[t] = lb[t];
+    for (int64_t J = 0; J < A->nqb; J++) { /* each query block transposed, zero past T */
+        const int64_t t0 = J * BLK, rows = min64(BLK, T - t0);
+        K->pack_T(QT + J * hs * BLK, qb + t0 * C3, C3, rows, hs);
+        K->pack_T(dOT + J * hs * BLK, gb + t0 * C, C, rows, hs);
     }
-    for (int64_t t = T; t < Tp; t++) {
-        float *qt = QT + (t / BLK) * hs * BLK + t % BLK, *gt = dOT + (t / BLK) * hs * BLK + t % BLK;
-        for (int64_t d = 0; d < hs; d++) qt[d * BLK] = gt[d * BLK] = 0.0f;
-        D[t] = L[t] = 0.0f;
-    }
+    K->row_dots(D, gb, ob, C, T, hs); /* D = rowsum(dO * O) */
+    memcpy(L, lb, (size_t)T * sizeof(float));
+    for (int64_t t = T; t < Tp; t++) D[t] = L[t] = 0.0f;
 
     for (int64_t J = 0; J < A->nqb; J++) {
         const int64_t j0 = J * BLK, nk = min64(BLK, T - j0);

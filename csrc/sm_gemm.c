@@ -28,6 +28,7 @@
 
 #include "sm_pool.h"
 #include "sm_runtime.h"
+#include "sm_vecmath.h"
 
 #if SM_X86_KERNELS
 #include <immintrin.h>
@@ -117,35 +118,6 @@ static void pack_b(float *SM_RESTRICT dst, mat_view b, int64_t kc, int64_t n, in
 }
 
 #if SM_X86_KERNELS
-/* In-register transpose of a 16 x 16 float block: r[i] holds row i on entry, column i on exit.
- * Three rounds: interleave pairs of rows (32-bit), pairs of pairs (64-bit), then 128-bit lanes. */
-SM_TARGET_AVX512
-static inline void transpose16x16(__m512 r[16]) {
-    __m512 t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    /* u[4i + e], 128-bit lane l: rows 4i..4i+3 of column 4l + e */
-    for (int i = 0; i < 4; i++) {
-        __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
-        __m512d b0 = _mm512_castps_pd(t[4 * i + 2]), b1 = _mm512_castps_pd(t[4 * i + 3]);
-        u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, b0));
-        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, b0));
-        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
-        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
-    }
-    for (int e = 0; e < 4; e++) {
-        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
-        __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
-        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
-        __m512 v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
-        r[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-        r[8 + e] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-        r[4 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-        r[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
-    }
-}
 
 /* pack_a for A rows contiguous in k (the common A @ B layout), MR = 14: 16 x 16 blocks are
  * transposed in registers instead of moving one float at a time (packing A is ~16/N of the
@@ -161,7 +133,7 @@ static void pack_a_rows_avx512(float *SM_RESTRICT dst, mat_view a, int64_t m, in
             __m512 r[16];
             for (int i = 0; i < 16; i++)
                 r[i] = i < rows ? _mm512_maskz_loadu_ps(km, a.p + (i0 + i) * a.sr + k0) : _mm512_setzero_ps();
-            transpose16x16(r);
+            sm_transpose16x16(r);
             for (int e = 0; e < kn; e++) _mm512_mask_storeu_ps(dst + (k0 + e) * MR, 0x3FFF, r[e]);
         }
         dst += kc * MR;
@@ -183,7 +155,7 @@ static void pack_b_cols_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, i
                 __m512 r[16];
                 for (int j = 0; j < 16; j++)
                     r[j] = j < cols ? _mm512_maskz_loadu_ps(km, b.p + (jg + j) * b.sc + k0) : _mm512_setzero_ps();
-                transpose16x16(r);
+                sm_transpose16x16(r);
                 for (int e = 0; e < kn; e++) _mm512_storeu_ps(dst + (k0 + e) * NR + 16 * g, r[e]);
             }
         }

@@ -106,4 +106,36 @@ SM_TARGET_AVX2 SM_INLINE __m256 sm_exp_avx2(__m256 x) {
 }
 #endif
 
+#if SM_X86_KERNELS
+/* ---- 16 x 16 transpose (packing in sm_gemm.c, attention's transposed query blocks) -------- */
+/* In-register transpose of a 16 x 16 float block: r[i] holds row i on entry, column i on exit.
+ * Three rounds: interleave pairs of rows (32-bit), pairs of pairs (64-bit), then 128-bit lanes. */
+SM_TARGET_AVX512 SM_INLINE void sm_transpose16x16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4i + e], 128-bit lane l: rows 4i..4i+3 of column 4l + e */
+    for (int i = 0; i < 4; i++) {
+        __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d b0 = _mm512_castps_pd(t[4 * i + 2]), b1 = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, b0));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, b0));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, b1));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, b1));
+    }
+    for (int e = 0; e < 4; e++) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);
+        __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);
+        __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+        __m512 v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+        r[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        r[8 + e] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        r[4 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        r[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+}
+#endif
+
 #endif /* SM_VECMATH_H */
