@@ -279,6 +279,82 @@ int64_t sm_gpt_state_B(const sm_gpt_state *s) { return s->B; }
 int64_t sm_gpt_state_T(const sm_gpt_state *s) { return s->T; }
 int sm_gpt_state_ready(const sm_gpt_state *s) { return s->ready; }
 
+/* ---- KV cache -------------------------------------------------------------------------------- */
+
+struct sm_gpt_cache {
+    sm_gpt_config cfg;
+    int64_t B, capacity, Tmax; /* Tmax: capacity rounded up to the attention block */
+    int64_t nbytes;
+    void *block;
+    int *len;                  /* (B) tokens held per sequence */
+    int *pos, *len1;           /* (B) decode scratch: position written, length after it */
+    float *k, *v;              /* (L, B, NH, Tmax/64, hs, 64) and (L, B, NH, Tmax, hs) */
+    /* decode scratch, one row per sequence */
+    float *x, *x2, *ln, *qkv, *att, *br, *fch, *g; /* (B, C) / (B, 3C) / (B, 4C) */
+};
+
+static int64_t cache_layer_floats(const sm_gpt_cache *c) {
+    return c->B * c->cfg.n_head * c->Tmax * (c->cfg.n_embd / c->cfg.n_head);
+}
+
+static void layout_cache(sm_gpt_cache *c, carver *cv) {
+    const int64_t B = c->B, C = c->cfg.n_embd, L = c->cfg.n_layer;
+    c->len = (int *)carve(cv, B * (int64_t)sizeof(int));
+    c->pos = (int *)carve(cv, B * (int64_t)sizeof(int));
+    c->len1 = (int *)carve(cv, B * (int64_t)sizeof(int));
+    c->k = CARVE_F(cv, L * cache_layer_floats(c));
+    c->v = CARVE_F(cv, L * cache_layer_floats(c));
+    c->x = CARVE_F(cv, B * C);
+    c->x2 = CARVE_F(cv, B * C);
+    c->ln = CARVE_F(cv, B * C);
+    c->qkv = CARVE_F(cv, B * 3 * C);
+    c->att = CARVE_F(cv, B * C);
+    c->br = CARVE_F(cv, B * C);
+    c->fch = CARVE_F(cv, B * 4 * C);
+    c->g = CARVE_F(cv, B * 4 * C);
+}
+
+int sm_gpt_cache_create(sm_gpt_cache **out, const sm_gpt_config *cfg, int64_t B, int64_t capacity) {
+    *out = NULL;
+    if (sm_gpt_config_check(cfg) != SM_OK || B < 1 || B > ((int64_t)1 << 24) || capacity < 1 ||
+        capacity > cfg->block_size)
+        return SM_ERR_ARG;
+    sm_gpt_cache *c = (sm_gpt_cache *)sm_pool_rent(sm_pool_default(), sizeof(sm_gpt_cache));
+    if (!c) return SM_ERR_NOMEM;
+    memset(c, 0, sizeof(*c));
+    c->cfg = *cfg;
+    c->B = B;
+    c->capacity = capacity;
+    c->Tmax = (capacity + SM_ATT_BLOCK - 1) / SM_ATT_BLOCK * SM_ATT_BLOCK;
+    carver cv = {NULL, 0};
+    layout_cache(c, &cv);
+    c->block = sm_pool_rent(sm_pool_default(), (size_t)cv.used);
+    if (!c->block) {
+        sm_pool_return(c);
+        return SM_ERR_NOMEM;
+    }
+    c->nbytes = cv.used;
+    cv.base = (char *)c->block;
+    cv.used = 0;
+    layout_cache(c, &cv);
+    memset(c->len, 0, (size_t)B * sizeof(int));
+    *out = c;
+    return SM_OK;
+}
+
+void sm_gpt_cache_free(sm_gpt_cache *c) {
+    if (!c) return;
+    sm_pool_return(c->block);
+    sm_pool_return(c);
+}
+
+int64_t sm_gpt_cache_nbytes(const sm_gpt_cache *c) { return c ? c->nbytes : 0; }
+int64_t sm_gpt_cache_B(const sm_gpt_cache *c) { return c->B; }
+int64_t sm_gpt_cache_capacity(const sm_gpt_cache *c) { return c->capacity; }
+int64_t sm_gpt_cache_length(const sm_gpt_cache *c, int64_t b) {
+    return (b >= 0 && b < c->B) ? c->len[b] : -1;
+}
+
 /* ---- forward -------------------------------------------------------------------------------- */
 
 /* Where one forward pass writes. Saved arrays are given for the whole batch with per-layer
@@ -292,6 +368,8 @@ typedef struct {
     int64_t s_c, s_3c, s_4c, s_lse, s_row; /* per-layer strides in floats (0 = shared) */
     int chunked_saves;         /* 1: saved arrays span the batch (offset by chunk); 0: a chunk */
     float *ln, *br, *g, *logits;
+    sm_gpt_cache *cache;       /* prefill: every layer's keys and values are stored here */
+    int last_only;             /* logits (B, V) of each sequence's last position only */
 } fwd_bufs;
 
 #define RET_IF(rc)                                                                                \
@@ -332,6 +410,12 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         RET_IF(sm_sgemm(0, 0, N, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
                         qkv, 3 * C, nt));
         sm_bias_add(qkv, P(params, SM_GPT_QKVB, l), N, 3 * C, nt);
+        if (f->cache) { /* prefill: keep this chunk's keys and values */
+            const sm_gpt_cache *kc = f->cache;
+            const int64_t per_seq = NH * kc->Tmax * (C / NH), lay = cache_layer_floats(kc);
+            sm_kv_cache_prefill(kc->k + l * lay + b0 * per_seq, kc->v + l * lay + b0 * per_seq, qkv,
+                                0, bc, T, NH, kc->Tmax, C / NH, nt);
+        }
         sm_att_dropout ad = {dropout, seed, STREAM_PROB(l), b0};
         RET_IF(sm_attention_forward_ex(atty, lse, qkv, bc, T, C, NH, drop ? &ad : NULL, nt));
         RET_IF(sm_sgemm(0, 0, N, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
@@ -358,7 +442,10 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
     sm_layernorm_forward(f->ln, f->meanf ? f->meanf + r0 : NULL, f->rstdf ? f->rstdf + r0 : NULL,
                          x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0), N, C, LN_EPS,
                          nt);
-    if (f->logits) /* LM head tied to wte: logits = ln_f(x) wte^T (logits span the batch) */
+    if (f->logits && f->last_only) /* each sequence's last row (rows T apart) */
+        RET_IF(sm_sgemm(0, 1, bc, V, C, 1.0f, f->ln + (T - 1) * C, T * C, P(params, SM_GPT_WTE, 0),
+                        C, 0.0f, f->logits + b0 * V, V, nt));
+    else if (f->logits) /* LM head tied to wte: logits = ln_f(x) wte^T (logits span the batch) */
         RET_IF(sm_sgemm(0, 1, N, V, C, 1.0f, f->ln, C, P(params, SM_GPT_WTE, 0), C, 0.0f,
                         f->logits + b0 * T * V, V, nt));
     return SM_OK;
@@ -379,7 +466,8 @@ static float mean_loss(const float *losses, int64_t n, int64_t n_valid) {
 
 static int forward_inference(float *logits, float *loss, int64_t *n_valid, const float *params,
                              const sm_gpt_config *cfg, const int *idx, const int *targets,
-                             int64_t B, int64_t T, float dropout, uint64_t seed, int nt) {
+                             int64_t B, int64_t T, float dropout, uint64_t seed,
+                             sm_gpt_cache *cache, int nt) {
     const int64_t C = cfg->n_embd, V = cfg->vocab_size, BT = B * T;
     const int64_t Bc = chunk_seqs(B, T, C), N = Bc * T;
     const int want_logits = logits != NULL || targets != NULL;
@@ -407,6 +495,8 @@ static int forward_inference(float *logits, float *loss, int64_t *n_valid, const
         }
     }
     if (logits) f.logits = logits;
+    f.cache = cache;
+    f.last_only = cache != NULL;
     int rc = SM_OK;
     for (int64_t b0 = 0; b0 < B && rc == SM_OK; b0 += Bc) {
         const int64_t bc = B - b0 < Bc ? B - b0 : Bc;
@@ -487,7 +577,72 @@ int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *s
                                 seed, nt);
     }
     return forward_inference(logits, loss, n_valid, params, cfg, idx, targets, B, T, dropout,
-                             seed, nt);
+                             seed, NULL, nt);
+}
+
+/* ---- prefill and decode --------------------------------------------------------------------- */
+
+int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                   const int *idx, int64_t T, int nthreads) {
+    if (!c || !logits || !params || !idx || sm_gpt_config_check(cfg) != SM_OK ||
+        memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0 || T < 1 || T > c->capacity)
+        return SM_ERR_ARG;
+    const int nt = sm_resolve_threads(nthreads);
+    memset(c->len, 0, (size_t)c->B * sizeof(int)); /* a failed prefill leaves an empty cache */
+    int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, c->B, T, 0.0f, 0, c, nt);
+    if (rc == SM_OK)
+        for (int64_t b = 0; b < c->B; b++) c->len[b] = (int)T;
+    return rc;
+}
+
+int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                  const int *tokens, int nthreads) {
+    if (!c || !logits || !params || !tokens || memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0)
+        return SM_ERR_ARG;
+    const int64_t B = c->B, C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
+    const int64_t V = cfg->vocab_size, hs = C / NH, lay = cache_layer_floats(c);
+    const int nt = sm_resolve_threads(nthreads);
+    for (int64_t b = 0; b < B; b++) {
+        if (c->len[b] < 1 || c->len[b] >= c->capacity) return SM_ERR_STATE;
+        if (tokens[b] < 0 || tokens[b] >= V) return SM_ERR_ARG;
+        c->pos[b] = c->len[b];
+        c->len1[b] = c->len[b] + 1;
+    }
+    /* x (B, C): each sequence's new token at its own position */
+    const float *wte = P(params, SM_GPT_WTE, 0), *wpe = P(params, SM_GPT_WPE, 0);
+    for (int64_t b = 0; b < B; b++)
+        sm_residual_forward(c->x + b * C, wte + (int64_t)tokens[b] * C, wpe + (int64_t)c->pos[b] * C,
+                            C, 1);
+    float *x = c->x, *xo = c->x2;
+    for (int64_t l = 0; l < L; l++) {
+        float *kl = c->k + l * lay, *vl = c->v + l * lay;
+        sm_layernorm_forward(c->ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
+                             P(params, SM_GPT_LN1B, l), B, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(0, 0, B, 3 * C, C, 1.0f, c->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
+                        c->qkv, 3 * C, nt));
+        sm_bias_add(c->qkv, P(params, SM_GPT_QKVB, l), B, 3 * C, nt);
+        sm_kv_cache_append(kl, vl, c->qkv, c->pos, B, NH, c->Tmax, hs, nt);
+        RET_IF(sm_attention_decode(c->att, c->qkv, kl, vl, c->len1, 3 * C, B, NH, c->Tmax, hs, nt));
+        RET_IF(sm_sgemm(0, 0, B, C, C, 1.0f, c->att, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+                        c->br, C, nt));
+        sm_bias_add(c->br, P(params, SM_GPT_ATTPROJB, l), B, C, nt);
+        sm_residual_forward(xo, x, c->br, B * C, nt);           /* xo = mid-block residual */
+        sm_layernorm_forward(c->ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
+                             P(params, SM_GPT_LN2B, l), B, C, LN_EPS, nt);
+        RET_IF(sm_sgemm(0, 0, B, 4 * C, C, 1.0f, c->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
+                        c->fch, 4 * C, nt));
+        sm_bias_add(c->fch, P(params, SM_GPT_FCB, l), B, 4 * C, nt);
+        sm_gelu_forward(c->g, c->fch, B * 4 * C, nt);
+        RET_IF(sm_sgemm(0, 0, B, C, 4 * C, 1.0f, c->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
+                        0.0f, c->br, C, nt));
+        sm_bias_add(c->br, P(params, SM_GPT_FCPROJB, l), B, C, nt);
+        sm_residual_forward(x, xo, c->br, B * C, nt);           /* back into x: layer output */
+    }
+    sm_layernorm_forward(c->ln, NULL, NULL, x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0),
+                         B, C, LN_EPS, nt);
+    RET_IF(sm_sgemm(0, 1, B, V, C, 1.0f, c->ln, C, wte, C, 0.0f, logits, V, nt));
+    for (int64_t b = 0; b < B; b++) c->len[b] = c->len1[b];
+    return SM_OK;
 }
 
 /* ---- backward ------------------------------------------------------------------------------- */

@@ -2,7 +2,8 @@
  * pass (inference, or training with saved activations and the loss gradient), the backward pass
  * into one gradient block, and the AdamW update with weight decay on the weight matrices only.
  * Dropout sits where GPT-2 applies it: the embedding sum, the attention probabilities and each
- * block's two branch outputs. Leaves out: the KV-cache decode step.
+ * block's two branch outputs. Inference also runs incrementally: a KV cache per model call
+ * sequence, filled by a prefill pass over a prompt and extended one token at a time.
  *
  * The model (Hugging Face GPT2LMHeadModel): x = wte[idx] + wpe[t]; per layer
  * x = x + c_proj(attn(ln_1(x))); x = x + mlp_c_proj(gelu(c_fc(ln_2(x)))); logits = ln_f(x) wte^T.
@@ -117,6 +118,34 @@ int sm_gpt_backward(float *grads, sm_gpt_state *state, const float *params, floa
 void sm_gpt_adamw(float *params, float *m, float *v, const float *grads, const sm_gpt_config *cfg,
                   float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
                   int nthreads);
+
+/* ---- incremental inference: KV cache, prefill, decode ---------------------------------------- */
+
+/* The keys and values of every layer for B sequences of up to `capacity` positions (rounded up
+ * to a multiple of 64), in sm_attention.h's cache layout, plus each sequence's length. One
+ * block rented from the default MemoryPool; a cache belongs to one caller at a time. */
+typedef struct sm_gpt_cache sm_gpt_cache;
+
+/* SM_OK, SM_ERR_ARG (bad config, B < 1, capacity < 1 or above block_size) or SM_ERR_NOMEM. */
+int sm_gpt_cache_create(sm_gpt_cache **out, const sm_gpt_config *cfg, int64_t B, int64_t capacity);
+void sm_gpt_cache_free(sm_gpt_cache *c);
+int64_t sm_gpt_cache_nbytes(const sm_gpt_cache *c);
+int64_t sm_gpt_cache_B(const sm_gpt_cache *c);
+int64_t sm_gpt_cache_capacity(const sm_gpt_cache *c);
+/* Length (tokens held) of sequence b. */
+int64_t sm_gpt_cache_length(const sm_gpt_cache *c, int64_t b);
+
+/* Run the prompts idx (B, T) (B = the cache's, positions 0 .. T-1; T <= capacity) through the
+ * model, store every layer's keys and values in the (emptied) cache and write the logits of each
+ * prompt's last position to logits (B, V). SM_ERR_ARG on a shape mismatch. */
+int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                   const int *idx, int64_t T, int nthreads);
+
+/* One more token per sequence, tokens (B), at position length(b): appends its keys and values
+ * and writes the next-token logits (B, V). SM_ERR_STATE when a sequence is full (length ==
+ * capacity) or empty (no prefill yet); SM_ERR_ARG on a config mismatch. */
+int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                  const int *tokens, int nthreads);
 
 /* The dropout used above, exposed for tests: out = inp * keep(i) / (1 - p), where keep(i) is the
  * hash test for element i of stream `stream`. out may equal inp. */

@@ -254,6 +254,19 @@ cdef extern from "sm_model.h" nogil:
                       float weight_decay, int64_t step, int nthreads)
     void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,
                             uint64_t stream, int nthreads)
+    ctypedef struct sm_gpt_cache:
+        pass
+    int sm_gpt_cache_create(sm_gpt_cache **out, const sm_gpt_config *cfg, int64_t B,
+                            int64_t capacity)
+    void sm_gpt_cache_free(sm_gpt_cache *c)
+    int64_t sm_gpt_cache_nbytes(const sm_gpt_cache *c)
+    int64_t sm_gpt_cache_B(const sm_gpt_cache *c)
+    int64_t sm_gpt_cache_capacity(const sm_gpt_cache *c)
+    int64_t sm_gpt_cache_length(const sm_gpt_cache *c, int64_t b)
+    int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params,
+                       const sm_gpt_config *cfg, const int *idx, int64_t T, int nthreads)
+    int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params,
+                      const sm_gpt_config *cfg, const int *tokens, int nthreads)
 
 
 # ---- end of declarations ---------------------------------------------------------------------

@@ -232,3 +232,134 @@ def dropout_forward(inp, p, seed, stream=0, out=None, threads=None):
     with nogil:
         sm_dropout_forward(po, pi, n, fp, sd, st, nt)
     return out
+
+
+# ---- incremental inference ---------------------------------------------------------------------
+
+cdef class GPTCache:
+    """Every layer's keys and values for `B` sequences of up to `capacity` positions, in one
+    block rented from the default MemoryPool (returned by free() or when the object goes away).
+    Filled by gpt_prefill, extended by gpt_decode; one caller at a time (calls hold its lock)."""
+    cdef sm_gpt_cache *c
+    cdef sm_gpt_config cfg
+    cdef object lock
+
+    def __cinit__(self, tuple cfg, B, capacity):
+        self.c = NULL
+        self.lock = _threading.Lock()
+        _gpt_config(cfg, &self.cfg)
+        _check_int(B, "B", 1, 2 ** 24)
+        _check_int(capacity, "capacity", 1, self.cfg.block_size)
+        cdef int64_t b = B, cap = capacity
+        cdef int rc
+        with nogil:
+            rc = sm_gpt_cache_create(&self.c, &self.cfg, b, cap)
+        _raise_for(rc, "GPTCache")
+
+    def __dealloc__(self):
+        if self.c != NULL:
+            sm_gpt_cache_free(self.c)
+            self.c = NULL
+
+    def free(self):
+        """Return the block to the pool now (idempotent)."""
+        with self.lock:
+            if self.c != NULL:
+                sm_gpt_cache_free(self.c)
+                self.c = NULL
+
+    @property
+    def freed(self):
+        return self.c == NULL
+
+    @property
+    def nbytes(self):
+        return sm_gpt_cache_nbytes(self.c) if self.c != NULL else 0
+
+    @property
+    def batch(self):
+        return sm_gpt_cache_B(self.c) if self.c != NULL else 0
+
+    @property
+    def capacity(self):
+        return sm_gpt_cache_capacity(self.c) if self.c != NULL else 0
+
+    @property
+    def lengths(self):
+        """Tokens held per sequence (a list)."""
+        if self.c == NULL:
+            return []
+        return [sm_gpt_cache_length(self.c, b) for b in range(sm_gpt_cache_B(self.c))]
+
+
+cdef int _check_cache(GPTCache cache, sm_gpt_config *c) except -1:
+    if cache.c == NULL:
+        raise ObjectDisposedError("the KV cache was freed")
+    if (cache.cfg.vocab_size, cache.cfg.block_size, cache.cfg.n_layer, cache.cfg.n_head,
+            cache.cfg.n_embd) != (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd):
+        raise ValidationError("the KV cache belongs to another configuration")
+    return 0
+
+
+def gpt_prefill(params, tuple cfg, idx, GPTCache cache, threads=None):
+    """Run the prompts idx (B, T) int32 (B = the cache's batch, T <= its capacity) through the
+    model, refill the cache with their keys and values, and return the logits of each prompt's
+    last position, float32 (B, V)."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    _check_f32(params, "params", 1)
+    if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&c):
+        raise ValidationError(f"params must hold {sm_gpt_num_params(&c)} floats, got {params.shape[0]}")
+    _check_i32(idx, "idx", 2)
+    cdef int64_t B = idx.shape[0], T = idx.shape[1]
+    _check_ids(idx, "idx", 0, c.vocab_size - 1,
+               f"token ids in [0, {c.vocab_size - 1}] (vocab_size is {c.vocab_size})")
+    cdef int nt = _threads(threads)
+    logits = np.empty((B, c.vocab_size), dtype=np.float32)
+    cdef float *pl = _fptr(logits)
+    cdef const float *pp = _fptr(params)
+    cdef const int *pi = _iptr(idx)
+    cdef int rc = SM_OK
+    with cache.lock:
+        _check_cache(cache, &c)
+        if B != sm_gpt_cache_B(cache.c):
+            raise ValidationError(f"idx has {B} rows but the cache holds {sm_gpt_cache_B(cache.c)} sequences")
+        if T < 1 or T > sm_gpt_cache_capacity(cache.c):
+            raise ValidationError(f"idx has {T} positions; the cache holds 1 to {sm_gpt_cache_capacity(cache.c)}")
+        with nogil:
+            rc = sm_gpt_prefill(pl, cache.c, pp, &c, pi, T, nt)
+    _raise_for(rc, "gpt_prefill")
+    return logits
+
+
+def gpt_decode(params, tuple cfg, tokens, GPTCache cache, threads=None):
+    """Append one token per sequence (tokens: int32 (B,)) to the cache and return the
+    next-token logits, float32 (B, V). Every sequence must hold 1 to capacity-1 tokens."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    _check_f32(params, "params", 1)
+    if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&c):
+        raise ValidationError(f"params must hold {sm_gpt_num_params(&c)} floats, got {params.shape[0]}")
+    _check_i32(tokens, "tokens", 1)
+    _check_ids(tokens, "tokens", 0, c.vocab_size - 1,
+               f"token ids in [0, {c.vocab_size - 1}] (vocab_size is {c.vocab_size})")
+    cdef int64_t B = tokens.shape[0]
+    cdef int nt = _threads(threads)
+    logits = np.empty((B, c.vocab_size), dtype=np.float32)
+    cdef float *pl = _fptr(logits)
+    cdef const float *pp = _fptr(params)
+    cdef const int *pt = _iptr(tokens)
+    cdef int rc = SM_OK
+    with cache.lock:
+        _check_cache(cache, &c)
+        if B != sm_gpt_cache_B(cache.c):
+            raise ValidationError(f"tokens has {B} entries but the cache holds {sm_gpt_cache_B(cache.c)} sequences")
+        lengths = [sm_gpt_cache_length(cache.c, b) for b in range(B)]
+        if min(lengths) < 1:
+            raise ValidationError("the KV cache is empty: call gpt_prefill first")
+        if max(lengths) >= sm_gpt_cache_capacity(cache.c):
+            raise ValidationError(f"the KV cache is full ({sm_gpt_cache_capacity(cache.c)} positions)")
+        with nogil:
+            rc = sm_gpt_decode(pl, cache.c, pp, &c, pt, nt)
+    _raise_for(rc, "gpt_decode")
+    return logits

@@ -1,0 +1,101 @@
+"""test_decode.py - incremental inference in C: a prefill pass over prompts fills a KV cache,
+then one call per token extends it; the logits equal those of a full forward pass."""
+import threading
+
+import numpy as np
+import pytest
+
+import smallmind as sm
+from smallmind import _core
+
+
+def _model(V=13, T=150, L=2, NH=2, C=24, seed=0):
+    m = sm.TransformerModel(sm.ModelConfig(V, T, L, NH, C, seed=seed)).eval()
+    rng = np.random.default_rng(seed)
+    for v in m.state_dict().values():   # sharper than the init, so positions matter
+        v[...] += rng.standard_normal(v.shape).astype(np.float32) * 0.1
+    return m
+
+
+def _run(m, seq, prompt, threads=None):
+    B, T = seq.shape
+    cache = _core.GPTCache(m._cfg, B, T)
+    out = [_core.gpt_prefill(m._params, m._cfg, np.ascontiguousarray(seq[:, :prompt]), cache,
+                             threads)]
+    for t in range(prompt, T):
+        out.append(_core.gpt_decode(m._params, m._cfg, np.ascontiguousarray(seq[:, t]), cache,
+                                    threads))
+    assert cache.lengths == [T] * B
+    return np.stack(out, axis=1)     # (B, T - prompt + 1, V): logits of positions prompt-1 ..
+
+
+@pytest.mark.parametrize("V,T,L,NH,C,B,prompt", [
+    (13, 150, 2, 2, 24, 3, 7),     # crosses two 64-position blocks; head size 12 (padded rows)
+    (40, 70, 1, 1, 16, 1, 1),      # a one-token prompt
+    (29, 80, 2, 4, 64, 20, 70),    # prefill of 1400 tokens runs in two chunks
+])
+def test_prefill_then_decode_equals_forward(V, T, L, NH, C, B, prompt):
+    m = _model(V, T, L, NH, C)
+    seq = np.random.default_rng(1).integers(0, V, (B, T)).astype(np.int32)
+    got = _run(m, seq, prompt)
+    want = m.forward(seq)[:, prompt - 1:]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_thread_count_and_concurrency_do_not_change_bits():
+    m = _model()
+    seqs = [np.random.default_rng(s).integers(0, 13, (2, 90)).astype(np.int32) for s in range(4)]
+    serial = [_run(m, s, 5, threads=1) for s in seqs]
+    assert np.array_equal(_run(m, seqs[0], 5, threads=2), serial[0])
+    results = [None] * 4
+
+    def work(i):
+        results[i] = _run(m, seqs[i], 5, threads=1)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(np.array_equal(r, s) for r, s in zip(results, serial))
+
+
+def test_errors_and_cache_lifetime():
+    m = _model(T=64)
+    cfg, p = m._cfg, m._params
+    with pytest.raises(sm.ValidationError, match="capacity"):
+        _core.GPTCache(cfg, 1, 65)
+    cache = _core.GPTCache(cfg, 2, 8)
+    assert cache.capacity == 8 and cache.batch == 2 and cache.lengths == [0, 0]
+    with pytest.raises(sm.ValidationError, match="empty"):
+        _core.gpt_decode(p, cfg, np.zeros(2, np.int32), cache)
+    with pytest.raises(sm.ValidationError, match="rows"):
+        _core.gpt_prefill(p, cfg, np.zeros((3, 4), np.int32), cache)
+    with pytest.raises(sm.ValidationError, match="positions"):
+        _core.gpt_prefill(p, cfg, np.zeros((2, 9), np.int32), cache)
+    with pytest.raises(sm.ValidationError, match="idx"):
+        _core.gpt_prefill(p, cfg, np.full((2, 4), 13, np.int32), cache)
+    _core.gpt_prefill(p, cfg, np.zeros((2, 7), np.int32), cache)
+    with pytest.raises(sm.ValidationError, match="tokens"):
+        _core.gpt_decode(p, cfg, np.array([0, -1], np.int32), cache)
+    with pytest.raises(sm.ValidationError, match="entries"):
+        _core.gpt_decode(p, cfg, np.zeros(3, np.int32), cache)
+    _core.gpt_decode(p, cfg, np.zeros(2, np.int32), cache)
+    assert cache.lengths == [8, 8]
+    with pytest.raises(sm.ValidationError, match="full"):
+        _core.gpt_decode(p, cfg, np.zeros(2, np.int32), cache)
+    other = _model(V=14, T=64)
+    with pytest.raises(sm.ValidationError, match="configuration"):
+        _core.gpt_decode(other._params, other._cfg, np.zeros(2, np.int32), cache)
+    # a new prefill starts the sequences over
+    _core.gpt_prefill(p, cfg, np.zeros((2, 3), np.int32), cache)
+    assert cache.lengths == [3, 3]
+    before = sm.default_pool().stats()["outstanding_bytes"]
+    nbytes = cache.nbytes
+    assert nbytes > 0
+    cache.free()
+    cache.free()
+    assert cache.freed and cache.nbytes == 0
+    assert sm.default_pool().stats()["outstanding_bytes"] <= before - nbytes
+    with pytest.raises(sm.ObjectDisposedError):
+        _core.gpt_decode(p, cfg, np.zeros(2, np.int32), cache)
