@@ -10,6 +10,7 @@ from .tokenizer import Tokenizer, UnknownCharacterWarning
 from .cancellation import CancellationToken, CancellationTokenSource
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .training import History, Training
+from .sampling import GenerationResult, Sampling
 from ._core import (
     build_info,
     get_num_threads,
@@ -39,4 +40,4 @@ __all__ = [
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
-            "save_checkpoint", "Training", "History"]
+            "save_checkpoint", "Training", "History", "Sampling", "GenerationResult"]

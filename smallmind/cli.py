@@ -52,22 +52,6 @@ def cmd_bench(args):
     return 0
 
 
-def _sample(model, ids, n, temperature, top_k, rng):
-    """Continue `ids` by n tokens (full forward over the last block_size tokens per token; the
-    KV-cache sampler arrives with smallmind.sampling)."""
-    ids = list(ids)
-    T = model.config.block_size
-    for _ in range(n):
-        ctx = np.asarray([ids[-T:]], dtype=np.int32)
-        logits = model.forward(ctx)[0, -1].astype(np.float64) / temperature
-        if 0 < top_k < logits.size:
-            cut = np.partition(logits, -top_k)[-top_k]
-            logits[logits < cut] = -np.inf
-        p = np.exp(logits - logits.max())
-        ids.append(int(rng.choice(p.size, p=p / p.sum())))
-    return ids
-
-
 def cmd_demo(args):
     """Train a small model on the built-in corpus, then generate from it."""
     from .corpus import builtin_corpus
@@ -96,12 +80,14 @@ def cmd_demo(args):
                          eval_every=args.steps, eval_batches=20, log_every=0, callback=progress)
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s; validation loss "
           f"{hist.val_loss[-1]:.3f} (a uniform guess scores {np.log(tok.vocab_size):.3f})")
+    from .sampling import Sampling
     model.eval()
-    rng = np.random.default_rng(args.seed)
-    prompt = args.prompt
-    ids = _sample(model, tok.encode(prompt), args.tokens, 0.8, 20, rng)
     print("\n--- generated ---")
-    print(tok.decode(ids))
+    print(args.prompt, end="", flush=True)
+    for piece in Sampling(model, tok).stream(args.prompt, args.tokens, temperature=0.8,
+                                             top_k=20, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 

@@ -1,0 +1,250 @@
+"""sampling.py - Sampling: text generation from a TransformerModel with a KV cache in C (the
+prompt is prefilled in one call, then one call per token, all without the GIL), temperature /
+top-k / top-p sampling, stop strings, streaming and cooperative cancellation.
+
+Leaves out (next steps of issue 4): batched decoding of many prompts, the asyncio twins, the
+sampler pool and the throttled service.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .cancellation import check_cancel
+from .errors import CancelledError, ValidationError
+from .model import TransformerModel, _is_int
+from .tokenizer import Tokenizer
+
+__all__ = ["Sampling", "GenerationResult"]
+
+logger = logging.getLogger("smallmind.sampling")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One generation: the continuation `text` and its `tokens`, why it ended
+    (`finish_reason`: "length", "stop"), the prompt's token count as the model saw it, and
+    timings (seconds; tokens_per_sec counts generated tokens over the whole call)."""
+    text: str
+    tokens: list
+    finish_reason: str
+    prompt_tokens: int
+    elapsed_sec: float
+    time_to_first_token_sec: float
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return len(self.tokens) / self.elapsed_sec if self.elapsed_sec > 0 else float("inf")
+
+
+def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop):
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 0:
+        raise ValidationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (float(temperature) >= 0.0) or not np.isfinite(float(temperature)):
+        raise ValidationError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not _is_int(top_k):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValidationError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
+    if not (0.0 < float(top_p) <= 1.0):
+        raise ValidationError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise ValidationError(f"seed must be None or an int >= 0, got {seed!r}")
+    if stop is None:
+        stops = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise TypeError("stop must be a str, a sequence of str, or None")
+    if any(s == "" for s in stops):
+        raise ValidationError("stop strings must not be empty")
+    return float(temperature), int(top_k), float(top_p), stops
+
+
+def sample_next(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
+                rng: np.random.Generator) -> int:
+    """The next token id from one row of logits: argmax at temperature 0 (the first of equal
+    maxima), else a draw from softmax(logits / temperature) restricted to the top_k largest
+    (0: all) and to the smallest set of most likely tokens whose probability reaches top_p."""
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[:int(np.searchsorted(cum, top_p)) + 1]   # reaches top_p (at least one)
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+class Sampling:
+    """Generates text from `model` with `tokenizer`.
+
+    The model is only read (any number of Sampling objects may share one model, from any
+    threads); it runs as in eval mode whatever its mode (no dropout). A Sampling object itself is
+    not thread-safe: use one per thread or request. Each call rents a KV cache from the
+    MemoryPool and returns it when the call (or the stream) ends.
+
+    Contexts longer than the model's block_size slide: the model sees the last block_size
+    tokens, as nanoGPT's generate does (past that point each token costs a prefill of the
+    window instead of one decode step).
+    """
+
+    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, threads: int | None = None):
+        if not isinstance(model, TransformerModel):
+            raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
+        model._check_alive()
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
+                                  f"vocab_size is {model.config.vocab_size}")
+        if threads is not None and (not _is_int(threads) or not 1 <= threads <= 1024):
+            raise ValidationError(f"threads must be None or an int in [1, 1024], got {threads!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.threads = threads
+
+    def generate(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, cancel=None,
+                 return_details: bool = False):
+        """The continuation of `prompt` (a str), or a GenerationResult with return_details.
+
+        max_new_tokens >= 0; temperature >= 0 (0: greedy, the argmax of forward's logits);
+        top_k >= 0 (0: no limit) and top_p in (0, 1] combine; seed makes the draw reproducible
+        (and independent of thread counts); generation ends early at the first of the `stop`
+        strings (which is not included). Unknown prompt characters follow the tokenizer's
+        policy; an empty prompt (or one with no known character) raises ValidationError.
+        `cancel` is checked between tokens: CancelledError, whose `.result` holds what was
+        generated so far."""
+        pieces = []
+        gen = self._run(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel)
+        result = None
+        try:
+            while True:
+                pieces.append(next(gen))
+        except StopIteration as e:
+            result = e.value
+        if return_details:
+            return result
+        return result.text
+
+    def stream(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, cancel=None) -> Iterator[str]:
+        """Yield the continuation piece by piece as it is produced (arguments as generate). Text
+        that could be the start of a stop string is held back until it is known not to be."""
+        return self._stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel)
+
+    def _stream(self, *args):
+        gen = self._run(*args)
+        try:
+            yield from gen
+        finally:
+            gen.close()
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel):
+        temperature, top_k, top_p, stops = _check_sampling_args(
+            max_new_tokens, temperature, top_k, top_p, seed, stop)
+        is_cancelled = check_cancel(cancel)
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        model, tok = self.model, self.tokenizer
+        model._check_alive()
+        ids = tok.encode(prompt)
+        if not ids:
+            raise ValidationError("prompt must contain at least one character of the "
+                                  "tokenizer's vocabulary (there is no start token)")
+        T = model.config.block_size
+        rng = np.random.Generator(np.random.PCG64(seed))
+        t0 = time.perf_counter()
+        ttft = 0.0
+        new: list[int] = []
+        text = ""
+        emitted = 0
+        reason = "length"
+        cache = _core.GPTCache(model._cfg, 1, T)
+        try:
+            window = ids[-T:]
+            logits = _core.gpt_prefill(model._params, model._cfg,
+                                       np.asarray([window], dtype=np.int32), cache, self.threads)[0]
+            context = list(window)
+            while len(new) < max_new_tokens:
+                if is_cancelled():
+                    err = CancelledError(f"generation cancelled after {len(new)} tokens")
+                    err.result = GenerationResult(text[:], list(new), "cancelled", len(window),
+                                                  time.perf_counter() - t0, ttft)
+                    raise err
+                nxt = sample_next(logits, temperature, top_k, top_p, rng)
+                if not new:
+                    ttft = time.perf_counter() - t0
+                new.append(nxt)
+                context.append(nxt)
+                text += tok.decode([nxt])
+                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                    reason = "stop"
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    break
+                safe = len(text) - _held_back(text, stops)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+                if len(new) == max_new_tokens:
+                    break
+                if cache.lengths[0] < T:
+                    logits = _core.gpt_decode(model._params, model._cfg,
+                                              np.asarray([nxt], dtype=np.int32), cache,
+                                              self.threads)[0]
+                else:   # the window is full: slide it (positions restart at 0)
+                    context = context[-T:]
+                    logits = _core.gpt_prefill(model._params, model._cfg,
+                                               np.asarray([context], dtype=np.int32), cache,
+                                               self.threads)[0]
+            if reason == "length" and len(text) > emitted:
+                yield text[emitted:]
+        finally:
+            cache.free()
+        elapsed = time.perf_counter() - t0
+        logger.debug("generated %d tokens in %.3f s (%s)", len(new), elapsed, reason)
+        return GenerationResult(text, new, reason, len(window), elapsed, ttft)
+
+
+def _held_back(text: str, stops) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

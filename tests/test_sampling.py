@@ -1,0 +1,125 @@
+"""test_sampling.py - Sampling: greedy decoding equals the argmax of full forward passes (with
+the window sliding past block_size), seeded draws are reproducible and thread-independent, stop
+strings, streaming, cancellation, pool hygiene and bad arguments."""
+import threading
+
+import numpy as np
+import pytest
+
+import smallmind as sm
+from smallmind.sampling import sample_next
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+TOK = sm.Tokenizer(TEXT)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 24, 2, 2, 32, seed=3))
+    sm.Training(m, TOK, TEXT, 24, 8, seed=1).train(120, 1e-2, log_every=0)
+    return m.eval()
+
+
+def test_greedy_equals_forward_argmax_with_sliding_window(model):
+    prompt = "the quick"
+    out = sm.Sampling(model, TOK).generate(prompt, 60, temperature=0)
+    ctx = TOK.encode(prompt)
+    for _ in range(60):                   # 9 + 60 tokens: the 24-token window slides
+        logits = model.forward(np.array([ctx[-24:]], np.int32))[0, -1]
+        ctx.append(int(np.argmax(logits)))
+    assert out == TOK.decode(ctx[len(TOK.encode(prompt)):])
+
+
+def test_seeded_generation_is_reproducible_and_thread_independent(model):
+    kw = dict(max_new_tokens=50, temperature=2.0, top_k=20, top_p=0.99, seed=7)
+    a = sm.Sampling(model, TOK, threads=1).generate("the", **kw)
+    b = sm.Sampling(model, TOK, threads=2).generate("the", **kw)
+    c = sm.Sampling(model, TOK).generate("the", **dict(kw, seed=8))
+    assert a == b and len(a) == 50 and a != c
+    serial = [sm.Sampling(model, TOK).generate("the", **dict(kw, seed=s)) for s in range(8)]
+    got = [None] * 8
+
+    def work(i):
+        got[i] = sm.Sampling(model, TOK, threads=1).generate("the", **dict(kw, seed=i))
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == serial
+
+
+def test_sample_next_filters():
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 5.0, 4.9, -1.0, 4.8], np.float32)
+    assert sample_next(logits, 0.0, 0, 1.0, rng) == 1
+    draws = {sample_next(logits, 1.0, 2, 1.0, rng) for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sample_next(logits, 1.0, 0, 0.3, rng) for _ in range(200)}
+    assert draws == {1}                   # the most likely token alone reaches p = 0.3
+
+
+def test_stop_strings_and_streaming(model):
+    s = sm.Sampling(model, TOK)
+    r = s.generate("the quick", 80, temperature=0, stop=["dog", "zzz"], return_details=True)
+    full = s.generate("the quick", 80, temperature=0)
+    assert r.finish_reason == "stop" and "dog" not in r.text
+    assert full.startswith(r.text + "dog")
+    pieces = list(s.stream("the quick", 80, temperature=0, stop="dog"))
+    assert "".join(pieces) == r.text and len(pieces) > 1
+    assert "".join(s.stream("the", 30, temperature=0)) == s.generate("the", 30, temperature=0)
+    d = s.generate("the", 10, temperature=0, return_details=True)
+    assert d.finish_reason == "length" and d.new_tokens == 10 and d.prompt_tokens == 3
+    assert s.generate("the", 0) == ""
+
+
+class _Countdown(threading.Event):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def is_set(self):
+        self.n -= 1
+        return self.n < 0
+
+
+def test_cancellation_and_pool_hygiene(model):
+    pool = sm.default_pool()
+    before = pool.stats()["outstanding_bytes"]
+    s = sm.Sampling(model, TOK)
+    with pytest.raises(sm.CancelledError) as e:
+        s.generate("the", 50, temperature=0, cancel=_Countdown(5))
+    assert e.value.result.new_tokens == 5
+    assert e.value.result.text == s.generate("the", 5, temperature=0)
+    it = s.stream("the", 50, temperature=0)
+    next(it)
+    it.close()                            # a stream closed early gives its cache back
+    src = sm.CancellationTokenSource()
+    src.cancel()
+    with pytest.raises(sm.CancelledError):
+        list(s.stream("the", 5, cancel=src.token))
+    assert pool.stats()["outstanding_bytes"] == before
+
+
+def test_bad_arguments(model):
+    s = sm.Sampling(model, TOK)
+    for kw, exc, match in [(dict(max_new_tokens=-1), sm.ValidationError, "max_new_tokens"),
+                           (dict(temperature=-0.1), sm.ValidationError, "temperature"),
+                           (dict(top_k=-1), sm.ValidationError, "top_k"),
+                           (dict(top_p=0.0), sm.ValidationError, "top_p"),
+                           (dict(top_p=1.5), sm.ValidationError, "top_p"),
+                           (dict(seed=-3), sm.ValidationError, "seed"),
+                           (dict(stop=[""]), sm.ValidationError, "stop"),
+                           (dict(stop=3), TypeError, "stop"),
+                           (dict(cancel="no"), TypeError, "cancel")]:
+        with pytest.raises(exc, match=match):
+            s.generate("the", **kw)
+    with pytest.raises(sm.ValidationError, match="prompt"):
+        s.generate("")
+    with pytest.raises(TypeError, match="prompt"):
+        s.generate(b"the")
+    with pytest.raises(sm.ValidationError, match="vocab_size"):
+        sm.Sampling(sm.TransformerModel(sm.ModelConfig(3, 8, 1, 1, 4)), TOK)
+    with pytest.raises(TypeError, match="model"):
+        sm.Sampling("m", TOK)
