@@ -2,6 +2,7 @@
 random generators, and comparison against float64 references."""
 import os
 import subprocess
+import threading
 import sys
 
 import numpy as np
@@ -49,3 +50,16 @@ def run_python(code, timeout=120, **env):
     here = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
     return subprocess.run([sys.executable, "-c", code], env=full, cwd=here, capture_output=True,
                           text=True, timeout=timeout)
+
+
+class CountdownEvent(threading.Event):
+    """An Event that reports itself set from its (n+1)-th poll on: cancels long work at a
+    precise point (training steps and micro-steps, generated tokens)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def is_set(self):
+        self.n -= 1
+        return self.n < 0 or super().is_set()

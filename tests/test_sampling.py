@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
+from conftest import CountdownEvent
 from smallmind.sampling import sample_next
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
@@ -74,22 +75,12 @@ def test_stop_strings_and_streaming(model):
     assert s.generate("the", 0) == ""
 
 
-class _Countdown(threading.Event):
-    def __init__(self, n):
-        super().__init__()
-        self.n = n
-
-    def is_set(self):
-        self.n -= 1
-        return self.n < 0
-
-
 def test_cancellation_and_pool_hygiene(model):
     pool = sm.default_pool()
     before = pool.stats()["outstanding_bytes"]
     s = sm.Sampling(model, TOK)
     with pytest.raises(sm.CancelledError) as e:
-        s.generate("the", 50, temperature=0, cancel=_Countdown(5))
+        s.generate("the", 50, temperature=0, cancel=CountdownEvent(5))
     assert e.value.result.new_tokens == 5
     assert e.value.result.text == s.generate("the", 5, temperature=0)
     it = s.stream("the", 50, temperature=0)

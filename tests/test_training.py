@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from conftest import run_python
+from conftest import CountdownEvent, run_python
 from smallmind.training import BEST_FILE, CANCELLED_FILE, LAST_FILE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,18 +121,6 @@ print(json.dumps({{"loss": h.train_loss, "val": h.val_loss, "step": tr.step}}))
     assert np.array_equal(np.load(tmp_path / "params.npy"), full.model._params)
 
 
-class _CountdownEvent(threading.Event):
-    """An Event that reports itself set from its n-th poll on: cancels at a precise point."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.n = n
-
-    def is_set(self):
-        self.n -= 1
-        return self.n < 0 or super().is_set()
-
-
 # Polls come before each step and before each extra micro-step (two per step here): with 2
 # polls allowed the third (start of step 2) cancels; with 3 the fourth (inside step 2) does.
 @pytest.mark.parametrize("polls", [2, 3])
@@ -144,7 +132,7 @@ def test_cancel_saves_consistent_checkpoint_and_resumes_exactly(tmp_path, polls)
     tr = _trainer(dropout=0.1)
     # polls: one before each step and one before each extra micro-step -> 2 per step
     with pytest.raises(sm.CancelledError, match="cancelled at step 1"):
-        tr.train(6, 1e-2, cancel=_CountdownEvent(polls), checkpoint_dir=tmp_path, **kw)
+        tr.train(6, 1e-2, cancel=CountdownEvent(polls), checkpoint_dir=tmp_path, **kw)
     assert tr.step == 1
     one = _trainer(dropout=0.1)
     one.train(1, 1e-2, lr_decay_steps=6, **kw)
