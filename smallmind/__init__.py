@@ -11,6 +11,7 @@ from .cancellation import CancellationToken, CancellationTokenSource
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .training import History, Training
 from .sampling import GenerationResult, Sampling
+from .serving import SamplerPool, ThrottledInferenceService
 from ._core import (
     build_info,
     get_num_threads,
@@ -40,4 +41,5 @@ __all__ = [
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
-            "save_checkpoint", "Training", "History", "Sampling", "GenerationResult"]
+            "save_checkpoint", "Training", "History", "Sampling", "GenerationResult",
+            "SamplerPool", "ThrottledInferenceService"]

@@ -2,13 +2,15 @@
 prompt is prefilled in one call, then one call per token, all without the GIL), temperature /
 top-k / top-p sampling, stop strings, streaming and cooperative cancellation.
 
-Leaves out (next steps of issue 4): batched decoding of many prompts, the asyncio twins, the
-sampler pool and the throttled service.
+Leaves out (next steps of issue 4): batched decoding of many prompts in one call.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
+import threading
 import time
 from typing import Iterator, Sequence
 
@@ -161,6 +163,17 @@ class Sampling:
         that could be the start of a stop string is held back until it is known not to be."""
         return self._stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel)
 
+    async def generate_async(self, prompt: str, max_new_tokens: int = 100, **kwargs):
+        """`generate` for asyncio: runs in a worker thread; cancelling the awaiting task stops
+        decoding before the next token and returns only once the worker has let go of its KV
+        cache. Other arguments (including `cancel=`) as in generate."""
+        return await _generate_async(self, prompt, dict(kwargs, max_new_tokens=max_new_tokens))
+
+    def stream_async(self, prompt: str, max_new_tokens: int = 100, **kwargs):
+        """`stream` for asyncio: an async iterator of text pieces (decoding runs in a worker
+        thread). Closing it early or cancelling the consuming task stops the worker."""
+        return _stream_async(self, prompt, dict(kwargs, max_new_tokens=max_new_tokens))
+
     def _stream(self, *args):
         gen = self._run(*args)
         try:
@@ -248,3 +261,64 @@ def _held_back(text: str, stops) -> int:
                 best = n
                 break
     return best
+
+
+# ---- asyncio twins ------------------------------------------------------------------------------
+
+class _Either(threading.Event):
+    """Cancelled when its own flag is set or when the caller's `cancel` fires."""
+
+    def __init__(self, outer):
+        super().__init__()
+        self._outer = check_cancel(outer)
+
+    def is_set(self):
+        return super().is_set() or self._outer()
+
+
+async def _generate_async(sampler: "Sampling", prompt, kwargs, executor=None):
+    loop = asyncio.get_running_loop()
+    flag = _Either(kwargs.pop("cancel", None))
+    fut = loop.run_in_executor(executor, functools.partial(sampler.generate, prompt, cancel=flag,
+                                                           **kwargs))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        flag.set()                       # the worker stops before its next token ...
+        try:
+            await fut                    # ... and has given its cache back when we return
+        except BaseException:
+            pass
+        raise
+
+
+async def _stream_async(sampler: "Sampling", prompt, kwargs, executor=None):
+    loop = asyncio.get_running_loop()
+    flag = _Either(kwargs.pop("cancel", None))
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def work():
+        try:
+            for piece in sampler.stream(prompt, cancel=flag, **kwargs):
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", done))
+        except BaseException as e:   # handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+    fut = loop.run_in_executor(executor, work)
+    try:
+        while True:
+            kind, item = await queue.get()
+            if kind == "piece":
+                yield item
+            elif kind == "end":
+                break
+            else:
+                raise item
+    finally:
+        flag.set()
+        try:
+            await asyncio.shield(fut)
+        except BaseException:
+            pass

@@ -1,6 +1,7 @@
 """test_sampling.py - Sampling: greedy decoding equals the argmax of full forward passes (with
 the window sliding past block_size), seeded draws are reproducible and thread-independent, stop
 strings, streaming, cancellation, pool hygiene and bad arguments."""
+import asyncio
 import threading
 
 import numpy as np
@@ -114,3 +115,101 @@ def test_bad_arguments(model):
         sm.Sampling(sm.TransformerModel(sm.ModelConfig(3, 8, 1, 1, 4)), TOK)
     with pytest.raises(TypeError, match="model"):
         sm.Sampling("m", TOK)
+
+
+# ---- asyncio and the concurrency patterns ------------------------------------------------------
+
+def test_async_twins_equal_sync_and_cancel_frees_everything(model):
+    s = sm.Sampling(model, TOK)
+    want = s.generate("the", 30, temperature=0)
+    before = sm.default_pool().stats()["outstanding_bytes"]
+
+    async def main():
+        got = await s.generate_async("the", 30, temperature=0)
+        parts = [p async for p in s.stream_async("the", 30, temperature=0)]
+        task = asyncio.create_task(s.generate_async("the", 10 ** 6, temperature=0))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        agen = s.stream_async("the", 10 ** 6, temperature=0)
+        await agen.__anext__()
+        await agen.aclose()                # closing a stream mid-way stops its worker
+        return got, "".join(parts)
+
+    got, streamed = asyncio.run(main())
+    assert got == want == streamed
+    assert sm.default_pool().stats()["outstanding_bytes"] == before
+
+
+def test_sampler_pool_is_bounded_and_shared(model):
+    pool = sm.SamplerPool(model, TOK, size=2, threads_per_request=1)
+    serial = [sm.Sampling(model, TOK).generate("the", 20, temperature=1.0, seed=i) for i in range(8)]
+    got = [None] * 8
+
+    def work(i):
+        with pool.get() as sampler:
+            got[i] = sampler.generate("the", 20, temperature=1.0, seed=i)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == serial and pool.available == 2
+    with pool.get(), pool.get():
+        assert pool.available == 0
+        with pytest.raises(TimeoutError):
+            with pool.get(timeout=0.01):
+                pass
+    pool.close()
+    with pytest.raises(sm.ObjectDisposedError):
+        with pool.get():
+            pass
+    with pytest.raises(sm.ValidationError, match="size"):
+        sm.SamplerPool(model, TOK, size=0)
+
+
+def test_throttled_service_limits_concurrency_and_times_out(model):
+    svc = sm.ThrottledInferenceService(model, TOK, max_concurrency=2, threads_per_request=1)
+    serial = [sm.Sampling(model, TOK).generate("the", 100, temperature=1.0, seed=i) for i in range(6)]
+    peak = []
+
+    async def one(i):
+        peak.append(svc.active)
+        text = await svc.generate("the", 100, temperature=1.0, seed=i)
+        peak.append(svc.active)
+        return text
+
+    async def main():
+        got = await asyncio.gather(*(one(i) for i in range(6)))
+        streamed = "".join([p async for p in svc.stream("the", 100, temperature=1.0, seed=0)])
+        slow = sm.ThrottledInferenceService(model, TOK, max_concurrency=1, timeout=0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            await slow.generate("the", 10 ** 6, temperature=0)
+        slow.close()
+        return got, streamed
+
+    stop = threading.Event()
+
+    def watch():                           # samples the number of running generations
+        while not stop.is_set():
+            peak.append(svc.active)
+            stop.wait(0.0005)
+
+    watcher = threading.Thread(target=watch)
+    before = sm.default_pool().stats()["outstanding_bytes"]
+    watcher.start()
+    try:
+        got, streamed = asyncio.run(main())
+    finally:
+        stop.set()
+        watcher.join()
+    assert got == serial and streamed == serial[0]
+    assert max(peak) == 2 and svc.active == 0
+    assert sm.default_pool().stats()["outstanding_bytes"] == before
+    svc.close()
+    with pytest.raises(sm.ObjectDisposedError):
+        asyncio.run(svc.generate("the", 3))
+    with pytest.raises(sm.ValidationError, match="max_concurrency"):
+        sm.ThrottledInferenceService(model, TOK, max_concurrency=0)

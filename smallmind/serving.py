@@ -1,0 +1,175 @@
+"""serving.py - the guide's concurrency patterns as library code: a bounded pool of Sampling
+objects shared by threads (SamplerPool) and an asyncio service that throttles concurrent
+generations (ThrottledInferenceService), both over one shared model.
+
+Thread budget policy: every request runs its C calls with a small budget, `threads_per_request`
+(default: the cores divided by the concurrency, at least 1), so that N concurrent requests use
+about the machine's cores instead of N times them. One big request alone is better served by a
+larger budget (Sampling(model, tok, threads=...)).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import queue
+import threading
+
+from .errors import ObjectDisposedError, ValidationError
+from .model import TransformerModel, _is_int
+from .sampling import Sampling, _generate_async, _stream_async
+from .tokenizer import Tokenizer
+
+__all__ = ["SamplerPool", "ThrottledInferenceService", "default_threads_per_request"]
+
+
+def default_threads_per_request(concurrency: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, concurrency))
+
+
+def _check_positive(v, name):
+    if not _is_int(v):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+        raise ValidationError(f"{name} must be >= 1, got {v}")
+    return int(v)
+
+
+class SamplerPool:
+    """A bounded pool of `size` Sampling objects over one model (thread-safe).
+
+        with pool.get() as sampler:        # blocks while all are lent (timeout= to give up)
+            text = sampler.generate(prompt, 50)
+    """
+
+    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, size: int = 4, *,
+                 threads_per_request: int | None = None):
+        size = _check_positive(size, "size")
+        threads = (default_threads_per_request(size) if threads_per_request is None
+                   else _check_positive(threads_per_request, "threads_per_request"))
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(size):
+            self._free.put(Sampling(model, tokenizer, threads=threads))
+        self.size = size
+        self._closed = False
+
+    @contextlib.contextmanager
+    def get(self, timeout: float | None = None):
+        """Borrow a Sampling for the `with` block; TimeoutError if none frees up in time."""
+        if self._closed:
+            raise ObjectDisposedError("this SamplerPool was closed")
+        try:
+            sampler = self._free.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no sampler became free within {timeout} s") from None
+        try:
+            yield sampler
+        finally:
+            self._free.put(sampler)
+
+    @property
+    def available(self) -> int:
+        return self._free.qsize()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ThrottledInferenceService:
+    """Serves generations to asyncio code over one shared model, at most `max_concurrency` at
+    a time (an asyncio semaphore; waiting callers queue), each in a worker thread with its own
+    Sampling and KV cache and a `threads_per_request` budget. `timeout` (seconds, per call,
+    None for none) cancels a generation that runs too long (asyncio.TimeoutError); cancelling
+    the calling task stops decoding before the next token."""
+
+    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, max_concurrency: int = 4,
+                 *, threads_per_request: int | None = None, timeout: float | None = None):
+        self.max_concurrency = _check_positive(max_concurrency, "max_concurrency")
+        self.threads_per_request = (default_threads_per_request(self.max_concurrency)
+                                    if threads_per_request is None
+                                    else _check_positive(threads_per_request, "threads_per_request"))
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValidationError(f"timeout must be None or a number > 0, got {timeout!r}")
+        self.timeout = timeout
+        self._model, self._tokenizer = model, tokenizer
+        Sampling(model, tokenizer)                      # validates the pair now
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.max_concurrency, thread_name_prefix="smallmind-infer")
+        self._sem = None                                # made on first use, in the running loop
+        self._lock = threading.Lock()
+        self._active = 0
+        self._closed = False
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        return self._sem
+
+    @property
+    def active(self) -> int:
+        """Generations running now."""
+        return self._active
+
+    def _sampler(self) -> Sampling:
+        if self._closed:
+            raise ObjectDisposedError("this ThrottledInferenceService was closed")
+        return Sampling(self._model, self._tokenizer, threads=self.threads_per_request)
+
+    async def generate(self, prompt: str, max_new_tokens: int = 100, **kwargs) -> str:
+        """Sampling.generate, throttled (same arguments)."""
+        sampler = self._sampler()
+        async with self._semaphore():
+            with self._count():
+                coro = _generate_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
+                                       self._executor)
+                if self.timeout is None:
+                    return await coro
+                return await asyncio.wait_for(coro, self.timeout)
+
+    async def stream(self, prompt: str, max_new_tokens: int = 100, **kwargs):
+        """Sampling.stream as an async iterator, throttled (the slot is held while it runs)."""
+        sampler = self._sampler()
+        async with self._semaphore():
+            with self._count():
+                agen = _stream_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
+                                     self._executor)
+                try:
+                    loop = asyncio.get_running_loop()
+                    deadline = None if self.timeout is None else loop.time() + self.timeout
+                    while True:
+                        left = None if deadline is None else deadline - loop.time()
+                        try:
+                            piece = await asyncio.wait_for(agen.__anext__(), left)
+                        except StopAsyncIteration:
+                            break
+                        yield piece
+                finally:
+                    await agen.aclose()
+
+    @contextlib.contextmanager
+    def _count(self):
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def close(self) -> None:
+        """Refuse new calls and wait for the worker threads to finish. Idempotent."""
+        self._closed = True
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
