@@ -369,6 +369,7 @@ typedef struct {
     int chunked_saves;         /* 1: saved arrays span the batch (offset by chunk); 0: a chunk */
     float *ln, *br, *g, *logits;
     sm_gpt_cache *cache;       /* prefill: every layer's keys and values are stored here */
+    int64_t cache_seq0;        /* ... from this sequence of the cache on */
     int last_only;             /* logits (B, V) of each sequence's last position only */
 } fwd_bufs;
 
@@ -413,7 +414,8 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         if (f->cache) { /* prefill: keep this chunk's keys and values */
             const sm_gpt_cache *kc = f->cache;
             const int64_t per_seq = NH * kc->Tmax * (C / NH), lay = cache_layer_floats(kc);
-            sm_kv_cache_prefill(kc->k + l * lay + b0 * per_seq, kc->v + l * lay + b0 * per_seq, qkv,
+            const int64_t at = (f->cache_seq0 + b0) * per_seq;
+            sm_kv_cache_prefill(kc->k + l * lay + at, kc->v + l * lay + at, qkv,
                                 0, bc, T, NH, kc->Tmax, C / NH, nt);
         }
         sm_att_dropout ad = {dropout, seed, STREAM_PROB(l), b0};
@@ -467,7 +469,7 @@ static float mean_loss(const float *losses, int64_t n, int64_t n_valid) {
 static int forward_inference(float *logits, float *loss, int64_t *n_valid, const float *params,
                              const sm_gpt_config *cfg, const int *idx, const int *targets,
                              int64_t B, int64_t T, float dropout, uint64_t seed,
-                             sm_gpt_cache *cache, int nt) {
+                             sm_gpt_cache *cache, int64_t cache_seq0, int nt) {
     const int64_t C = cfg->n_embd, V = cfg->vocab_size, BT = B * T;
     const int64_t Bc = chunk_seqs(B, T, C), N = Bc * T;
     const int want_logits = logits != NULL || targets != NULL;
@@ -496,6 +498,7 @@ static int forward_inference(float *logits, float *loss, int64_t *n_valid, const
     }
     if (logits) f.logits = logits;
     f.cache = cache;
+    f.cache_seq0 = cache_seq0;
     f.last_only = cache != NULL;
     int rc = SM_OK;
     for (int64_t b0 = 0; b0 < B && rc == SM_OK; b0 += Bc) {
@@ -577,7 +580,7 @@ int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *s
                                 seed, nt);
     }
     return forward_inference(logits, loss, n_valid, params, cfg, idx, targets, B, T, dropout,
-                             seed, NULL, nt);
+                             seed, NULL, 0, nt);
 }
 
 /* ---- prefill and decode --------------------------------------------------------------------- */
@@ -589,9 +592,23 @@ int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm
         return SM_ERR_ARG;
     const int nt = sm_resolve_threads(nthreads);
     memset(c->len, 0, (size_t)c->B * sizeof(int)); /* a failed prefill leaves an empty cache */
-    int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, c->B, T, 0.0f, 0, c, nt);
+    int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, c->B, T, 0.0f, 0, c, 0,
+                               nt);
     if (rc == SM_OK)
         for (int64_t b = 0; b < c->B; b++) c->len[b] = (int)T;
+    return rc;
+}
+
+int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
+                       const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t T,
+                       int nthreads) {
+    if (!c || !logits || !params || !idx || sm_gpt_config_check(cfg) != SM_OK ||
+        memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0 || b < 0 || b >= c->B || T < 1 || T > c->capacity)
+        return SM_ERR_ARG;
+    const int nt = sm_resolve_threads(nthreads);
+    c->len[b] = 0;
+    int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, 1, T, 0.0f, 0, c, b, nt);
+    if (rc == SM_OK) c->len[b] = (int)T;
     return rc;
 }
 

@@ -141,6 +141,13 @@ int64_t sm_gpt_cache_length(const sm_gpt_cache *c, int64_t b);
 int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                    const int *idx, int64_t T, int nthreads);
 
+/* The same for sequence b alone (prompt idx (T), T <= capacity): the other sequences keep their
+ * contents; logits (V) of its last position. Prompts of different lengths share one cache this
+ * way, and a full sequence slides its window by a new prefill. */
+int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
+                       const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t T,
+                       int nthreads);
+
 /* One more token per sequence, tokens (B), at position length(b): appends its keys and values
  * and writes the next-token logits (B, V). SM_ERR_STATE when a sequence is full (length ==
  * capacity) or empty (no prefill yet); SM_ERR_ARG on a config mismatch. */

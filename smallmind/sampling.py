@@ -2,7 +2,7 @@
 prompt is prefilled in one call, then one call per token, all without the GIL), temperature /
 top-k / top-p sampling, stop strings, streaming and cooperative cancellation.
 
-Leaves out (next steps of issue 4): batched decoding of many prompts in one call.
+generate_batch decodes many prompts together: one C call per token for the whole batch.
 """
 from __future__ import annotations
 
@@ -162,6 +162,88 @@ class Sampling:
         """Yield the continuation piece by piece as it is produced (arguments as generate). Text
         that could be the start of a stop string is held back until it is known not to be."""
         return self._stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel)
+
+    def generate_batch(self, prompts: Sequence[str], max_new_tokens: int = 100,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int | None = None, stop: str | Sequence[str] | None = None,
+                       cancel=None, return_details: bool = False) -> list:
+        """Continue every prompt of `prompts` (a list of str, lengths may differ) at once: each
+        prompt is prefilled into its own row of one KV cache, then every step decodes one token
+        for all rows in a single C call. Arguments as generate; with a seed, prompt i draws from
+        seed + i. Returns a list of str (or of GenerationResult). A sequence that is finished
+        (stop string or max_new_tokens) stops changing; the call returns when all are."""
+        temperature, top_k, top_p, stops = _check_sampling_args(
+            max_new_tokens, temperature, top_k, top_p, seed, stop)
+        is_cancelled = check_cancel(cancel)
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValidationError("prompts must be a non-empty list of str")
+        model, tok = self.model, self.tokenizer
+        model._check_alive()
+        ids = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+            e = tok.encode(p)
+            if not e:
+                raise ValidationError(f"prompts[{i}] has no character of the tokenizer's vocabulary")
+            ids.append(e)
+        B, T, cfg, prm = len(ids), model.config.block_size, model._cfg, model._params
+        rngs = [np.random.Generator(np.random.PCG64(None if seed is None else seed + i))
+                for i in range(B)]
+        t0 = time.perf_counter()
+        contexts = [list(e[-T:]) for e in ids]
+        prompt_tokens = [len(c) for c in contexts]
+        new = [[] for _ in range(B)]
+        texts = [""] * B
+        reasons = [None] * B
+        ttft = 0.0
+        cache = _core.GPTCache(cfg, B, T)
+        try:
+            logits = np.stack([_core.gpt_prefill_seq(prm, cfg, np.asarray(c, np.int32), cache, b,
+                                                     self.threads)
+                               for b, c in enumerate(contexts)])
+            if max_new_tokens == 0:
+                reasons = ["length"] * B
+            while any(r is None for r in reasons):
+                if is_cancelled():
+                    err = CancelledError(f"batch generation cancelled after {max(map(len, new))} tokens")
+                    err.results = [GenerationResult(texts[b], new[b], reasons[b] or "cancelled",
+                                                    prompt_tokens[b], time.perf_counter() - t0, ttft)
+                                   for b in range(B)]
+                    raise err
+                for b in range(B):
+                    if reasons[b] is not None:
+                        continue
+                    nxt = sample_next(logits[b], temperature, top_k, top_p, rngs[b])
+                    new[b].append(nxt)
+                    contexts[b].append(nxt)
+                    texts[b] += tok.decode([nxt])
+                    cut = min((texts[b].find(s) for s in stops if s in texts[b]), default=-1)
+                    if cut >= 0:
+                        texts[b], reasons[b] = texts[b][:cut], "stop"
+                    elif len(new[b]) == max_new_tokens:
+                        reasons[b] = "length"
+                if not ttft:
+                    ttft = time.perf_counter() - t0
+                if all(r is not None for r in reasons):
+                    break
+                lengths = cache.lengths
+                tokens = np.zeros(B, np.int32)   # finished rows decode a dummy token
+                for b in range(B):
+                    live = reasons[b] is None
+                    if lengths[b] >= T:        # full: slide (prefill the window minus its last)
+                        window = contexts[b][-T:-1] if live else [0]
+                        _core.gpt_prefill_seq(prm, cfg, np.asarray(window, np.int32), cache, b,
+                                              self.threads)
+                    if live:
+                        tokens[b] = contexts[b][-1]
+                logits = _core.gpt_decode(prm, cfg, tokens, cache, self.threads)
+        finally:
+            cache.free()
+        elapsed = time.perf_counter() - t0
+        results = [GenerationResult(texts[b], new[b], reasons[b], prompt_tokens[b], elapsed, ttft)
+                   for b in range(B)]
+        return results if return_details else [r.text for r in results]
 
     async def generate_async(self, prompt: str, max_new_tokens: int = 100, **kwargs):
         """`generate` for asyncio: runs in a worker thread; cancelling the awaiting task stops

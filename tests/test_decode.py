@@ -99,3 +99,25 @@ def test_errors_and_cache_lifetime():
     assert sm.default_pool().stats()["outstanding_bytes"] <= before - nbytes
     with pytest.raises(sm.ObjectDisposedError):
         _core.gpt_decode(p, cfg, np.zeros(2, np.int32), cache)
+
+
+def test_prompts_of_different_lengths_share_a_cache():
+    m = _model()
+    rng = np.random.default_rng(5)
+    lens = [3, 11, 70]
+    seqs = [rng.integers(0, 13, 90).astype(np.int32) for _ in lens]
+    cache = _core.GPTCache(m._cfg, 3, 100)
+    first = [_core.gpt_prefill_seq(m._params, m._cfg, np.ascontiguousarray(s[:n]), cache, b)
+             for b, (s, n) in enumerate(zip(seqs, lens))]
+    assert cache.lengths == lens
+    for b, (s, n) in enumerate(zip(seqs, lens)):
+        want = m.forward(s[None, :n])[0, -1]
+        np.testing.assert_allclose(first[b], want, rtol=1e-4, atol=1e-5)
+    for step in range(15):     # all advance together, each at its own position
+        toks = np.array([s[n + step] for s, n in zip(seqs, lens)], np.int32)
+        got = _core.gpt_decode(m._params, m._cfg, toks, cache)
+        for b, (s, n) in enumerate(zip(seqs, lens)):
+            want = m.forward(s[None, :n + step + 1])[0, -1]
+            np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(sm.ValidationError, match="seq"):
+        _core.gpt_prefill_seq(m._params, m._cfg, seqs[0][:4], cache, 3)

@@ -213,3 +213,23 @@ def test_throttled_service_limits_concurrency_and_times_out(model):
         asyncio.run(svc.generate("the", 3))
     with pytest.raises(sm.ValidationError, match="max_concurrency"):
         sm.ThrottledInferenceService(model, TOK, max_concurrency=0)
+
+
+def test_generate_batch_equals_one_by_one(model):
+    s = sm.Sampling(model, TOK)
+    prompts = ["the", "the quick brown fox jumps over", "lazy"]
+    greedy = s.generate_batch(prompts, 40, temperature=0)       # the longest slides past 24
+    assert greedy == [s.generate(p, 40, temperature=0) for p in prompts]
+    det = s.generate_batch(prompts, 60, temperature=0, stop="dog", return_details=True)
+    for p, r in zip(prompts, det):
+        one = s.generate(p, 60, temperature=0, stop="dog", return_details=True)
+        assert (r.text, r.finish_reason) == (one.text, one.finish_reason)
+    sampled = s.generate_batch(prompts, 30, temperature=1.0, seed=4)
+    assert sampled == s.generate_batch(prompts, 30, temperature=1.0, seed=4)
+    with pytest.raises(sm.ValidationError, match="prompts"):
+        s.generate_batch([])
+    with pytest.raises(sm.ValidationError, match="prompts\\[1\\]"):
+        s.generate_batch(["the", ""])
+    with pytest.raises(sm.CancelledError) as e:
+        s.generate_batch(prompts, 50, temperature=0, cancel=CountdownEvent(3))
+    assert [r.new_tokens for r in e.value.results] == [3, 3, 3]
