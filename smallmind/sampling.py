@@ -218,7 +218,7 @@ class Sampling:
                     new[b].append(nxt)
                     contexts[b].append(nxt)
                     texts[b] += tok.decode([nxt])
-                    cut = min((texts[b].find(s) for s in stops if s in texts[b]), default=-1)
+                    cut = _find_stop(texts[b], stops)
                     if cut >= 0:
                         texts[b], reasons[b] = texts[b][:cut], "stop"
                     elif len(new[b]) == max_new_tokens:
@@ -303,7 +303,7 @@ class Sampling:
                 new.append(nxt)
                 context.append(nxt)
                 text += tok.decode([nxt])
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                cut = _find_stop(text, stops)
                 if cut >= 0:
                     text = text[:cut]
                     reason = "stop"
@@ -332,6 +332,17 @@ class Sampling:
         elapsed = time.perf_counter() - t0
         logger.debug("generated %d tokens in %.3f s (%s)", len(new), elapsed, reason)
         return GenerationResult(text, new, reason, len(window), elapsed, ttft)
+
+
+def _find_stop(text: str, stops) -> int:
+    """Where the first stop string starts in text, or -1. Text grows one token at a time and
+    was checked before, so only its tail (the longest stop string, plus the new token) can hold
+    a new match."""
+    if not stops:
+        return -1
+    start = max(0, len(text) - max(map(len, stops)) - 1)
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
 
 
 def _held_back(text: str, stops) -> int:
