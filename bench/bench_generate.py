@@ -17,6 +17,8 @@ What is timed (every variant decodes greedily - argmax - from the same random pr
   once prompt + new tokens pass block_size (the last block_size tokens are prefilled again,
   positions restart at 0), so on the 128/256-block models the later tokens cost a prefill each.
 - ttft: a fresh cache, prefill of the prompt and the argmax of the first logits.
+- step: one decode step inside the window (no sliding), batch 1: (a run of block - prompt
+  tokens - time to first token) / (tokens - 1); also as GB/s of float32 weights read per step.
 - batch: the decode run with 8 sequences at once (one prefill, one decode call per token).
 - streams: 1, 2 and 4 Python threads decoding concurrently, each with its own cache and one
   library thread (smallmind threads=1; torch.set_num_threads(1) called in every worker thread,
@@ -59,10 +61,10 @@ PLAN = {
     "small": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=256, rounds=5),
     "shakespeare-char": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=128,
                              rounds=3),
-    "gpt2-124M": dict(prompt=64, new=64, nocache_new=16, batch_new=64, stream_new=16, rounds=2),
+    "gpt2-124M": dict(prompt=64, new=64, nocache_new=16, batch_new=64, stream_new=32, rounds=3),
 }
 QUICK_PLAN = dict(prompt=64, new=16, nocache_new=16, batch_new=8, stream_new=8, rounds=1)
-PARTS = ("decode", "ttft", "batch", "streams")
+PARTS = ("decode", "ttft", "step", "batch", "streams")
 BATCH = 8
 STREAMS = (1, 2, 4)
 IDLE_GAP_S = 0.3
@@ -276,6 +278,39 @@ def ttft_row(name, model, tmodel, prompt, plan, threads, quick):
     return row
 
 
+def step_row(name, model, tmodel, prompt, plan, threads, quick):
+    """The cost of one decode step at batch 1 inside the window (no sliding): (time of a run of
+    n tokens - time to first token) / (n - 1), n = block_size - prompt (at most `new`)."""
+    from torch_gpt import generate_with_cache
+    T = MODELS[name][1]
+    n = min(plan["new"], T - plan["prompt"])
+    pt = torch.from_numpy(prompt)
+    gen, res = run_rounds({"smallmind": lambda: sm_generate(model, prompt, n, threads),
+                           "torch_cache": lambda: generate_with_cache(tmodel, pt, n).numpy()},
+                          plan["rounds"], quick)
+    first, _ = run_many({"smallmind": lambda: sm_ttft(model, prompt, threads),
+                         "torch_cache": lambda: torch_ttft(tmodel, pt).numpy()},
+                        3 if name == "gpt2-124M" else 10, quick)
+    row = base_row("step", name, plan, threads, model.config.num_parameters())
+    row.update(batch=1, new_tokens=n)
+    for lib in gen:
+        step = max(gen[lib] - first[lib], 1e-9) / max(n - 1, 1)
+        row[f"{lib}_step_ms"] = 1e3 * step
+        row[f"{lib}_tokens_per_s"] = 1.0 / step
+        # every parameter (float32) is read once per step at batch 1
+        row[f"{lib}_weight_gb_per_s"] = 4 * model.config.num_parameters() / step / 1e9
+    row["vs_torch_cache"] = row["torch_cache_step_ms"] / row["smallmind_step_ms"]
+    row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
+    row["loadavg_1min"] = (loadavg() or [None])[0]
+    print(f"  step   {name:<16} t={threads} {n} new, in the window: smallmind "
+          f"{row['smallmind_step_ms']:8.3f} ms/token ({row['smallmind_weight_gb_per_s']:.1f} GB/s of "
+          f"weights) | torch cache {row['torch_cache_step_ms']:8.3f} ms "
+          f"({row['torch_cache_weight_gb_per_s']:.1f} GB/s) | sm {row['vs_torch_cache']:.2f}x faster"
+          f" | first divergence {row['diverge_vs_torch_cache']}  (load {row['loadavg_1min']})",
+          flush=True)
+    return row
+
+
 def batch_row(name, model, tmodel, plan, threads, quick):
     from torch_gpt import generate_with_cache
     rng = np.random.default_rng(7)
@@ -341,13 +376,16 @@ def streams_rows(name, model, tmodel, plan, quick):
         barrier.wait()
         generate_with_cache(tmodel, tprompts[i], n)
 
+    for fn in (lambda: sm_generate(model, prompts[0], n, 1),
+               lambda: generate_with_cache(tmodel, tprompts[0], n)):
+        idle(quick)
+        fn()   # warm-up, in this thread
     rows = []
     base = {}
     for k in STREAMS:
         fns = {"smallmind": lambda k=k: concurrent(sm_worker, k),
                "torch_cache": lambda k=k: concurrent(torch_worker, k)}
         walls = {lib: [] for lib in fns}
-        # warm-up (one stream), then round robin
         for _ in range(1 if quick else max(1, plan["rounds"] - 1)):
             for lib, fn in fns.items():
                 idle(quick)
@@ -416,6 +454,8 @@ def main(argv=None):
             rows.append(decode_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
         if "ttft" in parts:
             rows.append(ttft_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
+        if "step" in parts:
+            rows.append(step_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
         if "batch" in parts:
             rows.append(batch_row(name, model, tmodel, plan, args.threads, args.quick))
         if "streams" in parts:

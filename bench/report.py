@@ -185,6 +185,17 @@ def generate_table(rows):
         for r in tt:
             out.append(f"| {model_cell(r)} | {r['threads']} | {r['smallmind_ms']:.2f} | "
                        f"{r['torch_ms']:.2f} | **{r['vs_torch']:.2f}x** | {r['same_first_token']} |")
+    sp = [r for r in rows if r["part"] == "step"]
+    if sp:
+        out += ["", "One decode step at batch 1 inside the window (no sliding; in brackets: GB/s of "
+                "float32 weights read per step):", "",
+                "| model | threads | tokens | smallmind ms/token | torch + KV cache ms/token | "
+                "vs torch | first divergence |", "|---|---|---|---|---|---|---|"]
+        for r in sp:
+            out.append(f"| {model_cell(r)} | {r['threads']} | {r['new_tokens']} | "
+                       f"{r['smallmind_step_ms']:.3f} ({r['smallmind_weight_gb_per_s']:.1f}) | "
+                       f"{r['torch_cache_step_ms']:.3f} ({r['torch_cache_weight_gb_per_s']:.1f}) | "
+                       f"**{r['vs_torch_cache']:.2f}x** | {div(r['diverge_vs_torch_cache'])} |")
     bt = [r for r in rows if r["part"] == "batch"]
     if bt:
         out += ["", "Batched greedy decoding (tokens/s over all sequences, prefill included):", "",
