@@ -116,19 +116,23 @@ def sm_generate(model, prompt, n, threads):
         return out
     cache = sm._core.GPTCache(cfg, B, T)
     try:
-        ctx = np.ascontiguousarray(prompt[:, -T:], dtype=np.int32)
+        P = prompt.shape[1]
+        seq = np.empty((B, P + n), np.int32)   # prompt and every new token: the slide's source
+        seq[:, :P] = prompt
+        ctx = np.ascontiguousarray(seq[:, max(0, P - T):P])
         logits = sm._core.gpt_prefill(prm, cfg, ctx, cache, threads)
         length = ctx.shape[1]
         for i in range(n):
             nxt = logits.argmax(axis=1).astype(np.int32)
             out[:, i] = nxt
+            seq[:, P + i] = nxt
             if i == n - 1:
                 break
             if length < T:
                 logits = sm._core.gpt_decode(prm, cfg, nxt, cache, threads)
                 length += 1
-            else:
-                ctx = np.ascontiguousarray(np.concatenate([ctx, nxt[:, None]], axis=1)[:, -T:])
+            else:   # full: the last T tokens (ending with nxt) again, positions from 0
+                ctx = np.ascontiguousarray(seq[:, P + i + 1 - T:P + i + 1])
                 logits = sm._core.gpt_prefill(prm, cfg, ctx, cache, threads)
     finally:
         cache.free()

@@ -259,20 +259,23 @@ def generate_with_cache(model, idx, n):
     with torch.inference_mode():
         kv = [(torch.empty(B, cfg.n_head, Tb, hs), torch.empty(B, cfg.n_head, Tb, hs))
               for _ in range(cfg.n_layer)]
+        P = idx.shape[1]
+        seq = torch.empty(B, P + n, dtype=torch.long)   # prompt and new tokens: the slide's source
+        seq[:, :P] = idx
         ctx = idx[:, -Tb:]
         logits = _cached_step(model, ctx, kv, 0)
         length = ctx.shape[1]
         for i in range(n):
             nxt = logits.argmax(dim=-1)
             out[:, i] = nxt
+            seq[:, P + i] = nxt
             if i == n - 1:
                 break
             if length < Tb:
                 logits = _cached_step(model, nxt.view(B, 1), kv, length)
                 length += 1
             else:   # full: slide the window, prefill the last block_size tokens again
-                ctx = torch.cat([ctx, nxt.view(B, 1)], dim=1)[:, -Tb:]
-                logits = _cached_step(model, ctx, kv, 0)
+                logits = _cached_step(model, seq[:, P + i + 1 - Tb:P + i + 1], kv, 0)
         return out
 
 
