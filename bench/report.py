@@ -3,6 +3,7 @@ the markdown tables README.md shows, so the README is regenerated rather than re
 
     python bench/report.py bench/results/full.json [bench/results/scaling_16core.json]
     python bench/report.py bench/results/train.json
+    python bench/report.py bench/results/generate.json
 """
 import json
 import sys
@@ -146,8 +147,90 @@ def train_tables(rows):
     return "\n".join(out)
 
 
+def generate_table(rows):
+    """Markdown for bench_generate.py's rows ("kind" == "generate"): decoding at batch 1, time to
+    first token, batched decoding and concurrent streams, one table each."""
+    rows = [r for r in rows if r.get("kind") == "generate"]
+    out = []
+
+    def model_cell(r):
+        sh = r["shape"]
+        return (f"{r['model']} ({sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}, block "
+                f"{sh['block_size']}, vocab {sh['vocab_size']})")
+
+    def div(v):
+        return "none" if v is None else str(v)
+
+    dec = [r for r in rows if r["part"] == "decode"]
+    if dec:
+        out += ["Greedy decoding at batch 1 after a 64-token prompt (tokens/s, whole call incl. "
+                "prefill; smallmind at the `_core` level, Sampling = `sm.Sampling.generate` end to "
+                "end):", "",
+                "| model | threads | new tokens | smallmind | smallmind Sampling | torch + KV cache | "
+                "vs torch cache | torch no cache (nanoGPT) | vs no cache | first divergence sm / torch |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in dec:
+            smp = r.get("smallmind_sampling_tokens_per_s")
+            out.append("| " + " | ".join([
+                model_cell(r), str(r["threads"]), str(r["new_tokens"]),
+                f"{r['smallmind_tokens_per_s']:,.1f}", f"{smp:,.1f}" if smp else "-",
+                f"{r['torch_cache_tokens_per_s']:,.1f}", f"**{r['vs_torch_cache']:.2f}x**",
+                f"{r['torch_nocache_tokens_per_s']:,.1f} ({r['nocache_new_tokens']} new)",
+                f"{r['vs_torch_nocache']:.1f}x", div(r["diverge_vs_torch_cache"])]) + " |")
+    tt = [r for r in rows if r["part"] == "ttft"]
+    if tt:
+        out += ["", "Time to first token (fresh cache, prefill of a 64-token prompt, argmax):", "",
+                "| model | threads | smallmind ms | torch ms | smallmind faster by | same first token |",
+                "|---|---|---|---|---|---|"]
+        for r in tt:
+            out.append(f"| {model_cell(r)} | {r['threads']} | {r['smallmind_ms']:.2f} | "
+                       f"{r['torch_ms']:.2f} | **{r['vs_torch']:.2f}x** | {r['same_first_token']} |")
+    sp = [r for r in rows if r["part"] == "step"]
+    if sp:
+        out += ["", "One decode step at batch 1 inside the window (no sliding; in brackets: GB/s of "
+                "float32 weights read per step):", "",
+                "| model | threads | tokens | smallmind ms/token | torch + KV cache ms/token | "
+                "vs torch | first divergence |", "|---|---|---|---|---|---|---|"]
+        for r in sp:
+            out.append(f"| {model_cell(r)} | {r['threads']} | {r['new_tokens']} | "
+                       f"{r['smallmind_step_ms']:.3f} ({r['smallmind_weight_gb_per_s']:.1f}) | "
+                       f"{r['torch_cache_step_ms']:.3f} ({r['torch_cache_weight_gb_per_s']:.1f}) | "
+                       f"**{r['vs_torch_cache']:.2f}x** | {div(r['diverge_vs_torch_cache'])} |")
+    bt = [r for r in rows if r["part"] == "batch"]
+    if bt:
+        out += ["", "Batched greedy decoding (tokens/s over all sequences, prefill included):", "",
+                "| model | threads | batch | new tokens each | smallmind | torch + KV cache | "
+                "vs torch | first divergence |", "|---|---|---|---|---|---|---|---|"]
+        for r in bt:
+            out.append(f"| {model_cell(r)} | {r['threads']} | {r['batch']} | {r['new_tokens']} | "
+                       f"{r['smallmind_tokens_per_s']:,.1f} | {r['torch_cache_tokens_per_s']:,.1f} | "
+                       f"**{r['vs_torch_cache']:.2f}x** | {div(r['diverge_vs_torch_cache'])} |")
+    st = [r for r in rows if r["part"] == "streams"]
+    if st:
+        out += ["", "Concurrent streams (Python threads, each its own cache and 1 library thread; "
+                "aggregate tokens/s, in brackets: vs 1 stream):", "",
+                "| model | streams | new tokens each | smallmind | torch + KV cache | vs torch |",
+                "|---|---|---|---|---|---|"]
+        for r in st:
+            out.append(f"| {model_cell(r)} | {r['streams']} | {r['new_tokens']} | "
+                       f"{r['smallmind_tokens_per_s']:,.1f} ({r['smallmind_scaling']:.2f}x) | "
+                       f"{r['torch_cache_tokens_per_s']:,.1f} ({r['torch_cache_scaling']:.2f}x) | "
+                       f"**{r['vs_torch_cache']:.2f}x** |")
+    return "\n".join(out)
+
+
 def main(argv):
     full = json.load(open(argv[0]))
+    if any(r.get("kind") == "generate" for r in full["rows"]):
+        m = full["machine"]
+        print(f"Machine: {m.get('cpu', '?')}, {m.get('cores', m['build']['cpu_count'])} cores; "
+              f"{m['build']['compiler']}, SIMD {m['build']['simd']}; numpy {m['numpy']}"
+              + (f", torch {m['torch']}" if "torch" in m else "")
+              + (f"; load average {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end"
+                 if m.get("loadavg_start") and m.get("loadavg_end") else ""))
+        print()
+        print(generate_table(full["rows"]))
+        return
     if any(r.get("kind") in ("throughput", "memory", "quality") for r in full["rows"]):
         m = full["machine"]
         print(f"Machine: {m.get('cpu', '?')}, {m.get('cores', m['build']['cpu_count'])} cores; "

@@ -3,7 +3,8 @@ whose state_dict() keys and layouts are exactly smallmind's: the model the bench
 against and the parity tests load smallmind's parameters into. Only imported where torch exists.
 
 Weights are (in, out) as GPT-2's Conv1D (y = x @ W + b); the LM head is tied to wte and has no
-parameter of its own. Leaves out generation, checkpoint files and anything past one training step.
+parameter of its own. Greedy generation (generate_with_cache, generate_nocache) is here for
+bench_generate.py; leaves out sampling, checkpoint files and anything past one training step.
 
     python bench/torch_gpt.py      # smoke run: a few steps of a tiny model on random ids
 """
@@ -203,6 +204,99 @@ def train_step(model, opt, x, y, grad_clip=1.0):
     opt.step()
     return loss.item()
 
+
+
+# ---- greedy generation (for bench_generate.py) ----------------------------------------------------
+
+def _last_logits(model, x):
+    """ln_f and the tied head on the last position only (nanoGPT's inference shortcut)."""
+    return F.linear(model.transformer.ln_f(x[:, -1, :]), model.transformer.wte.weight)
+
+
+def _cached_step(model, idx, kv, start):
+    """Run idx (B, t) at positions start..start+t-1 through the model, writing each layer's keys
+    and values into the preallocated kv[layer] = (K, V), each (B, nh, capacity, hs), and
+    attending to positions 0..start+t-1. Returns the last position's logits (B, V). With
+    start == 0 this is a prefill (causal mask); with t == 1 a decode step (no mask needed)."""
+    B, t = idx.shape
+    tr = model.transformer
+    pos = torch.arange(start, start + t)
+    x = tr.wte(idx) + tr.wpe(pos)
+    end = start + t
+    for block, (K, V) in zip(tr.h, kv):
+        a = block.attn
+        C = x.shape[-1]
+        hs = C // a.n_head
+        q, k, v = a.c_attn(block.ln_1(x)).split(C, dim=2)
+        q = q.view(B, t, a.n_head, hs).transpose(1, 2)
+        K[:, :, start:end] = k.view(B, t, a.n_head, hs).transpose(1, 2)
+        V[:, :, start:end] = v.view(B, t, a.n_head, hs).transpose(1, 2)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, K[:, :, :end], V[:, :, :end], is_causal=True)
+        else:
+            assert t == 1, "a cached step past position 0 takes one token"
+            y = F.scaled_dot_product_attention(q, K[:, :, :end], V[:, :, :end])
+        y = y.transpose(1, 2).contiguous().view(B, t, C)
+        x = x + a.c_proj(y)
+        x = x + block.mlp(block.ln_2(x))
+    return _last_logits(model, x)
+
+
+def generate_with_cache(model, idx, n):
+    """Greedy decoding of n tokens after idx (B, T0) int64 with a static KV cache per layer
+    (preallocated (B, nh, block_size, hs) keys and values, written in place): one prefill of the
+    prompt, then one single-token step per new token. When the window is full it slides as
+    nanoGPT's generate and smallmind's Sampling do: the last block_size tokens are prefilled
+    again (positions restart at 0). Returns the new tokens (B, n) int64. Exactly the math of
+    forward() on the cropped context, up to float rounding."""
+    cfg = model.config
+    B = idx.shape[0]
+    Tb = cfg.block_size
+    hs = cfg.n_embd // cfg.n_head
+    out = torch.empty(B, n, dtype=torch.long)
+    if n == 0:
+        return out
+    with torch.inference_mode():
+        kv = [(torch.empty(B, cfg.n_head, Tb, hs), torch.empty(B, cfg.n_head, Tb, hs))
+              for _ in range(cfg.n_layer)]
+        P = idx.shape[1]
+        seq = torch.empty(B, P + n, dtype=torch.long)   # prompt and new tokens: the slide's source
+        seq[:, :P] = idx
+        ctx = idx[:, -Tb:]
+        logits = _cached_step(model, ctx, kv, 0)
+        length = ctx.shape[1]
+        for i in range(n):
+            nxt = logits.argmax(dim=-1)
+            out[:, i] = nxt
+            seq[:, P + i] = nxt
+            if i == n - 1:
+                break
+            if length < Tb:
+                logits = _cached_step(model, nxt.view(B, 1), kv, length)
+                length += 1
+            else:   # full: slide the window, prefill the last block_size tokens again
+                logits = _cached_step(model, seq[:, P + i + 1 - Tb:P + i + 1], kv, 0)
+        return out
+
+
+def generate_nocache(model, idx, n):
+    """nanoGPT's greedy generate: every new token runs the full forward over the context cropped
+    to the last block_size tokens (no KV cache), the head on the last position only. Returns the
+    new tokens (B, n) int64."""
+    cfg = model.config
+    tr = model.transformer
+    out = torch.empty(idx.shape[0], n, dtype=torch.long)
+    with torch.inference_mode():
+        ctx = idx
+        for i in range(n):
+            c = ctx[:, -cfg.block_size:]
+            x = tr.wte(c) + tr.wpe(torch.arange(c.shape[1]))
+            for block in tr.h:
+                x = block(x)
+            nxt = _last_logits(model, x).argmax(dim=-1)
+            out[:, i] = nxt
+            ctx = torch.cat([ctx, nxt.view(-1, 1)], dim=1)
+    return out
 
 if __name__ == "__main__":
     torch.manual_seed(0)
