@@ -1,5 +1,6 @@
 """_timing.py - the timing helpers every benchmark in bench/ shares: medians of repeated calls,
 an idle gap between libraries, and a limit on numpy's BLAS threads (via threadpoolctl)."""
+import os
 import time
 
 import numpy as np
@@ -24,6 +25,14 @@ def cpu_model():
     except OSError:
         pass
     return None
+
+
+def loadavg():
+    """The 1, 5 and 15 minute load averages (rounded), or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def idle(quick=False):

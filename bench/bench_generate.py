@@ -45,7 +45,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _timing import cpu_model  # noqa: E402
+from _timing import cpu_model, loadavg  # noqa: E402
 
 sm = None
 torch = None
@@ -85,13 +85,6 @@ def import_libs():
 def idle(quick):
     if not quick:
         time.sleep(IDLE_GAP_S)
-
-
-def loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def machine_info():

@@ -45,7 +45,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _timing import cpu_model  # noqa: E402
+from _timing import cpu_model, loadavg  # noqa: E402
 
 # smallmind and torch are imported lazily so that each memory child imports only its library.
 sm = None
@@ -121,13 +121,6 @@ def peak_rss_mb():
         pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
-
-
-def loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def machine_info():

@@ -219,25 +219,24 @@ def generate_table(rows):
     return "\n".join(out)
 
 
+def machine_line(m):
+    """One line naming the machine and build a training or generation run measured on."""
+    return (f"Machine: {m.get('cpu', '?')}, {m.get('cores', m['build']['cpu_count'])} cores; "
+            f"{m['build']['compiler']}, SIMD {m['build']['simd']}; numpy {m['numpy']}"
+            + (f", torch {m['torch']}" if "torch" in m else "")
+            + (f"; load average {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end"
+               if m.get("loadavg_start") and m.get("loadavg_end") else ""))
+
+
 def main(argv):
     full = json.load(open(argv[0]))
     if any(r.get("kind") == "generate" for r in full["rows"]):
-        m = full["machine"]
-        print(f"Machine: {m.get('cpu', '?')}, {m.get('cores', m['build']['cpu_count'])} cores; "
-              f"{m['build']['compiler']}, SIMD {m['build']['simd']}; numpy {m['numpy']}"
-              + (f", torch {m['torch']}" if "torch" in m else "")
-              + (f"; load average {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end"
-                 if m.get("loadavg_start") and m.get("loadavg_end") else ""))
+        print(machine_line(full["machine"]))
         print()
         print(generate_table(full["rows"]))
         return
     if any(r.get("kind") in ("throughput", "memory", "quality") for r in full["rows"]):
-        m = full["machine"]
-        print(f"Machine: {m.get('cpu', '?')}, {m.get('cores', m['build']['cpu_count'])} cores; "
-              f"{m['build']['compiler']}, SIMD {m['build']['simd']}; numpy {m['numpy']}"
-              + (f", torch {m['torch']}" if "torch" in m else "")
-              + (f"; load average {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end"
-                 if m.get("loadavg_start") and m.get("loadavg_end") else ""))
+        print(machine_line(full["machine"]))
         print()
         print(train_tables(full["rows"]))
         return
