@@ -1262,28 +1262,30 @@ static void decode_head_avx512(float *out, const float *q, const float *kt, cons
 /* Per-thread decode scratch up to this many floats lives on the stack. */
 #define DECODE_STACK 1024
 
+static decode_fn decode_kernel(void) {
+#if SM_X86_KERNELS
+    int level = sm_simd_active();
+    if (level >= SM_SIMD_AVX512) return decode_head_avx512;
+    if (level >= SM_SIMD_AVX2) return decode_head_avx2;
+#endif
+    return decode_head_generic;
+}
+
+int64_t sm_attention_decode_ws(int64_t hs) { return round_up(hs, 16) + BLK; }
+
 int sm_attention_decode(float *out, const float *q, const float *k_cache, const float *v_cache,
                         const int *lengths, int64_t q_stride, int64_t B, int64_t NH,
                         int64_t T_max, int64_t hs, int nthreads) {
     /* out (B, NH*hs), q (B, q_stride), k_cache (B, NH, T_max / BLK, hs, BLK),
      * v_cache (B, NH, T_max, hs), lengths (B) */
     if (B <= 0 || NH <= 0 || hs <= 0 || T_max <= 0) return SM_OK;
-    decode_fn fn = decode_head_generic;
-#if SM_X86_KERNELS
-    {
-        int level = sm_simd_active();
-        if (level >= SM_SIMD_AVX512)
-            fn = decode_head_avx512;
-        else if (level >= SM_SIMD_AVX2)
-            fn = decode_head_avx2;
-    }
-#endif
+    const decode_fn fn = decode_kernel();
     const float scale = (float)(1.0 / sqrt((double)hs));
     double work = 0.0;
     for (int64_t b = 0; b < B; b++) work += (double)lengths[b] * NH * hs * 2.0;
     const int64_t units = B * NH;
     const int nt = team_size(nthreads, units, work);
-    const int64_t per = round_up(hs, 16) + BLK;
+    const int64_t per = sm_attention_decode_ws(hs);
     float *heap = NULL;
     if (per > DECODE_STACK) {
         heap = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
@@ -1303,4 +1305,20 @@ int sm_attention_decode(float *out, const float *q, const float *k_cache, const 
     }
     sm_pool_return(heap);
     return SM_OK;
+}
+
+void sm_attention_decode_units(float *out, const float *qkv_row, float *k_cache, float *v_cache,
+                               const int *positions, int64_t NH, int64_t T_max, int64_t hs,
+                               int64_t u0, int64_t u1, float *ws) {
+    const decode_fn fn = decode_kernel();
+    const float scale = (float)(1.0 / sqrt((double)hs));
+    const int64_t C = NH * hs;
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t b = u / NH, h = u % NH, pos = positions[b];
+        const float *src = qkv_row + b * 3 * C + h * hs;
+        float *kt = k_cache + u * hs * T_max, *vt = v_cache + u * T_max * hs;
+        for (int64_t d = 0; d < hs; d++) kt[kc_index(pos, d, hs)] = src[C + d];
+        memcpy(vt + pos * hs, src + 2 * C, (size_t)hs * sizeof(float));
+        fn(out + b * C + h * hs, src, kt, vt, pos + 1, T_max, hs, scale, ws);
+    }
 }

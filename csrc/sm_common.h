@@ -48,7 +48,10 @@
 #ifdef SM_HAVE_OPENMP
 /* Open a team of `nt` threads; a team of one runs inline with no OpenMP overhead. */
 #define SM_PARALLEL(nt) SM_PRAGMA(omp parallel num_threads(nt) if ((nt) > 1))
+/* Every thread of the team waits here for the others (phases of one fused region). */
+#define SM_BARRIER() SM_PRAGMA(omp barrier)
 #else
+#define SM_BARRIER() ((void)0)
 /* Without OpenMP the block after SM_PARALLEL runs once, inline; the budget is still "used". */
 #define SM_PARALLEL(nt) (void)(nt);
 #endif

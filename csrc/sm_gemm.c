@@ -570,8 +570,10 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
  * every column and tile, so thread partitions never change the bits.
  *   "rows" form: B is contiguous along n (B[k, :] rows): C[:, chunk] += a[:, k] * B[k, chunk]
  *   "dots" form: B is contiguous along k (B^T rows): C[r, n] = dot(a[r, :], Bt[n, :])        */
-#define SMALL_M 4
+#define SMALL_M 4     /* sm_sgemm takes the small path up to this many rows ... */
+#define SMALL_MAX_M 8 /* ... and sm_gemv_cols (decode batches) up to this many */
 #define SMALL_W 512 /* columns per chunk in the rows form: m x 512 accumulators stay in L1 */
+#define SMALL_TILE_NV 8 /* vectors of a one-row register tile of the rows form */
 #define SMALL_STREAM_W 16384 /* columns per chunk of the streaming rows form (AVX-512) */
 #define SMALL_STREAM_K 8     /* B rows per sweep of that form: fewer passes over its accumulators */
 
@@ -591,7 +593,7 @@ static void small_store(const small_problem *sp, int64_t r, int64_t n, float v) 
 
 static void small_rows_generic(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
     (void)scratch;
-    float acc[SMALL_M][SMALL_W];
+    float acc[SMALL_MAX_M][SMALL_W];
     for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
         int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
         for (int64_t r = 0; r < sp->m; r++)
@@ -626,8 +628,8 @@ static void small_dots_generic(const small_problem *sp, int64_t n0, int64_t n1, 
 SM_TARGET_AVX512
 SM_INLINE void small_rows_tile_avx512(const small_problem *sp, int64_t c0, int64_t w,
                                       const int m, const int NV) {
-    __m512 acc[SMALL_M][8];
-    __mmask16 mk[8];
+    __m512 acc[SMALL_MAX_M][SMALL_TILE_NV];
+    __mmask16 mk[SMALL_TILE_NV];
     for (int v = 0; v < NV; v++) {
         int64_t left = w - 16 * v;
         mk[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
@@ -658,7 +660,7 @@ SM_INLINE void small_rows_tile_avx512(const small_problem *sp, int64_t c0, int64
     __m512 va = _mm512_set1_ps(sp->alpha), vb = _mm512_set1_ps(sp->beta);
     for (int r = 0; r < m; r++) {
         if (sp->c_sc != 1) { /* C written transposed: scalar stores */
-            float t[16 * 8];
+            float t[16 * SMALL_TILE_NV];
             for (int v = 0; v < NV; v++) _mm512_storeu_ps(t + 16 * v, acc[r][v]);
             for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, t[j]);
             continue;
@@ -680,12 +682,14 @@ SM_INLINE void small_rows_tile_avx512(const small_problem *sp, int64_t c0, int64
 SM_TARGET_AVX512
 static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *acc) {
     const int64_t m = sp->m, K = sp->K;
-    for (int64_t c0 = n0; c0 < n1; c0 += SMALL_STREAM_W) {
-        int64_t w = n1 - c0 < SMALL_STREAM_W ? n1 - c0 : SMALL_STREAM_W;
+    /* accumulators of more than 4 rows share the same scratch in narrower chunks */
+    const int64_t W = m <= 4 ? SMALL_STREAM_W : SMALL_STREAM_W * 4 / m / 16 * 16;
+    for (int64_t c0 = n0; c0 < n1; c0 += W) {
+        int64_t w = n1 - c0 < W ? n1 - c0 : W;
         int64_t nv = ceil_div(w, 16);
         int rem = (int)(w % 16);
         __mmask16 tail = rem ? (__mmask16)((1u << rem) - 1u) : (__mmask16)0xFFFF;
-        memset(acc, 0, (size_t)(m * SMALL_STREAM_W) * sizeof(float));
+        memset(acc, 0, (size_t)(m * W) * sizeof(float));
         int64_t k = 0;
         for (; k + SMALL_STREAM_K <= K; k += SMALL_STREAM_K) {
             const float *bk[SMALL_STREAM_K];
@@ -694,7 +698,7 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
                 const float *ar = sp->a.p + r * sp->a.sr + k * sp->a.sc;
                 __m512 x[SMALL_STREAM_K];
                 for (int u = 0; u < SMALL_STREAM_K; u++) x[u] = _mm512_set1_ps(ar[u * sp->a.sc]);
-                float *cr = acc + r * SMALL_STREAM_W;
+                float *cr = acc + r * W;
                 for (int64_t v = 0; v < nv; v++) {
                     __mmask16 mk = v + 1 < nv ? (__mmask16)0xFFFF : tail;
                     __m512 t = _mm512_load_ps(cr + 16 * v);
@@ -709,7 +713,7 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
             const float *b0 = sp->b.p + k * sp->b.sr + c0;
             for (int64_t r = 0; r < m; r++) {
                 __m512 x0 = _mm512_set1_ps(sp->a.p[r * sp->a.sr + k * sp->a.sc]);
-                float *cr = acc + r * SMALL_STREAM_W;
+                float *cr = acc + r * W;
                 for (int64_t v = 0; v < nv; v++) {
                     __mmask16 mk = v + 1 < nv ? (__mmask16)0xFFFF : tail;
                     __m512 t = _mm512_load_ps(cr + 16 * v);
@@ -719,7 +723,7 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
             }
         }
         for (int64_t r = 0; r < m; r++)
-            for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, acc[r * SMALL_STREAM_W + j]);
+            for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, acc[r * W + j]);
     }
 }
 
@@ -732,14 +736,18 @@ static void small_rows_avx512(const small_problem *sp, int64_t n0, int64_t n1, f
         small_rows_stream_avx512(sp, n0, n1, scratch);
         return;
     }
-    const int64_t tw = m == 1 ? 128 : 64;
+    const int64_t tw = m == 1 ? 16 * SMALL_TILE_NV : m <= 4 ? 64 : 32;
     for (int64_t c0 = n0; c0 < n1; c0 += tw) {
         int64_t w = n1 - c0 < tw ? n1 - c0 : tw;
         switch (m) {
-        case 1: small_rows_tile_avx512(sp, c0, w, 1, 8); break;
+        case 1: small_rows_tile_avx512(sp, c0, w, 1, SMALL_TILE_NV); break;
         case 2: small_rows_tile_avx512(sp, c0, w, 2, 4); break;
         case 3: small_rows_tile_avx512(sp, c0, w, 3, 4); break;
-        default: small_rows_tile_avx512(sp, c0, w, 4, 4); break;
+        case 4: small_rows_tile_avx512(sp, c0, w, 4, 4); break;
+        case 5: small_rows_tile_avx512(sp, c0, w, 5, 2); break;
+        case 6: small_rows_tile_avx512(sp, c0, w, 6, 2); break;
+        case 7: small_rows_tile_avx512(sp, c0, w, 7, 2); break;
+        default: small_rows_tile_avx512(sp, c0, w, 8, 2); break;
         }
     }
 }
@@ -749,14 +757,14 @@ SM_TARGET_AVX512
 SM_INLINE void small_dots_group_avx512(const small_problem *sp, int64_t n, const int m, const int G) {
     const int64_t K = sp->K, kfull = K / 16 * 16;
     __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
-    __m512 acc[SMALL_M][4];
+    __m512 acc[SMALL_MAX_M][4];
     const float *bn[4];
     for (int g = 0; g < G; g++) {
         bn[g] = sp->b.p + (n + g) * sp->b.sc;
         for (int r = 0; r < m; r++) acc[r][g] = _mm512_setzero_ps();
     }
     for (int64_t k = 0; k < kfull; k += 16) {
-        __m512 av[SMALL_M];
+        __m512 av[SMALL_MAX_M];
         for (int r = 0; r < m; r++) av[r] = _mm512_loadu_ps(sp->a.p + r * sp->a.sr + k);
         for (int g = 0; g < G; g++) {
             __m512 bv = _mm512_loadu_ps(bn[g] + k);
@@ -764,7 +772,7 @@ SM_INLINE void small_dots_group_avx512(const small_problem *sp, int64_t n, const
         }
     }
     if (tail) {
-        __m512 av[SMALL_M];
+        __m512 av[SMALL_MAX_M];
         for (int r = 0; r < m; r++) av[r] = _mm512_maskz_loadu_ps(tail, sp->a.p + r * sp->a.sr + kfull);
         for (int g = 0; g < G; g++) {
             __m512 bv = _mm512_maskz_loadu_ps(tail, bn[g] + kfull);
@@ -779,9 +787,18 @@ SM_TARGET_AVX512
 static void small_dots_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
     (void)scratch;
     /* Each B^T row is streamed once and dotted with all m rows of a; 4 rows at a time give
-     * 4m independent chains. A column's arithmetic is the same in a group of 4 or alone. */
+     * 4m independent chains (2 rows for m > 4: registers). A column's arithmetic is the same
+     * in a group or alone. */
     const int m = (int)sp->m;
     int64_t n = n0;
+    for (; m > 4 && n + 2 <= n1; n += 2) {
+        switch (m) {
+        case 5: small_dots_group_avx512(sp, n, 5, 2); break;
+        case 6: small_dots_group_avx512(sp, n, 6, 2); break;
+        case 7: small_dots_group_avx512(sp, n, 7, 2); break;
+        default: small_dots_group_avx512(sp, n, 8, 2); break;
+        }
+    }
     for (; n + 4 <= n1; n += 4) {
         switch (m) {
         case 1: small_dots_group_avx512(sp, n, 1, 4); break;
@@ -796,7 +813,7 @@ static void small_dots_avx512(const small_problem *sp, int64_t n0, int64_t n1, f
 SM_TARGET_AVX2
 static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
     (void)scratch;
-    __m256 acc[SMALL_M][SMALL_W / 8];
+    __m256 acc[SMALL_MAX_M][SMALL_W / 8];
     const int64_t m = sp->m;
     for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
         int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
@@ -807,7 +824,7 @@ static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1, flo
             for (int64_t v = 0; v < nv; v++) acc[r][v] = _mm256_setzero_ps();
         for (int64_t k = 0; k < sp->K; k++) {
             const float *bk = sp->b.p + k * sp->b.sr + c0;
-            __m256 ar[SMALL_M];
+            __m256 ar[SMALL_MAX_M];
             for (int64_t r = 0; r < m; r++) ar[r] = _mm256_set1_ps(sp->a.p[r * sp->a.sr + k * sp->a.sc]);
             int64_t v = 0;
             for (; v + 1 < nv; v++) {
@@ -842,7 +859,7 @@ static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1, flo
     __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int64_t n = n0; n < n1; n++) {
         const float *bn = sp->b.p + n * sp->b.sc;
-        __m256 acc[SMALL_M];
+        __m256 acc[SMALL_MAX_M];
         for (int64_t r = 0; r < m; r++) acc[r] = _mm256_setzero_ps();
         for (int64_t k = 0; k < kfull; k += 8) {
             __m256 bv = _mm256_loadu_ps(bn + k);
@@ -861,9 +878,13 @@ static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1, flo
 
 /* Run one small problem over columns [0, N) with nt threads. `a` must be contiguous along k
  * for the dots form. Returns SM_ERR_NOMEM if scratch could not be had (C untouched). */
-static int small_run(const small_problem *sp, int64_t N, int dots, int level, int nt) {
-    void (*fn)(const small_problem *, int64_t, int64_t, float *) = dots ? small_dots_generic : small_rows_generic;
-    int stream = 0;
+typedef void (*small_fn)(const small_problem *, int64_t, int64_t, float *);
+
+/* The kernel for a small problem with N columns in all, and whether it streams (needs scratch
+ * of SM_GEMV_SCRATCH floats per thread). */
+static small_fn small_kernel(const small_problem *sp, int64_t N, int dots, int level, int *stream) {
+    small_fn fn = dots ? small_dots_generic : small_rows_generic;
+    *stream = 0;
 #if SM_X86_KERNELS
     if (level >= SM_SIMD_AVX512) {
         fn = dots ? small_dots_avx512 : small_rows_avx512;
@@ -871,14 +892,20 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
          * for a single row, where a register tile has too little work per B load to hide the
          * strided walk down K (measured both ways on the shapes in bench/). */
         int64_t kn = sp->K * N;
-        stream = !dots && (kn > (int64_t)2 * 1024 * 1024 || (sp->m == 1 && kn > (int64_t)512 * 1024));
+        *stream = !dots && (kn > (int64_t)2 * 1024 * 1024 || (sp->m == 1 && kn > (int64_t)512 * 1024));
     } else if (level >= SM_SIMD_AVX2) {
         fn = dots ? small_dots_avx2 : small_rows_avx2;
     }
 #else
     (void)level;
-    (void)stream; /* only the AVX-512 rows form streams */
+    (void)N;
 #endif
+    return fn;
+}
+
+static int small_run(const small_problem *sp, int64_t N, int dots, int level, int nt) {
+    int stream;
+    small_fn fn = small_kernel(sp, N, dots, level, &stream);
     /* Columns go to threads in multiples of 64, so a column's code path (full vector or masked
      * tail) never depends on the partition. Few threads for little work: waking a team costs
      * microseconds, more than a small product takes. */
@@ -889,7 +916,7 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
     float *scratch = NULL;
 #if SM_X86_KERNELS
     if (stream) {
-        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)nt * SMALL_M * SMALL_STREAM_W * sizeof(float));
+        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)nt * SM_GEMV_SCRATCH * sizeof(float));
         if (!scratch) return SM_ERR_NOMEM;
     }
 #endif
@@ -898,10 +925,26 @@ static int small_run(const small_problem *sp, int64_t N, int dots, int level, in
         int64_t n0, n1;
         int tid = SM_THREAD_ID();
         sm_split_range(N, 64, SM_THREAD_COUNT(), tid, &n0, &n1);
-        if (n1 > n0) fn(sp, n0, n1, scratch ? scratch + (int64_t)tid * SMALL_M * SMALL_STREAM_W : NULL);
+        if (n1 > n0) fn(sp, n0, n1, scratch ? scratch + (int64_t)tid * SM_GEMV_SCRATCH : NULL);
     }
     if (scratch) sm_pool_return(scratch);
     return SM_OK;
+}
+
+void sm_gemv_cols(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                  const float *B, int64_t ldb, float *C, int64_t ldc, int64_t n0, int64_t n1,
+                  float *scratch) {
+    if (M <= 0 || n1 <= n0) return;
+    const mat_view a = {A, lda, 1};
+    const mat_view b = trans_b ? (mat_view){B, 1, ldb} : (mat_view){B, ldb, 1};
+    const int level = sm_simd_active();
+    for (int64_t r0 = 0; r0 < M; r0 += SMALL_MAX_M) { /* rows in groups the kernels carry */
+        const int64_t m = M - r0 < SMALL_MAX_M ? M - r0 : SMALL_MAX_M;
+        const small_problem sp = {{A + r0 * lda, a.sr, a.sc}, b, C + r0 * ldc, ldc, 1, m, K, 1.0f, 0.0f};
+        int stream;
+        small_fn fn = small_kernel(&sp, N, trans_b, level, &stream);
+        fn(&sp, n0, n1, stream ? scratch : NULL); /* no scratch: the register tile, same bits */
+    }
 }
 
 /* ---- driver ---------------------------------------------------------------------------------- */

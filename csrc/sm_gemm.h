@@ -17,6 +17,18 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
              const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
              int64_t ldc, int nthreads);
 
+/* One thread's share of a matrix-vector-like product, for fused loops that run their own
+ * parallel region (the decode step): C[0:M, n0:n1] = A (M, K) @ op(B)[:, n0:n1], with A rows
+ * contiguous (row stride lda), op(B) = B (K, N) for trans_b = 0 or B^T with B (N, K) for
+ * trans_b = 1, C rows with stride ldc. Serial, no OpenMP, no allocation. Each element is the
+ * same FMA chain whatever n0, n1 (multiples of 64, or N) and M: a split over threads never
+ * changes the bits, and rows computed together equal rows computed alone. scratch:
+ * SM_GEMV_SCRATCH floats (lets wide, cache-exceeding B stream row by row) or NULL. */
+#define SM_GEMV_SCRATCH (4 * 16384)
+void sm_gemv_cols(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                  const float *B, int64_t ldb, float *C, int64_t ldc, int64_t n0, int64_t n1,
+                  float *scratch);
+
 /* The obvious triple loop (double accumulator), kept as the reference the tests compare with. */
 void sm_sgemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                     const float *A, int64_t lda, const float *B, int64_t ldb, float beta,

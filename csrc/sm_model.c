@@ -287,7 +287,7 @@ struct sm_gpt_cache {
     int64_t nbytes;
     void *block;
     int *len;                  /* (B) tokens held per sequence */
-    int *pos, *len1;           /* (B) decode scratch: position written, length after it */
+    int *pos;                  /* (B) decode scratch: the position written */
     float *k, *v;              /* (L, B, NH, Tmax/64, hs, 64) and (L, B, NH, Tmax, hs) */
     /* decode scratch, one row per sequence */
     float *x, *x2, *ln, *qkv, *att, *br, *fch, *g; /* (B, C) / (B, 3C) / (B, 4C) */
@@ -301,7 +301,6 @@ static void layout_cache(sm_gpt_cache *c, carver *cv) {
     const int64_t B = c->B, C = c->cfg.n_embd, L = c->cfg.n_layer;
     c->len = (int *)carve(cv, B * (int64_t)sizeof(int));
     c->pos = (int *)carve(cv, B * (int64_t)sizeof(int));
-    c->len1 = (int *)carve(cv, B * (int64_t)sizeof(int));
     c->k = CARVE_F(cv, L * cache_layer_floats(c));
     c->v = CARVE_F(cv, L * cache_layer_floats(c));
     c->x = CARVE_F(cv, B * C);
@@ -612,53 +611,98 @@ int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
     return rc;
 }
 
+/* Threads for a decode step: each should stream a fair share of the weights (~0.5 MB), or
+ * waking it costs more than it saves. */
+static int decode_team(int nt, const sm_gpt_config *cfg, int64_t B) {
+    const int64_t useful = 1 + sm_gpt_num_params(cfg) * B / (128 * 1024);
+    return nt < useful ? nt : (int)useful;
+}
+
+/* y[:, n0:n1] += bias[n0:n1] for the B rows of y (row stride ld) */
+static void bias_cols(float *y, const float *bias, int64_t B, int64_t ld, int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < B; b++) sm_bias_add(y + b * ld + n0, bias + n0, 1, n1 - n0, 1);
+}
+
+/* One decode step in one parallel region: the weights are split by output columns (multiples
+ * of 64) between the threads, which meet at a barrier wherever the next product needs every
+ * column of the last (five per layer); layer norms are computed by every thread into its own
+ * buffer rather than paying a barrier. Tiny models at batch 1 spend more on waking threads than
+ * on arithmetic, so a decode step is one team wake-up, not fifteen per layer. Every element is
+ * computed by the same operations whatever the thread count (sm_gemv_cols, column ranges). */
 int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                   const int *tokens, int nthreads) {
     if (!c || !logits || !params || !tokens || memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0)
         return SM_ERR_ARG;
     const int64_t B = c->B, C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
-    const int64_t V = cfg->vocab_size, hs = C / NH, lay = cache_layer_floats(c);
-    const int nt = sm_resolve_threads(nthreads);
+    const int64_t V = cfg->vocab_size, hs = C / NH, lay = cache_layer_floats(c), Tmax = c->Tmax;
     for (int64_t b = 0; b < B; b++) {
         if (c->len[b] < 1 || c->len[b] >= c->capacity) return SM_ERR_STATE;
         if (tokens[b] < 0 || tokens[b] >= V) return SM_ERR_ARG;
         c->pos[b] = c->len[b];
-        c->len1[b] = c->len[b] + 1;
     }
+    const int nt = decode_team(sm_resolve_threads(nthreads), cfg, B);
+    /* per thread: its layer-normed rows (B, C), streaming scratch, attention scratch */
+    const int64_t per = round16(B * C) + SM_GEMV_SCRATCH + round16(sm_attention_decode_ws(hs));
+    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(nt * per) * sizeof(float));
+    if (!scratch) return SM_ERR_NOMEM;
     /* x (B, C): each sequence's new token at its own position */
     const float *wte = P(params, SM_GPT_WTE, 0), *wpe = P(params, SM_GPT_WPE, 0);
     for (int64_t b = 0; b < B; b++)
         sm_residual_forward(c->x + b * C, wte + (int64_t)tokens[b] * C, wpe + (int64_t)c->pos[b] * C,
                             C, 1);
-    float *x = c->x, *xo = c->x2;
-    for (int64_t l = 0; l < L; l++) {
-        float *kl = c->k + l * lay, *vl = c->v + l * lay;
-        sm_layernorm_forward(c->ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
-                             P(params, SM_GPT_LN1B, l), B, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(0, 0, B, 3 * C, C, 1.0f, c->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
-                        c->qkv, 3 * C, nt));
-        sm_bias_add(c->qkv, P(params, SM_GPT_QKVB, l), B, 3 * C, nt);
-        sm_kv_cache_append(kl, vl, c->qkv, c->pos, B, NH, c->Tmax, hs, nt);
-        RET_IF(sm_attention_decode(c->att, c->qkv, kl, vl, c->len1, 3 * C, B, NH, c->Tmax, hs, nt));
-        RET_IF(sm_sgemm(0, 0, B, C, C, 1.0f, c->att, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
-                        c->br, C, nt));
-        sm_bias_add(c->br, P(params, SM_GPT_ATTPROJB, l), B, C, nt);
-        sm_residual_forward(xo, x, c->br, B * C, nt);           /* xo = mid-block residual */
-        sm_layernorm_forward(c->ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
-                             P(params, SM_GPT_LN2B, l), B, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(0, 0, B, 4 * C, C, 1.0f, c->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
-                        c->fch, 4 * C, nt));
-        sm_bias_add(c->fch, P(params, SM_GPT_FCB, l), B, 4 * C, nt);
-        sm_gelu_forward(c->g, c->fch, B * 4 * C, nt);
-        RET_IF(sm_sgemm(0, 0, B, C, 4 * C, 1.0f, c->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
-                        0.0f, c->br, C, nt));
-        sm_bias_add(c->br, P(params, SM_GPT_FCPROJB, l), B, C, nt);
-        sm_residual_forward(x, xo, c->br, B * C, nt);           /* back into x: layer output */
+    float *const x = c->x, *const xo = c->x2, *const qkv = c->qkv, *const br = c->br;
+    SM_PARALLEL(nt) {
+        const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
+        float *ln = scratch + tid * per, *gs = ln + round16(B * C), *aws = gs + SM_GEMV_SCRATCH;
+        int64_t c0, c1, q0, q1, f0, f1, u0, u1, v0, v1; /* this thread's columns / heads */
+        sm_split_range(C, 64, nth, tid, &c0, &c1);
+        sm_split_range(3 * C, 64, nth, tid, &q0, &q1);
+        sm_split_range(4 * C, 64, nth, tid, &f0, &f1);
+        sm_split_range(B * NH, 1, nth, tid, &u0, &u1);
+        sm_split_range(V, 64, nth, tid, &v0, &v1);
+        for (int64_t l = 0; l < L; l++) {
+            /* qkv = ln_1(x) W_qkv + b */
+            sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
+                                 P(params, SM_GPT_LN1B, l), B, C, LN_EPS, 1);
+            sm_gemv_cols(0, B, 3 * C, C, ln, C, P(params, SM_GPT_QKVW, l), 3 * C, qkv, 3 * C, q0,
+                         q1, gs);
+            bias_cols(qkv, P(params, SM_GPT_QKVB, l), B, 3 * C, q0, q1);
+            SM_BARRIER();
+            /* the new keys and values into the cache, attention per (sequence, head) */
+            sm_attention_decode_units(c->att, qkv, c->k + l * lay, c->v + l * lay, c->pos, NH,
+                                      Tmax, hs, u0, u1, aws);
+            SM_BARRIER();
+            /* xo = x + (att W_proj + b) */
+            sm_gemv_cols(0, B, C, C, c->att, C, P(params, SM_GPT_ATTPROJW, l), C, br, C, c0, c1,
+                         gs);
+            bias_cols(br, P(params, SM_GPT_ATTPROJB, l), B, C, c0, c1);
+            for (int64_t b = 0; b < B; b++)
+                sm_residual_forward(xo + b * C + c0, x + b * C + c0, br + b * C + c0, c1 - c0, 1);
+            SM_BARRIER();
+            /* g = gelu(ln_2(xo) W_fc + b) */
+            sm_layernorm_forward(ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
+                                 P(params, SM_GPT_LN2B, l), B, C, LN_EPS, 1);
+            sm_gemv_cols(0, B, 4 * C, C, ln, C, P(params, SM_GPT_FCW, l), 4 * C, c->fch, 4 * C,
+                         f0, f1, gs);
+            bias_cols(c->fch, P(params, SM_GPT_FCB, l), B, 4 * C, f0, f1);
+            for (int64_t b = 0; b < B; b++)
+                sm_gelu_forward(c->g + b * 4 * C + f0, c->fch + b * 4 * C + f0, f1 - f0, 1);
+            SM_BARRIER();
+            /* x = xo + (g W_fcproj + b) */
+            sm_gemv_cols(0, B, C, 4 * C, c->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, br, C, c0,
+                         c1, gs);
+            bias_cols(br, P(params, SM_GPT_FCPROJB, l), B, C, c0, c1);
+            for (int64_t b = 0; b < B; b++)
+                sm_residual_forward(x + b * C + c0, xo + b * C + c0, br + b * C + c0, c1 - c0, 1);
+            SM_BARRIER();
+        }
+        /* logits = ln_f(x) wte^T */
+        sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LNFW, 0),
+                             P(params, SM_GPT_LNFB, 0), B, C, LN_EPS, 1);
+        sm_gemv_cols(1, B, V, C, ln, C, wte, C, logits, V, v0, v1, gs);
     }
-    sm_layernorm_forward(c->ln, NULL, NULL, x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0),
-                         B, C, LN_EPS, nt);
-    RET_IF(sm_sgemm(0, 1, B, V, C, 1.0f, c->ln, C, wte, C, 0.0f, logits, V, nt));
-    for (int64_t b = 0; b < B; b++) c->len[b] = c->len1[b];
+    sm_pool_return(scratch);
+    for (int64_t b = 0; b < B; b++) c->len[b] = c->pos[b] + 1;
     return SM_OK;
 }
 

@@ -121,3 +121,35 @@ def test_prompts_of_different_lengths_share_a_cache():
             np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
     with pytest.raises(sm.ValidationError, match="seq"):
         _core.gpt_prefill_seq(m._params, m._cfg, seqs[0][:4], cache, 3)
+
+
+@pytest.mark.parametrize("V,L,NH,C,B", [
+    (300, 2, 4, 128, 11),    # rows in groups of 8 + 3; columns split over threads
+    (64, 1, 12, 768, 9),     # 768 x 3072 weights: the streaming form (8 rows, then 1)
+])
+def test_batched_decode_rows_equal_single_rows_bit_for_bit(V, L, NH, C, B):
+    m = _model(V, 24, L, NH, C)
+    rng = np.random.default_rng(7)
+    lens = rng.integers(1, 12, B)
+    seqs = [rng.integers(0, V, 20).astype(np.int32) for _ in range(B)]
+
+    def fill(cache, rows):
+        for b, i in enumerate(rows):
+            _core.gpt_prefill_seq(m._params, m._cfg, seqs[i][:lens[i]], cache, b, 1)
+
+    def steps(rows, threads):
+        cache = _core.GPTCache(m._cfg, len(rows), 24)
+        fill(cache, rows)
+        out = [_core.gpt_decode(m._params, m._cfg,
+                                np.array([seqs[i][lens[i] + s] for i in rows], np.int32), cache,
+                                threads) for s in range(4)]
+        cache.free()
+        return np.stack(out, axis=1)       # (rows, 4, V)
+
+    batched = steps(range(B), 1)
+    for threads in (2, 3):
+        assert np.array_equal(steps(range(B), threads), batched)
+    for i in (0, B - 1):
+        assert np.array_equal(steps([i], 2)[0], batched[i])
+    want = m.forward(seqs[0][None, :lens[0] + 4])[0, lens[0]:]
+    np.testing.assert_allclose(batched[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
