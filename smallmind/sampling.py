@@ -24,6 +24,8 @@ from .tokenizer import Tokenizer
 
 __all__ = ["Sampling", "GenerationResult"]
 
+WINDOWS = ("shift", "slide")
+
 logger = logging.getLogger("smallmind.sampling")
 
 
@@ -111,12 +113,23 @@ class Sampling:
     not thread-safe: use one per thread or request. Each call rents a KV cache from the
     MemoryPool and returns it when the call (or the stream) ends.
 
-    Contexts longer than the model's block_size slide: the model sees the last block_size
-    tokens, as nanoGPT's generate does (past that point each token costs a prefill of the
-    window instead of one decode step).
+    Contexts longer than the model's block_size (its positions) move the window, positions
+    restarting at 0; `window` says how:
+
+    - "shift" (default): when the window is full, its older half is dropped and the newer half
+      prefilled again in one call; decoding then goes on one step per token. Every token sees
+      between block_size/2 and block_size tokens of context, and the window costs one prefill
+      of block_size/2 tokens per block_size/2 new tokens (as llama.cpp's context shift).
+    - "slide": every token sees exactly the last block_size tokens, as nanoGPT's generate does;
+      past block_size each token costs a prefill of the whole window instead of a decode step
+      (~block_size times the work).
+
+    Ids the model knows but the tokenizer does not (a vocab_size padded past the tokenizer's)
+    are never sampled.
     """
 
-    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, threads: int | None = None):
+    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, threads: int | None = None,
+                 window: str = "shift"):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         if not isinstance(tokenizer, Tokenizer):
@@ -127,9 +140,17 @@ class Sampling:
                                   f"vocab_size is {model.config.vocab_size}")
         if threads is not None and (not _is_int(threads) or not 1 <= threads <= 1024):
             raise ValidationError(f"threads must be None or an int in [1, 1024], got {threads!r}")
+        if window not in WINDOWS:
+            raise ValidationError(f"window must be one of {WINDOWS}, got {window!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.threads = threads
+        self.window = window
+
+    def _keep(self) -> int:
+        """Tokens kept (and prefilled again) when a full window moves."""
+        T = self.model.config.block_size
+        return T if self.window == "slide" else max(min(T, 2), T // 2)
 
     def generate(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -188,11 +209,13 @@ class Sampling:
                 raise ValidationError(f"prompts[{i}] has no character of the tokenizer's vocabulary")
             ids.append(e)
         B, T, cfg, prm = len(ids), model.config.block_size, model._cfg, model._params
+        keep, nv, chars, threads = self._keep(), tok.vocab_size, tok.chars, self.threads
         rngs = [np.random.Generator(np.random.PCG64(None if seed is None else seed + i))
                 for i in range(B)]
         t0 = time.perf_counter()
         contexts = [list(e[-T:]) for e in ids]
         prompt_tokens = [len(c) for c in contexts]
+        held = list(prompt_tokens)               # tokens in each row of the cache
         new = [[] for _ in range(B)]
         texts = [""] * B
         reasons = [None] * B
@@ -200,8 +223,8 @@ class Sampling:
         cache = _core.GPTCache(cfg, B, T)
         try:
             logits = np.stack([_core.gpt_prefill_seq(prm, cfg, np.asarray(c, np.int32), cache, b,
-                                                     self.threads)
-                               for b, c in enumerate(contexts)])
+                                                     threads)
+                               for b, c in enumerate(contexts)])[:, :nv]
             if max_new_tokens == 0:
                 reasons = ["length"] * B
             while any(r is None for r in reasons):
@@ -211,13 +234,16 @@ class Sampling:
                                                     prompt_tokens[b], time.perf_counter() - t0, ttft)
                                    for b in range(B)]
                     raise err
+                if temperature == 0.0:
+                    picks = logits.argmax(axis=1).tolist()
                 for b in range(B):
                     if reasons[b] is not None:
                         continue
-                    nxt = sample_next(logits[b], temperature, top_k, top_p, rngs[b])
+                    nxt = picks[b] if temperature == 0.0 else sample_next(
+                        logits[b], temperature, top_k, top_p, rngs[b])
                     new[b].append(nxt)
                     contexts[b].append(nxt)
-                    texts[b] += tok.decode([nxt])
+                    texts[b] += chars[nxt]
                     cut = _find_stop(texts[b], stops)
                     if cut >= 0:
                         texts[b], reasons[b] = texts[b][:cut], "stop"
@@ -227,17 +253,25 @@ class Sampling:
                     ttft = time.perf_counter() - t0
                 if all(r is not None for r in reasons):
                     break
-                lengths = cache.lengths
+                if T == 1:    # no room to decode into: every token is a prefill of itself
+                    logits = np.stack([_core.gpt_prefill_seq(prm, cfg, np.asarray(c[-1:], np.int32),
+                                                             cache, b, threads)
+                                       for b, c in enumerate(contexts)])[:, :nv]
+                    continue
                 tokens = np.zeros(B, np.int32)   # finished rows decode a dummy token
                 for b in range(B):
                     live = reasons[b] is None
-                    if lengths[b] >= T:        # full: slide (prefill the window minus its last)
-                        window = contexts[b][-T:-1] if live else [0]
-                        _core.gpt_prefill_seq(prm, cfg, np.asarray(window, np.int32), cache, b,
-                                              self.threads)
+                    if held[b] >= T:   # full: move the window (prefill what is kept, minus
+                        kept = contexts[b][-keep:-1] if live else [0]   # the token decoded now)
+                        if live:
+                            contexts[b] = contexts[b][-keep:]
+                        _core.gpt_prefill_seq(prm, cfg, np.asarray(kept, np.int32), cache, b,
+                                              threads)
+                        held[b] = len(kept)
                     if live:
                         tokens[b] = contexts[b][-1]
-                logits = _core.gpt_decode(prm, cfg, tokens, cache, self.threads)
+                    held[b] += 1
+                logits = _core.gpt_decode(prm, cfg, tokens, cache, threads)[:, :nv]
         finally:
             cache.free()
         elapsed = time.perf_counter() - t0
@@ -277,7 +311,10 @@ class Sampling:
         if not ids:
             raise ValidationError("prompt must contain at least one character of the "
                                   "tokenizer's vocabulary (there is no start token)")
-        T = model.config.block_size
+        T, keep, nv = model.config.block_size, self._keep(), tok.vocab_size
+        params, cfg, threads = model._params, model._cfg, self.threads
+        chars = tok.chars
+        greedy = temperature == 0.0
         rng = np.random.Generator(np.random.PCG64(seed))
         t0 = time.perf_counter()
         ttft = 0.0
@@ -285,46 +322,52 @@ class Sampling:
         text = ""
         emitted = 0
         reason = "length"
-        cache = _core.GPTCache(model._cfg, 1, T)
+        step = np.zeros(1, np.int32)            # the token fed to each decode call
+        cache = _core.GPTCache(cfg, 1, T)
         try:
             window = ids[-T:]
-            logits = _core.gpt_prefill(model._params, model._cfg,
-                                       np.asarray([window], dtype=np.int32), cache, self.threads)[0]
+            logits = _core.gpt_prefill(params, cfg, np.asarray([window], dtype=np.int32), cache,
+                                       threads)[0, :nv]
             context = list(window)
+            held = len(window)                  # tokens in the cache
             while len(new) < max_new_tokens:
                 if is_cancelled():
                     err = CancelledError(f"generation cancelled after {len(new)} tokens")
                     err.result = GenerationResult(text[:], list(new), "cancelled", len(window),
                                                   time.perf_counter() - t0, ttft)
                     raise err
-                nxt = sample_next(logits, temperature, top_k, top_p, rng)
+                nxt = int(logits.argmax()) if greedy else sample_next(logits, temperature, top_k,
+                                                                      top_p, rng)
                 if not new:
                     ttft = time.perf_counter() - t0
                 new.append(nxt)
                 context.append(nxt)
-                text += tok.decode([nxt])
-                cut = _find_stop(text, stops)
-                if cut >= 0:
-                    text = text[:cut]
-                    reason = "stop"
-                    if cut > emitted:
-                        yield text[emitted:cut]
-                    break
-                safe = len(text) - _held_back(text, stops)
+                text += chars[nxt]
+                if stops:
+                    cut = _find_stop(text, stops)
+                    if cut >= 0:
+                        text = text[:cut]
+                        reason = "stop"
+                        if cut > emitted:
+                            yield text[emitted:cut]
+                        break
+                    safe = len(text) - _held_back(text, stops)
+                else:
+                    safe = len(text)
                 if safe > emitted:
                     yield text[emitted:safe]
                     emitted = safe
                 if len(new) == max_new_tokens:
                     break
-                if cache.lengths[0] < T:
-                    logits = _core.gpt_decode(model._params, model._cfg,
-                                              np.asarray([nxt], dtype=np.int32), cache,
-                                              self.threads)[0]
-                else:   # the window is full: slide it (positions restart at 0)
-                    context = context[-T:]
-                    logits = _core.gpt_prefill(model._params, model._cfg,
-                                               np.asarray([context], dtype=np.int32), cache,
-                                               self.threads)[0]
+                if held < T:
+                    step[0] = nxt
+                    logits = _core.gpt_decode(params, cfg, step, cache, threads)[0, :nv]
+                    held += 1
+                else:   # the window is full: move it (positions restart at 0)
+                    context = context[-keep:]
+                    logits = _core.gpt_prefill(params, cfg, np.asarray([context], dtype=np.int32),
+                                               cache, threads)[0, :nv]
+                    held = len(context)
             if reason == "length" and len(text) > emitted:
                 yield text[emitted:]
         finally:

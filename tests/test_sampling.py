@@ -22,14 +22,56 @@ def model():
     return m.eval()
 
 
-def test_greedy_equals_forward_argmax_with_sliding_window(model):
-    prompt = "the quick"
-    out = sm.Sampling(model, TOK).generate(prompt, 60, temperature=0)
-    ctx = TOK.encode(prompt)
-    for _ in range(60):                   # 9 + 60 tokens: the 24-token window slides
-        logits = model.forward(np.array([ctx[-24:]], np.int32))[0, -1]
-        ctx.append(int(np.argmax(logits)))
-    assert out == TOK.decode(ctx[len(TOK.encode(prompt)):])
+def _random_model(V, T, seed=0):
+    """Untrained weights, sharpened so that the context (and the window policy) matters."""
+    m = sm.TransformerModel(sm.ModelConfig(V, T, 2, 2, 32, seed=seed)).eval()
+    rng = np.random.default_rng(seed)
+    for v in m.state_dict().values():
+        v[...] += rng.standard_normal(v.shape).astype(np.float32) * 0.2
+    return m
+
+
+def _reference_greedy(m, ids, n, window):
+    """Greedy decoding by full forward passes over the window each policy defines."""
+    T = m.config.block_size
+    keep = T if window == "slide" else T // 2
+    ctx, vis, out = list(ids), list(ids[-T:]), []
+    for _ in range(n):
+        nxt = int(np.argmax(m.forward(np.array([vis], np.int32))[0, -1]))
+        out.append(nxt)
+        ctx.append(nxt)
+        vis.append(nxt)
+        if len(vis) > T:
+            vis = vis[-keep:]
+    return out
+
+
+@pytest.mark.parametrize("window", ["shift", "slide"])
+def test_greedy_equals_forward_argmax_past_block_size(window):
+    m = _random_model(TOK.vocab_size, 16)
+    prompt = "the quick"                  # 9 + 60 tokens: the 16-token window moves
+    got = sm.Sampling(m, TOK, window=window).generate(prompt, 60, temperature=0,
+                                                      return_details=True).tokens
+    assert got == _reference_greedy(m, TOK.encode(prompt), 60, window)
+    other = "slide" if window == "shift" else "shift"
+    assert got != _reference_greedy(m, TOK.encode(prompt), 60, other)   # the policies differ
+    s = sm.Sampling(m, TOK, window=window)
+    prompts = ["the", "the quick brown fox jumps over", "lazy"]  # the second is cut to 16
+    assert s.generate_batch(prompts, 40, temperature=0) == [s.generate(p, 40, temperature=0)
+                                                           for p in prompts]
+    with pytest.raises(sm.ValidationError, match="window"):
+        sm.Sampling(m, TOK, window="crop")
+
+
+def test_tiny_block_sizes_and_padded_vocab():
+    for T in (1, 2, 3):                   # the smallest windows still move correctly
+        m = _random_model(TOK.vocab_size + 5, T, seed=T)   # 5 ids the tokenizer lacks
+        for window in ("shift", "slide"):
+            s = sm.Sampling(m, TOK, window=window)
+            r = s.generate("the", 12, temperature=0, return_details=True)
+            assert len(r.tokens) == 12 and max(r.tokens) < TOK.vocab_size
+            assert s.generate_batch(["the", "a"], 12, temperature=0)[0] == r.text
+            assert len(s.generate("the", 12, temperature=1.0, seed=1)) == 12
 
 
 def test_seeded_generation_is_reproducible_and_thread_independent(model):
