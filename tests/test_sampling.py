@@ -3,6 +3,7 @@ the window sliding past block_size), seeded draws are reproducible and thread-in
 strings, streaming, cancellation, pool hygiene and bad arguments."""
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -275,3 +276,95 @@ def test_generate_batch_equals_one_by_one(model):
     with pytest.raises(sm.CancelledError) as e:
         s.generate_batch(prompts, 50, temperature=0, cancel=CountdownEvent(3))
     assert [r.new_tokens for r in e.value.results] == [3, 3, 3]
+
+
+# ---- under load ---------------------------------------------------------------------------------
+
+def _outstanding():
+    s = sm.default_pool().stats()
+    return s["outstanding_buffers"], s["outstanding_bytes"]
+
+
+def test_many_threads_many_seeded_generations_equal_serial(model):
+    jobs = [dict(prompt=p, max_new_tokens=40, temperature=t, top_k=k, top_p=tp, seed=seed)
+            for seed, (p, t, k, tp) in enumerate(
+                [("the", 1.0, 0, 1.0), ("quick", 0.7, 5, 1.0), ("lazy dog", 1.3, 0, 0.9),
+                 ("fox", 0.0, 0, 1.0)] * 8)]          # 32 generations, past the 24-token window
+    serial = [sm.Sampling(model, TOK).generate(**j) for j in jobs]
+    got = [None] * len(jobs)
+
+    def work(t):
+        s = sm.Sampling(model, TOK, threads=1 + t % 2)   # thread counts differ too
+        for i in range(t, len(jobs), 8):
+            got[i] = s.generate(**jobs[i])
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts)
+    assert got == serial
+
+
+def test_cancellation_under_load_leaves_nothing_outstanding(model):
+    before = _outstanding()
+    outcomes = [None] * 12
+    sources = [sm.CancellationTokenSource() for _ in range(12)]
+
+    def work(i):
+        s = sm.Sampling(model, TOK, threads=1)
+        try:
+            if i % 3 == 0:
+                for _ in s.stream("the", 10 ** 6, temperature=1.0, seed=i, cancel=sources[i].token):
+                    pass
+            else:
+                s.generate("the", 10 ** 6 if i % 3 == 1 else 50, temperature=1.0, seed=i,
+                           cancel=sources[i].token)
+            outcomes[i] = "done"
+        except sm.CancelledError as e:
+            outcomes[i] = "cancelled" if e.result.new_tokens > 0 or i % 3 == 0 else "early"
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for t in ts:
+        t.start()
+    time.sleep(0.2)                        # everyone is decoding (or done)
+    for i, src in enumerate(sources):
+        if i % 3 != 2:
+            src.cancel()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts)
+    assert outcomes == ["cancelled", "cancelled", "done"] * 4
+    assert _outstanding() == before
+
+
+def test_asyncio_tasks_cancelled_mid_stream_do_not_deadlock(model):
+    before = _outstanding()
+
+    async def consume(svc, i, n_pieces):
+        got = []
+        async for piece in svc.stream("the", 10 ** 6, temperature=1.0, seed=i):
+            got.append(piece)
+            if len(got) == n_pieces:
+                break                      # leaving the loop closes the stream
+        return len(got)
+
+    async def main():
+        async with sm.ThrottledInferenceService(model, TOK, max_concurrency=2,
+                                                threads_per_request=1) as svc:
+            # 8 endless streams on 2 slots: some are cancelled mid-stream, some while queued
+            tasks = [asyncio.create_task(consume(svc, i, 10 ** 9)) for i in range(8)]
+            await asyncio.sleep(0.1)
+            for t in tasks:
+                t.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, asyncio.CancelledError) for r in results)
+            # streams that the consumer stops early, and the service still serves afterwards
+            assert await asyncio.gather(*(consume(svc, i, 3) for i in range(4))) == [3] * 4
+            text = await svc.generate("the", 20, temperature=0)
+            assert text == sm.Sampling(model, TOK).generate("the", 20, temperature=0)
+            assert svc.active == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))   # a deadlock fails here instead of hanging CI
+    assert _outstanding() == before
