@@ -570,6 +570,9 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
  * every column and tile, so thread partitions never change the bits.
  *   "rows" form: B is contiguous along n (B[k, :] rows): C[:, chunk] += a[:, k] * B[k, chunk]
  *   "dots" form: B is contiguous along k (B^T rows): C[r, n] = dot(a[r, :], Bt[n, :])        */
+
+
+
 #define SMALL_M 4     /* sm_sgemm takes the small path up to this many rows ... */
 #define SMALL_MAX_M 8 /* ... and sm_gemv_cols (decode batches) up to this many */
 #define SMALL_W 512 /* columns per chunk in the rows form: m x 512 accumulators stay in L1 */
@@ -752,62 +755,61 @@ static void small_rows_avx512(const small_problem *sp, int64_t n0, int64_t n1, f
     }
 }
 
-/* One group of 4 columns of the dots form: C[0:m, n:n+4] = a[0:m, :] . Bt[n:n+4, :]. */
+/* Dots form, AVX-512: C[r0:r0+m, n] = a[r0:r0+m, :] . Bt[n, :] for one column n, m <= 4.
+ * Four accumulators per row take the 16-float vectors of each 64-float block in turn (the rest
+ * of K goes to the first), summed as (s0 + s1) + (s2 + s3): the same arithmetic for every m,
+ * row group and column, so a row's bits never depend on its batch or thread partition. */
 SM_TARGET_AVX512
-SM_INLINE void small_dots_group_avx512(const small_problem *sp, int64_t n, const int m, const int G) {
-    const int64_t K = sp->K, kfull = K / 16 * 16;
-    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
-    __m512 acc[SMALL_MAX_M][4];
-    const float *bn[4];
-    for (int g = 0; g < G; g++) {
-        bn[g] = sp->b.p + (n + g) * sp->b.sc;
-        for (int r = 0; r < m; r++) acc[r][g] = _mm512_setzero_ps();
-    }
-    for (int64_t k = 0; k < kfull; k += 16) {
-        __m512 av[SMALL_MAX_M];
-        for (int r = 0; r < m; r++) av[r] = _mm512_loadu_ps(sp->a.p + r * sp->a.sr + k);
-        for (int g = 0; g < G; g++) {
-            __m512 bv = _mm512_loadu_ps(bn[g] + k);
-            for (int r = 0; r < m; r++) acc[r][g] = _mm512_fmadd_ps(av[r], bv, acc[r][g]);
+SM_INLINE void small_dots_col_avx512(const small_problem *sp, int64_t n, int64_t r0, const int m) {
+    const int64_t K = sp->K, k4 = K / 64 * 64, kfull = K / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
+    const float *bn = sp->b.p + n * sp->b.sc;
+    const float *a = sp->a.p + r0 * sp->a.sr;
+    const int64_t asr = sp->a.sr;
+    __m512 s[4][4];
+    for (int r = 0; r < m; r++)
+        for (int j = 0; j < 4; j++) s[r][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < k4; k += 64) {
+        for (int j = 0; j < 4; j++) {
+            const __m512 bv = _mm512_loadu_ps(bn + k + 16 * j);
+            for (int r = 0; r < m; r++)
+                s[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(a + r * asr + k + 16 * j), bv, s[r][j]);
         }
+    }
+    for (; k < kfull; k += 16) {
+        const __m512 bv = _mm512_loadu_ps(bn + k);
+        for (int r = 0; r < m; r++) s[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a + r * asr + k), bv, s[r][0]);
     }
     if (tail) {
-        __m512 av[SMALL_MAX_M];
-        for (int r = 0; r < m; r++) av[r] = _mm512_maskz_loadu_ps(tail, sp->a.p + r * sp->a.sr + kfull);
-        for (int g = 0; g < G; g++) {
-            __m512 bv = _mm512_maskz_loadu_ps(tail, bn[g] + kfull);
-            for (int r = 0; r < m; r++) acc[r][g] = _mm512_fmadd_ps(av[r], bv, acc[r][g]);
-        }
+        const __m512 bv = _mm512_maskz_loadu_ps(tail, bn + k);
+        for (int r = 0; r < m; r++)
+            s[r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + r * asr + k), bv, s[r][0]);
     }
     for (int r = 0; r < m; r++)
-        for (int g = 0; g < G; g++) small_store(sp, r, n + g, _mm512_reduce_add_ps(acc[r][g]));
+        small_store(sp, r0 + r, n,
+                    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[r][0], s[r][1]),
+                                                       _mm512_add_ps(s[r][2], s[r][3]))));
 }
 
 SM_TARGET_AVX512
 static void small_dots_avx512(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
+    /* One B^T row at a time, read front to back: a single sequential stream per thread is what
+     * the hardware prefetchers follow best (about 1.7x the bandwidth of four rows interleaved,
+     * measured on the 154 MB GPT-2 LM head). More than 4 rows of a go in groups of up to 4
+     * while the B^T row is still in L1. */
     (void)scratch;
-    /* Each B^T row is streamed once and dotted with all m rows of a; 4 rows at a time give
-     * 4m independent chains (2 rows for m > 4: registers). A column's arithmetic is the same
-     * in a group or alone. */
-    const int m = (int)sp->m;
-    int64_t n = n0;
-    for (; m > 4 && n + 2 <= n1; n += 2) {
-        switch (m) {
-        case 5: small_dots_group_avx512(sp, n, 5, 2); break;
-        case 6: small_dots_group_avx512(sp, n, 6, 2); break;
-        case 7: small_dots_group_avx512(sp, n, 7, 2); break;
-        default: small_dots_group_avx512(sp, n, 8, 2); break;
+    const int64_t m = sp->m;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            switch (m - r0 < 4 ? m - r0 : 4) {
+            case 1: small_dots_col_avx512(sp, n, r0, 1); break;
+            case 2: small_dots_col_avx512(sp, n, r0, 2); break;
+            case 3: small_dots_col_avx512(sp, n, r0, 3); break;
+            default: small_dots_col_avx512(sp, n, r0, 4); break;
+            }
         }
     }
-    for (; n + 4 <= n1; n += 4) {
-        switch (m) {
-        case 1: small_dots_group_avx512(sp, n, 1, 4); break;
-        case 2: small_dots_group_avx512(sp, n, 2, 4); break;
-        case 3: small_dots_group_avx512(sp, n, 3, 4); break;
-        default: small_dots_group_avx512(sp, n, 4, 4); break;
-        }
-    }
-    for (; n < n1; n++) small_dots_group_avx512(sp, n, m, 1);
 }
 
 SM_TARGET_AVX2
