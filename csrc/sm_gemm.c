@@ -692,7 +692,7 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
         int64_t nv = ceil_div(w, 16);
         int rem = (int)(w % 16);
         __mmask16 tail = rem ? (__mmask16)((1u << rem) - 1u) : (__mmask16)0xFFFF;
-        memset(acc, 0, (size_t)(m * W) * sizeof(float));
+        for (int64_t r = 0; r < m; r++) memset(acc + r * W, 0, (size_t)w * sizeof(float));
         int64_t k = 0;
         for (; k + SMALL_STREAM_K <= K; k += SMALL_STREAM_K) {
             const float *bk[SMALL_STREAM_K];
@@ -725,8 +725,12 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
                 }
             }
         }
-        for (int64_t r = 0; r < m; r++)
-            for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, acc[r * W + j]);
+        for (int64_t r = 0; r < m; r++) {
+            if (sp->alpha == 1.0f && sp->beta == 0.0f && sp->c_sc == 1)
+                memcpy(sp->c + r * sp->c_sr + c0, acc + r * W, (size_t)w * sizeof(float));
+            else
+                for (int64_t j = 0; j < w; j++) small_store(sp, r, c0 + j, acc[r * W + j]);
+        }
     }
 }
 
@@ -946,6 +950,59 @@ void sm_gemv_cols(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, 
         int stream;
         small_fn fn = small_kernel(&sp, N, trans_b, level, &stream);
         fn(&sp, n0, n1, stream ? scratch : NULL); /* no scratch: the register tile, same bits */
+    }
+}
+
+#if SM_X86_KERNELS
+/* One row of A: c (N) = a (K) @ B (K, N), B's rows read one after the other, front to back;
+ * c is the accumulator (in L1 for the N of a decode step). */
+SM_TARGET_AVX512
+static void rows_seq_avx512(const float *a, const float *B, int64_t ldb, int64_t K, int64_t N,
+                            float *c) {
+    const int64_t nv = N / 16;
+    const int rem = (int)(N % 16);
+    const __mmask16 tail = (__mmask16)((1u << rem) - 1u);
+    memset(c, 0, (size_t)N * sizeof(float));
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 x = _mm512_set1_ps(a[k]);
+        const float *bk = B + k * ldb;
+        int64_t v = 0;
+        for (; v + 4 <= nv; v += 4) {
+            _mm512_storeu_ps(c + 16 * v, _mm512_fmadd_ps(x, _mm512_loadu_ps(bk + 16 * v), _mm512_loadu_ps(c + 16 * v)));
+            _mm512_storeu_ps(c + 16 * v + 16, _mm512_fmadd_ps(x, _mm512_loadu_ps(bk + 16 * v + 16), _mm512_loadu_ps(c + 16 * v + 16)));
+            _mm512_storeu_ps(c + 16 * v + 32, _mm512_fmadd_ps(x, _mm512_loadu_ps(bk + 16 * v + 32), _mm512_loadu_ps(c + 16 * v + 32)));
+            _mm512_storeu_ps(c + 16 * v + 48, _mm512_fmadd_ps(x, _mm512_loadu_ps(bk + 16 * v + 48), _mm512_loadu_ps(c + 16 * v + 48)));
+        }
+        for (; v < nv; v++)
+            _mm512_storeu_ps(c + 16 * v, _mm512_fmadd_ps(x, _mm512_loadu_ps(bk + 16 * v), _mm512_loadu_ps(c + 16 * v)));
+        if (rem)
+            _mm512_mask_storeu_ps(c + 16 * nv, tail, _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(tail, bk + 16 * nv), _mm512_maskz_loadu_ps(tail, c + 16 * nv)));
+    }
+}
+#endif
+
+void sm_gemv_rows_stream(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                         const float *B, int64_t ldb, float *C, int64_t ldc, float *scratch) {
+    if (M <= 0 || N <= 0) return;
+    const int level = sm_simd_active();
+    for (int64_t r0 = 0; r0 < M; r0 += SMALL_MAX_M) {
+        const int64_t m = M - r0 < SMALL_MAX_M ? M - r0 : SMALL_MAX_M;
+        const small_problem sp = {{A + r0 * lda, lda, 1}, {B, ldb, 1}, C + r0 * ldc, ldc, 1, m, K,
+                                  1.0f, 0.0f};
+#if SM_X86_KERNELS
+        if (level >= SM_SIMD_AVX512) {
+            if (m == 1) rows_seq_avx512(sp.a.p, B, ldb, K, N, sp.c);
+            else small_rows_stream_avx512(&sp, 0, N, scratch);
+            continue;
+        }
+        if (level >= SM_SIMD_AVX2) {
+            small_rows_avx2(&sp, 0, N, NULL);
+            continue;
+        }
+#endif
+        (void)level;
+        (void)scratch;
+        small_rows_generic(&sp, 0, N, NULL);
     }
 }
 

@@ -29,6 +29,12 @@ void sm_gemv_cols(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, 
                   const float *B, int64_t ldb, float *C, int64_t ldc, int64_t n0, int64_t n1,
                   float *scratch);
 
+/* C (M, N) = A (M, K) @ B (K, N), all N columns, reading B's rows front to back (K rows, a
+ * block of a bigger matrix: each thread of a decode step streams its own contiguous rows).
+ * Serial; scratch: SM_GEMV_SCRATCH floats. Any M; each element is one FMA chain in k order. */
+void sm_gemv_rows_stream(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                         const float *B, int64_t ldb, float *C, int64_t ldc, float *scratch);
+
 /* The obvious triple loop (double accumulator), kept as the reference the tests compare with. */
 void sm_sgemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                     const float *A, int64_t lda, const float *B, int64_t ldb, float beta,

@@ -611,6 +611,23 @@ int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
     return rc;
 }
 
+/* A decode step runs in one parallel region (tiny models at batch 1 spend more on waking
+ * threads than on arithmetic: one team wake-up per token, not ~15 per layer). Threads meet at
+ * barriers where the next step needs every column of the last; layer norms are computed by
+ * every thread into its own buffer instead of paying another barrier. The products are split
+ * between threads in one of two ways, chosen by the model's size alone (so the bits never
+ * depend on the thread count):
+ *   - by output columns (multiples of 64) when the weights stay in cache (<= 8 MB): five
+ *     barriers per layer;
+ *   - by fixed blocks of DEC_KB rows of each weight matrix when the weights stream from memory
+ *     every token: each thread reads its own contiguous stretch front to back (one sequential
+ *     stream per thread is what the prefetchers follow best; a column split has every thread
+ *     hop between short pieces of every row, 1.1x slower on the GPT-2 shape, 1.7x at width
+ *     384) and writes one partial product per block; the sums over blocks (in block order) are
+ *     fused with what follows. Eight barriers per layer. */
+#define DECODE_BY_ROWS_BYTES ((int64_t)8 << 20)
+#define DEC_KB 64
+
 /* Threads for a decode step: each should stream a fair share of the weights (~0.5 MB), or
  * waking it costs more than it saves. */
 static int decode_team(int nt, const sm_gpt_config *cfg, int64_t B) {
@@ -618,89 +635,212 @@ static int decode_team(int nt, const sm_gpt_config *cfg, int64_t B) {
     return nt < useful ? nt : (int)useful;
 }
 
+/* Per-thread scratch of a decode step: its layer-normed rows (B, C), streaming scratch for the
+ * products, attention scratch. */
+typedef struct {
+    float *ln, *gs, *aws;
+} dec_scratch;
+
+static int64_t dec_scratch_floats(int64_t B, int64_t C, int64_t hs) {
+    return round16(B * C) + SM_GEMV_SCRATCH + round16(sm_attention_decode_ws(hs));
+}
+
+static dec_scratch dec_scratch_at(float *base, int64_t B, int64_t C) {
+    dec_scratch d = {base, base + round16(B * C), base + round16(B * C) + SM_GEMV_SCRATCH};
+    return d;
+}
+
 /* y[:, n0:n1] += bias[n0:n1] for the B rows of y (row stride ld) */
 static void bias_cols(float *y, const float *bias, int64_t B, int64_t ld, int64_t n0, int64_t n1) {
     for (int64_t b = 0; b < B; b++) sm_bias_add(y + b * ld + n0, bias + n0, 1, n1 - n0, 1);
 }
 
-/* One decode step in one parallel region: the weights are split by output columns (multiples
- * of 64) between the threads, which meet at a barrier wherever the next product needs every
- * column of the last (five per layer); layer norms are computed by every thread into its own
- * buffer rather than paying a barrier. Tiny models at batch 1 spend more on waking threads than
- * on arithmetic, so a decode step is one team wake-up, not fifteen per layer. Every element is
- * computed by the same operations whatever the thread count (sm_gemv_cols, column ranges). */
-int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
-                  const int *tokens, int nthreads) {
-    if (!c || !logits || !params || !tokens || memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0)
-        return SM_ERR_ARG;
+/* The layers of a decode step, products split by output columns. */
+static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                              float *scratch, int nt) {
     const int64_t B = c->B, C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
-    const int64_t V = cfg->vocab_size, hs = C / NH, lay = cache_layer_floats(c), Tmax = c->Tmax;
-    for (int64_t b = 0; b < B; b++) {
-        if (c->len[b] < 1 || c->len[b] >= c->capacity) return SM_ERR_STATE;
-        if (tokens[b] < 0 || tokens[b] >= V) return SM_ERR_ARG;
-        c->pos[b] = c->len[b];
-    }
-    const int nt = decode_team(sm_resolve_threads(nthreads), cfg, B);
-    /* per thread: its layer-normed rows (B, C), streaming scratch, attention scratch */
-    const int64_t per = round16(B * C) + SM_GEMV_SCRATCH + round16(sm_attention_decode_ws(hs));
-    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(nt * per) * sizeof(float));
-    if (!scratch) return SM_ERR_NOMEM;
-    /* x (B, C): each sequence's new token at its own position */
-    const float *wte = P(params, SM_GPT_WTE, 0), *wpe = P(params, SM_GPT_WPE, 0);
-    for (int64_t b = 0; b < B; b++)
-        sm_residual_forward(c->x + b * C, wte + (int64_t)tokens[b] * C, wpe + (int64_t)c->pos[b] * C,
-                            C, 1);
+    const int64_t hs = C / NH, lay = cache_layer_floats(c), per = dec_scratch_floats(B, C, hs);
     float *const x = c->x, *const xo = c->x2, *const qkv = c->qkv, *const br = c->br;
     SM_PARALLEL(nt) {
         const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
-        float *ln = scratch + tid * per, *gs = ln + round16(B * C), *aws = gs + SM_GEMV_SCRATCH;
-        int64_t c0, c1, q0, q1, f0, f1, u0, u1, v0, v1; /* this thread's columns / heads */
+        const dec_scratch d = dec_scratch_at(scratch + tid * per, B, C);
+        int64_t c0, c1, q0, q1, f0, f1, u0, u1; /* this thread's columns / heads */
         sm_split_range(C, 64, nth, tid, &c0, &c1);
         sm_split_range(3 * C, 64, nth, tid, &q0, &q1);
         sm_split_range(4 * C, 64, nth, tid, &f0, &f1);
         sm_split_range(B * NH, 1, nth, tid, &u0, &u1);
-        sm_split_range(V, 64, nth, tid, &v0, &v1);
         for (int64_t l = 0; l < L; l++) {
             /* qkv = ln_1(x) W_qkv + b */
-            sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
+            sm_layernorm_forward(d.ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
                                  P(params, SM_GPT_LN1B, l), B, C, LN_EPS, 1);
-            sm_gemv_cols(0, B, 3 * C, C, ln, C, P(params, SM_GPT_QKVW, l), 3 * C, qkv, 3 * C, q0,
-                         q1, gs);
+            sm_gemv_cols(0, B, 3 * C, C, d.ln, C, P(params, SM_GPT_QKVW, l), 3 * C, qkv, 3 * C,
+                         q0, q1, d.gs);
             bias_cols(qkv, P(params, SM_GPT_QKVB, l), B, 3 * C, q0, q1);
             SM_BARRIER();
             /* the new keys and values into the cache, attention per (sequence, head) */
             sm_attention_decode_units(c->att, qkv, c->k + l * lay, c->v + l * lay, c->pos, NH,
-                                      Tmax, hs, u0, u1, aws);
+                                      c->Tmax, hs, u0, u1, d.aws);
             SM_BARRIER();
             /* xo = x + (att W_proj + b) */
             sm_gemv_cols(0, B, C, C, c->att, C, P(params, SM_GPT_ATTPROJW, l), C, br, C, c0, c1,
-                         gs);
+                         d.gs);
             bias_cols(br, P(params, SM_GPT_ATTPROJB, l), B, C, c0, c1);
             for (int64_t b = 0; b < B; b++)
                 sm_residual_forward(xo + b * C + c0, x + b * C + c0, br + b * C + c0, c1 - c0, 1);
             SM_BARRIER();
             /* g = gelu(ln_2(xo) W_fc + b) */
-            sm_layernorm_forward(ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
+            sm_layernorm_forward(d.ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
                                  P(params, SM_GPT_LN2B, l), B, C, LN_EPS, 1);
-            sm_gemv_cols(0, B, 4 * C, C, ln, C, P(params, SM_GPT_FCW, l), 4 * C, c->fch, 4 * C,
-                         f0, f1, gs);
+            sm_gemv_cols(0, B, 4 * C, C, d.ln, C, P(params, SM_GPT_FCW, l), 4 * C, c->fch, 4 * C,
+                         f0, f1, d.gs);
             bias_cols(c->fch, P(params, SM_GPT_FCB, l), B, 4 * C, f0, f1);
             for (int64_t b = 0; b < B; b++)
                 sm_gelu_forward(c->g + b * 4 * C + f0, c->fch + b * 4 * C + f0, f1 - f0, 1);
             SM_BARRIER();
             /* x = xo + (g W_fcproj + b) */
             sm_gemv_cols(0, B, C, 4 * C, c->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, br, C, c0,
-                         c1, gs);
+                         c1, d.gs);
             bias_cols(br, P(params, SM_GPT_FCPROJB, l), B, C, c0, c1);
             for (int64_t b = 0; b < B; b++)
                 sm_residual_forward(x + b * C + c0, xo + b * C + c0, br + b * C + c0, c1 - c0, 1);
             SM_BARRIER();
         }
-        /* logits = ln_f(x) wte^T */
-        sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LNFW, 0),
-                             P(params, SM_GPT_LNFB, 0), B, C, LN_EPS, 1);
-        sm_gemv_cols(1, B, V, C, ln, C, wte, C, logits, V, v0, v1, gs);
     }
+}
+
+static int64_t dec_blocks(int64_t K) { return (K + DEC_KB - 1) / DEC_KB; }
+
+/* This thread's share of the partials part[j] (B, N) = x[:, rows of block j] W[that block]. */
+static void dec_partials(float *part, const float *x, int64_t ldx, const float *W, int64_t B,
+                         int64_t K, int64_t N, int tid, int nth, float *gs) {
+    int64_t j0, j1;
+    sm_split_range(dec_blocks(K), 1, nth, tid, &j0, &j1);
+    for (int64_t j = j0; j < j1; j++) {
+        const int64_t k0 = j * DEC_KB, kb = K - k0 < DEC_KB ? K - k0 : DEC_KB;
+        sm_gemv_rows_stream(B, N, kb, x + k0, ldx, W + k0 * N, N, part + j * B * N, N, gs);
+    }
+}
+
+/* y[b, n0:n1] = (sum of part[j][b, n0:n1] over blocks j, in order) + bias[n0:n1] */
+static void dec_reduce(float *y, int64_t ldy, const float *part, const float *bias, int64_t B,
+                       int64_t K, int64_t N, int64_t b, int64_t n0, int64_t n1) {
+    float *yr = y + b * ldy + n0;
+    memcpy(yr, part + b * N + n0, (size_t)(n1 - n0) * sizeof(float));
+    for (int64_t j = 1; j < dec_blocks(K); j++)
+        sm_residual_forward(yr, yr, part + (j * B + b) * N + n0, n1 - n0, 1);
+    sm_bias_add(yr, bias + n0, 1, n1 - n0, 1);
+}
+
+/* Floats of the shared partials: those of the largest product (W_fc or W_fcproj). */
+static int64_t dec_part_floats(int64_t B, int64_t C) {
+    const int64_t fc = dec_blocks(C) * 4 * C, proj = dec_blocks(4 * C) * C;
+    return round16(B * (fc > proj ? fc : proj));
+}
+
+/* The layers of a decode step, products split by blocks of rows. */
+static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                           float *scratch, int nt) {
+    const int64_t B = c->B, C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
+    const int64_t hs = C / NH, lay = cache_layer_floats(c), per = dec_scratch_floats(B, C, hs);
+    float *const part = scratch, *const x = c->x, *const xo = c->x2, *const qkv = c->qkv;
+    scratch += dec_part_floats(B, C);
+    SM_PARALLEL(nt) {
+        const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
+        const dec_scratch d = dec_scratch_at(scratch + tid * per, B, C);
+        int64_t c0, c1, f0, f1, u0, u1; /* this thread's columns of the sums / heads */
+        sm_split_range(C, 16, nth, tid, &c0, &c1);
+        sm_split_range(4 * C, 16, nth, tid, &f0, &f1);
+        sm_split_range(B * NH, 1, nth, tid, &u0, &u1);
+        for (int64_t l = 0; l < L; l++) {
+            /* qkv = ln_1(x) W_qkv + b: each (sequence, head) sums its own q, k and v columns,
+             * appends k and v to the cache and attends */
+            sm_layernorm_forward(d.ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
+                                 P(params, SM_GPT_LN1B, l), B, C, LN_EPS, 1);
+            dec_partials(part, d.ln, C, P(params, SM_GPT_QKVW, l), B, C, 3 * C, tid, nth, d.gs);
+            SM_BARRIER();
+            for (int64_t u = u0; u < u1; u++) {
+                const int64_t b = u / NH, h = u % NH;
+                for (int64_t w = 0; w < 3; w++)
+                    dec_reduce(qkv, 3 * C, part, P(params, SM_GPT_QKVB, l), B, C, 3 * C, b,
+                               w * C + h * hs, w * C + (h + 1) * hs);
+                sm_attention_decode_units(c->att, qkv, c->k + l * lay, c->v + l * lay, c->pos, NH,
+                                          c->Tmax, hs, u, u + 1, d.aws);
+            }
+            SM_BARRIER();
+            /* xo = x + (att W_proj + b) */
+            dec_partials(part, c->att, C, P(params, SM_GPT_ATTPROJW, l), B, C, C, tid, nth, d.gs);
+            SM_BARRIER();
+            for (int64_t b = 0; b < B; b++) {
+                dec_reduce(xo, C, part, P(params, SM_GPT_ATTPROJB, l), B, C, C, b, c0, c1);
+                sm_residual_forward(xo + b * C + c0, x + b * C + c0, xo + b * C + c0, c1 - c0, 1);
+            }
+            SM_BARRIER();
+            /* g = gelu(ln_2(xo) W_fc + b) */
+            sm_layernorm_forward(d.ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
+                                 P(params, SM_GPT_LN2B, l), B, C, LN_EPS, 1);
+            dec_partials(part, d.ln, C, P(params, SM_GPT_FCW, l), B, C, 4 * C, tid, nth, d.gs);
+            SM_BARRIER();
+            for (int64_t b = 0; b < B; b++) {
+                dec_reduce(c->fch, 4 * C, part, P(params, SM_GPT_FCB, l), B, C, 4 * C, b, f0, f1);
+                sm_gelu_forward(c->g + b * 4 * C + f0, c->fch + b * 4 * C + f0, f1 - f0, 1);
+            }
+            SM_BARRIER();
+            /* x = xo + (g W_fcproj + b) */
+            dec_partials(part, c->g, 4 * C, P(params, SM_GPT_FCPROJW, l), B, 4 * C, C, tid, nth,
+                         d.gs);
+            SM_BARRIER();
+            for (int64_t b = 0; b < B; b++) {
+                dec_reduce(x, C, part, P(params, SM_GPT_FCPROJB, l), B, 4 * C, C, b, c0, c1);
+                sm_residual_forward(x + b * C + c0, xo + b * C + c0, x + b * C + c0, c1 - c0, 1);
+            }
+            SM_BARRIER();
+        }
+    }
+}
+
+/* logits = ln_f(x) wte^T, the vocabulary split between threads (each reads its own stretch of
+ * wte's rows). */
+static void decode_head(float *logits, const sm_gpt_cache *c, const float *params,
+                        const sm_gpt_config *cfg, float *scratch, int nt) {
+    const int64_t B = c->B, C = cfg->n_embd, V = cfg->vocab_size;
+    const int64_t per = dec_scratch_floats(B, C, C / cfg->n_head);
+    SM_PARALLEL(nt) {
+        const int tid = SM_THREAD_ID();
+        const dec_scratch d = dec_scratch_at(scratch + tid * per, B, C);
+        int64_t v0, v1;
+        sm_split_range(V, 64, SM_THREAD_COUNT(), tid, &v0, &v1);
+        sm_layernorm_forward(d.ln, NULL, NULL, c->x, P(params, SM_GPT_LNFW, 0),
+                             P(params, SM_GPT_LNFB, 0), B, C, LN_EPS, 1);
+        sm_gemv_cols(1, B, V, C, d.ln, C, P(params, SM_GPT_WTE, 0), C, logits, V, v0, v1, d.gs);
+    }
+}
+
+int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                  const int *tokens, int nthreads) {
+    if (!c || !logits || !params || !tokens || memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0)
+        return SM_ERR_ARG;
+    const int64_t B = c->B, C = cfg->n_embd, V = cfg->vocab_size;
+    for (int64_t b = 0; b < B; b++) {
+        if (c->len[b] < 1 || c->len[b] >= c->capacity) return SM_ERR_STATE;
+        if (tokens[b] < 0 || tokens[b] >= V) return SM_ERR_ARG;
+        c->pos[b] = c->len[b];
+    }
+    const int by_rows = sm_gpt_num_params(cfg) * (int64_t)sizeof(float) > DECODE_BY_ROWS_BYTES;
+    const int nt = decode_team(sm_resolve_threads(nthreads), cfg, B);
+    const int64_t floats = (by_rows ? dec_part_floats(B, C) : 0) +
+                           nt * dec_scratch_floats(B, C, C / cfg->n_head);
+    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)floats * sizeof(float));
+    if (!scratch) return SM_ERR_NOMEM;
+    /* x (B, C): each sequence's new token at its own position */
+    const float *wte = P(params, SM_GPT_WTE, 0), *wpe = P(params, SM_GPT_WPE, 0);
+    for (int64_t b = 0; b < B; b++)
+        sm_residual_forward(c->x + b * C, wte + (int64_t)tokens[b] * C, wpe + (int64_t)c->pos[b] * C,
+                            C, 1);
+    if (by_rows)
+        decode_by_rows(c, params, cfg, scratch, nt);
+    else
+        decode_by_columns(c, params, cfg, scratch, nt);
+    decode_head(logits, c, params, cfg, scratch + (by_rows ? dec_part_floats(B, C) : 0), nt);
     sm_pool_return(scratch);
     for (int64_t b = 0; b < B; b++) c->len[b] = c->pos[b] + 1;
     return SM_OK;
