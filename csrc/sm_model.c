@@ -443,9 +443,13 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
     sm_layernorm_forward(f->ln, f->meanf ? f->meanf + r0 : NULL, f->rstdf ? f->rstdf + r0 : NULL,
                          x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0), N, C, LN_EPS,
                          nt);
-    if (f->logits && f->last_only) /* each sequence's last row (rows T apart) */
-        RET_IF(sm_sgemm(0, 1, bc, V, C, 1.0f, f->ln + (T - 1) * C, T * C, P(params, SM_GPT_WTE, 0),
-                        C, 0.0f, f->logits + b0 * V, V, nt));
+    if (f->logits && f->last_only) /* each sequence's last row (rows T apart), in groups of 4:
+                                    * the matrix-vector path, so a sequence's logits have the
+                                    * same bits whatever else is in the batch */
+        for (int64_t r = 0; r < bc; r += 4)
+            RET_IF(sm_sgemm(0, 1, bc - r < 4 ? bc - r : 4, V, C, 1.0f, f->ln + (r * T + T - 1) * C,
+                            T * C, P(params, SM_GPT_WTE, 0), C, 0.0f, f->logits + (b0 + r) * V, V,
+                            nt));
     else if (f->logits) /* LM head tied to wte: logits = ln_f(x) wte^T (logits span the batch) */
         RET_IF(sm_sgemm(0, 1, N, V, C, 1.0f, f->ln, C, P(params, SM_GPT_WTE, 0), C, 0.0f,
                         f->logits + b0 * T * V, V, nt));
@@ -599,15 +603,18 @@ int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm
 }
 
 int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
-                       const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t T,
+                       const sm_gpt_config *cfg, int64_t b, int64_t nb, const int *idx, int64_t T,
                        int nthreads) {
     if (!c || !logits || !params || !idx || sm_gpt_config_check(cfg) != SM_OK ||
-        memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0 || b < 0 || b >= c->B || T < 1 || T > c->capacity)
+        memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0 || b < 0 || nb < 1 || b + nb > c->B || T < 1 ||
+        T > c->capacity)
         return SM_ERR_ARG;
     const int nt = sm_resolve_threads(nthreads);
-    c->len[b] = 0;
-    int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, 1, T, 0.0f, 0, c, b, nt);
-    if (rc == SM_OK) c->len[b] = (int)T;
+    for (int64_t i = b; i < b + nb; i++) c->len[i] = 0;
+    int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, nb, T, 0.0f, 0, c, b,
+                               nt);
+    if (rc == SM_OK)
+        for (int64_t i = b; i < b + nb; i++) c->len[i] = (int)T;
     return rc;
 }
 

@@ -141,11 +141,12 @@ int64_t sm_gpt_cache_length(const sm_gpt_cache *c, int64_t b);
 int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                    const int *idx, int64_t T, int nthreads);
 
-/* The same for sequence b alone (prompt idx (T), T <= capacity): the other sequences keep their
- * contents; logits (V) of its last position. Prompts of different lengths share one cache this
- * way, and a full sequence slides its window by a new prefill. */
+/* The same for sequences b .. b+nb-1 alone (prompts idx (nb, T), T <= capacity): the other
+ * sequences keep their contents; logits (nb, V) of each one's last position. Prompts of
+ * different lengths share one cache this way (equal lengths in one pass), and a full sequence
+ * moves its window by a new prefill. */
 int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
-                       const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t T,
+                       const sm_gpt_config *cfg, int64_t b, int64_t nb, const int *idx, int64_t T,
                        int nthreads);
 
 /* One more token per sequence, tokens (B), at position length(b): appends its keys and values

@@ -266,8 +266,8 @@ cdef extern from "sm_model.h" nogil:
     int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params,
                        const sm_gpt_config *cfg, const int *idx, int64_t T, int nthreads)
     int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
-                           const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t T,
-                           int nthreads)
+                           const sm_gpt_config *cfg, int64_t b, int64_t nb, const int *idx,
+                           int64_t T, int nthreads)
     int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params,
                       const sm_gpt_config *cfg, const int *tokens, int nthreads)
 

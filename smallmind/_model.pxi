@@ -333,19 +333,26 @@ def gpt_prefill(params, tuple cfg, idx, GPTCache cache, threads=None):
 
 
 def gpt_prefill_seq(params, tuple cfg, idx, GPTCache cache, seq, threads=None):
-    """Prefill sequence `seq` of the cache alone with the prompt idx, int32 (T,); the others
-    are untouched. Returns the logits of its last position, float32 (V,)."""
+    """Prefill sequence `seq` of the cache alone with the prompt idx, int32 (T,), and return the
+    logits of its last position, float32 (V,); or, with idx (n, T), sequences seq .. seq+n-1
+    (equal lengths, one pass) and logits (n, V). The other sequences are untouched."""
     cdef sm_gpt_config c
     _gpt_config(cfg, &c)
     _check_f32(params, "params", 1)
     if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&c):
         raise ValidationError(f"params must hold {sm_gpt_num_params(&c)} floats, got {params.shape[0]}")
-    _check_i32(idx, "idx", 1)
-    cdef int64_t T = idx.shape[0]
+    _check_i32(idx, "idx")
+    if idx.ndim not in (1, 2):
+        raise ValidationError(f"idx must be 1-D (T,) or 2-D (n, T), got shape {idx.shape}")
+    cdef int64_t nb = 1 if idx.ndim == 1 else idx.shape[0]
+    cdef int64_t T = idx.shape[idx.ndim - 1]
+    if nb < 1:
+        raise ValidationError("idx holds no sequence")
     _check_ids(idx, "idx", 0, c.vocab_size - 1,
                f"token ids in [0, {c.vocab_size - 1}] (vocab_size is {c.vocab_size})")
     cdef int nt = _threads(threads)
-    logits = np.empty((c.vocab_size,), dtype=np.float32)
+    shape = (int(c.vocab_size),) if idx.ndim == 1 else (int(nb), int(c.vocab_size))
+    logits = np.empty(shape, dtype=np.float32)
     cdef float *pl = _fptr(logits)
     cdef const float *pp = _fptr(params)
     cdef const int *pi = _iptr(idx)
@@ -353,12 +360,12 @@ def gpt_prefill_seq(params, tuple cfg, idx, GPTCache cache, seq, threads=None):
     cdef int64_t b
     with cache.lock:
         _check_cache(cache, &c)
-        _check_int(seq, "seq", 0, sm_gpt_cache_B(cache.c) - 1)
+        _check_int(seq, "seq", 0, sm_gpt_cache_B(cache.c) - nb)
         b = seq
         if T < 1 or T > sm_gpt_cache_capacity(cache.c):
             raise ValidationError(f"idx has {T} positions; the cache holds 1 to {sm_gpt_cache_capacity(cache.c)}")
         with nogil:
-            rc = sm_gpt_prefill_seq(pl, cache.c, pp, &c, b, pi, T, nt)
+            rc = sm_gpt_prefill_seq(pl, cache.c, pp, &c, b, nb, pi, T, nt)
     _raise_for(rc, "gpt_prefill_seq")
     return logits
 

@@ -222,9 +222,7 @@ class Sampling:
         ttft = 0.0
         cache = _core.GPTCache(cfg, B, T)
         try:
-            logits = np.stack([_core.gpt_prefill_seq(prm, cfg, np.asarray(c, np.int32), cache, b,
-                                                     threads)
-                               for b, c in enumerate(contexts)])[:, :nv]
+            logits = _prefill_rows(prm, cfg, cache, dict(enumerate(contexts)), threads)[:, :nv]
             if max_new_tokens == 0:
                 reasons = ["length"] * B
             while any(r is None for r in reasons):
@@ -259,18 +257,19 @@ class Sampling:
                                        for b, c in enumerate(contexts)])[:, :nv]
                     continue
                 tokens = np.zeros(B, np.int32)   # finished rows decode a dummy token
-                for b in range(B):
+                moving = {}                      # full rows: move the window (prefill what is
+                for b in range(B):               # kept, minus the token decoded now)
                     live = reasons[b] is None
-                    if held[b] >= T:   # full: move the window (prefill what is kept, minus
-                        kept = contexts[b][-keep:-1] if live else [0]   # the token decoded now)
+                    if held[b] >= T:
                         if live:
                             contexts[b] = contexts[b][-keep:]
-                        _core.gpt_prefill_seq(prm, cfg, np.asarray(kept, np.int32), cache, b,
-                                              threads)
-                        held[b] = len(kept)
+                        moving[b] = contexts[b][:-1] if live else [0]
+                        held[b] = len(moving[b])
                     if live:
                         tokens[b] = contexts[b][-1]
                     held[b] += 1
+                if moving:
+                    _prefill_rows(prm, cfg, cache, moving, threads)
                 logits = _core.gpt_decode(prm, cfg, tokens, cache, threads)[:, :nv]
         finally:
             cache.free()
@@ -375,6 +374,26 @@ class Sampling:
         elapsed = time.perf_counter() - t0
         logger.debug("generated %d tokens in %.3f s (%s)", len(new), elapsed, reason)
         return GenerationResult(text, new, reason, len(window), elapsed, ttft)
+
+
+def _prefill_rows(prm, cfg, cache, rows: dict, threads) -> np.ndarray:
+    """Prefill cache rows {b: token ids}; runs of consecutive rows with prompts of one length go
+    through the model together (one pass). Returns the last-position logits, one row per entry
+    in order of b. Prompts of 4 tokens or fewer go alone: their products take the matrix-vector
+    path, whose bits a batched pass would not reproduce (a row's output must not depend on
+    what else is in the batch)."""
+    out, order = [], sorted(rows)
+    i = 0
+    while i < len(order):
+        j = i + 1
+        n = len(rows[order[i]])
+        while (n > 4 and j < len(order) and order[j] == order[j - 1] + 1
+               and len(rows[order[j]]) == n):
+            j += 1
+        idx = np.asarray([rows[b] for b in order[i:j]], np.int32)
+        out.append(_core.gpt_prefill_seq(prm, cfg, idx, cache, order[i], threads))
+        i = j
+    return np.concatenate(out)
 
 
 def _find_stop(text: str, stops) -> int:

@@ -153,3 +153,25 @@ def test_batched_decode_rows_equal_single_rows_bit_for_bit(V, L, NH, C, B):
         assert np.array_equal(steps([i], 2)[0], batched[i])
     want = m.forward(seqs[0][None, :lens[0] + 4])[0, lens[0]:]
     np.testing.assert_allclose(batched[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_prefill_of_several_rows_in_one_pass_equals_row_by_row():
+    m = _model()
+    rng = np.random.default_rng(9)
+    idx = rng.integers(0, 13, (3, 11)).astype(np.int32)
+    one = _core.GPTCache(m._cfg, 5, 40)
+    rows = [_core.gpt_prefill_seq(m._params, m._cfg, idx[i], one, 1 + i) for i in range(3)]
+    together = _core.GPTCache(m._cfg, 5, 40)
+    got = _core.gpt_prefill_seq(m._params, m._cfg, idx, together, 1)
+    assert got.shape == (3, 13) and np.array_equal(got, np.stack(rows))
+    assert together.lengths == [0, 11, 11, 11, 0]
+    step = np.array([0, 1, 2, 3, 4], np.int32)
+    for c in (one, together):               # fill rows 0 and 4 so the whole batch can decode
+        _core.gpt_prefill_seq(m._params, m._cfg, idx[0, :4], c, 0)
+        _core.gpt_prefill_seq(m._params, m._cfg, idx[1, :4], c, 4)
+    assert np.array_equal(_core.gpt_decode(m._params, m._cfg, step, one),
+                          _core.gpt_decode(m._params, m._cfg, step, together))
+    with pytest.raises(sm.ValidationError, match="seq"):
+        _core.gpt_prefill_seq(m._params, m._cfg, idx, together, 3)     # rows 3..5 of 5
+    with pytest.raises(sm.ValidationError, match="idx"):
+        _core.gpt_prefill_seq(m._params, m._cfg, idx[None], together, 0)

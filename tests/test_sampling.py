@@ -368,3 +368,13 @@ def test_asyncio_tasks_cancelled_mid_stream_do_not_deadlock(model):
 
     asyncio.run(asyncio.wait_for(main(), 60))   # a deadlock fails here instead of hanging CI
     assert _outstanding() == before
+
+
+def test_generate_batch_rows_do_not_depend_on_the_batch():
+    m = _random_model(TOK.vocab_size, 32, seed=5)
+    s = sm.Sampling(m, TOK)
+    prompts = ["the quick brown", "over the lazy d", "jumps over the ", "the", "dog. the quick",
+               "the lazy dog. t", "brown fox jumps", "a quick fox is "]   # 6 of 15 characters
+    batch = s.generate_batch(prompts, 60, temperature=0, return_details=True)  # windows move
+    assert [r.tokens for r in batch] == [s.generate(p, 60, temperature=0, return_details=True).tokens
+                                         for p in prompts]
