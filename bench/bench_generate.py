@@ -1,24 +1,34 @@
 """bench_generate.py - text generation benchmark, smallmind against PyTorch eager on the same GPT-2
 weights, greedy decoding: tokens/s at batch 1 (PyTorch with its own static KV cache, and
-nanoGPT-style without a cache), time to first token, batched decoding and concurrent streams.
+nanoGPT-style without a cache), time to first token, one decode step against the machine's
+memory bandwidth, batched decoding and concurrent streams.
 
-    python bench/bench_generate.py --json bench/results/generate.json   # full run (~10 min, 2 cores)
+    python bench/bench_generate.py --json bench/results/generate.json   # full run (~12 min, 2 cores)
     python bench/bench_generate.py --quick                               # smoke run (< 60 s)
     python bench/bench_generate.py --only decode,ttft --models small --threads 2
 
+PyTorch is optional: without it every part still runs for smallmind alone (CI's smoke run has
+no torch) and the PyTorch columns read "-".
+
 What is timed (every variant decodes greedily - argmax - from the same random prompt ids):
+- bandwidth: this machine's streaming read bandwidth, measured in the run (numpy sums of a
+  256 MiB float32 array per thread, 1 and 2 Python threads, best of 5): the ceiling of
+  batch-1 decoding, which reads every weight once per token.
 - decode: `new` tokens at batch 1 after a `prompt`-token prompt, the whole call (prefill
   included), tokens/s = new / seconds. smallmind at the `_core` level (GPTCache + gpt_prefill +
   gpt_decode + numpy argmax: the token-id loop Sampling runs, without the tokenizer), and for the
   65-symbol models also end to end through `sm.Sampling.generate` (a Tokenizer over 65 distinct
   characters, so ids map 1:1). PyTorch: `generate_with_cache` (preallocated per-layer K/V,
   written in place, one single-token step per token) and `generate_nocache` (nanoGPT: the full
-  forward over the cropped context for every token). All of them slide the window the same way
-  once prompt + new tokens pass block_size (the last block_size tokens are prefilled again,
-  positions restart at 0), so on the 128/256-block models the later tokens cost a prefill each.
+  forward over the cropped context for every token). Past block_size both cached loops move
+  the window as Sampling's default window="shift" does (the newer half is prefilled again,
+  positions from 0; one prefill of block/2 tokens per block/2 new tokens).
+- slide: the same batch-1 run with window="slide" (nanoGPT's exact window: past block_size
+  every token costs a prefill of the whole window), smallmind core and PyTorch with cache.
 - ttft: a fresh cache, prefill of the prompt and the argmax of the first logits.
 - step: one decode step inside the window (no sliding), batch 1: (a run of block - prompt
-  tokens - time to first token) / (tokens - 1); also as GB/s of float32 weights read per step.
+  tokens - time to first token) / (tokens - 1); also as GB/s of float32 weights read per step
+  and as a fraction of the measured bandwidth (the batch-1 limit).
 - batch: the decode run with 8 sequences at once (one prefill, one decode call per token).
 - streams: 1, 2 and 4 Python threads decoding concurrently, each with its own cache and one
   library thread (smallmind threads=1; torch.set_num_threads(1) called in every worker thread,
@@ -32,6 +42,7 @@ common, so small float differences may flip a token; this is reported, not a fai
 Leaves out: sampling with temperature (a numpy softmax per token in both), torch.compile,
 bf16/int8 weights, the GPU.
 """
+
 import argparse
 import json
 import os
@@ -64,7 +75,8 @@ PLAN = {
     "gpt2-124M": dict(prompt=64, new=64, nocache_new=16, batch_new=64, stream_new=32, rounds=3),
 }
 QUICK_PLAN = dict(prompt=64, new=16, nocache_new=16, batch_new=8, stream_new=8, rounds=1)
-PARTS = ("decode", "ttft", "step", "batch", "streams")
+PARTS = ("bandwidth", "decode", "slide", "ttft", "step", "batch", "streams")
+WINDOW = "shift"         # Sampling's default; the "slide" part times the exact window
 BATCH = 8
 STREAMS = (1, 2, 4)
 IDLE_GAP_S = 0.3
@@ -78,7 +90,11 @@ def import_libs():
         sys.path.insert(0, REPO)
         import smallmind
     sm = smallmind
-    import torch as t
+    try:
+        import torch as t
+    except ImportError:
+        print("torch is not installed: smallmind alone (PyTorch columns read '-')")
+        return
     torch = t
 
 
@@ -90,7 +106,8 @@ def idle(quick):
 def machine_info():
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "platform": platform.platform(), "cores": os.cpu_count(),
-            "smallmind": sm.__version__, "build": sm.build_info(), "torch": torch.__version__}
+            "smallmind": sm.__version__, "build": sm.build_info(),
+            "torch": torch.__version__ if torch else None}
     if cpu_model():
         info["cpu"] = cpu_model()
     return info
@@ -98,11 +115,12 @@ def machine_info():
 
 # ---- the generators (each returns the new tokens as a numpy (B, n) int64 array) -----------------
 
-def sm_generate(model, prompt, n, threads):
+def sm_generate(model, prompt, n, threads, window=WINDOW):
     """Greedy decoding at the _core level: prefill, then one gpt_decode per token for all rows,
-    sliding the window as Sampling does once the cache is full."""
+    moving the window as Sampling does once the cache is full."""
     cfg, prm = model._cfg, model._params
     T = model.config.block_size
+    keep = sm.sampling.window_keep(T, window)
     B = prompt.shape[0]
     out = np.empty((B, n), np.int64)
     if n == 0:
@@ -110,7 +128,7 @@ def sm_generate(model, prompt, n, threads):
     cache = sm._core.GPTCache(cfg, B, T)
     try:
         P = prompt.shape[1]
-        seq = np.empty((B, P + n), np.int32)   # prompt and every new token: the slide's source
+        seq = np.empty((B, P + n), np.int32)   # prompt and every new token: the window's source
         seq[:, :P] = prompt
         ctx = np.ascontiguousarray(seq[:, max(0, P - T):P])
         logits = sm._core.gpt_prefill(prm, cfg, ctx, cache, threads)
@@ -124,9 +142,10 @@ def sm_generate(model, prompt, n, threads):
             if length < T:
                 logits = sm._core.gpt_decode(prm, cfg, nxt, cache, threads)
                 length += 1
-            else:   # full: the last T tokens (ending with nxt) again, positions from 0
-                ctx = np.ascontiguousarray(seq[:, P + i + 1 - T:P + i + 1])
+            else:   # full: the last `keep` tokens (ending with nxt) again, positions from 0
+                ctx = np.ascontiguousarray(seq[:, P + i + 1 - keep:P + i + 1])
                 logits = sm._core.gpt_prefill(prm, cfg, ctx, cache, threads)
+                length = keep
     finally:
         cache.free()
     return out
@@ -205,39 +224,84 @@ def base_row(part, name, plan, threads, params):
             "params": params, "prompt_tokens": plan["prompt"]}
 
 
-def decode_row(name, model, tmodel, prompt, plan, threads, quick):
-    from torch_gpt import generate_with_cache, generate_nocache
+def fx(v, fmt, none="-"):
+    """v formatted, or `none` where a value is missing (no torch)."""
+    return none if v is None else format(v, fmt)
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def keep_for(tmodel, window):
+    return sm.sampling.window_keep(tmodel.config.block_size, window)
+
+
+def bandwidth_rows(quick):
+    """Streaming read bandwidth on 1 and 2 threads: each thread sums its own 256 MiB float32
+    array (numpy releases the GIL inside the reduction, so the sums run at once)."""
+    mib = 32 if quick else 256
+    rows = []
+    for k in (1, 2):
+        arrs = [np.ones(mib * 2 ** 18, np.float32) for _ in range(k)]
+        for a in arrs:
+            a.sum()                                  # warm-up: pages touched
+        best = 0.0
+        for _ in range(1 if quick else 5):
+            ths = [threading.Thread(target=a.sum) for a in arrs]
+            t0 = time.perf_counter()
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            best = max(best, k * mib * 2 ** 20 / (time.perf_counter() - t0) / 1e9)
+        rows.append({"kind": "generate", "part": "bandwidth", "threads": k,
+                     "read_gb_per_s": best, "mib_per_thread": mib,
+                     "loadavg_1min": (loadavg() or [None])[0]})
+        print(f"  bandwidth {k} thread(s): {best:.1f} GB/s streaming read (numpy sums, "
+              f"{mib} MiB per thread, best of {1 if quick else 5})", flush=True)
+        del arrs
+    return rows
+
+
+def decode_row(name, model, tmodel, prompt, plan, threads, quick, window=WINDOW):
     n, nn_ = plan["new"], plan["nocache_new"]
-    pt = torch.from_numpy(prompt)
-    fns = {"smallmind": lambda: sm_generate(model, prompt, n, threads),
-           "torch_cache": lambda: generate_with_cache(tmodel, pt, n).numpy()}
+    slide = window == "slide"
+    fns = {"smallmind": lambda: sm_generate(model, prompt, n, threads, window)}
+    if tmodel is not None:
+        from torch_gpt import generate_with_cache
+        pt = torch.from_numpy(prompt)
+        keep = keep_for(tmodel, window)
+        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, keep).numpy()
     V = MODELS[name][0]
-    if V <= 65:
+    if V <= 65 and not slide:
         # end to end through Sampling: ids 0..64 are the 65 characters below, sorted
         tok = sm.Tokenizer("".join(chr(48 + i) for i in range(V)))
         text = tok.decode([int(i) for i in prompt[0]])
-        sampler = sm.Sampling(model, tok, threads=threads)
+        sampler = sm.Sampling(model, tok, threads=threads, window=window)
         fns["smallmind_sampling"] = lambda: np.asarray(
             [sampler.generate(text, n, temperature=0, return_details=True).tokens], np.int64)
     secs, res = run_rounds(fns, plan["rounds"], quick)
-    # nanoGPT without a cache is slow: fewer tokens, fewer rounds
-    nsecs, nres = run_rounds({"torch_nocache": lambda: generate_nocache(tmodel, pt, nn_).numpy()},
-                             max(1, plan["rounds"] - 1) if nn_ < n else plan["rounds"], quick)
-    row = base_row("decode", name, plan, threads, model.config.num_parameters())
-    row.update(new_tokens=n, nocache_new_tokens=nn_, batch=1)
-    for lib, s in secs.items():
-        row[f"{lib}_s"] = s
-        row[f"{lib}_tokens_per_s"] = n / s
-    row["torch_nocache_s"] = nsecs["torch_nocache"]
-    row["torch_nocache_tokens_per_s"] = nn_ / nsecs["torch_nocache"]
-    row["vs_torch_cache"] = row["smallmind_tokens_per_s"] / row["torch_cache_tokens_per_s"]
-    row["vs_torch_nocache"] = row["smallmind_tokens_per_s"] / row["torch_nocache_tokens_per_s"]
-    row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
-    row["diverge_vs_torch_nocache"] = first_divergence(res["smallmind"], nres["torch_nocache"])
-    row["diverge_cache_vs_nocache"] = first_divergence(res["torch_cache"], nres["torch_nocache"])
+    row = base_row("slide" if slide else "decode", name, plan, threads,
+                   model.config.num_parameters())
+    row.update(new_tokens=n, batch=1, window=window)
+    for lib, sec in secs.items():
+        row[f"{lib}_s"] = sec
+        row[f"{lib}_tokens_per_s"] = n / sec
+    if tmodel is not None and not slide:
+        from torch_gpt import generate_nocache
+        # nanoGPT without a cache is slow: fewer tokens, fewer rounds
+        nsecs, nres = run_rounds({"torch_nocache": lambda: generate_nocache(tmodel, pt, nn_).numpy()},
+                                 max(1, plan["rounds"] - 1) if nn_ < n else plan["rounds"], quick)
+        row["nocache_new_tokens"] = nn_
+        row["torch_nocache_s"] = nsecs["torch_nocache"]
+        row["torch_nocache_tokens_per_s"] = nn_ / nsecs["torch_nocache"]
+        row["vs_torch_nocache"] = row["smallmind_tokens_per_s"] / row["torch_nocache_tokens_per_s"]
+    row["vs_torch_cache"] = ratio(row["smallmind_tokens_per_s"], row.get("torch_cache_tokens_per_s"))
+    if "torch_cache" in res:
+        row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
     if "smallmind_sampling" in res:
         row["diverge_sampling_vs_core"] = first_divergence(res["smallmind"], res["smallmind_sampling"])
-    # weight bytes read per decoded token at batch 1 (float32), for the bandwidth remark
     row["weight_mb"] = 4 * model.config.num_parameters() / 1e6
     row["loadavg_1min"] = (loadavg() or [None])[0]
     print(fmt_decode(row), flush=True)
@@ -245,90 +309,114 @@ def decode_row(name, model, tmodel, prompt, plan, threads, quick):
 
 
 def fmt_decode(r):
-    s = (f"  decode {r['model']:<16} t={r['threads']} {r['new_tokens']} new: smallmind "
-         f"{r['smallmind_tokens_per_s']:8.1f} tok/s")
+    s = (f"  {r['part']:<6} {r['model']:<16} t={r['threads']} {r['new_tokens']} new, window "
+         f"{r['window']}: smallmind {r['smallmind_tokens_per_s']:8.1f} tok/s")
     if "smallmind_sampling_tokens_per_s" in r:
         s += f" (Sampling {r['smallmind_sampling_tokens_per_s']:8.1f})"
-    s += (f" | torch cache {r['torch_cache_tokens_per_s']:8.1f} ({r['vs_torch_cache']:.2f}x)"
-          f" | torch no cache {r['torch_nocache_tokens_per_s']:8.1f} ({r['vs_torch_nocache']:.1f}x,"
-          f" {r['nocache_new_tokens']} new) | first divergence sm/torch {r['diverge_vs_torch_cache']}")
+    s += (f" | torch cache {fx(r.get('torch_cache_tokens_per_s'), '8.1f')} "
+          f"({fx(r['vs_torch_cache'], '.2f')}x)")
+    if "torch_nocache_tokens_per_s" in r:
+        s += (f" | torch no cache {r['torch_nocache_tokens_per_s']:8.1f} "
+              f"({r['vs_torch_nocache']:.1f}x, {r['nocache_new_tokens']} new)")
+    if "diverge_vs_torch_cache" in r:
+        s += f" | first divergence sm/torch {r['diverge_vs_torch_cache']}"
     if "diverge_sampling_vs_core" in r:
         s += f", Sampling/core {r['diverge_sampling_vs_core']}"
     return s + f"  (load {r['loadavg_1min']})"
 
 
 def ttft_row(name, model, tmodel, prompt, plan, threads, quick):
-    pt = torch.from_numpy(prompt)
     reps = 3 if name == "gpt2-124M" else 10
-    secs, res = run_many({"smallmind": lambda: sm_ttft(model, prompt, threads),
-                          "torch_cache": lambda: torch_ttft(tmodel, pt).numpy()}, reps, quick)
+    fns = {"smallmind": lambda: sm_ttft(model, prompt, threads)}
+    if tmodel is not None:
+        pt = torch.from_numpy(prompt)
+        fns["torch_cache"] = lambda: torch_ttft(tmodel, pt).numpy()
+    secs, res = run_many(fns, reps, quick)
     row = base_row("ttft", name, plan, threads, model.config.num_parameters())
     row["batch"] = 1
     row["smallmind_ms"] = 1e3 * secs["smallmind"]
-    row["torch_ms"] = 1e3 * secs["torch_cache"]
-    row["vs_torch"] = secs["torch_cache"] / secs["smallmind"]
-    row["same_first_token"] = bool(np.array_equal(res["smallmind"], res["torch_cache"]))
+    row["torch_ms"] = 1e3 * secs["torch_cache"] if "torch_cache" in secs else None
+    row["vs_torch"] = ratio(row["torch_ms"], row["smallmind_ms"])
+    if "torch_cache" in res:
+        row["same_first_token"] = bool(np.array_equal(res["smallmind"], res["torch_cache"]))
     row["loadavg_1min"] = (loadavg() or [None])[0]
     print(f"  ttft   {name:<16} t={threads} prompt {plan['prompt']}: smallmind "
-          f"{row['smallmind_ms']:8.2f} ms | torch {row['torch_ms']:8.2f} ms | "
-          f"sm {row['vs_torch']:.2f}x faster | same first token {row['same_first_token']}", flush=True)
+          f"{row['smallmind_ms']:8.2f} ms | torch {fx(row['torch_ms'], '8.2f')} ms | "
+          f"sm {fx(row['vs_torch'], '.2f')}x faster | same first token "
+          f"{row.get('same_first_token', '-')}", flush=True)
     return row
 
 
-def step_row(name, model, tmodel, prompt, plan, threads, quick):
+def step_row(name, model, tmodel, prompt, plan, threads, quick, bandwidth):
     """The cost of one decode step at batch 1 inside the window (no sliding): (time of a run of
     n tokens - time to first token) / (n - 1), n = block_size - prompt (at most `new`)."""
-    from torch_gpt import generate_with_cache
     T = MODELS[name][1]
     n = min(plan["new"], T - plan["prompt"])
-    pt = torch.from_numpy(prompt)
-    gen, res = run_rounds({"smallmind": lambda: sm_generate(model, prompt, n, threads),
-                           "torch_cache": lambda: generate_with_cache(tmodel, pt, n).numpy()},
-                          plan["rounds"], quick)
-    first, _ = run_many({"smallmind": lambda: sm_ttft(model, prompt, threads),
-                         "torch_cache": lambda: torch_ttft(tmodel, pt).numpy()},
-                        3 if name == "gpt2-124M" else 10, quick)
+    gens = {"smallmind": lambda: sm_generate(model, prompt, n, threads)}
+    firsts = {"smallmind": lambda: sm_ttft(model, prompt, threads)}
+    if tmodel is not None:
+        from torch_gpt import generate_with_cache
+        pt = torch.from_numpy(prompt)
+        gens["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n).numpy()
+        firsts["torch_cache"] = lambda: torch_ttft(tmodel, pt).numpy()
+    gen, res = run_rounds(gens, plan["rounds"], quick)
+    first, _ = run_many(firsts, 3 if name == "gpt2-124M" else 10, quick)
     row = base_row("step", name, plan, threads, model.config.num_parameters())
     row.update(batch=1, new_tokens=n)
+    weight_bytes = 4 * model.config.num_parameters()
+    bw = bandwidth.get(threads)
+    if bw:
+        row["read_gb_per_s"] = bw
+        row["limit_tokens_per_s"] = bw * 1e9 / weight_bytes
     for lib in gen:
         step = max(gen[lib] - first[lib], 1e-9) / max(n - 1, 1)
         row[f"{lib}_step_ms"] = 1e3 * step
         row[f"{lib}_tokens_per_s"] = 1.0 / step
         # every parameter (float32) is read once per step at batch 1
-        row[f"{lib}_weight_gb_per_s"] = 4 * model.config.num_parameters() / step / 1e9
-    row["vs_torch_cache"] = row["torch_cache_step_ms"] / row["smallmind_step_ms"]
-    row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
+        row[f"{lib}_weight_gb_per_s"] = weight_bytes / step / 1e9
+        if bw:
+            row[f"{lib}_bandwidth_fraction"] = row[f"{lib}_weight_gb_per_s"] / bw
+    row["vs_torch_cache"] = ratio(row.get("torch_cache_step_ms"), row["smallmind_step_ms"])
+    if "torch_cache" in res:
+        row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
     row["loadavg_1min"] = (loadavg() or [None])[0]
+    frac = lambda lib: (f", {100 * row[lib + '_bandwidth_fraction']:.0f}% of the read bandwidth"
+                        if lib + "_bandwidth_fraction" in row else "")
     print(f"  step   {name:<16} t={threads} {n} new, in the window: smallmind "
           f"{row['smallmind_step_ms']:8.3f} ms/token ({row['smallmind_weight_gb_per_s']:.1f} GB/s of "
-          f"weights) | torch cache {row['torch_cache_step_ms']:8.3f} ms "
-          f"({row['torch_cache_weight_gb_per_s']:.1f} GB/s) | sm {row['vs_torch_cache']:.2f}x faster"
-          f" | first divergence {row['diverge_vs_torch_cache']}  (load {row['loadavg_1min']})",
+          f"weights{frac('smallmind')}) | torch cache {fx(row.get('torch_cache_step_ms'), '8.3f')} ms "
+          f"({fx(row.get('torch_cache_weight_gb_per_s'), '.1f')} GB/s{frac('torch_cache')}) | "
+          f"sm {fx(row['vs_torch_cache'], '.2f')}x faster"
+          f" | first divergence {row.get('diverge_vs_torch_cache', '-')}  (load {row['loadavg_1min']})",
           flush=True)
     return row
 
 
 def batch_row(name, model, tmodel, plan, threads, quick):
-    from torch_gpt import generate_with_cache
     rng = np.random.default_rng(7)
     prompt = rng.integers(0, MODELS[name][0], size=(BATCH, plan["prompt"])).astype(np.int64)
-    pt = torch.from_numpy(prompt)
     n = plan["batch_new"]
-    secs, res = run_rounds({"smallmind": lambda: sm_generate(model, prompt, n, threads),
-                            "torch_cache": lambda: generate_with_cache(tmodel, pt, n).numpy()},
-                           plan["rounds"], quick)
+    fns = {"smallmind": lambda: sm_generate(model, prompt, n, threads)}
+    if tmodel is not None:
+        from torch_gpt import generate_with_cache
+        pt = torch.from_numpy(prompt)
+        keep = keep_for(tmodel, WINDOW)
+        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, keep).numpy()
+    secs, res = run_rounds(fns, plan["rounds"], quick)
     row = base_row("batch", name, plan, threads, model.config.num_parameters())
-    row.update(batch=BATCH, new_tokens=n)
-    for lib, s in secs.items():
-        row[f"{lib}_s"] = s
-        row[f"{lib}_tokens_per_s"] = BATCH * n / s
-    row["vs_torch_cache"] = secs["torch_cache"] / secs["smallmind"]
-    row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
+    row.update(batch=BATCH, new_tokens=n, window=WINDOW)
+    for lib, sec in secs.items():
+        row[f"{lib}_s"] = sec
+        row[f"{lib}_tokens_per_s"] = BATCH * n / sec
+    row["vs_torch_cache"] = ratio(secs.get("torch_cache"), secs["smallmind"])
+    if "torch_cache" in res:
+        row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
     row["loadavg_1min"] = (loadavg() or [None])[0]
     print(f"  batch  {name:<16} t={threads} B={BATCH} {n} new: smallmind "
           f"{row['smallmind_tokens_per_s']:8.1f} tok/s | torch cache "
-          f"{row['torch_cache_tokens_per_s']:8.1f} ({row['vs_torch_cache']:.2f}x) | first "
-          f"divergence {row['diverge_vs_torch_cache']}  (load {row['loadavg_1min']})", flush=True)
+          f"{fx(row.get('torch_cache_tokens_per_s'), '8.1f')} ({fx(row['vs_torch_cache'], '.2f')}x)"
+          f" | first divergence {row.get('diverge_vs_torch_cache', '-')}  "
+          f"(load {row['loadavg_1min']})", flush=True)
     return row
 
 
@@ -358,37 +446,42 @@ def concurrent(worker, k):
 
 
 def streams_rows(name, model, tmodel, plan, quick):
-    from torch_gpt import generate_with_cache
     n = plan["stream_new"]
     rng = np.random.default_rng(11)
     prompts = rng.integers(0, MODELS[name][0], size=(max(STREAMS), 1, plan["prompt"])).astype(np.int64)
-    tprompts = [torch.from_numpy(p) for p in prompts]
 
     def sm_worker(i, barrier):
         barrier.wait()
         sm_generate(model, prompts[i], n, 1)
 
-    def torch_worker(i, barrier):
-        torch.set_num_threads(1)   # per thread: a new thread does not inherit the setting
-        barrier.wait()
-        generate_with_cache(tmodel, tprompts[i], n)
+    warm = [lambda: sm_generate(model, prompts[0], n, 1)]
+    if tmodel is not None:
+        from torch_gpt import generate_with_cache
+        tprompts = [torch.from_numpy(p) for p in prompts]
+        keep = keep_for(tmodel, WINDOW)
 
-    for fn in (lambda: sm_generate(model, prompts[0], n, 1),
-               lambda: generate_with_cache(tmodel, tprompts[0], n)):
+        def torch_worker(i, barrier):
+            torch.set_num_threads(1)   # per thread: a new thread does not inherit the setting
+            barrier.wait()
+            generate_with_cache(tmodel, tprompts[i], n, keep)
+
+        warm.append(lambda: generate_with_cache(tmodel, tprompts[0], n, keep))
+    for fn in warm:
         idle(quick)
         fn()   # warm-up, in this thread
     rows = []
     base = {}
     for k in STREAMS:
-        fns = {"smallmind": lambda k=k: concurrent(sm_worker, k),
-               "torch_cache": lambda k=k: concurrent(torch_worker, k)}
+        fns = {"smallmind": lambda k=k: concurrent(sm_worker, k)}
+        if tmodel is not None:
+            fns["torch_cache"] = lambda k=k: concurrent(torch_worker, k)
         walls = {lib: [] for lib in fns}
         for _ in range(1 if quick else max(1, plan["rounds"] - 1)):
             for lib, fn in fns.items():
                 idle(quick)
                 walls[lib].append(fn())
         row = base_row("streams", name, plan, 1, model.config.num_parameters())
-        row.update(streams=k, new_tokens=n, batch=1)
+        row.update(streams=k, new_tokens=n, batch=1, window=WINDOW)
         for lib, ws in walls.items():
             w = float(np.median(ws))
             row[f"{lib}_wall_s"] = w
@@ -396,12 +489,14 @@ def streams_rows(name, model, tmodel, plan, quick):
             if k == STREAMS[0]:
                 base[lib] = row[f"{lib}_tokens_per_s"]
             row[f"{lib}_scaling"] = row[f"{lib}_tokens_per_s"] / base[lib]
-        row["vs_torch_cache"] = row["smallmind_tokens_per_s"] / row["torch_cache_tokens_per_s"]
+        row["vs_torch_cache"] = ratio(row["smallmind_tokens_per_s"], row.get("torch_cache_tokens_per_s"))
         row["loadavg_1min"] = (loadavg() or [None])[0]
         print(f"  streams {name:<15} {k} x threads=1, {n} new each: smallmind "
               f"{row['smallmind_tokens_per_s']:8.1f} tok/s ({row['smallmind_scaling']:.2f}x of 1) | "
-              f"torch cache {row['torch_cache_tokens_per_s']:8.1f} ({row['torch_cache_scaling']:.2f}x of 1)"
-              f" | sm/torch {row['vs_torch_cache']:.2f}x  (load {row['loadavg_1min']})", flush=True)
+              f"torch cache {fx(row.get('torch_cache_tokens_per_s'), '8.1f')} "
+              f"({fx(row.get('torch_cache_scaling'), '.2f')}x of 1)"
+              f" | sm/torch {fx(row['vs_torch_cache'], '.2f')}x  (load {row['loadavg_1min']})",
+              flush=True)
         rows.append(row)
     return rows
 
@@ -429,35 +524,49 @@ def main(argv=None):
     if args.threads < 1:
         ap.error("--threads must be >= 1")
     import_libs()
-    from torch_gpt import from_numpy_state
     info = machine_info()
     print(f"smallmind {info['smallmind']} | {info.get('cpu', '?')}, {info['cores']} cores | "
           f"{info['build']}")
-    print(f"numpy {info['numpy']} | torch {info['torch']} | greedy decoding, {args.threads} threads")
+    print(f"numpy {info['numpy']} | torch {info['torch'] or '-'} | greedy decoding, {args.threads} "
+          f"threads")
     load_start = loadavg()
     t_start = time.perf_counter()
     rows = []
+    bandwidth = {}
+    if "bandwidth" in parts:
+        print("\nmemory", flush=True)
+        for r in bandwidth_rows(args.quick):
+            bandwidth[r["threads"]] = r["read_gb_per_s"]
+            rows.append(r)
     for name in names:
         V, T, L, H, C = MODELS[name]
         plan = dict(QUICK_PLAN) if args.quick else PLAN[name]
         sm.set_num_threads(args.threads)
-        torch.set_num_threads(args.threads)
         model = sm.TransformerModel(sm.ModelConfig(V, T, L, H, C, dropout=0.0, seed=42)).eval()
-        tmodel = from_numpy_state(model.config, model.state_dict()).eval()
+        tmodel = None
+        if torch is not None:
+            from torch_gpt import from_numpy_state
+            torch.set_num_threads(args.threads)
+            tmodel = from_numpy_state(model.config, model.state_dict()).eval()
         print(f"\n{name}: {L} layers, {H} heads, {C} wide, block {T}, vocab {V}, "
               f"{model.config.num_parameters() / 1e6:.1f} M parameters", flush=True)
         prompt = np.random.default_rng(3).integers(0, V, size=(1, plan["prompt"])).astype(np.int64)
         if "decode" in parts:
             rows.append(decode_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
+        if "slide" in parts:
+            rows.append(decode_row(name, model, tmodel, prompt, plan, args.threads, args.quick,
+                                   window="slide"))
         if "ttft" in parts:
             rows.append(ttft_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
         if "step" in parts:
-            rows.append(step_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
+            rows.append(step_row(name, model, tmodel, prompt, plan, args.threads, args.quick,
+                                 bandwidth))
         if "batch" in parts:
             rows.append(batch_row(name, model, tmodel, plan, args.threads, args.quick))
         if "streams" in parts:
             rows += streams_rows(name, model, tmodel, plan, args.quick)
-            torch.set_num_threads(args.threads)
+            if torch is not None:
+                torch.set_num_threads(args.threads)
         del model, tmodel
     print(f"\ntotal {time.perf_counter() - t_start:.1f} s")
     info["loadavg_start"] = load_start

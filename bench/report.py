@@ -148,8 +148,9 @@ def train_tables(rows):
 
 
 def generate_table(rows):
-    """Markdown for bench_generate.py's rows ("kind" == "generate"): decoding at batch 1, time to
-    first token, batched decoding and concurrent streams, one table each."""
+    """Markdown for bench_generate.py's rows ("kind" == "generate"): memory bandwidth, decoding at
+    batch 1 (both window policies), time to first token, one decode step, batched decoding and
+    concurrent streams, one table each. Values a run did not measure (no torch) read "-"."""
     rows = [r for r in rows if r.get("kind") == "generate"]
     out = []
 
@@ -158,25 +159,50 @@ def generate_table(rows):
         return (f"{r['model']} ({sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}, block "
                 f"{sh['block_size']}, vocab {sh['vocab_size']})")
 
-    def div(v):
-        return "none" if v is None else str(v)
+    def div(r, key="diverge_vs_torch_cache"):
+        if key not in r:
+            return "-"
+        return "none" if r[key] is None else str(r[key])
 
+    def num(v, fmt=",.1f"):
+        return "-" if v is None else format(v, fmt)
+
+    def times(v, fmt=".2f"):
+        return "-" if v is None else f"**{v:{fmt}}x**"
+
+    bw = [r for r in rows if r["part"] == "bandwidth"]
+    if bw:
+        out += ["Streaming read bandwidth of the machine in this run (numpy sums, one array per "
+                "thread): the ceiling of batch-1 decoding, which reads every weight once per token.",
+                "", "| threads | read GB/s |", "|---|---|"]
+        out += [f"| {r['threads']} | {r['read_gb_per_s']:.1f} |" for r in bw]
+        out.append("")
     dec = [r for r in rows if r["part"] == "decode"]
     if dec:
         out += ["Greedy decoding at batch 1 after a 64-token prompt (tokens/s, whole call incl. "
-                "prefill; smallmind at the `_core` level, Sampling = `sm.Sampling.generate` end to "
-                "end):", "",
+                "prefill; window past block_size: `shift`, Sampling's default, in both libraries; "
+                "smallmind at the `_core` level, Sampling = `sm.Sampling.generate` end to end):", "",
                 "| model | threads | new tokens | smallmind | smallmind Sampling | torch + KV cache | "
                 "vs torch cache | torch no cache (nanoGPT) | vs no cache | first divergence sm / torch |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in dec:
-            smp = r.get("smallmind_sampling_tokens_per_s")
+            nc = r.get("torch_nocache_tokens_per_s")
             out.append("| " + " | ".join([
                 model_cell(r), str(r["threads"]), str(r["new_tokens"]),
-                f"{r['smallmind_tokens_per_s']:,.1f}", f"{smp:,.1f}" if smp else "-",
-                f"{r['torch_cache_tokens_per_s']:,.1f}", f"**{r['vs_torch_cache']:.2f}x**",
-                f"{r['torch_nocache_tokens_per_s']:,.1f} ({r['nocache_new_tokens']} new)",
-                f"{r['vs_torch_nocache']:.1f}x", div(r["diverge_vs_torch_cache"])]) + " |")
+                num(r["smallmind_tokens_per_s"]), num(r.get("smallmind_sampling_tokens_per_s")),
+                num(r.get("torch_cache_tokens_per_s")), times(r.get("vs_torch_cache")),
+                "-" if nc is None else f"{nc:,.1f} ({r['nocache_new_tokens']} new)",
+                times(r.get("vs_torch_nocache"), ".1f"), div(r)]) + " |")
+    sl = [r for r in rows if r["part"] == "slide"]
+    if sl:
+        out += ["", "The same with `window=\"slide\"` (nanoGPT's exact window: past block_size every "
+                "token costs a prefill of the whole window, in both libraries):", "",
+                "| model | threads | new tokens | smallmind | torch + KV cache | vs torch | "
+                "first divergence |", "|---|---|---|---|---|---|---|"]
+        for r in sl:
+            out.append(f"| {model_cell(r)} | {r['threads']} | {r['new_tokens']} | "
+                       f"{num(r['smallmind_tokens_per_s'])} | {num(r.get('torch_cache_tokens_per_s'))} | "
+                       f"{times(r.get('vs_torch_cache'))} | {div(r)} |")
     tt = [r for r in rows if r["part"] == "ttft"]
     if tt:
         out += ["", "Time to first token (fresh cache, prefill of a 64-token prompt, argmax):", "",
@@ -184,18 +210,30 @@ def generate_table(rows):
                 "|---|---|---|---|---|---|"]
         for r in tt:
             out.append(f"| {model_cell(r)} | {r['threads']} | {r['smallmind_ms']:.2f} | "
-                       f"{r['torch_ms']:.2f} | **{r['vs_torch']:.2f}x** | {r['same_first_token']} |")
+                       f"{num(r.get('torch_ms'), '.2f')} | {times(r.get('vs_torch'))} | "
+                       f"{r.get('same_first_token', '-')} |")
     sp = [r for r in rows if r["part"] == "step"]
     if sp:
-        out += ["", "One decode step at batch 1 inside the window (no sliding; in brackets: GB/s of "
-                "float32 weights read per step):", "",
-                "| model | threads | tokens | smallmind ms/token | torch + KV cache ms/token | "
-                "vs torch | first divergence |", "|---|---|---|---|---|---|---|"]
+        out += ["", "One decode step at batch 1 inside the window (no sliding). GB/s = float32 "
+                "weights read per step; % = of the read bandwidth measured above for the same "
+                "thread count; limit = the tokens/s that bandwidth allows:", "",
+                "| model | threads | tokens | smallmind ms/token (GB/s, %) | torch + KV cache "
+                "ms/token (GB/s, %) | vs torch | limit tok/s | smallmind tok/s | first divergence |",
+                "|---|---|---|---|---|---|---|---|---|"]
+
+        def cell(r, lib):
+            ms = r.get(f"{lib}_step_ms")
+            if ms is None:
+                return "-"
+            fr = r.get(f"{lib}_bandwidth_fraction")
+            pct = "" if fr is None else f", {100 * fr:.0f}%"
+            return f"{ms:.3f} ({r[f'{lib}_weight_gb_per_s']:.1f}{pct})"
+
         for r in sp:
             out.append(f"| {model_cell(r)} | {r['threads']} | {r['new_tokens']} | "
-                       f"{r['smallmind_step_ms']:.3f} ({r['smallmind_weight_gb_per_s']:.1f}) | "
-                       f"{r['torch_cache_step_ms']:.3f} ({r['torch_cache_weight_gb_per_s']:.1f}) | "
-                       f"**{r['vs_torch_cache']:.2f}x** | {div(r['diverge_vs_torch_cache'])} |")
+                       f"{cell(r, 'smallmind')} | {cell(r, 'torch_cache')} | "
+                       f"{times(r.get('vs_torch_cache'))} | {num(r.get('limit_tokens_per_s'))} | "
+                       f"{r['smallmind_tokens_per_s']:,.1f} | {div(r)} |")
     bt = [r for r in rows if r["part"] == "batch"]
     if bt:
         out += ["", "Batched greedy decoding (tokens/s over all sequences, prefill included):", "",
@@ -203,8 +241,8 @@ def generate_table(rows):
                 "vs torch | first divergence |", "|---|---|---|---|---|---|---|---|"]
         for r in bt:
             out.append(f"| {model_cell(r)} | {r['threads']} | {r['batch']} | {r['new_tokens']} | "
-                       f"{r['smallmind_tokens_per_s']:,.1f} | {r['torch_cache_tokens_per_s']:,.1f} | "
-                       f"**{r['vs_torch_cache']:.2f}x** | {div(r['diverge_vs_torch_cache'])} |")
+                       f"{num(r['smallmind_tokens_per_s'])} | {num(r.get('torch_cache_tokens_per_s'))} | "
+                       f"{times(r.get('vs_torch_cache'))} | {div(r)} |")
     st = [r for r in rows if r["part"] == "streams"]
     if st:
         out += ["", "Concurrent streams (Python threads, each its own cache and 1 library thread; "
@@ -212,10 +250,11 @@ def generate_table(rows):
                 "| model | streams | new tokens each | smallmind | torch + KV cache | vs torch |",
                 "|---|---|---|---|---|---|"]
         for r in st:
+            tc = r.get("torch_cache_tokens_per_s")
             out.append(f"| {model_cell(r)} | {r['streams']} | {r['new_tokens']} | "
                        f"{r['smallmind_tokens_per_s']:,.1f} ({r['smallmind_scaling']:.2f}x) | "
-                       f"{r['torch_cache_tokens_per_s']:,.1f} ({r['torch_cache_scaling']:.2f}x) | "
-                       f"**{r['vs_torch_cache']:.2f}x** |")
+                       + ("-" if tc is None else f"{tc:,.1f} ({r['torch_cache_scaling']:.2f}x)")
+                       + f" | {times(r.get('vs_torch_cache'))} |")
     return "\n".join(out)
 
 

@@ -242,16 +242,18 @@ def _cached_step(model, idx, kv, start):
     return _last_logits(model, x)
 
 
-def generate_with_cache(model, idx, n):
+def generate_with_cache(model, idx, n, keep=None):
     """Greedy decoding of n tokens after idx (B, T0) int64 with a static KV cache per layer
     (preallocated (B, nh, block_size, hs) keys and values, written in place): one prefill of the
-    prompt, then one single-token step per new token. When the window is full it slides as
-    nanoGPT's generate and smallmind's Sampling do: the last block_size tokens are prefilled
-    again (positions restart at 0). Returns the new tokens (B, n) int64. Exactly the math of
-    forward() on the cropped context, up to float rounding."""
+    prompt, then one single-token step per new token. When the window is full it moves as
+    smallmind's Sampling does: the last `keep` tokens (default block_size: nanoGPT's exact
+    sliding window; block_size // 2 for Sampling's default "shift") are prefilled again,
+    positions from 0, and decoding goes on. Returns the new tokens (B, n) int64. The math of
+    forward() on the same windows, up to float rounding."""
     cfg = model.config
     B = idx.shape[0]
     Tb = cfg.block_size
+    keep = Tb if keep is None else keep
     hs = cfg.n_embd // cfg.n_head
     out = torch.empty(B, n, dtype=torch.long)
     if n == 0:
@@ -260,7 +262,7 @@ def generate_with_cache(model, idx, n):
         kv = [(torch.empty(B, cfg.n_head, Tb, hs), torch.empty(B, cfg.n_head, Tb, hs))
               for _ in range(cfg.n_layer)]
         P = idx.shape[1]
-        seq = torch.empty(B, P + n, dtype=torch.long)   # prompt and new tokens: the slide's source
+        seq = torch.empty(B, P + n, dtype=torch.long)   # prompt and new tokens: the window's source
         seq[:, :P] = idx
         ctx = idx[:, -Tb:]
         logits = _cached_step(model, ctx, kv, 0)
@@ -274,8 +276,9 @@ def generate_with_cache(model, idx, n):
             if length < Tb:
                 logits = _cached_step(model, nxt.view(B, 1), kv, length)
                 length += 1
-            else:   # full: slide the window, prefill the last block_size tokens again
-                logits = _cached_step(model, seq[:, P + i + 1 - Tb:P + i + 1], kv, 0)
+            else:   # full: the last `keep` tokens (ending with nxt) again, positions from 0
+                logits = _cached_step(model, seq[:, P + i + 1 - keep:P + i + 1], kv, 0)
+                length = keep
         return out
 
 

@@ -26,6 +26,15 @@ __all__ = ["Sampling", "GenerationResult"]
 
 WINDOWS = ("shift", "slide")
 
+
+def window_keep(block_size: int, window: str) -> int:
+    """Tokens kept (and prefilled again, positions from 0) when a full window of `block_size`
+    moves to take one more token: all of them for "slide", the newer half for "shift" (at
+    least 2 where the block allows, so a batch row can prefill all but the newest)."""
+    if window == "slide":
+        return block_size
+    return max(min(block_size, 2), block_size // 2)
+
 logger = logging.getLogger("smallmind.sampling")
 
 
@@ -148,9 +157,7 @@ class Sampling:
         self.window = window
 
     def _keep(self) -> int:
-        """Tokens kept (and prefilled again) when a full window moves."""
-        T = self.model.config.block_size
-        return T if self.window == "slide" else max(min(T, 2), T // 2)
+        return window_keep(self.model.config.block_size, self.window)
 
     def generate(self, prompt: str, max_new_tokens: int = 100, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
