@@ -29,7 +29,8 @@ What is timed (every variant decodes greedily - argmax - from the same random pr
 - step: one decode step inside the window (no sliding), batch 1: the difference of a run of
   n = block - prompt tokens (at most `new`) and one of n // 4 from the same prompt, over the
   difference in tokens; also as GB/s of float32 weights read per step and as a fraction of the
-  measured bandwidth (the batch-1 limit; above 100% where the weights stay in cache).
+  read bandwidth measured in the same rounds (the machine is shared and its bandwidth moves;
+  it is the batch-1 limit, exceeded where the weights stay in cache).
 - batch: the decode run with 8 sequences at once (one prefill, one decode call per token).
 - streams: 1, 2 and 4 Python threads decoding concurrently, each with its own cache and one
   library thread (smallmind threads=1; torch.set_num_threads(1) called in every worker thread,
@@ -238,30 +239,36 @@ def keep_for(tmodel, window):
     return sm.sampling.window_keep(tmodel.config.block_size, window)
 
 
-def bandwidth_rows(quick):
-    """Streaming read bandwidth on 1 and 2 threads: each thread sums its own 256 MiB float32
-    array (numpy releases the GIL inside the reduction, so the sums run at once)."""
-    mib = 32 if quick else 256
+def read_bandwidth(k, arrs):
+    """GB/s of k Python threads each summing its own array of `arrs` at once (numpy releases the
+    GIL inside the reduction)."""
+    ths = [threading.Thread(target=a.sum) for a in arrs[:k]]
+    t0 = time.perf_counter()
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    return sum(a.nbytes for a in arrs[:k]) / (time.perf_counter() - t0) / 1e9
+
+
+def bandwidth_arrays(quick):
+    arrs = [np.ones((32 if quick else 256) * 2 ** 18, np.float32) for _ in range(2)]
+    for a in arrs:
+        a.sum()                                      # warm-up: pages touched
+    return arrs
+
+
+def bandwidth_rows(quick, arrs):
+    """Streaming read bandwidth on 1 and 2 threads, best of 5: each thread sums its own 256 MiB
+    float32 array."""
     rows = []
     for k in (1, 2):
-        arrs = [np.ones(mib * 2 ** 18, np.float32) for _ in range(k)]
-        for a in arrs:
-            a.sum()                                  # warm-up: pages touched
-        best = 0.0
-        for _ in range(1 if quick else 5):
-            ths = [threading.Thread(target=a.sum) for a in arrs]
-            t0 = time.perf_counter()
-            for t in ths:
-                t.start()
-            for t in ths:
-                t.join()
-            best = max(best, k * mib * 2 ** 20 / (time.perf_counter() - t0) / 1e9)
+        best = max(read_bandwidth(k, arrs) for _ in range(1 if quick else 5))
         rows.append({"kind": "generate", "part": "bandwidth", "threads": k,
-                     "read_gb_per_s": best, "mib_per_thread": mib,
+                     "read_gb_per_s": best, "mib_per_thread": arrs[0].nbytes >> 20,
                      "loadavg_1min": (loadavg() or [None])[0]})
         print(f"  bandwidth {k} thread(s): {best:.1f} GB/s streaming read (numpy sums, "
-              f"{mib} MiB per thread, best of {1 if quick else 5})", flush=True)
-        del arrs
+              f"{arrs[0].nbytes >> 20} MiB per thread, best of {1 if quick else 5})", flush=True)
     return rows
 
 
@@ -348,7 +355,7 @@ def ttft_row(name, model, tmodel, prompt, plan, threads, quick):
     return row
 
 
-def step_row(name, model, tmodel, prompt, plan, threads, quick, bandwidth):
+def step_row(name, model, tmodel, prompt, plan, threads, quick, arrs):
     """The cost of one decode step at batch 1 inside the window (no sliding): the difference of
     two runs from the same prompt, n and n // 4 tokens (n = block_size - prompt, at most `new`),
     divided by the difference in tokens; prefill and call overheads cancel."""
@@ -362,15 +369,20 @@ def step_row(name, model, tmodel, prompt, plan, threads, quick, bandwidth):
         pt = torch.from_numpy(prompt)
         gens["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n).numpy()
         gens["torch_cache_short"] = lambda: generate_with_cache(tmodel, pt, n0).numpy()
+    bw_samples = []
+    if arrs is not None and threads <= len(arrs):
+        # the machine's bandwidth is shared and moves: measured in the same rounds
+        gens["bandwidth"] = lambda: bw_samples.append(read_bandwidth(threads, arrs))
     gen, res = run_rounds(gens, plan["rounds"] + 2, quick)
     row = base_row("step", name, plan, threads, model.config.num_parameters())
     row.update(batch=1, new_tokens=n)
     weight_bytes = 4 * model.config.num_parameters()
-    bw = bandwidth.get(threads)
-    if bw:
+    bw = None
+    if bw_samples:
+        bw = float(np.median(bw_samples[1:] or bw_samples))   # the warm-up call's aside
         row["read_gb_per_s"] = bw
         row["limit_tokens_per_s"] = bw * 1e9 / weight_bytes
-    for lib in [k for k in gen if not k.endswith("_short")]:
+    for lib in [k for k in gen if not k.endswith("_short") and k != "bandwidth"]:
         step = max(gen[lib] - gen[lib + "_short"], 1e-9) / max(n - n0, 1)
         row[f"{lib}_step_ms"] = 1e3 * step
         row[f"{lib}_tokens_per_s"] = 1.0 / step
@@ -534,12 +546,11 @@ def main(argv=None):
     load_start = loadavg()
     t_start = time.perf_counter()
     rows = []
-    bandwidth = {}
+    arrs = None
     if "bandwidth" in parts:
         print("\nmemory", flush=True)
-        for r in bandwidth_rows(args.quick):
-            bandwidth[r["threads"]] = r["read_gb_per_s"]
-            rows.append(r)
+        arrs = bandwidth_arrays(args.quick)
+        rows += bandwidth_rows(args.quick, arrs)
     for name in names:
         V, T, L, H, C = MODELS[name]
         plan = dict(QUICK_PLAN) if args.quick else PLAN[name]
@@ -562,7 +573,7 @@ def main(argv=None):
             rows.append(ttft_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
         if "step" in parts:
             rows.append(step_row(name, model, tmodel, prompt, plan, args.threads, args.quick,
-                                 bandwidth))
+                                 arrs))
         if "batch" in parts:
             rows.append(batch_row(name, model, tmodel, plan, args.threads, args.quick))
         if "streams" in parts:

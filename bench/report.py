@@ -215,8 +215,9 @@ def generate_table(rows):
     sp = [r for r in rows if r["part"] == "step"]
     if sp:
         out += ["", "One decode step at batch 1 inside the window (no sliding). GB/s = float32 "
-                "weights read per step; % = of the read bandwidth measured above for the same "
-                "thread count; limit = the tokens/s that bandwidth allows:", "",
+                "weights read per step; % = of the read bandwidth measured in the same rounds on "
+                "the same number of threads (above 100%: the weights stay in cache); limit = the "
+                "tokens/s that bandwidth allows:", "",
                 "| model | threads | tokens | smallmind ms/token (GB/s, %) | torch + KV cache "
                 "ms/token (GB/s, %) | vs torch | limit tok/s | smallmind tok/s | first divergence |",
                 "|---|---|---|---|---|---|---|---|---|"]
