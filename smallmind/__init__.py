@@ -12,6 +12,7 @@ from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .training import History, Training
 from .sampling import GenerationResult, Sampling
 from .serving import SamplerPool, ThrottledInferenceService
+from .index import VectorIndex
 from ._core import (
     build_info,
     get_num_threads,
@@ -42,4 +43,4 @@ __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
             "save_checkpoint", "Training", "History", "Sampling", "GenerationResult",
-            "SamplerPool", "ThrottledInferenceService"]
+            "SamplerPool", "ThrottledInferenceService", "VectorIndex"]

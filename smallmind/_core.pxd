@@ -273,3 +273,23 @@ cdef extern from "sm_model.h" nogil:
 
 
 # ---- end of declarations ---------------------------------------------------------------------
+
+# ---- sm_index.h (VectorIndex store and exact top-k search) --------------------------------------
+
+cdef extern from "sm_index.h" nogil:
+    ctypedef struct sm_index:
+        pass
+    int SM_METRIC_COSINE, SM_METRIC_DOT, SM_METRIC_L2
+    int sm_index_create(sm_index **out, int64_t dim, int metric)
+    void sm_index_free(sm_index *ix)
+    int64_t sm_index_size(const sm_index *ix)
+    int64_t sm_index_dim(const sm_index *ix)
+    int sm_index_metric(const sm_index *ix)
+    int64_t sm_index_nbytes(const sm_index *ix)
+    int sm_index_add(sm_index *ix, const float *x, int64_t n, int64_t ldx)
+    int64_t sm_index_remove(sm_index *ix, int64_t r)
+    void sm_index_get(const sm_index *ix, int64_t r, float *out)
+    int sm_index_search(const sm_index *ix, const float *q, int64_t nq, int64_t ldq, int64_t k,
+                        int64_t *rows, float *scores, int nthreads)
+    int sm_index_search_naive(const sm_index *ix, const float *q, int64_t nq, int64_t ldq,
+                              int64_t k, int64_t *rows, float *scores)

@@ -1,0 +1,353 @@
+"""index.py - VectorIndex: exact nearest-neighbour search over float32 vectors kept in C memory
+(cosine, dot product or squared L2 distance), thread-safe and disposable, saved without pickle.
+
+Concurrency: a readers-writer lock. Any number of searches run at once (the C search releases
+the GIL); add, remove, load_state and dispose are exclusive, so a search never sees a
+half-written row and memory is freed only once the searches in flight have finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _core
+from ._safetensors import load_file, save_file
+from .errors import CheckpointError, ObjectDisposedError, ValidationError
+from .model import _is_int
+
+__all__ = ["VectorIndex", "METRICS"]
+
+METRICS = ("cosine", "dot", "l2")
+_FORMAT = "smallmind.VectorIndex"
+_VERSION = 1
+_META_KEY = "smallmind.index"
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer goes before readers that arrive after it
+    (so a stream of searches cannot starve an add)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _check_id(v, where: str):
+    if isinstance(v, bool) or not (isinstance(v, str) or _is_int(v)):
+        raise ValidationError(f"{where} must be an int or a str, got {v!r} ({type(v).__name__})")
+    return v if isinstance(v, str) else int(v)
+
+
+class VectorIndex:
+    """Exact top-k search over vectors of `dim` floats.
+
+    ``metric``: "cosine" (scores in [-1, 1], larger is closer; zero vectors are refused), "dot"
+    (the inner product, larger is closer) or "l2" (the squared Euclidean distance, smaller is
+    closer). Each vector has a unique id (an int or a str; by default its insertion count) and
+    optional metadata (anything JSON can hold). Ties between equal scores go to the vector added
+    first. Results are identical for any thread count and whether queries come alone or in a
+    batch.
+
+        with sm.VectorIndex(128) as index:
+            index.add(vectors, ids=["a", "b", ...], metadata=[{...}, ...])
+            ids, scores = index.search(query, k=10)
+    """
+
+    def __init__(self, dim: int, metric: str = "cosine"):
+        if not _is_int(dim) or not 1 <= dim <= 1 << 24:
+            raise ValidationError(f"dim must be an int in [1, 2**24], got {dim!r}")
+        if metric not in METRICS:
+            raise ValidationError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.dim = int(dim)
+        self.metric = metric
+        self._store = _core.IndexStore(self.dim, metric)
+        self._ids: list = []            # row -> id
+        self._meta: list = []           # row -> metadata (or None)
+        self._rows: dict = {}           # id -> row
+        self._next_id = 0               # default ids
+        self._lock = _RWLock()
+        self._disposed = False
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    def dispose(self) -> None:
+        """Free the C memory (after any search in flight). Idempotent; every later call raises
+        ObjectDisposedError."""
+        with self._lock.write():
+            if not self._disposed:
+                self._disposed = True
+                self._store.free()
+                self._ids, self._meta, self._rows = [], [], {}
+
+    close = dispose
+
+    @property
+    def disposed(self) -> bool:
+        return self._disposed
+
+    def __enter__(self):
+        self._alive()
+        return self
+
+    def __exit__(self, *exc):
+        self.dispose()
+
+    def __del__(self):
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.free()
+
+    def _alive(self):
+        if self._disposed:
+            raise ObjectDisposedError("this VectorIndex was disposed")
+
+    # ---- contents -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        with self._lock.read():
+            self._alive()
+            return len(self._ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of C memory held (the row store, including room to grow)."""
+        return self._store.nbytes
+
+    def __contains__(self, id) -> bool:
+        with self._lock.read():
+            self._alive()
+            return id in self._rows
+
+    @property
+    def ids(self) -> list:
+        with self._lock.read():
+            self._alive()
+            return list(self._ids)
+
+    def _as_matrix(self, vectors, name: str) -> tuple[np.ndarray, bool]:
+        try:
+            a = np.asarray(vectors)
+        except (TypeError, ValueError) as e:
+            raise ValidationError(f"{name} must be an array of numbers: {e}") from None
+        if a.dtype.kind not in "iuf":     # no bool, complex, object or strings
+            raise ValidationError(f"{name} must hold real numbers, got dtype {a.dtype}")
+        single = a.ndim == 1
+        if single:
+            a = a[None, :]
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise ValidationError(f"{name} must have shape ({self.dim},) or (n, {self.dim}), "
+                                  f"got {np.shape(vectors)}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ValidationError(f"{name} must be finite (no NaN or infinity, also after "
+                                  "conversion to float32)")
+        return a, single
+
+    def add(self, vectors, ids: Sequence | None = None, metadata: Sequence | None = None) -> list:
+        """Add one vector (dim,) or many (n, dim). ``ids``: one per vector, unique (also against
+        those stored), ints or strs; default: consecutive ints. ``metadata``: one JSON-able
+        object per vector (or None). Returns the ids. Nothing is added if anything is wrong."""
+        a, single = self._as_matrix(vectors, "vectors")
+        n = a.shape[0]
+        if ids is not None:
+            if single and not isinstance(ids, (list, tuple, np.ndarray)):
+                ids = [ids]
+            ids = [_check_id(v, f"ids[{i}]") for i, v in enumerate(ids)]
+            if len(ids) != n:
+                raise ValidationError(f"ids has {len(ids)} entries for {n} vectors")
+            if len(set(ids)) != n:
+                raise ValidationError("ids must be unique")
+        if metadata is not None:
+            if single and not isinstance(metadata, (list, tuple)):
+                metadata = [metadata]
+            metadata = list(metadata)
+            if len(metadata) != n:
+                raise ValidationError(f"metadata has {len(metadata)} entries for {n} vectors")
+            for i, m in enumerate(metadata):
+                try:
+                    json.dumps(m)
+                except (TypeError, ValueError) as e:
+                    raise ValidationError(f"metadata[{i}] must be JSON-serialisable: {e}") from None
+        with self._lock.write():
+            self._alive()
+            if ids is None:
+                ids = list(range(self._next_id, self._next_id + n))
+                while any(i in self._rows for i in ids):   # skip ints a caller used
+                    self._next_id += n
+                    ids = list(range(self._next_id, self._next_id + n))
+            clash = [i for i in ids if i in self._rows]
+            if clash:
+                raise ValidationError(f"id {clash[0]!r} is already in the index")
+            self._store.add(a)
+            base = len(self._ids)
+            self._ids.extend(ids)
+            self._meta.extend(metadata if metadata is not None else [None] * n)
+            for j, i in enumerate(ids):
+                self._rows[i] = base + j
+            ints = [i for i in ids if not isinstance(i, str)]
+            if ints:
+                self._next_id = max(self._next_id, max(ints) + 1)
+        return list(ids)
+
+    def remove(self, ids) -> None:
+        """Remove one id or a list of ids; an unknown id raises ValidationError (nothing
+        removed)."""
+        if isinstance(ids, (str, int, np.integer)) and not isinstance(ids, bool):
+            ids = [ids]
+        ids = [_check_id(v, f"ids[{i}]") for i, v in enumerate(ids)]
+        with self._lock.write():
+            self._alive()
+            missing = [i for i in ids if i not in self._rows]
+            if missing:
+                raise ValidationError(f"unknown id {missing[0]!r}")
+            for i in dict.fromkeys(ids):
+                r = self._rows.pop(i)
+                moved = self._store.remove_row(r)
+                last_id, last_meta = self._ids.pop(), self._meta.pop()
+                if moved >= 0:           # the last row now lives at r
+                    self._ids[r], self._meta[r] = last_id, last_meta
+                    self._rows[last_id] = r
+
+    def get(self, id) -> tuple[np.ndarray, Any]:
+        """(vector, metadata) of an id; ValidationError if it is unknown."""
+        with self._lock.read():
+            self._alive()
+            if id not in self._rows:
+                raise ValidationError(f"unknown id {id!r}")
+            r = self._rows[id]
+            return self._store.get_row(r), self._meta[r]
+
+    # ---- search ---------------------------------------------------------------------------------
+    def search(self, queries, k: int = 10, *, threads: int | None = None,
+               with_metadata: bool = False):
+        """The k nearest vectors of one query (dim,) or of each of a batch (nq, dim).
+
+        Returns (ids, scores): for one query a list of ids and a float32 array, best first;
+        for a batch a list of such lists and an (nq, k') array. k larger than the index returns
+        what there is (k' = min(k, len)). With ``with_metadata`` a third item holds the
+        metadata of each hit."""
+        if not _is_int(k) or k < 1:
+            raise ValidationError(f"k must be an int >= 1, got {k!r}")
+        q, single = self._as_matrix(queries, "queries")
+        with self._lock.read():
+            self._alive()
+            n = len(self._ids)
+            kk = min(int(k), n)
+            if kk == 0:
+                rows = np.empty((q.shape[0], 0), np.int64)
+                scores = np.empty((q.shape[0], 0), np.float32)
+            else:
+                rows, scores = self._store.search(q, kk, threads)
+            ids = [[self._ids[r] for r in row] for row in rows.tolist()]
+            meta = [[self._meta[r] for r in row] for row in rows.tolist()] if with_metadata else None
+        if single:
+            out = (ids[0], scores[0])
+            return out + (meta[0],) if with_metadata else out
+        return (ids, scores, meta) if with_metadata else (ids, scores)
+
+    # ---- files ----------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the index to `path` atomically, as a safetensors file: the vectors (n, dim)
+        float32 and a JSON header entry with the format, version, metric, ids and metadata.
+        No pickle; VectorIndex.load validates everything it reads."""
+        with self._lock.read():
+            self._alive()
+            header = {"format": _FORMAT, "version": _VERSION, "dim": self.dim,
+                      "metric": self.metric, "ids": self._ids, "metadata": self._meta}
+            vectors = self._store.rows()
+        save_file({"vectors": vectors}, path, metadata={_META_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path) -> "VectorIndex":
+        """Read a file written by save. CheckpointError for a missing, truncated, corrupted or
+        inconsistent file."""
+        tensors, meta = load_file(path)
+        where = os.fspath(path)
+        try:
+            header = json.loads(meta[_META_KEY])
+        except KeyError:
+            raise CheckpointError(f"{where!r} is not a smallmind VectorIndex file "
+                                  f"(no {_META_KEY!r} metadata)") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where!r}: the index header is not valid JSON: {e}") from None
+        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+            raise CheckpointError(f"{where!r} is not a smallmind VectorIndex file")
+        if header.get("version") != _VERSION:
+            raise CheckpointError(f"{where!r}: index format version {header.get('version')!r} "
+                                  f"is not supported (this smallmind reads {_VERSION})")
+        dim, metric = header.get("dim"), header.get("metric")
+        ids, metadata = header.get("ids"), header.get("metadata")
+        vectors = tensors.get("vectors")
+        problems = []
+        if not _is_int(dim) or not 1 <= dim <= 1 << 24:
+            problems.append(f"dim {dim!r}")
+        if metric not in METRICS:
+            problems.append(f"metric {metric!r}")
+        if not isinstance(ids, list) or not isinstance(metadata, list):
+            problems.append("ids/metadata are not lists")
+        if vectors is None or vectors.dtype != np.float32 or vectors.ndim != 2:
+            problems.append("no float32 (n, dim) 'vectors' tensor")
+        if set(tensors) != {"vectors"}:
+            problems.append(f"unexpected tensors {sorted(set(tensors) - {'vectors'})}")
+        if not problems:
+            n = vectors.shape[0]
+            if vectors.shape[1] != dim:
+                problems.append(f"vectors have {vectors.shape[1]} columns, dim is {dim}")
+            if len(ids) != n or len(metadata) != n:
+                problems.append(f"{n} vectors but {len(ids)} ids and {len(metadata)} metadata")
+            elif any(isinstance(i, bool) or not isinstance(i, (int, str)) for i in ids):
+                problems.append("ids must be ints or strs")
+            elif len(set(ids)) != n:
+                problems.append("ids are not unique")
+        if problems:
+            raise CheckpointError(f"{where!r}: corrupted VectorIndex file: " + "; ".join(problems))
+        index = cls(dim, metric)
+        try:
+            if len(ids):
+                index.add(vectors, ids=ids, metadata=metadata)
+        except ValidationError as e:
+            index.dispose()
+            raise CheckpointError(f"{where!r}: corrupted VectorIndex file: {e}") from None
+        return index
+
+    def __repr__(self):
+        if self._disposed:
+            return "VectorIndex(disposed)"
+        return f"VectorIndex(dim={self.dim}, metric={self.metric!r}, len={len(self._ids)})"
