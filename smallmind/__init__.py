@@ -13,6 +13,7 @@ from .training import History, Training
 from .sampling import GenerationResult, Sampling
 from .serving import SamplerPool, ThrottledInferenceService
 from .index import VectorIndex
+from .tracker import MemorySnapshot, MemoryTracker
 from ._core import (
     build_info,
     get_num_threads,
@@ -43,4 +44,5 @@ __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
             "save_checkpoint", "Training", "History", "Sampling", "GenerationResult",
-            "SamplerPool", "ThrottledInferenceService", "VectorIndex"]
+            "SamplerPool", "ThrottledInferenceService", "VectorIndex",
+            "MemoryTracker", "MemorySnapshot"]

@@ -26,7 +26,7 @@ rented ones when they come back; after dispose every method raises ObjectDispose
 Thread safety: MemoryPool is internally synchronized (any method from any thread, at once);
 a PooledBuffer is returned exactly once even if two threads race to return it.
 
-Not here yet: MemoryTracker (see DESIGN.md); its counters can be built on `stats()`.
+MemoryTracker (tracker.py) reports these counters phase by phase, with the process's RSS.
 """
 from ._core import MemoryPool, PooledBuffer, default_pool
 
