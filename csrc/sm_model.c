@@ -370,6 +370,7 @@ typedef struct {
     sm_gpt_cache *cache;       /* prefill: every layer's keys and values are stored here */
     int64_t cache_seq0;        /* ... from this sequence of the cache on */
     int last_only;             /* logits (B, V) of each sequence's last position only */
+    float *pooled;             /* if set: (B, C) mean over positions of ln_f's output */
 } fwd_bufs;
 
 #define RET_IF(rc)                                                                                \
@@ -443,6 +444,13 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
     sm_layernorm_forward(f->ln, f->meanf ? f->meanf + r0 : NULL, f->rstdf ? f->rstdf + r0 : NULL,
                          x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0), N, C, LN_EPS,
                          nt);
+    if (f->pooled) /* mean-pooled final hidden states (the ModelEmbedder's vectors) */
+        for (int64_t b = 0; b < bc; b++) {
+            float *o = f->pooled + (b0 + b) * C;
+            for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
+            for (int64_t t = 0; t < T; t++) sm_residual_forward(o, o, f->ln + (b * T + t) * C, C, 1);
+            for (int64_t c = 0; c < C; c++) o[c] /= (float)T;
+        }
     if (f->logits && f->last_only) /* each sequence's last row (rows T apart), in groups of 4:
                                     * the matrix-vector path, so a sequence's logits have the
                                     * same bits whatever else is in the batch */
@@ -472,7 +480,7 @@ static float mean_loss(const float *losses, int64_t n, int64_t n_valid) {
 static int forward_inference(float *logits, float *loss, int64_t *n_valid, const float *params,
                              const sm_gpt_config *cfg, const int *idx, const int *targets,
                              int64_t B, int64_t T, float dropout, uint64_t seed,
-                             sm_gpt_cache *cache, int64_t cache_seq0, int nt) {
+                             sm_gpt_cache *cache, int64_t cache_seq0, float *pooled, int nt) {
     const int64_t C = cfg->n_embd, V = cfg->vocab_size, BT = B * T;
     const int64_t Bc = chunk_seqs(B, T, C), N = Bc * T;
     const int want_logits = logits != NULL || targets != NULL;
@@ -503,6 +511,7 @@ static int forward_inference(float *logits, float *loss, int64_t *n_valid, const
     f.cache = cache;
     f.cache_seq0 = cache_seq0;
     f.last_only = cache != NULL;
+    f.pooled = pooled;
     int rc = SM_OK;
     for (int64_t b0 = 0; b0 < B && rc == SM_OK; b0 += Bc) {
         const int64_t bc = B - b0 < Bc ? B - b0 : Bc;
@@ -583,7 +592,16 @@ int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *s
                                 seed, nt);
     }
     return forward_inference(logits, loss, n_valid, params, cfg, idx, targets, B, T, dropout,
-                             seed, NULL, 0, nt);
+                             seed, NULL, 0, NULL, nt);
+}
+
+int sm_gpt_embed(float *out, const float *params, const sm_gpt_config *cfg, const int *idx,
+                 int64_t B, int64_t T, int nthreads) {
+    if (!out || !params || !idx || sm_gpt_config_check(cfg) != SM_OK || B < 1 || T < 1 ||
+        T > cfg->block_size)
+        return SM_ERR_ARG;
+    return forward_inference(NULL, NULL, NULL, params, cfg, idx, NULL, B, T, 0.0f, 0, NULL, 0, out,
+                             sm_resolve_threads(nthreads));
 }
 
 /* ---- prefill and decode --------------------------------------------------------------------- */
@@ -596,7 +614,7 @@ int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm
     const int nt = sm_resolve_threads(nthreads);
     memset(c->len, 0, (size_t)c->B * sizeof(int)); /* a failed prefill leaves an empty cache */
     int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, c->B, T, 0.0f, 0, c, 0,
-                               nt);
+                               NULL, nt);
     if (rc == SM_OK)
         for (int64_t b = 0; b < c->B; b++) c->len[b] = (int)T;
     return rc;
@@ -612,7 +630,7 @@ int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
     const int nt = sm_resolve_threads(nthreads);
     for (int64_t i = b; i < b + nb; i++) c->len[i] = 0;
     int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, nb, T, 0.0f, 0, c, b,
-                               nt);
+                               NULL, nt);
     if (rc == SM_OK)
         for (int64_t i = b; i < b + nb; i++) c->len[i] = (int)T;
     return rc;

@@ -119,6 +119,11 @@ void sm_gpt_adamw(float *params, float *m, float *v, const float *grads, const s
                   float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
                   int nthreads);
 
+/* out (B, C) <- for each sequence of idx (B, T), the mean over its positions of the final layer
+ * norm's output (the hidden states the LM head reads): a fixed-size embedding of a text. */
+int sm_gpt_embed(float *out, const float *params, const sm_gpt_config *cfg, const int *idx,
+                 int64_t B, int64_t T, int nthreads);
+
 /* ---- incremental inference: KV cache, prefill, decode ---------------------------------------- */
 
 /* The keys and values of every layer for B sequences of up to `capacity` positions (rounded up

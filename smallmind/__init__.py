@@ -14,6 +14,8 @@ from .sampling import GenerationResult, Sampling
 from .serving import SamplerPool, ThrottledInferenceService
 from .index import VectorIndex
 from .tracker import MemorySnapshot, MemoryTracker
+from .retrieval import (Answer, Answerer, ModelEmbedder, Passage, PromptBuilder, Retriever,
+                        TfidfEmbedder)
 from ._core import (
     build_info,
     get_num_threads,
@@ -45,4 +47,5 @@ __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownC
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
             "save_checkpoint", "Training", "History", "Sampling", "GenerationResult",
             "SamplerPool", "ThrottledInferenceService", "VectorIndex",
-            "MemoryTracker", "MemorySnapshot"]
+            "MemoryTracker", "MemorySnapshot", "TfidfEmbedder", "ModelEmbedder", "Retriever",
+            "Passage", "PromptBuilder", "Answer", "Answerer"]

@@ -263,6 +263,8 @@ cdef extern from "sm_model.h" nogil:
     int64_t sm_gpt_cache_B(const sm_gpt_cache *c)
     int64_t sm_gpt_cache_capacity(const sm_gpt_cache *c)
     int64_t sm_gpt_cache_length(const sm_gpt_cache *c, int64_t b)
+    int sm_gpt_embed(float *out, const float *params, const sm_gpt_config *cfg, const int *idx,
+                     int64_t B, int64_t T, int nthreads)
     int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params,
                        const sm_gpt_config *cfg, const int *idx, int64_t T, int nthreads)
     int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,

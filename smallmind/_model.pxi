@@ -332,6 +332,32 @@ def gpt_prefill(params, tuple cfg, idx, GPTCache cache, threads=None):
     return logits
 
 
+def gpt_embed(params, tuple cfg, idx, threads=None):
+    """Mean over positions of the final layer norm's output for each sequence of idx, int32
+    (B, T): float32 (B, C)."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    _check_f32(params, "params", 1)
+    if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&c):
+        raise ValidationError(f"params must hold {sm_gpt_num_params(&c)} floats, got {params.shape[0]}")
+    _check_i32(idx, "idx", 2)
+    cdef int64_t B = idx.shape[0], T = idx.shape[1]
+    if B < 1 or T < 1 or T > c.block_size:
+        raise ValidationError(f"idx must be (B, T) with B >= 1 and 1 <= T <= {c.block_size}, got {idx.shape}")
+    _check_ids(idx, "idx", 0, c.vocab_size - 1,
+               f"token ids in [0, {c.vocab_size - 1}] (vocab_size is {c.vocab_size})")
+    cdef int nt = _threads(threads)
+    out = np.empty((int(B), int(c.n_embd)), dtype=np.float32)
+    cdef float *po = _fptr(out)
+    cdef const float *pp = _fptr(params)
+    cdef const int *pi = _iptr(idx)
+    cdef int rc
+    with nogil:
+        rc = sm_gpt_embed(po, pp, &c, pi, B, T, nt)
+    _raise_for(rc, "gpt_embed")
+    return out
+
+
 def gpt_prefill_seq(params, tuple cfg, idx, GPTCache cache, seq, threads=None):
     """Prefill sequence `seq` of the cache alone with the prompt idx, int32 (T,), and return the
     logits of its last position, float32 (V,); or, with idx (n, T), sequences seq .. seq+n-1
