@@ -1,5 +1,6 @@
 """_timing.py - the timing helpers every benchmark in bench/ shares: medians of repeated calls,
 an idle gap between libraries, and a limit on numpy's BLAS threads (via threadpoolctl)."""
+import json
 import os
 import time
 
@@ -95,3 +96,13 @@ class numpy_threads:
     def __exit__(self, *exc):
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+def write_json(path, machine, quick, rows):
+    """The file every benchmark writes with --json: {"machine", "quick", "rows"}, atomically (a
+    temporary file renamed over the old one, so an interrupted run never leaves half a file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"machine": machine, "quick": quick, "rows": rows}, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")

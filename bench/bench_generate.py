@@ -46,7 +46,6 @@ bf16/int8 weights, the GPU.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -58,7 +57,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _timing import cpu_model, loadavg  # noqa: E402
+from _timing import cpu_model, loadavg, write_json  # noqa: E402
 
 sm = None
 torch = None
@@ -592,9 +591,7 @@ def main(argv=None):
     except ImportError:
         pass
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "quick": args.quick, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, info, args.quick, rows)
 
 
 if __name__ == "__main__":

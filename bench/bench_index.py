@@ -14,7 +14,6 @@ robin, an idle gap before each block so the other's worker threads are asleep), 
 reported; the top-10 ids of both are checked to agree.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _timing import cpu_model, loadavg  # noqa: E402
+from _timing import cpu_model, loadavg, write_json  # noqa: E402
 
 try:
     import smallmind as sm
@@ -156,9 +155,7 @@ def main(argv=None):
     print()
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "quick": args.quick, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, info, args.quick, rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ still spinning (OpenBLAS and OpenMP keep their threads busy for a while after a 
 measurement is preceded by a short idle gap. Benchmarks never fail a test run: they measure.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import smallmind as sm  # noqa: E402
-from _timing import cpu_model, interleaved, numpy_threads  # noqa: E402
+from _timing import cpu_model, interleaved, numpy_threads, write_json  # noqa: E402
 
 try:
     import torch  # noqa: E402
@@ -175,10 +174,7 @@ def main(argv=None):
     if args.only in (None, "other"):
         rows += other_kernel_rows(args.quick, thread_counts)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"machine": info, "quick": args.quick, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, info, args.quick, rows)
     return 0
 
 

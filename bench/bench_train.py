@@ -32,7 +32,6 @@ Leaves out: GPU comparisons, torch.compile, mixed precision, data loading costs.
 """
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -45,7 +44,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _timing import cpu_model, loadavg  # noqa: E402
+from _timing import cpu_model, loadavg, write_json  # noqa: E402
 
 # smallmind and torch are imported lazily so that each memory child imports only its library.
 sm = None
@@ -538,9 +537,7 @@ def main(argv=None):
     info["loadavg_end"] = loadavg()
     print(f"load average (1, 5, 15 min) at start {load_start}, at end {info['loadavg_end']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "quick": args.quick, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, info, args.quick, rows)
 
 
 if __name__ == "__main__":
