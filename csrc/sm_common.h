@@ -68,6 +68,12 @@ enum {
 /* Aligned allocation that works on POSIX and Windows. Returns NULL on failure or size 0. */
 void *sm_aligned_alloc(size_t bytes);
 void sm_aligned_free(void *p);
+/* The same for large, long-lived blocks that get streamed (a VectorIndex's rows): on Linux,
+ * blocks of 4 MiB or more are 2 MiB aligned and advised to use transparent huge pages, as
+ * numpy does for its arrays (a search then streams the rows with the TLB behaviour numpy's
+ * brute force gets; no gain could be told from this machine's noise). Freed with
+ * sm_aligned_free. */
+void *sm_big_alloc(size_t bytes);
 
 /* Split [0, n) into `parts` nearly equal contiguous ranges, each a multiple of `grain`
  * (except the last); part `i` gets [*begin, *end). Deterministic: depends only on its inputs. */

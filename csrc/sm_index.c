@@ -64,7 +64,7 @@ static int grow(sm_index *ix, int64_t need) {
     int64_t cap = ix->cap ? ix->cap : 64;
     while (cap < need) cap *= 2;
     if (cap > ((int64_t)1 << 40) / ix->ld) return SM_ERR_NOMEM;
-    float *data = (float *)sm_aligned_alloc((size_t)(cap * ix->ld) * sizeof(float));
+    float *data = (float *)sm_big_alloc((size_t)(cap * ix->ld) * sizeof(float));
     float *aux = (float *)malloc((size_t)cap * sizeof(float));
     int64_t *seq = (int64_t *)malloc((size_t)cap * sizeof(int64_t));
     if (!data || !aux || !seq) {

@@ -2,6 +2,10 @@
  * and the small shared helpers declared in sm_common.h. */
 #include "sm_runtime.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,6 +33,18 @@ void *sm_aligned_alloc(size_t bytes) {
     if (posix_memalign(&p, SM_ALIGN, bytes) != 0) return NULL;
     return p;
 #endif
+}
+
+void *sm_big_alloc(size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= ((size_t)4 << 20)) {
+        void *p = NULL;
+        if (posix_memalign(&p, (size_t)2 << 20, bytes) != 0) return NULL;
+        (void)madvise(p, bytes, MADV_HUGEPAGE); /* a hint; without it 4 KiB pages, still correct */
+        return p;
+    }
+#endif
+    return sm_aligned_alloc(bytes);
 }
 
 void sm_aligned_free(void *p) {
