@@ -1,9 +1,18 @@
 """cli.py - the `smallmind` command (also `python -m smallmind`). With no subcommand it runs the
 demo: train a small GPT on the built-in corpus (the standard library's own documentation), then
-generate text from it. `info` reports the build, `bench` times the core against numpy. The full
-train / generate / serve commands arrive with their issues."""
+generate text from it. `train` trains on text files, a folder or the built-in corpus with a
+progress line, checkpoints, Ctrl-C that saves and exits, and --resume; `generate` and `chat`
+continue text from a checkpoint; `info` reports the build, `bench` times the core against numpy.
+
+A mistake a user can make (a missing file, an empty corpus, a checkpoint that is not one, a bad
+option value) prints one line, "smallmind: error: ...", and exits with status 2; never a
+traceback. Ctrl-C exits with status 130.
+"""
 import argparse
+import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -91,6 +100,207 @@ def cmd_demo(args):
     return 0
 
 
+# ---- train / generate / chat ----------------------------------------------------------------------
+
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
+
+
+class UserError(Exception):
+    """A mistake on the command line: reported as one line, exit status 2."""
+
+
+def _read_corpus(paths):
+    """The training text: the files given, every text file under the folders given (sorted, so
+    the order is deterministic), or the built-in corpus when nothing is given."""
+    if not paths:
+        from .corpus import builtin_corpus
+        return builtin_corpus(), "the built-in corpus (the Python standard library's documentation)"
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names) if n.endswith(_TEXT_SUFFIXES)]
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise UserError(f"no such file or folder: {p}")
+    if not files:
+        raise UserError(f"no text files ({', '.join(_TEXT_SUFFIXES)}) under {', '.join(paths)}")
+    parts = []
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                parts.append(fh.read())
+        except UnicodeDecodeError:
+            raise UserError(f"{f} is not UTF-8 text") from None
+    text = "\n".join(parts)
+    if len(text.strip()) == 0:
+        raise UserError("the corpus is empty")
+    return text, f"{len(files)} file(s)"
+
+
+class _Progress:
+    """One line per update: rewritten in place on a terminal, appended otherwise."""
+
+    def __init__(self, total, every, stream=None):
+        stream = sys.stdout if stream is None else stream
+        self.total, self.every, self.stream = total, max(1, every), stream
+        self.tty = stream.isatty()
+        self.t0 = time.perf_counter()
+        self.val = None
+
+    def __call__(self, info):
+        step = info["step"]
+        if "val_loss" in info:
+            self.val = info["val_loss"]
+        if step % self.every and step != self.total and "val_loss" not in info:
+            return
+        done = step / self.total if self.total else 1.0
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        bar = "#" * int(20 * done)
+        line = (f"[{bar:<20}] step {step}/{self.total} | loss {info['loss']:.3f}"
+                + (f" | val {self.val:.3f}" if self.val is not None else "")
+                + f" | {info['tokens_per_sec']:,.0f} tok/s | ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            if step == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def end(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _cancel_on_sigint(source):
+    """Ctrl-C cancels `source` (training stops after the step in flight and saves) instead of
+    raising KeyboardInterrupt at an arbitrary point; a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if source.is_cancelled:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        source.cancel("interrupted (Ctrl-C)")
+        print("\nsmallmind: stopping after this step (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def cmd_train(args):
+    from .cancellation import CancellationTokenSource
+    from .errors import CancelledError
+    from .model import ModelConfig, TransformerModel
+    from .tokenizer import Tokenizer
+    from .training import CANCELLED_FILE, LAST_FILE, Training
+
+    text, what = _read_corpus(args.data)
+    ckdir = args.checkpoint_dir
+    if args.resume:
+        path = args.resume
+        if os.path.isdir(path):
+            for name in (CANCELLED_FILE, LAST_FILE):
+                if os.path.exists(os.path.join(path, name)):
+                    path = os.path.join(path, name)
+                    break
+        if not os.path.isfile(path):
+            raise UserError(f"nothing to resume from: {args.resume}")
+        trainer = Training.resume(path, text)
+        model = trainer.model
+        print(f"resuming {path} at step {trainer.step} of {args.steps}")
+    else:
+        tok = Tokenizer(text)
+        if args.preset:
+            cfg = ModelConfig.preset(args.preset, tok.vocab_size, seed=args.seed,
+                                     **({"block_size": args.block_size} if args.block_size else {}))
+        else:
+            cfg = ModelConfig(tok.vocab_size, args.block_size or 64, args.n_layer, args.n_head,
+                              args.n_embd, seed=args.seed)
+        model = TransformerModel(cfg)
+        trainer = Training(model, tok, text, batch_size=args.batch_size, seed=args.seed)
+    print(f"smallmind {__version__}: training {model} on {len(text):,} characters of {what}; "
+          f"checkpoints in {ckdir}", flush=True)
+    source = CancellationTokenSource()
+    restore = _cancel_on_sigint(source)
+    progress = _Progress(args.steps, args.log_every)
+    try:
+        hist = trainer.train(args.steps, args.learning_rate, warmup_steps=args.warmup,
+                             eval_every=args.eval_every, eval_batches=args.eval_batches,
+                             save_every=args.save_every, checkpoint_dir=ckdir,
+                             cancel=source.token, log_every=0, callback=progress,
+                             threads=args.threads)
+    except CancelledError:
+        progress.end()
+        path = os.path.join(ckdir, CANCELLED_FILE)
+        print(f"smallmind: interrupted at step {trainer.step}; saved {path}\n"
+              f"  continue with: smallmind train --resume {path} --steps {args.steps}",
+              file=sys.stderr)
+        return 130
+    finally:
+        restore()
+    progress.end()
+    last = hist.val_loss[-1] if hist.val_loss else float("nan")
+    print(f"done: {trainer.step} steps, validation loss {last:.3f}; model in "
+          f"{os.path.join(ckdir, LAST_FILE)} (best: model_best.safetensors)")
+    return 0
+
+
+def _load(path):
+    from .checkpoint import load_checkpoint
+    if not os.path.isfile(path):
+        raise UserError(f"no such checkpoint: {path}")
+    return load_checkpoint(path)
+
+
+def _sampling_kwargs(args):
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed, stop=args.stop)
+
+
+def cmd_generate(args):
+    from .sampling import Sampling
+    model, tok = _load(args.checkpoint)
+    if tok is None:
+        raise UserError(f"{args.checkpoint} holds no tokenizer")
+    sys.stdout.write(args.prompt)
+    for piece in Sampling(model, tok).stream(args.prompt, args.max_tokens, **_sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args):
+    """Read a line, continue it, repeat; an empty line, /quit or end of input ends."""
+    from .sampling import Sampling
+    model, tok = _load(args.checkpoint)
+    if tok is None:
+        raise UserError(f"{args.checkpoint} holds no tokenizer")
+    sampler = Sampling(model, tok)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("", "/quit"):
+            return 0
+        prompt = line.rstrip("\n")
+        for piece in sampler.stream(prompt, args.max_tokens, **_sampling_kwargs(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="smallmind", description="smallmind: small GPT models on the CPU")
     sub = ap.add_subparsers(dest="command")
@@ -109,16 +319,50 @@ def main(argv=None):
         p.add_argument("--log-every", type=int, default=100)
         p.add_argument("--tokens", type=int, default=300, help="characters to generate")
         p.add_argument("--prompt", default="The ", help="text to continue")
+    train = sub.add_parser("train", help="train on text files, a folder or the built-in corpus")
+    train.add_argument("data", nargs="*", help="text files or folders (default: the built-in corpus)")
+    train.add_argument("--preset", help="a model preset (tiny, small, medium, shakespeare-char, gpt2)")
+    train.add_argument("--n-layer", type=int, default=4)
+    train.add_argument("--n-head", type=int, default=4)
+    train.add_argument("--n-embd", type=int, default=128)
+    train.add_argument("--block-size", type=int, default=None, help="context length (default 64)")
+    train.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (default 1000)")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--learning-rate", type=float, default=2e-3)
+    train.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
+    train.add_argument("--eval-every", type=int, default=200)
+    train.add_argument("--eval-batches", type=int, default=20)
+    train.add_argument("--save-every", type=int, default=0)
+    train.add_argument("--checkpoint-dir", default="checkpoints")
+    train.add_argument("--resume", metavar="PATH", help="a checkpoint, or a checkpoint folder")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--log-every", type=int, default=20)
+    for name, helptext in (("generate", "continue a prompt from a checkpoint (streamed)"),
+                           ("chat", "an interactive loop: each line you type is continued")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="a .safetensors checkpoint written by train")
+        if name == "generate":
+            p.add_argument("--prompt", default="The ", help="text to continue")
+        p.add_argument("--max-tokens", type=int, default=200)
+        p.add_argument("--temperature", type=float, default=0.8)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     args = ap.parse_args(argv)
-    if args.command == "info":
-        return cmd_info(args)
-    if args.command == "bench":
-        return cmd_bench(args)
+    commands = {"info": cmd_info, "bench": cmd_bench, "train": cmd_train,
+                "generate": cmd_generate, "chat": cmd_chat}
+    from .errors import SmallMindError
     try:
-        return cmd_demo(args)
-    except (ValueError, TypeError) as e:  # bad option values: one clear line, no traceback
+        return commands.get(args.command, cmd_demo)(args)
+    except (UserError, SmallMindError, ValueError, TypeError, OSError) as e:
+        # a mistake the user can fix: one clear line, no traceback
         print(f"smallmind: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nsmallmind: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -43,3 +43,94 @@ def test_builtin_corpus_is_deterministic_and_large():
     assert len(a) > 1_000_000
     assert builtin_corpus(1000) == a[:1000]
     assert "Abstract Base Classes" in a
+
+
+# ---- train / generate / chat ---------------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+SMALL = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+         "--batch-size", "4", "--warmup", "2"]
+
+
+def _corpus(tmp_path):
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("the cat sat on the mat. " * 100)
+    (folder / "sub" / "b.md").write_text("a dog ran in the fog. " * 100)
+    (folder / "skip.bin").write_bytes(b"\xff\xfe")
+    return folder
+
+
+def test_train_generate_chat_round_trip(tmp_path, capsys, monkeypatch):
+    folder, ck = _corpus(tmp_path), tmp_path / "ck"
+    rc = cli.main(["train", str(folder), "--steps", "30", "--eval-every", "15", "--log-every", "10",
+                   "--checkpoint-dir", str(ck)] + SMALL)
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 file(s)" in out and "step 30/30" in out and "val" in out
+    assert {"model_last.safetensors", "model_best.safetensors"} <= set(os.listdir(ck))
+    rc = cli.main(["generate", str(ck / "model_last.safetensors"), "--prompt", "the ",
+                   "--max-tokens", "20", "--seed", "3"])
+    gen = capsys.readouterr().out
+    assert rc == 0 and gen.startswith("the ") and len(gen.rstrip("\n")) == 24
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("the cat\nthe dog\n/quit\nignored\n"))
+    rc = cli.main(["chat", str(ck / "model_best.safetensors"), "--max-tokens", "8",
+                   "--temperature", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and len(lines) == 2 and all(len(line) == 8 for line in lines)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "no/such/file.txt"], "no such file or folder"),
+    (["train", "{empty}"], "no text files"),
+    (["train", "{blank}"], "corpus is empty"),
+    (["train", "{corpus}", "--steps", "-1"], "steps"),
+    (["train", "{corpus}", "--n-embd", "30", "--n-head", "4"], "n_embd"),
+    (["train", "{corpus}", "--preset", "huge"], "preset"),
+    (["train", "{corpus}", "--resume", "{corpus}/nothing"], "nothing to resume"),
+    (["generate", "missing.safetensors"], "no such checkpoint"),
+    (["generate", "{corpus}/a.txt"], "safetensors"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, match):
+    folder = _corpus(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.txt").write_text("  \n ")
+    argv = [a.format(corpus=folder, empty=tmp_path / "empty", blank=tmp_path / "blank.txt")
+            for a in argv]
+    assert cli.main(argv + ["--checkpoint-dir", str(tmp_path / "ck")] if argv[0] == "train"
+                    else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("smallmind: error:") and match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
+    folder, ck = _corpus(tmp_path), tmp_path / "ck"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
+    code = ("import sys; from smallmind import cli; sys.exit(cli.main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "train", str(folder), "--steps", "100000",
+                             "--log-every", "1", "--eval-every", "0", "--checkpoint-dir", str(ck)]
+                            + SMALL, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        seen = 0
+        for line in proc.stdout:                 # wait until a few steps have run
+            seen += "step" in line
+            if seen >= 3:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "Traceback" not in err
+    assert (ck / "model_cancelled.safetensors").exists()
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert step >= 3
+    rc = cli.main(["train", str(folder), "--resume", str(ck), "--steps", str(step + 5),
+                   "--eval-every", "0", "--log-every", "1", "--checkpoint-dir", str(ck)] + SMALL)
+    out = capsys.readouterr().out
+    assert rc == 0 and "resuming" in out and f"step {step + 5}/{step + 5}" in out
