@@ -35,6 +35,12 @@ def _median_time(fn, min_reps=5, min_time=0.25):
 
 
 def cmd_info(args):
+    if getattr(args, "config", None):
+        from .config import load_settings
+        settings = load_settings(None if args.config is True else args.config)
+        print(f"# effective configuration ({' < '.join(settings.sources)})")
+        print(settings.to_toml())
+        return 0
     info = build_info()
     print(f"smallmind {__version__}")
     for key, value in info.items():
@@ -196,6 +202,23 @@ def _cancel_on_sigint(source):
     return lambda: signal.signal(signal.SIGINT, previous)
 
 
+def _settings(args):
+    """The configuration: defaults < --config FILE < SMALLMIND_* < the flags given."""
+    from .config import load_settings
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    model = {k: flags.get(k) for k in ("preset", "n_layer", "n_head", "n_embd", "block_size")}
+    training = {k: flags.get(k) for k in ("steps", "batch_size", "learning_rate", "warmup",
+                                          "eval_every", "eval_batches", "save_every",
+                                          "checkpoint_dir", "seed", "threads", "log_every")}
+    inference = {k: flags.get(k) for k in ("max_tokens", "temperature", "top_k", "top_p",
+                                           "seed", "stop", "window", "threads")}
+    if args.command == "train":
+        overrides = {"model": model, "training": training}
+    else:
+        overrides = {"inference": inference}
+    return load_settings(getattr(args, "config", None), overrides=overrides)
+
+
 def cmd_train(args):
     from .cancellation import CancellationTokenSource
     from .errors import CancelledError
@@ -203,8 +226,10 @@ def cmd_train(args):
     from .tokenizer import Tokenizer
     from .training import CANCELLED_FILE, LAST_FILE, Training
 
+    st = _settings(args)
+    m, t = st.model, st.training
     text, what = _read_corpus(args.data)
-    ckdir = args.checkpoint_dir
+    ckdir = t.checkpoint_dir
     if args.resume:
         path = args.resume
         if os.path.isdir(path):
@@ -216,33 +241,34 @@ def cmd_train(args):
             raise UserError(f"nothing to resume from: {args.resume}")
         trainer = Training.resume(path, text)
         model = trainer.model
-        print(f"resuming {path} at step {trainer.step} of {args.steps}")
+        print(f"resuming {path} at step {trainer.step} of {t.steps}")
     else:
         tok = Tokenizer(text)
-        if args.preset:
-            cfg = ModelConfig.preset(args.preset, tok.vocab_size, seed=args.seed,
-                                     **({"block_size": args.block_size} if args.block_size else {}))
+        if m.preset:
+            sizes = {k: v for k, v in (("block_size", args.block_size), ("n_layer", args.n_layer),
+                                       ("n_head", args.n_head), ("n_embd", args.n_embd)) if v}
+            cfg = ModelConfig.preset(m.preset, tok.vocab_size, seed=t.seed, **sizes)
         else:
-            cfg = ModelConfig(tok.vocab_size, args.block_size or 64, args.n_layer, args.n_head,
-                              args.n_embd, seed=args.seed)
+            cfg = ModelConfig(tok.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd,
+                              dropout=m.dropout, seed=t.seed)
         model = TransformerModel(cfg)
-        trainer = Training(model, tok, text, batch_size=args.batch_size, seed=args.seed)
+        trainer = Training(model, tok, text, batch_size=t.batch_size, seed=t.seed)
     print(f"smallmind {__version__}: training {model} on {len(text):,} characters of {what}; "
           f"checkpoints in {ckdir}", flush=True)
     source = CancellationTokenSource()
     restore = _cancel_on_sigint(source)
-    progress = _Progress(args.steps, args.log_every)
+    progress = _Progress(t.steps, t.log_every)
     try:
-        hist = trainer.train(args.steps, args.learning_rate, warmup_steps=args.warmup,
-                             eval_every=args.eval_every, eval_batches=args.eval_batches,
-                             save_every=args.save_every, checkpoint_dir=ckdir,
+        hist = trainer.train(t.steps, t.learning_rate, warmup_steps=min(t.warmup, t.steps),
+                             eval_every=t.eval_every, eval_batches=t.eval_batches,
+                             save_every=t.save_every, checkpoint_dir=ckdir,
                              cancel=source.token, log_every=0, callback=progress,
-                             threads=args.threads)
+                             threads=t.threads)
     except CancelledError:
         progress.end()
         path = os.path.join(ckdir, CANCELLED_FILE)
         print(f"smallmind: interrupted at step {trainer.step}; saved {path}\n"
-              f"  continue with: smallmind train --resume {path} --steps {args.steps}",
+              f"  continue with: smallmind train --resume {path} --steps {t.steps}",
               file=sys.stderr)
         return 130
     finally:
@@ -261,18 +287,22 @@ def _load(path):
     return load_checkpoint(path)
 
 
-def _sampling_kwargs(args):
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seed=args.seed, stop=args.stop)
-
-
-def cmd_generate(args):
+def _sampling(args):
+    """(Sampling, its generate options) for generate / chat, from the settings."""
     from .sampling import Sampling
+    inf = _settings(args).inference
     model, tok = _load(args.checkpoint)
     if tok is None:
         raise UserError(f"{args.checkpoint} holds no tokenizer")
+    kwargs = dict(max_new_tokens=inf.max_tokens, temperature=inf.temperature, top_k=inf.top_k,
+                  top_p=inf.top_p, seed=inf.seed, stop=list(inf.stop) or None)
+    return Sampling(model, tok, threads=inf.threads, window=inf.window), kwargs
+
+
+def cmd_generate(args):
+    sampler, kwargs = _sampling(args)
     sys.stdout.write(args.prompt)
-    for piece in Sampling(model, tok).stream(args.prompt, args.max_tokens, **_sampling_kwargs(args)):
+    for piece in sampler.stream(args.prompt, **kwargs):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -281,11 +311,7 @@ def cmd_generate(args):
 
 def cmd_chat(args):
     """Read a line, continue it, repeat; an empty line, /quit or end of input ends."""
-    from .sampling import Sampling
-    model, tok = _load(args.checkpoint)
-    if tok is None:
-        raise UserError(f"{args.checkpoint} holds no tokenizer")
-    sampler = Sampling(model, tok)
+    sampler, kwargs = _sampling(args)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -295,7 +321,7 @@ def cmd_chat(args):
         if not line or line.strip() in ("", "/quit"):
             return 0
         prompt = line.rstrip("\n")
-        for piece in sampler.stream(prompt, args.max_tokens, **_sampling_kwargs(args)):
+        for piece in sampler.stream(prompt, **kwargs):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -304,7 +330,9 @@ def cmd_chat(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="smallmind", description="smallmind: small GPT models on the CPU")
     sub = ap.add_subparsers(dest="command")
-    sub.add_parser("info", help="version, build facts, SIMD level, threads")
+    info = sub.add_parser("info", help="version, build facts, SIMD level, threads")
+    info.add_argument("--config", nargs="?", const=True, metavar="FILE",
+                      help="print the effective configuration (defaults < FILE < environment)")
     sub.add_parser("bench", help="a quick matmul table against numpy")
     demo = sub.add_parser("demo", help="train on the built-in corpus, then generate (the default)")
     for p in (ap, demo):
@@ -321,35 +349,39 @@ def main(argv=None):
         p.add_argument("--prompt", default="The ", help="text to continue")
     train = sub.add_parser("train", help="train on text files, a folder or the built-in corpus")
     train.add_argument("data", nargs="*", help="text files or folders (default: the built-in corpus)")
+    train.add_argument("--config", metavar="FILE", help="a TOML file of options (see config.py)")
     train.add_argument("--preset", help="a model preset (tiny, small, medium, shakespeare-char, gpt2)")
-    train.add_argument("--n-layer", type=int, default=4)
-    train.add_argument("--n-head", type=int, default=4)
-    train.add_argument("--n-embd", type=int, default=128)
-    train.add_argument("--block-size", type=int, default=None, help="context length (default 64)")
-    train.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (default 1000)")
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--learning-rate", type=float, default=2e-3)
-    train.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
-    train.add_argument("--eval-every", type=int, default=200)
-    train.add_argument("--eval-batches", type=int, default=20)
-    train.add_argument("--save-every", type=int, default=0)
-    train.add_argument("--checkpoint-dir", default="checkpoints")
+    train.add_argument("--n-layer", type=int)
+    train.add_argument("--n-head", type=int)
+    train.add_argument("--n-embd", type=int)
+    train.add_argument("--block-size", type=int, help="context length (default 64)")
+    train.add_argument("--steps", type=int, help="optimizer steps in all (default 1000)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
+    train.add_argument("--eval-every", type=int)
+    train.add_argument("--eval-batches", type=int)
+    train.add_argument("--save-every", type=int)
+    train.add_argument("--checkpoint-dir")
     train.add_argument("--resume", metavar="PATH", help="a checkpoint, or a checkpoint folder")
-    train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--threads", type=int, default=None)
-    train.add_argument("--log-every", type=int, default=20)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--threads", type=int)
+    train.add_argument("--log-every", type=int)
     for name, helptext in (("generate", "continue a prompt from a checkpoint (streamed)"),
                            ("chat", "an interactive loop: each line you type is continued")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("checkpoint", help="a .safetensors checkpoint written by train")
+        p.add_argument("--config", metavar="FILE", help="a TOML file of options")
         if name == "generate":
             p.add_argument("--prompt", default="The ", help="text to continue")
-        p.add_argument("--max-tokens", type=int, default=200)
-        p.add_argument("--temperature", type=float, default=0.8)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--max-tokens", type=int)
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--seed", type=int)
         p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+        p.add_argument("--window", choices=("shift", "slide"))
+        p.add_argument("--threads", type=int)
     args = ap.parse_args(argv)
     commands = {"info": cmd_info, "bench": cmd_bench, "train": cmd_train,
                 "generate": cmd_generate, "chat": cmd_chat}
