@@ -3,7 +3,7 @@
 The compute core is C (csrc/) with OpenMP, reached through a thin Cython layer that releases
 the GIL; this package holds the readable Python classes on top. Start at README.md.
 """
-from . import corpus, kernels
+from . import corpus, kernels, metrics
 from .memory import MemoryPool, PooledBuffer, default_pool
 from .model import PRESETS, ModelConfig, TransformerModel
 from .tokenizer import Tokenizer, UnknownCharacterWarning
@@ -39,7 +39,7 @@ from . import _threadpool  # noqa: E402  (registers with threadpoolctl when it i
 
 __all__ = [
     "__version__", "build_info", "get_num_threads", "set_num_threads", "set_simd_level",
-    "simd_detected", "simd_level", "kernels",
+    "simd_detected", "simd_level", "kernels", "metrics",
     "SmallMindError", "ValidationError", "DTypeError", "ObjectDisposedError", "CheckpointError", "CancelledError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]

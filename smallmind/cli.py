@@ -329,6 +329,9 @@ def cmd_chat(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="smallmind", description="smallmind: small GPT models on the CPU")
+    ap.add_argument("--log-level", default=None, help="log the smallmind.* loggers at this level "
+                    "(DEBUG, INFO, WARNING; default: off)")
+    ap.add_argument("--log-json", action="store_true", help="log as one JSON object per line")
     sub = ap.add_subparsers(dest="command")
     info = sub.add_parser("info", help="version, build facts, SIMD level, threads")
     info.add_argument("--config", nargs="?", const=True, metavar="FILE",
@@ -383,6 +386,13 @@ def main(argv=None):
         p.add_argument("--window", choices=("shift", "slide"))
         p.add_argument("--threads", type=int)
     args = ap.parse_args(argv)
+    if args.log_level or args.log_json:
+        from .metrics import configure_logging
+        try:
+            configure_logging(args.log_level.upper() if args.log_level else "INFO", json=args.log_json)
+        except ValueError as e:
+            print(f"smallmind: error: --log-level: {e}", file=sys.stderr)
+            return 2
     commands = {"info": cmd_info, "bench": cmd_bench, "train": cmd_train,
                 "generate": cmd_generate, "chat": cmd_chat}
     from .errors import SmallMindError

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import metrics as _metrics
 from . import _core
 from .cancellation import check_cancel
 from .errors import CancelledError, ValidationError
@@ -380,6 +381,7 @@ class Sampling:
             cache.free()
         elapsed = time.perf_counter() - t0
         logger.debug("generated %d tokens in %.3f s (%s)", len(new), elapsed, reason)
+        _metrics.record_generation(len(new), elapsed, ttft, reason)
         return GenerationResult(text, new, reason, len(window), elapsed, ttft)
 
 

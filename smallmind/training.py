@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import metrics as _metrics
 from . import _core
 from .cancellation import check_cancel
 from .checkpoint import (Checkpoint, copy_moments, model_from_checkpoint, read_checkpoint,
@@ -311,6 +312,7 @@ class Training:
                     self._evaluate(eval_batches, threads, hist, info, checkpoint_dir, hparams)
                 if save_every and self.step % save_every == 0:
                     self.save_checkpoint(os.path.join(checkpoint_dir, LAST_FILE), hparams)
+                _metrics.record_training_step(info)
                 if callback is not None:
                     callback(info)
             if checkpoint_dir is not None:
