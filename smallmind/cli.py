@@ -64,7 +64,30 @@ def cmd_bench(args):
         t_np = _median_time(lambda: np.matmul(a, b, out=c))
         fl = 2.0 * M * K * N
         print(f"{str((M, K, N)):>20s} {fl / t_sm / 1e9:18.1f} {fl / t_np / 1e9:14.1f} {t_np / t_sm:5.2f}x")
+    _bench_generation()
     return 0
+
+
+def _bench_generation():
+    """Greedy generation with untrained weights: time to first token after a 64-token prompt
+    and tokens/s over 256 new tokens, for two model sizes (bench/bench_generate.py has the full
+    comparison with PyTorch)."""
+    from .model import ModelConfig, TransformerModel
+    from .sampling import Sampling
+    from .tokenizer import Tokenizer
+    tok = Tokenizer("".join(chr(48 + i) for i in range(65)))
+    prompt = "".join(chr(48 + (7 * i) % 65) for i in range(64))
+    print(f"\n{'model (layers/heads/width)':>28s} {'params':>8s} {'first token ms':>15s} "
+          f"{'tokens/s':>9s}")
+    for name, (L, H, C, T) in {"small": (4, 4, 128, 128), "shakespeare-char": (6, 6, 384, 256)}.items():
+        model = TransformerModel(ModelConfig(65, T, L, H, C)).eval()
+        sampler = Sampling(model, tok)
+        sampler.generate(prompt, 8, temperature=0)                # warm-up
+        r = min((sampler.generate(prompt, 256, temperature=0, return_details=True)
+                 for _ in range(3)), key=lambda r: r.elapsed_sec)
+        print(f"{name + f' ({L}/{H}/{C})':>28s} {model.num_parameters() / 1e6:7.1f}M "
+              f"{1e3 * r.time_to_first_token_sec:15.2f} {r.tokens_per_sec:9.0f}")
+        model.dispose()
 
 
 def cmd_demo(args):
@@ -274,10 +297,37 @@ def cmd_train(args):
     finally:
         restore()
     progress.end()
+    png = _plot_losses(hist, ckdir)
     last = hist.val_loss[-1] if hist.val_loss else float("nan")
     print(f"done: {trainer.step} steps, validation loss {last:.3f}; model in "
-          f"{os.path.join(ckdir, LAST_FILE)} (best: model_best.safetensors)")
+          f"{os.path.join(ckdir, LAST_FILE)} (best: model_best.safetensors)"
+          + (f"; loss curve in {png}" if png else ""))
     return 0
+
+
+def _plot_losses(hist, ckdir):
+    """loss.png in the checkpoint folder when matplotlib is installed (smallmind[plot]), written
+    atomically; None otherwise."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(hist.steps, hist.train_loss, label="train (per step)", linewidth=0.8)
+    if hist.val_loss:
+        ax.plot(hist.val_steps, hist.val_loss, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(ckdir, "loss.png")
+    tmp = path + f".{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def _load(path):

@@ -134,3 +134,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
                    "--eval-every", "0", "--log-every", "1", "--checkpoint-dir", str(ck)] + SMALL)
     out = capsys.readouterr().out
     assert rc == 0 and "resuming" in out and f"step {step + 5}/{step + 5}" in out
+
+
+def test_bench_prints_kernel_and_generation_tables(capsys):
+    assert cli.main(["bench"]) == 0
+    out = capsys.readouterr().out
+    assert "smallmind GFLOP/s" in out and "first token ms" in out
+    rows = [line for line in out.splitlines() if "(4/4/128)" in line or "(6/6/384)" in line]
+    assert len(rows) == 2 and all(float(r.split()[-1]) > 0 for r in rows)
+
+
+def test_train_writes_a_loss_curve_when_matplotlib_is_there(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folder, ck = _corpus(tmp_path), tmp_path / "ck"
+    assert cli.main(["train", str(folder), "--steps", "10", "--eval-every", "5", "--log-every", "5",
+                     "--checkpoint-dir", str(ck)] + SMALL) == 0
+    png = (ck / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "loss curve in" in capsys.readouterr().out
