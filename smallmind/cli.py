@@ -235,8 +235,12 @@ def _settings(args):
                                           "checkpoint_dir", "seed", "threads", "log_every")}
     inference = {k: flags.get(k) for k in ("max_tokens", "temperature", "top_k", "top_p",
                                            "seed", "stop", "window", "threads")}
+    server = {k: flags.get(k) for k in ("host", "port", "max_concurrency", "queue_size", "timeout",
+                                        "threads_per_request")}
     if args.command == "train":
         overrides = {"model": model, "training": training}
+    elif args.command == "serve":
+        overrides = {"server": server}
     else:
         overrides = {"inference": inference}
     return load_settings(getattr(args, "config", None), overrides=overrides)
@@ -359,6 +363,24 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_serve(args):
+    try:
+        from .server import serve
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError('serve needs FastAPI and uvicorn: pip install "smallmind[serve]"') from None
+    st = _settings(args)
+    model, tok = _load(args.checkpoint)
+    if tok is None:
+        raise UserError(f"{args.checkpoint} holds no tokenizer")
+    name = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    print(f"smallmind {__version__}: serving {model} on http://{st.server.host}:{st.server.port} "
+          f"(max {st.server.max_concurrency} at once, {st.server.queue_size} queued)", flush=True)
+    serve(model, tok, st.server, st.inference, model_name=name)
+    return 0
+
+
 def cmd_chat(args):
     """Read a line, continue it, repeat; an empty line, /quit or end of input ends."""
     sampler, kwargs = _sampling(args)
@@ -435,6 +457,15 @@ def main(argv=None):
         p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
         p.add_argument("--window", choices=("shift", "slide"))
         p.add_argument("--threads", type=int)
+    serve = sub.add_parser("serve", help="an HTTP server for a checkpoint (needs smallmind[serve])")
+    serve.add_argument("checkpoint", help="a .safetensors checkpoint written by train")
+    serve.add_argument("--config", metavar="FILE", help="a TOML file of options")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--max-concurrency", type=int)
+    serve.add_argument("--queue-size", type=int)
+    serve.add_argument("--timeout", type=float)
+    serve.add_argument("--threads-per-request", type=int)
     args = ap.parse_args(argv)
     if args.log_level or args.log_json:
         from .metrics import configure_logging
@@ -444,7 +475,7 @@ def main(argv=None):
             print(f"smallmind: error: --log-level: {e}", file=sys.stderr)
             return 2
     commands = {"info": cmd_info, "bench": cmd_bench, "train": cmd_train,
-                "generate": cmd_generate, "chat": cmd_chat}
+                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
     from .errors import SmallMindError
     try:
         return commands.get(args.command, cmd_demo)(args)

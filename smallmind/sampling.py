@@ -300,7 +300,7 @@ class Sampling:
     def _stream(self, *args):
         gen = self._run(*args)
         try:
-            yield from gen
+            return (yield from gen)      # the GenerationResult, as StopIteration's value
         finally:
             gen.close()
 

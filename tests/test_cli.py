@@ -93,6 +93,8 @@ def test_train_generate_chat_round_trip(tmp_path, capsys, monkeypatch):
     (["train", "{corpus}", "--resume", "{corpus}/nothing"], "nothing to resume"),
     (["generate", "missing.safetensors"], "no such checkpoint"),
     (["generate", "{corpus}/a.txt"], "safetensors"),
+    (["serve", "missing.safetensors"], "no such checkpoint"),
+    (["serve", "missing.safetensors", "--port", "70000"], "server.port"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, match):
     folder = _corpus(tmp_path)
