@@ -107,15 +107,11 @@ def cmd_demo(args):
           f"{build_info()['num_threads']} threads)")
     trainer = Training(model, tok, text, args.block_size, args.batch_size, seed=args.seed)
 
-    def progress(info):
-        if info["step"] % args.log_every == 0 or info["step"] == args.steps:
-            extra = f", val loss {info['val_loss']:.3f}" if "val_loss" in info else ""
-            print(f"  step {info['step']:5d}/{args.steps}: loss {info['loss']:.3f}{extra}, "
-                  f"{info['tokens_per_sec']:,.0f} tokens/s", flush=True)
-
+    progress = _Progress(args.steps, args.log_every)
     t0 = time.perf_counter()
     hist = trainer.train(args.steps, args.learning_rate, warmup_steps=min(100, args.steps // 10),
                          eval_every=args.steps, eval_batches=20, log_every=0, callback=progress)
+    progress.end()
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s; validation loss "
           f"{hist.val_loss[-1]:.3f} (a uniform guess scores {np.log(tok.vocab_size):.3f})")
     from .sampling import Sampling
@@ -178,6 +174,7 @@ class _Progress:
         self.tty = stream.isatty()
         self.t0 = time.perf_counter()
         self.val = None
+        self.pending = False         # a terminal line not yet ended
 
     def __call__(self, info):
         step = info["step"]
@@ -194,16 +191,18 @@ class _Progress:
                 + f" | {info['tokens_per_sec']:,.0f} tok/s | ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         if self.tty:
             self.stream.write("\r" + line.ljust(100))
-            if step == self.total:
+            self.pending = step != self.total
+            if not self.pending:
                 self.stream.write("\n")
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
 
     def end(self):
-        if self.tty:
+        if self.pending:
             self.stream.write("\n")
             self.stream.flush()
+            self.pending = False
 
 
 def _cancel_on_sigint(source):

@@ -26,7 +26,7 @@ def test_demo_trains_then_generates(capsys):
                    "--prompt", "def "])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "step    30/30: loss" in out and "val loss" in out
+    assert "step 30/30 | loss" in out and "| val " in out and "ETA" in out
     gen = out.split("--- generated ---\n", 1)[1]
     assert gen.startswith("def ") and len(gen.rstrip("\n")) >= 4 + 25 - 1
 
