@@ -110,7 +110,8 @@ def cmd_demo(args):
     progress = _Progress(args.steps, args.log_every)
     t0 = time.perf_counter()
     hist = trainer.train(args.steps, args.learning_rate, warmup_steps=min(100, args.steps // 10),
-                         eval_every=args.steps, eval_batches=20, log_every=0, callback=progress)
+                         eval_every=args.steps, eval_batches=20, log_every=0, callback=progress,
+                         checkpoint_dir=args.checkpoint_dir or None)
     progress.end()
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s; validation loss "
           f"{hist.val_loss[-1]:.3f} (a uniform guess scores {np.log(tok.vocab_size):.3f})")
@@ -122,6 +123,10 @@ def cmd_demo(args):
                                              top_k=20, seed=args.seed):
         print(piece, end="", flush=True)
     print()
+    if args.checkpoint_dir:
+        last = os.path.join(args.checkpoint_dir, "model_last.safetensors")
+        print(f"\nsaved {last}; next: smallmind generate {last} --prompt 'def '  |  "
+              f"smallmind serve {last}  (pip install \"smallmind[serve]\")")
     return 0
 
 
@@ -166,7 +171,8 @@ def _read_corpus(paths):
 
 
 class _Progress:
-    """One line per update: rewritten in place on a terminal, appended otherwise."""
+    """Training progress: a tqdm bar on a terminal when tqdm is installed (smallmind[progress]),
+    else one line per update (rewritten in place on a terminal, appended otherwise)."""
 
     def __init__(self, total, every, stream=None):
         stream = sys.stdout if stream is None else stream
@@ -175,11 +181,27 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.val = None
         self.pending = False         # a terminal line not yet ended
+        self.bar = None
+        if self.tty:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="step", file=stream, dynamic_ncols=True,
+                                leave=True)
+            except ImportError:
+                pass
 
     def __call__(self, info):
         step = info["step"]
         if "val_loss" in info:
             self.val = info["val_loss"]
+        if self.bar is not None:
+            self.bar.n = step
+            post = {"loss": f"{info['loss']:.3f}", "tok/s": f"{info['tokens_per_sec']:,.0f}"}
+            if self.val is not None:
+                post["val"] = f"{self.val:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.refresh()
+            return
         if step % self.every and step != self.total and "val_loss" not in info:
             return
         done = step / self.total if self.total else 1.0
@@ -199,6 +221,9 @@ class _Progress:
         self.stream.flush()
 
     def end(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         if self.pending:
             self.stream.write("\n")
             self.stream.flush()
@@ -421,6 +446,8 @@ def main(argv=None):
         p.add_argument("--log-every", type=int, default=100)
         p.add_argument("--tokens", type=int, default=300, help="characters to generate")
         p.add_argument("--prompt", default="The ", help="text to continue")
+        p.add_argument("--checkpoint-dir", default="smallmind-demo",
+                       help="where the demo's model is saved ('' for nowhere)")
     train = sub.add_parser("train", help="train on text files, a folder or the built-in corpus")
     train.add_argument("data", nargs="*", help="text files or folders (default: the built-in corpus)")
     train.add_argument("--config", metavar="FILE", help="a TOML file of options (see config.py)")

@@ -20,15 +20,16 @@ def test_unknown_subcommand_exits_with_usage_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_demo_trains_then_generates(capsys):
-    rc = cli.main(["demo", "--steps", "30", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+def test_demo_trains_then_generates(capsys, tmp_path):
+    rc = cli.main(["demo", "--checkpoint-dir", str(tmp_path / "demo"), "--steps", "30", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
                    "--block-size", "16", "--batch-size", "4", "--log-every", "10", "--tokens", "25",
                    "--prompt", "def "])
     assert rc == 0
     out = capsys.readouterr().out
     assert "step 30/30 | loss" in out and "| val " in out and "ETA" in out
-    gen = out.split("--- generated ---\n", 1)[1]
+    gen = out.split("--- generated ---\n", 1)[1].split("\nsaved ")[0]
     assert gen.startswith("def ") and len(gen.rstrip("\n")) >= 4 + 25 - 1
+    assert (tmp_path / "demo" / "model_last.safetensors").exists() and "smallmind serve" in out
 
 
 def test_demo_bad_option_is_one_clear_line(capsys):
@@ -153,3 +154,33 @@ def test_train_writes_a_loss_curve_when_matplotlib_is_there(tmp_path, capsys):
                      "--checkpoint-dir", str(ck)] + SMALL) == 0
     png = (ck / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and "loss curve in" in capsys.readouterr().out
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    infos = [{"step": i, "loss": 3.0 - i / 10, "tokens_per_sec": 1000.0} for i in range(1, 6)]
+    infos[2] = dict(infos[2], val_loss=2.5)
+    pytest.importorskip("tqdm")
+    for use_tqdm in (True, False):
+        out = Tty()
+        p = cli._Progress(5, 1, out)
+        assert p.bar is not None                 # tqdm is installed: it draws the bar
+        if not use_tqdm:                         # the built-in line, as without tqdm
+            p.bar.close()
+            p.bar = None
+            out.seek(0)
+            out.truncate()
+        for info in infos:
+            p(info)
+        p.end()
+        text = out.getvalue()
+        if use_tqdm:
+            assert "5/5" in text and "val=2.500" in text and "loss=2.500" in text
+        else:
+            assert "\r[####" in text and "step 5/5 | loss 2.500 | val 2.500" in text
+            assert text.endswith("\n") and not text.endswith("\n\n")
