@@ -344,10 +344,14 @@ def test_asyncio_tasks_cancelled_mid_stream_do_not_deadlock(model):
 
     async def consume(svc, i, n_pieces):
         got = []
-        async for piece in svc.stream("the", 10 ** 6, temperature=1.0, seed=i):
-            got.append(piece)
-            if len(got) == n_pieces:
-                break                      # leaving the loop closes the stream
+        stream = svc.stream("the", 10 ** 6, temperature=1.0, seed=i)
+        try:
+            async for piece in stream:
+                got.append(piece)
+                if len(got) == n_pieces:
+                    break
+        finally:
+            await stream.aclose()          # closing the stream early frees its slot at once
         return len(got)
 
     async def main():
