@@ -120,7 +120,10 @@ def test_full_queue_gets_429_and_bad_requests_get_json_errors():
         ts = [threading.Thread(target=long) for _ in range(2)]     # one runs, one waits
         for t in ts:
             t.start()
-        time.sleep(0.3)
+        deadline = time.time() + 20                # until both are admitted (one runs, one waits)
+        while "smallmind_http_in_flight 2" not in c.get("/metrics").text:
+            assert time.time() < deadline, "the two long requests were not admitted"
+            time.sleep(0.01)
         r = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 5})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         for t in ts:
