@@ -8,34 +8,51 @@ memory bandwidth, batched decoding and concurrent streams.
     python bench/bench_generate.py --only decode,ttft --models small --threads 2
 
 PyTorch is optional: without it every part still runs for smallmind alone (CI's smoke run has
-no torch) and the PyTorch columns read "-".
+no torch), one line says so, and the PyTorch values and the ratios are left out of the rows and
+read "-" in the printout and the tables.
+
+Window policy: past block_size (the model's positions) both cached loops move the window as
+`sm.Sampling(window=...)` does, by the one rule `smallmind.sampling.window_keep` (used by
+Sampling itself, sm_generate and torch_gpt.generate_with_cache): when the cache is full and a
+token must be fed, the last `keep` tokens of the sequence (ending with that token) are
+prefilled again, positions from 0, and decoding goes on one step per token. window="shift"
+(Sampling's default; keep = block/2): one prefill of block/2 tokens per block/2 new tokens.
+window="slide" (keep = block, nanoGPT's exact window): past block_size every token costs a
+prefill of the whole window. nanoGPT's no-cache loop is always the exact slide.
 
 What is timed (every variant decodes greedily - argmax - from the same random prompt ids):
-- bandwidth: this machine's streaming read bandwidth, measured in the run (numpy sums of a
-  256 MiB float32 array per thread, 1 and 2 Python threads, best of 5): the ceiling of
-  batch-1 decoding, which reads every weight once per token.
+- bandwidth (once, before the models): this machine's streaming read bandwidth, measured in the
+  run: 1 and 2 Python threads, released together, each reduce their own 256 MiB float32 array
+  4 times (numpy releases the GIL inside; np.maximum.reduce, because numpy's float32 sum is
+  bound by its own arithmetic at about the memory's speed), best of 5 after a warm-up. It is
+  the ceiling of batch-1 decoding, which reads every weight once per token. The row also keeps
+  CPU/wall: near 2 when the two threads really ran together, near 1 when the other core was
+  busy.
 - decode: `new` tokens at batch 1 after a `prompt`-token prompt, the whole call (prefill
   included), tokens/s = new / seconds. smallmind at the `_core` level (GPTCache + gpt_prefill +
   gpt_decode + numpy argmax: the token-id loop Sampling runs, without the tokenizer), and for the
   65-symbol models also end to end through `sm.Sampling.generate` (a Tokenizer over 65 distinct
   characters, so ids map 1:1). PyTorch: `generate_with_cache` (preallocated per-layer K/V,
   written in place, one single-token step per token) and `generate_nocache` (nanoGPT: the full
-  forward over the cropped context for every token). Past block_size both cached loops move
-  the window as Sampling's default window="shift" does (the newer half is prefilled again,
-  positions from 0; one prefill of block/2 tokens per block/2 new tokens).
+  forward over the cropped context for every token). window="shift" in both cached loops and
+  in Sampling (constructed with the same window).
 - slide: the same batch-1 run with window="slide" (nanoGPT's exact window: past block_size
   every token costs a prefill of the whole window), smallmind core and PyTorch with cache.
 - ttft: a fresh cache, prefill of the prompt and the argmax of the first logits.
 - step: one decode step inside the window (no sliding), batch 1: the difference of a run of
   n = block - prompt tokens (at most `new`) and one of n // 4 from the same prompt, over the
-  difference in tokens; also as GB/s of float32 weights read per step and as a fraction of the
-  read bandwidth measured in the same rounds (the machine is shared and its bandwidth moves;
-  it is the batch-1 limit, exceeded where the weights stay in cache).
-- batch: the decode run with 8 sequences at once (one prefill, one decode call per token).
+  difference in tokens; also as GB/s of float32 weights read per step and, when the bandwidth
+  part ran, as a fraction of the read bandwidth on the same number of threads, measured again
+  in the same rounds (the machine is shared and its bandwidth moves), with limit_tokens_per_s
+  = bandwidth / weight bytes (the batch-1 limit; exceeded where the weights stay in cache).
+  The goal it reports on: a GPT-2-124M-shaped decode step at >= 95% of that limit.
+- batch: the decode run with 8 sequences at once (one prefill, one decode call per token),
+  window="shift".
 - streams: 1, 2 and 4 Python threads decoding concurrently, each with its own cache and one
   library thread (smallmind threads=1; torch.set_num_threads(1) called in every worker thread,
   because PyTorch's OpenMP thread count is a per-thread setting that a new thread does not
-  inherit); aggregate tokens/s = all streams' tokens / wall time from a common start.
+  inherit); aggregate tokens/s = all streams' tokens / wall time from a common start;
+  window="shift".
 The libraries are timed alternately (round robin, an idle gap before each so that the other's
 OpenMP workers are asleep); medians are reported. Greedy tokens of smallmind and PyTorch-with-
 cache are compared: the first index where they differ is reported (random weights make near-ties
@@ -79,6 +96,9 @@ QUICK_PLAN = dict(prompt=64, new=16, nocache_new=16, batch_new=8, stream_new=8, 
 PARTS = ("bandwidth", "decode", "slide", "ttft", "step", "batch", "streams")
 WINDOW = "shift"         # Sampling's default; the "slide" part times the exact window
 BATCH = 8
+BW_MIB = 256             # bandwidth part: MiB per thread
+BW_REPS = 5
+BW_PASSES = 4            # reads of its array per thread in one repetition
 STREAMS = (1, 2, 4)
 IDLE_GAP_S = 0.3
 
@@ -118,7 +138,9 @@ def machine_info():
 
 def sm_generate(model, prompt, n, threads, window=WINDOW):
     """Greedy decoding at the _core level: prefill, then one gpt_decode per token for all rows,
-    moving the window as Sampling does once the cache is full."""
+    moving the window as Sampling(window=window) does once the cache is full."""
+    if window not in sm.sampling.WINDOWS:
+        raise ValueError(f"window must be one of {sm.sampling.WINDOWS}, got {window!r}")
     cfg, prm = model._cfg, model._params
     T = model.config.block_size
     keep = sm.sampling.window_keep(T, window)
@@ -230,44 +252,89 @@ def fx(v, fmt, none="-"):
     return none if v is None else format(v, fmt)
 
 
-def ratio(a, b):
-    return None if a is None or b is None else a / b
+def times(v, fmt=".2f"):
+    """A ratio as "2.50x", or "-" where it was not measured (no torch)."""
+    return "-" if v is None else f"{v:{fmt}}x"
 
 
-def keep_for(tmodel, window):
-    return sm.sampling.window_keep(tmodel.config.block_size, window)
+def with_ratio(row, key, ratio_key, what=""):
+    """row[key] with its ratio in brackets ("  812.3 (2.50x)"), or "-" where not measured."""
+    if key not in row:
+        return "-"
+    return f"{row[key]:8.1f} ({times(row.get(ratio_key))}{what})"
+
+
+def put_ratio(row, key, a, b):
+    """row[key] = a / b where both were measured; without torch the key stays out of the row."""
+    if a is not None and b is not None:
+        row[key] = a / b
+
+
+def _read(a):
+    # A max-reduction, not a sum: numpy's float32 sum (pairwise summation) runs at ~25 GB/s on
+    # one AVX-512 core of the README's machine even from L2, so from memory it measures its own
+    # arithmetic; the max runs at ~70 GB/s from L2 and ~30 GB/s from memory (the sum: ~25).
+    np.maximum.reduce(a)
 
 
 def read_bandwidth(k, arrs):
-    """GB/s of k Python threads each summing its own array of `arrs` at once (numpy releases the
-    GIL inside the reduction)."""
-    ths = [threading.Thread(target=a.sum) for a in arrs[:k]]
-    t0 = time.perf_counter()
+    """(GB/s, CPU seconds per wall second) of k Python threads each reading its own array of
+    `arrs` BW_PASSES times, released together. numpy releases the GIL inside the reduction, so
+    the threads run at once where there are free cores; the CPU/wall ratio (~k when they did)
+    tells where they could not. Several passes per thread so that starting and an uneven finish
+    (one thread reading alone at the end) weigh little."""
+    barrier = threading.Barrier(k + 1)
+
+    def body(a):
+        barrier.wait()
+        for _ in range(BW_PASSES):
+            _read(a)
+
+    ths = [threading.Thread(target=body, args=(a,)) for a in arrs[:k]]
     for t in ths:
         t.start()
+    barrier.wait()
+    c0, t0 = time.process_time(), time.perf_counter()
     for t in ths:
         t.join()
-    return sum(a.nbytes for a in arrs[:k]) / (time.perf_counter() - t0) / 1e9
+    wall = time.perf_counter() - t0
+    nbytes = BW_PASSES * sum(a.nbytes for a in arrs[:k])
+    return nbytes / wall / 1e9, (time.process_time() - c0) / wall
 
 
-def bandwidth_arrays(quick):
-    arrs = [np.ones((32 if quick else 256) * 2 ** 18, np.float32) for _ in range(2)]
+def bandwidth_arrays():
+    # 256 MiB per thread: 8x the 32 MiB L3 of the README's machine, so the reads come from memory
+    arrs = [np.ones(BW_MIB * 2 ** 18, np.float32) for _ in range(2)]
     for a in arrs:
-        a.sum()                                      # warm-up: pages touched
+        _read(a)                                     # warm-up: pages touched, code loaded
     return arrs
 
 
-def bandwidth_rows(quick, arrs):
-    """Streaming read bandwidth on 1 and 2 threads, best of 5: each thread sums its own 256 MiB
-    float32 array."""
+def bandwidth_rows(arrs):
+    """Streaming read bandwidth on 1 and 2 threads, best of BW_REPS after the warm-up: each
+    thread reads its own 256 MiB float32 array BW_PASSES times (~40 ms a repetition, so --quick
+    measures it too)."""
     rows = []
     for k in (1, 2):
-        best = max(read_bandwidth(k, arrs) for _ in range(1 if quick else 5))
+        best, cpu = max(read_bandwidth(k, arrs) for _ in range(BW_REPS))
         rows.append({"kind": "generate", "part": "bandwidth", "threads": k,
                      "read_gb_per_s": best, "mib_per_thread": arrs[0].nbytes >> 20,
-                     "loadavg_1min": (loadavg() or [None])[0]})
-        print(f"  bandwidth {k} thread(s): {best:.1f} GB/s streaming read (numpy sums, "
-              f"{arrs[0].nbytes >> 20} MiB per thread, best of {1 if quick else 5})", flush=True)
+                     "method": f"numpy maximum.reduce, one float32 array per Python thread "
+                               f"read {BW_PASSES} times",
+                     "cpu_per_wall": cpu, "loadavg_1min": (loadavg() or [None])[0]})
+        print(f"  bandwidth {k} thread(s): {best:.1f} GB/s streaming read (numpy max-reductions, "
+              f"{arrs[0].nbytes >> 20} MiB per thread, best of {BW_REPS}; CPU/wall {cpu:.2f})",
+              flush=True)
+    # on a shared machine the threads may not get their cores: then the figure is a lower bound
+    for r in rows:
+        if r["cpu_per_wall"] < 0.85 * r["threads"]:
+            print(f"  note: {r['threads']} thread(s) ran on {r['cpu_per_wall']:.2f} cores on average "
+                  f"(other load on the machine): a lower bound of its bandwidth", flush=True)
+    one, two = rows[0]["read_gb_per_s"], rows[1]["read_gb_per_s"]
+    rows[1]["vs_1_thread"] = two / one
+    if two < 1.15 * one and rows[1]["cpu_per_wall"] >= 0.85 * 2:
+        print(f"  note: 2 threads read only {two / one:.2f}x as fast as 1 although both ran at "
+              f"once: one core already draws most of what the memory gives", flush=True)
     return rows
 
 
@@ -278,8 +345,7 @@ def decode_row(name, model, tmodel, prompt, plan, threads, quick, window=WINDOW)
     if tmodel is not None:
         from torch_gpt import generate_with_cache
         pt = torch.from_numpy(prompt)
-        keep = keep_for(tmodel, window)
-        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, keep).numpy()
+        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, window).numpy()
     V = MODELS[name][0]
     if V <= 65 and not slide:
         # end to end through Sampling: ids 0..64 are the 65 characters below, sorted
@@ -304,7 +370,8 @@ def decode_row(name, model, tmodel, prompt, plan, threads, quick, window=WINDOW)
         row["torch_nocache_s"] = nsecs["torch_nocache"]
         row["torch_nocache_tokens_per_s"] = nn_ / nsecs["torch_nocache"]
         row["vs_torch_nocache"] = row["smallmind_tokens_per_s"] / row["torch_nocache_tokens_per_s"]
-    row["vs_torch_cache"] = ratio(row["smallmind_tokens_per_s"], row.get("torch_cache_tokens_per_s"))
+    put_ratio(row, "vs_torch_cache", row["smallmind_tokens_per_s"],
+              row.get("torch_cache_tokens_per_s"))
     if "torch_cache" in res:
         row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
     if "smallmind_sampling" in res:
@@ -320,15 +387,17 @@ def fmt_decode(r):
          f"{r['window']}: smallmind {r['smallmind_tokens_per_s']:8.1f} tok/s")
     if "smallmind_sampling_tokens_per_s" in r:
         s += f" (Sampling {r['smallmind_sampling_tokens_per_s']:8.1f})"
-    s += (f" | torch cache {fx(r.get('torch_cache_tokens_per_s'), '8.1f')} "
-          f"({fx(r['vs_torch_cache'], '.2f')}x)")
+    s += f" | torch cache {with_ratio(r, 'torch_cache_tokens_per_s', 'vs_torch_cache')}"
     if "torch_nocache_tokens_per_s" in r:
         s += (f" | torch no cache {r['torch_nocache_tokens_per_s']:8.1f} "
               f"({r['vs_torch_nocache']:.1f}x, {r['nocache_new_tokens']} new)")
+    div = []
     if "diverge_vs_torch_cache" in r:
-        s += f" | first divergence sm/torch {r['diverge_vs_torch_cache']}"
+        div.append(f"sm/torch {r['diverge_vs_torch_cache']}")
     if "diverge_sampling_vs_core" in r:
-        s += f", Sampling/core {r['diverge_sampling_vs_core']}"
+        div.append(f"Sampling/core {r['diverge_sampling_vs_core']}")
+    if div:
+        s += " | first divergence " + ", ".join(div)
     return s + f"  (load {r['loadavg_1min']})"
 
 
@@ -342,14 +411,15 @@ def ttft_row(name, model, tmodel, prompt, plan, threads, quick):
     row = base_row("ttft", name, plan, threads, model.config.num_parameters())
     row["batch"] = 1
     row["smallmind_ms"] = 1e3 * secs["smallmind"]
-    row["torch_ms"] = 1e3 * secs["torch_cache"] if "torch_cache" in secs else None
-    row["vs_torch"] = ratio(row["torch_ms"], row["smallmind_ms"])
+    if "torch_cache" in secs:
+        row["torch_ms"] = 1e3 * secs["torch_cache"]
+        row["vs_torch"] = row["torch_ms"] / row["smallmind_ms"]
     if "torch_cache" in res:
         row["same_first_token"] = bool(np.array_equal(res["smallmind"], res["torch_cache"]))
     row["loadavg_1min"] = (loadavg() or [None])[0]
     print(f"  ttft   {name:<16} t={threads} prompt {plan['prompt']}: smallmind "
-          f"{row['smallmind_ms']:8.2f} ms | torch {fx(row['torch_ms'], '8.2f')} ms | "
-          f"sm {fx(row['vs_torch'], '.2f')}x faster | same first token "
+          f"{row['smallmind_ms']:8.2f} ms | torch {fx(row.get('torch_ms'), '8.2f')} ms | "
+          f"sm {times(row.get('vs_torch'))} faster | same first token "
           f"{row.get('same_first_token', '-')}", flush=True)
     return row
 
@@ -378,8 +448,10 @@ def step_row(name, model, tmodel, prompt, plan, threads, quick, arrs):
     weight_bytes = 4 * model.config.num_parameters()
     bw = None
     if bw_samples:
-        bw = float(np.median(bw_samples[1:] or bw_samples))   # the warm-up call's aside
+        samples = bw_samples[1:] or bw_samples                # the warm-up call's aside
+        bw = float(np.median([gbs for gbs, _ in samples]))
         row["read_gb_per_s"] = bw
+        row["read_cpu_per_wall"] = float(np.median([cpu for _, cpu in samples]))
         row["limit_tokens_per_s"] = bw * 1e9 / weight_bytes
     for lib in [k for k in gen if not k.endswith("_short") and k != "bandwidth"]:
         step = max(gen[lib] - gen[lib + "_short"], 1e-9) / max(n - n0, 1)
@@ -389,7 +461,7 @@ def step_row(name, model, tmodel, prompt, plan, threads, quick, arrs):
         row[f"{lib}_weight_gb_per_s"] = weight_bytes / step / 1e9
         if bw:
             row[f"{lib}_bandwidth_fraction"] = row[f"{lib}_weight_gb_per_s"] / bw
-    row["vs_torch_cache"] = ratio(row.get("torch_cache_step_ms"), row["smallmind_step_ms"])
+    put_ratio(row, "vs_torch_cache", row.get("torch_cache_step_ms"), row["smallmind_step_ms"])
     if "torch_cache" in res:
         row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
     row["loadavg_1min"] = (loadavg() or [None])[0]
@@ -399,9 +471,14 @@ def step_row(name, model, tmodel, prompt, plan, threads, quick, arrs):
           f"{row['smallmind_step_ms']:8.3f} ms/token ({row['smallmind_weight_gb_per_s']:.1f} GB/s of "
           f"weights{frac('smallmind')}) | torch cache {fx(row.get('torch_cache_step_ms'), '8.3f')} ms "
           f"({fx(row.get('torch_cache_weight_gb_per_s'), '.1f')} GB/s{frac('torch_cache')}) | "
-          f"sm {fx(row['vs_torch_cache'], '.2f')}x faster"
+          f"sm {times(row.get('vs_torch_cache'))} faster"
           f" | first divergence {row.get('diverge_vs_torch_cache', '-')}  (load {row['loadavg_1min']})",
           flush=True)
+    if bw:
+        print(f"         read bandwidth in these rounds {bw:.1f} GB/s on {threads} thread(s): limit "
+              f"{row['limit_tokens_per_s']:,.1f} tok/s for {weight_bytes / 1e6:.1f} MB of weights; "
+              f"smallmind {100 * row['smallmind_bandwidth_fraction']:.0f}%, torch cache "
+              f"{fx(row.get('torch_cache_bandwidth_fraction'), '.0%')} of it", flush=True)
     return row
 
 
@@ -413,21 +490,20 @@ def batch_row(name, model, tmodel, plan, threads, quick):
     if tmodel is not None:
         from torch_gpt import generate_with_cache
         pt = torch.from_numpy(prompt)
-        keep = keep_for(tmodel, WINDOW)
-        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, keep).numpy()
+        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, WINDOW).numpy()
     secs, res = run_rounds(fns, plan["rounds"], quick)
     row = base_row("batch", name, plan, threads, model.config.num_parameters())
     row.update(batch=BATCH, new_tokens=n, window=WINDOW)
     for lib, sec in secs.items():
         row[f"{lib}_s"] = sec
         row[f"{lib}_tokens_per_s"] = BATCH * n / sec
-    row["vs_torch_cache"] = ratio(secs.get("torch_cache"), secs["smallmind"])
+    put_ratio(row, "vs_torch_cache", secs.get("torch_cache"), secs["smallmind"])
     if "torch_cache" in res:
         row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
     row["loadavg_1min"] = (loadavg() or [None])[0]
     print(f"  batch  {name:<16} t={threads} B={BATCH} {n} new: smallmind "
           f"{row['smallmind_tokens_per_s']:8.1f} tok/s | torch cache "
-          f"{fx(row.get('torch_cache_tokens_per_s'), '8.1f')} ({fx(row['vs_torch_cache'], '.2f')}x)"
+          f"{with_ratio(row, 'torch_cache_tokens_per_s', 'vs_torch_cache')}"
           f" | first divergence {row.get('diverge_vs_torch_cache', '-')}  "
           f"(load {row['loadavg_1min']})", flush=True)
     return row
@@ -471,14 +547,13 @@ def streams_rows(name, model, tmodel, plan, quick):
     if tmodel is not None:
         from torch_gpt import generate_with_cache
         tprompts = [torch.from_numpy(p) for p in prompts]
-        keep = keep_for(tmodel, WINDOW)
 
         def torch_worker(i, barrier):
             torch.set_num_threads(1)   # per thread: a new thread does not inherit the setting
             barrier.wait()
-            generate_with_cache(tmodel, tprompts[i], n, keep)
+            generate_with_cache(tmodel, tprompts[i], n, WINDOW)
 
-        warm.append(lambda: generate_with_cache(tmodel, tprompts[0], n, keep))
+        warm.append(lambda: generate_with_cache(tmodel, tprompts[0], n, WINDOW))
     for fn in warm:
         idle(quick)
         fn()   # warm-up, in this thread
@@ -502,13 +577,14 @@ def streams_rows(name, model, tmodel, plan, quick):
             if k == STREAMS[0]:
                 base[lib] = row[f"{lib}_tokens_per_s"]
             row[f"{lib}_scaling"] = row[f"{lib}_tokens_per_s"] / base[lib]
-        row["vs_torch_cache"] = ratio(row["smallmind_tokens_per_s"], row.get("torch_cache_tokens_per_s"))
+        put_ratio(row, "vs_torch_cache", row["smallmind_tokens_per_s"],
+                  row.get("torch_cache_tokens_per_s"))
         row["loadavg_1min"] = (loadavg() or [None])[0]
         print(f"  streams {name:<15} {k} x threads=1, {n} new each: smallmind "
               f"{row['smallmind_tokens_per_s']:8.1f} tok/s ({row['smallmind_scaling']:.2f}x of 1) | "
-              f"torch cache {fx(row.get('torch_cache_tokens_per_s'), '8.1f')} "
-              f"({fx(row.get('torch_cache_scaling'), '.2f')}x of 1)"
-              f" | sm/torch {fx(row['vs_torch_cache'], '.2f')}x  (load {row['loadavg_1min']})",
+              f"torch cache "
+              f"{with_ratio(row, 'torch_cache_tokens_per_s', 'torch_cache_scaling', ' of 1')}"
+              f" | sm/torch {times(row.get('vs_torch_cache'))}  (load {row['loadavg_1min']})",
               flush=True)
         rows.append(row)
     return rows
@@ -548,8 +624,8 @@ def main(argv=None):
     arrs = None
     if "bandwidth" in parts:
         print("\nmemory", flush=True)
-        arrs = bandwidth_arrays(args.quick)
-        rows += bandwidth_rows(args.quick, arrs)
+        arrs = bandwidth_arrays()
+        rows += bandwidth_rows(arrs)
     for name in names:
         V, T, L, H, C = MODELS[name]
         plan = dict(QUICK_PLAN) if args.quick else PLAN[name]

@@ -1,5 +1,6 @@
-"""report.py - render the JSON written by bench_kernels.py / bench_scaling.py / bench_train.py as
-the markdown tables README.md shows, so the README is regenerated rather than retyped.
+"""report.py - render the JSON written by bench_kernels.py / bench_scaling.py / bench_train.py /
+bench_generate.py as the markdown tables README.md shows, so the README is regenerated rather
+than retyped. Values a run did not measure (PyTorch absent) read "-".
 
     python bench/report.py bench/results/full.json [bench/results/scaling_16core.json]
     python bench/report.py bench/results/train.json
@@ -172,10 +173,15 @@ def generate_table(rows):
 
     bw = [r for r in rows if r["part"] == "bandwidth"]
     if bw:
-        out += ["Streaming read bandwidth of the machine in this run (numpy sums, one array per "
-                "thread): the ceiling of batch-1 decoding, which reads every weight once per token.",
-                "", "| threads | read GB/s |", "|---|---|"]
-        out += [f"| {r['threads']} | {r['read_gb_per_s']:.1f} |" for r in bw]
+        # runs before the method was recorded summed the arrays
+        how = bw[0].get("method", "numpy sum, one float32 array per Python thread")
+        out += [f"Streaming read bandwidth of the machine in this run ({how}, "
+                f"{bw[0].get('mib_per_thread', 256)} MiB each, best of 5): the ceiling of batch-1 "
+                "decoding, which reads every weight once per token. CPU/wall near the thread "
+                "count: the threads ran at once; near 1: another tenant held a core.",
+                "", "| threads | read GB/s | CPU/wall |", "|---|---|---|"]
+        out += [f"| {r['threads']} | {r['read_gb_per_s']:.1f} | "
+                f"{num(r.get('cpu_per_wall'), '.2f')} |" for r in bw]
         out.append("")
     dec = [r for r in rows if r["part"] == "decode"]
     if dec:
@@ -263,7 +269,7 @@ def machine_line(m):
     """One line naming the machine and build a training or generation run measured on."""
     return (f"Machine: {m.get('cpu', '?')}, {m.get('cores', m['build']['cpu_count'])} cores; "
             f"{m['build']['compiler']}, SIMD {m['build']['simd']}; numpy {m['numpy']}"
-            + (f", torch {m['torch']}" if "torch" in m else "")
+            + (f", torch {m['torch']}" if m.get("torch") else ", no torch")
             + (f"; load average {m['loadavg_start'][0]} at start, {m['loadavg_end'][0]} at end"
                if m.get("loadavg_start") and m.get("loadavg_end") else ""))
 

@@ -4,7 +4,8 @@ against and the parity tests load smallmind's parameters into. Only imported whe
 
 Weights are (in, out) as GPT-2's Conv1D (y = x @ W + b); the LM head is tied to wte and has no
 parameter of its own. Greedy generation (generate_with_cache, generate_nocache) is here for
-bench_generate.py; leaves out sampling, checkpoint files and anything past one training step.
+bench_generate.py (generate_with_cache imports smallmind for its window rule); leaves out
+sampling, checkpoint files and anything past one training step.
 
     python bench/torch_gpt.py      # smoke run: a few steps of a tiny model on random ids
 """
@@ -242,18 +243,22 @@ def _cached_step(model, idx, kv, start):
     return _last_logits(model, x)
 
 
-def generate_with_cache(model, idx, n, keep=None):
+def generate_with_cache(model, idx, n, window="shift"):
     """Greedy decoding of n tokens after idx (B, T0) int64 with a static KV cache per layer
     (preallocated (B, nh, block_size, hs) keys and values, written in place): one prefill of the
     prompt, then one single-token step per new token. When the window is full it moves as
-    smallmind's Sampling does: the last `keep` tokens (default block_size: nanoGPT's exact
-    sliding window; block_size // 2 for Sampling's default "shift") are prefilled again,
-    positions from 0, and decoding goes on. Returns the new tokens (B, n) int64. The math of
-    forward() on the same windows, up to float rounding."""
+    smallmind's Sampling(window=...) does: the last window_keep(block_size, window) tokens
+    (the newer half for "shift", Sampling's default; all block_size for "slide", nanoGPT's exact
+    window) are prefilled again, positions from 0, and decoding goes on. Returns the new tokens
+    (B, n) int64. The math of forward() on the same windows, up to float rounding."""
+    # the rule is smallmind's own (Sampling uses it), so the two loops cannot drift apart
+    from smallmind.sampling import WINDOWS, window_keep
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
     cfg = model.config
     B = idx.shape[0]
     Tb = cfg.block_size
-    keep = Tb if keep is None else keep
+    keep = window_keep(Tb, window)
     hs = cfg.n_embd // cfg.n_head
     out = torch.empty(B, n, dtype=torch.long)
     if n == 0:
