@@ -342,6 +342,7 @@ class Sampling:
                     err = CancelledError(f"generation cancelled after {len(new)} tokens")
                     err.result = GenerationResult(text[:], list(new), "cancelled", len(window),
                                                   time.perf_counter() - t0, ttft)
+                    _metrics.record_generation(len(new), err.result.elapsed_sec, ttft, "cancelled")
                     raise err
                 nxt = int(logits.argmax()) if greedy else sample_next(logits, temperature, top_k,
                                                                       top_p, rng)

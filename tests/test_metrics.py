@@ -54,6 +54,11 @@ def test_training_and_generation_are_recorded():
                  "smallmind_pool_outstanding_bytes", "smallmind_pool_rents_total"):
         assert name in text
     assert 'smallmind_generations_total{finish_reason="length"}' in text
+    src = sm.CancellationTokenSource()
+    src.cancel()
+    with pytest.raises(sm.CancelledError):
+        sm.Sampling(m, tok).generate("abc", 12, cancel=src.token)
+    assert reg.get("smallmind_generations_total", finish_reason="cancelled") >= 1
 
 
 def test_json_logs(capsys):
