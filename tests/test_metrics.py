@@ -59,6 +59,7 @@ def test_training_and_generation_are_recorded():
     with pytest.raises(sm.CancelledError):
         sm.Sampling(m, tok).generate("abc", 12, cancel=src.token)
     assert reg.get("smallmind_generations_total", finish_reason="cancelled") >= 1
+    m.dispose()        # give the training state back now, not whenever the collector runs
 
 
 def test_json_logs(capsys):
