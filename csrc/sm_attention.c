@@ -1021,22 +1021,26 @@ void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64
     }
 }
 
+/* The key and value of one (sequence, head) unit u at position pos: src points at the unit's
+ * query in a qkv row (its key and value follow C and 2C floats later). */
+static void append_unit(float *k_cache, float *v_cache, const float *src, int64_t u, int64_t pos,
+                        int64_t C, int64_t T_max, int64_t hs) {
+    float *kt = k_cache + u * hs * T_max;
+    for (int64_t d = 0; d < hs; d++) kt[kc_index(pos, d, hs)] = src[C + d];
+    memcpy(v_cache + (u * T_max + pos) * hs, src + 2 * C, (size_t)hs * sizeof(float));
+}
+
 void sm_kv_cache_append(float *k_cache, float *v_cache, const float *qkv_row,
                         const int *positions, int64_t B, int64_t NH, int64_t T_max, int64_t hs,
                         int nthreads) {
     /* k_cache (B, NH, T_max / BLK, hs, BLK), v_cache (B, NH, T_max, hs), qkv_row (B, 3C),
      * positions (B) */
     (void)nthreads; /* B * 2C floats: always less work than waking a team */
-    const int64_t C = NH * hs, C3 = 3 * C;
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t pos = positions[b];
-        for (int64_t h = 0; h < NH; h++) {
-            const float *src = qkv_row + b * C3 + h * hs;
-            float *kt = k_cache + (b * NH + h) * hs * T_max;
-            for (int64_t d = 0; d < hs; d++) kt[kc_index(pos, d, hs)] = src[C + d];
-            memcpy(v_cache + ((b * NH + h) * T_max + pos) * hs, src + 2 * C, (size_t)hs * sizeof(float));
-        }
-    }
+    const int64_t C = NH * hs;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < NH; h++)
+            append_unit(k_cache, v_cache, qkv_row + b * 3 * C + h * hs, b * NH + h, positions[b],
+                        C, T_max, hs);
 }
 
 /* ============================================================================================
@@ -1316,9 +1320,8 @@ void sm_attention_decode_units(float *out, const float *qkv_row, float *k_cache,
     for (int64_t u = u0; u < u1; u++) {
         const int64_t b = u / NH, h = u % NH, pos = positions[b];
         const float *src = qkv_row + b * 3 * C + h * hs;
-        float *kt = k_cache + u * hs * T_max, *vt = v_cache + u * T_max * hs;
-        for (int64_t d = 0; d < hs; d++) kt[kc_index(pos, d, hs)] = src[C + d];
-        memcpy(vt + pos * hs, src + 2 * C, (size_t)hs * sizeof(float));
-        fn(out + b * C + h * hs, src, kt, vt, pos + 1, T_max, hs, scale, ws);
+        append_unit(k_cache, v_cache, src, u, pos, C, T_max, hs);
+        fn(out + b * C + h * hs, src, k_cache + u * hs * T_max, v_cache + u * T_max * hs, pos + 1,
+           T_max, hs, scale, ws);
     }
 }
