@@ -28,6 +28,7 @@ from .errors import (
     CancelledError,
     CheckpointError,
     DTypeError,
+    NumericalError,
     ObjectDisposedError,
     SmallMindError,
     ValidationError,
@@ -40,7 +41,7 @@ from . import _threadpool  # noqa: E402  (registers with threadpoolctl when it i
 __all__ = [
     "__version__", "build_info", "get_num_threads", "set_num_threads", "set_simd_level",
     "simd_detected", "simd_level", "kernels", "metrics",
-    "SmallMindError", "ValidationError", "DTypeError", "ObjectDisposedError", "CheckpointError", "CancelledError",
+    "SmallMindError", "ValidationError", "DTypeError", "ObjectDisposedError", "CheckpointError", "CancelledError", "NumericalError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",

@@ -230,7 +230,10 @@ def load_settings(config_path=None, *, env: Mapping[str, str] | None = None,
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ValidationError(f"no such config file: {config_path}") from None
-        except tomllib.TOMLDecodeError as e:
+        except OSError as e:            # a folder, no permission, ...
+            raise ValidationError(f"cannot read config file {config_path}: {e}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+            # UnicodeDecodeError: not UTF-8; RecursionError: tomllib gives up on deep nesting.
             raise ValidationError(f"{config_path} is not valid TOML: {e}") from None
         for section, table in data.items():
             if section not in _SECTIONS:

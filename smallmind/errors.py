@@ -25,5 +25,10 @@ class CheckpointError(SmallMindError):
     """A checkpoint or index file is missing, truncated, corrupted or does not match."""
 
 
+class NumericalError(SmallMindError, FloatingPointError):
+    """A computation produced NaN or infinity where a number is needed (a model whose weights
+    overflow float32 gives NaN logits: no token can be sampled from them)."""
+
+
 class CancelledError(SmallMindError):
     """Long-running work stopped because its cancellation token was set."""

@@ -19,7 +19,7 @@ import numpy as np
 from . import metrics as _metrics
 from . import _core
 from .cancellation import check_cancel
-from .errors import CancelledError, ValidationError
+from .errors import CancelledError, NumericalError, ValidationError
 from .model import TransformerModel, _is_int
 from .tokenizer import Tokenizer
 
@@ -90,6 +90,14 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop):
     if any(s == "" for s in stops):
         raise ValidationError("stop strings must not be empty")
     return float(temperature), int(top_k), float(top_p), stops
+
+
+def _check_finite(logits: np.ndarray, step: int) -> None:
+    """NaN or infinite logits have no argmax or softmax worth the name: greedy decoding would
+    silently return token 0 and sampling would fail inside numpy. Say what happened instead."""
+    if not np.isfinite(logits).all():
+        raise NumericalError(f"the model's logits for new token {step + 1} contain NaN or infinity "
+                             "(its weights or activations overflow float32); no token can be chosen")
 
 
 def sample_next(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
@@ -240,6 +248,7 @@ class Sampling:
                                                     prompt_tokens[b], time.perf_counter() - t0, ttft)
                                    for b in range(B)]
                     raise err
+                _check_finite(logits[[r is None for r in reasons]], max(map(len, new)))
                 if temperature == 0.0:
                     picks = logits.argmax(axis=1).tolist()
                 for b in range(B):
@@ -344,6 +353,7 @@ class Sampling:
                                                   time.perf_counter() - t0, ttft)
                     _metrics.record_generation(len(new), err.result.elapsed_sec, ttft, "cancelled")
                     raise err
+                _check_finite(logits, len(new))
                 nxt = int(logits.argmax()) if greedy else sample_next(logits, temperature, top_k,
                                                                       top_p, rng)
                 if not new:

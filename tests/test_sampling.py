@@ -32,6 +32,26 @@ def _random_model(V, T, seed=0):
     return m
 
 
+def test_nan_logits_raise_numerical_error_instead_of_picking_a_token():
+    # Finite weights that overflow float32 on the way to the logits (found by fuzz/: greedy
+    # decoding used to return token 0 silently, sampling failed inside numpy).
+    m = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 8, 1, 2, 8, seed=0)).eval()
+    sd = m.state_dict()
+    w = sd["transformer.wte.weight"]            # tied: also the LM head
+    w[...] = np.random.default_rng(0).standard_normal(w.shape).astype(np.float32) * 1e30
+    sd["transformer.ln_f.bias"][...] = 1e30     # logits: sums of +-1e60 -> inf - inf = NaN
+    assert not np.isfinite(m.forward(np.zeros((1, 1), np.int32))).all()
+    s = sm.Sampling(m, TOK)
+    calls = [lambda: s.generate("a", 3, temperature=0), lambda: s.generate("a", 3, seed=1),
+             lambda: list(s.stream("a", 3, temperature=0)),
+             lambda: s.generate_batch(["a", "b"], 3, temperature=0),
+             lambda: s.generate_batch(["a", "b"], 3, seed=2)]
+    for call in calls:
+        with pytest.raises(sm.NumericalError, match="NaN or infinity"):
+            call()
+    assert isinstance(sm.NumericalError("x"), FloatingPointError)
+
+
 def _reference_greedy(m, ids, n, window):
     """Greedy decoding by full forward passes over the window each policy defines."""
     T = m.config.block_size

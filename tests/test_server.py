@@ -138,7 +138,9 @@ def test_full_queue_gets_429_and_bad_requests_get_json_errors():
                             (json.dumps({"prompt": "the", "stop": 5}), "stop"),
                             (json.dumps({"prompt": "the", "stream": "yes"}), "stream"),
                             (json.dumps({"prompt": "the", "bogus": 1}), "bogus"),
-                            (json.dumps({"prompt": "\x00\x01"}), "prompt")]:
+                            (json.dumps({"prompt": "\x00\x01"}), "prompt"),
+                            # found by fuzz/: json.loads' RecursionError used to give a 500
+                            (b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "JSON")]:
             r = c.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 400, (body, r.text)
             assert match in r.json()["error"]["message"]

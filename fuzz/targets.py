@@ -1,0 +1,170 @@
+"""fuzz/targets.py - the fuzz targets: each takes arbitrary bytes and feeds them to one parser of
+untrusted input (checkpoint files, index files, the tokenizer, HTTP completion requests). A
+target returns normally or raises one of the exceptions that parser documents; anything else -
+another exception, a crash, a hang, a wrong round trip - is a bug. fuzz/run.py drives them."""
+import json
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+import smallmind as sm
+from smallmind import _safetensors
+from smallmind.checkpoint import model_from_checkpoint
+from smallmind.config import InferenceOptions
+from smallmind.sampling import _check_sampling_args
+from smallmind.server import _parse_request
+
+# Files go to RAM when the machine has /dev/shm: thousands of loads a second, no disk wear.
+_TMP = tempfile.mkdtemp(prefix="sm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+_PATH = os.path.join(_TMP, "input.safetensors")
+
+
+def _write(data: bytes) -> str:
+    with open(_PATH, "wb") as f:
+        f.write(data)
+    return _PATH
+
+
+# ---- the small model every target shares (a checkpoint seed, generation in the HTTP target) ---
+_TEXT = "To be, or not to be, that is the question.\n"
+_TOK = sm.Tokenizer(_TEXT)
+_MODEL = sm.TransformerModel(sm.ModelConfig(vocab_size=_TOK.vocab_size, block_size=8, n_layer=1,
+                                            n_head=2, n_embd=8, seed=0)).eval()
+
+
+def checkpoint(data: bytes) -> None:
+    """read_checkpoint + building the model; a file that loads must give a usable model: a
+    forward pass of the right shape and, with its tokenizer, a generation. Finite weights can
+    still overflow float32 on the way to the logits (a fuzzer found one); generation must then
+    raise NumericalError, never pick a token from NaN."""
+    try:
+        ck = sm.read_checkpoint(_write(data))
+        model = model_from_checkpoint(ck).eval()
+    except sm.CheckpointError:
+        return
+    logits = model.forward(np.zeros((1, 1), np.int32))
+    assert logits.shape == (1, 1, ck.config.vocab_size)
+    # Without a saved tokenizer, one of printable characters that fits the model's vocabulary.
+    tok = ck.tokenizer or sm.Tokenizer.from_chars([chr(33 + i) for i in range(min(ck.config.vocab_size, 90))])
+    if tok.vocab_size:
+        ids = np.asarray([tok.encode(tok.chars[0])], np.int32)
+        finite = np.isfinite(model.forward(ids)[0, -1, :tok.vocab_size]).all()
+        try:
+            sm.Sampling(model, tok).generate(tok.chars[0], 1, temperature=0)
+            assert finite, "a token was chosen from NaN or infinite logits"
+        except sm.NumericalError:       # the documented outcome for overflowing weights
+            pass
+    model.dispose()
+
+
+def index(data: bytes) -> None:
+    """VectorIndex.load; a file that loads must answer a search over everything it holds."""
+    try:
+        idx = sm.VectorIndex.load(_write(data))
+    except sm.CheckpointError:
+        return
+    with idx:
+        if len(idx):
+            ids, scores = idx.search(np.ones(idx.dim, np.float32), min(3, len(idx)))
+            assert len(ids) == min(3, len(idx)) and all(i in idx for i in ids)
+
+
+def tokenizer(data: bytes) -> None:
+    """Tokenizer construction, encode/decode round trips, from_json of the raw bytes."""
+    text = data.decode("utf-8", "replace")
+    half = len(text) // 2
+    try:
+        tok = sm.Tokenizer(text[:half] or "a")
+    except sm.ValidationError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sm.UnknownCharacterWarning)
+        known = "".join(c for c in text if c in tok)
+        assert tok.decode(tok.encode(known)) == known
+        assert tok.encode(text) == tok.encode_array(text).tolist()     # both paths agree
+        ids = np.frombuffer(data[: len(data) // 4 * 4], dtype="<i4")
+        try:
+            out = tok.decode(ids)
+            assert len(out) == len(ids)
+        except sm.ValidationError:
+            assert ((ids < 0) | (ids >= tok.vocab_size)).any()
+    again = sm.Tokenizer.from_json(tok.to_json())
+    assert again == tok
+    try:
+        sm.Tokenizer.from_json(data)
+    except (sm.ValidationError, TypeError):
+        pass
+
+
+_DEFAULTS = InferenceOptions()
+_SAMPLER = sm.Sampling(_MODEL, _TOK, threads=1)
+
+
+def http(data: bytes) -> None:
+    """The server's parsing and validation of a POST /v1/completions body (what decides 400),
+    then a short generation with what was accepted. The server answers 400 for ValidationError
+    and TypeError; anything else would be a 500."""
+    try:
+        req = _parse_request(data, _DEFAULTS)
+        _check_sampling_args(**req["kwargs"])
+    except (sm.ValidationError, TypeError):
+        return
+    kw = dict(req["kwargs"], max_new_tokens=min(req["kwargs"]["max_new_tokens"], 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sm.UnknownCharacterWarning)
+        if not _TOK.encode(req["prompt"]):
+            return
+        _SAMPLER.generate(req["prompt"], **kw)
+
+
+TARGETS = {"checkpoint": checkpoint, "index": index, "tokenizer": tokenizer, "http": http}
+
+
+# ---- seeds: valid inputs the mutations start from ---------------------------------------------
+def _file_bytes(save) -> bytes:
+    path = os.path.join(_TMP, "seed.safetensors")
+    save(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def seeds(name: str) -> list:
+    """A few valid (and nearly valid) inputs for target `name`."""
+    if name == "checkpoint":
+        return [_file_bytes(lambda p: sm.save_checkpoint(p, _MODEL, _TOK, training={"step": 3})),
+                _file_bytes(lambda p: sm.save_checkpoint(p, _MODEL))]
+    if name == "index":
+        out = []
+        for metric in ("cosine", "l2"):
+            idx = sm.VectorIndex(4, metric=metric)
+            idx.add(np.arange(12, dtype=np.float32).reshape(3, 4) + 1, ids=[1, "b", 7],
+                    metadata=[{"t": "x"}, None, [1, 2]])
+            out.append(_file_bytes(idx.save))
+            idx.dispose()
+        out.append(_file_bytes(lambda p: _safetensors.save_file(
+            {"vectors": np.zeros((0, 4), np.float32)}, p)))
+        return out
+    if name == "tokenizer":
+        return [_TEXT.encode(), "héllo wörld ∑ 😀\n\t".encode(), _TOK.to_json().encode(), b"\x00\xff"]
+    if name == "http":
+        return [json.dumps(r).encode() for r in (
+            {"prompt": "To be", "max_tokens": 4},
+            {"prompt": "not", "max_tokens": 2, "temperature": 0.5, "top_k": 3, "top_p": 0.9,
+             "seed": 7, "stop": ["q", "x"], "stream": True},
+            {"prompt": "the", "temperature": 0, "n": 1, "model": "smallmind", "stop": "e"})]
+    raise KeyError(name)
+
+
+def replay(name: str, directory: str) -> int:
+    """Run target `name` on every file under `directory` (the regression corpus); return the
+    number of files."""
+    count = 0
+    if not os.path.isdir(directory):
+        return 0
+    for entry in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, entry), "rb") as f:
+            TARGETS[name](f.read())
+        count += 1
+    return count
