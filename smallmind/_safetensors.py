@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import threading
 from collections.abc import Mapping
@@ -174,6 +175,43 @@ def save_file(tensors, path, metadata=None) -> None:
             pass
         raise
     _fsync_dir(directory)
+
+
+_TMP_NAME = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(directory) -> list:
+    """Delete the temporary files save_file left in `directory` when its process was killed
+    mid-write (kill -9, power loss): names of save_file's pattern whose writer process no longer
+    runs. A live writer's file is never touched. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_NAME.match(name)
+        if m is None or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:        # gone already (another cleaner) or not ours to remove
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    # On Windows os.kill(pid, 0) would terminate the process: never probe there.
+    if pid == os.getpid() or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True            # exists but not ours, or cannot tell: leave its file alone
+    return True
 
 
 # ---- reading ---------------------------------------------------------------------------------

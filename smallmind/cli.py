@@ -284,10 +284,12 @@ def cmd_train(args):
     if args.resume:
         path = args.resume
         if os.path.isdir(path):
-            for name in (CANCELLED_FILE, LAST_FILE):
-                if os.path.exists(os.path.join(path, name)):
-                    path = os.path.join(path, name)
-                    break
+            # The newer of the two: an old model_cancelled.safetensors must not win over a
+            # model_last.safetensors written by a later run.
+            found = [os.path.join(path, n) for n in (CANCELLED_FILE, LAST_FILE)
+                     if os.path.isfile(os.path.join(path, n))]
+            if found:
+                path = max(found, key=os.path.getmtime)
         if not os.path.isfile(path):
             raise UserError(f"nothing to resume from: {args.resume}")
         trainer = Training.resume(path, text)

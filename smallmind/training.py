@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from . import metrics as _metrics
-from . import _core
+from . import _core, _safetensors
 from .cancellation import check_cancel
 from .checkpoint import (Checkpoint, copy_moments, model_from_checkpoint, read_checkpoint,
                          save_checkpoint)
@@ -245,6 +245,10 @@ class Training:
         if checkpoint_dir is not None:
             checkpoint_dir = os.fspath(checkpoint_dir)
             os.makedirs(checkpoint_dir, exist_ok=True)
+            # Half-written files of an earlier run that was killed mid-save (never loaded:
+            # they are hidden temporaries until renamed) would otherwise pile up.
+            for name in _safetensors.remove_stale_temporaries(checkpoint_dir):
+                logger.info("removed %s, left by a run killed while saving", name)
         elif save_every:
             raise ValidationError("save_every needs a checkpoint_dir")
         if callback is not None and not callable(callback):
