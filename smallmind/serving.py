@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -126,7 +127,8 @@ class ThrottledInferenceService:
         """Sampling.generate, throttled (same arguments)."""
         sampler = self._sampler()
         async with self._semaphore():
-            with self._count():
+            self._sampler()             # closed while this call waited for a slot?
+            with self._count(), self._closed_guard():
                 coro = _generate_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
                                        self._executor)
                 if self.timeout is None:
@@ -137,7 +139,8 @@ class ThrottledInferenceService:
         """Sampling.stream as an async iterator, throttled (the slot is held while it runs)."""
         sampler = self._sampler()
         async with self._semaphore():
-            with self._count():
+            self._sampler()             # closed while this call waited for a slot?
+            with self._count(), self._closed_guard():
                 agen = _stream_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
                                      self._executor)
                 try:
@@ -163,13 +166,34 @@ class ThrottledInferenceService:
             with self._lock:
                 self._active -= 1
 
+    @contextlib.contextmanager
+    def _closed_guard(self):
+        # A call that passed the checks above can still reach the executor after close() shut
+        # it down (the service closed between two steps of the event loop): the executor says
+        # RuntimeError("cannot schedule new futures after shutdown"); say what happened.
+        try:
+            yield
+        except RuntimeError as e:
+            if self._closed and not isinstance(e, ObjectDisposedError):
+                raise ObjectDisposedError("this ThrottledInferenceService was closed") from None
+            raise
+
     def close(self) -> None:
         """Refuse new calls and wait for the worker threads to finish. Idempotent."""
         self._closed = True
         self._executor.shutdown(wait=True)
 
+    async def aclose(self) -> None:
+        """close() for coroutines: waits for the worker threads without blocking the event
+        loop. That matters: a task cancelled just before still needs the loop to run to tell its
+        worker to stop; a blocking close() at that point waited for the whole generation
+        (found under AddressSanitizer, where the README's example took minutes)."""
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._executor.shutdown, wait=True))
+
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
-        self.close()
+        await self.aclose()

@@ -359,6 +359,40 @@ def test_cancellation_under_load_leaves_nothing_outstanding(model):
     assert _outstanding() == before
 
 
+def test_leaving_the_service_right_after_cancelling_a_task_does_not_wait_for_it(model):
+    # The README's pattern: cancel a long task, then leave `async with` at once. __aexit__ used
+    # to block the event loop in executor.shutdown, so the cancellation never reached the worker
+    # and the exit waited for the whole generation (10**7 tokens: many minutes). A watchdog
+    # thread turns that into a failure instead of a hung suite.
+    before = _outstanding()
+    outcome = {}
+
+    async def main(delay):
+        async with sm.ThrottledInferenceService(model, TOK, max_concurrency=2,
+                                                threads_per_request=1) as svc:
+            task = asyncio.create_task(svc.generate("the", 10 ** 7, seed=1))
+            await asyncio.sleep(delay)
+            task.cancel()
+        try:
+            await task
+            return "finished"
+        except asyncio.CancelledError:
+            return "cancelled"
+        except sm.ObjectDisposedError:      # the task reached the executor after it closed
+            return "closed"
+
+    def run():
+        outcome["delays"] = [asyncio.run(main(d)) for d in (0.05, 0.005, 0.0005, 0.0)]
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "leaving the service waited for a cancelled generation"
+    assert all(o in ("cancelled", "closed") for o in outcome["delays"]), outcome
+    assert outcome["delays"][0] == "cancelled"
+    assert _outstanding() == before
+
+
 def test_asyncio_tasks_cancelled_mid_stream_do_not_deadlock(model):
     before = _outstanding()
 
