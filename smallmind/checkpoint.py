@@ -87,7 +87,7 @@ def read_checkpoint(path) -> Checkpoint:
         cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
     except KeyError:
         _fail(path, "the model_config metadata is missing")
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:   # RecursionError: "[[[[..." nested
         _fail(path, f"invalid model_config: {e}")
     tok = None
     if "tokenizer" in meta:
@@ -102,7 +102,7 @@ def read_checkpoint(path) -> Checkpoint:
     if "training" in meta:
         try:
             training = json.loads(meta["training"])
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested too deep
             _fail(path, f"invalid training metadata: {e}")
         if not isinstance(training, dict):
             _fail(path, "invalid training metadata: not an object")

@@ -305,7 +305,7 @@ class VectorIndex:
         except KeyError:
             raise CheckpointError(f"{where!r} is not a smallmind VectorIndex file "
                                   f"(no {_META_KEY!r} metadata)") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:   # RecursionError: "[[[[..." nested
             raise CheckpointError(f"{where!r}: the index header is not valid JSON: {e}") from None
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
             raise CheckpointError(f"{where!r} is not a smallmind VectorIndex file")

@@ -82,7 +82,7 @@ def _error(status: int, message: str, kind: str):
 def _parse_request(body: bytes, defaults) -> dict:
     try:
         req = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:   # "[[[[...": nested too deep
         raise ValidationError(f"the body is not valid JSON: {e}") from None
     if not isinstance(req, dict):
         raise ValidationError("the body must be a JSON object")
