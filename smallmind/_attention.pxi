@@ -103,6 +103,8 @@ def attention_dropout_mask(B, n_head, T, dropout, seed, stream=0, batch_offset=0
     _check_int(n_head, "n_head", 1, 2 ** 20)
     _check_int(T, "T", 0, 2 ** 16)
     _att_dropout(&d, dropout, seed, stream, batch_offset)
+    # the entry numbers below are uint64: a mask of more entries would wrap them
+    _check_alloc((B, n_head, T, T), "the mask")
     e = ((np.arange(B, dtype=np.uint64)[:, None, None, None] + np.uint64(d.batch_offset))
          * np.uint64(n_head) + np.arange(n_head, dtype=np.uint64)[None, :, None, None])
     e = (e * np.uint64(T) + np.arange(T, dtype=np.uint64)[None, None, :, None]) * np.uint64(T) \
@@ -197,6 +199,7 @@ def kv_cache_new(batch, n_head, capacity, head_size):
     _check_int(capacity, "capacity", 1, _MAX_DIM)
     _check_int(head_size, "head_size", 1, _MAX_DIM)
     nblk = (capacity + SM_ATT_BLOCK - 1) // SM_ATT_BLOCK
+    _check_alloc((batch, n_head, nblk * SM_ATT_BLOCK, head_size), "the cache")
     return (np.zeros((batch, n_head, nblk, head_size, SM_ATT_BLOCK), dtype=np.float32),
             np.zeros((batch, n_head, nblk * SM_ATT_BLOCK, head_size), dtype=np.float32))
 
@@ -220,6 +223,9 @@ cdef tuple _cache_dims(object k_cache, object v_cache):
 
 cdef object _int_per_row(object v, str name, int64_t B, int64_t lo, int64_t hi):
     """An int, or an integer array of shape (B,), with every value in [lo, hi] -> int32 (B,)."""
+    # C takes these as int: a cache of 2**31 positions or more must not let 2**31 through to
+    # the int32 conversion below, which wraps it to -2**31 (decode then returned NaN).
+    hi = min(hi, 2 ** 31 - 1)
     if isinstance(v, (int, np.integer)):
         _check_int(v, name, lo, hi)
         return np.full(B, v, dtype=np.int32)

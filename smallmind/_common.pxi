@@ -64,9 +64,29 @@ cdef object _empty_f32(tuple shape):
     return np.empty(shape, dtype=np.float32)
 
 
+# Most elements of an array a wrapper allocates for its result (2**60: 4 EiB of float32).
+# Shapes beyond it come only from hostile sizes (a (2**31, 0) @ (0, 2**31) product): their
+# byte count overflows, and numpy would refuse with a bare ValueError ("array is too big")
+# instead of an error naming the argument. Below it, a shape too big for the machine raises
+# MemoryError, as any allocation does.
+MAX_ALLOC_ELEMENTS = 1 << 60
+
+
+cdef int _check_alloc(tuple shape, str name) except -1:
+    """Refuse to allocate an array of `shape` whose element count exceeds MAX_ALLOC_ELEMENTS."""
+    cdef object n = 1
+    for d in shape:
+        n *= int(d)
+    if n > (1 << 60):
+        raise ValidationError(f"{name} would have shape {shape}: {n} elements, more than any "
+                              f"machine can hold (2**60)")
+    return 0
+
+
 cdef object _out_f32(object out, str name, tuple shape):
     """Allocate `out` when it is None, else check it is a writeable float32 array of `shape`."""
     if out is None:
+        _check_alloc(shape, name)
         return np.empty(shape, dtype=np.float32)
     _check_f32(out, name, len(shape), True)
     _check_shape(out, name, shape)

@@ -29,6 +29,7 @@ cdef object _gemm_call(object a, object b, object out, bint trans_a, bint trans_
     if out is None:
         if fb != 0.0:
             raise ValidationError("beta != 0 needs an `out` array to accumulate into")
+        _check_alloc((M, N), "out")
         out = np.empty((M, N), dtype=np.float32)
     else:
         _check_f32(out, "out", 2, True)

@@ -97,6 +97,12 @@ def cmd_demo(args):
     from .tokenizer import Tokenizer
     from .training import Training
 
+    # Checked before the corpus is read and the model built: the demo ends by printing the
+    # validation loss of its last step, which 0 steps do not have (an IndexError traceback).
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1 for the demo, got {args.steps}")
+    if args.tokens < 0:
+        raise UserError(f"--tokens must be >= 0, got {args.tokens}")
     text = builtin_corpus()
     tok = Tokenizer(text)
     cfg = ModelConfig(tok.vocab_size, args.block_size, args.n_layer, args.n_head, args.n_embd,
@@ -425,8 +431,17 @@ def cmd_chat(args):
         sys.stdout.write("\n")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every usage error reported as "smallmind: error: ..." as the module
+    docstring promises: a subcommand's own parser said "smallmind generate: error: ..."."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"smallmind: error: {message}\n")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="smallmind", description="smallmind: small GPT models on the CPU")
+    ap = _Parser(prog="smallmind", description="smallmind: small GPT models on the CPU")
     ap.add_argument("--log-level", default=None, help="log the smallmind.* loggers at this level "
                     "(DEBUG, INFO, WARNING; default: off)")
     ap.add_argument("--log-json", action="store_true", help="log as one JSON object per line")
@@ -510,6 +525,11 @@ def main(argv=None):
     except (UserError, SmallMindError, ValueError, TypeError, OSError) as e:
         # a mistake the user can fix: one clear line, no traceback
         print(f"smallmind: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        # a model or batch too big for this machine (--n-embd 65536, say) is a user mistake
+        # too: numpy's "Unable to allocate ..." says how much was asked for
+        print(f"smallmind: error: out of memory: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nsmallmind: interrupted", file=sys.stderr)

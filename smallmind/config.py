@@ -118,6 +118,9 @@ class InferenceOptions:
         _num_in("inference", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
         if self.seed is not None:
             _int_in("inference", "seed", self.seed, 0)
+        # a TOML `stop = 5` must name the field, not fail in tuple() with "int is not iterable"
+        _check(isinstance(self.stop, (str, list, tuple)), "inference", "stop", self.stop,
+               "a string or a list of non-empty strings")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in stop), "inference", "stop", self.stop,
                "a list of non-empty strings")
@@ -225,6 +228,9 @@ def load_settings(config_path=None, *, env: Mapping[str, str] | None = None,
     sources = ["defaults"]
     if config_path is not None:
         import tomllib
+        # open() takes an int as a file descriptor: 3 would read some other open file
+        if isinstance(config_path, bool) or not isinstance(config_path, (str, bytes, os.PathLike)):
+            raise TypeError(f"config_path must be a path or None, got {type(config_path).__name__}")
         try:
             with open(config_path, "rb") as f:
                 data = tomllib.load(f)

@@ -269,7 +269,10 @@ class TransformerModel:
                 raise ValidationError(f"{name} contains NaN or infinite values")
             staged[name] = a
         if "lm_head.weight" in state:
-            head = np.asarray(state["lm_head.weight"], dtype=np.float32)
+            try:   # "abc" or object(): a bare ValueError / TypeError from numpy otherwise
+                head = np.asarray(state["lm_head.weight"], dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise ValidationError(f"lm_head.weight: cannot be read as an array ({e})") from None
             wte = staged.get("transformer.wte.weight", self._view(self._params, "transformer.wte.weight"))
             if head.shape != wte.shape or not np.array_equal(head, wte):
                 raise ValidationError("lm_head.weight differs from transformer.wte.weight; "
@@ -378,15 +381,25 @@ class TransformerModel:
         with self._lock:
             self._check_alive()
             B, T = idx.shape
+            created = False
             if self._state is None or self._state.shape != (B, T):
                 if self._state is not None:
                     self._state.free()
                     self._state = None
                 self._state = _core.GPTState(self._cfg, B, T)
+                created = True
             p = self.config.dropout
             seed = self._next_dropout_seed() if p > 0.0 else 0
-            loss, n_valid = _core.gpt_forward(self._params, self._cfg, idx, targets, logits,
-                                              self._state, p, seed, threads)
+            try:
+                loss, n_valid = _core.gpt_forward(self._params, self._cfg, idx, targets, logits,
+                                                  self._state, p, seed, threads)
+            except BaseException:
+                # gpt_forward refuses bad ids (targets == vocab_size) before any C runs; a
+                # state rented for that refused batch would stay rented from the pool
+                if created:
+                    self._state.free()
+                    self._state = None
+                raise
             if n_valid == 0:
                 self._state.free()
                 self._state = None

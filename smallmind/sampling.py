@@ -107,7 +107,12 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int, top_p: float
     (0: all) and to the smallest set of most likely tokens whose probability reaches top_p."""
     if temperature == 0.0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    with np.errstate(over="ignore"):
+        z = logits.astype(np.float64) / temperature
+    if not np.isfinite(z.max()):
+        # A temperature so small (1e-320) that logits / temperature overflows: inf - inf would
+        # make the probabilities NaN. The distribution is then the limit as temperature -> 0.
+        return int(np.argmax(logits))
     if 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= kth, z, -np.inf)

@@ -60,6 +60,13 @@ class SamplerPool:
         """Borrow a Sampling for the `with` block; TimeoutError if none frees up in time."""
         if self._closed:
             raise ObjectDisposedError("this SamplerPool was closed")
+        # queue.Queue.get would raise a bare ValueError for a negative timeout, a TypeError from
+        # a comparison for a str, and wait forever for NaN: check it here, naming it.
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be None or a number, got {type(timeout).__name__}")
+            if not 0 <= timeout < float("inf"):
+                raise ValidationError(f"timeout must be None or a finite number >= 0, got {timeout!r}")
         try:
             sampler = self._free.get(timeout=timeout)
         except queue.Empty:

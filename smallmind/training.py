@@ -234,7 +234,14 @@ class Training:
         beta1 = _check_number(beta1, "beta1", 0.0, 0.999999)
         beta2 = _check_number(beta2, "beta2", 0.0, 0.999999)
         eps = _check_number(eps, "eps", 0.0, 1.0, lo_open=True)
-        grad_clip = _check_number(grad_clip, "grad_clip", 0.0)
+        grad_clip = _check_number(grad_clip, "grad_clip", 0.0, 3.0e38)
+        # The kernels take eps and grad_clip as float32 and refuse 0 there (eps=1e-50 rounds to
+        # 0): checked here, or the refusal came mid-step - after the step counter had moved,
+        # and naming the kernel's argument (max_norm) instead of this one.
+        for name, v in (("eps", eps), ("grad_clip", grad_clip)):
+            if v > 0 and np.float32(v) == 0:
+                raise ValidationError(f"{name} must be 0 or at least {np.finfo(np.float32).smallest_subnormal:g} "
+                                      f"(it is used as a float32), got {v}")
         accum = _check_count(grad_accum_steps, "grad_accum_steps", 1, 2 ** 20)
         log_every = _check_count(log_every, "log_every", 0)
         eval_every = _check_count(eval_every, "eval_every", 0)
@@ -388,6 +395,9 @@ class Training:
             step, adam_t = int(t["step"]), int(t["adam_t"])
             rng_state, drop_state = t["rng"], t["dropout_rng"]
             best = t.get("best_val_loss")
+            # converted here, inside the check: "abc" raised ValueError below, after the
+            # parameters, moments and step had already been replaced
+            best = math.inf if best is None else float(best)
             rng = np.random.Generator(np.random.PCG64())
             rng.bit_generator.state = rng_state
             drop = np.random.Generator(np.random.PCG64())
@@ -405,7 +415,7 @@ class Training:
             self.model._dropout_rng = drop
         self._rng = rng
         self.step, self._adam_t = step, adam_t
-        self.best_val_loss = math.inf if best is None else float(best)
+        self.best_val_loss = best
 
     @classmethod
     def resume(cls, path, text: str, *, block_size: int | None = None,
@@ -417,12 +427,17 @@ class Training:
         if ck.tokenizer is None:
             raise CheckpointError(f"{ck.path}: the checkpoint has no tokenizer to resume with")
         t = ck.training or {}
+        # Values read from the file are checked here, so a bad one (block_size -5) is a
+        # CheckpointError about the file, not a ValidationError about an argument never given.
         try:
-            kw = dict(block_size=int(t["block_size"]) if block_size is None else block_size,
-                      batch_size=int(t["batch_size"]) if batch_size is None else batch_size,
-                      seed=int(t["seed"]),
-                      val_fraction=float(t["val_fraction"]) if val_fraction is None else val_fraction)
-        except (KeyError, TypeError, ValueError) as e:
+            kw = dict(block_size=_check_count(t["block_size"], "block_size", 1, ck.config.block_size)
+                      if block_size is None else block_size,
+                      batch_size=_check_count(t["batch_size"], "batch_size", 1, 2 ** 20)
+                      if batch_size is None else batch_size,
+                      seed=_check_count(t["seed"], "seed", 0, 2 ** 63 - 1),
+                      val_fraction=_check_number(t["val_fraction"], "val_fraction", 0.0, 0.5)
+                      if val_fraction is None else val_fraction)
+        except (KeyError, TypeError, ValueError) as e:   # ValidationError is a ValueError
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
         model = model_from_checkpoint(ck)
         trainer = cls(model, ck.tokenizer, text, **kw)
