@@ -66,7 +66,9 @@ def run(kills=10, seed=0, workdir=None, verbose=True):
     pending = set()         # temporaries left by the previous kill: the next run must remove them
     for i in range(kills):
         resumed = os.path.exists(last)
-        p = subprocess.Popen(train_cmd(10 ** 6), env=env, stdout=subprocess.DEVNULL,
+        # cwd=work: `python -m` puts the working folder first on sys.path, and a source
+        # checkout there (without its compiled core) would shadow the installed package.
+        p = subprocess.Popen(train_cmd(10 ** 6), env=env, cwd=work, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
         # Wait for this run's first checkpoint (start-up and resume are not what we test), then
         # kill at a random moment among the saves that follow.
@@ -99,7 +101,8 @@ def run(kills=10, seed=0, workdir=None, verbose=True):
         if verbose:
             print(f"kill {i + 1}: at step {prev_step}, {len(temps)} temporary file(s) left")
     final = prev_step + 3
-    done = subprocess.run(train_cmd(final), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(train_cmd(final), env=env, cwd=work, capture_output=True, text=True,
+                          timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the final resumed run failed: {done.stderr[-2000:]}")
     stats["temporaries_removed_by_next_run"] += len(pending - set(glob.glob(os.path.join(ck, ".*.tmp"))))
