@@ -92,6 +92,90 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop):
     return float(temperature), int(top_k), float(top_p), stops
 
 
+class _StepThreads:
+    """The thread count of each decode step of one generation.
+
+    A decode step is a few dozen OpenMP barriers. When another process holds one of the cores,
+    each barrier can wait for the scheduler to give a preempted thread its time slice, and a
+    2-thread step becomes several times slower than a 1-thread one (up to ~100 ms instead of
+    ~0.1 ms in one measurement; a 1-thread step is barely affected). And for a small model one
+    thread can simply be faster. So each count keeps a moving average of its step times: the
+    first four steps alternate (threads, 1, threads, 1), then the faster count is used. While
+    on `threads`, its average follows every step and decoding falls back to 1 thread when it
+    gets 25% slower than the single-threaded average (a margin, so that one step delayed by an
+    interrupt does not flip it); while on 1 thread, two multi-threaded steps
+    are tried after 8 steps and win back when their mean is faster. Under contention the
+    multi-threaded steps come fast and slow in streaks (as the other process is scheduled in
+    and out), so every retry that loses, and every fallback after less than 64 steps, doubles
+    the wait before the next retry (up to 4096 steps); 64 steps in a row on `threads` reset it.
+    Results never depend on the thread count (tested bit for bit), so switching never shows in
+    the output. `clock` is replaceable for tests."""
+
+    FIRST_RETRY, LAST_RETRY, ALPHA, SETTLED, MARGIN = 8, 4096, 0.25, 64, 1.25
+    _PROBE = 4                               # the alternating steps at the start
+
+    def __init__(self, threads: int | None, clock=time.perf_counter):
+        self.multi = _core.get_num_threads() if threads is None else threads
+        self.clock = clock
+        self.avg = {self.multi: None, 1: None}
+        self.current = self.multi        # the count for steps that are not timed (prefills)
+        self.steps = 0
+        self.retry_after = self.FIRST_RETRY
+        self.countdown = 0
+        self.retry = []                  # times of the multi-threaded retry in progress
+        self.held = 0                    # steps on `threads` since it last won
+
+    def run(self, fn, *args):
+        """fn(*args, threads) with the chosen count, timed."""
+        if self.multi == 1:
+            return fn(*args, 1)
+        t = self.choose()
+        t0 = self.clock()
+        out = fn(*args, t)
+        self.record(t, self.clock() - t0)
+        return out
+
+    def choose(self) -> int:
+        if self.steps < self._PROBE:
+            return self.multi if self.steps % 2 == 0 else 1
+        if self.current == 1 and (self.countdown <= 0 or self.retry):
+            return self.multi
+        return self.current
+
+    def record(self, t: int, dt: float) -> None:
+        self.steps += 1
+        if self.steps <= self._PROBE:
+            # The smaller of the two probe times: the first step after a prefill runs on cold
+            # caches and is no measure of the next hundred.
+            self.avg[t] = dt if self.avg[t] is None else min(self.avg[t], dt)
+            if self.steps == self._PROBE:
+                self.current = self.multi if self.avg[self.multi] <= self.avg[1] else 1
+                self.countdown = self.retry_after
+            return
+        if t == 1:
+            self.avg[1] += self.ALPHA * (dt - self.avg[1])
+            self.countdown -= 1
+        elif self.current == 1:              # a retry of the multi-threaded step
+            self.retry.append(dt)
+            if len(self.retry) == 2:
+                self.avg[self.multi] = sum(self.retry) / 2       # a fresh estimate
+                self.retry = []
+                if self.avg[self.multi] < self.avg[1]:
+                    self.current, self.held = self.multi, 0
+                else:
+                    self.retry_after = min(2 * self.retry_after, self.LAST_RETRY)
+                    self.countdown = self.retry_after
+        else:
+            self.avg[t] += self.ALPHA * (dt - self.avg[t])
+            self.held += 1
+            if self.held == self.SETTLED:
+                self.retry_after = self.FIRST_RETRY
+            if self.avg[t] > self.MARGIN * self.avg[1]:    # slower than one thread: contention
+                if self.held < self.SETTLED:
+                    self.retry_after = min(2 * self.retry_after, self.LAST_RETRY)
+                self.current, self.countdown = 1, self.retry_after
+
+
 def _check_finite(logits: np.ndarray, step: int) -> None:
     """NaN or infinite logits have no argmax or softmax worth the name: greedy decoding would
     silently return token 0 and sampling would fail inside numpy. Say what happened instead."""
@@ -241,6 +325,7 @@ class Sampling:
         texts = [""] * B
         reasons = [None] * B
         ttft = 0.0
+        steps = _StepThreads(threads)
         cache = _core.GPTCache(cfg, B, T)
         try:
             logits = _prefill_rows(prm, cfg, cache, dict(enumerate(contexts)), threads)[:, :nv]
@@ -291,8 +376,8 @@ class Sampling:
                         tokens[b] = contexts[b][-1]
                     held[b] += 1
                 if moving:
-                    _prefill_rows(prm, cfg, cache, moving, threads)
-                logits = _core.gpt_decode(prm, cfg, tokens, cache, threads)[:, :nv]
+                    _prefill_rows(prm, cfg, cache, moving, steps.current)
+                logits = steps.run(_core.gpt_decode, prm, cfg, tokens, cache)[:, :nv]
         finally:
             cache.free()
         elapsed = time.perf_counter() - t0
@@ -344,6 +429,7 @@ class Sampling:
         emitted = 0
         reason = "length"
         step = np.zeros(1, np.int32)            # the token fed to each decode call
+        steps = _StepThreads(threads)
         cache = _core.GPTCache(cfg, 1, T)
         try:
             window = ids[-T:]
@@ -384,12 +470,12 @@ class Sampling:
                     break
                 if held < T:
                     step[0] = nxt
-                    logits = _core.gpt_decode(params, cfg, step, cache, threads)[0, :nv]
+                    logits = steps.run(_core.gpt_decode, params, cfg, step, cache)[0, :nv]
                     held += 1
                 else:   # the window is full: move it (positions restart at 0)
                     context = context[-keep:]
                     logits = _core.gpt_prefill(params, cfg, np.asarray([context], dtype=np.int32),
-                                               cache, threads)[0, :nv]
+                                               cache, steps.current)[0, :nv]
                     held = len(context)
             if reason == "length" and len(text) > emitted:
                 yield text[emitted:]

@@ -436,3 +436,85 @@ def test_generate_batch_rows_do_not_depend_on_the_batch():
     batch = s.generate_batch(prompts, 60, temperature=0, return_details=True)  # windows move
     assert [r.tokens for r in batch] == [s.generate(p, 60, temperature=0, return_details=True).tokens
                                          for p in prompts]
+
+
+class _FakeClock:
+    """A clock that a fake decode step advances by the cost of its thread count."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.cost = {1: 1.0, 2: 0.6}
+        self.calls = []
+
+    def __call__(self):
+        return self.now
+
+    def step(self, threads):
+        self.calls.append(threads)
+        self.now += self.cost[threads]
+        return threads
+
+
+def test_step_threads_fall_back_to_one_thread_under_contention_and_come_back():
+    from smallmind.sampling import _StepThreads
+    clock = _FakeClock()
+    st = _StepThreads(2, clock=clock)
+    for _ in range(20):
+        st.run(clock.step)
+    assert clock.calls[:4] == [2, 1, 2, 1]              # both counts timed first
+    assert clock.calls[4:] == [2] * 16                   # 2 threads were faster
+    clock.cost[2] = 60.0                                 # another process takes a core
+    clock.calls.clear()
+    for _ in range(200):
+        st.run(clock.step)
+    # one slow step, then single-threaded steps with retries (pairs of 2-thread steps) at
+    # growing intervals
+    assert clock.calls[0] == 2 and clock.calls[1] == 1
+    runs, i = [], 1
+    while i < len(clock.calls):
+        j = i
+        while j < len(clock.calls) and clock.calls[j] == clock.calls[i]:
+            j += 1
+        runs.append((clock.calls[i], j - i))
+        i = j
+    singles = [n for t, n in runs if t == 1][:-1]        # the last run may be cut short
+    assert all(n == 2 for t, n in runs if t == 2)
+    assert len(singles) >= 3 and all(b == 2 * a for a, b in zip(singles, singles[1:]))
+    assert clock.calls.count(2) <= 10
+    clock.cost[2] = 0.6                                  # the core is free again
+    clock.calls.clear()
+    for _ in range(300):
+        st.run(clock.step)
+    assert clock.calls[-50:] == [2] * 50                 # back on 2 threads after a retry
+
+
+def test_step_threads_keep_one_thread_when_it_is_faster_and_never_probe_with_one():
+    from smallmind.sampling import _StepThreads
+    clock = _FakeClock()
+    clock.cost = {1: 0.5, 2: 0.7}                        # a small model: 1 thread wins
+    st = _StepThreads(2, clock=clock)
+    for _ in range(40):
+        st.run(clock.step)
+    assert clock.calls[:5] == [2, 1, 2, 1, 1] and clock.calls.count(2) <= 6
+    single = _StepThreads(1, clock=clock)
+    clock.calls.clear()
+    for _ in range(5):
+        single.run(clock.step)
+    assert clock.calls == [1] * 5
+
+
+def test_generation_is_identical_whatever_the_step_threads_choose(model, monkeypatch):
+    # Force a switch every few steps: the text must not change (bits never depend on threads).
+    from smallmind import sampling
+    ref = sm.Sampling(model, TOK, threads=2).generate("the", 60, temperature=0.9, seed=4)
+    ref_b = sm.Sampling(model, TOK, threads=2).generate_batch(["the", "a"], 30, seed=2)
+
+    class Flipping(sampling._StepThreads):
+        def run(self, fn, *args):
+            self.steps += 1
+            self.current = 1 + self.steps % 2
+            return fn(*args, self.current)
+
+    monkeypatch.setattr(sampling, "_StepThreads", Flipping)
+    assert sm.Sampling(model, TOK, threads=2).generate("the", 60, temperature=0.9, seed=4) == ref
+    assert sm.Sampling(model, TOK, threads=2).generate_batch(["the", "a"], 30, seed=2) == ref_b
