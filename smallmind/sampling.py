@@ -108,10 +108,15 @@ class _StepThreads:
     multi-threaded steps come fast and slow in streaks (as the other process is scheduled in
     and out), so every retry that loses, and every fallback after less than 64 steps, doubles
     the wait before the next retry (up to 4096 steps); 64 steps in a row on `threads` reset it.
+    A fallback also leaves a process-wide hint for BUSY_HINT_S seconds: generations that start
+    meanwhile (a server's next requests) begin on 1 thread, prompt prefill included, and only
+    retry `threads` after 8 steps - the prefill and the probes would otherwise stall first.
     Results never depend on the thread count (tested bit for bit), so switching never shows in
     the output. `clock` is replaceable for tests."""
 
     FIRST_RETRY, LAST_RETRY, ALPHA, SETTLED, MARGIN = 8, 4096, 0.25, 64, 1.25
+    BUSY_HINT_S = 2.0
+    _busy_until = float("-inf")             # the hint, shared by every generation
     _PROBE = 4                               # the alternating steps at the start
 
     def __init__(self, threads: int | None, clock=time.perf_counter):
@@ -124,6 +129,8 @@ class _StepThreads:
         self.countdown = 0
         self.retry = []                  # times of the multi-threaded retry in progress
         self.held = 0                    # steps on `threads` since it last won
+        if self.multi > 1 and clock() < _StepThreads._busy_until:
+            self.current, self.steps, self.countdown = 1, self._PROBE, self.FIRST_RETRY
 
     def run(self, fn, *args):
         """fn(*args, threads) with the chosen count, timed."""
@@ -153,7 +160,7 @@ class _StepThreads:
                 self.countdown = self.retry_after
             return
         if t == 1:
-            self.avg[1] += self.ALPHA * (dt - self.avg[1])
+            self.avg[1] = dt if self.avg[1] is None else self.avg[1] + self.ALPHA * (dt - self.avg[1])
             self.countdown -= 1
         elif self.current == 1:              # a retry of the multi-threaded step
             self.retry.append(dt)
@@ -174,6 +181,7 @@ class _StepThreads:
                 if self.held < self.SETTLED:
                     self.retry_after = min(2 * self.retry_after, self.LAST_RETRY)
                 self.current, self.countdown = 1, self.retry_after
+                _StepThreads._busy_until = self.clock() + self.BUSY_HINT_S
 
 
 def _check_finite(logits: np.ndarray, step: int) -> None:
@@ -328,7 +336,7 @@ class Sampling:
         steps = _StepThreads(threads)
         cache = _core.GPTCache(cfg, B, T)
         try:
-            logits = _prefill_rows(prm, cfg, cache, dict(enumerate(contexts)), threads)[:, :nv]
+            logits = _prefill_rows(prm, cfg, cache, dict(enumerate(contexts)), steps.current)[:, :nv]
             if max_new_tokens == 0:
                 reasons = ["length"] * B
             while any(r is None for r in reasons):
@@ -360,7 +368,7 @@ class Sampling:
                     break
                 if T == 1:    # no room to decode into: every token is a prefill of itself
                     logits = np.stack([_core.gpt_prefill_seq(prm, cfg, np.asarray(c[-1:], np.int32),
-                                                             cache, b, threads)
+                                                             cache, b, steps.current)
                                        for b, c in enumerate(contexts)])[:, :nv]
                     continue
                 tokens = np.zeros(B, np.int32)   # finished rows decode a dummy token
@@ -434,7 +442,7 @@ class Sampling:
         try:
             window = ids[-T:]
             logits = _core.gpt_prefill(params, cfg, np.asarray([window], dtype=np.int32), cache,
-                                       threads)[0, :nv]
+                                       steps.current)[0, :nv]
             context = list(window)
             held = len(window)                  # tokens in the cache
             while len(new) < max_new_tokens:

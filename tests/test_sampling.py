@@ -438,6 +438,13 @@ def test_generate_batch_rows_do_not_depend_on_the_batch():
                                          for p in prompts]
 
 
+@pytest.fixture(autouse=True)
+def _no_busy_hint(monkeypatch):
+    """Each test starts without another generation's fallback hint (it is process-wide)."""
+    from smallmind.sampling import _StepThreads
+    monkeypatch.setattr(_StepThreads, "_busy_until", float("-inf"))
+
+
 class _FakeClock:
     """A clock that a fake decode step advances by the cost of its thread count."""
 
@@ -518,3 +525,23 @@ def test_generation_is_identical_whatever_the_step_threads_choose(model, monkeyp
     monkeypatch.setattr(sampling, "_StepThreads", Flipping)
     assert sm.Sampling(model, TOK, threads=2).generate("the", 60, temperature=0.9, seed=4) == ref
     assert sm.Sampling(model, TOK, threads=2).generate_batch(["the", "a"], 30, seed=2) == ref_b
+
+
+def test_a_fallback_makes_the_next_generations_start_on_one_thread():
+    from smallmind.sampling import _StepThreads
+    clock = _FakeClock()
+    first = _StepThreads(2, clock=clock)
+    for _ in range(10):
+        first.run(clock.step)
+    assert _StepThreads(2, clock=clock).current == 2          # nothing fell back yet
+    clock.cost[2] = 60.0
+    first.run(clock.step)                                     # a slow step: fallback + hint
+    assert first.current == 1
+    clock.calls.clear()
+    second = _StepThreads(2, clock=clock)                     # starts within the hint
+    assert second.current == 1
+    for _ in range(12):
+        second.run(clock.step)
+    assert clock.calls[:8] == [1] * 8 and clock.calls[8:10] == [2, 2]   # then a retry
+    clock.now += _StepThreads.BUSY_HINT_S + 1000              # long after: back to probing
+    assert _StepThreads(2, clock=clock).current == 2
