@@ -98,6 +98,13 @@ class numpy_threads:
             self.ctx.__exit__(*exc)
 
 
+def basic_machine():
+    """CPU, cores, Python version and load: the machine record of the smaller benchmarks."""
+    import platform
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "loadavg": loadavg()}
+
+
 def write_json(path, machine, quick, rows):
     """The file every benchmark writes with --json: {"machine", "quick", "rows"}, atomically (a
     temporary file renamed over the old one, so an interrupted run never leaves half a file)."""

@@ -12,14 +12,13 @@ one busy process (a Python loop spinning) started before the timed runs and stop
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _timing import cpu_model, loadavg, write_json  # noqa: E402
+from _timing import basic_machine, write_json  # noqa: E402
 
 try:
     import smallmind as sm
@@ -89,10 +88,8 @@ def main():
                     stop.set()
                     spinner.join()
         model.dispose()
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "loadavg": loadavg()}
     if a.json:
-        write_json(a.json, machine, a.quick, rows)
+        write_json(a.json, basic_machine(), a.quick, rows)
 
 
 if __name__ == "__main__":

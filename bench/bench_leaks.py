@@ -13,7 +13,6 @@ and generations of every kind: single, batch, streamed, cancelled midway, and pa
 import argparse
 import gc
 import os
-import platform
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _timing import cpu_model, loadavg, write_json  # noqa: E402
+from _timing import basic_machine, write_json  # noqa: E402
 
 try:
     import smallmind as sm
@@ -136,7 +135,7 @@ def measure(n_forward=10_000, n_generate=2_000, warmup=0.1, threads=1, preset="t
         points.append(_state())
     end = points[-1]
     model.dispose()
-    del model
+    model = None            # the last reference: the model and its buffers go now
     after = _state(trim=True)   # the model gone: every block back and freed
     return {"preset": preset, "threads": threads, "forwards": n_forward, "generations": n_generate,
             "warmup_fraction": warmup, "seconds": round(time.perf_counter() - t0, 1),
@@ -168,10 +167,8 @@ def main():
               f"(max {r['max_rss_growth_bytes'] / 1024:+.0f} KiB); live C blocks "
               f"{r['live_blocks_growth']:+d} ({r['live_bytes_growth']:+d} bytes); Python objects "
               f"{r['objects_growth']:+d}; pool outstanding after dispose {r['outstanding_after_dispose']}")
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "loadavg": loadavg()}
     if a.json:
-        write_json(a.json, machine, a.quick, rows)
+        write_json(a.json, basic_machine(), a.quick, rows)
 
 
 if __name__ == "__main__":
