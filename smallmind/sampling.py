@@ -114,7 +114,7 @@ class _StepThreads:
     Results never depend on the thread count (tested bit for bit), so switching never shows in
     the output. `clock` is replaceable for tests."""
 
-    FIRST_RETRY, LAST_RETRY, ALPHA, SETTLED, MARGIN = 8, 4096, 0.25, 64, 1.25
+    FIRST_RETRY, LAST_RETRY, ALPHA, SETTLED, MARGIN = 8, 4096, 0.125, 64, 1.25
     BUSY_HINT_S = 2.0
     _busy_until = float("-inf")             # the hint, shared by every generation
     _PROBE = 4                               # the alternating steps at the start
@@ -134,8 +134,25 @@ class _StepThreads:
 
     def run(self, fn, *args):
         """fn(*args, threads) with the chosen count, timed."""
-        if self.multi == 1:
+        multi = self.multi
+        if multi == 1:
             return fn(*args, 1)
+        if self.current == multi and self.steps >= self._PROBE:
+            # The common case, inline (a small model's step is ~30 us; each method call counts):
+            # settled on `threads`, its average follows the step.
+            clock = self.clock
+            t0 = clock()
+            out = fn(*args, multi)
+            dt = clock() - t0
+            self.steps += 1
+            avg = self.avg[multi] + self.ALPHA * (dt - self.avg[multi])
+            self.avg[multi] = avg
+            self.held += 1
+            if self.held == self.SETTLED:
+                self.retry_after = self.FIRST_RETRY
+            if avg > self.MARGIN * self.avg[1]:
+                self._fall_back()
+            return out
         t = self.choose()
         t0 = self.clock()
         out = fn(*args, t)
@@ -172,16 +189,20 @@ class _StepThreads:
                 else:
                     self.retry_after = min(2 * self.retry_after, self.LAST_RETRY)
                     self.countdown = self.retry_after
-        else:
+        else:                                # on `threads` (run() inlines this case)
             self.avg[t] += self.ALPHA * (dt - self.avg[t])
             self.held += 1
             if self.held == self.SETTLED:
                 self.retry_after = self.FIRST_RETRY
-            if self.avg[t] > self.MARGIN * self.avg[1]:    # slower than one thread: contention
-                if self.held < self.SETTLED:
-                    self.retry_after = min(2 * self.retry_after, self.LAST_RETRY)
-                self.current, self.countdown = 1, self.retry_after
-                _StepThreads._busy_until = self.clock() + self.BUSY_HINT_S
+            if self.avg[t] > self.MARGIN * self.avg[1]:
+                self._fall_back()
+
+    def _fall_back(self) -> None:
+        """Multi-threaded steps got slower than one thread: contention. Go to 1 thread."""
+        if self.held < self.SETTLED:
+            self.retry_after = min(2 * self.retry_after, self.LAST_RETRY)
+        self.current, self.countdown = 1, self.retry_after
+        _StepThreads._busy_until = self.clock() + self.BUSY_HINT_S
 
 
 def _check_finite(logits: np.ndarray, step: int) -> None:
