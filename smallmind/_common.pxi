@@ -77,7 +77,7 @@ cdef int _check_alloc(tuple shape, str name) except -1:
     cdef object n = 1
     for d in shape:
         n *= int(d)
-    if n > (1 << 60):
+    if n > MAX_ALLOC_ELEMENTS:
         raise ValidationError(f"{name} would have shape {shape}: {n} elements, more than any "
                               f"machine can hold (2**60)")
     return 0

@@ -138,8 +138,8 @@ class _StepThreads:
         if multi == 1:
             return fn(*args, 1)
         if self.current == multi and self.steps >= self._PROBE:
-            # The common case, inline (a small model's step is ~30 us; each method call counts):
-            # settled on `threads`, its average follows the step.
+            # Settled on `threads` (the common case, inline: a small model's step is ~30 us and
+            # each method call counts): its average follows every step.
             clock = self.clock
             t0 = clock()
             out = fn(*args, multi)
@@ -179,7 +179,9 @@ class _StepThreads:
         if t == 1:
             self.avg[1] = dt if self.avg[1] is None else self.avg[1] + self.ALPHA * (dt - self.avg[1])
             self.countdown -= 1
-        elif self.current == 1:              # a retry of the multi-threaded step
+        else:
+            # A retry of the multi-threaded step while on 1 thread (steps on `threads` while
+            # settled there are recorded by run() itself).
             self.retry.append(dt)
             if len(self.retry) == 2:
                 self.avg[self.multi] = sum(self.retry) / 2       # a fresh estimate
@@ -189,13 +191,6 @@ class _StepThreads:
                 else:
                     self.retry_after = min(2 * self.retry_after, self.LAST_RETRY)
                     self.countdown = self.retry_after
-        else:                                # on `threads` (run() inlines this case)
-            self.avg[t] += self.ALPHA * (dt - self.avg[t])
-            self.held += 1
-            if self.held == self.SETTLED:
-                self.retry_after = self.FIRST_RETRY
-            if self.avg[t] > self.MARGIN * self.avg[1]:
-                self._fall_back()
 
     def _fall_back(self) -> None:
         """Multi-threaded steps got slower than one thread: contention. Go to 1 thread."""

@@ -125,16 +125,19 @@ class ThrottledInferenceService:
         """Generations running now."""
         return self._active
 
-    def _sampler(self) -> Sampling:
+    def _check_open(self) -> None:
         if self._closed:
             raise ObjectDisposedError("this ThrottledInferenceService was closed")
+
+    def _sampler(self) -> Sampling:
+        self._check_open()
         return Sampling(self._model, self._tokenizer, threads=self.threads_per_request)
 
     async def generate(self, prompt: str, max_new_tokens: int = 100, **kwargs) -> str:
         """Sampling.generate, throttled (same arguments)."""
         sampler = self._sampler()
         async with self._semaphore():
-            self._sampler()             # closed while this call waited for a slot?
+            self._check_open()          # closed while this call waited for a slot?
             with self._count(), self._closed_guard():
                 coro = _generate_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
                                        self._executor)
@@ -146,7 +149,7 @@ class ThrottledInferenceService:
         """Sampling.stream as an async iterator, throttled (the slot is held while it runs)."""
         sampler = self._sampler()
         async with self._semaphore():
-            self._sampler()             # closed while this call waited for a slot?
+            self._check_open()          # closed while this call waited for a slot?
             with self._count(), self._closed_guard():
                 agen = _stream_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
                                      self._executor)
