@@ -119,11 +119,11 @@ def extensions():
     import numpy
     from Cython.Build import cythonize
 
-    sources = ["smallmind/_core.pyx"] + sorted(glob.glob("csrc/*.c"))
-    ext = Extension("smallmind._core", sources=sources, include_dirs=["csrc", numpy.get_include()],
+    sources = ["smallmind/core/_core.pyx"] + sorted(glob.glob("csrc/*.c"))
+    ext = Extension("smallmind.core._core", sources=sources, include_dirs=["csrc", numpy.get_include()],
                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
-                    depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("smallmind/*.pxi"))
-                    + ["smallmind/_core.pxd"])
+                    depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("smallmind/core/*.pxi"))
+                    + ["smallmind/core/_core.pxd"])
     return cythonize(
         [ext],
         compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,

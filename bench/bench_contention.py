@@ -25,7 +25,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(HERE))
     import smallmind as sm
-from smallmind import sampling  # noqa: E402
+from smallmind.generation import sampling  # noqa: E402
 
 
 def _spin(stop):

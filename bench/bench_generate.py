@@ -12,7 +12,7 @@ no torch), one line says so, and the PyTorch values and the ratios are left out 
 read "-" in the printout and the tables.
 
 Window policy: past block_size (the model's positions) both cached loops move the window as
-`sm.Sampling(window=...)` does, by the one rule `smallmind.sampling.window_keep` (used by
+`sm.Sampling(window=...)` does, by the one rule `smallmind.generation.sampling.window_keep` (used by
 Sampling itself, sm_generate and torch_gpt.generate_with_cache): when the cache is full and a
 token must be fed, the last `keep` tokens of the sequence (ending with that token) are
 prefilled again, positions from 0, and decoding goes on one step per token. window="shift"
@@ -139,11 +139,11 @@ def machine_info():
 def sm_generate(model, prompt, n, threads, window=WINDOW):
     """Greedy decoding at the _core level: prefill, then one gpt_decode per token for all rows,
     moving the window as Sampling(window=window) does once the cache is full."""
-    if window not in sm.sampling.WINDOWS:
-        raise ValueError(f"window must be one of {sm.sampling.WINDOWS}, got {window!r}")
+    if window not in sm.generation.sampling.WINDOWS:
+        raise ValueError(f"window must be one of {sm.generation.sampling.WINDOWS}, got {window!r}")
     cfg, prm = model._cfg, model._params
     T = model.config.block_size
-    keep = sm.sampling.window_keep(T, window)
+    keep = sm.generation.sampling.window_keep(T, window)
     B = prompt.shape[0]
     out = np.empty((B, n), np.int64)
     if n == 0:

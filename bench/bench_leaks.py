@@ -28,7 +28,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(HERE))
     import smallmind as sm
-from smallmind.tracker import process_rss  # noqa: E402
+from smallmind.core.tracker import process_rss  # noqa: E402
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
         "You are all resolved rather to die than to famish?\n") * 4

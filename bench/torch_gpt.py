@@ -252,7 +252,7 @@ def generate_with_cache(model, idx, n, window="shift"):
     window) are prefilled again, positions from 0, and decoding goes on. Returns the new tokens
     (B, n) int64. The math of forward() on the same windows, up to float rounding."""
     # the rule is smallmind's own (Sampling uses it), so the two loops cannot drift apart
-    from smallmind.sampling import WINDOWS, window_keep
+    from smallmind.generation.sampling import WINDOWS, window_keep
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
     cfg = model.config

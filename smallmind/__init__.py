@@ -3,20 +3,22 @@
 The compute core is C (csrc/) with OpenMP, reached through a thin Cython layer that releases
 the GIL; this package holds the readable Python classes on top. Start at README.md.
 """
-from . import corpus, kernels, metrics
-from .memory import MemoryPool, PooledBuffer, default_pool
-from .model import PRESETS, ModelConfig, TransformerModel
-from .tokenizer import Tokenizer, UnknownCharacterWarning
+from .core import _core, kernels
+from .core.memory import MemoryPool, PooledBuffer, default_pool
+from .core.tracker import MemorySnapshot, MemoryTracker
+from .model import corpus
+from .model.transformer import PRESETS, ModelConfig, TransformerModel
+from .model.tokenizer import Tokenizer, UnknownCharacterWarning
+from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .model.training import History, Training
 from .cancellation import CancellationToken, CancellationTokenSource
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .training import History, Training
-from .sampling import GenerationResult, Sampling
-from .serving import SamplerPool, ThrottledInferenceService
-from .index import VectorIndex
-from .tracker import MemorySnapshot, MemoryTracker
-from .retrieval import (Answer, Answerer, ModelEmbedder, Passage, PromptBuilder, Retriever,
-                        TfidfEmbedder)
-from ._core import (
+from .generation.sampling import GenerationResult, Sampling
+from .generation.serving import SamplerPool, ThrottledInferenceService
+from .retrieval.index import VectorIndex
+from .retrieval.rag import (Answer, Answerer, ModelEmbedder, Passage, PromptBuilder, Retriever,
+                            TfidfEmbedder)
+from . import metrics
+from .core._core import (
     build_info,
     get_num_threads,
     set_num_threads,
@@ -36,7 +38,7 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-from . import _threadpool  # noqa: E402  (registers with threadpoolctl when it is installed)
+from .core import _threadpool  # noqa: E402  (registers with threadpoolctl when it is installed)
 
 __all__ = [
     "__version__", "build_info", "get_num_threads", "set_num_threads", "set_simd_level",

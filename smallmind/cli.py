@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from . import __version__, build_info, kernels
+from . import __version__, build_info
+from .core import kernels
 
 _SHAPES = [(4096, 128, 384), (4096, 512, 128), (1024, 1024, 1024), (1, 768, 2304)]
 
@@ -72,9 +73,9 @@ def _bench_generation():
     """Greedy generation with untrained weights: time to first token after a 64-token prompt
     and tokens/s over 256 new tokens, for two model sizes (bench/bench_generate.py has the full
     comparison with PyTorch)."""
-    from .model import ModelConfig, TransformerModel
-    from .sampling import Sampling
-    from .tokenizer import Tokenizer
+    from .model.transformer import ModelConfig, TransformerModel
+    from .generation.sampling import Sampling
+    from .model.tokenizer import Tokenizer
     tok = Tokenizer("".join(chr(48 + i) for i in range(65)))
     prompt = "".join(chr(48 + (7 * i) % 65) for i in range(64))
     print(f"\n{'model (layers/heads/width)':>28s} {'params':>8s} {'first token ms':>15s} "
@@ -92,10 +93,10 @@ def _bench_generation():
 
 def cmd_demo(args):
     """Train a small model on the built-in corpus, then generate from it."""
-    from .corpus import builtin_corpus
-    from .model import ModelConfig, TransformerModel
-    from .tokenizer import Tokenizer
-    from .training import Training
+    from .model.corpus import builtin_corpus
+    from .model.transformer import ModelConfig, TransformerModel
+    from .model.tokenizer import Tokenizer
+    from .model.training import Training
 
     # Checked before the corpus is read and the model built: the demo ends by printing the
     # validation loss of its last step, which 0 steps do not have (an IndexError traceback).
@@ -121,7 +122,7 @@ def cmd_demo(args):
     progress.end()
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s; validation loss "
           f"{hist.val_loss[-1]:.3f} (a uniform guess scores {np.log(tok.vocab_size):.3f})")
-    from .sampling import Sampling
+    from .generation.sampling import Sampling
     model.eval()
     print("\n--- generated ---")
     print(args.prompt, end="", flush=True)
@@ -149,7 +150,7 @@ def _read_corpus(paths):
     """The training text: the files given, every text file under the folders given (sorted, so
     the order is deterministic), or the built-in corpus when nothing is given."""
     if not paths:
-        from .corpus import builtin_corpus
+        from .model.corpus import builtin_corpus
         return builtin_corpus(), "the built-in corpus (the Python standard library's documentation)"
     files = []
     for p in paths:
@@ -279,9 +280,9 @@ def _settings(args):
 def cmd_train(args):
     from .cancellation import CancellationTokenSource
     from .errors import CancelledError
-    from .model import ModelConfig, TransformerModel
-    from .tokenizer import Tokenizer
-    from .training import CANCELLED_FILE, LAST_FILE, Training
+    from .model.transformer import ModelConfig, TransformerModel
+    from .model.tokenizer import Tokenizer
+    from .model.training import CANCELLED_FILE, LAST_FILE, Training
 
     st = _settings(args)
     m, t = st.model, st.training
@@ -367,7 +368,7 @@ def _plot_losses(hist, ckdir):
 
 
 def _load(path):
-    from .checkpoint import load_checkpoint
+    from .model.checkpoint import load_checkpoint
     if not os.path.isfile(path):
         raise UserError(f"no such checkpoint: {path}")
     return load_checkpoint(path)
@@ -375,7 +376,7 @@ def _load(path):
 
 def _sampling(args):
     """(Sampling, its generate options) for generate / chat, from the settings."""
-    from .sampling import Sampling
+    from .generation.sampling import Sampling
     inf = _settings(args).inference
     model, tok = _load(args.checkpoint)
     if tok is None:
@@ -397,7 +398,7 @@ def cmd_generate(args):
 
 def cmd_serve(args):
     try:
-        from .server import serve
+        from .generation.server import serve
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:

@@ -62,7 +62,7 @@ class ModelOptions:
     dropout: float = 0.0
 
     def __post_init__(self):
-        from .model import PRESETS
+        from .model.transformer import PRESETS
         _check(self.preset is None or self.preset in PRESETS, "model", "preset", self.preset,
                f"one of {sorted(PRESETS)}")
         for name in ("n_layer", "n_head", "n_embd", "block_size"):

@@ -146,7 +146,7 @@ def render_prometheus() -> str:
 
 
 def _pool_collector(reg: Registry) -> None:
-    from .memory import default_pool
+    from .core.memory import default_pool
     st = default_pool().stats()
     reg.set("smallmind_pool_rents_total", st["rents"], "buffers rented from the default pool",
             counter=True)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from smallmind import _safetensors
-from smallmind.checkpoint import read_checkpoint
+from smallmind import safetensors as _safetensors
+from smallmind.model.checkpoint import read_checkpoint
 
 TEXT = "to be, or not to be: that is the question.\n" * 20
 TOK = sm.Tokenizer(TEXT)

@@ -39,7 +39,7 @@ def test_demo_bad_option_is_one_clear_line(capsys):
 
 
 def test_builtin_corpus_is_deterministic_and_large():
-    from smallmind.corpus import builtin_corpus
+    from smallmind.model.corpus import builtin_corpus
     a = builtin_corpus()
     assert len(a) > 1_000_000
     assert builtin_corpus(1000) == a[:1000]

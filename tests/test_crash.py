@@ -48,7 +48,7 @@ def test_truncated_checkpoint_is_never_taken_for_a_good_one(tmp_path):
 
 
 def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):
-    from smallmind import _safetensors
+    from smallmind import safetensors as _safetensors
     dead = 2 ** 22 + 12345          # above Linux's default pid_max: no such process
     stale = tmp_path / f".model_last.safetensors.{dead}.1.0badcafe.tmp"
     live = tmp_path / f".model_last.safetensors.{os.getpid()}.1.0badcafe.tmp"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from smallmind import _core
+from smallmind.core import _core
 
 
 def _model(V=13, T=150, L=2, NH=2, C=24, seed=0):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from smallmind import _safetensors as st
+from smallmind import safetensors as st
 from smallmind import kernels as K
 from smallmind.config import (InferenceOptions, ModelOptions, ServerOptions, TrainingOptions,
                               load_settings)
@@ -1949,7 +1949,7 @@ def test_server_request_validation():
     generation (the pool's count is unchanged) and a good request still works afterwards."""
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
-    from smallmind.server import create_app
+    from smallmind.generation.server import create_app
     m = _tiny_model()
     app = create_app(m, TOK, ServerOptions(max_concurrency=1, queue_size=0), model_name="t")
     before = _outstanding()

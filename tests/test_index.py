@@ -159,7 +159,7 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     raw = path.read_bytes()
     (tmp_path / "trunc").write_bytes(raw[:-7])
     (tmp_path / "garbage").write_bytes(b"\x00" * 64)
-    from smallmind._safetensors import save_file
+    from smallmind.safetensors import save_file
     save_file({"vectors": X}, tmp_path / "plain")          # safetensors, but not an index
     import json
     hdr = {"format": "smallmind.VectorIndex", "version": 1, "dim": 6, "metric": "cosine",

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from smallmind import _core
+from smallmind.core import _core
 from smallmind.errors import ObjectDisposedError, SmallMindError, ValidationError
 from conftest import assert_close
 

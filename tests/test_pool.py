@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from smallmind import _core
+from smallmind.core import _core
 
 KEYS = {"rents", "returns", "hits", "misses", "outstanding_buffers", "outstanding_bytes",
         "pooled_buffers", "pooled_bytes", "peak_outstanding_bytes", "discarded", "trimmed",

@@ -10,9 +10,9 @@ import threading
 import numpy as np
 import pytest
 
-from smallmind import _safetensors as st
+from smallmind import safetensors as st
 from smallmind.errors import CheckpointError, ValidationError
-from smallmind._safetensors import load_file, read_metadata, save_file
+from smallmind.safetensors import load_file, read_metadata, save_file
 
 try:
     import safetensors.numpy as ref

@@ -10,7 +10,7 @@ import pytest
 
 import smallmind as sm
 from conftest import CountdownEvent
-from smallmind.sampling import sample_next
+from smallmind.generation.sampling import sample_next
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 TOK = sm.Tokenizer(TEXT)
@@ -441,7 +441,7 @@ def test_generate_batch_rows_do_not_depend_on_the_batch():
 @pytest.fixture(autouse=True)
 def _no_busy_hint(monkeypatch):
     """Each test starts without another generation's fallback hint (it is process-wide)."""
-    from smallmind.sampling import _StepThreads
+    from smallmind.generation.sampling import _StepThreads
     monkeypatch.setattr(_StepThreads, "_busy_until", float("-inf"))
 
 
@@ -463,7 +463,7 @@ class _FakeClock:
 
 
 def test_step_threads_fall_back_to_one_thread_under_contention_and_come_back():
-    from smallmind.sampling import _StepThreads
+    from smallmind.generation.sampling import _StepThreads
     clock = _FakeClock()
     st = _StepThreads(2, clock=clock)
     for _ in range(20):
@@ -496,7 +496,7 @@ def test_step_threads_fall_back_to_one_thread_under_contention_and_come_back():
 
 
 def test_step_threads_keep_one_thread_when_it_is_faster_and_never_probe_with_one():
-    from smallmind.sampling import _StepThreads
+    from smallmind.generation.sampling import _StepThreads
     clock = _FakeClock()
     clock.cost = {1: 0.5, 2: 0.7}                        # a small model: 1 thread wins
     st = _StepThreads(2, clock=clock)
@@ -512,7 +512,7 @@ def test_step_threads_keep_one_thread_when_it_is_faster_and_never_probe_with_one
 
 def test_generation_is_identical_whatever_the_step_threads_choose(model, monkeypatch):
     # Force a switch every few steps: the text must not change (bits never depend on threads).
-    from smallmind import sampling
+    from smallmind.generation import sampling
     ref = sm.Sampling(model, TOK, threads=2).generate("the", 60, temperature=0.9, seed=4)
     ref_b = sm.Sampling(model, TOK, threads=2).generate_batch(["the", "a"], 30, seed=2)
 
@@ -528,7 +528,7 @@ def test_generation_is_identical_whatever_the_step_threads_choose(model, monkeyp
 
 
 def test_a_fallback_makes_the_next_generations_start_on_one_thread():
-    from smallmind.sampling import _StepThreads
+    from smallmind.generation.sampling import _StepThreads
     clock = _FakeClock()
     first = _StepThreads(2, clock=clock)
     for _ in range(10):

@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 import smallmind as sm  # noqa: E402
 from smallmind.config import ServerOptions  # noqa: E402
-from smallmind.server import create_app  # noqa: E402
+from smallmind.generation.server import create_app  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 TOK = sm.Tokenizer(TEXT)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from smallmind.errors import ValidationError
-from smallmind.tokenizer import Tokenizer, UnknownCharacterWarning
+from smallmind.model.tokenizer import Tokenizer, UnknownCharacterWarning
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 WEIRD = "a\x00\nZ \t\"\\é漢字\u2028\ud7ff\ue000\uffff😀𝄞\U0010ffff"

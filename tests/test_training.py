@@ -11,7 +11,7 @@ import pytest
 
 import smallmind as sm
 from conftest import CountdownEvent, run_python
-from smallmind.training import BEST_FILE, CANCELLED_FILE, LAST_FILE
+from smallmind.model.training import BEST_FILE, CANCELLED_FILE, LAST_FILE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")

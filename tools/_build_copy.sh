@@ -3,7 +3,7 @@
 # in-place build untouched. Expects ROOT (the repository), WORK and PY to be set.
 rm -rf "$WORK" && mkdir -p "$WORK/pkg"
 cp -r "$ROOT/smallmind" "$ROOT/tests" "$ROOT/tools" "$ROOT/bench" "$ROOT/fuzz" "$ROOT/README.md" "$WORK/pkg/"
-rm -f "$WORK"/pkg/smallmind/*.so "$WORK"/pkg/smallmind/_core.c
+rm -f "$WORK"/pkg/smallmind/core/*.so "$WORK"/pkg/smallmind/core/_core.c
 (cd "$ROOT" && "$PY" setup.py -q build_ext --build-lib "$WORK/lib" --build-temp "$WORK/tmp" 2>&1 \
     | { grep -iE "error|warning: " || true; })
-cp "$WORK"/lib/smallmind/_core*.so "$WORK/pkg/smallmind/"
+cp "$WORK"/lib/smallmind/core/_core*.so "$WORK/pkg/smallmind/core/"

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _core
-from ._safetensors import load_file, save_file
-from .errors import CheckpointError, ObjectDisposedError, ValidationError
-from .model import _is_int
+from ..core import _core
+from ..safetensors import load_file, save_file
+from ..errors import CheckpointError, ObjectDisposedError, ValidationError
+from ..model.transformer import _is_int
 
 __all__ = ["VectorIndex", "METRICS"]
 

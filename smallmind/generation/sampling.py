@@ -16,12 +16,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import metrics as _metrics
-from . import _core
-from .cancellation import check_cancel
-from .errors import CancelledError, NumericalError, ValidationError
-from .model import TransformerModel, _is_int
-from .tokenizer import Tokenizer
+from .. import metrics as _metrics
+from ..core import _core
+from ..cancellation import check_cancel
+from ..errors import CancelledError, NumericalError, ValidationError
+from ..model.transformer import TransformerModel, _is_int
+from ..model.tokenizer import Tokenizer
 
 __all__ = ["Sampling", "GenerationResult"]
 

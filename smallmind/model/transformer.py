@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import _core
-from .errors import DTypeError, ObjectDisposedError, ValidationError
+from ..core import _core
+from ..errors import DTypeError, ObjectDisposedError, ValidationError
 
 __all__ = ["ModelConfig", "TransformerModel", "PRESETS"]
 

@@ -5,7 +5,7 @@ import operator
 
 import numpy as np
 cimport numpy as cnp
-from .errors import ValidationError
+from ..errors import ValidationError
 
 from libc.stdint cimport int64_t, uintptr_t
 from libc.float cimport FLT_MAX

@@ -23,13 +23,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import metrics as _metrics
-from . import _core, _safetensors
-from .cancellation import check_cancel
+from .. import metrics as _metrics
+from ..core import _core
+from .. import safetensors as _safetensors
+from ..cancellation import check_cancel
 from .checkpoint import (Checkpoint, copy_moments, model_from_checkpoint, read_checkpoint,
                          save_checkpoint)
-from .errors import CancelledError, CheckpointError, ValidationError
-from .model import TransformerModel, _aligned_zeros, _is_int
+from ..errors import CancelledError, CheckpointError, ValidationError
+from .transformer import TransformerModel, _aligned_zeros, _is_int
 from .tokenizer import Tokenizer
 
 __all__ = ["Training", "History"]

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _safetensors
-from .errors import CheckpointError, ValidationError
-from .model import ModelConfig, TransformerModel
+from .. import safetensors as _safetensors
+from ..errors import CheckpointError, ValidationError
+from .transformer import ModelConfig, TransformerModel
 from .tokenizer import Tokenizer
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "Checkpoint"]
@@ -59,7 +59,7 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None =
                 tensors[prefix + name] = model._view(block, name)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
             "model_config": json.dumps(model.config.to_dict(), sort_keys=True)}
-    from . import __version__
+    from .. import __version__
     meta["smallmind_version"] = __version__
     if tokenizer is not None:
         meta["tokenizer"] = tokenizer.to_json()

@@ -11,7 +11,7 @@
 # block's return needs no such care, as an outstanding block keeps its pool object alive.
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
-from .errors import ObjectDisposedError, SmallMindError
+from ..errors import ObjectDisposedError, SmallMindError
 
 # Largest rent(n) accepted, in float32 elements (4 TiB): beyond it a request is surely a bug.
 MAX_RENT_ELEMENTS = 1 << 40

@@ -22,13 +22,13 @@ import time
 import uuid
 import warnings
 
-from . import metrics as _metrics
-from .config import ServerOptions
-from .errors import CancelledError, SmallMindError, ValidationError
-from .model import TransformerModel
+from .. import metrics as _metrics
+from ..config import ServerOptions
+from ..errors import CancelledError, SmallMindError, ValidationError
+from ..model.transformer import TransformerModel
 from .sampling import Sampling
 from .serving import default_threads_per_request
-from .tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 logger = logging.getLogger("smallmind.server")
 
@@ -118,7 +118,7 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     """The FastAPI application serving `model` (put in eval mode, shared by every request)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
-    from .config import InferenceOptions
+    from ..config import InferenceOptions
 
     options = options or ServerOptions()
     inference = inference or InferenceOptions()

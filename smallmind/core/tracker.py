@@ -22,7 +22,7 @@ import sys
 import time
 
 from . import _core
-from .errors import ValidationError
+from ..errors import ValidationError
 from .memory import MemoryPool, default_pool
 
 __all__ = ["MemoryTracker", "MemorySnapshot", "process_rss", "process_peak_rss"]

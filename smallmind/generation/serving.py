@@ -17,10 +17,10 @@ import os
 import queue
 import threading
 
-from .errors import ObjectDisposedError, ValidationError
-from .model import TransformerModel, _is_int
+from ..errors import ObjectDisposedError, ValidationError
+from ..model.transformer import TransformerModel, _is_int
 from .sampling import Sampling, _generate_async, _stream_async
-from .tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 __all__ = ["SamplerPool", "ThrottledInferenceService", "default_threads_per_request"]
 

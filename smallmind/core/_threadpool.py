@@ -26,7 +26,7 @@ if LibController is not None:
             self.dynlib.smallmind_set_num_threads(int(num_threads))
 
         def get_version(self):
-            from . import __version__
+            from .. import __version__
 
             return __version__
 

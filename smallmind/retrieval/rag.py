@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _core
-from .errors import ValidationError
+from ..core import _core
+from ..errors import ValidationError
 from .index import VectorIndex
-from .model import TransformerModel, _is_int
-from .sampling import Sampling
-from .tokenizer import Tokenizer
+from ..model.transformer import TransformerModel, _is_int
+from ..generation.sampling import Sampling
+from ..model.tokenizer import Tokenizer
 
 __all__ = ["TfidfEmbedder", "ModelEmbedder", "Retriever", "Passage", "PromptBuilder",
            "Answer", "Answerer"]
