@@ -13,7 +13,7 @@ import smallmind as sm
 from smallmind import safetensors as _safetensors
 from smallmind.model.checkpoint import model_from_checkpoint
 from smallmind.config import InferenceOptions
-from smallmind.generation.sampling import _check_sampling_args
+from smallmind.generation.sampling import check_sampling_args
 from smallmind.generation.server import _parse_request
 
 # Files go to RAM when the machine has /dev/shm: thousands of loads a second, no disk wear.
@@ -108,7 +108,7 @@ def http(data: bytes) -> None:
     and TypeError; anything else would be a 500."""
     try:
         req = _parse_request(data, _DEFAULTS)
-        _check_sampling_args(**req["kwargs"])
+        check_sampling_args(**req["kwargs"])
     except (sm.ValidationError, TypeError):
         return
     kw = dict(req["kwargs"], max_new_tokens=min(req["kwargs"]["max_new_tokens"], 3))

@@ -9,6 +9,7 @@ option value) prints one line, "smallmind: error: ...", and exits with status 2;
 traceback. Ctrl-C exits with status 130.
 """
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -261,7 +262,7 @@ def _settings(args):
     from .config import load_settings
     flags = {k: v for k, v in vars(args).items() if v is not None}
     model = {k: flags.get(k) for k in ("preset", "n_layer", "n_head", "n_embd", "block_size")}
-    training = {k: flags.get(k) for k in ("steps", "batch_size", "learning_rate", "warmup",
+    training = {k: flags.get(k) for k in ("steps", "batch_size", "learning_rate", "warmup_steps",
                                           "eval_every", "eval_batches", "save_every",
                                           "checkpoint_dir", "seed", "threads", "log_every")}
     inference = {k: flags.get(k) for k in ("max_tokens", "temperature", "top_k", "top_p",
@@ -319,11 +320,9 @@ def cmd_train(args):
     restore = _cancel_on_sigint(source)
     progress = _Progress(t.steps, t.log_every)
     try:
-        hist = trainer.train(t.steps, t.learning_rate, warmup_steps=min(t.warmup, t.steps),
-                             eval_every=t.eval_every, eval_batches=t.eval_batches,
-                             save_every=t.save_every, checkpoint_dir=ckdir,
-                             cancel=source.token, log_every=0, callback=progress,
-                             threads=t.threads)
+        # log_every=0: the progress line reports instead of log records
+        run = dataclasses.replace(t, warmup_steps=min(t.warmup_steps, t.steps), log_every=0)
+        hist = trainer.train(**run.train_arguments(), cancel=source.token, callback=progress)
     except CancelledError:
         progress.end()
         path = os.path.join(ckdir, CANCELLED_FILE)
@@ -477,7 +476,8 @@ def main(argv=None):
     train.add_argument("--steps", type=int, help="optimizer steps in all (default 1000)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", type=float)
-    train.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
+    train.add_argument("--warmup", type=int, dest="warmup_steps",
+                       help="warm-up steps (default 100)")
     train.add_argument("--eval-every", type=int)
     train.add_argument("--eval-batches", type=int)
     train.add_argument("--save-every", type=int)

@@ -219,7 +219,8 @@ def _fail(path, what):
     return CheckpointError(f"{path!r} is not a valid safetensors file: {what}")
 
 
-def _is_int(v):
+def _is_json_int(v):
+    # a JSON integer exactly (json.loads gives int; bool is excluded by the type test)
     return type(v) is int
 
 
@@ -277,11 +278,11 @@ def _parse_header(path, raw, data_size):
                         f"(supported: {', '.join(sorted(_DTYPES))})")
         shape = e["shape"]
         if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
-                or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape)):
+                or not all(_is_json_int(d) and 0 <= d <= _MAX_DIM for d in shape)):
             raise _fail(path, f"tensor {name!r} has shape {shape!r}; a shape is a list of at most "
                         f"{_MAX_NDIM} non-negative integers")
         offs = e["data_offsets"]
-        if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_int, offs))):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_json_int, offs))):
             raise _fail(path, f"tensor {name!r} has data_offsets {offs!r}; expected [begin, end] integers")
         begin, end = offs
         if not 0 <= begin <= end:

@@ -61,7 +61,6 @@ class _Gate:
         self.slots, self.queue = slots, queue
         self._sem = asyncio.Semaphore(slots)
         self.inside = 0          # running or waiting
-        self.running = 0
 
     def admit(self) -> bool:
         if self.inside >= self.slots + self.queue:
@@ -135,8 +134,8 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     def validate(req):
         s = Sampling(model, tokenizer, threads=threads, window=inference.window)
         # argument checks of Sampling, before any slot is taken
-        from .sampling import _check_sampling_args
-        _check_sampling_args(**req["kwargs"])
+        from .sampling import check_sampling_args
+        check_sampling_args(**req["kwargs"])
         with warnings.catch_warnings():        # unknown characters: the reply says enough
             warnings.simplefilter("ignore")
             known = tokenizer.encode(req["prompt"])
