@@ -1,4 +1,4 @@
-"""_safetensors.py - read and write the safetensors format with numpy alone (no pickle, no
+"""safetensors.py - read and write the safetensors format with numpy alone (no pickle, no
 `safetensors` package).
 
 Format (Hugging Face): 8-byte little-endian header length N, N bytes of UTF-8 JSON mapping

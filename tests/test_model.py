@@ -1,5 +1,5 @@
-"""test_model.py - proves smallmind's GPT-2 (csrc/sm_model.c through smallmind/_model.pxi and
-smallmind/model.py) right: ModelConfig validation and presets; the parameter block's layout
+"""test_model.py - proves smallmind's GPT-2 (csrc/sm_model.c through smallmind/core/_model.pxi and
+smallmind/model/transformer.py) right: ModelConfig validation and presets; the parameter block's layout
 (Hugging Face names, zero-copy views, zero padding) and GPT-2 initialisation; logits, loss and
 EVERY parameter's gradient against the float64 numpy reference (tests/reference_model.py), its
 analytic backward and its central finite differences, and against PyTorch where installed;

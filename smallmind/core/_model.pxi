@@ -1,5 +1,5 @@
 # _model.pxi - wrappers of sm_model.h: the GPT parameter layout, the training state, and the
-# whole-model forward / backward / AdamW calls that smallmind/model.py builds TransformerModel on.
+# whole-model forward / backward / AdamW calls that smallmind/model/transformer.py builds TransformerModel on.
 # Each call validates with the GIL, then runs the entire pass in C without it.
 
 import threading as _threading

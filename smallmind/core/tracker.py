@@ -1,5 +1,5 @@
 """tracker.py - MemoryTracker: what smallmind's C memory and the process look like, phase by
-phase (the guide's MemoryTracker).
+phase.
 
     with sm.MemoryTracker() as mt:
         model.forward(ids)

@@ -1,4 +1,4 @@
-"""serving.py - the guide's concurrency patterns as library code: a bounded pool of Sampling
+"""serving.py - two ways to share one model between many callers: a bounded pool of Sampling
 objects shared by threads (SamplerPool) and an asyncio service that throttles concurrent
 generations (ThrottledInferenceService), both over one shared model.
 

@@ -29,8 +29,9 @@ __all__ = ["ModelConfig", "TransformerModel", "PRESETS"]
 _LIMITS = {"vocab_size": 2 ** 31, "block_size": 2 ** 24, "n_layer": 4096, "n_head": 2 ** 20,
            "n_embd": 2 ** 20}
 
-# Named shapes. tiny/small/medium are the original SmallMind's presets; shakespeare-char is
-# nanoGPT's character-level Shakespeare model; gpt2 is GPT-2 124M's shape (vocab 50257).
+# Named shapes. tiny/small/medium keep the sizes of the .NET SmallMind project this package
+# reimplements; shakespeare-char is nanoGPT's character-level Shakespeare model; gpt2 is GPT-2
+# 124M's shape (vocab 50257).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
     "small": dict(block_size=128, n_layer=4, n_head=4, n_embd=64, dropout=0.1),

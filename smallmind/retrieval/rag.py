@@ -1,5 +1,5 @@
-"""retrieval.py - text embedders and retrieval-augmented generation over a VectorIndex: the
-original's TF-IDF embedder, Retriever, PromptBuilder and Answerer, plus an embedder that uses
+"""rag.py - text embedders and retrieval-augmented generation over a VectorIndex: a TF-IDF
+embedder, Retriever, PromptBuilder and Answerer, plus an embedder that uses
 a TransformerModel's own hidden states.
 
     embedder = sm.TfidfEmbedder(max_features=512).fit(passages)
