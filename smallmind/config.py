@@ -312,41 +312,46 @@ def load_settings(config_path=None, *, env: Mapping[str, str] | None = None,
     values: dict[str, dict] = {name: dict(CLI_DEFAULTS.get(name, {})) for name in _SECTIONS}
     sources = ["defaults"]
     if config_path is not None:
-        import tomllib
+        try:
+            import tomllib                # Python 3.11+
+        except ImportError:               # 3.9 / 3.10: the same parser as a package
+            import tomli as tomllib  # type: ignore[no-redef]
         # open() takes an int as a file descriptor: 3 would read some other open file
         if isinstance(config_path, bool) or not isinstance(config_path, (str, bytes, os.PathLike)):
             raise TypeError(f"config_path must be a path or None, got {type(config_path).__name__}")
+        shown = os.fsdecode(config_path)       # for messages (a bytes path prints as b'...')
         try:
             with open(config_path, "rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
-            raise ValidationError(f"no such config file: {config_path}") from None
+            raise ValidationError(f"no such config file: {shown}") from None
         except OSError as e:            # a folder, no permission, ...
-            raise ValidationError(f"cannot read config file {config_path}: {e}") from None
+            raise ValidationError(f"cannot read config file {shown}: {e}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
             # UnicodeDecodeError: not UTF-8; RecursionError: tomllib gives up on deep nesting.
-            raise ValidationError(f"{config_path} is not valid TOML: {e}") from None
+            raise ValidationError(f"{shown} is not valid TOML: {e}") from None
         for section, table in data.items():
             if section not in _SECTIONS:
-                raise ValidationError(f"{config_path}: unknown section [{section}] (known: "
+                raise ValidationError(f"{shown}: unknown section [{section}] (known: "
                                       f"{', '.join(_SECTIONS)})")
             if not isinstance(table, dict):
-                raise ValidationError(f"{config_path}: [{section}] must be a table")
+                raise ValidationError(f"{shown}: [{section}] must be a table")
             fields = _field_types(_SECTIONS[section])
             for k, v in table.items():
                 if k not in fields:
-                    raise ValidationError(f"{config_path}: unknown option {section}.{k}")
+                    raise ValidationError(f"{shown}: unknown option {section}.{k}")
                 values[section][k] = tuple(v) if isinstance(v, list) else v
-        sources.append(str(config_path))
+        sources.append(shown)
     env = os.environ if env is None else env
     used_env = False
     for key, raw in env.items():
         if not key.startswith(_ENV_PREFIX):
             continue
         rest = key[len(_ENV_PREFIX):].lower()
-        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        if section is None:
-            continue                  # other SMALLMIND_* variables (SMALLMIND_SIMD, ...)
+        found = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if found is None:
+            continue
+        section = found                  # other SMALLMIND_* variables (SMALLMIND_SIMD, ...)
         name = rest[len(section) + 1:]
         fields = _field_types(_SECTIONS[section])
         if name not in fields:

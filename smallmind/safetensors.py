@@ -184,7 +184,7 @@ def remove_stale_temporaries(directory) -> list:
     """Delete the temporary files save_file left in `directory` when its process was killed
     mid-write (kill -9, power loss): names of save_file's pattern whose writer process no longer
     runs. A live writer's file is never touched. Returns the names removed."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -228,8 +228,8 @@ def _parse_header(path, raw, data_size):
     """Validate the header bytes; return ({name: (st_dtype, shape, begin, end)}, metadata)."""
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _fail(path, f"the header is not valid UTF-8 ({e})") from None
+    except UnicodeDecodeError as err:
+        raise _fail(path, f"the header is not valid UTF-8 ({err})") from None
 
     def pairs(kv):
         d = {}
@@ -246,8 +246,8 @@ def _parse_header(path, raw, data_size):
         header = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except CheckpointError:
         raise
-    except (ValueError, RecursionError) as e:
-        raise _fail(path, f"the header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as err:
+        raise _fail(path, f"the header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise _fail(path, f"the header must be a JSON object, got {type(header).__name__}")
 

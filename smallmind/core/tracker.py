@@ -77,8 +77,8 @@ class MemoryTracker:
             raise ValidationError(f"pool must be a MemoryPool or None, got {type(pool).__name__}")
         self.pool = pool if pool is not None else default_pool()
         self.snapshots: list[MemorySnapshot] = []
-        self._t0 = None
-        self._base = None
+        self._t0: float | None = None
+        self._base: MemorySnapshot | None = None
 
     def start(self) -> "MemoryTracker":
         """Begin (again): clears the snapshots, restarts the peak, records a "start" snapshot."""

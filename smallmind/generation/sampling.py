@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -114,12 +114,12 @@ class _StepThreads:
     def __init__(self, threads: int | None, clock=time.perf_counter):
         self.multi = _core.get_num_threads() if threads is None else threads
         self.clock = clock
-        self.avg = {self.multi: None, 1: None}
+        self.avg: dict[int, Any] = {self.multi: None, 1: None}   # seconds per step, once timed
         self.current = self.multi        # the count for steps that are not timed (prefills)
         self.steps = 0
         self.retry_after = self.FIRST_RETRY
         self.countdown = 0
-        self.retry = []                  # times of the multi-threaded retry in progress
+        self.retry: list[float] = []     # times of the multi-threaded retry in progress
         self.held = 0                    # steps on `threads` since it last won
         if self.multi > 1 and clock() < _StepThreads._busy_until:
             self.current, self.steps, self.countdown = 1, self._PROBE, self.FIRST_RETRY
@@ -334,9 +334,9 @@ class Sampling:
         contexts = [list(e[-T:]) for e in ids]
         prompt_tokens = [len(c) for c in contexts]
         held = list(prompt_tokens)               # tokens in each row of the cache
-        new = [[] for _ in range(B)]
+        new: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
-        reasons = [None] * B
+        reasons: list[Any] = [None] * B          # None while a row is still generating
         ttft = 0.0
         steps = _StepThreads(threads)
         cache = _core.GPTCache(cfg, B, T)

@@ -124,12 +124,12 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     model.eval()
     threads = options.threads_per_request or default_threads_per_request(options.max_concurrency)
     app = FastAPI(title="smallmind", docs_url=None, redoc_url=None)
-    state = {"gate": None}
+    state: dict[str, _Gate | None] = {"gate": None}
 
     def gate() -> _Gate:       # created inside the server's event loop
         if state["gate"] is None:
             state["gate"] = _Gate(options.max_concurrency, options.queue_size)
-        return state["gate"]
+        return state["gate"]  # type: ignore[return-value]  # set just above
 
     def validate(req):
         s = Sampling(model, tokenizer, threads=threads, window=inference.window)

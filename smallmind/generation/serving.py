@@ -99,7 +99,7 @@ class ThrottledInferenceService(Closeable):
         Sampling(model, tokenizer)                      # validates the pair now
         self._executor = concurrent.futures.ThreadPoolExecutor(
             self.max_concurrency, thread_name_prefix="smallmind-infer")
-        self._sem = None                                # made on first use, in the running loop
+        self._sem: asyncio.Semaphore | None = None     # made on first use, in the running loop
         self._lock = threading.Lock()
         self._active = 0
 

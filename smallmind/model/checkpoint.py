@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import NoReturn
 
 
 import numpy as np
@@ -68,7 +69,7 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None =
     _safetensors.save_file(tensors, os.fspath(path), meta)
 
 
-def _fail(path, what: str):
+def _fail(path, what: str) -> NoReturn:
     raise CheckpointError(f"{os.fspath(path)}: {what}")
 
 
@@ -121,7 +122,7 @@ def read_checkpoint(path) -> Checkpoint:
             _fail(path, f"{name} must be float32 {shape}, got {t.dtype} {t.shape}")
         if not np.isfinite(t).all():
             _fail(path, f"{name} contains NaN or infinite values")
-    moments = [None, None]
+    moments: list[dict | None] = [None, None]
     for i, prefix in enumerate((_M, _V)):
         part = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         if not part:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
@@ -112,7 +112,7 @@ class ParameterLayout:
         """Every tensor of `block` as a zero-copy view, in Hugging Face order."""
         return {s.name: block[s.offset:s.offset + s.size].reshape(s.shape) for s in self}
 
-    def fill(self, block: np.ndarray, tensors: dict) -> None:
+    def fill(self, block: np.ndarray, tensors: Mapping[str, Any]) -> None:
         """Copy `tensors` (name -> array of the tensor's shape, every name present) into block."""
         for s in self:
             block[s.offset:s.offset + s.size].reshape(s.shape)[...] = tensors[s.name]

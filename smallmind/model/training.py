@@ -369,7 +369,7 @@ class Training:
         if ck.tokenizer is not None and ck.tokenizer != self.tokenizer:
             raise CheckpointError(f"{ck.path}: the checkpoint's tokenizer differs from this one")
         t = ck.training
-        if t is None or ck.exp_avg is None:
+        if t is None or ck.exp_avg is None or ck.exp_avg_sq is None:
             raise CheckpointError(f"{ck.path}: no training state (a model-only checkpoint)")
         try:
             step, adam_t = int(t["step"]), int(t["adam_t"])

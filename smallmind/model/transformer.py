@@ -148,9 +148,9 @@ class TransformerModel(Closeable):
         self._cfg = config.core_tuple()
         self._layout = config.layout
         self._params = self._layout.new_block()
-        self._grad_block = None        # allocated on first use: inference never needs it
+        self._grad_block: np.ndarray | None = None   # allocated on first use: inference never needs it
         self._training = True
-        self._state = None            # GPTState of the last training batch shape
+        self._state: Any = None       # _core.GPTState of the last training batch shape
         self._backward_ready = False  # the latest forward was a train-mode one with targets
         self._lock = threading.RLock()
         # Dropout masks: one 64-bit seed per training forward, drawn from this generator.
@@ -186,11 +186,11 @@ class TransformerModel(Closeable):
         return self._cfg
 
     @property
-    def dropout_rng_state(self) -> dict:
+    def dropout_rng_state(self) -> dict[str, Any]:
         """The state of the generator that draws dropout masks (saved by training checkpoints so
         a resumed run draws the same masks)."""
         with self._lock:
-            return self._dropout_rng.bit_generator.state
+            return dict(self._dropout_rng.bit_generator.state)
 
     @dropout_rng_state.setter
     def dropout_rng_state(self, state: dict) -> None:

@@ -260,7 +260,7 @@ class VectorIndex(Closeable):
             else:
                 rows, scores = self._store.search(q, kk, threads)
             ids = [[self._ids[r] for r in row] for row in rows.tolist()]
-            meta = [[self._meta[r] for r in row] for row in rows.tolist()] if with_metadata else None
+            meta: Any = [[self._meta[r] for r in row] for row in rows.tolist()] if with_metadata else None
         if single:
             out = (ids[0], scores[0])
             return out + (meta[0],) if with_metadata else out
@@ -285,7 +285,7 @@ class VectorIndex(Closeable):
         tensors, meta = load_file(path)
         where = os.fspath(path)
         try:
-            header = json.loads(meta[_META_KEY])
+            header: Any = json.loads(meta[_META_KEY])
         except KeyError:
             raise CheckpointError(f"{where!r} is not a smallmind VectorIndex file "
                                   f"(no {_META_KEY!r} metadata)") from None
@@ -296,9 +296,12 @@ class VectorIndex(Closeable):
         if header.get("version") != _VERSION:
             raise CheckpointError(f"{where!r}: index format version {header.get('version')!r} "
                                   f"is not supported (this smallmind reads {_VERSION})")
-        dim, metric = header.get("dim"), header.get("metric")
-        ids, metadata = header.get("ids"), header.get("metadata")
-        vectors = tensors.get("vectors")
+        # values from the file: anything until checked below
+        dim: Any = header.get("dim")
+        metric: Any = header.get("metric")
+        ids: Any = header.get("ids")
+        metadata: Any = header.get("metadata")
+        vectors: Any = tensors.get("vectors")
         problems = []
         if not is_int(dim) or not 1 <= dim <= 1 << 24:
             problems.append(f"dim {dim!r}")

@@ -65,7 +65,7 @@ class TfidfEmbedder:
         docs = _texts(documents, "documents")
         if not docs:
             raise ValidationError("documents must not be empty")
-        df = Counter()
+        df: Counter[str] = Counter()
         for d in docs:
             df.update(set(self._words(d)))
         if not df:
