@@ -149,6 +149,11 @@ def test_hand_written_pages_match_the_compiled_core():
                 assert shown in text, f"{name}.{attr}: expected {shown} in docs/api"
         else:
             assert f"## `smallmind.{name}{_params(obj)}`" in text, name
+    with sm.MemoryPool() as pool:       # the defaults the page's heading states
+        size = pool.max_buffer_size.bit_length() - 1
+        assert pool.max_buffer_size == 1 << size
+        assert (f"## `smallmind.MemoryPool(max_buffer_size=1 << {size}, max_buffers_per_bucket="
+                f"{pool.max_buffers_per_bucket}, max_pooled_bytes={pool.max_pooled_bytes})`") in text
 
 
 def test_kernels_page_matches_the_kernels():
