@@ -61,9 +61,9 @@ def cmd_bench(args):
         # OpenBLAS and OpenMP keep their worker threads spinning for a while after a call:
         # let the other library's go idle before timing each one.
         time.sleep(0.3)
-        t_sm = _median_time(lambda: kernels.matmul(a, b, out=c))
+        t_sm = _median_time(lambda a=a, b=b, c=c: kernels.matmul(a, b, out=c))
         time.sleep(0.3)
-        t_np = _median_time(lambda: np.matmul(a, b, out=c))
+        t_np = _median_time(lambda a=a, b=b, c=c: np.matmul(a, b, out=c))
         fl = 2.0 * M * K * N
         print(f"{str((M, K, N)):>20s} {fl / t_sm / 1e9:18.1f} {fl / t_np / 1e9:14.1f} {t_np / t_sm:5.2f}x")
     _bench_generation()
@@ -74,9 +74,9 @@ def _bench_generation():
     """Greedy generation with untrained weights: time to first token after a 64-token prompt
     and tokens/s over 256 new tokens, for two model sizes (bench/bench_generate.py has the full
     comparison with PyTorch)."""
-    from .model.transformer import ModelConfig, TransformerModel
     from .generation.sampling import Sampling
     from .model.tokenizer import Tokenizer
+    from .model.transformer import ModelConfig, TransformerModel
     tok = Tokenizer("".join(chr(48 + i) for i in range(65)))
     prompt = "".join(chr(48 + (7 * i) % 65) for i in range(64))
     print(f"\n{'model (layers/heads/width)':>28s} {'params':>8s} {'first token ms':>15s} "
@@ -95,9 +95,9 @@ def _bench_generation():
 def cmd_demo(args):
     """Train a small model on the built-in corpus, then generate from it."""
     from .model.corpus import builtin_corpus
-    from .model.transformer import ModelConfig, TransformerModel
     from .model.tokenizer import Tokenizer
     from .model.training import Training
+    from .model.transformer import ModelConfig, TransformerModel
 
     # Checked before the corpus is read and the model built: the demo ends by printing the
     # validation loss of its last step, which 0 steps do not have (an IndexError traceback).
@@ -281,9 +281,9 @@ def _settings(args):
 def cmd_train(args):
     from .cancellation import CancellationTokenSource
     from .errors import CancelledError
-    from .model.transformer import ModelConfig, TransformerModel
     from .model.tokenizer import Tokenizer
     from .model.training import CANCELLED_FILE, LAST_FILE, Training
+    from .model.transformer import ModelConfig, TransformerModel
 
     st = _settings(args)
     m, t = st.model, st.training
@@ -397,9 +397,10 @@ def cmd_generate(args):
 
 def cmd_serve(args):
     try:
-        from .generation.server import serve
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
+
+        from .generation.server import serve
     except ImportError:
         raise UserError('serve needs FastAPI and uvicorn: pip install "smallmind[serve]"') from None
     st = _settings(args)

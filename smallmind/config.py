@@ -313,7 +313,7 @@ def load_settings(config_path=None, *, env: Mapping[str, str] | None = None,
     sources = ["defaults"]
     if config_path is not None:
         try:
-            import tomllib                # Python 3.11+
+            import tomllib  # Python 3.11+
         except ImportError:               # 3.9 / 3.10: the same parser as a package
             import tomli as tomllib  # type: ignore[no-redef]
         # open() takes an int as a file descriptor: 3 would read some other open file

@@ -64,6 +64,7 @@ def test_training_options_are_the_one_definition_of_train_arguments():
     # Training(...)), with the same defaults
     import dataclasses
     import inspect
+
     from smallmind.model.training import Training
     params = inspect.signature(Training.train).parameters
     fields = {f.name: f.default for f in dataclasses.fields(TrainingOptions)}

@@ -13,8 +13,7 @@ import pytest
 import smallmind as sm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from doc_blocks import (DOCS, README, ROOT, anchors, fenced_blocks, links,  # noqa: E402
-                        markdown_files, python_blocks, rel, run_block)
+from doc_blocks import DOCS, README, ROOT, anchors, fenced_blocks, links, markdown_files, python_blocks, rel, run_block  # noqa: E402
 
 if not os.path.isdir(DOCS):
     pytest.skip("no docs/ folder in this copy", allow_module_level=True)

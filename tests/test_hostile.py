@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 
 import smallmind as sm
-from smallmind import safetensors as st
 from smallmind import kernels as K
-from smallmind.config import (InferenceOptions, ModelOptions, ServerOptions, TrainingOptions,
-                              load_settings)
+from smallmind import safetensors as st
+from smallmind.config import InferenceOptions, ModelOptions, ServerOptions, TrainingOptions, load_settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))

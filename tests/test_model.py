@@ -19,11 +19,11 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import assert_close
 
 import smallmind as sm
 from smallmind.core import _core
 from smallmind.errors import ObjectDisposedError, SmallMindError, ValidationError
-from conftest import assert_close
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_model as ref  # noqa: E402
@@ -370,7 +370,7 @@ def test_gradients_match_finite_differences_of_reference(params64):
     m.backward()
     got = m.grads()
     r = np.random.default_rng(0)
-    for name, p in params64.items():
+    for name, _p in params64.items():
         g = got[name].astype(np.float64).ravel()
         if name == "transformer.wpe.weight":
             g = g[:T * C]  # rows past T have no gradient at all (checked above)
@@ -609,7 +609,7 @@ def test_dropout_gradient_is_exact_for_its_mask(params64):
     # (a) float64 central differences of the masked reference, a sample of every tensor
     r = np.random.default_rng(1)
     worst_wrong = 0.0
-    for name, prm in params64.items():
+    for name, _prm in params64.items():
         g = got[name].ravel()
         if name == "transformer.wpe.weight":
             g = g[:T * C]

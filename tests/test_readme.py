@@ -8,7 +8,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from doc_blocks import README, ROOT, fenced_blocks, python_blocks, run_block  # noqa: E402
 
-
 _BLOCKS = python_blocks(README) if os.path.exists(README) else []
 
 

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import CountdownEvent
 
 import smallmind as sm
-from conftest import CountdownEvent
 from smallmind.generation.sampling import sample_next
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40

@@ -8,9 +8,9 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import CountdownEvent, run_python
 
 import smallmind as sm
-from conftest import CountdownEvent, run_python
 from smallmind.model.training import BEST_FILE, CANCELLED_FILE, LAST_FILE
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -21,8 +21,8 @@ import os
 import sys
 import time
 
-from . import _core
 from ..errors import ValidationError
+from . import _core
 from .memory import MemoryPool, default_pool
 
 __all__ = ["MemoryTracker", "MemorySnapshot", "process_rss", "process_peak_rss"]

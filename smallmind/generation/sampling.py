@@ -18,12 +18,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .. import metrics as _metrics
-from ..core import _core
-from ..cancellation import check_cancel
-from ..errors import CancelledError, NumericalError, ValidationError
 from .._validate import check_int, check_number, check_optional_int
-from ..model.transformer import TransformerModel
+from ..cancellation import check_cancel
+from ..core import _core
+from ..errors import CancelledError, NumericalError, ValidationError
 from ..model.tokenizer import Tokenizer
+from ..model.transformer import TransformerModel
 
 __all__ = ["Sampling", "GenerationResult"]
 

@@ -25,10 +25,10 @@ import warnings
 from .. import metrics as _metrics
 from ..config import ServerOptions
 from ..errors import CancelledError, SmallMindError, ValidationError
+from ..model.tokenizer import Tokenizer
 from ..model.transformer import TransformerModel
 from .sampling import Sampling
 from .serving import default_threads_per_request
-from ..model.tokenizer import Tokenizer
 
 logger = logging.getLogger("smallmind.server")
 
@@ -117,6 +117,7 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     """The FastAPI application serving `model` (put in eval mode, shared by every request)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+
     from ..config import InferenceOptions
 
     options = options or ServerOptions()

@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 from typing import NoReturn
 
-
 import numpy as np
 
 from .. import safetensors as _safetensors

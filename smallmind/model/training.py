@@ -24,16 +24,15 @@ from typing import Callable
 import numpy as np
 
 from .. import metrics as _metrics
-from ..core import _core
 from .. import safetensors as _safetensors
+from .._validate import check_int, check_number
 from ..cancellation import check_cancel
 from ..config import TrainingOptions, check_training_option
-from .checkpoint import (Checkpoint, model_from_checkpoint, read_checkpoint,
-                         save_checkpoint)
+from ..core import _core
 from ..errors import CancelledError, CheckpointError, ValidationError
-from .._validate import check_int, check_number
-from .transformer import TransformerModel
+from .checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 from .tokenizer import Tokenizer
+from .transformer import TransformerModel
 
 __all__ = ["Training", "History"]
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from .._lifecycle import Closeable
-from .._validate import check_int, check_number, is_int
+from .._validate import check_int, check_number
 from ..core import _core
 from ..errors import DTypeError, ValidationError
 from .layout import ParameterLayout

@@ -18,8 +18,8 @@ import numpy as np
 from .._lifecycle import Closeable
 from .._validate import is_int
 from ..core import _core
-from ..safetensors import load_file, save_file
 from ..errors import CheckpointError, ValidationError
+from ..safetensors import load_file, save_file
 
 __all__ = ["VectorIndex", "METRICS"]
 

@@ -22,13 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._validate import is_int
 from ..core import _core
 from ..errors import ValidationError
-from .index import VectorIndex
-from .._validate import is_int
-from ..model.transformer import TransformerModel
 from ..generation.sampling import Sampling
 from ..model.tokenizer import Tokenizer
+from ..model.transformer import TransformerModel
+from .index import VectorIndex
 
 __all__ = ["TfidfEmbedder", "ModelEmbedder", "Retriever", "Passage", "PromptBuilder",
            "Answer", "Answerer"]
