@@ -59,7 +59,8 @@ def _openmp_candidates(compiler_type):
 
 
 def _try_openmp(compiler, cargs, largs):
-    code = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel\n{n=omp_get_num_threads();}\nreturn n>0?0:1;}\n"
+    code = ("#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel\n"
+            "{n=omp_get_num_threads();}\nreturn n>0?0:1;}\n")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "omp_check.c")
         with open(src, "w") as f:
