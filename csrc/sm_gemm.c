@@ -497,14 +497,12 @@ static void get_params(int level, gemm_params *p) {
 
 /* ---- packed path, one thread's block of C ------------------------------------------------- */
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 /* Split n into the fewest pieces of at most `most` (a multiple of `grain`) with equal sizes
  * in whole grains; returns the piece size. Depends only on its arguments (never on threads). */
 static int64_t balanced_block(int64_t n, int64_t most, int64_t grain) {
-    int64_t pieces = ceil_div(n, most);
-    return round_up(ceil_div(n, pieces), grain);
+    int64_t pieces = sm_ceil_div(n, most);
+    return sm_round_up(sm_ceil_div(n, pieces), grain);
 }
 
 static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, int64_t N,
@@ -689,7 +687,7 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
     const int64_t W = m <= 4 ? SMALL_STREAM_W : SMALL_STREAM_W * 4 / m / 16 * 16;
     for (int64_t c0 = n0; c0 < n1; c0 += W) {
         int64_t w = n1 - c0 < W ? n1 - c0 : W;
-        int64_t nv = ceil_div(w, 16);
+        int64_t nv = sm_ceil_div(w, 16);
         int rem = (int)(w % 16);
         __mmask16 tail = rem ? (__mmask16)((1u << rem) - 1u) : (__mmask16)0xFFFF;
         for (int64_t r = 0; r < m; r++) memset(acc + r * W, 0, (size_t)w * sizeof(float));
@@ -823,7 +821,7 @@ static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1, flo
     const int64_t m = sp->m;
     for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
         int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
-        int64_t nv = ceil_div(w, 8);
+        int64_t nv = sm_ceil_div(w, 8);
         int rem = (int)(w % 8);
         __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem ? rem : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         for (int64_t r = 0; r < m; r++)
@@ -1073,10 +1071,10 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     int64_t kc_max = balanced_block(K, P.KC, 1);
     int64_t a_floats = P.A_FLOATS > kc_max * P.MR ? P.A_FLOATS : kc_max * P.MR;
     int64_t b_floats = P.B_FLOATS > kc_max * P.NR ? P.B_FLOATS : kc_max * P.NR;
-    if (a_floats > round_up(ceil_div(M, tm), P.MR) * kc_max) a_floats = round_up(ceil_div(M, tm), P.MR) * kc_max;
-    if (b_floats > round_up(ceil_div(N, tn), P.NR) * kc_max) b_floats = round_up(ceil_div(N, tn), P.NR) * kc_max;
+    if (a_floats > sm_round_up(sm_ceil_div(M, tm), P.MR) * kc_max) a_floats = sm_round_up(sm_ceil_div(M, tm), P.MR) * kc_max;
+    if (b_floats > sm_round_up(sm_ceil_div(N, tn), P.NR) * kc_max) b_floats = sm_round_up(sm_ceil_div(N, tn), P.NR) * kc_max;
     /* Round each thread's share up to a cache line so threads never share a line. */
-    int64_t per_thread = round_up(a_floats + P.MR * kc_max, 16) + round_up(b_floats + P.NR * kc_max, 16);
+    int64_t per_thread = sm_round_up(a_floats + P.MR * kc_max, 16) + sm_round_up(b_floats + P.NR * kc_max, 16);
     /* Packing scratch comes from the process-wide pool: steady state allocates nothing. */
     float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per_thread * team) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
@@ -1089,7 +1087,7 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
          * take whole cells in turn: a thread never works on a bigger block than planned. */
         int nth = SM_THREAD_COUNT();
         float *apack = scratch + (int64_t)tid * per_thread;
-        float *bpack = apack + round_up(a_floats + P.MR * kc_max, 16);
+        float *bpack = apack + sm_round_up(a_floats + P.MR * kc_max, 16);
         for (int cell = tid; cell < team; cell += nth) {
             int im = cell / tn, in = cell % tn;
             int64_t m0, m1, n0, n1;

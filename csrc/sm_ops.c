@@ -29,17 +29,8 @@
 #include <immintrin.h>
 #endif
 
-#ifdef SM_HAVE_OPENMP
-#define OPS_BARRIER SM_PRAGMA(omp barrier)
-#else
-#define OPS_BARRIER
-#endif
-
 /* ---- work splitting ------------------------------------------------------------------------ */
 
-/* A thread must get at least this many element-operations before waking a team pays off
- * (a fork/join costs a few microseconds: about 30k cheap float operations). */
-#define MIN_WORK 32768
 /* Elementwise ranges are split in multiples of this (a few cache lines; whole vectors). */
 #define ELEM_GRAIN 64
 /* Rows per block of the deterministic reductions over rows (independent of thread count). */
@@ -47,25 +38,13 @@
 /* Channel ranges are split in multiples of one cache line of floats. */
 #define CH_GRAIN 16
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-/* Threads to use for `units` independent pieces worth `work` element-operations in all. */
-static int team_size(int nthreads, int64_t units, int64_t work) {
-    int nt = sm_resolve_threads(nthreads);
-    int64_t cap = work / MIN_WORK;
-    if (cap < 1) cap = 1;
-    if (units < cap) cap = units < 1 ? 1 : units;
-    return nt > cap ? (int)cap : nt;
-}
-
 /* Run fn(ctx, begin, end) over [0, n) split in `grain`s across a team sized for `work`. */
 typedef void (*range_fn)(const void *ctx, int64_t begin, int64_t end);
 
 static void run_ranges(range_fn fn, const void *ctx, int64_t n, int64_t grain, int64_t work,
                        int nthreads) {
     if (n <= 0) return;
-    int nt = team_size(nthreads, ceil_div(n, grain), work);
+    int nt = sm_team_size(nthreads, sm_ceil_div(n, grain), work);
     if (nt <= 1) {
         fn(ctx, 0, n);
         return;
@@ -322,7 +301,7 @@ void sm_encoder_backward(float *dwte, float *dwpe, const float *dout, const int 
     /* dwte (V,C), dwpe (>=T,C), dout (B,T,C), idx (B,T) */
     if (B <= 0 || T <= 0 || C <= 0) return;
     enc_bwd_ctx c = {dwte, dwpe, dout, idx, B * T, T, C, V, pick_acc(sm_simd_active())};
-    int nt = team_size(nthreads, ceil_div(C, CH_GRAIN), B * T * C * 2);
+    int nt = sm_team_size(nthreads, sm_ceil_div(C, CH_GRAIN), B * T * C * 2);
     if (nt <= 1) {
         enc_bwd_channels(&c, 0, C);
         return;
@@ -666,7 +645,7 @@ static void combine_blocks(float *const *dst, int nvec, const float *part, int64
 
 int64_t sm_layernorm_backward_scratch(int64_t N, int64_t C) {
     if (N <= 0 || C <= 0) return 0;
-    return ceil_div(N, ROW_BLOCK) * 2 * round_up(C, 16);
+    return sm_ceil_div(N, ROW_BLOCK) * 2 * sm_round_up(C, 16);
 }
 
 int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
@@ -675,7 +654,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
     /* dinp, dout, inp (N,C); dweight, dbias, weight (C); mean, rstd (N);
      * scratch (nblocks, 2, Cp): per block of ROW_BLOCK rows, partial dweight and dbias */
     if (N <= 0 || C <= 0) return SM_OK;
-    const int64_t Cp = round_up(C, 16), nblocks = ceil_div(N, ROW_BLOCK);
+    const int64_t Cp = sm_round_up(C, 16), nblocks = sm_ceil_div(N, ROW_BLOCK);
     float *owned = NULL, *part = scratch;
     if (!part) {
         owned = part = (float *)sm_pool_rent(sm_pool_default(), (size_t)sm_layernorm_backward_scratch(N, C) * sizeof(float));
@@ -688,7 +667,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
     else if (level >= SM_SIMD_AVX2) row = ln_bwd_row_avx2;
 #endif
     (void)level;
-    int nt = team_size(nthreads, nblocks, N * C * 4);
+    int nt = sm_team_size(nthreads, nblocks, N * C * 4);
     (void)nt; /* unused without OpenMP */
     SM_PARALLEL(nt)
     {
@@ -702,7 +681,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
             for (int64_t r = blk * ROW_BLOCK; r < r1; r++)
                 row(dinp + r * C, pw, pb, dout + r * C, inp + r * C, weight, mean[r], rstd[r], C);
         }
-        OPS_BARRIER
+        SM_BARRIER();
         sm_split_range(C, CH_GRAIN, nth, tid, &c0, &c1);
         float *dst[2] = {dweight, dbias};
         if (c1 > c0) combine_blocks(dst, 2, part, nblocks, Cp, c0, c1);
@@ -1272,21 +1251,21 @@ void sm_bias_add_naive(float *out, const float *bias, int64_t N, int64_t C) {
 
 int64_t sm_bias_backward_scratch(int64_t N, int64_t C) {
     if (N <= 0 || C <= 0) return 0;
-    return ceil_div(N, ROW_BLOCK) * round_up(C, 16);
+    return sm_ceil_div(N, ROW_BLOCK) * sm_round_up(C, 16);
 }
 
 int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, float *scratch,
                      int nthreads) {
     /* dbias (C); dout (N,C); scratch (nblocks, Cp): per block of ROW_BLOCK rows, its column sums */
     if (N <= 0 || C <= 0) return SM_OK;
-    const int64_t Cp = round_up(C, 16), nblocks = ceil_div(N, ROW_BLOCK);
+    const int64_t Cp = sm_round_up(C, 16), nblocks = sm_ceil_div(N, ROW_BLOCK);
     float *owned = NULL, *part = scratch;
     if (!part) {
         owned = part = (float *)sm_pool_rent(sm_pool_default(), (size_t)sm_bias_backward_scratch(N, C) * sizeof(float));
         if (!part) return SM_ERR_NOMEM;
     }
     acc_fn acc = pick_acc(sm_simd_active());
-    int nt = team_size(nthreads, nblocks, N * C);
+    int nt = sm_team_size(nthreads, nblocks, N * C);
     (void)nt; /* unused without OpenMP */
     SM_PARALLEL(nt)
     {
@@ -1299,7 +1278,7 @@ int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, floa
             memcpy(pb, dout + r * C, (size_t)C * sizeof(float));
             for (r++; r < r1; r++) acc(pb, dout + r * C, C);
         }
-        OPS_BARRIER
+        SM_BARRIER();
         sm_split_range(C, CH_GRAIN, nth, tid, &c0, &c1);
         float *dst[1] = {dbias};
         if (c1 > c0) combine_blocks(dst, 1, part, nblocks, Cp, c0, c1);
@@ -1527,7 +1506,7 @@ double sm_sumsq(const float *x, int64_t n, int nthreads) {
     for (int64_t start = 0; start < n; start += (int64_t)NORM_PASS_BLOCKS * SM_NORM_BLOCK) {
         int64_t len = n - start;
         if (len > (int64_t)NORM_PASS_BLOCKS * SM_NORM_BLOCK) len = (int64_t)NORM_PASS_BLOCKS * SM_NORM_BLOCK;
-        int64_t nb = ceil_div(len, SM_NORM_BLOCK);
+        int64_t nb = sm_ceil_div(len, SM_NORM_BLOCK);
         norm_ctx c = {x + start, len, part, fn};
         run_ranges(norm_blocks, &c, nb, 1, len * 2, nthreads);
         for (int64_t b = 0; b < nb; b++) total += part[b];

@@ -215,6 +215,14 @@ int sm_resolve_threads(int threads) {
     return sm_openmp_enabled() ? (n > 0 ? n : 1) : 1;
 }
 
+int sm_team_size(int nthreads, int64_t units, double work) {
+    int nt = sm_resolve_threads(nthreads);
+    const double cap = work / SM_TEAM_MIN_WORK; /* threads the work keeps busy long enough */
+    if (cap < (double)nt) nt = cap < 1.0 ? 1 : (int)cap;
+    if (units < (int64_t)nt) nt = units < 1 ? 1 : (int)units;
+    return nt;
+}
+
 int sm_cpu_count(void) {
 #if defined(_WIN32)
     SYSTEM_INFO si;

@@ -30,6 +30,19 @@ SM_EXPORT int smallmind_get_num_threads(void);
 SM_EXPORT void smallmind_set_num_threads(int n);
 /* threads > 0 -> threads; otherwise the library default above. */
 int sm_resolve_threads(int threads);
+
+/* The one rule for "is a thread team worth starting" that the kernels of sm_ops and
+ * sm_attention (and activation dropout) follow. Waking a team and joining it costs a few
+ * microseconds, about SM_TEAM_MIN_WORK streaming element operations (an add, a multiply, a
+ * load-op-store of one float); so every thread must get at least that much work, or it costs
+ * more than it saves. Returns the threads to use, between 1 and sm_resolve_threads(nthreads):
+ * at most `units` (the pieces the work splits into) and at most work / SM_TEAM_MIN_WORK.
+ * `work` is counted in streaming element operations; kernels whose operations are cheaper
+ * (multiply-adds of a register-tiled product) scale their count down first (sm_attention.c).
+ * Only the number of threads depends on this, never the results (each kernel's partition
+ * keeps its arithmetic the same for any team size). */
+#define SM_TEAM_MIN_WORK 32768
+int sm_team_size(int nthreads, int64_t units, double work);
 /* Processors available to this process. */
 int sm_cpu_count(void);
 /* Compiler name and version this core was built with. */
