@@ -651,7 +651,7 @@ static void pack_T_avx512(float *dst, const float *src, int64_t ss, int64_t rows
         for (int64_t d0 = 0; d0 < hs; d0 += 16) {
             const int dn = (int)sm_min64(16, hs - d0);
             __m512 r[16];
-            load_rows16(r, src + r0 * ss + d0, ss, rows - r0, (__mmask16)((1u << dn) - 1u));
+            load_rows16(r, src + r0 * ss + d0, ss, rows - r0, sm_mask16(dn));
             sm_transpose16x16(r);
             for (int e = 0; e < dn; e++) _mm512_storeu_ps(dst + (d0 + e) * BLK + r0, r[e]);
         }
@@ -665,7 +665,7 @@ static void row_dots_avx512(float *D, const float *x, const float *y, int64_t ss
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d0 = 0; d0 < hs; d0 += 16) {
             const int dn = (int)sm_min64(16, hs - d0);
-            const __mmask16 km = (__mmask16)((1u << dn) - 1u);
+            const __mmask16 km = sm_mask16(dn);
             __m512 a[16], b[16];
             load_rows16(a, x + r0 * ss + d0, ss, rn, km);
             load_rows16(b, y + r0 * ss + d0, ss, rn, km);
@@ -673,7 +673,7 @@ static void row_dots_avx512(float *D, const float *x, const float *y, int64_t ss
             sm_transpose16x16(b);
             for (int e = 0; e < dn; e++) acc = _mm512_fmadd_ps(a[e], b[e], acc);
         }
-        _mm512_mask_storeu_ps(D + r0, (__mmask16)((1u << rn) - 1u), acc);
+        _mm512_mask_storeu_ps(D + r0, sm_mask16(rn), acc);
     }
 }
 
@@ -1164,23 +1164,19 @@ static void decode_head_avx2(float *out, const float *q, const float *kt, const 
     for (int64_t d = 0; d < hs; d++) out[d] = o[d] / l;
 }
 
-SM_TARGET_AVX512 SM_INLINE __mmask16 tail_mask(int64_t n) {
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
 SM_TARGET_AVX512
 static void decode_head_avx512(float *out, const float *q, const float *kt, const float *v,
                                int64_t L, int64_t hs, float scale, float *ws) {
     float *o = ws, *p = ws + sm_round_up(hs, 16);
     const __m512 ninf = _mm512_set1_ps(-INFINITY), vs = _mm512_set1_ps(scale);
     float m = -INFINITY, l = 0.0f;
-    for (int64_t d = 0; d < hs; d += 16) _mm512_mask_storeu_ps(o + d, tail_mask(hs - d), _mm512_setzero_ps());
+    for (int64_t d = 0; d < hs; d += 16) _mm512_mask_storeu_ps(o + d, sm_mask16(hs - d), _mm512_setzero_ps());
     for (int64_t j0 = 0; j0 < L; j0 += BLK) {
         const int64_t nk = sm_min64(BLK, L - j0);
         __mmask16 km[4];
         __m512 s[4], t[4];
         for (int u = 0; u < 4; u++) {
-            km[u] = tail_mask(nk - 16 * u);
+            km[u] = sm_mask16(nk - 16 * u);
             s[u] = t[u] = _mm512_setzero_ps();
         }
         /* the chunk's keys are one contiguous (hs, BLK) block of the cache, whole even past L
@@ -1218,7 +1214,7 @@ static void decode_head_avx512(float *out, const float *q, const float *kt, cons
             __mmask16 dm[4];
             __m512 a[4], b[4];
             for (int u = 0; u < 4; u++) {
-                dm[u] = tail_mask(hs - d0 - 16 * u);
+                dm[u] = sm_mask16(hs - d0 - 16 * u);
                 a[u] = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(dm[u], o + d0 + 16 * u));
                 b[u] = _mm512_setzero_ps();
             }

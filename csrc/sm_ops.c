@@ -83,10 +83,6 @@ SM_INLINE float gelu_grad_generic(float x) {
 #if SM_X86_KERNELS
 /* ---- AVX-512 building blocks ---- */
 
-SM_TARGET_AVX512 SM_INLINE __mmask16 mask16(int64_t r) {
-    return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u);
-}
-
 SM_TARGET_AVX512 SM_INLINE __m512 gelu16(__m512 x) {
     __m512 x2c = _mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(GELU_C));
     __m512 inner = _mm512_fmadd_ps(x2c, x, x);
@@ -107,16 +103,11 @@ SM_TARGET_AVX512 SM_INLINE __m512 gelu_grad16(__m512 x) {
 
 /* ---- AVX2 building blocks ---- */
 
-SM_TARGET_AVX2 SM_INLINE __m256i mask8(int64_t r) {
-    int k = r >= 8 ? 8 : (int)r;
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 /* r >= 8: a full vector; else the r remaining floats (zeros after). maskload is cheap, but
  * maskstore is microcoded on AMD cores (tens of cycles), so partial stores go through a stack
  * buffer; full vectors use plain loads and stores. Lane arithmetic is identical either way. */
 SM_TARGET_AVX2 SM_INLINE __m256 load8(const float *p, int64_t r) {
-    return r >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask8(r));
+    return r >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, sm_mask8(r));
 }
 
 SM_TARGET_AVX2 SM_INLINE void store8(float *p, __m256 v, int64_t r) {
@@ -127,13 +118,6 @@ SM_TARGET_AVX2 SM_INLINE void store8(float *p, __m256 v, int64_t r) {
         _mm256_storeu_ps(t, v);
         memcpy(p, t, (size_t)r * sizeof(float));
     }
-}
-
-SM_TARGET_AVX2 SM_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
 }
 
 SM_TARGET_AVX2 SM_INLINE float hmax8(__m256 v) {
@@ -183,7 +167,7 @@ SM_TARGET_AVX512 static void add_avx512(float *SM_RESTRICT o, const float *SM_RE
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
     if (i < n) {
-        __mmask16 m = mask16(n - i);
+        __mmask16 m = sm_mask16(n - i);
         _mm512_mask_storeu_ps(o + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i),
                                                       _mm512_maskz_loadu_ps(m, b + i)));
     }
@@ -194,7 +178,7 @@ SM_TARGET_AVX512 static void acc_avx512(float *SM_RESTRICT d, const float *SM_RE
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(d + i, _mm512_add_ps(_mm512_loadu_ps(d + i), _mm512_loadu_ps(s + i)));
     if (i < n) {
-        __mmask16 m = mask16(n - i);
+        __mmask16 m = sm_mask16(n - i);
         _mm512_mask_storeu_ps(d + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i),
                                                       _mm512_maskz_loadu_ps(m, s + i)));
     }
@@ -379,7 +363,7 @@ SM_TARGET_AVX512 static void ln_fwd_row_avx512(float *SM_RESTRICT o, float *mo, 
                                                const float *SM_RESTRICT w,
                                                const float *SM_RESTRICT b, int64_t C, float eps) {
     const int64_t full = C & ~(int64_t)15;
-    const __mmask16 tm = mask16(C - full);
+    const __mmask16 tm = sm_mask16(C - full);
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= full; i += 32) {
@@ -427,7 +411,7 @@ SM_TARGET_AVX2 static void ln_fwd_row_avx2(float *SM_RESTRICT o, float *mo, floa
                                            const float *SM_RESTRICT b, int64_t C, float eps) {
     const int64_t full = C & ~(int64_t)7;
     const int has_tail = C > full;
-    const __m256i tm = mask8(C - full);
+    const __m256i tm = sm_mask8(C - full);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= full; i += 16) {
@@ -436,7 +420,7 @@ SM_TARGET_AVX2 static void ln_fwd_row_avx2(float *SM_RESTRICT o, float *mo, floa
     }
     if (i < full) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + i));
     if (has_tail) s1 = _mm256_add_ps(s1, _mm256_maskload_ps(x + full, tm));
-    const float mean = hsum8(_mm256_add_ps(s0, s1)) / (float)C;
+    const float mean = sm_hsum8(_mm256_add_ps(s0, s1)) / (float)C;
     const __m256 vm = _mm256_set1_ps(mean);
     s0 = _mm256_setzero_ps();
     s1 = _mm256_setzero_ps();
@@ -455,7 +439,7 @@ SM_TARGET_AVX2 static void ln_fwd_row_avx2(float *SM_RESTRICT o, float *mo, floa
                                   _mm256_castsi256_ps(tm));
         s1 = _mm256_fmadd_ps(d1, d1, s1);
     }
-    const float var = hsum8(_mm256_add_ps(s0, s1)) / (float)C;
+    const float var = sm_hsum8(_mm256_add_ps(s0, s1)) / (float)C;
     const float rs = 1.0f / sqrtf(var + eps);
     const __m256 vr = _mm256_set1_ps(rs);
     for (i = 0; i < full; i += 8) {
@@ -564,7 +548,7 @@ SM_TARGET_AVX512 static void ln_bwd_row_avx512(float *SM_RESTRICT dx, float *SM_
                                                const float *SM_RESTRICT w, float mean, float rstd,
                                                int64_t C) {
     const int64_t full = C & ~(int64_t)15;
-    const __mmask16 tm = mask16(C - full);
+    const __mmask16 tm = sm_mask16(C - full);
     const __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
     __m512 a = _mm512_setzero_ps(), s = _mm512_setzero_ps();
     int64_t i;
@@ -583,7 +567,7 @@ SM_TARGET_AVX512 static void ln_bwd_row_avx512(float *SM_RESTRICT dx, float *SM_
     const __m512 dnm = _mm512_set1_ps(_mm512_reduce_add_ps(a) / (float)C);
     const __m512 dnnm = _mm512_set1_ps(_mm512_reduce_add_ps(s) / (float)C);
     for (i = 0; i < C; i += 16) {
-        __mmask16 m = mask16(C - i);
+        __mmask16 m = sm_mask16(C - i);
         __m512 xv = _mm512_maskz_loadu_ps(m, x + i), g = _mm512_maskz_loadu_ps(m, dy + i);
         __m512 xh = _mm512_mul_ps(_mm512_sub_ps(xv, vm), vr);
         __m512 dn = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), g);
@@ -608,8 +592,8 @@ SM_TARGET_AVX2 static void ln_bwd_row_avx2(float *SM_RESTRICT dx, float *SM_REST
         a = _mm256_add_ps(a, dn);
         s = _mm256_fmadd_ps(dn, xh, s);
     }
-    const __m256 dnm = _mm256_set1_ps(hsum8(a) / (float)C);
-    const __m256 dnnm = _mm256_set1_ps(hsum8(s) / (float)C);
+    const __m256 dnm = _mm256_set1_ps(sm_hsum8(a) / (float)C);
+    const __m256 dnnm = _mm256_set1_ps(sm_hsum8(s) / (float)C);
     for (i = 0; i < C; i += 8) {
         int64_t r = C - i;
         __m256 g = load8(dy + i, r);
@@ -756,7 +740,7 @@ SM_TARGET_AVX512 static void gelu_fwd_avx512(const void *vc, int64_t i0, int64_t
         _mm512_storeu_ps(o + i + 16, b);
     }
     for (; i < i1; i += 16) {
-        __mmask16 m = mask16(i1 - i);
+        __mmask16 m = sm_mask16(i1 - i);
         _mm512_mask_storeu_ps(o + i, m, gelu16(_mm512_maskz_loadu_ps(m, x + i)));
     }
 }
@@ -765,7 +749,7 @@ SM_TARGET_AVX512 static void gelu_bwd_avx512(const void *vc, int64_t i0, int64_t
     float *d = c->out;
     const float *x = c->inp, *g = c->dout;
     for (int64_t i = i0; i < i1; i += 16) {
-        __mmask16 m = mask16(i1 - i);
+        __mmask16 m = sm_mask16(i1 - i);
         __m512 gr = gelu_grad16(_mm512_maskz_loadu_ps(m, x + i));
         _mm512_mask_storeu_ps(d + i, m, _mm512_fmadd_ps(gr, _mm512_maskz_loadu_ps(m, g + i),
                                                         _mm512_maskz_loadu_ps(m, d + i)));
@@ -888,7 +872,7 @@ SM_TARGET_AVX512 static float rowmax_avx512(const float *x, int64_t V) {
         m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + 16));
     }
     for (; i < V; i += 16)
-        m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask16(V - i), x + i));
+        m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), sm_mask16(V - i), x + i));
     return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
 }
 SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_t V, float mx,
@@ -907,7 +891,7 @@ SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_
         s1 = _mm512_add_ps(s1, e1);
     }
     for (; i < V; i += 16) {
-        __mmask16 m = mask16(V - i);
+        __mmask16 m = sm_mask16(V - i);
         __m512 e = sm_exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vs));
         e = _mm512_maskz_mov_ps(m, e);
         if (store) _mm512_mask_storeu_ps(store + i, m, e);
@@ -918,7 +902,7 @@ SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_
 SM_TARGET_AVX512 static void scale_avx512(float *p, int64_t V, float s) {
     const __m512 vs = _mm512_set1_ps(s);
     for (int64_t i = 0; i < V; i += 16) {
-        __mmask16 m = mask16(V - i);
+        __mmask16 m = sm_mask16(V - i);
         _mm512_mask_storeu_ps(p + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + i), vs));
     }
 }
@@ -930,7 +914,7 @@ SM_TARGET_AVX512 static void grad_avx512(float *dl, const float *x, int64_t V, f
         _mm512_storeu_ps(dl + i, _mm512_fmadd_ps(p, vd, _mm512_loadu_ps(dl + i)));
     }
     if (i < V) {
-        __mmask16 m = mask16(V - i);
+        __mmask16 m = sm_mask16(V - i);
         __m512 p = sm_exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vl));
         _mm512_mask_storeu_ps(dl + i, m, _mm512_fmadd_ps(p, vd, _mm512_maskz_loadu_ps(m, dl + i)));
     }
@@ -964,13 +948,13 @@ SM_TARGET_AVX2 static float sumexp_avx2(float *store, const float *x, int64_t V,
         s1 = _mm256_add_ps(s1, e1);
     }
     for (; i < V; i += 8) {
-        __m256i m = mask8(V - i);
+        __m256i m = sm_mask8(V - i);
         __m256 e = sm_exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vm), vs));
         e = _mm256_and_ps(e, _mm256_castsi256_ps(m));
         if (store) store8(store + i, e, V - i);
         s0 = _mm256_add_ps(s0, e);
     }
-    return hsum8(_mm256_add_ps(s0, s1));
+    return sm_hsum8(_mm256_add_ps(s0, s1));
 }
 SM_TARGET_AVX2 static void scale_avx2(float *p, int64_t V, float s) {
     const __m256 vs = _mm256_set1_ps(s);
@@ -1337,7 +1321,7 @@ SM_TARGET_AVX512 static void adamw_avx512(const void *vc, int64_t i0, int64_t i1
     const __m512 ibc1 = _mm512_set1_ps(c->ibc1), ibc2 = _mm512_set1_ps(c->ibc2);
     const __m512 lr = _mm512_set1_ps(c->lr), eps = _mm512_set1_ps(c->eps), wd = _mm512_set1_ps(c->wd);
     for (int64_t i = i0; i < i1; i += 16) {
-        __mmask16 k = mask16(i1 - i);
+        __mmask16 k = sm_mask16(i1 - i);
         __m512 g = _mm512_maskz_loadu_ps(k, c->g + i);
         __m512 m = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, c->m + i), _mm512_mul_ps(omb1, g));
         __m512 v = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, c->v + i),
