@@ -146,75 +146,28 @@ SM_TARGET_AVX2 SM_INLINE __m256 gelu_grad8(__m256 x) {
 }
 #endif /* SM_X86_KERNELS */
 
-/* ---- vector add / accumulate (exact single roundings: every path gives the same bits) ------- */
+/* ---- vector add / accumulate: plain loops compiled per SIMD level (SM_EACH_LEVEL) ---------
+ * One rounding per element, so every level gives the same bits. The pointers never overlap
+ * (distinct arrays, or distinct rows of one). */
 
 typedef void (*add_fn)(float *SM_RESTRICT o, const float *SM_RESTRICT a,
                        const float *SM_RESTRICT b, int64_t n);
 typedef void (*acc_fn)(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n);
 
-static void add_generic(float *SM_RESTRICT o, const float *SM_RESTRICT a,
+SM_INLINE void add_body(float *SM_RESTRICT o, const float *SM_RESTRICT a,
                         const float *SM_RESTRICT b, int64_t n) {
     for (int64_t i = 0; i < n; i++) o[i] = a[i] + b[i];
 }
-static void acc_generic(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n) {
+SM_EACH_LEVEL(add, (float *SM_RESTRICT o, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
+                    int64_t n), (o, a, b, n))
+
+SM_INLINE void acc_body(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n) {
     for (int64_t i = 0; i < n; i++) d[i] += s[i];
 }
+SM_EACH_LEVEL(acc, (float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n), (d, s, n))
 
-#if SM_X86_KERNELS
-SM_TARGET_AVX512 static void add_avx512(float *SM_RESTRICT o, const float *SM_RESTRICT a,
-                                        const float *SM_RESTRICT b, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
-    if (i < n) {
-        __mmask16 m = sm_mask16(n - i);
-        _mm512_mask_storeu_ps(o + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i),
-                                                      _mm512_maskz_loadu_ps(m, b + i)));
-    }
-}
-SM_TARGET_AVX512 static void acc_avx512(float *SM_RESTRICT d, const float *SM_RESTRICT s,
-                                        int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(d + i, _mm512_add_ps(_mm512_loadu_ps(d + i), _mm512_loadu_ps(s + i)));
-    if (i < n) {
-        __mmask16 m = sm_mask16(n - i);
-        _mm512_mask_storeu_ps(d + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i),
-                                                      _mm512_maskz_loadu_ps(m, s + i)));
-    }
-}
-SM_TARGET_AVX2 static void add_avx2(float *SM_RESTRICT o, const float *SM_RESTRICT a,
-                                    const float *SM_RESTRICT b, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    for (; i < n; i++) o[i] = a[i] + b[i];
-}
-SM_TARGET_AVX2 static void acc_avx2(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(d + i, _mm256_add_ps(_mm256_loadu_ps(d + i), _mm256_loadu_ps(s + i)));
-    for (; i < n; i++) d[i] += s[i];
-}
-#endif
-
-static add_fn pick_add(int level) {
-#if SM_X86_KERNELS
-    if (level >= SM_SIMD_AVX512) return add_avx512;
-    if (level >= SM_SIMD_AVX2) return add_avx2;
-#endif
-    (void)level;
-    return add_generic;
-}
-
-static acc_fn pick_acc(int level) {
-#if SM_X86_KERNELS
-    if (level >= SM_SIMD_AVX512) return acc_avx512;
-    if (level >= SM_SIMD_AVX2) return acc_avx2;
-#endif
-    (void)level;
-    return acc_generic;
-}
+static add_fn pick_add(int level) { return SM_PICK_LEVEL(add, level); }
+static acc_fn pick_acc(int level) { return SM_PICK_LEVEL(acc, level); }
 
 /* ================================================================================================
  * Token + position embedding
@@ -856,9 +809,11 @@ static float sumexp_generic(float *store, const float *x, int64_t V, float mx, f
     }
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
-static void scale_generic(float *p, int64_t V, float s) {
+/* p *= s: one rounding per element, the same bits on every level (SM_EACH_LEVEL) */
+SM_INLINE void scale_body(float *SM_RESTRICT p, int64_t V, float s) {
     for (int64_t i = 0; i < V; i++) p[i] *= s;
 }
+SM_EACH_LEVEL(scale, (float *SM_RESTRICT p, int64_t V, float s), (p, V, s))
 static void grad_generic(float *dl, const float *x, int64_t V, float lse, float d) {
     for (int64_t i = 0; i < V; i++) dl[i] += sm_exp_scalar(x[i] - lse) * d;
 }
@@ -898,13 +853,6 @@ SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_
         s0 = _mm512_add_ps(s0, e);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-SM_TARGET_AVX512 static void scale_avx512(float *p, int64_t V, float s) {
-    const __m512 vs = _mm512_set1_ps(s);
-    for (int64_t i = 0; i < V; i += 16) {
-        __mmask16 m = sm_mask16(V - i);
-        _mm512_mask_storeu_ps(p + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + i), vs));
-    }
 }
 SM_TARGET_AVX512 static void grad_avx512(float *dl, const float *x, int64_t V, float lse, float d) {
     const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(d);
@@ -955,12 +903,6 @@ SM_TARGET_AVX2 static float sumexp_avx2(float *store, const float *x, int64_t V,
         s0 = _mm256_add_ps(s0, e);
     }
     return sm_hsum8(_mm256_add_ps(s0, s1));
-}
-SM_TARGET_AVX2 static void scale_avx2(float *p, int64_t V, float s) {
-    const __m256 vs = _mm256_set1_ps(s);
-    int64_t i = 0;
-    for (; i + 8 <= V; i += 8) _mm256_storeu_ps(p + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), vs));
-    for (; i < V; i++) p[i] *= s;
 }
 SM_TARGET_AVX2 static void grad_avx2(float *dl, const float *x, int64_t V, float lse, float d) {
     const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(d);

@@ -8,6 +8,30 @@
 /* SIMD levels, ordered: a higher level implies every lower one is usable. */
 typedef enum { SM_SIMD_GENERIC = 0, SM_SIMD_AVX2 = 1, SM_SIMD_AVX512 = 2 } sm_simd_level;
 
+/* One loop, compiled once per SIMD level. A loop whose every path gives the same bits (each
+ * element rounded once, no reduction: an add, a multiply by one scalar) needs no intrinsics:
+ * it is written once as an SM_INLINE function NAME_body, and
+ *     SM_EACH_LEVEL(NAME, (parameters), (arguments))
+ * defines static void NAME_generic, NAME_avx2 and NAME_avx512 around it, the last two compiled
+ * with the AVX2 / AVX-512 target attributes so the compiler vectorizes the same loop for 256-
+ * and 512-bit registers (NAME_generic gets the baseline: SSE2 on x86-64, NEON on arm64).
+ * SM_PICK_LEVEL(NAME, level) picks one, so the level comes from sm_simd_active() as for every
+ * other kernel and SMALLMIND_SIMD / sm_simd_set keep deciding which code runs: GCC's
+ * target_clones would choose by CPUID at load time, ignore that cap, and the tests that compare
+ * the levels would compare one path with itself. Without SM_X86_KERNELS (MSVC, arm64) only
+ * NAME_generic exists and is always picked. */
+#if SM_X86_KERNELS
+#define SM_EACH_LEVEL(NAME, PARAMS, ARGS)                                         \
+    static void NAME##_generic PARAMS { NAME##_body ARGS; }                       \
+    SM_TARGET_AVX2 static void NAME##_avx2 PARAMS { NAME##_body ARGS; }           \
+    SM_TARGET_AVX512 static void NAME##_avx512 PARAMS { NAME##_body ARGS; }
+#define SM_PICK_LEVEL(NAME, level)                                                 \
+    ((level) >= SM_SIMD_AVX512 ? NAME##_avx512 : (level) >= SM_SIMD_AVX2 ? NAME##_avx2 : NAME##_generic)
+#else
+#define SM_EACH_LEVEL(NAME, PARAMS, ARGS) static void NAME##_generic PARAMS { NAME##_body ARGS; }
+#define SM_PICK_LEVEL(NAME, level) ((void)(level), NAME##_generic)
+#endif
+
 /* Highest level this CPU and OS support (CPUID + XGETBV), ignoring any override. */
 int sm_simd_detected(void);
 /* Level kernels use now: detected level capped by SMALLMIND_SIMD (read once) or sm_simd_set. */
