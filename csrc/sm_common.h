@@ -1,5 +1,6 @@
-/* sm_common.h - shared macros for the smallmind C core: restrict/alignment, OpenMP guards,
- * error codes, aligned allocation. Plain C11, no Python.h anywhere under csrc/. */
+/* sm_common.h - shared macros for the smallmind C core: restrict/alignment, SIMD target
+ * attributes, OpenMP guards, error codes, aligned allocation, small integer helpers. Plain C11,
+ * no Python.h anywhere under csrc/. */
 #ifndef SM_COMMON_H
 #define SM_COMMON_H
 

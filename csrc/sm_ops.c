@@ -1,20 +1,25 @@
 /* sm_ops.c - elementwise and row kernels of a GPT training step (see sm_ops.h): embedding,
  * layernorm, GELU, softmax, cross-entropy, residual, bias, AdamW, gradient-norm clipping.
  * AVX-512 and AVX2+FMA versions of the hot loops are chosen per call from sm_simd_active();
- * the portable C path is written so compilers can vectorize it (it is what arm64 runs).
+ * the portable C path is written so compilers can vectorize it (it is what arm64 runs). Loops
+ * that round each element once (add, accumulate, scale) have no intrinsics: one plain loop is
+ * compiled per level (SM_EACH_LEVEL, sm_runtime.h).
  * Not here: matrix products (sm_gemm), attention (sm_attention).
  *
  * Determinism. Threads always own disjoint outputs:
  *   - row kernels (layernorm, softmax, cross-entropy, encoder forward, bias add) split rows;
  *   - elementwise kernels split [0, n) in grains of ELEM_GRAIN values, and every value is
- *     computed by the same vector code whatever range it falls in (tails use masked loads);
+ *     computed by the same vector code whatever range it falls in (tails use masked loads;
+ *     the single-rounding loops finish with scalar code, which gives the same bits);
  *   - reductions over rows (dweight, dbias of layernorm and bias) use blocks of ROW_BLOCK rows
  *     (a constant, never derived from the thread count): each block's partial sums are made by
  *     one thread, then combined in block order in double by threads that own channel ranges;
  *   - the embedding scatter-add (dwte) is split over channel ranges, each walking the rows in
  *     order, so repeated tokens accumulate in the same order for any thread count;
  *   - the gradient norm sums fixed blocks of SM_NORM_BLOCK values in double, added in order.
- * So results are bitwise identical for any thread count (the SIMD level may change last bits).
+ * So results are bitwise identical for any thread count. The SIMD level may change last bits,
+ * except in the single-rounding kernels (residual, bias add, embedding, bias backward), where
+ * every level gives the same bits.
  */
 #include "sm_ops.h"
 

@@ -1,5 +1,5 @@
-/* sm_runtime.c - CPU feature detection, SIMD level selection, thread and build facts,
- * and the small shared helpers declared in sm_common.h. */
+/* sm_runtime.c - CPU feature detection, SIMD level selection, thread and build facts, the
+ * thread-team rule (sm_team_size), and the allocation helpers declared in sm_common.h. */
 #include "sm_runtime.h"
 
 #if defined(__linux__)

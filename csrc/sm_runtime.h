@@ -1,5 +1,6 @@
 /* sm_runtime.h - run-time facts about the machine and the build: SIMD level chosen from CPUID
- * (overridable downwards by SMALLMIND_SIMD), thread budget, compiler, OpenMP. */
+ * (overridable downwards by SMALLMIND_SIMD) and the per-level compilation of plain loops,
+ * thread budget and the thread-team rule, compiler, OpenMP. */
 #ifndef SM_RUNTIME_H
 #define SM_RUNTIME_H
 
