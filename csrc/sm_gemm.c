@@ -887,6 +887,7 @@ static small_fn small_kernel(const small_problem *sp, int64_t N, int dots, int l
         fn = dots ? small_dots_avx2 : small_rows_avx2;
     }
 #else
+    (void)sp;
     (void)level;
     (void)N;
 #endif
