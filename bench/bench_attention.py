@@ -21,8 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _timing
 
-import smallmind as sm  # noqa: E402
 from _timing import idle, numpy_threads, timeit  # noqa: E402
+
+import smallmind as sm  # noqa: E402
 
 try:
     import torch  # noqa: E402
@@ -63,7 +64,6 @@ def np_forward(qkv, NH):
 def np_backward(dout, qkv, p, NH):
     """dqkv (B, T, 3C) from the saved probabilities p."""
     B, T, C3 = qkv.shape
-    C = C3 // 3
     q, k, v = _heads(qkv, NH)
     hs = q.shape[-1]
     do = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
@@ -117,7 +117,7 @@ def _train_rows(B, T, C, NH, threads, quick, rng):
         _, p = np_forward(qkv, NH)
         n_f = timeit(lambda: np_forward(qkv, NH), quick)
         idle(quick)
-        n_b = timeit(lambda: np_backward(dout, qkv, p, NH), quick)
+        n_b = timeit(lambda: np_backward(dout, qkv, p, NH), quick)  # noqa: F821 (p is bound above; ruff misreads the del below)
     del p
     tt_f = tt_b = None
     if torch is not None:

@@ -46,7 +46,7 @@ def per_token_ms(model, tok, threads, tokens, reps, fixed):
     sampling._StepThreads = _Fixed if fixed else original
     try:
         times = []
-        for r in range(reps):
+        for _r in range(reps):
             s = sm.Sampling(model, tok, threads=threads)
             t0 = time.perf_counter()
             s.generate("The ", tokens, temperature=0)

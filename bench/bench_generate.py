@@ -141,7 +141,7 @@ def sm_generate(model, prompt, n, threads, window=WINDOW):
     moving the window as Sampling(window=window) does once the cache is full."""
     if window not in sm.generation.sampling.WINDOWS:
         raise ValueError(f"window must be one of {sm.generation.sampling.WINDOWS}, got {window!r}")
-    cfg, prm = model._cfg, model._params
+    cfg, prm = model.core_config, model.flat_params
     T = model.config.block_size
     keep = sm.generation.sampling.window_keep(T, window)
     B = prompt.shape[0]
@@ -170,18 +170,18 @@ def sm_generate(model, prompt, n, threads, window=WINDOW):
                 logits = sm._core.gpt_prefill(prm, cfg, ctx, cache, threads)
                 length = keep
     finally:
-        cache.free()
+        cache.close()
     return out
 
 
 def sm_ttft(model, prompt, threads):
-    cache = sm._core.GPTCache(model._cfg, prompt.shape[0], model.config.block_size)
+    cache = sm._core.GPTCache(model.core_config, prompt.shape[0], model.config.block_size)
     try:
-        logits = sm._core.gpt_prefill(model._params, model._cfg,
+        logits = sm._core.gpt_prefill(model.flat_params, model.core_config,
                                       np.ascontiguousarray(prompt, dtype=np.int32), cache, threads)
         return logits.argmax(axis=1)
     finally:
-        cache.free()
+        cache.close()
 
 
 def torch_ttft(tmodel, prompt_t):

@@ -92,7 +92,7 @@ def run_shape(n, dim, threads_list, quick):
                 fns = {"smallmind": lambda q=q: index.search(q, K, threads=t),
                        "numpy": lambda q=q: numpy_search(Xn, q, K)}
                 times = {name: [] for name in fns}
-                for name, fn in fns.items():
+                for fn in fns.values():
                     fn()                                   # warm-up
                 for _ in range(1 if quick else 3):         # rounds, alternating
                     for name, fn in fns.items():

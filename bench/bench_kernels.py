@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import smallmind as sm  # noqa: E402
 from _timing import cpu_model, interleaved, numpy_threads, write_json  # noqa: E402
+
+import smallmind as sm  # noqa: E402
 
 try:
     import torch  # noqa: E402

@@ -130,7 +130,7 @@ def measure(n_forward=10_000, n_generate=2_000, warmup=0.1, threads=1, preset="t
     start = _state()
     points = []
     rest_f, rest_g = n_forward - int(n_forward * warmup), n_generate - int(n_generate * warmup)
-    for s in range(samples):
+    for _s in range(samples):
         run(rest_f // samples, rest_g // samples)
         points.append(_state())
     end = points[-1]

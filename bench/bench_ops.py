@@ -26,9 +26,9 @@ for _var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
     os.environ.pop(_var, None)
 
 import numpy as np  # noqa: E402
+from _timing import numpy_threads, timeit  # noqa: E402
 
 import smallmind as sm  # noqa: E402
-from _timing import numpy_threads, timeit  # noqa: E402
 
 k = sm.kernels
 GELU_K = np.float32(np.sqrt(2.0 / np.pi))

@@ -155,18 +155,18 @@ class SmStepper:
 
     def __init__(self, model, threads, lr=LR, betas=(0.9, 0.95), weight_decay=0.1):
         self.model, self.threads, self.lr, self.betas, self.wd = model, threads, lr, betas, weight_decay
-        self.m = np.zeros_like(model._params)
-        self.v = np.zeros_like(model._params)
+        self.m = np.zeros_like(model.flat_params)
+        self.v = np.zeros_like(model.flat_params)
         self.t = 0
 
     def __call__(self, x, y):
         m, nt = self.model, self.threads
         m.zero_grad()
-        loss = m._forward_train(x, y, None, nt)
+        loss = m.train_forward(x, y, None, nt)
         m.backward(threads=nt)
-        sm._core.clip_grad_norm(m._grads, 1.0, nt)
+        sm._core.clip_grad_norm(m.flat_grads, 1.0, nt)
         self.t += 1
-        sm._core.gpt_adamw(m._params, self.m, self.v, m._grads, m._cfg, self.lr, self.betas[0],
+        sm._core.gpt_adamw(m.flat_params, self.m, self.v, m.flat_grads, m.core_config, self.lr, self.betas[0],
                            self.betas[1], 1e-8, self.wd, self.t, nt)
         return loss
 
@@ -448,7 +448,7 @@ def quality_rows(data_path, steps, threads, quick):
     model.eval()
     for split, bs in evals.items():
         row[f"smallmind_{split}_loss"] = float(np.mean([
-            sm._core.gpt_forward(model._params, model._cfg, x.astype(np.int32), y.astype(np.int32),
+            sm._core.gpt_forward(model.flat_params, model.core_config, x.astype(np.int32), y.astype(np.int32),
                                  threads=threads)[0] for x, y in bs]))
     row["smallmind_train_last_loss"] = float(np.mean(sm_losses[-100:]))
     row["smallmind_wall_s"] = wall["smallmind"]

@@ -1,6 +1,6 @@
 """report.py - render the JSON written by bench_kernels.py / bench_scaling.py / bench_train.py /
-bench_generate.py as the markdown tables README.md shows, so the README is regenerated rather
-than retyped. Values a run did not measure (PyTorch absent) read "-".
+bench_generate.py as the markdown tables docs/benchmarks.md shows, so the page is regenerated
+rather than retyped. Values a run did not measure (PyTorch absent) read "-".
 
     python bench/report.py bench/results/full.json [bench/results/scaling_16core.json]
     python bench/report.py bench/results/train.json
@@ -8,6 +8,26 @@ than retyped. Values a run did not measure (PyTorch absent) read "-".
 """
 import json
 import sys
+
+# The shapes of ModelConfig's presets (smallmind/model.py PRESETS: layers, heads, width,
+# context). A benchmarked model is called by a preset's name only when its shape is exactly that
+# preset's, otherwise by its sizes: the scripts' own names "tiny" and "small" (bench_train.py,
+# bench_generate.py) are wider models than the presets of those names.
+PRESET_SHAPES = {"tiny": (2, 2, 32, 64), "small": (4, 4, 64, 128), "medium": (6, 8, 128, 256),
+                 "shakespeare-char": (6, 6, 384, 256), "gpt2": (12, 12, 768, 1024)}
+
+
+def preset_name(sh):
+    """The preset whose shape `sh` (a row's "shape" dict) is, or None."""
+    key = (sh["n_layer"], sh["n_head"], sh["n_embd"], sh["block_size"])
+    return next((name for name, shape in PRESET_SHAPES.items() if shape == key), None)
+
+
+def model_label(sh, detail):
+    """"shakespeare-char (6/6/384, detail)" for a preset's shape, "4/4/128 (detail)" otherwise."""
+    sizes = f"{sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}"
+    name = preset_name(sh)
+    return f"{name} ({sizes}, {detail})" if name else f"{sizes} ({detail})"
 
 
 def gemm_table(rows):
@@ -97,8 +117,7 @@ def train_tables(rows):
                 "|---|---|---|---" + ("|---|---|---|---" if has_torch else "") + "|"]
         for r in tp:
             sh = r["shape"]
-            model = (f"{r['config']} ({sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}, "
-                     f"{sh['block_size']} x {sh['batch_size']})")
+            model = model_label(sh, f"{sh['block_size']} x {sh['batch_size']}")
             cells = [model, str(r["threads"]), f"{r['smallmind_ms']:.1f}",
                      f"{r['smallmind_tokens_per_s']:,.0f}"]
             if has_torch:
@@ -118,8 +137,11 @@ def train_tables(rows):
                 "| model | " + " | ".join(f"{lib} peak MB (training)" for lib in libs)
                 + (" | torch / smallmind peak" if len(libs) == 2 else "") + " |",
                 "|---" + "|---" * len(libs) + ("|---" if len(libs) == 2 else "") + "|"]
+        shapes = {r["config"]: r["shape"] for r in tp}
         for name, r in mem.items():
-            cells = [name]
+            sh = shapes.get(name)
+            cells = [name if sh is None else
+                     preset_name(sh) or f"{sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}"]
             for lib in libs:
                 cells.append(f"{r[lib + '_peak_mb']:.0f} ({r[lib + '_training_mb']:+.0f})"
                              if f"{lib}_peak_mb" in r else "-")
@@ -157,8 +179,7 @@ def generate_table(rows):
 
     def model_cell(r):
         sh = r["shape"]
-        return (f"{r['model']} ({sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}, block "
-                f"{sh['block_size']}, vocab {sh['vocab_size']})")
+        return model_label(sh, f"block {sh['block_size']}, vocab {sh['vocab_size']}")
 
     def div(r, key="diverge_vs_torch_cache"):
         if key not in r:

@@ -26,25 +26,45 @@
 
 static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
+/* The parameter table (see sm_model.h). Block order is the enum's; hf_rank gives the order
+ * Hugging Face lists the tensors in. */
+const sm_gpt_kind_info sm_gpt_kinds[SM_GPT_NUM_KINDS] = {
+    [SM_GPT_QKVW]     = {"attn.c_attn.weight", SM_DIM_C,  SM_DIM_3C,   1,  4, SM_INIT_NORMAL},
+    [SM_GPT_ATTPROJW] = {"attn.c_proj.weight", SM_DIM_C,  SM_DIM_C,    1,  6, SM_INIT_RESIDUAL},
+    [SM_GPT_FCW]      = {"mlp.c_fc.weight",    SM_DIM_C,  SM_DIM_4C,   1, 10, SM_INIT_NORMAL},
+    [SM_GPT_FCPROJW]  = {"mlp.c_proj.weight",  SM_DIM_4C, SM_DIM_C,    1, 12, SM_INIT_RESIDUAL},
+    [SM_GPT_WTE]      = {"wte.weight",         SM_DIM_V,  SM_DIM_C,    0,  0, SM_INIT_NORMAL},
+    [SM_GPT_WPE]      = {"wpe.weight",         SM_DIM_T,  SM_DIM_C,    0,  1, SM_INIT_NORMAL},
+    [SM_GPT_LN1W]     = {"ln_1.weight",        SM_DIM_C,  SM_DIM_NONE, 1,  2, SM_INIT_ONES},
+    [SM_GPT_LN1B]     = {"ln_1.bias",          SM_DIM_C,  SM_DIM_NONE, 1,  3, SM_INIT_ZEROS},
+    [SM_GPT_QKVB]     = {"attn.c_attn.bias",   SM_DIM_3C, SM_DIM_NONE, 1,  5, SM_INIT_ZEROS},
+    [SM_GPT_ATTPROJB] = {"attn.c_proj.bias",   SM_DIM_C,  SM_DIM_NONE, 1,  7, SM_INIT_ZEROS},
+    [SM_GPT_LN2W]     = {"ln_2.weight",        SM_DIM_C,  SM_DIM_NONE, 1,  8, SM_INIT_ONES},
+    [SM_GPT_LN2B]     = {"ln_2.bias",          SM_DIM_C,  SM_DIM_NONE, 1,  9, SM_INIT_ZEROS},
+    [SM_GPT_FCB]      = {"mlp.c_fc.bias",      SM_DIM_4C, SM_DIM_NONE, 1, 11, SM_INIT_ZEROS},
+    [SM_GPT_FCPROJB]  = {"mlp.c_proj.bias",    SM_DIM_C,  SM_DIM_NONE, 1, 13, SM_INIT_ZEROS},
+    [SM_GPT_LNFW]     = {"ln_f.weight",        SM_DIM_C,  SM_DIM_NONE, 0, 14, SM_INIT_ONES},
+    [SM_GPT_LNFB]     = {"ln_f.bias",          SM_DIM_C,  SM_DIM_NONE, 0, 15, SM_INIT_ZEROS},
+};
+
 int sm_gpt_kind_per_layer(int kind) {
-    return kind != SM_GPT_WTE && kind != SM_GPT_WPE && kind != SM_GPT_LNFW && kind != SM_GPT_LNFB;
+    return kind >= 0 && kind < SM_GPT_NUM_KINDS && sm_gpt_kinds[kind].per_layer;
+}
+
+int64_t sm_gpt_dim(const sm_gpt_config *cfg, int dim) {
+    switch (dim) {
+    case SM_DIM_V: return cfg->vocab_size;
+    case SM_DIM_T: return cfg->block_size;
+    case SM_DIM_C: return cfg->n_embd;
+    case SM_DIM_3C: return 3 * cfg->n_embd;
+    case SM_DIM_4C: return 4 * cfg->n_embd;
+    default: return 1;
+    }
 }
 
 int64_t sm_gpt_tensor_size(const sm_gpt_config *cfg, int kind) {
-    const int64_t C = cfg->n_embd;
-    switch (kind) {
-    case SM_GPT_QKVW: return C * 3 * C;
-    case SM_GPT_ATTPROJW: return C * C;
-    case SM_GPT_FCW: return C * 4 * C;
-    case SM_GPT_FCPROJW: return 4 * C * C;
-    case SM_GPT_WTE: return cfg->vocab_size * C;
-    case SM_GPT_WPE: return cfg->block_size * C;
-    case SM_GPT_QKVB: return 3 * C;
-    case SM_GPT_FCB: return 4 * C;
-    case SM_GPT_LN1W: case SM_GPT_LN1B: case SM_GPT_ATTPROJB: case SM_GPT_LN2W:
-    case SM_GPT_LN2B: case SM_GPT_FCPROJB: case SM_GPT_LNFW: case SM_GPT_LNFB: return C;
-    default: return 0;
-    }
+    if (kind < 0 || kind >= SM_GPT_NUM_KINDS) return 0;
+    return sm_gpt_dim(cfg, sm_gpt_kinds[kind].rows) * sm_gpt_dim(cfg, sm_gpt_kinds[kind].cols);
 }
 
 /* Floats a kind occupies in the block: its tensor (or one per layer), each padded to 16. */

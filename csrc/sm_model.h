@@ -33,7 +33,10 @@ typedef struct sm_gpt_config {
 } sm_gpt_config;
 
 /* Tensor kinds, in block order. The first four repeat per layer and take weight decay; the
- * per-layer kinds after WPE repeat per layer too; the others exist once. */
+ * per-layer kinds after WPE repeat per layer too; the others exist once. Names, shapes, the
+ * Hugging Face order and the initialisation of each kind are in sm_gpt_kinds below: that table
+ * is the one description of the parameters, read by this file's offsets, by the Python model
+ * (smallmind/model/layout.py) and by checkpoints. */
 enum {
     SM_GPT_QKVW = 0,     /* attn.c_attn.weight (C, 3C) */
     SM_GPT_ATTPROJW,     /* attn.c_proj.weight (C, C) */
@@ -54,9 +57,30 @@ enum {
     SM_GPT_NUM_KINDS
 };
 
+/* The symbols a tensor's axes are sized by (SM_DIM_NONE: the axis does not exist). */
+enum { SM_DIM_NONE = 0, SM_DIM_V, SM_DIM_T, SM_DIM_C, SM_DIM_3C, SM_DIM_4C };
+
+/* How a fresh model fills a tensor (GPT-2's initialisation): N(0, 0.02); N(0, 0.02 /
+ * sqrt(2 n_layer)) for the projections that write into the residual stream; ones; zeros. */
+enum { SM_INIT_NORMAL = 0, SM_INIT_RESIDUAL, SM_INIT_ONES, SM_INIT_ZEROS };
+
+typedef struct sm_gpt_kind_info {
+    const char *name;  /* Hugging Face GPT-2 name after "transformer." or "transformer.h.<l>." */
+    int rows, cols;    /* SM_DIM_* of the two axes; cols is SM_DIM_NONE for a vector */
+    int per_layer;     /* 1: one tensor per layer; 0: one in all */
+    int hf_rank;       /* position in Hugging Face's state_dict order: wte, wpe, the layers'
+                        * tensors (each layer in turn, in this rank), ln_f */
+    int init;          /* SM_INIT_* */
+} sm_gpt_kind_info;
+
+/* Indexed by kind. */
+extern const sm_gpt_kind_info sm_gpt_kinds[SM_GPT_NUM_KINDS];
+
 /* 1 when the kind has one tensor per layer, 0 when it exists once. */
 int sm_gpt_kind_per_layer(int kind);
-/* Elements of one tensor of `kind` (no padding). */
+/* Length of one axis symbol (SM_DIM_*) for cfg: V, maxT, C, 3C, 4C, or 1 for SM_DIM_NONE. */
+int64_t sm_gpt_dim(const sm_gpt_config *cfg, int dim);
+/* Elements of one tensor of `kind` (no padding), 0 for an invalid kind. */
 int64_t sm_gpt_tensor_size(const sm_gpt_config *cfg, int kind);
 /* Offset in floats of tensor `kind` of `layer` (layer ignored for global kinds), or -1 for an
  * invalid kind or layer. */

@@ -134,12 +134,12 @@ def run_random(name, runs, seconds, seed, timeout, out_dir, quiet=False):
         except _Timeout:
             path = _save(name, data, out_dir)
             print(f"fuzz {name}: input {n} ran past {timeout} s; saved {path}", file=sys.stderr)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         except Exception:
             path = _save(name, data, out_dir)
             traceback.print_exc()
             print(f"fuzz {name}: input {n} failed; saved {path}", file=sys.stderr)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         # Keep some mutants as parents: without coverage feedback, a small random share keeps

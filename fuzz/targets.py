@@ -11,10 +11,10 @@ import numpy as np
 
 import smallmind as sm
 from smallmind import safetensors as _safetensors
-from smallmind.model.checkpoint import model_from_checkpoint
 from smallmind.config import InferenceOptions
-from smallmind.generation.sampling import _check_sampling_args
+from smallmind.generation.sampling import check_sampling_args
 from smallmind.generation.server import _parse_request
+from smallmind.model.checkpoint import model_from_checkpoint
 
 # Files go to RAM when the machine has /dev/shm: thousands of loads a second, no disk wear.
 _TMP = tempfile.mkdtemp(prefix="sm-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -108,7 +108,7 @@ def http(data: bytes) -> None:
     and TypeError; anything else would be a 500."""
     try:
         req = _parse_request(data, _DEFAULTS)
-        _check_sampling_args(**req["kwargs"])
+        check_sampling_args(**req["kwargs"])
     except (sm.ValidationError, TypeError):
         return
     kw = dict(req["kwargs"], max_new_tokens=min(req["kwargs"]["max_new_tokens"], 3))

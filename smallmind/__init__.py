@@ -3,47 +3,41 @@
 The compute core is C (csrc/) with OpenMP, reached through a thin Cython layer that releases
 the GIL; this package holds the readable Python classes on top. Start at README.md.
 """
-from .core import _core, kernels
+# The public API, by area (the folder tree follows the same split).
+# errors
+from .errors import (CancelledError, CheckpointError, DTypeError, NumericalError,
+                     ObjectDisposedError, SmallMindError, ValidationError)
+# the compiled core: kernels, memory, process-wide settings
+from .core import _core, kernels  # noqa: F401  (_core: sm._core for tests and tools)
+from .core._core import (build_info, get_num_threads, set_num_threads, set_simd_level,
+                         simd_detected, simd_level)
 from .core.memory import MemoryPool, PooledBuffer, default_pool
 from .core.tracker import MemorySnapshot, MemoryTracker
+# the model and its training
 from .model import corpus
 from .model.transformer import PRESETS, ModelConfig, TransformerModel
 from .model.tokenizer import Tokenizer, UnknownCharacterWarning
 from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .model.training import History, Training
+# generation and serving
 from .cancellation import CancellationToken, CancellationTokenSource
 from .generation.sampling import GenerationResult, Sampling
 from .generation.serving import SamplerPool, ThrottledInferenceService
+# retrieval
 from .retrieval.index import VectorIndex
 from .retrieval.rag import (Answer, Answerer, ModelEmbedder, Passage, PromptBuilder, Retriever,
                             TfidfEmbedder)
 from . import metrics
-from .core._core import (
-    build_info,
-    get_num_threads,
-    set_num_threads,
-    set_simd_level,
-    simd_detected,
-    simd_level,
-)
-from .errors import (
-    CancelledError,
-    CheckpointError,
-    DTypeError,
-    NumericalError,
-    ObjectDisposedError,
-    SmallMindError,
-    ValidationError,
-)
 
 __version__ = "0.1.0"
 
-from .core import _threadpool  # noqa: E402  (registers with threadpoolctl when it is installed)
+from .core import _threadpool  # noqa: E402, F401  (registers with threadpoolctl when installed)
 
 __all__ = [
     "__version__", "build_info", "get_num_threads", "set_num_threads", "set_simd_level",
-    "simd_detected", "simd_level", "kernels", "metrics",
-    "SmallMindError", "ValidationError", "DTypeError", "ObjectDisposedError", "CheckpointError", "CancelledError", "NumericalError",
+    "simd_detected", "simd_level", "kernels", "metrics", "corpus",
+    "SmallMindError", "ValidationError", "DTypeError", "ObjectDisposedError", "CheckpointError",
+    "CancelledError", "NumericalError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",

@@ -25,8 +25,8 @@ class CancellationToken:
 
     def __init__(self, _event: threading.Event | None = None):
         self._event = _event if _event is not None else threading.Event()
-        self._deadline = None
-        self._reason = None
+        self._deadline: float | None = None
+        self._reason: str | None = None
 
     @classmethod
     def none(cls) -> "CancellationToken":

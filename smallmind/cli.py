@@ -9,6 +9,7 @@ option value) prints one line, "smallmind: error: ...", and exits with status 2;
 traceback. Ctrl-C exits with status 130.
 """
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -60,9 +61,9 @@ def cmd_bench(args):
         # OpenBLAS and OpenMP keep their worker threads spinning for a while after a call:
         # let the other library's go idle before timing each one.
         time.sleep(0.3)
-        t_sm = _median_time(lambda: kernels.matmul(a, b, out=c))
+        t_sm = _median_time(lambda a=a, b=b, c=c: kernels.matmul(a, b, out=c))
         time.sleep(0.3)
-        t_np = _median_time(lambda: np.matmul(a, b, out=c))
+        t_np = _median_time(lambda a=a, b=b, c=c: np.matmul(a, b, out=c))
         fl = 2.0 * M * K * N
         print(f"{str((M, K, N)):>20s} {fl / t_sm / 1e9:18.1f} {fl / t_np / 1e9:14.1f} {t_np / t_sm:5.2f}x")
     _bench_generation()
@@ -73,20 +74,25 @@ def _bench_generation():
     """Greedy generation with untrained weights: time to first token after a 64-token prompt
     and tokens/s over 256 new tokens, for two model sizes (bench/bench_generate.py has the full
     comparison with PyTorch)."""
-    from .model.transformer import ModelConfig, TransformerModel
     from .generation.sampling import Sampling
     from .model.tokenizer import Tokenizer
+    from .model.transformer import ModelConfig, TransformerModel
     tok = Tokenizer("".join(chr(48 + i) for i in range(65)))
     prompt = "".join(chr(48 + (7 * i) % 65) for i in range(64))
     print(f"\n{'model (layers/heads/width)':>28s} {'params':>8s} {'first token ms':>15s} "
           f"{'tokens/s':>9s}")
-    for name, (L, H, C, T) in {"small": (4, 4, 128, 128), "shakespeare-char": (6, 6, 384, 256)}.items():
-        model = TransformerModel(ModelConfig(65, T, L, H, C)).eval()
+    # the 4/4/128 shape of the benchmark tables (no preset has it) and the shakespeare-char preset
+    shapes = {"4/4/128": ModelConfig(65, 128, 4, 4, 128),
+              "shakespeare-char": ModelConfig.preset("shakespeare-char", 65, dropout=0.0)}
+    for name, cfg in shapes.items():
+        L, H, C = cfg.n_layer, cfg.n_head, cfg.n_embd
+        model = TransformerModel(cfg).eval()
         sampler = Sampling(model, tok)
         sampler.generate(prompt, 8, temperature=0)                # warm-up
         r = min((sampler.generate(prompt, 256, temperature=0, return_details=True)
                  for _ in range(3)), key=lambda r: r.elapsed_sec)
-        print(f"{name + f' ({L}/{H}/{C})':>28s} {model.num_parameters() / 1e6:7.1f}M "
+        label = name if name == f"{L}/{H}/{C}" else f"{name} ({L}/{H}/{C})"
+        print(f"{label:>28s} {model.num_parameters() / 1e6:7.1f}M "
               f"{1e3 * r.time_to_first_token_sec:15.2f} {r.tokens_per_sec:9.0f}")
         model.dispose()
 
@@ -94,9 +100,9 @@ def _bench_generation():
 def cmd_demo(args):
     """Train a small model on the built-in corpus, then generate from it."""
     from .model.corpus import builtin_corpus
-    from .model.transformer import ModelConfig, TransformerModel
     from .model.tokenizer import Tokenizer
     from .model.training import Training
+    from .model.transformer import ModelConfig, TransformerModel
 
     # Checked before the corpus is read and the model built: the demo ends by printing the
     # validation loss of its last step, which 0 steps do not have (an IndexError traceback).
@@ -261,7 +267,7 @@ def _settings(args):
     from .config import load_settings
     flags = {k: v for k, v in vars(args).items() if v is not None}
     model = {k: flags.get(k) for k in ("preset", "n_layer", "n_head", "n_embd", "block_size")}
-    training = {k: flags.get(k) for k in ("steps", "batch_size", "learning_rate", "warmup",
+    training = {k: flags.get(k) for k in ("steps", "batch_size", "learning_rate", "warmup_steps",
                                           "eval_every", "eval_batches", "save_every",
                                           "checkpoint_dir", "seed", "threads", "log_every")}
     inference = {k: flags.get(k) for k in ("max_tokens", "temperature", "top_k", "top_p",
@@ -280,9 +286,9 @@ def _settings(args):
 def cmd_train(args):
     from .cancellation import CancellationTokenSource
     from .errors import CancelledError
-    from .model.transformer import ModelConfig, TransformerModel
     from .model.tokenizer import Tokenizer
     from .model.training import CANCELLED_FILE, LAST_FILE, Training
+    from .model.transformer import ModelConfig, TransformerModel
 
     st = _settings(args)
     m, t = st.model, st.training
@@ -319,11 +325,9 @@ def cmd_train(args):
     restore = _cancel_on_sigint(source)
     progress = _Progress(t.steps, t.log_every)
     try:
-        hist = trainer.train(t.steps, t.learning_rate, warmup_steps=min(t.warmup, t.steps),
-                             eval_every=t.eval_every, eval_batches=t.eval_batches,
-                             save_every=t.save_every, checkpoint_dir=ckdir,
-                             cancel=source.token, log_every=0, callback=progress,
-                             threads=t.threads)
+        # log_every=0: the progress line reports instead of log records
+        run = dataclasses.replace(t, warmup_steps=min(t.warmup_steps, t.steps), log_every=0)
+        hist = trainer.train(**run.train_arguments(), cancel=source.token, callback=progress)
     except CancelledError:
         progress.end()
         path = os.path.join(ckdir, CANCELLED_FILE)
@@ -398,9 +402,10 @@ def cmd_generate(args):
 
 def cmd_serve(args):
     try:
-        from .generation.server import serve
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
+
+        from .generation.server import serve
     except ImportError:
         raise UserError('serve needs FastAPI and uvicorn: pip install "smallmind[serve]"') from None
     st = _settings(args)
@@ -450,7 +455,7 @@ def main(argv=None):
     info = sub.add_parser("info", help="version, build facts, SIMD level, threads")
     info.add_argument("--config", nargs="?", const=True, metavar="FILE",
                       help="print the effective configuration (defaults < FILE < environment)")
-    sub.add_parser("bench", help="a quick matmul table against numpy")
+    sub.add_parser("bench", help="a quick matmul table against numpy and a generation table")
     demo = sub.add_parser("demo", help="train on the built-in corpus, then generate (the default)")
     for p in (ap, demo):
         p.add_argument("--steps", type=int, default=800, help="optimizer steps (default 800)")
@@ -477,7 +482,8 @@ def main(argv=None):
     train.add_argument("--steps", type=int, help="optimizer steps in all (default 1000)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", type=float)
-    train.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
+    train.add_argument("--warmup", type=int, dest="warmup_steps",
+                       help="warm-up steps (default 100)")
     train.add_argument("--eval-every", type=int)
     train.add_argument("--eval-batches", type=int)
     train.add_argument("--save-every", type=int)

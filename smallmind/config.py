@@ -1,5 +1,7 @@
 """config.py - the options of the `smallmind` command and server, validated, with documented
-defaults, loadable from a TOML file and SMALLMIND_* environment variables.
+defaults, loadable from a TOML file and SMALLMIND_* environment variables. TrainingOptions is
+also what Training.train() validates its arguments with: one definition of every training
+option and its rule.
 
 Precedence, highest first: command-line flags > environment > config file > defaults.
 
@@ -22,9 +24,13 @@ effective configuration.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping
 
+import numpy as np
+
+from ._validate import check_int, check_number, check_optional_int
 from .errors import ValidationError
 
 __all__ = ["ModelOptions", "TrainingOptions", "InferenceOptions", "ServerOptions", "Settings",
@@ -33,21 +39,11 @@ __all__ = ["ModelOptions", "TrainingOptions", "InferenceOptions", "ServerOptions
 _ENV_PREFIX = "SMALLMIND_"
 
 
-def _check(cond, section, name, value, rule):
+def _check(cond, name, value, rule):
+    """A rule that is not a range (the option dataclasses name plain fields; load_settings
+    prefixes the section)."""
     if not cond:
-        raise ValidationError(f"{section}.{name} must be {rule}, got {value!r}")
-
-
-def _int_in(section, name, v, lo, hi=None):
-    _check(isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi),
-           section, name, v, f"an int >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
-
-
-def _num_in(section, name, v, lo, hi=None, lo_open=False):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > lo if lo_open else v >= lo) \
-        and (hi is None or v <= hi)
-    _check(ok, section, name, v, f"a number {'>' if lo_open else '>='} {lo}"
-           + (f" and <= {hi}" if hi is not None else ""))
+        raise ValidationError(f"{name} must be {rule}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,40 +59,132 @@ class ModelOptions:
 
     def __post_init__(self):
         from .model.transformer import PRESETS
-        _check(self.preset is None or self.preset in PRESETS, "model", "preset", self.preset,
+        _check(self.preset is None or self.preset in PRESETS, "preset", self.preset,
                f"one of {sorted(PRESETS)}")
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
-            _int_in("model", name, getattr(self, name), 1)
-        _check(self.n_embd % self.n_head == 0, "model", "n_embd", self.n_embd,
+            check_int(getattr(self, name), name, 1)
+        _check(self.n_embd % self.n_head == 0, "n_embd", self.n_embd,
                f"a multiple of n_head ({self.n_head})")
-        _num_in("model", "dropout", self.dropout, 0.0, 0.99)
+        check_number(self.dropout, "dropout", 0.0, 0.99)
+
+
+# The rule of each numeric training option: (int or float, lowest, highest, lowest excluded).
+# Training(...) checks its batch_size and seed with the same rules.
+TRAINING_RULES: dict[str, tuple] = {
+    "steps": (int, 0, 2 ** 62, False),
+    "batch_size": (int, 1, 2 ** 20, False),
+    "seed": (int, 0, 2 ** 63 - 1, False),
+    "learning_rate": (float, 0.0, 10.0, False),
+    "warmup_steps": (int, 0, 2 ** 62, False),
+    "min_lr": (float, 0.0, 10.0, False),
+    "lr_decay_steps": (int, 0, 2 ** 62, False),
+    "weight_decay": (float, 0.0, 10.0, False),
+    "beta1": (float, 0.0, 0.999999, False),
+    "beta2": (float, 0.0, 0.999999, False),
+    "eps": (float, 0.0, 1.0, True),
+    "grad_clip": (float, 0.0, 3.0e38, False),
+    "grad_accum_steps": (int, 1, 2 ** 20, False),
+    "log_every": (int, 0, 2 ** 62, False),
+    "eval_every": (int, 0, 2 ** 62, False),
+    "eval_batches": (int, 1, 2 ** 20, False),
+    "save_every": (int, 0, 2 ** 62, False),
+    "threads": (int, 1, 1024, False),
+}
+
+
+def check_training_option(name: str, value: Any) -> Any:
+    """value checked against TRAINING_RULES[name] (None passes for the optional ones)."""
+    kind, lo, hi, lo_open = TRAINING_RULES[name]
+    if value is None and name in ("min_lr", "lr_decay_steps", "threads"):
+        return None
+    if kind is int:
+        return check_int(value, name, lo, hi)
+    return check_number(value, name, lo, hi, lo_open=lo_open)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingOptions:
-    """`smallmind train`: optimizer steps in all, batch, peak learning rate (linear warm-up,
-    cosine decay), evaluation and checkpoint cadence, where checkpoints go."""
+    """Every option of a training run, checked on construction (TypeError / ValidationError
+    naming the option). Training.train() takes these as keyword arguments and builds one; the
+    `smallmind train` command reads them from flags, SMALLMIND_TRAINING_* and [training].
+
+    steps: optimizer steps in all; batch_size, seed: the batch sampler's (Training(...));
+    learning_rate: the peak, reached after warmup_steps of linear warm-up, then a cosine down
+    to min_lr (default learning_rate / 10) at lr_decay_steps (default steps); AdamW's
+    weight_decay (weight matrices only), beta1, beta2, eps; grad_clip (global norm, 0: off);
+    grad_accum_steps micro-batches per step; log_every, eval_every (0: never), eval_batches,
+    save_every (needs checkpoint_dir); threads (None: the library default).
+
+    The defaults are the library's (Training.train); the command starts from CLI_DEFAULTS.
+    """
     steps: int = 1000
     batch_size: int = 16
-    learning_rate: float = 2e-3
-    warmup: int = 100
-    eval_every: int = 200
+    seed: int = 42
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    min_lr: float | None = None
+    lr_decay_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 0
     eval_batches: int = 20
     save_every: int = 0
-    checkpoint_dir: str = "checkpoints"
-    seed: int = 42
+    checkpoint_dir: str | None = None
     threads: int | None = None
-    log_every: int = 20
 
     def __post_init__(self):
-        for name, lo in (("steps", 0), ("batch_size", 1), ("warmup", 0), ("eval_every", 0),
-                         ("eval_batches", 1), ("save_every", 0), ("seed", 0), ("log_every", 1)):
-            _int_in("training", name, getattr(self, name), lo)
-        _num_in("training", "learning_rate", self.learning_rate, 0.0, 10.0, lo_open=True)
-        _check(isinstance(self.checkpoint_dir, str) and self.checkpoint_dir, "training",
-               "checkpoint_dir", self.checkpoint_dir, "a non-empty path")
-        if self.threads is not None:
-            _int_in("training", "threads", self.threads, 1, 1024)
+        for name in TRAINING_RULES:
+            object.__setattr__(self, name, check_training_option(name, getattr(self, name)))
+        if self.min_lr is not None and self.min_lr > self.learning_rate:
+            raise ValidationError(f"min_lr must be in [0.0, learning_rate = {self.learning_rate}], "
+                                  f"got {self.min_lr}")
+        # The kernels take eps and grad_clip as float32 and refuse 0 there (eps=1e-50 rounds to
+        # 0): checked here, or the refusal came mid-step - after the step counter had moved,
+        # and naming the kernel's argument (max_norm) instead of this one.
+        for name in ("eps", "grad_clip"):
+            v = getattr(self, name)
+            if v > 0 and np.float32(v) == 0:
+                raise ValidationError(f"{name} must be 0 or at least "
+                                      f"{np.finfo(np.float32).smallest_subnormal:g} (it is used "
+                                      f"as a float32), got {v}")
+        if self.checkpoint_dir is not None:
+            try:
+                path = os.fspath(self.checkpoint_dir)
+            except TypeError:
+                path = None
+            _check(isinstance(path, str) and path != "", "checkpoint_dir", self.checkpoint_dir,
+                   "a non-empty path or None")
+            object.__setattr__(self, "checkpoint_dir", path)
+        if self.save_every and self.checkpoint_dir is None:
+            raise ValidationError("save_every needs a checkpoint_dir")
+
+    @property
+    def effective_min_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def effective_lr_decay_steps(self) -> int:
+        return self.steps if self.lr_decay_steps is None else self.lr_decay_steps
+
+    def train_arguments(self) -> dict:
+        """The keyword arguments of Training.train() (all but batch_size and seed, which
+        belong to Training(...))."""
+        d = dataclasses.asdict(self)
+        del d["batch_size"], d["seed"]
+        return d
+
+
+# Where the `smallmind train` command starts (longer runs with checkpoints and evaluation;
+# the library's own defaults suit a short call from Python).
+CLI_DEFAULTS: dict[str, dict[str, Any]] = {
+    "training": {"steps": 1000, "learning_rate": 2e-3, "warmup_steps": 100, "eval_every": 200,
+                 "log_every": 20, "checkpoint_dir": "checkpoints"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,23 +200,20 @@ class InferenceOptions:
     threads: int | None = None
 
     def __post_init__(self):
-        _int_in("inference", "max_tokens", self.max_tokens, 0)
-        _num_in("inference", "temperature", self.temperature, 0.0, 100.0)
-        _int_in("inference", "top_k", self.top_k, 0)
-        _num_in("inference", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        if self.seed is not None:
-            _int_in("inference", "seed", self.seed, 0)
+        check_int(self.max_tokens, "max_tokens", 0)
+        check_number(self.temperature, "temperature", 0.0, 100.0)
+        check_int(self.top_k, "top_k", 0)
+        check_number(self.top_p, "top_p", 0.0, 1.0, lo_open=True)
+        check_optional_int(self.seed, "seed", 0)
         # a TOML `stop = 5` must name the field, not fail in tuple() with "int is not iterable"
-        _check(isinstance(self.stop, (str, list, tuple)), "inference", "stop", self.stop,
+        _check(isinstance(self.stop, (str, list, tuple)), "stop", self.stop,
                "a string or a list of non-empty strings")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        _check(all(isinstance(s, str) and s for s in stop), "inference", "stop", self.stop,
+        _check(all(isinstance(s, str) and s for s in stop), "stop", self.stop,
                "a list of non-empty strings")
         object.__setattr__(self, "stop", stop)
-        _check(self.window in ("shift", "slide"), "inference", "window", self.window,
-               "'shift' or 'slide'")
-        if self.threads is not None:
-            _int_in("inference", "threads", self.threads, 1, 1024)
+        _check(self.window in ("shift", "slide"), "window", self.window, "'shift' or 'slide'")
+        check_optional_int(self.threads, "threads", 1, 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +229,12 @@ class ServerOptions:
     threads_per_request: int | None = None
 
     def __post_init__(self):
-        _check(isinstance(self.host, str) and self.host, "server", "host", self.host, "a host name")
-        _int_in("server", "port", self.port, 0, 65535)
-        _int_in("server", "max_concurrency", self.max_concurrency, 1, 1024)
-        _int_in("server", "queue_size", self.queue_size, 0)
-        _num_in("server", "timeout", self.timeout, 0.0, lo_open=True)
-        if self.threads_per_request is not None:
-            _int_in("server", "threads_per_request", self.threads_per_request, 1, 1024)
+        _check(isinstance(self.host, str) and self.host, "host", self.host, "a host name")
+        check_int(self.port, "port", 0, 65535)
+        check_int(self.max_concurrency, "max_concurrency", 1, 1024)
+        check_int(self.queue_size, "queue_size", 0)
+        check_number(self.timeout, "timeout", 0.0, math.inf, lo_open=True)
+        check_optional_int(self.threads_per_request, "threads_per_request", 1, 1024)
 
 
 _SECTIONS = {"model": ModelOptions, "training": TrainingOptions, "inference": InferenceOptions,
@@ -160,7 +244,8 @@ _SECTIONS = {"model": ModelOptions, "training": TrainingOptions, "inference": In
 @dataclasses.dataclass(frozen=True)
 class Settings:
     model: ModelOptions = dataclasses.field(default_factory=ModelOptions)
-    training: TrainingOptions = dataclasses.field(default_factory=TrainingOptions)
+    training: TrainingOptions = dataclasses.field(
+        default_factory=lambda: TrainingOptions(**CLI_DEFAULTS["training"]))
     inference: InferenceOptions = dataclasses.field(default_factory=InferenceOptions)
     server: ServerOptions = dataclasses.field(default_factory=ServerOptions)
     sources: tuple = ()          # where values came from, lowest precedence first
@@ -200,7 +285,7 @@ def _parse_env(section: str, name: str, raw: str, default: Any):
     """An environment value as the type of the field's default (str when the default is None
     or a str, except for the known optional ints)."""
     where = f"{_ENV_PREFIX}{section.upper()}_{name.upper()}"
-    optional_ints = {"threads", "seed", "threads_per_request"}
+    optional_ints = {"threads", "seed", "threads_per_request", "lr_decay_steps"}
     try:
         if isinstance(default, bool):
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -210,7 +295,7 @@ def _parse_env(section: str, name: str, raw: str, default: Any):
             raise ValueError(raw)
         if isinstance(default, int) or (default is None and name in optional_ints):
             return int(raw)
-        if isinstance(default, float):
+        if isinstance(default, float) or (default is None and name == "min_lr"):
             return float(raw)
         if isinstance(default, tuple):
             return tuple(s for s in raw.encode().decode("unicode_escape").split(",") if s)
@@ -224,44 +309,49 @@ def load_settings(config_path=None, *, env: Mapping[str, str] | None = None,
     """Settings from defaults, then the TOML file `config_path` (if given), then SMALLMIND_*
     variables of `env` (default os.environ), then `overrides` ({section: {field: value}}, the
     command-line flags that were given). Unknown sections or fields are errors naming them."""
-    values: dict[str, dict] = {name: {} for name in _SECTIONS}
+    values: dict[str, dict] = {name: dict(CLI_DEFAULTS.get(name, {})) for name in _SECTIONS}
     sources = ["defaults"]
     if config_path is not None:
-        import tomllib
+        try:
+            import tomllib  # Python 3.11+
+        except ImportError:               # 3.9 / 3.10: the same parser as a package
+            import tomli as tomllib  # type: ignore[no-redef]
         # open() takes an int as a file descriptor: 3 would read some other open file
         if isinstance(config_path, bool) or not isinstance(config_path, (str, bytes, os.PathLike)):
             raise TypeError(f"config_path must be a path or None, got {type(config_path).__name__}")
+        shown = os.fsdecode(config_path)       # for messages (a bytes path prints as b'...')
         try:
             with open(config_path, "rb") as f:
                 data = tomllib.load(f)
         except FileNotFoundError:
-            raise ValidationError(f"no such config file: {config_path}") from None
+            raise ValidationError(f"no such config file: {shown}") from None
         except OSError as e:            # a folder, no permission, ...
-            raise ValidationError(f"cannot read config file {config_path}: {e}") from None
+            raise ValidationError(f"cannot read config file {shown}: {e}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
             # UnicodeDecodeError: not UTF-8; RecursionError: tomllib gives up on deep nesting.
-            raise ValidationError(f"{config_path} is not valid TOML: {e}") from None
+            raise ValidationError(f"{shown} is not valid TOML: {e}") from None
         for section, table in data.items():
             if section not in _SECTIONS:
-                raise ValidationError(f"{config_path}: unknown section [{section}] (known: "
+                raise ValidationError(f"{shown}: unknown section [{section}] (known: "
                                       f"{', '.join(_SECTIONS)})")
             if not isinstance(table, dict):
-                raise ValidationError(f"{config_path}: [{section}] must be a table")
+                raise ValidationError(f"{shown}: [{section}] must be a table")
             fields = _field_types(_SECTIONS[section])
             for k, v in table.items():
                 if k not in fields:
-                    raise ValidationError(f"{config_path}: unknown option {section}.{k}")
+                    raise ValidationError(f"{shown}: unknown option {section}.{k}")
                 values[section][k] = tuple(v) if isinstance(v, list) else v
-        sources.append(str(config_path))
+        sources.append(shown)
     env = os.environ if env is None else env
     used_env = False
     for key, raw in env.items():
         if not key.startswith(_ENV_PREFIX):
             continue
         rest = key[len(_ENV_PREFIX):].lower()
-        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
-        if section is None:
-            continue                  # other SMALLMIND_* variables (SMALLMIND_SIMD, ...)
+        found = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if found is None:
+            continue
+        section = found                  # other SMALLMIND_* variables (SMALLMIND_SIMD, ...)
         name = rest[len(section) + 1:]
         fields = _field_types(_SECTIONS[section])
         if name not in fields:
@@ -284,6 +374,7 @@ def load_settings(config_path=None, *, env: Mapping[str, str] | None = None,
     for section, cls in _SECTIONS.items():
         try:
             built[section] = cls(**values[section])
-        except TypeError as e:
-            raise ValidationError(f"[{section}]: {e}") from None
+        except (TypeError, ValidationError) as e:
+            # the dataclasses name the field; here it is a setting of a section
+            raise ValidationError(f"{section}.{e}") from None
     return Settings(**built, sources=tuple(sources))

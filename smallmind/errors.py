@@ -2,6 +2,8 @@
 derives from SmallMindError, and also from the built-in it refines (ValueError, ...), so
 callers can catch either."""
 
+from typing import Any
+
 
 class SmallMindError(Exception):
     """Base class of every exception smallmind raises on purpose."""
@@ -31,4 +33,9 @@ class NumericalError(SmallMindError, FloatingPointError):
 
 
 class CancelledError(SmallMindError):
-    """Long-running work stopped because its cancellation token was set."""
+    """Long-running work stopped because its cancellation token was set. A cancelled generation
+    leaves what it had made in `result` (a GenerationResult; `results`, a list of them, for
+    generate_batch)."""
+
+    result: Any = None
+    results: Any = None

@@ -23,6 +23,7 @@ import math
 import sys
 import threading
 import time
+from typing import Any
 
 __all__ = ["Registry", "REGISTRY", "render_prometheus", "configure_logging", "JsonFormatter"]
 
@@ -52,9 +53,9 @@ class Registry:
     def __init__(self):
         self._lock = threading.Lock()
         self._meta: dict[str, tuple[str, str]] = {}          # name -> (type, help)
-        self._values: dict[str, dict[tuple, object]] = {}
+        self._values: dict[str, dict[tuple, Any]] = {}  # number, or [counts, sum, n]
         self._buckets: dict[str, tuple] = {}
-        self._collectors = []
+        self._collectors: list = []
 
     def _declare(self, name, kind, help):
         known = self._meta.get(name)
@@ -208,7 +209,7 @@ def configure_logging(level="INFO", json: bool = False, stream=None) -> logging.
         if getattr(h, "_smallmind", False):
             logger.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler._smallmind = True
+    handler._smallmind = True  # type: ignore[attr-defined]  # marks the handler as ours
     handler.setFormatter(JsonFormatter() if json else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)

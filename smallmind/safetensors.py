@@ -1,4 +1,4 @@
-"""_safetensors.py - read and write the safetensors format with numpy alone (no pickle, no
+"""safetensors.py - read and write the safetensors format with numpy alone (no pickle, no
 `safetensors` package).
 
 Format (Hugging Face): 8-byte little-endian header length N, N bytes of UTF-8 JSON mapping
@@ -184,7 +184,7 @@ def remove_stale_temporaries(directory) -> list:
     """Delete the temporary files save_file left in `directory` when its process was killed
     mid-write (kill -9, power loss): names of save_file's pattern whose writer process no longer
     runs. A live writer's file is never touched. Returns the names removed."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -219,7 +219,8 @@ def _fail(path, what):
     return CheckpointError(f"{path!r} is not a valid safetensors file: {what}")
 
 
-def _is_int(v):
+def _is_json_int(v):
+    # a JSON integer exactly (json.loads gives int; bool is excluded by the type test)
     return type(v) is int
 
 
@@ -227,8 +228,8 @@ def _parse_header(path, raw, data_size):
     """Validate the header bytes; return ({name: (st_dtype, shape, begin, end)}, metadata)."""
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _fail(path, f"the header is not valid UTF-8 ({e})") from None
+    except UnicodeDecodeError as err:
+        raise _fail(path, f"the header is not valid UTF-8 ({err})") from None
 
     def pairs(kv):
         d = {}
@@ -245,8 +246,8 @@ def _parse_header(path, raw, data_size):
         header = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except CheckpointError:
         raise
-    except (ValueError, RecursionError) as e:
-        raise _fail(path, f"the header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as err:
+        raise _fail(path, f"the header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise _fail(path, f"the header must be a JSON object, got {type(header).__name__}")
 
@@ -277,11 +278,11 @@ def _parse_header(path, raw, data_size):
                         f"(supported: {', '.join(sorted(_DTYPES))})")
         shape = e["shape"]
         if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
-                or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape)):
+                or not all(_is_json_int(d) and 0 <= d <= _MAX_DIM for d in shape)):
             raise _fail(path, f"tensor {name!r} has shape {shape!r}; a shape is a list of at most "
                         f"{_MAX_NDIM} non-negative integers")
         offs = e["data_offsets"]
-        if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_int, offs))):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(map(_is_json_int, offs))):
             raise _fail(path, f"tensor {name!r} has data_offsets {offs!r}; expected [begin, end] integers")
         begin, end = offs
         if not 0 <= begin <= end:

@@ -2,8 +2,8 @@
 random generators, and comparison against float64 references."""
 import os
 import subprocess
-import threading
 import sys
+import threading
 
 import numpy as np
 import pytest

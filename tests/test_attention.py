@@ -5,9 +5,9 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import assert_close
 
 import smallmind as sm
-from conftest import assert_close
 
 K = sm.kernels
 
@@ -299,7 +299,6 @@ def test_decode_per_sequence_lengths(simd, rng):
 
 def test_prefill_then_decode_equals_forward(simd, rng):
     B, T, T0, NH, hs = 2, 90, 20, 3, 16
-    C = NH * hs
     qkv = rand_qkv(rng, B, T, NH, hs)
     full, _ = K.attention_forward(qkv, NH)
     kc, vc = K.kv_cache_new(B, NH, T, hs)

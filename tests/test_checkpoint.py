@@ -27,11 +27,11 @@ def test_round_trip_model_and_tokenizer(tmp_path):
     m.save(path, TOK)
     m2, tok = sm.load_checkpoint(path)
     assert tok == TOK and m2.config == m.config and not m2.training
-    assert np.array_equal(m2._params, m._params)
+    assert np.array_equal(m2.flat_params, m.flat_params)
     idx = np.array([TOK.encode("to be")], dtype=np.int32)
     assert np.array_equal(m2.eval().forward(idx), m.eval().forward(idx))
     m3 = sm.TransformerModel.load(str(path))
-    assert np.array_equal(m3._params, m._params)
+    assert np.array_equal(m3.flat_params, m.flat_params)
     m.save(tmp_path / "notok.safetensors")
     assert sm.load_checkpoint(tmp_path / "notok.safetensors")[1] is None
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
@@ -160,8 +160,8 @@ def test_training_checkpoint_contents(tmp_path):
     assert ck.training["step"] == 3 and ck.training["adam_t"] == 3
     assert set(ck.exp_avg) == set(tr.model.state_dict())
     for name in ck.exp_avg:
-        assert np.array_equal(ck.exp_avg[name], tr.model._view(tr._m, name))
-        assert np.array_equal(ck.exp_avg_sq[name], tr.model._view(tr._v, name))
+        assert np.array_equal(ck.exp_avg[name], tr.model.layout.view(tr._m, name))
+        assert np.array_equal(ck.exp_avg_sq[name], tr.model.layout.view(tr._v, name))
 
 
 def test_failed_save_leaves_previous_file(tmp_path, monkeypatch):

@@ -29,20 +29,50 @@ def test_precedence_flags_env_file_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: TrainingOptions(steps=-1), "training.steps"),
-    (lambda: TrainingOptions(learning_rate=0), "training.learning_rate"),
-    (lambda: TrainingOptions(batch_size=True), "training.batch_size"),
-    (lambda: ModelOptions(n_embd=30, n_head=4), "model.n_embd"),
-    (lambda: ModelOptions(preset="huge"), "model.preset"),
-    (lambda: InferenceOptions(top_p=0), "inference.top_p"),
-    (lambda: InferenceOptions(window="crop"), "inference.window"),
-    (lambda: InferenceOptions(stop=[""]), "inference.stop"),
-    (lambda: ServerOptions(port=70000), "server.port"),
-    (lambda: ServerOptions(timeout=0), "server.timeout"),
+    (lambda: TrainingOptions(steps=-1), "steps"),
+    (lambda: TrainingOptions(learning_rate=-1e-3), "learning_rate"),
+    (lambda: TrainingOptions(batch_size=0), "batch_size"),
+    (lambda: TrainingOptions(min_lr=0.5, learning_rate=0.1), "min_lr"),
+    (lambda: TrainingOptions(save_every=5), "save_every"),
+    (lambda: ModelOptions(n_embd=30, n_head=4), "n_embd"),
+    (lambda: ModelOptions(preset="huge"), "preset"),
+    (lambda: InferenceOptions(top_p=0), "top_p"),
+    (lambda: InferenceOptions(window="crop"), "window"),
+    (lambda: InferenceOptions(stop=[""]), "stop"),
+    (lambda: ServerOptions(port=70000), "port"),
+    (lambda: ServerOptions(timeout=0), "timeout"),
+    # through the loader, the section is named too, and a wrong type is a ValidationError
+    (lambda: load_settings(overrides={"training": {"steps": -1}}), "training.steps"),
+    (lambda: load_settings(overrides={"training": {"steps": "ten"}}), "training.steps must be an int"),
+    (lambda: load_settings(overrides={"server": {"port": 70000}}), "server.port"),
+    (lambda: load_settings(overrides={"model": {"preset": "huge"}}), "model.preset"),
 ])
 def test_bad_values_name_the_field(make, match):
     with pytest.raises(sm.ValidationError, match=match):
         make()
+
+
+def test_wrong_types_are_type_errors_naming_the_field():
+    with pytest.raises(TypeError, match="batch_size must be an int, got bool"):
+        TrainingOptions(batch_size=True)
+    with pytest.raises(TypeError, match="port must be an int, got str"):
+        ServerOptions(port="80")
+
+
+def test_training_options_are_the_one_definition_of_train_arguments():
+    # Training.train's keywords are TrainingOptions' fields (batch_size and seed belong to
+    # Training(...)), with the same defaults
+    import dataclasses
+    import inspect
+
+    from smallmind.model.training import Training
+    params = inspect.signature(Training.train).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(TrainingOptions)}
+    own = set(params) - {"self", "cancel", "callback"}
+    assert own == set(fields) - {"batch_size", "seed"}
+    for name in own - {"steps"}:
+        assert params[name].default == fields[name], name
+    assert set(TrainingOptions().train_arguments()) == own
 
 
 def test_bad_files_and_variables(tmp_path):
@@ -79,7 +109,7 @@ def test_train_takes_its_options_from_a_file(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 100)
     cfg = tmp_path / "sm.toml"
     cfg.write_text(f'[model]\nn_layer = 1\nn_embd = 16\nn_head = 2\nblock_size = 16\n'
-                   f'[training]\nsteps = 12\nbatch_size = 4\nwarmup = 2\neval_every = 0\n'
+                   f'[training]\nsteps = 12\nbatch_size = 4\nwarmup_steps = 2\neval_every = 0\n'
                    f'log_every = 6\ncheckpoint_dir = "{tmp_path / "ck"}"\n')
     assert cli.main(["train", str(tmp_path / "a.txt"), "--config", str(cfg), "--steps", "6"]) == 0
     out = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """test_crash.py - crash consistency of checkpoints: a training process killed with SIGKILL
 while it saves every step leaves only complete checkpoints (each loads in full), never goes
 backwards, resumes, and its next run removes the half-written temporaries (the driver is
-tools/crash_consistency.py; the README quotes a longer run). Truncated checkpoints are
+tools/crash_consistency.py; docs/reliability.md quotes a longer run). Truncated checkpoints are
 rejected at every length."""
 import os
 import sys

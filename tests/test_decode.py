@@ -19,11 +19,11 @@ def _model(V=13, T=150, L=2, NH=2, C=24, seed=0):
 
 def _run(m, seq, prompt, threads=None):
     B, T = seq.shape
-    cache = _core.GPTCache(m._cfg, B, T)
-    out = [_core.gpt_prefill(m._params, m._cfg, np.ascontiguousarray(seq[:, :prompt]), cache,
+    cache = _core.GPTCache(m.core_config, B, T)
+    out = [_core.gpt_prefill(m.flat_params, m.core_config, np.ascontiguousarray(seq[:, :prompt]), cache,
                              threads)]
     for t in range(prompt, T):
-        out.append(_core.gpt_decode(m._params, m._cfg, np.ascontiguousarray(seq[:, t]), cache,
+        out.append(_core.gpt_decode(m.flat_params, m.core_config, np.ascontiguousarray(seq[:, t]), cache,
                                     threads))
     assert cache.lengths == [T] * B
     return np.stack(out, axis=1)     # (B, T - prompt + 1, V): logits of positions prompt-1 ..
@@ -62,7 +62,7 @@ def test_thread_count_and_concurrency_do_not_change_bits():
 
 def test_errors_and_cache_lifetime():
     m = _model(T=64)
-    cfg, p = m._cfg, m._params
+    cfg, p = m.core_config, m.flat_params
     with pytest.raises(sm.ValidationError, match="capacity"):
         _core.GPTCache(cfg, 1, 65)
     cache = _core.GPTCache(cfg, 2, 8)
@@ -86,16 +86,16 @@ def test_errors_and_cache_lifetime():
         _core.gpt_decode(p, cfg, np.zeros(2, np.int32), cache)
     other = _model(V=14, T=64)
     with pytest.raises(sm.ValidationError, match="configuration"):
-        _core.gpt_decode(other._params, other._cfg, np.zeros(2, np.int32), cache)
+        _core.gpt_decode(other.flat_params, other.core_config, np.zeros(2, np.int32), cache)
     # a new prefill starts the sequences over
     _core.gpt_prefill(p, cfg, np.zeros((2, 3), np.int32), cache)
     assert cache.lengths == [3, 3]
     before = sm.default_pool().stats()["outstanding_bytes"]
     nbytes = cache.nbytes
     assert nbytes > 0
-    cache.free()
-    cache.free()
-    assert cache.freed and cache.nbytes == 0
+    cache.close()
+    cache.close()
+    assert cache.closed and cache.nbytes == 0
     assert sm.default_pool().stats()["outstanding_bytes"] <= before - nbytes
     with pytest.raises(sm.ObjectDisposedError):
         _core.gpt_decode(p, cfg, np.zeros(2, np.int32), cache)
@@ -106,8 +106,8 @@ def test_prompts_of_different_lengths_share_a_cache():
     rng = np.random.default_rng(5)
     lens = [3, 11, 70]
     seqs = [rng.integers(0, 13, 90).astype(np.int32) for _ in lens]
-    cache = _core.GPTCache(m._cfg, 3, 100)
-    first = [_core.gpt_prefill_seq(m._params, m._cfg, np.ascontiguousarray(s[:n]), cache, b)
+    cache = _core.GPTCache(m.core_config, 3, 100)
+    first = [_core.gpt_prefill_seq(m.flat_params, m.core_config, np.ascontiguousarray(s[:n]), cache, b)
              for b, (s, n) in enumerate(zip(seqs, lens))]
     assert cache.lengths == lens
     for b, (s, n) in enumerate(zip(seqs, lens)):
@@ -115,12 +115,12 @@ def test_prompts_of_different_lengths_share_a_cache():
         np.testing.assert_allclose(first[b], want, rtol=1e-4, atol=1e-5)
     for step in range(15):     # all advance together, each at its own position
         toks = np.array([s[n + step] for s, n in zip(seqs, lens)], np.int32)
-        got = _core.gpt_decode(m._params, m._cfg, toks, cache)
+        got = _core.gpt_decode(m.flat_params, m.core_config, toks, cache)
         for b, (s, n) in enumerate(zip(seqs, lens)):
             want = m.forward(s[None, :n + step + 1])[0, -1]
             np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
     with pytest.raises(sm.ValidationError, match="seq"):
-        _core.gpt_prefill_seq(m._params, m._cfg, seqs[0][:4], cache, 3)
+        _core.gpt_prefill_seq(m.flat_params, m.core_config, seqs[0][:4], cache, 3)
 
 
 @pytest.mark.parametrize("V,L,NH,C,B", [
@@ -135,15 +135,15 @@ def test_batched_decode_rows_equal_single_rows_bit_for_bit(V, L, NH, C, B):
 
     def fill(cache, rows):
         for b, i in enumerate(rows):
-            _core.gpt_prefill_seq(m._params, m._cfg, seqs[i][:lens[i]], cache, b, 1)
+            _core.gpt_prefill_seq(m.flat_params, m.core_config, seqs[i][:lens[i]], cache, b, 1)
 
     def steps(rows, threads):
-        cache = _core.GPTCache(m._cfg, len(rows), 24)
+        cache = _core.GPTCache(m.core_config, len(rows), 24)
         fill(cache, rows)
-        out = [_core.gpt_decode(m._params, m._cfg,
+        out = [_core.gpt_decode(m.flat_params, m.core_config,
                                 np.array([seqs[i][lens[i] + s] for i in rows], np.int32), cache,
                                 threads) for s in range(4)]
-        cache.free()
+        cache.close()
         return np.stack(out, axis=1)       # (rows, 4, V)
 
     batched = steps(range(B), 1)
@@ -159,19 +159,19 @@ def test_prefill_of_several_rows_in_one_pass_equals_row_by_row():
     m = _model()
     rng = np.random.default_rng(9)
     idx = rng.integers(0, 13, (3, 11)).astype(np.int32)
-    one = _core.GPTCache(m._cfg, 5, 40)
-    rows = [_core.gpt_prefill_seq(m._params, m._cfg, idx[i], one, 1 + i) for i in range(3)]
-    together = _core.GPTCache(m._cfg, 5, 40)
-    got = _core.gpt_prefill_seq(m._params, m._cfg, idx, together, 1)
+    one = _core.GPTCache(m.core_config, 5, 40)
+    rows = [_core.gpt_prefill_seq(m.flat_params, m.core_config, idx[i], one, 1 + i) for i in range(3)]
+    together = _core.GPTCache(m.core_config, 5, 40)
+    got = _core.gpt_prefill_seq(m.flat_params, m.core_config, idx, together, 1)
     assert got.shape == (3, 13) and np.array_equal(got, np.stack(rows))
     assert together.lengths == [0, 11, 11, 11, 0]
     step = np.array([0, 1, 2, 3, 4], np.int32)
     for c in (one, together):               # fill rows 0 and 4 so the whole batch can decode
-        _core.gpt_prefill_seq(m._params, m._cfg, idx[0, :4], c, 0)
-        _core.gpt_prefill_seq(m._params, m._cfg, idx[1, :4], c, 4)
-    assert np.array_equal(_core.gpt_decode(m._params, m._cfg, step, one),
-                          _core.gpt_decode(m._params, m._cfg, step, together))
+        _core.gpt_prefill_seq(m.flat_params, m.core_config, idx[0, :4], c, 0)
+        _core.gpt_prefill_seq(m.flat_params, m.core_config, idx[1, :4], c, 4)
+    assert np.array_equal(_core.gpt_decode(m.flat_params, m.core_config, step, one),
+                          _core.gpt_decode(m.flat_params, m.core_config, step, together))
     with pytest.raises(sm.ValidationError, match="seq"):
-        _core.gpt_prefill_seq(m._params, m._cfg, idx, together, 3)     # rows 3..5 of 5
+        _core.gpt_prefill_seq(m.flat_params, m.core_config, idx, together, 3)     # rows 3..5 of 5
     with pytest.raises(sm.ValidationError, match="idx"):
-        _core.gpt_prefill_seq(m._params, m._cfg, idx[None], together, 0)
+        _core.gpt_prefill_seq(m.flat_params, m.core_config, idx[None], together, 0)

@@ -1,6 +1,6 @@
 """test_fuzz.py - the fuzz harnesses of fuzz/ inside the test suite: every saved regression input
 (inputs a fuzzer once broke the library with) replays cleanly, and a short seeded run of the
-built-in mutation engine passes for every target. Long runs: fuzz/run.py (see README)."""
+built-in mutation engine passes for every target. Long runs: fuzz/run.py (see docs/reliability.md)."""
 import os
 import sys
 

@@ -4,9 +4,9 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import assert_close, run_python
 
 import smallmind as sm
-from conftest import assert_close, run_python
 
 # Odd sizes hit every edge: partial MR x NR tiles, narrow (<= 16 column) slivers, K slices with
 # tails, the matrix-vector paths (M or N <= 4) including the streaming one (K * N > 2M).

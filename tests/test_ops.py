@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import SIMD_LEVELS, assert_close
 
 import smallmind as sm
-from conftest import SIMD_LEVELS, assert_close
 
 k = sm.kernels
 F32 = np.float32

@@ -539,7 +539,7 @@ def test_stress_8_python_threads_100k_operations():
                         b.release()
                     else:
                         pool.return_buffer(b)
-            for b, a, t in held:
+            for _b, a, t in held:
                 if a[0] != t or a[-1] != t:
                     errors.append(f"thread {tid}: block shared with another thread")
             held.clear()
@@ -598,7 +598,7 @@ def test_dispose_racing_with_renting_threads():
                 if i == 50:
                     busy.set()
                 try:
-                    buf = pool.rent((i % 7) * 50_000 + 1)   # some > 1 MiB
+                    buf = pool.rent((i % 7) * 50_000 + 1)   # noqa: F821  some > 1 MiB (pool: the round's, read while it lives)
                 except sm.ObjectDisposedError:
                     return
                 except Exception as e:  # pragma: no cover

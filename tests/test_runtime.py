@@ -2,9 +2,9 @@
 the thread budget (set_num_threads, OMP_NUM_THREADS, threadpoolctl) and the error hierarchy."""
 import numpy as np
 import pytest
+from conftest import run_python
 
 import smallmind as sm
-from conftest import run_python
 
 
 def _run(code, **env):

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import CountdownEvent
 
 import smallmind as sm
-from conftest import CountdownEvent
 from smallmind.generation.sampling import sample_next
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
@@ -360,7 +360,7 @@ def test_cancellation_under_load_leaves_nothing_outstanding(model):
 
 
 def test_leaving_the_service_right_after_cancelling_a_task_does_not_wait_for_it(model):
-    # The README's pattern: cancel a long task, then leave `async with` at once. __aexit__ used
+    # Pattern 4 of the docs: cancel a long task, then leave `async with` at once. __aexit__ used
     # to block the event loop in executor.shutdown, so the cancellation never reached the worker
     # and the exit waited for the whole generation (10**7 tokens: many minutes). A watchdog
     # thread turns that into a failure instead of a hung suite.

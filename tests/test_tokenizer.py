@@ -339,7 +339,7 @@ def test_eight_threads_equal_serial(rng):
         try:
             barrier.wait()
             out = []
-            for rep in range(5):
+            for _rep in range(5):
                 for t in texts[k:] + texts[:k]:
                     out.append((t, tok.encode(t), tok.encode_array(t).tolist(),
                                 tok.decode(tok.encode_array(t)), tok.decode(tok.encode(t))))

@@ -8,9 +8,9 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import CountdownEvent, run_python
 
 import smallmind as sm
-from conftest import CountdownEvent, run_python
 from smallmind.model.training import BEST_FILE, CANCELLED_FILE, LAST_FILE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +61,7 @@ def test_thread_count_does_not_change_bits():
     for threads in (1, 2):
         tr = _trainer(dropout=0.1, block=40, batch=6, n_embd=32)
         h = tr.train(5, 1e-2, grad_accum_steps=2, log_every=0, threads=threads)
-        runs.append((h.train_loss, tr.model._params.copy()))
+        runs.append((h.train_loss, tr.model.flat_params.copy()))
     assert runs[0][0] == runs[1][0]
     assert np.array_equal(runs[0][1], runs[1][1])
 
@@ -83,7 +83,7 @@ def test_weight_decay_skips_biases_layernorm_and_embeddings():
     before = {k: v.copy() for k, v in model.state_dict().items()}
     # lr > 0 with zero gradients (learning_rate tiny, decay huge) isolates the decay term
     model.zero_grad()
-    sm._core.gpt_adamw(model._params, tr._m, tr._v, model._grads, model._cfg, 0.1, 0.9, 0.95,
+    sm._core.gpt_adamw(model.flat_params, tr._m, tr._v, model.flat_grads, model.core_config, 0.1, 0.9, 0.95,
                        1e-8, 1.0, 1)
     after = model.state_dict()
     for name, old in before.items():
@@ -108,7 +108,7 @@ import json, numpy as np, smallmind as sm
 text = open({str(tmp_path / 'text.txt')!r}, encoding='utf-8').read()
 tr = sm.Training.resume({str(ck)!r}, text)
 h = tr.train(10, 1e-2, **{kw!r})
-np.save({str(tmp_path / 'params.npy')!r}, tr.model._params)
+np.save({str(tmp_path / 'params.npy')!r}, tr.model.flat_params)
 print(json.dumps({{"loss": h.train_loss, "val": h.val_loss, "step": tr.step}}))
 """
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
@@ -118,7 +118,7 @@ print(json.dumps({{"loss": h.train_loss, "val": h.val_loss, "step": tr.step}}))
     assert out["step"] == 10
     assert out["loss"] == h_full.train_loss[4:]
     assert out["val"] == h_full.val_loss[1:]           # evaluations at steps 6, 9, 10
-    assert np.array_equal(np.load(tmp_path / "params.npy"), full.model._params)
+    assert np.array_equal(np.load(tmp_path / "params.npy"), full.model.flat_params)
 
 
 # Polls come before each step and before each extra micro-step (two per step here): with 2
@@ -136,13 +136,13 @@ def test_cancel_saves_consistent_checkpoint_and_resumes_exactly(tmp_path, polls)
     assert tr.step == 1
     one = _trainer(dropout=0.1)
     one.train(1, 1e-2, lr_decay_steps=6, **kw)
-    assert np.array_equal(tr.model._params, one.model._params)   # last completed step kept
+    assert np.array_equal(tr.model.flat_params, one.model.flat_params)   # last completed step kept
     path = tmp_path / CANCELLED_FILE
     assert path.exists() and not (tmp_path / LAST_FILE).exists()
     resumed = sm.Training.resume(path, TEXT)
     h = resumed.train(6, 1e-2, **kw)
     assert h.train_loss == h_ref.train_loss[1:]
-    assert np.array_equal(resumed.model._params, ref.model._params)
+    assert np.array_equal(resumed.model.flat_params, ref.model.flat_params)
 
 
 def test_cancel_with_token_and_event_without_checkpoint_dir():
@@ -179,7 +179,7 @@ def test_best_and_last_checkpoints(tmp_path):
     assert last.training["step"] == 9
     model, tok = sm.load_checkpoint(tmp_path / LAST_FILE)
     assert tok == TOK and not model.training
-    assert np.array_equal(model._params, tr.model._params)
+    assert np.array_equal(model.flat_params, tr.model.flat_params)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
@@ -196,11 +196,11 @@ def test_non_finite_gradient_skips_the_update(caplog):
     tr = _trainer()
     sd = tr.model.state_dict()
     sd["transformer.ln_f.bias"][0] = np.inf
-    before = tr.model._params.copy()
+    before = tr.model.flat_params.copy()
     with caplog.at_level(logging.WARNING, logger="smallmind.training"):
         hist = tr.train(2, 1e-2, log_every=0)
     assert hist.skipped_steps == [1, 2]
-    assert np.array_equal(tr.model._params, before, equal_nan=True)
+    assert np.array_equal(tr.model.flat_params, before, equal_nan=True)
     assert "update skipped" in caplog.text
 
 

@@ -3,7 +3,7 @@ writes a checkpoint every step, and check after every kill that each checkpoint 
 folder loads completely, that training never went backwards, and that `--resume` continues
 from the last complete checkpoint; at the end a resumed run finishes and its model generates.
 
-    python tools/crash_consistency.py --kills 50     # prints the figures (README: Reliability)
+    python tools/crash_consistency.py --kills 50     # prints the figures (docs/reliability.md)
 
 tests/test_crash.py runs it with a few kills. Why it holds: save_file writes a hidden temporary
 file, fsyncs it, renames it over the old name and fsyncs the folder, so a reader sees the old

@@ -229,9 +229,23 @@ cdef extern from "sm_model.h" nogil:
         int64_t n_embd
     enum:
         SM_GPT_NUM_KINDS
+    enum:
+        SM_INIT_NORMAL
+        SM_INIT_RESIDUAL
+        SM_INIT_ONES
+        SM_INIT_ZEROS
+    ctypedef struct sm_gpt_kind_info:
+        const char *name
+        int rows
+        int cols
+        int per_layer
+        int hf_rank
+        int init
+    const sm_gpt_kind_info sm_gpt_kinds[]
     ctypedef struct sm_gpt_state:
         pass
     int sm_gpt_kind_per_layer(int kind)
+    int64_t sm_gpt_dim(const sm_gpt_config *cfg, int dim)
     int64_t sm_gpt_tensor_size(const sm_gpt_config *cfg, int kind)
     int64_t sm_gpt_tensor_offset(const sm_gpt_config *cfg, int kind, int64_t layer)
     int64_t sm_gpt_num_params(const sm_gpt_config *cfg)

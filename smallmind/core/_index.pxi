@@ -1,6 +1,6 @@
 # _index.pxi - Python face of sm_index.h: IndexStore, the C rows behind smallmind.VectorIndex.
 # No locking here: VectorIndex (index.py) holds a readers-writer lock around every call, so
-# searches (which run without the GIL) overlap each other but never an add, remove or free.
+# searches (which run without the GIL) overlap each other but never an add, remove or close.
 
 _METRICS = {"cosine": SM_METRIC_COSINE, "dot": SM_METRIC_DOT, "l2": SM_METRIC_L2}
 
@@ -23,10 +23,11 @@ cdef class IndexStore:
 
     cdef sm_index *_alive(self) except NULL:
         if self.ix == NULL:
-            raise ObjectDisposedError("this index was disposed")
+            raise ObjectDisposedError("this index was closed (disposed)")
         return self.ix
 
-    def free(self):
+    def close(self):
+        """Free the rows now (idempotent)."""
         if self.ix != NULL:
             sm_index_free(self.ix)
             self.ix = NULL

@@ -1,16 +1,8 @@
 # _model.pxi - wrappers of sm_model.h: the GPT parameter layout, the training state, and the
-# whole-model forward / backward / AdamW calls that smallmind/model.py builds TransformerModel on.
+# whole-model forward / backward / AdamW calls that smallmind/model/transformer.py builds TransformerModel on.
 # Each call validates with the GIL, then runs the entire pass in C without it.
 
 import threading as _threading
-
-# Tensor kinds in C enum order (sm_model.h), as the suffix of their Hugging Face GPT-2 name.
-GPT_KIND_NAMES = (
-    "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight",
-    "wte.weight", "wpe.weight", "ln_1.weight", "ln_1.bias", "attn.c_attn.bias",
-    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.bias", "mlp.c_proj.bias",
-    "ln_f.weight", "ln_f.bias",
-)
 
 _SEED_MAX = 2 ** 63 - 1  # seeds and streams are taken as non-negative int64
 
@@ -29,29 +21,40 @@ cdef int _gpt_config(object cfg, sm_gpt_config *c) except -1:
     return 0
 
 
+_INIT_NAMES = {SM_INIT_NORMAL: "normal", SM_INIT_RESIDUAL: "residual", SM_INIT_ONES: "ones",
+               SM_INIT_ZEROS: "zeros"}
+
+
 def gpt_layout(tuple cfg):
-    """The parameter block layout for `cfg`: a dict with num_params and decay_size (floats) and
-    tensors, a list of (kind_name, layer or -1, offset, size) in block order."""
+    """The parameter table of csrc/sm_model.c for `cfg`: a dict with num_params and decay_size
+    (floats) and tensors, a list in block order of dicts with name (Hugging Face GPT-2 name),
+    shape, offset (floats), layer (-1 for a tensor that exists once), hf_rank and init
+    ("normal", "residual", "ones", "zeros"). smallmind/model/layout.py builds on it."""
     cdef sm_gpt_config c
     _gpt_config(cfg, &c)
     tensors = []
     cdef int kind
     cdef int64_t layer
     for kind in range(SM_GPT_NUM_KINDS):
-        size = sm_gpt_tensor_size(&c, kind)
-        if sm_gpt_kind_per_layer(kind):
-            for layer in range(c.n_layer):
-                tensors.append((GPT_KIND_NAMES[kind], layer, sm_gpt_tensor_offset(&c, kind, layer), size))
-        else:
-            tensors.append((GPT_KIND_NAMES[kind], -1, sm_gpt_tensor_offset(&c, kind, 0), size))
+        info = sm_gpt_kinds[kind]
+        suffix = info.name.decode("ascii")
+        shape = (sm_gpt_dim(&c, info.rows),)
+        if info.cols:
+            shape += (sm_gpt_dim(&c, info.cols),)
+        layers = range(c.n_layer) if info.per_layer else (-1,)
+        for layer in layers:
+            name = (f"transformer.h.{layer}.{suffix}" if layer >= 0 else f"transformer.{suffix}")
+            tensors.append({"name": name, "shape": shape, "layer": layer,
+                            "offset": sm_gpt_tensor_offset(&c, kind, layer if layer >= 0 else 0),
+                            "hf_rank": info.hf_rank, "init": _INIT_NAMES[info.init]})
     return {"num_params": sm_gpt_num_params(&c), "decay_size": sm_gpt_decay_size(&c),
             "tensors": tensors}
 
 
 cdef class GPTState:
     """The saved activations and scratch of training steps of one batch shape, in one block
-    rented from the default MemoryPool (kept across steps, returned by free() or when the
-    object goes away). Calls that use it hold its lock, so free() never pulls memory from
+    rented from the default MemoryPool (kept across steps, returned by close() or when the
+    object goes away). Calls that use it hold its lock, so close() never pulls memory from
     under a running pass."""
     cdef sm_gpt_state *s
     cdef sm_gpt_config cfg
@@ -74,7 +77,7 @@ cdef class GPTState:
             sm_gpt_state_free(self.s)
             self.s = NULL
 
-    def free(self):
+    def close(self):
         """Return the block to the pool now (idempotent)."""
         with self.lock:
             if self.s != NULL:
@@ -82,7 +85,7 @@ cdef class GPTState:
                 self.s = NULL
 
     @property
-    def freed(self):
+    def closed(self):
         return self.s == NULL
 
     @property
@@ -148,7 +151,7 @@ def gpt_forward(params, tuple cfg, idx, targets=None, logits=None, GPTState stat
     else:
         with state.lock:
             if state.s == NULL:
-                raise ObjectDisposedError("the training state was freed")
+                raise ObjectDisposedError("the training state was closed (freed)")
             if sm_gpt_state_B(state.s) != B or sm_gpt_state_T(state.s) != T:
                 raise ValidationError(f"idx shape {(B, T)} differs from the training state's "
                                       f"{state.shape}")
@@ -175,7 +178,7 @@ def gpt_backward(grads, GPTState state, params, loss_scale=1.0, threads=None):
     cdef int rc = SM_OK
     with state.lock:
         if state.s == NULL:
-            raise ObjectDisposedError("the training state was freed")
+            raise ObjectDisposedError("the training state was closed (freed)")
         if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&state.cfg):
             raise ValidationError(f"params must hold {sm_gpt_num_params(&state.cfg)} floats")
         if not sm_gpt_state_ready(state.s):
@@ -238,7 +241,7 @@ def dropout_forward(inp, p, seed, stream=0, out=None, threads=None):
 
 cdef class GPTCache:
     """Every layer's keys and values for `B` sequences of up to `capacity` positions, in one
-    block rented from the default MemoryPool (returned by free() or when the object goes away).
+    block rented from the default MemoryPool (returned by close() or when the object goes away).
     Filled by gpt_prefill, extended by gpt_decode; one caller at a time (calls hold its lock)."""
     cdef sm_gpt_cache *c
     cdef sm_gpt_config cfg
@@ -261,7 +264,7 @@ cdef class GPTCache:
             sm_gpt_cache_free(self.c)
             self.c = NULL
 
-    def free(self):
+    def close(self):
         """Return the block to the pool now (idempotent)."""
         with self.lock:
             if self.c != NULL:
@@ -269,7 +272,7 @@ cdef class GPTCache:
                 self.c = NULL
 
     @property
-    def freed(self):
+    def closed(self):
         return self.c == NULL
 
     @property
@@ -294,7 +297,7 @@ cdef class GPTCache:
 
 cdef int _check_cache(GPTCache cache, sm_gpt_config *c) except -1:
     if cache.c == NULL:
-        raise ObjectDisposedError("the KV cache was freed")
+        raise ObjectDisposedError("the KV cache was closed (freed)")
     if (cache.cfg.vocab_size, cache.cfg.block_size, cache.cfg.n_layer, cache.cfg.n_head,
             cache.cfg.n_embd) != (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd):
         raise ValidationError("the KV cache belongs to another configuration")

@@ -124,8 +124,18 @@ cdef class PooledBuffer:
         return self._pool
 
     @property
-    def released(self):
+    def closed(self):
         """True once the buffer was returned to its pool (it is unusable then)."""
+        return self._block == NULL
+
+    @property
+    def released(self):
+        """The same as `closed` (the pool's word for it)."""
+        return self._block == NULL
+
+    @property
+    def disposed(self):
+        """The same as `closed`."""
         return self._block == NULL
 
     cdef int _give_back(self, sm_pool *expect) except -1:
@@ -147,14 +157,23 @@ cdef class PooledBuffer:
             raise RuntimeError(f"returning a PooledBuffer failed: internal error code {rc}")
         return 0
 
-    def release(self):
-        """Return the buffer to its pool. A no-op when it was already returned.
+    def close(self):
+        """Return the buffer to its pool. A no-op when it was already returned. release(),
+        dispose() and leaving ``with buf:`` do the same.
 
         Raises BufferError while a memoryview or numpy array of it is alive.
         """
         if self._block == NULL:
             return
         self._give_back(NULL)
+
+    def release(self):
+        """The same as close()."""
+        self.close()
+
+    def dispose(self):
+        """The same as close()."""
+        self.close()
 
     def __enter__(self):
         self._check_live()
@@ -237,7 +256,7 @@ cdef class MemoryPool:
 
     cdef sm_pool *_live(self) except NULL:
         if self._p == NULL:
-            raise ObjectDisposedError("this MemoryPool was disposed")
+            raise ObjectDisposedError("this MemoryPool was closed (disposed)")
         return self._p
 
     # ---- renting ---------------------------------------------------------------------------
@@ -266,7 +285,7 @@ cdef class MemoryPool:
         cdef sm_pool *p = self._live()
         rc = sm_pool_rent_ex(&blk, p, nbytes)
         if rc == SM_ERR_DISPOSED:
-            raise ObjectDisposedError("this MemoryPool was disposed")
+            raise ObjectDisposedError("this MemoryPool was closed (disposed)")
         if rc == SM_ERR_NOMEM:
             raise MemoryError(f"MemoryPool.rent: cannot allocate {nbytes} bytes (n={count})")
         _raise_for(rc, "MemoryPool.rent")
@@ -366,8 +385,13 @@ cdef class MemoryPool:
     # ---- lifetime --------------------------------------------------------------------------
 
     @property
+    def closed(self):
+        """True after close()."""
+        return self._p == NULL
+
+    @property
     def disposed(self):
-        """True after dispose()."""
+        """The same as `closed`."""
         return self._p == NULL
 
     @property
@@ -376,8 +400,13 @@ cdef class MemoryPool:
         return bool(self._is_default)
 
     def dispose(self):
+        """The same as close()."""
+        self.close()
+
+    def close(self):
         """Free idle buffers now and refuse further use; rented buffers stay valid and are
-        freed when they come back. A second call is a no-op.
+        freed when they come back. A second call is a no-op. dispose() and leaving
+        ``with pool:`` do the same.
 
         The shared default pool cannot be disposed (the kernels of every thread rent from it):
         that raises SmallMindError; call trim() to give its idle memory back instead.
@@ -400,7 +429,7 @@ cdef class MemoryPool:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.dispose()
+        self.close()
         return False
 
     def __reduce__(self):

@@ -8,26 +8,55 @@ kernels write their outputs; backward kernels ACCUMULATE into the gradient array
 Every optimized kernel has a `*_naive` twin (plain loops) that the tests compare against.
 """
 # matrix products (csrc/sm_gemm.h)
-from ._core import matmul, sgemm, sgemm_naive
-
 # elementwise and row kernels of a GPT step (csrc/sm_ops.h)
-from ._core import (
-    adamw_step, adamw_step_naive, bias_add, bias_add_naive, bias_backward, bias_backward_naive,
-    clip_grad_norm, clip_grad_norm_naive, cross_entropy_backward, cross_entropy_backward_naive,
-    cross_entropy_forward, cross_entropy_forward_backward, cross_entropy_forward_naive,
-    encoder_backward, encoder_backward_naive, encoder_forward, encoder_forward_naive,
-    gelu_backward, gelu_backward_naive, gelu_forward, gelu_forward_naive, grad_norm,
-    layernorm_backward, layernorm_backward_naive, layernorm_forward, layernorm_forward_naive,
-    residual_backward, residual_backward_naive, residual_forward, residual_forward_naive,
-    softmax, softmax_naive,
-)
-
 # causal attention and the KV cache (csrc/sm_attention.h)
 from ._core import (
-    ATTENTION_BLOCK, attention_backward, attention_backward_naive, attention_decode,
+    ATTENTION_BLOCK,
+    adamw_step,
+    adamw_step_naive,
+    attention_backward,
+    attention_backward_naive,
+    attention_decode,
+    attention_decode_naive,
     attention_dropout_mask,
-    attention_decode_naive, attention_forward, attention_forward_naive, kv_cache_append,
-    kv_cache_new, kv_cache_prefill,
+    attention_forward,
+    attention_forward_naive,
+    bias_add,
+    bias_add_naive,
+    bias_backward,
+    bias_backward_naive,
+    clip_grad_norm,
+    clip_grad_norm_naive,
+    cross_entropy_backward,
+    cross_entropy_backward_naive,
+    cross_entropy_forward,
+    cross_entropy_forward_backward,
+    cross_entropy_forward_naive,
+    encoder_backward,
+    encoder_backward_naive,
+    encoder_forward,
+    encoder_forward_naive,
+    gelu_backward,
+    gelu_backward_naive,
+    gelu_forward,
+    gelu_forward_naive,
+    grad_norm,
+    kv_cache_append,
+    kv_cache_new,
+    kv_cache_prefill,
+    layernorm_backward,
+    layernorm_backward_naive,
+    layernorm_forward,
+    layernorm_forward_naive,
+    matmul,
+    residual_backward,
+    residual_backward_naive,
+    residual_forward,
+    residual_forward_naive,
+    sgemm,
+    sgemm_naive,
+    softmax,
+    softmax_naive,
 )
 
 __all__ = [

@@ -1,5 +1,5 @@
 """tracker.py - MemoryTracker: what smallmind's C memory and the process look like, phase by
-phase (the guide's MemoryTracker).
+phase.
 
     with sm.MemoryTracker() as mt:
         model.forward(ids)
@@ -21,8 +21,8 @@ import os
 import sys
 import time
 
-from . import _core
 from ..errors import ValidationError
+from . import _core
 from .memory import MemoryPool, default_pool
 
 __all__ = ["MemoryTracker", "MemorySnapshot", "process_rss", "process_peak_rss"]
@@ -77,8 +77,8 @@ class MemoryTracker:
             raise ValidationError(f"pool must be a MemoryPool or None, got {type(pool).__name__}")
         self.pool = pool if pool is not None else default_pool()
         self.snapshots: list[MemorySnapshot] = []
-        self._t0 = None
-        self._base = None
+        self._t0: float | None = None
+        self._base: MemorySnapshot | None = None
 
     def start(self) -> "MemoryTracker":
         """Begin (again): clears the snapshots, restarts the peak, records a "start" snapshot."""

@@ -10,18 +10,20 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .. import metrics as _metrics
-from ..core import _core
+from .._validate import check_int, check_number, check_optional_int
 from ..cancellation import check_cancel
+from ..core import _core
 from ..errors import CancelledError, NumericalError, ValidationError
-from ..model.transformer import TransformerModel, _is_int
 from ..model.tokenizer import Tokenizer
+from ..model.transformer import TransformerModel
 
 __all__ = ["Sampling", "GenerationResult"]
 
@@ -42,7 +44,8 @@ logger = logging.getLogger("smallmind.sampling")
 @dataclasses.dataclass
 class GenerationResult:
     """One generation: the continuation `text` and its `tokens`, why it ended
-    (`finish_reason`: "length", "stop"), the prompt's token count as the model saw it, and
+    (`finish_reason`: "length", "stop", or "cancelled" on the `result` of a CancelledError),
+    the prompt's token count as the model saw it, and
     timings (seconds; tokens_per_sec counts generated tokens over the whole call)."""
     text: str
     tokens: list
@@ -60,25 +63,14 @@ class GenerationResult:
         return len(self.tokens) / self.elapsed_sec if self.elapsed_sec > 0 else float("inf")
 
 
-def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop):
-    if not _is_int(max_new_tokens):
-        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-    if max_new_tokens < 0:
-        raise ValidationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not (float(temperature) >= 0.0) or not np.isfinite(float(temperature)):
-        raise ValidationError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not _is_int(top_k):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 0:
-        raise ValidationError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.integer, np.floating)):
-        raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
-    if not (0.0 < float(top_p) <= 1.0):
-        raise ValidationError(f"top_p must be in (0, 1], got {top_p}")
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise ValidationError(f"seed must be None or an int >= 0, got {seed!r}")
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop):
+    """The sampling arguments every generation entry point takes (Sampling's methods, the
+    services and the HTTP server), checked; returns (temperature, top_k, top_p, stop strings)."""
+    check_int(max_new_tokens, "max_new_tokens", 0)
+    temperature = check_number(temperature, "temperature", 0.0, math.inf, hi_open=True)
+    top_k = check_int(top_k, "top_k", 0)
+    top_p = check_number(top_p, "top_p", 0.0, 1.0, lo_open=True)
+    check_optional_int(seed, "seed", 0)
     if stop is None:
         stops = ()
     elif isinstance(stop, str):
@@ -89,7 +81,7 @@ def _check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop):
         raise TypeError("stop must be a str, a sequence of str, or None")
     if any(s == "" for s in stops):
         raise ValidationError("stop strings must not be empty")
-    return float(temperature), int(top_k), float(top_p), stops
+    return temperature, top_k, top_p, stops
 
 
 class _StepThreads:
@@ -122,12 +114,12 @@ class _StepThreads:
     def __init__(self, threads: int | None, clock=time.perf_counter):
         self.multi = _core.get_num_threads() if threads is None else threads
         self.clock = clock
-        self.avg = {self.multi: None, 1: None}
+        self.avg: dict[int, Any] = {self.multi: None, 1: None}   # seconds per step, once timed
         self.current = self.multi        # the count for steps that are not timed (prefills)
         self.steps = 0
         self.retry_after = self.FIRST_RETRY
         self.countdown = 0
-        self.retry = []                  # times of the multi-threaded retry in progress
+        self.retry: list[float] = []     # times of the multi-threaded retry in progress
         self.held = 0                    # steps on `threads` since it last won
         if self.multi > 1 and clock() < _StepThreads._busy_until:
             self.current, self.steps, self.countdown = 1, self._PROBE, self.FIRST_RETRY
@@ -265,12 +257,11 @@ class Sampling:
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
-        model._check_alive()
+        model.check_open()
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
                                   f"vocab_size is {model.config.vocab_size}")
-        if threads is not None and (not _is_int(threads) or not 1 <= threads <= 1024):
-            raise ValidationError(f"threads must be None or an int in [1, 1024], got {threads!r}")
+        threads = check_optional_int(threads, "threads", 1, 1024)
         if window not in WINDOWS:
             raise ValidationError(f"window must be one of {WINDOWS}, got {window!r}")
         self.model = model
@@ -294,12 +285,10 @@ class Sampling:
         policy; an empty prompt (or one with no known character) raises ValidationError.
         `cancel` is checked between tokens: CancelledError, whose `.result` holds what was
         generated so far."""
-        pieces = []
         gen = self._run(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel)
-        result = None
         try:
             while True:
-                pieces.append(next(gen))
+                next(gen)       # the pieces: generate() wants only the whole result
         except StopIteration as e:
             result = e.value
         if return_details:
@@ -322,13 +311,13 @@ class Sampling:
         for all rows in a single C call. Arguments as generate; with a seed, prompt i draws from
         seed + i. Returns a list of str (or of GenerationResult). A sequence that is finished
         (stop string or max_new_tokens) stops changing; the call returns when all are."""
-        temperature, top_k, top_p, stops = _check_sampling_args(
+        temperature, top_k, top_p, stops = check_sampling_args(
             max_new_tokens, temperature, top_k, top_p, seed, stop)
         is_cancelled = check_cancel(cancel)
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise ValidationError("prompts must be a non-empty list of str")
         model, tok = self.model, self.tokenizer
-        model._check_alive()
+        model.check_open()
         ids = []
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
@@ -337,7 +326,7 @@ class Sampling:
             if not e:
                 raise ValidationError(f"prompts[{i}] has no character of the tokenizer's vocabulary")
             ids.append(e)
-        B, T, cfg, prm = len(ids), model.config.block_size, model._cfg, model._params
+        B, T, cfg, prm = len(ids), model.config.block_size, model.core_config, model.flat_params
         keep, nv, chars, threads = self._keep(), tok.vocab_size, tok.chars, self.threads
         rngs = [np.random.Generator(np.random.PCG64(None if seed is None else seed + i))
                 for i in range(B)]
@@ -345,9 +334,9 @@ class Sampling:
         contexts = [list(e[-T:]) for e in ids]
         prompt_tokens = [len(c) for c in contexts]
         held = list(prompt_tokens)               # tokens in each row of the cache
-        new = [[] for _ in range(B)]
+        new: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
-        reasons = [None] * B
+        reasons: list[Any] = [None] * B          # None while a row is still generating
         ttft = 0.0
         steps = _StepThreads(threads)
         cache = _core.GPTCache(cfg, B, T)
@@ -361,6 +350,9 @@ class Sampling:
                     err.results = [GenerationResult(texts[b], new[b], reasons[b] or "cancelled",
                                                     prompt_tokens[b], time.perf_counter() - t0, ttft)
                                    for b in range(B)]
+                    for r in err.results:
+                        _metrics.record_generation(len(r.tokens), r.elapsed_sec, ttft,
+                                                   r.finish_reason)
                     raise err
                 _check_finite(logits[[r is None for r in reasons]], max(map(len, new)))
                 if temperature == 0.0:
@@ -403,10 +395,12 @@ class Sampling:
                     _prefill_rows(prm, cfg, cache, moving, steps.current)
                 logits = steps.run(_core.gpt_decode, prm, cfg, tokens, cache)[:, :nv]
         finally:
-            cache.free()
+            cache.close()
         elapsed = time.perf_counter() - t0
         results = [GenerationResult(texts[b], new[b], reasons[b], prompt_tokens[b], elapsed, ttft)
                    for b in range(B)]
+        for r in results:       # each sequence counts as one generation, as in generate()
+            _metrics.record_generation(len(r.tokens), elapsed, ttft, r.finish_reason)
         return results if return_details else [r.text for r in results]
 
     async def generate_async(self, prompt: str, max_new_tokens: int = 100, **kwargs):
@@ -430,19 +424,19 @@ class Sampling:
     # ---- the loop ------------------------------------------------------------------------------
 
     def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel):
-        temperature, top_k, top_p, stops = _check_sampling_args(
+        temperature, top_k, top_p, stops = check_sampling_args(
             max_new_tokens, temperature, top_k, top_p, seed, stop)
         is_cancelled = check_cancel(cancel)
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         model, tok = self.model, self.tokenizer
-        model._check_alive()
+        model.check_open()
         ids = tok.encode(prompt)
         if not ids:
             raise ValidationError("prompt must contain at least one character of the "
                                   "tokenizer's vocabulary (there is no start token)")
         T, keep, nv = model.config.block_size, self._keep(), tok.vocab_size
-        params, cfg, threads = model._params, model._cfg, self.threads
+        params, cfg, threads = model.flat_params, model.core_config, self.threads
         chars = tok.chars
         greedy = temperature == 0.0
         rng = np.random.Generator(np.random.PCG64(seed))
@@ -504,7 +498,7 @@ class Sampling:
             if reason == "length" and len(text) > emitted:
                 yield text[emitted:]
         finally:
-            cache.free()
+            cache.close()
         elapsed = time.perf_counter() - t0
         logger.debug("generated %d tokens in %.3f s (%s)", len(new), elapsed, reason)
         _metrics.record_generation(len(new), elapsed, ttft, reason)

@@ -25,10 +25,10 @@ import warnings
 from .. import metrics as _metrics
 from ..config import ServerOptions
 from ..errors import CancelledError, SmallMindError, ValidationError
+from ..model.tokenizer import Tokenizer
 from ..model.transformer import TransformerModel
 from .sampling import Sampling
 from .serving import default_threads_per_request
-from ..model.tokenizer import Tokenizer
 
 logger = logging.getLogger("smallmind.server")
 
@@ -61,7 +61,6 @@ class _Gate:
         self.slots, self.queue = slots, queue
         self._sem = asyncio.Semaphore(slots)
         self.inside = 0          # running or waiting
-        self.running = 0
 
     def admit(self) -> bool:
         if self.inside >= self.slots + self.queue:
@@ -118,6 +117,7 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     """The FastAPI application serving `model` (put in eval mode, shared by every request)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
+
     from ..config import InferenceOptions
 
     options = options or ServerOptions()
@@ -125,18 +125,18 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     model.eval()
     threads = options.threads_per_request or default_threads_per_request(options.max_concurrency)
     app = FastAPI(title="smallmind", docs_url=None, redoc_url=None)
-    state = {"gate": None}
+    state: dict[str, _Gate | None] = {"gate": None}
 
     def gate() -> _Gate:       # created inside the server's event loop
         if state["gate"] is None:
             state["gate"] = _Gate(options.max_concurrency, options.queue_size)
-        return state["gate"]
+        return state["gate"]  # type: ignore[return-value]  # set just above
 
     def validate(req):
         s = Sampling(model, tokenizer, threads=threads, window=inference.window)
         # argument checks of Sampling, before any slot is taken
-        from .sampling import _check_sampling_args
-        _check_sampling_args(**req["kwargs"])
+        from .sampling import check_sampling_args
+        check_sampling_args(**req["kwargs"])
         with warnings.catch_warnings():        # unknown characters: the reply says enough
             warnings.simplefilter("ignore")
             known = tokenizer.encode(req["prompt"])

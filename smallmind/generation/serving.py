@@ -1,4 +1,4 @@
-"""serving.py - the guide's concurrency patterns as library code: a bounded pool of Sampling
+"""serving.py - two ways to share one model between many callers: a bounded pool of Sampling
 objects shared by threads (SamplerPool) and an asyncio service that throttles concurrent
 generations (ThrottledInferenceService), both over one shared model.
 
@@ -13,14 +13,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import math
 import os
 import queue
 import threading
 
-from ..errors import ObjectDisposedError, ValidationError
-from ..model.transformer import TransformerModel, _is_int
-from .sampling import Sampling, _generate_async, _stream_async
+from .._lifecycle import Closeable
+from .._validate import check_int, check_number
+from ..errors import ObjectDisposedError
 from ..model.tokenizer import Tokenizer
+from ..model.transformer import TransformerModel
+from .sampling import Sampling, _generate_async, _stream_async
 
 __all__ = ["SamplerPool", "ThrottledInferenceService", "default_threads_per_request"]
 
@@ -29,44 +32,33 @@ def default_threads_per_request(concurrency: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, concurrency))
 
 
-def _check_positive(v, name):
-    if not _is_int(v):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValidationError(f"{name} must be >= 1, got {v}")
-    return int(v)
-
-
-class SamplerPool:
+class SamplerPool(Closeable):
     """A bounded pool of `size` Sampling objects over one model (thread-safe).
 
         with pool.get() as sampler:        # blocks while all are lent (timeout= to give up)
             text = sampler.generate(prompt, 50)
+
+    close() (or leaving ``with pool:``) refuses further get() calls; lent samplers finish.
     """
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, size: int = 4, *,
                  threads_per_request: int | None = None):
-        size = _check_positive(size, "size")
+        size = check_int(size, "size", 1)
         threads = (default_threads_per_request(size) if threads_per_request is None
-                   else _check_positive(threads_per_request, "threads_per_request"))
+                   else check_int(threads_per_request, "threads_per_request", 1))
         self._free: queue.Queue = queue.Queue()
         for _ in range(size):
             self._free.put(Sampling(model, tokenizer, threads=threads))
         self.size = size
-        self._closed = False
 
     @contextlib.contextmanager
     def get(self, timeout: float | None = None):
         """Borrow a Sampling for the `with` block; TimeoutError if none frees up in time."""
-        if self._closed:
-            raise ObjectDisposedError("this SamplerPool was closed")
+        self.check_open()
         # queue.Queue.get would raise a bare ValueError for a negative timeout, a TypeError from
         # a comparison for a str, and wait forever for NaN: check it here, naming it.
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError(f"timeout must be None or a number, got {type(timeout).__name__}")
-            if not 0 <= timeout < float("inf"):
-                raise ValidationError(f"timeout must be None or a finite number >= 0, got {timeout!r}")
+            check_number(timeout, "timeout", 0.0, math.inf, hi_open=True)
         try:
             sampler = self._free.get(timeout=timeout)
         except queue.Empty:
@@ -80,40 +72,36 @@ class SamplerPool:
     def available(self) -> int:
         return self._free.qsize()
 
-    def close(self) -> None:
-        self._closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _close(self) -> None:
+        pass                     # the samplers own nothing until they generate
 
 
-class ThrottledInferenceService:
+class ThrottledInferenceService(Closeable):
     """Serves generations to asyncio code over one shared model, at most `max_concurrency` at
     a time (an asyncio semaphore; waiting callers queue), each in a worker thread with its own
     Sampling and KV cache and a `threads_per_request` budget. `timeout` (seconds, per call,
     None for none) cancels a generation that runs too long (asyncio.TimeoutError); cancelling
-    the calling task stops decoding before the next token."""
+    the calling task stops decoding before the next token.
+
+    close() (or leaving ``with`` / ``async with``; aclose() from a coroutine) refuses new calls
+    and waits for the worker threads."""
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, max_concurrency: int = 4,
                  *, threads_per_request: int | None = None, timeout: float | None = None):
-        self.max_concurrency = _check_positive(max_concurrency, "max_concurrency")
+        self.max_concurrency = check_int(max_concurrency, "max_concurrency", 1)
         self.threads_per_request = (default_threads_per_request(self.max_concurrency)
                                     if threads_per_request is None
-                                    else _check_positive(threads_per_request, "threads_per_request"))
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValidationError(f"timeout must be None or a number > 0, got {timeout!r}")
+                                    else check_int(threads_per_request, "threads_per_request", 1))
+        if timeout is not None:
+            timeout = check_number(timeout, "timeout", 0.0, math.inf, lo_open=True)
         self.timeout = timeout
         self._model, self._tokenizer = model, tokenizer
         Sampling(model, tokenizer)                      # validates the pair now
         self._executor = concurrent.futures.ThreadPoolExecutor(
             self.max_concurrency, thread_name_prefix="smallmind-infer")
-        self._sem = None                                # made on first use, in the running loop
+        self._sem: asyncio.Semaphore | None = None     # made on first use, in the running loop
         self._lock = threading.Lock()
         self._active = 0
-        self._closed = False
 
     def _semaphore(self) -> asyncio.Semaphore:
         if self._sem is None:
@@ -125,19 +113,15 @@ class ThrottledInferenceService:
         """Generations running now."""
         return self._active
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ObjectDisposedError("this ThrottledInferenceService was closed")
-
     def _sampler(self) -> Sampling:
-        self._check_open()
+        self.check_open()
         return Sampling(self._model, self._tokenizer, threads=self.threads_per_request)
 
     async def generate(self, prompt: str, max_new_tokens: int = 100, **kwargs) -> str:
         """Sampling.generate, throttled (same arguments)."""
         sampler = self._sampler()
         async with self._semaphore():
-            self._check_open()          # closed while this call waited for a slot?
+            self.check_open()          # closed while this call waited for a slot?
             with self._count(), self._closed_guard():
                 coro = _generate_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
                                        self._executor)
@@ -149,7 +133,7 @@ class ThrottledInferenceService:
         """Sampling.stream as an async iterator, throttled (the slot is held while it runs)."""
         sampler = self._sampler()
         async with self._semaphore():
-            self._check_open()          # closed while this call waited for a slot?
+            self.check_open()          # closed while this call waited for a slot?
             with self._count(), self._closed_guard():
                 agen = _stream_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
                                      self._executor)
@@ -185,12 +169,12 @@ class ThrottledInferenceService:
             yield
         except RuntimeError as e:
             if self._closed and not isinstance(e, ObjectDisposedError):
-                raise ObjectDisposedError("this ThrottledInferenceService was closed") from None
+                raise ObjectDisposedError("this ThrottledInferenceService was closed (disposed)") from None
             raise
 
     def close(self) -> None:
         """Refuse new calls and wait for the worker threads to finish. Idempotent."""
-        self._closed = True
+        self._closed = True                 # first: calls arriving while we wait are refused
         self._executor.shutdown(wait=True)
 
     async def aclose(self) -> None:

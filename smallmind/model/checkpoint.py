@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import NoReturn
 
 import numpy as np
 
 from .. import safetensors as _safetensors
 from ..errors import CheckpointError, ValidationError
-from .transformer import ModelConfig, TransformerModel
+from .layout import ParameterLayout
 from .tokenizer import Tokenizer
+from .transformer import ModelConfig, TransformerModel
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "Checkpoint"]
 
@@ -53,10 +54,9 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None =
         raise TypeError(f"tokenizer must be a Tokenizer or None, got {type(tokenizer).__name__}")
     tensors = dict(model.state_dict())
     if optimizer is not None:
-        m, v = optimizer
-        for prefix, block in ((_M, m), (_V, v)):
-            for name in model._names:
-                tensors[prefix + name] = model._view(block, name)
+        for prefix, block in zip((_M, _V), optimizer):
+            for name, view in model.layout.views(block).items():
+                tensors[prefix + name] = view
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
             "model_config": json.dumps(model.config.to_dict(), sort_keys=True)}
     from .. import __version__
@@ -68,7 +68,7 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None =
     _safetensors.save_file(tensors, os.fspath(path), meta)
 
 
-def _fail(path, what: str):
+def _fail(path, what: str) -> NoReturn:
     raise CheckpointError(f"{os.fspath(path)}: {what}")
 
 
@@ -107,8 +107,8 @@ def read_checkpoint(path) -> Checkpoint:
             _fail(path, f"invalid training metadata: {e}")
         if not isinstance(training, dict):
             _fail(path, "invalid training metadata: not an object")
-    # Shapes come from a throwaway layout (cheap: no parameters are touched).
-    shapes = _param_shapes(cfg)
+    # What the configuration's tensors must be, from the parameter table (no model is built).
+    shapes = ParameterLayout.for_config(cfg).shapes()
     params = {k: t for k, t in tensors.items() if not k.startswith("optimizer.")}
     missing = [n for n in shapes if n not in params]
     extra = [n for n in params if n not in shapes]
@@ -121,7 +121,7 @@ def read_checkpoint(path) -> Checkpoint:
             _fail(path, f"{name} must be float32 {shape}, got {t.dtype} {t.shape}")
         if not np.isfinite(t).all():
             _fail(path, f"{name} contains NaN or infinite values")
-    moments = [None, None]
+    moments: list[dict | None] = [None, None]
     for i, prefix in enumerate((_M, _V)):
         part = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
         if not part:
@@ -140,21 +140,6 @@ def read_checkpoint(path) -> Checkpoint:
     return Checkpoint(os.fspath(path), cfg, params, tok, training, moments[0], moments[1])
 
 
-def _param_shapes(cfg: ModelConfig) -> dict:
-    C, L = cfg.n_embd, cfg.n_layer
-    shapes = {"transformer.wte.weight": (cfg.vocab_size, C), "transformer.wpe.weight": (cfg.block_size, C)}
-    per = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (C, 3 * C),
-           "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-           "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (C, 4 * C),
-           "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
-    for l in range(L):
-        for k, s in per.items():
-            shapes[f"transformer.h.{l}.{k}"] = s
-    shapes["transformer.ln_f.weight"] = (C,)
-    shapes["transformer.ln_f.bias"] = (C,)
-    return shapes
-
-
 def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
     model = TransformerModel(ck.config)
     try:
@@ -170,8 +155,3 @@ def load_checkpoint(path) -> tuple[TransformerModel, Tokenizer | None]:
     ck = read_checkpoint(path)
     return model_from_checkpoint(ck).eval(), ck.tokenizer
 
-
-def copy_moments(model: TransformerModel, block: np.ndarray, moments: dict[str, Any]) -> None:
-    """Fill a flat optimizer block (model layout) from per-name arrays."""
-    for name in model._names:
-        model._view(block, name)[...] = moments[name]

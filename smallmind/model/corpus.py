@@ -1,6 +1,6 @@
 """corpus.py - a built-in training corpus that needs no download: the documentation that ships
-inside the Python standard library itself (module, class and function docstrings, and the language reference's help topics
-that pydoc shows), gathered at
+inside the Python standard library itself (module, class and function docstrings, and the
+language reference's help topics that pydoc shows), gathered at
 run time in a fixed order, so a given Python version always yields the same text.
 
 Only pure-Python modules that import without side effects are read (no GUI toolkits, no

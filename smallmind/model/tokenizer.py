@@ -96,6 +96,9 @@ class Tokenizer:
 
     __slots__ = ("_chars", "_errors", "_index", "_cps", "_table", "_astral_cps",
                  "_astral_ids", "_hash")
+    _chars: tuple
+    _errors: str
+    _index: dict
 
     def __init__(self, text: str, *, errors: str = "skip"):
         if not isinstance(text, str):
@@ -124,7 +127,7 @@ class Tokenizer:
             raise TypeError(f"chars must be a str or a list/tuple of str, got {type(chars).__name__}")
         if not seq:
             raise ValidationError("chars must be non-empty")
-        seen = {}
+        seen: dict[str, int] = {}
         for i, c in enumerate(seq):
             if not isinstance(c, str) or len(c) != 1:
                 raise ValidationError(f"chars[{i}] must be a single character (str of length 1), got {c!r}")

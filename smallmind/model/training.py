@@ -24,14 +24,15 @@ from typing import Callable
 import numpy as np
 
 from .. import metrics as _metrics
-from ..core import _core
 from .. import safetensors as _safetensors
+from .._validate import check_int, check_number
 from ..cancellation import check_cancel
-from .checkpoint import (Checkpoint, copy_moments, model_from_checkpoint, read_checkpoint,
-                         save_checkpoint)
+from ..config import TrainingOptions, check_training_option
+from ..core import _core
 from ..errors import CancelledError, CheckpointError, ValidationError
-from .transformer import TransformerModel, _aligned_zeros, _is_int
+from .checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
 from .tokenizer import Tokenizer
+from .transformer import TransformerModel
 
 __all__ = ["Training", "History"]
 
@@ -68,23 +69,7 @@ class History:
         return len(self.steps)
 
 
-def _check_number(v, name: str, lo: float, hi: float = math.inf, *, lo_open=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    f = float(v)
-    ok = (f > lo if lo_open else f >= lo) and f <= hi
-    if not ok or math.isnan(f):
-        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise ValidationError(f"{name} must be in {rng}, got {v}")
-    return f
-
-
-def _check_count(v, name: str, lo: int, hi: int = 2 ** 62) -> int:
-    if not _is_int(v):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if not lo <= v <= hi:
-        raise ValidationError(f"{name} must be in [{lo}, {hi}], got {v}")
-    return int(v)
+_D = TrainingOptions     # the defaults of train()'s options
 
 
 class Training:
@@ -100,7 +85,7 @@ class Training:
                  val_fraction: float = 0.1):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
-        model._check_alive()
+        model.check_open()
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -109,10 +94,10 @@ class Training:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         self.block_size = (model.config.block_size if block_size is None
-                           else _check_count(block_size, "block_size", 1, model.config.block_size))
-        self.batch_size = _check_count(batch_size, "batch_size", 1, 2 ** 20)
-        self.seed = _check_count(seed, "seed", 0, 2 ** 63 - 1)
-        self.val_fraction = _check_number(val_fraction, "val_fraction", 0.0, 0.5)
+                           else check_int(block_size, "block_size", 1, model.config.block_size))
+        self.batch_size = check_training_option("batch_size", batch_size)
+        self.seed = check_training_option("seed", seed)
+        self.val_fraction = check_number(val_fraction, "val_fraction", 0.0, 0.5)
         self.model = model
         self.tokenizer = tokenizer
 
@@ -135,8 +120,8 @@ class Training:
         self.step = 0                   # optimizer steps taken so far (including skipped ones)
         self._adam_t = 0                # updates actually applied (AdamW bias correction)
         self.best_val_loss = math.inf
-        self._m = _aligned_zeros(model._num_floats)
-        self._v = _aligned_zeros(model._num_floats)
+        self._m = model.layout.new_block()      # AdamW moments, in the parameters' layout
+        self._v = model.layout.new_block()
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -166,7 +151,7 @@ class Training:
         """Mean loss over eval_batches random batches of each split, in eval mode (no dropout).
         The batches depend only on the seed and the current step, never on the training
         sampler, so evaluating does not change what training sees."""
-        eval_batches = _check_count(eval_batches, "eval_batches", 1, 2 ** 20)
+        eval_batches = check_training_option("eval_batches", eval_batches)
         out = {}
         model = self.model
         for split in ("train", "val"):
@@ -177,7 +162,8 @@ class Training:
             total = 0.0
             for _ in range(eval_batches):
                 x, y = self._windows(tokens, rng, self.batch_size)
-                loss, _ = _core.gpt_forward(model._params, model._cfg, x, y, threads=threads)
+                loss, _ = _core.gpt_forward(model.flat_params, model.core_config, x, y,
+                                            threads=threads)
                 total += loss
             out[split] = total / eval_batches
         return out
@@ -198,13 +184,14 @@ class Training:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def train(self, steps: int, learning_rate: float = 1e-3, *, warmup_steps: int = 0,
-              min_lr: float | None = None, lr_decay_steps: int | None = None,
-              weight_decay: float = 0.1, beta1: float = 0.9, beta2: float = 0.95,
-              eps: float = 1e-8, grad_clip: float = 1.0, grad_accum_steps: int = 1,
-              log_every: int = 10, eval_every: int = 0, eval_batches: int = 20,
-              save_every: int = 0, checkpoint_dir=None, cancel=None,
-              callback: Callable[[dict], object] | None = None,
+    def train(self, steps: int, learning_rate: float = _D.learning_rate, *,
+              warmup_steps: int = _D.warmup_steps, min_lr: float | None = None,
+              lr_decay_steps: int | None = None, weight_decay: float = _D.weight_decay,
+              beta1: float = _D.beta1, beta2: float = _D.beta2, eps: float = _D.eps,
+              grad_clip: float = _D.grad_clip, grad_accum_steps: int = _D.grad_accum_steps,
+              log_every: int = _D.log_every, eval_every: int = _D.eval_every,
+              eval_batches: int = _D.eval_batches, save_every: int = _D.save_every,
+              checkpoint_dir=None, cancel=None, callback: Callable[[dict], object] | None = None,
               threads: int | None = None) -> History:
         """Train until `steps` optimizer steps have been taken in all (a Training resumed at
         step k runs steps - k more) and return this call's History.
@@ -225,48 +212,38 @@ class Training:
         CancelledError is raised. callback(info) is called after every step with a dict of
         step, loss, lr, grad_norm, tokens_per_sec (and val_loss/train_eval_loss when
         evaluated). Log lines go to logging.getLogger("smallmind.training").
+
+        The options and their rules are config.TrainingOptions' (one definition, shared with
+        the command line and settings files); a bad one raises TypeError / ValidationError
+        naming it, before anything changes.
         """
-        steps = _check_count(steps, "steps", 0)
-        lr0 = _check_number(learning_rate, "learning_rate", 0.0, 10.0)
-        warmup_steps = _check_count(warmup_steps, "warmup_steps", 0)
-        min_lr = lr0 / 10 if min_lr is None else _check_number(min_lr, "min_lr", 0.0, lr0)
-        decay_steps = steps if lr_decay_steps is None else _check_count(lr_decay_steps, "lr_decay_steps", 0)
-        weight_decay = _check_number(weight_decay, "weight_decay", 0.0, 10.0)
-        beta1 = _check_number(beta1, "beta1", 0.0, 0.999999)
-        beta2 = _check_number(beta2, "beta2", 0.0, 0.999999)
-        eps = _check_number(eps, "eps", 0.0, 1.0, lo_open=True)
-        grad_clip = _check_number(grad_clip, "grad_clip", 0.0, 3.0e38)
-        # The kernels take eps and grad_clip as float32 and refuse 0 there (eps=1e-50 rounds to
-        # 0): checked here, or the refusal came mid-step - after the step counter had moved,
-        # and naming the kernel's argument (max_norm) instead of this one.
-        for name, v in (("eps", eps), ("grad_clip", grad_clip)):
-            if v > 0 and np.float32(v) == 0:
-                raise ValidationError(f"{name} must be 0 or at least {np.finfo(np.float32).smallest_subnormal:g} "
-                                      f"(it is used as a float32), got {v}")
-        accum = _check_count(grad_accum_steps, "grad_accum_steps", 1, 2 ** 20)
-        log_every = _check_count(log_every, "log_every", 0)
-        eval_every = _check_count(eval_every, "eval_every", 0)
-        eval_batches = _check_count(eval_batches, "eval_batches", 1, 2 ** 20)
-        save_every = _check_count(save_every, "save_every", 0)
+        opts = TrainingOptions(
+            steps=steps, batch_size=self.batch_size, seed=self.seed, learning_rate=learning_rate,
+            warmup_steps=warmup_steps, min_lr=min_lr, lr_decay_steps=lr_decay_steps,
+            weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, grad_clip=grad_clip,
+            grad_accum_steps=grad_accum_steps, log_every=log_every, eval_every=eval_every,
+            eval_batches=eval_batches, save_every=save_every, checkpoint_dir=checkpoint_dir,
+            threads=threads)
+        steps, lr0, warmup_steps = opts.steps, opts.learning_rate, opts.warmup_steps
+        min_lr, decay_steps = opts.effective_min_lr, opts.effective_lr_decay_steps
+        weight_decay, beta1, beta2, eps = opts.weight_decay, opts.beta1, opts.beta2, opts.eps
+        grad_clip, accum, log_every = opts.grad_clip, opts.grad_accum_steps, opts.log_every
+        eval_every, eval_batches, save_every = opts.eval_every, opts.eval_batches, opts.save_every
+        checkpoint_dir, threads = opts.checkpoint_dir, opts.threads
         if eval_every and self.val_fraction == 0:
             raise ValidationError("eval_every needs a validation split (val_fraction > 0)")
         if checkpoint_dir is not None:
-            checkpoint_dir = os.fspath(checkpoint_dir)
             os.makedirs(checkpoint_dir, exist_ok=True)
             # Half-written files of an earlier run that was killed mid-save (never loaded:
             # they are hidden temporaries until renamed) would otherwise pile up.
             for name in _safetensors.remove_stale_temporaries(checkpoint_dir):
                 logger.info("removed %s, left by a run killed while saving", name)
-        elif save_every:
-            raise ValidationError("save_every needs a checkpoint_dir")
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
         is_cancelled = check_cancel(cancel)
-        if threads is not None:
-            _check_count(threads, "threads", 1, 1024)
 
         model = self.model
-        model._check_alive()
+        model.check_open()
         hist = History(best_val_loss=self.best_val_loss)
         hparams = dict(learning_rate=lr0, warmup_steps=warmup_steps, min_lr=min_lr,
                        lr_decay_steps=decay_steps, weight_decay=weight_decay, beta1=beta1,
@@ -293,17 +270,18 @@ class Training:
                         model.zero_grad()
                         self._cancelled(checkpoint_dir, snapshot, hist)
                     x, y = self._windows(self._train_tokens, self._rng, self.batch_size)
-                    loss_sum += model._forward_train(x, y, None, threads)
+                    loss_sum += model.train_forward(x, y, None, threads)
                     model.backward(loss_scale=1.0 / accum, threads=threads)
                 loss = loss_sum / accum
                 if grad_clip > 0:
-                    norm = _core.clip_grad_norm(model._grads, grad_clip, threads)
+                    norm = _core.clip_grad_norm(model.flat_grads, grad_clip, threads)
                 else:
-                    norm = _core.grad_norm(model._grads, threads)
+                    norm = _core.grad_norm(model.flat_grads, threads)
                 self.step += 1
                 if math.isfinite(norm) and math.isfinite(loss):
                     self._adam_t += 1
-                    _core.gpt_adamw(model._params, self._m, self._v, model._grads, model._cfg, lr,
+                    _core.gpt_adamw(model.flat_params, self._m, self._v, model.flat_grads,
+                                    model.core_config, lr,
                                     beta1, beta2, eps, weight_decay, self._adam_t, threads)
                 else:
                     hist.skipped_steps.append(self.step)
@@ -367,11 +345,11 @@ class Training:
                 "val_fraction": self.val_fraction,
                 "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
                 "rng": self._rng.bit_generator.state,
-                "dropout_rng": self.model._dropout_rng.bit_generator.state,
+                "dropout_rng": self.model.dropout_rng_state,
                 "data": self._data_digest, "hparams": hparams or {}}
 
     def _save(self, path, state: dict) -> None:
-        with self.model._lock:
+        with self.model.exclusive():
             save_checkpoint(path, self.model, self.tokenizer, training=state,
                             optimizer=(self._m, self._v))
 
@@ -390,7 +368,7 @@ class Training:
         if ck.tokenizer is not None and ck.tokenizer != self.tokenizer:
             raise CheckpointError(f"{ck.path}: the checkpoint's tokenizer differs from this one")
         t = ck.training
-        if t is None or ck.exp_avg is None:
+        if t is None or ck.exp_avg is None or ck.exp_avg_sq is None:
             raise CheckpointError(f"{ck.path}: no training state (a model-only checkpoint)")
         try:
             step, adam_t = int(t["step"]), int(t["adam_t"])
@@ -401,19 +379,19 @@ class Training:
             best = math.inf if best is None else float(best)
             rng = np.random.Generator(np.random.PCG64())
             rng.bit_generator.state = rng_state
-            drop = np.random.Generator(np.random.PCG64())
-            drop.bit_generator.state = drop_state
+            # checked now (a malformed state raises here, before anything changes)
+            np.random.Generator(np.random.PCG64()).bit_generator.state = drop_state
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
         if step < 0 or adam_t < 0 or adam_t > step:
             raise CheckpointError(f"{ck.path}: invalid step counters ({step}, {adam_t})")
         if t.get("data") not in (None, self._data_digest):
             logger.warning("%s was trained on different text; continuing on this one", ck.path)
-        with self.model._lock:
+        with self.model.exclusive():
             self.model.load_state_dict(ck.params)
-            copy_moments(self.model, self._m, ck.exp_avg)
-            copy_moments(self.model, self._v, ck.exp_avg_sq)
-            self.model._dropout_rng = drop
+            self.model.layout.fill(self._m, ck.exp_avg)
+            self.model.layout.fill(self._v, ck.exp_avg_sq)
+            self.model.dropout_rng_state = drop_state
         self._rng = rng
         self.step, self._adam_t = step, adam_t
         self.best_val_loss = best
@@ -431,12 +409,12 @@ class Training:
         # Values read from the file are checked here, so a bad one (block_size -5) is a
         # CheckpointError about the file, not a ValidationError about an argument never given.
         try:
-            kw = dict(block_size=_check_count(t["block_size"], "block_size", 1, ck.config.block_size)
+            kw = dict(block_size=check_int(t["block_size"], "block_size", 1, ck.config.block_size)
                       if block_size is None else block_size,
-                      batch_size=_check_count(t["batch_size"], "batch_size", 1, 2 ** 20)
+                      batch_size=check_training_option("batch_size", t["batch_size"])
                       if batch_size is None else batch_size,
-                      seed=_check_count(t["seed"], "seed", 0, 2 ** 63 - 1),
-                      val_fraction=_check_number(t["val_fraction"], "val_fraction", 0.0, 0.5)
+                      seed=check_training_option("seed", t["seed"]),
+                      val_fraction=check_number(t["val_fraction"], "val_fraction", 0.0, 0.5)
                       if val_fraction is None else val_fraction)
         except (KeyError, TypeError, ValueError) as e:   # ValidationError is a ValueError
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None

@@ -1,22 +1,27 @@
-"""model.py - ModelConfig and TransformerModel: a GPT-2 whose whole forward and backward pass is
+"""transformer.py - ModelConfig and TransformerModel: a GPT-2 whose whole forward and backward pass is
 one C call each (csrc/sm_model.c), with parameters and gradients in two flat blocks that Python
-sees as zero-copy numpy views under Hugging Face GPT-2 names.
+sees as zero-copy numpy views under Hugging Face GPT-2 names (the names, shapes and offsets
+come from the parameter table, smallmind/model/layout.py).
 
-Leaves out: the KV-cache decode step (smallmind.sampling), checkpoints' training state
-(smallmind.training) and byte-level BPE.
+Leaves out: the KV-cache decode step (smallmind/generation/sampling.py), checkpoints' training
+state (smallmind/model/training.py) and byte-level BPE.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import threading
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from .._lifecycle import Closeable
+from .._validate import check_int, check_number
 from ..core import _core
-from ..errors import DTypeError, ObjectDisposedError, ValidationError
+from ..errors import DTypeError, ValidationError
+from .layout import ParameterLayout
 
 __all__ = ["ModelConfig", "TransformerModel", "PRESETS"]
 
@@ -24,8 +29,9 @@ __all__ = ["ModelConfig", "TransformerModel", "PRESETS"]
 _LIMITS = {"vocab_size": 2 ** 31, "block_size": 2 ** 24, "n_layer": 4096, "n_head": 2 ** 20,
            "n_embd": 2 ** 20}
 
-# Named shapes. tiny/small/medium are the original SmallMind's presets; shakespeare-char is
-# nanoGPT's character-level Shakespeare model; gpt2 is GPT-2 124M's shape (vocab 50257).
+# Named shapes. tiny/small/medium keep the sizes of the .NET SmallMind project this package
+# reimplements; shakespeare-char is nanoGPT's character-level Shakespeare model; gpt2 is GPT-2
+# 124M's shape (vocab 50257).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
     "small": dict(block_size=128, n_layer=4, n_head=4, n_embd=64, dropout=0.1),
@@ -34,10 +40,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
                  dropout=0.0),
 }
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,26 +62,13 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, hi in _LIMITS.items():
-            v = getattr(self, name)
-            if not _is_int(v):
-                raise TypeError(f"ModelConfig.{name} must be an int, got {type(v).__name__}")
-            if not 1 <= v <= hi:
-                raise ValidationError(f"ModelConfig.{name} must be in [1, {hi}], got {v}")
-            object.__setattr__(self, name, int(v))
+            object.__setattr__(self, name, check_int(getattr(self, name), f"ModelConfig.{name}", 1, hi))
         if self.n_embd % self.n_head:
             raise ValidationError(f"ModelConfig.n_embd must be a multiple of n_head, got "
                                   f"n_embd={self.n_embd}, n_head={self.n_head}")
-        d = self.dropout
-        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, float, np.integer, np.floating)):
-            raise TypeError(f"ModelConfig.dropout must be a float, got {type(d).__name__}")
-        if not (0.0 <= float(d) < 1.0):
-            raise ValidationError(f"ModelConfig.dropout must be in [0, 1), got {d}")
-        object.__setattr__(self, "dropout", float(d))
-        if not _is_int(self.seed):
-            raise TypeError(f"ModelConfig.seed must be an int, got {type(self.seed).__name__}")
-        if not 0 <= self.seed < 2 ** 64:
-            raise ValidationError(f"ModelConfig.seed must be in [0, 2**64), got {self.seed}")
-        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "dropout",
+                           check_number(self.dropout, "ModelConfig.dropout", 0, 1, hi_open=True))
+        object.__setattr__(self, "seed", check_int(self.seed, "ModelConfig.seed", 0, 2 ** 64 - 1))
 
     @classmethod
     def preset(cls, name: str, vocab_size: int | None = None, **overrides) -> "ModelConfig":
@@ -116,36 +105,18 @@ class ModelConfig:
             raise ValidationError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         return cls(**d)
 
-    def _core_tuple(self) -> tuple:
+    def core_tuple(self) -> tuple:
+        """(vocab_size, block_size, n_layer, n_head, n_embd): the configuration as the compiled
+        core takes it."""
         return (self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd)
 
-
-def _aligned_zeros(n: int) -> np.ndarray:
-    """A float32 array of n zeros whose data starts on a 64-byte boundary (SIMD-friendly)."""
-    raw = np.zeros(n + 16, dtype=np.float32)
-    skip = (-raw.ctypes.data % 64) // 4
-    return raw[skip:skip + n]
+    @property
+    def layout(self) -> ParameterLayout:
+        """The parameter table of this shape: every tensor's name, shape and offset."""
+        return ParameterLayout.for_config(self)
 
 
-def _hf_name(kind: str, layer: int) -> str:
-    return f"transformer.{kind}" if layer < 0 else f"transformer.h.{layer}.{kind}"
-
-
-# Per-layer tensors in Hugging Face order, with their shapes as functions of C.
-_LAYER_ORDER = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-
-def _shape_of(kind: str, cfg: ModelConfig) -> tuple:
-    C = cfg.n_embd
-    return {"wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.block_size, C),
-            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-            "attn.c_proj.weight": (C, C), "mlp.c_fc.weight": (C, 4 * C),
-            "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (4 * C, C)}.get(kind, (C,))
-
-
-class TransformerModel:
+class TransformerModel(Closeable):
     """A GPT-2 language model on the CPU.
 
     ``TransformerModel(config)`` or ``TransformerModel(vocab_size=..., block_size=..., ...)``.
@@ -156,6 +127,14 @@ class TransformerModel:
     parallel because the GIL is released for the whole pass. Training calls (train-mode forward
     with targets, backward, optimizer steps, load_state_dict) are serialised by a lock and must
     not overlap eval-mode forwards of the same model from other threads.
+
+    Lifetime: ``close()`` (or leaving ``with model:``; ``dispose()`` is the same) frees the
+    training state and makes every later call raise ObjectDisposedError.
+
+    Besides the user API, a small documented surface serves smallmind's own modules (training,
+    generation, checkpoints, retrieval) and anyone writing their own loop: ``layout``,
+    ``flat_params`` / ``flat_grads`` (the flat blocks the C core reads), ``core_config``,
+    ``check_open()``, ``train_forward()``, ``dropout_rng_state`` and ``exclusive()``.
     """
 
     def __init__(self, config: ModelConfig | None = None, **kwargs):
@@ -166,83 +145,107 @@ class TransformerModel:
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
-        self._cfg = config._core_tuple()
-        layout = _core.gpt_layout(self._cfg)
-        self._num_floats = layout["num_params"]
-        self._params = _aligned_zeros(self._num_floats)
-        self._grad_block = None        # allocated on first use: inference never needs it
-        # name -> (offset, shape), in Hugging Face order
-        where = {_hf_name(k, l): off for k, l, off, _ in layout["tensors"]}
-        self._names: list[str] = ["transformer.wte.weight", "transformer.wpe.weight"]
-        for l in range(config.n_layer):
-            self._names += [_hf_name(k, l) for k in _LAYER_ORDER]
-        self._names += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
-        self._index = {}
-        for name in self._names:
-            kind = name.split(".", 3)[-1] if ".h." in name else name[len("transformer."):]
-            self._index[name] = (where[name], _shape_of(kind, config))
+        self._cfg = config.core_tuple()
+        self._layout = config.layout
+        self._params = self._layout.new_block()
+        self._grad_block: np.ndarray | None = None   # allocated on first use: inference never needs it
         self._training = True
-        self._state = None            # GPTState of the last training batch shape
+        self._state: Any = None       # _core.GPTState of the last training batch shape
         self._backward_ready = False  # the latest forward was a train-mode one with targets
         self._lock = threading.RLock()
-        self._disposed = False
         # Dropout masks: one 64-bit seed per training forward, drawn from this generator.
         self._dropout_rng = np.random.Generator(np.random.PCG64([config.seed, 0x5EED_D409]))
         self._init_weights()
 
-    # ---- parameters ---------------------------------------------------------------------------
+    # ---- the surface smallmind's own modules use -----------------------------------------------
 
     @property
-    def _grads(self) -> np.ndarray:
-        """The flat gradient block, allocated (zeroed) the first time training needs it, so a
-        model that only serves does not carry a second copy of its parameters' size."""
+    def layout(self) -> ParameterLayout:
+        """The parameter table: each tensor's name, shape and offset in flat_params."""
+        return self._layout
+
+    @property
+    def flat_params(self) -> np.ndarray:
+        """All parameters as one flat float32 block in `layout` (the C core's view of them; the
+        state_dict() tensors are views into it)."""
+        return self._params
+
+    @property
+    def flat_grads(self) -> np.ndarray:
+        """The flat gradient block (same layout), allocated zeroed the first time training
+        needs it, so a model that only serves does not carry a second copy of its parameters."""
         if self._grad_block is None:
             with self._lock:
                 if self._grad_block is None:
-                    self._grad_block = _aligned_zeros(self._num_floats)
+                    self._grad_block = self._layout.new_block()
         return self._grad_block
 
-    def _view(self, block: np.ndarray, name: str) -> np.ndarray:
-        off, shape = self._index[name]
-        return block[off:off + math.prod(shape)].reshape(shape)
+    @property
+    def core_config(self) -> tuple:
+        """config.core_tuple(): what the compiled core's model calls take."""
+        return self._cfg
+
+    @property
+    def dropout_rng_state(self) -> dict[str, Any]:
+        """The state of the generator that draws dropout masks (saved by training checkpoints so
+        a resumed run draws the same masks)."""
+        with self._lock:
+            return dict(self._dropout_rng.bit_generator.state)
+
+    @dropout_rng_state.setter
+    def dropout_rng_state(self, state: dict) -> None:
+        gen = np.random.Generator(np.random.PCG64())
+        gen.bit_generator.state = state      # raises on a malformed state, before any change
+        with self._lock:
+            self._dropout_rng = gen
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator["TransformerModel"]:
+        """Hold the model's training lock for the block: no training call (train-mode forward,
+        backward, load_state_dict) of another thread runs meanwhile."""
+        with self._lock:
+            self.check_open()
+            yield self
+
+    # ---- parameters ---------------------------------------------------------------------------
 
     def _init_weights(self) -> None:
-        """GPT-2 initialisation: weights N(0, 0.02), the two residual projections of every block
-        N(0, 0.02 / sqrt(2 n_layer)), biases 0, LayerNorm weight 1 - drawn in name order from
-        the config's seed, so the same seed always gives the same model."""
+        """GPT-2 initialisation, as the parameter table says per tensor (see TensorSpec.init),
+        drawn in Hugging Face name order from the config's seed, so the same seed always gives
+        the same model."""
         rng = np.random.Generator(np.random.PCG64(self.config.seed))
-        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name in self._names:
-            v = self._view(self._params, name)
-            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+        std = {"normal": 0.02, "residual": 0.02 / math.sqrt(2 * self.config.n_layer)}
+        for spec in self._layout:
+            v = self._layout.view(self._params, spec.name)
+            if spec.init == "ones":
                 v[...] = 1.0
-            elif name.endswith(".bias"):
+            elif spec.init == "zeros":
                 v[...] = 0.0
             else:
-                std = resid_std if name.endswith("c_proj.weight") else 0.02
-                v[...] = rng.standard_normal(v.shape, dtype=np.float32) * np.float32(std)
+                v[...] = rng.standard_normal(v.shape, dtype=np.float32) * np.float32(std[spec.init])
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Parameters as zero-copy float32 views, Hugging Face GPT-2 names and (in, out) layout.
         Writing into a view changes the model. The LM head is tied to transformer.wte.weight."""
-        self._check_alive()
-        return {name: self._view(self._params, name) for name in self._names}
+        self.check_open()
+        return self._layout.views(self._params)
 
     def grads(self) -> dict[str, np.ndarray]:
         """Gradients, same names and shapes as state_dict(), as zero-copy views."""
-        self._check_alive()
-        return {name: self._view(self._grads, name) for name in self._names}
+        self.check_open()
+        return self._layout.views(self.flat_grads)
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Copy parameters in from a mapping of name -> array (numpy, or anything np.asarray
         takes, such as CPU torch tensors). Shapes must match; values must be finite. With
         strict, the names must be exactly those of state_dict() (an `lm_head.weight` equal to
         wte is accepted, as Hugging Face checkpoints carry one). Nothing is changed on error."""
-        self._check_alive()
+        self.check_open()
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of name -> array, got {type(state).__name__}")
-        extra = [k for k in state if k not in self._index and k != "lm_head.weight"]
-        missing = [k for k in self._names if k not in state]
+        layout = self._layout
+        extra = [k for k in state if k not in layout and k != "lm_head.weight"]
+        missing = [k for k in layout.names if k not in state]
         if strict and (extra or missing):
             parts = []
             if missing:
@@ -251,14 +254,14 @@ class TransformerModel:
                 parts.append(f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}")
             raise ValidationError("state_dict does not match the model: " + "; ".join(parts))
         staged = {}
-        for name in self._names:
+        for name in layout.names:
             if name not in state:
                 continue
             try:
                 a = np.asarray(state[name])
             except Exception as e:  # e.g. a torch tensor that needs .detach()
                 raise ValidationError(f"{name}: cannot be read as an array ({e})") from None
-            shape = self._index[name][1]
+            shape = layout.spec(name).shape
             if a.shape != shape:
                 raise ValidationError(f"{name} must have shape {shape}, got {a.shape}")
             if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
@@ -273,13 +276,13 @@ class TransformerModel:
                 head = np.asarray(state["lm_head.weight"], dtype=np.float32)
             except (TypeError, ValueError) as e:
                 raise ValidationError(f"lm_head.weight: cannot be read as an array ({e})") from None
-            wte = staged.get("transformer.wte.weight", self._view(self._params, "transformer.wte.weight"))
+            wte = staged.get("transformer.wte.weight", layout.view(self._params, "transformer.wte.weight"))
             if head.shape != wte.shape or not np.array_equal(head, wte):
                 raise ValidationError("lm_head.weight differs from transformer.wte.weight; "
                                       "smallmind ties the LM head to the token embedding")
         with self._lock:
             for name, a in staged.items():
-                self._view(self._params, name)[...] = a
+                layout.view(self._params, name)[...] = a
 
     def num_parameters(self) -> int:
         return self.config.num_parameters()
@@ -300,7 +303,7 @@ class TransformerModel:
         return self._training
 
     def train(self, mode: bool = True) -> "TransformerModel":
-        self._check_alive()
+        self.check_open()
         self._training = bool(mode)
         return self
 
@@ -340,7 +343,7 @@ class TransformerModel:
         """Logits (B, T, V) for token ids idx (B, T); with targets (B, T) also the mean
         cross-entropy: returns (logits, loss). Targets of -1 are ignored. In train mode with
         targets the pass keeps what backward() needs."""
-        self._check_alive()
+        self.check_open()
         idx = self._ids(idx, "idx")
         B, T = idx.shape
         if not (self._training and targets is not None):
@@ -359,7 +362,7 @@ class TransformerModel:
         if targets.shape != idx.shape:
             raise ValidationError(f"targets must have the shape of idx {idx.shape}, got {targets.shape}")
         if self._training:
-            loss = self._forward_train(idx, targets, logits, threads)
+            loss = self.train_forward(idx, targets, logits, threads)
         else:
             loss, n_valid = _core.gpt_forward(self._params, self._cfg, idx, targets, logits,
                                               threads=threads)
@@ -375,16 +378,18 @@ class TransformerModel:
     def _next_dropout_seed(self) -> int:
         return int(self._dropout_rng.integers(0, 2 ** 63))
 
-    def _forward_train(self, idx: np.ndarray, targets: np.ndarray, logits=None, threads=None) -> float:
-        """Training forward with the loss gradient kept for backward; idx/targets validated
-        int32 (B, T). Returns the mean loss."""
+    def train_forward(self, idx: np.ndarray, targets: np.ndarray, logits: np.ndarray | None = None,
+                      threads: int | None = None) -> float:
+        """The training forward pass (dropout on, the loss gradient kept for backward()) on ids
+        already validated as C-contiguous int32 (B, T) arrays (forward() validates first).
+        Returns the mean loss; fills logits (B, T, V) when given."""
         with self._lock:
-            self._check_alive()
+            self.check_open()
             B, T = idx.shape
             created = False
             if self._state is None or self._state.shape != (B, T):
                 if self._state is not None:
-                    self._state.free()
+                    self._state.close()
                     self._state = None
                 self._state = _core.GPTState(self._cfg, B, T)
                 created = True
@@ -397,11 +402,11 @@ class TransformerModel:
                 # gpt_forward refuses bad ids (targets == vocab_size) before any C runs; a
                 # state rented for that refused batch would stay rented from the pool
                 if created:
-                    self._state.free()
+                    self._state.close()
                     self._state = None
                 raise
             if n_valid == 0:
-                self._state.free()
+                self._state.close()
                 self._state = None
                 self._check_valid(0)
             self._backward_ready = True
@@ -411,16 +416,16 @@ class TransformerModel:
         """Accumulate loss_scale * d(loss)/d(parameters) into grads() for the last train-mode
         forward with targets. Call zero_grad() first unless you mean to accumulate."""
         with self._lock:
-            self._check_alive()
+            self.check_open()
             if self._state is None or not self._state.ready or not self._backward_ready:
                 raise ValidationError("backward() needs a train-mode forward(idx, targets) first "
                                       "(each such forward allows one backward, and only until "
                                       "the next forward)")
-            _core.gpt_backward(self._grads, self._state, self._params, loss_scale, threads)
+            _core.gpt_backward(self.flat_grads, self._state, self._params, loss_scale, threads)
             self._backward_ready = False
 
     def zero_grad(self) -> None:
-        self._check_alive()
+        self.check_open()
         with self._lock:
             if self._grad_block is not None:   # a block not yet allocated is zero already
                 self._grad_block.fill(0.0)
@@ -431,7 +436,7 @@ class TransformerModel:
         """Write a safetensors checkpoint (atomically): parameters under Hugging Face names,
         the config and, if given, the tokenizer in its metadata."""
         from .checkpoint import save_checkpoint
-        self._check_alive()
+        self.check_open()
         with self._lock:
             save_checkpoint(path, self, tokenizer)
 
@@ -447,41 +452,18 @@ class TransformerModel:
         """Give the saved activations of training steps back to the MemoryPool now."""
         with self._lock:
             if self._state is not None:
-                self._state.free()
+                self._state.close()
                 self._state = None
 
-    def dispose(self) -> None:
-        """Free the training state; every later call raises ObjectDisposedError. Idempotent."""
+    def _close(self) -> None:
         with self._lock:
             self.free_training_state()
-            self._disposed = True
-
-    @property
-    def disposed(self) -> bool:
-        return self._disposed
-
-    def _check_alive(self) -> None:
-        if self._disposed:
-            raise ObjectDisposedError("this TransformerModel was disposed")
-
-    def __enter__(self):
-        self._check_alive()
-        return self
-
-    def __exit__(self, *exc):
-        self.dispose()
 
     def __repr__(self) -> str:
         c = self.config
         return (f"TransformerModel(vocab_size={c.vocab_size}, block_size={c.block_size}, "
                 f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
                 f"params={self.num_parameters():,}, {'train' if self._training else 'eval'})")
-
-    # ---- the flat blocks, for the optimizer and checkpoints ------------------------------------
-
-    @property
-    def _core_cfg(self) -> tuple:
-        return self._cfg
 
     def config_json(self) -> str:
         return json.dumps(self.config.to_dict(), sort_keys=True)

@@ -15,10 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._lifecycle import Closeable
+from .._validate import is_int
 from ..core import _core
+from ..errors import CheckpointError, ValidationError
 from ..safetensors import load_file, save_file
-from ..errors import CheckpointError, ObjectDisposedError, ValidationError
-from ..model.transformer import _is_int
 
 __all__ = ["VectorIndex", "METRICS"]
 
@@ -71,12 +72,12 @@ class _RWLock:
 
 
 def _check_id(v, where: str):
-    if isinstance(v, bool) or not (isinstance(v, str) or _is_int(v)):
+    if isinstance(v, bool) or not (isinstance(v, str) or is_int(v)):
         raise ValidationError(f"{where} must be an int or a str, got {v!r} ({type(v).__name__})")
     return v if isinstance(v, str) else int(v)
 
 
-class VectorIndex:
+class VectorIndex(Closeable):
     """Exact top-k search over vectors of `dim` floats.
 
     ``metric``: "cosine" (scores in [-1, 1], larger is closer; zero vectors are refused), "dot"
@@ -92,7 +93,7 @@ class VectorIndex:
     """
 
     def __init__(self, dim: int, metric: str = "cosine"):
-        if not _is_int(dim) or not 1 <= dim <= 1 << 24:
+        if not is_int(dim) or not 1 <= dim <= 1 << 24:
             raise ValidationError(f"dim must be an int in [1, 2**24], got {dim!r}")
         if metric not in METRICS:
             raise ValidationError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -104,44 +105,27 @@ class VectorIndex:
         self._rows: dict = {}           # id -> row
         self._next_id = 0               # default ids
         self._lock = _RWLock()
-        self._disposed = False
 
     # ---- lifetime -------------------------------------------------------------------------------
-    def dispose(self) -> None:
+    def close(self) -> None:
         """Free the C memory (after any search in flight). Idempotent; every later call raises
-        ObjectDisposedError."""
+        ObjectDisposedError. dispose() and leaving ``with index:`` do the same."""
         with self._lock.write():
-            if not self._disposed:
-                self._disposed = True
-                self._store.free()
+            if not self._closed:
+                self._closed = True
+                self._store.close()
                 self._ids, self._meta, self._rows = [], [], {}
-
-    close = dispose
-
-    @property
-    def disposed(self) -> bool:
-        return self._disposed
-
-    def __enter__(self):
-        self._alive()
-        return self
-
-    def __exit__(self, *exc):
-        self.dispose()
 
     def __del__(self):
         store = getattr(self, "_store", None)
         if store is not None:
-            store.free()
+            store.close()
 
-    def _alive(self):
-        if self._disposed:
-            raise ObjectDisposedError("this VectorIndex was disposed")
 
     # ---- contents -------------------------------------------------------------------------------
     def __len__(self) -> int:
         with self._lock.read():
-            self._alive()
+            self.check_open()
             return len(self._ids)
 
     @property
@@ -151,13 +135,13 @@ class VectorIndex:
 
     def __contains__(self, id) -> bool:
         with self._lock.read():
-            self._alive()
+            self.check_open()
             return id in self._rows
 
     @property
     def ids(self) -> list:
         with self._lock.read():
-            self._alive()
+            self.check_open()
             return list(self._ids)
 
     def _as_matrix(self, vectors, name: str) -> tuple[np.ndarray, bool]:
@@ -206,7 +190,7 @@ class VectorIndex:
                 except (TypeError, ValueError) as e:
                     raise ValidationError(f"metadata[{i}] must be JSON-serialisable: {e}") from None
         with self._lock.write():
-            self._alive()
+            self.check_open()
             if ids is None:
                 ids = list(range(self._next_id, self._next_id + n))
                 while any(i in self._rows for i in ids):   # skip ints a caller used
@@ -233,7 +217,7 @@ class VectorIndex:
             ids = [ids]
         ids = [_check_id(v, f"ids[{i}]") for i, v in enumerate(ids)]
         with self._lock.write():
-            self._alive()
+            self.check_open()
             missing = [i for i in ids if i not in self._rows]
             if missing:
                 raise ValidationError(f"unknown id {missing[0]!r}")
@@ -248,7 +232,7 @@ class VectorIndex:
     def get(self, id) -> tuple[np.ndarray, Any]:
         """(vector, metadata) of an id; ValidationError if it is unknown."""
         with self._lock.read():
-            self._alive()
+            self.check_open()
             if id not in self._rows:
                 raise ValidationError(f"unknown id {id!r}")
             r = self._rows[id]
@@ -263,11 +247,11 @@ class VectorIndex:
         for a batch a list of such lists and an (nq, k') array. k larger than the index returns
         what there is (k' = min(k, len)). With ``with_metadata`` a third item holds the
         metadata of each hit."""
-        if not _is_int(k) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValidationError(f"k must be an int >= 1, got {k!r}")
         q, single = self._as_matrix(queries, "queries")
         with self._lock.read():
-            self._alive()
+            self.check_open()
             n = len(self._ids)
             kk = min(int(k), n)
             if kk == 0:
@@ -276,7 +260,7 @@ class VectorIndex:
             else:
                 rows, scores = self._store.search(q, kk, threads)
             ids = [[self._ids[r] for r in row] for row in rows.tolist()]
-            meta = [[self._meta[r] for r in row] for row in rows.tolist()] if with_metadata else None
+            meta: Any = [[self._meta[r] for r in row] for row in rows.tolist()] if with_metadata else None
         if single:
             out = (ids[0], scores[0])
             return out + (meta[0],) if with_metadata else out
@@ -288,7 +272,7 @@ class VectorIndex:
         float32 and a JSON header entry with the format, version, metric, ids and metadata.
         No pickle; VectorIndex.load validates everything it reads."""
         with self._lock.read():
-            self._alive()
+            self.check_open()
             header = {"format": _FORMAT, "version": _VERSION, "dim": self.dim,
                       "metric": self.metric, "ids": self._ids, "metadata": self._meta}
             vectors = self._store.rows()
@@ -301,7 +285,7 @@ class VectorIndex:
         tensors, meta = load_file(path)
         where = os.fspath(path)
         try:
-            header = json.loads(meta[_META_KEY])
+            header: Any = json.loads(meta[_META_KEY])
         except KeyError:
             raise CheckpointError(f"{where!r} is not a smallmind VectorIndex file "
                                   f"(no {_META_KEY!r} metadata)") from None
@@ -312,11 +296,14 @@ class VectorIndex:
         if header.get("version") != _VERSION:
             raise CheckpointError(f"{where!r}: index format version {header.get('version')!r} "
                                   f"is not supported (this smallmind reads {_VERSION})")
-        dim, metric = header.get("dim"), header.get("metric")
-        ids, metadata = header.get("ids"), header.get("metadata")
-        vectors = tensors.get("vectors")
+        # values from the file: anything until checked below
+        dim: Any = header.get("dim")
+        metric: Any = header.get("metric")
+        ids: Any = header.get("ids")
+        metadata: Any = header.get("metadata")
+        vectors: Any = tensors.get("vectors")
         problems = []
-        if not _is_int(dim) or not 1 <= dim <= 1 << 24:
+        if not is_int(dim) or not 1 <= dim <= 1 << 24:
             problems.append(f"dim {dim!r}")
         if metric not in METRICS:
             problems.append(f"metric {metric!r}")
@@ -348,6 +335,6 @@ class VectorIndex:
         return index
 
     def __repr__(self):
-        if self._disposed:
+        if self._closed:
             return "VectorIndex(disposed)"
         return f"VectorIndex(dim={self.dim}, metric={self.metric!r}, len={len(self._ids)})"

@@ -1,5 +1,5 @@
-"""retrieval.py - text embedders and retrieval-augmented generation over a VectorIndex: the
-original's TF-IDF embedder, Retriever, PromptBuilder and Answerer, plus an embedder that uses
+"""rag.py - text embedders and retrieval-augmented generation over a VectorIndex: a TF-IDF
+embedder, Retriever, PromptBuilder and Answerer, plus an embedder that uses
 a TransformerModel's own hidden states.
 
     embedder = sm.TfidfEmbedder(max_features=512).fit(passages)
@@ -22,12 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._validate import is_int
 from ..core import _core
 from ..errors import ValidationError
-from .index import VectorIndex
-from ..model.transformer import TransformerModel, _is_int
 from ..generation.sampling import Sampling
 from ..model.tokenizer import Tokenizer
+from ..model.transformer import TransformerModel
+from .index import VectorIndex
 
 __all__ = ["TfidfEmbedder", "ModelEmbedder", "Retriever", "Passage", "PromptBuilder",
            "Answer", "Answerer"]
@@ -50,7 +51,7 @@ class TfidfEmbedder:
     zeros."""
 
     def __init__(self, max_features: int = 512):
-        if not _is_int(max_features) or max_features < 1:
+        if not is_int(max_features) or max_features < 1:
             raise ValidationError(f"max_features must be an int >= 1, got {max_features!r}")
         self.max_features = int(max_features)
         self.vocabulary: dict[str, int] = {}
@@ -64,7 +65,7 @@ class TfidfEmbedder:
         docs = _texts(documents, "documents")
         if not docs:
             raise ValidationError("documents must not be empty")
-        df = Counter()
+        df: Counter[str] = Counter()
         for d in docs:
             df.update(set(self._words(d)))
         if not df:
@@ -124,7 +125,7 @@ class ModelEmbedder:
     def embed(self, texts) -> np.ndarray:
         texts = _texts(texts)
         m = self.model
-        m._check_alive()
+        m.check_open()
         T, C = m.config.block_size, m.config.n_embd
         out = np.zeros((len(texts), C), np.float32)
         # every window, grouped by length so that each group is one C call
@@ -137,7 +138,7 @@ class ModelEmbedder:
         weight = np.zeros(len(texts), np.float64)
         for n, items in groups.items():
             idx = np.asarray([w for _, w in items], np.int32)
-            emb = _core.gpt_embed(m._params, m._cfg, idx, self.threads)
+            emb = _core.gpt_embed(m.flat_params, m.core_config, idx, self.threads)
             for (i, _), e in zip(items, emb):
                 out[i] += n * e
                 weight[i] += n
@@ -167,7 +168,7 @@ class Retriever:
         if embedder.dim != index.dim:
             raise ValidationError(f"the embedder makes {embedder.dim}-dimensional vectors but the "
                                   f"index holds {index.dim}")
-        if not _is_int(k) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValidationError(f"k must be an int >= 1, got {k!r}")
         self.index, self.embedder, self.k = index, embedder, int(k)
 
@@ -213,7 +214,7 @@ class PromptBuilder:
 
     def __init__(self, max_chars: int = 2000, *, header: str = "Context:",
                  question_prefix: str = "Question: ", answer_prefix: str = "Answer:"):
-        if not _is_int(max_chars) or max_chars < 1:
+        if not is_int(max_chars) or max_chars < 1:
             raise ValidationError(f"max_chars must be an int >= 1, got {max_chars!r}")
         self.max_chars = int(max_chars)
         self.header, self.question_prefix, self.answer_prefix = header, question_prefix, answer_prefix
