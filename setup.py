@@ -112,7 +112,7 @@ class BuildExt(build_ext):
             # -ffp-contract=off: scalar code is never silently fused into FMAs, so the generic
             # path gives the same bits whatever the compiler decides; SIMD kernels use explicit FMAs.
             cflags = ["-O3", "-std=gnu11", "-fvisibility=hidden", "-ffp-contract=off",
-                      "-fno-strict-aliasing", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+                      "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas"]
             # Python's own CFLAGS add -g; -g0 keeps debug info out of wheels (4.5 MB -> 0.7 MB)
             # unless the builder asks for it in CFLAGS (sanitizer and debugger builds).
             if "-g" not in os.environ.get("CFLAGS", "").split():

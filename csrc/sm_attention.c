@@ -61,22 +61,14 @@
 
 #define BLK SM_ATT_BLOCK
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 /* Offset of position t, dimension d in one head's key cache (T_max / BLK, hs, BLK). */
 static int64_t kc_index(int64_t t, int64_t d, int64_t hs) { return (t / BLK) * hs * BLK + d * BLK + t % BLK; }
 
-/* Work below this many multiply-adds runs on the calling thread: waking a team costs more. */
-#define SMALL_WORK (1 << 20)
-
-static int team_size(int nthreads, int64_t units, double work) {
-    int nt = sm_resolve_threads(nthreads);
-    if (work < (double)SMALL_WORK) nt = 1;
-    if ((int64_t)nt > units) nt = (int)(units > 0 ? units : 1);
-    return nt;
-}
+/* Attention counts its work in multiply-adds; sm_team_size counts streaming element operations.
+ * A multiply-add of the register-tiled products here costs about 1/16 of one (16 lanes per
+ * FMA, operands in registers and L1), so a thread needs 16 * SM_TEAM_MIN_WORK = 512k of them:
+ * no team below 1M multiply-adds in all. */
+#define MACS_PER_OP 16.0
 
 /* ============================================================================================
  * references (double accumulation, exact softmax)
@@ -279,15 +271,12 @@ typedef void (*mm_fn)(int64_t m, int64_t W, int64_t K, const float *a, int64_t a
                       const float *b, int64_t ldb, float *c, int64_t ldc, int acc,
                       const float *rs, int tri);
 
-/* Row dot product of n floats, one fixed summation order per SIMD level. */
-typedef float (*dot_fn)(const float *x, const float *y, int64_t n);
-
 /* The k range [*k0, *k1) a register tile of rows [i, i + mr) needs. */
 SM_INLINE void tri_k_range(int tri, int64_t i, int64_t mr, int64_t K, int64_t *k0, int64_t *k1) {
     *k0 = 0;
     *k1 = K;
-    if (tri == TRI_K_UPTO) *k1 = min64(K, i + mr);
-    if (tri == TRI_K_FROM) *k0 = min64(K, i);
+    if (tri == TRI_K_UPTO) *k1 = sm_min64(K, i + mr);
+    if (tri == TRI_K_FROM) *k0 = sm_min64(K, i);
 }
 
 static void mm_generic(int64_t m, int64_t W, int64_t K, const float *SM_RESTRICT a, int64_t ars,
@@ -296,7 +285,7 @@ static void mm_generic(int64_t m, int64_t W, int64_t K, const float *SM_RESTRICT
     for (int64_t c0 = 0; c0 < W; c0 += 16)
         for (int64_t i0 = 0; i0 < m; i0 += 4) {
             if (tri == TRI_COLS && c0 + 16 <= i0) continue;
-            const int mr = (int)min64(4, m - i0);
+            const int mr = (int)sm_min64(4, m - i0);
             int64_t k0, k1;
             tri_k_range(tri, i0, mr, K, &k0, &k1);
             float t[4][16];
@@ -356,9 +345,9 @@ static void mm_avx512(int64_t m, int64_t W, int64_t K, const float *a, int64_t a
                       const float *b, int64_t ldb, float *c, int64_t ldc, int acc,
                       const float *rs, int tri) {
     for (int64_t c0 = 0; c0 < W; c0 += 64) {
-        const int64_t nvc = min64(4, (W - c0) / 16);
+        const int64_t nvc = sm_min64(4, (W - c0) / 16);
         for (int64_t i = 0; i < m; i += 6) {
-            const int64_t mr = min64(6, m - i);
+            const int64_t mr = sm_min64(6, m - i);
             int64_t v0 = 0, k0, k1;
             if (tri == TRI_COLS) v0 = i / 16 - c0 / 16 > 0 ? i / 16 - c0 / 16 : 0;
             if (v0 >= nvc) continue;
@@ -409,7 +398,7 @@ static void mm_avx2(int64_t m, int64_t W, int64_t K, const float *a, int64_t ars
     for (int64_t c0 = 0; c0 < W; c0 += 16)
         for (int64_t i = 0; i < m; i += 6) {
             if (tri == TRI_COLS && c0 + 16 <= i) break; /* later row tiles start further right */
-            const int64_t mr = min64(6, m - i);
+            const int64_t mr = sm_min64(6, m - i);
             int64_t k0, k1;
             tri_k_range(tri, i, mr, K, &k0, &k1);
             const float *ai = a + i * ars + k0 * aks, *bi = b + k0 * ldb + c0, *ri = rs ? rs + i : NULL;
@@ -434,15 +423,6 @@ static float dot_generic(const float *x, const float *y, int64_t n) {
 }
 
 #if SM_X86_KERNELS
-SM_TARGET_AVX512 static float dot_avx512(const float *x, const float *y, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 SM_TARGET_AVX2 static float dot_avx2(const float *x, const float *y, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
@@ -526,7 +506,7 @@ static void fwd_softmax_avx512(float *S, int64_t nk, int diag, float scale, floa
         const __m512 m_old = _mm512_loadu_ps(m + 16 * v);
         __m512 mx = m_old;
         /* on the diagonal, keys past this vector's last query are masked for all its lanes */
-        const int64_t jend = diag ? min64(nk, 16 * v + 16) : nk;
+        const int64_t jend = diag ? sm_min64(nk, 16 * v + 16) : nk;
         for (int64_t j = jend; j < nk; j++) _mm512_storeu_ps(S + j * BLK + 16 * v, _mm512_setzero_ps());
         for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 16 * v;
@@ -558,7 +538,7 @@ static void bwd_tile_avx512(float *S, float *dP, int64_t nk, int diag, int64_t m
         const __m512 lane = _mm512_add_ps(iota, _mm512_set1_ps((float)(16 * v)));
         const __mmask16 live = _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)mq), _CMP_LT_OQ);
         const __m512 vl = _mm512_loadu_ps(L + 16 * v), vd = _mm512_loadu_ps(D + 16 * v);
-        const int64_t jend = diag ? min64(nk, 16 * v + 16) : nk;
+        const int64_t jend = diag ? sm_min64(nk, 16 * v + 16) : nk;
         for (int64_t j = jend; j < nk; j++) {
             _mm512_storeu_ps(S + j * BLK + 16 * v, _mm512_setzero_ps());
             _mm512_storeu_ps(dP + j * BLK + 16 * v, _mm512_setzero_ps());
@@ -585,7 +565,7 @@ static void fwd_softmax_avx2(float *S, int64_t nk, int diag, float scale, float 
         const __m256 lane = _mm256_add_ps(iota, _mm256_set1_ps((float)(8 * v)));
         const __m256 m_old = _mm256_loadu_ps(m + 8 * v);
         __m256 mx = m_old;
-        const int64_t jend = diag ? min64(nk, 8 * v + 8) : nk;
+        const int64_t jend = diag ? sm_min64(nk, 8 * v + 8) : nk;
         for (int64_t j = jend; j < nk; j++) _mm256_storeu_ps(S + j * BLK + 8 * v, _mm256_setzero_ps());
         for (int64_t j = 0; j < jend; j++) {
             float *s = S + j * BLK + 8 * v;
@@ -617,7 +597,7 @@ static void bwd_tile_avx2(float *S, float *dP, int64_t nk, int diag, int64_t mq,
         const __m256 lane = _mm256_add_ps(iota, _mm256_set1_ps((float)(8 * v)));
         const __m256 live = _mm256_cmp_ps(lane, _mm256_set1_ps((float)mq), _CMP_LT_OQ);
         const __m256 vl = _mm256_loadu_ps(L + 8 * v), vd = _mm256_loadu_ps(D + 8 * v);
-        const int64_t jend = diag ? min64(nk, 8 * v + 8) : nk;
+        const int64_t jend = diag ? sm_min64(nk, 8 * v + 8) : nk;
         for (int64_t j = jend; j < nk; j++) {
             _mm256_storeu_ps(S + j * BLK + 8 * v, _mm256_setzero_ps());
             _mm256_storeu_ps(dP + j * BLK + 8 * v, _mm256_setzero_ps());
@@ -669,9 +649,9 @@ SM_TARGET_AVX512
 static void pack_T_avx512(float *dst, const float *src, int64_t ss, int64_t rows, int64_t hs) {
     for (int64_t r0 = 0; r0 < BLK; r0 += 16)
         for (int64_t d0 = 0; d0 < hs; d0 += 16) {
-            const int dn = (int)min64(16, hs - d0);
+            const int dn = (int)sm_min64(16, hs - d0);
             __m512 r[16];
-            load_rows16(r, src + r0 * ss + d0, ss, rows - r0, (__mmask16)((1u << dn) - 1u));
+            load_rows16(r, src + r0 * ss + d0, ss, rows - r0, sm_mask16(dn));
             sm_transpose16x16(r);
             for (int e = 0; e < dn; e++) _mm512_storeu_ps(dst + (d0 + e) * BLK + r0, r[e]);
         }
@@ -681,11 +661,11 @@ SM_TARGET_AVX512
 static void row_dots_avx512(float *D, const float *x, const float *y, int64_t ss, int64_t rows,
                             int64_t hs) {
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-        const int64_t rn = min64(16, rows - r0);
+        const int64_t rn = sm_min64(16, rows - r0);
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d0 = 0; d0 < hs; d0 += 16) {
-            const int dn = (int)min64(16, hs - d0);
-            const __mmask16 km = (__mmask16)((1u << dn) - 1u);
+            const int dn = (int)sm_min64(16, hs - d0);
+            const __mmask16 km = sm_mask16(dn);
             __m512 a[16], b[16];
             load_rows16(a, x + r0 * ss + d0, ss, rn, km);
             load_rows16(b, y + r0 * ss + d0, ss, rn, km);
@@ -693,7 +673,7 @@ static void row_dots_avx512(float *D, const float *x, const float *y, int64_t ss
             sm_transpose16x16(b);
             for (int e = 0; e < dn; e++) acc = _mm512_fmadd_ps(a[e], b[e], acc);
         }
-        _mm512_mask_storeu_ps(D + r0, (__mmask16)((1u << rn) - 1u), acc);
+        _mm512_mask_storeu_ps(D + r0, sm_mask16(rn), acc);
     }
 }
 
@@ -755,10 +735,10 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
                       float *ws) {
     const int64_t T = A->T, C = A->C, C3 = 3 * C, hs = A->hs, hsp = A->hsp;
     /* QT (hs, BLK), S (BLK, BLK), O (BLK, hsp), Vp (BLK, hsp), m, l, alpha (BLK) */
-    float *QT = ws, *S = QT + round_up(hs * BLK, 16), *O = S + BLK * BLK, *Vp = O + BLK * hsp;
+    float *QT = ws, *S = QT + sm_round_up(hs * BLK, 16), *O = S + BLK * BLK, *Vp = O + BLK * hsp;
     float *m = Vp + BLK * hsp, *l = m + BLK, *alpha = l + BLK;
     const float *base = A->qkv + b * T * C3 + h * hs;
-    const int64_t i0 = I * BLK, mq = min64(BLK, T - i0);
+    const int64_t i0 = I * BLK, mq = sm_min64(BLK, T - i0);
     const int pad = hs != hsp;
 
     K->pack_T(QT, base + i0 * C3, C3, mq, hs);
@@ -813,14 +793,14 @@ int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B,
     A.C = C;
     A.NH = NH;
     A.hs = C / NH;
-    A.hsp = round_up(A.hs, 16);
-    A.nqb = ceil_div(T, BLK);
+    A.hsp = sm_round_up(A.hs, 16);
+    A.nqb = sm_ceil_div(T, BLK);
     A.scale = (float)(1.0 / sqrt((double)A.hs));
     const att_kernels K = get_kernels();
     const int64_t units = B * NH * A.nqb;
     const double work = (double)B * NH * (double)A.nqb * (A.nqb + 1) / 2 * BLK * BLK * 2.0 * A.hs;
-    const int nt = team_size(nthreads, units, work);
-    const int64_t per = round_up(A.hs * BLK, 16) + BLK * BLK + 2 * BLK * A.hsp + 3 * BLK;
+    const int nt = sm_team_size(nthreads, units, work / MACS_PER_OP);
+    const int64_t per = sm_round_up(A.hs * BLK, 16) + BLK * BLK + 2 * BLK * A.hsp + 3 * BLK;
     float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
     SM_PARALLEL(nt) {
@@ -858,7 +838,7 @@ typedef struct {
 static int64_t bwd_scratch_floats(int64_t hs, int64_t hsp, int64_t Tp) {
     /* padded Q, dO, K rows, dQ, dK and dV: only when hs % 16 != 0 */
     const int64_t pad = hs != hsp ? 4 * Tp * hsp + 2 * BLK * hsp : 0;
-    return 2 * round_up(hs * Tp, 16) + 2 * Tp + 2 * BLK * BLK + pad;
+    return 2 * sm_round_up(hs * Tp, 16) + 2 * Tp + 2 * BLK * BLK + pad;
 }
 
 static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t h, float *ws) {
@@ -870,8 +850,8 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
      * hs % 16 == 0: the products accumulate straight into dqkv (rows of hs are whole vectors).
      * Otherwise they work on zero-padded rows of hsp: Qr, dOr, Kr (Tp, hsp) copies and dQ
      * (Tp, hsp), dK, dV (BLK, hsp) accumulators, added into dqkv at the end. */
-    float *QT = ws, *dOT = QT + round_up(hs * Tp, 16);
-    float *L = dOT + round_up(hs * Tp, 16), *D = L + Tp, *S = D + Tp, *dP = S + BLK * BLK;
+    float *QT = ws, *dOT = QT + sm_round_up(hs * Tp, 16);
+    float *L = dOT + sm_round_up(hs * Tp, 16), *D = L + Tp, *S = D + Tp, *dP = S + BLK * BLK;
     const float *qb = A->qkv + b * T * C3 + h * hs; /* row t: query at 0, key at C, value at 2C */
     const float *ob = A->out + b * T * C + h * hs;
     const float *gb = A->dout + b * T * C + h * hs;
@@ -899,7 +879,7 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
         ldq = ldo = ldk = hsp;
     }
     for (int64_t J = 0; J < A->nqb; J++) { /* each query block transposed, zero past T */
-        const int64_t t0 = J * BLK, rows = min64(BLK, T - t0);
+        const int64_t t0 = J * BLK, rows = sm_min64(BLK, T - t0);
         K->pack_T(QT + J * hs * BLK, qb + t0 * C3, C3, rows, hs);
         K->pack_T(dOT + J * hs * BLK, gb + t0 * C, C, rows, hs);
     }
@@ -908,13 +888,13 @@ static void bwd_head(const att_kernels *K, const bwd_args *A, int64_t b, int64_t
     for (int64_t t = T; t < Tp; t++) D[t] = L[t] = 0.0f;
 
     for (int64_t J = 0; J < A->nqb; J++) {
-        const int64_t j0 = J * BLK, nk = min64(BLK, T - j0);
+        const int64_t j0 = J * BLK, nk = sm_min64(BLK, T - j0);
         const float *Kj = qb + j0 * C3 + C, *Vj = qb + j0 * C3 + 2 * C;
         /* this key block's gradient rows (padded: block-local accumulators from zero) */
         float *dKj = pad ? dK : dK + j0 * ldg, *dVj = pad ? dV : dV + j0 * ldg;
         if (pad) memset(dK, 0, (size_t)(2 * BLK * hsp) * sizeof(float)); /* dK and dV */
         for (int64_t I = J; I < A->nqb; I++) {
-            const int64_t i0 = I * BLK, mq = min64(BLK, T - i0);
+            const int64_t i0 = I * BLK, mq = sm_min64(BLK, T - i0);
             const float *qt = QT + I * hs * BLK, *gt = dOT + I * hs * BLK;
             const int diag = I == J;
             const int cols = diag ? TRI_COLS : TRI_NONE, kfrom = diag ? TRI_K_FROM : TRI_NONE;
@@ -971,15 +951,15 @@ int sm_attention_backward_ex(float *dqkv, const float *dout, const float *qkv, c
     A.C = C;
     A.NH = NH;
     A.hs = C / NH;
-    A.hsp = round_up(A.hs, 16);
-    A.nqb = ceil_div(T, BLK);
+    A.hsp = sm_round_up(A.hs, 16);
+    A.nqb = sm_ceil_div(T, BLK);
     A.Tp = A.nqb * BLK;
     A.scale = (float)(1.0 / sqrt((double)A.hs));
     const att_kernels K = get_kernels();
     const int64_t units = B * NH;
     const double work = (double)B * NH * (double)A.nqb * (A.nqb + 1) / 2 * BLK * BLK * 5.0 * A.hs;
-    const int nt = team_size(nthreads, units, work);
-    const int64_t per = round_up(bwd_scratch_floats(A.hs, A.hsp, A.Tp), 16);
+    const int nt = sm_team_size(nthreads, units, work / MACS_PER_OP);
+    const int64_t per = sm_round_up(bwd_scratch_floats(A.hs, A.hsp, A.Tp), 16);
     float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
     SM_PARALLEL(nt) {
@@ -1004,7 +984,7 @@ void sm_kv_cache_prefill(float *k_cache, float *v_cache, const float *qkv, int64
      * C = NH*hs; positions start .. start+T-1 are written */
     if (B <= 0 || T <= 0 || NH <= 0 || hs <= 0) return;
     const int64_t C = NH * hs, C3 = 3 * C, units = B * NH;
-    const int nt = team_size(nthreads, units, (double)units * T * hs * 8);
+    const int nt = sm_team_size(nthreads, units, (double)units * T * hs * 8 / MACS_PER_OP);
     SM_PARALLEL(nt) {
         int64_t u0, u1;
         sm_split_range(units, 1, SM_THREAD_COUNT(), SM_THREAD_ID(), &u0, &u1);
@@ -1051,15 +1031,15 @@ void sm_kv_cache_append(float *k_cache, float *v_cache, const float *qkv_row,
  * ============================================================================================ */
 
 typedef void (*decode_fn)(float *out, const float *q, const float *kt, const float *v, int64_t L,
-                          int64_t T_max, int64_t hs, float scale, float *ws);
+                          int64_t hs, float scale, float *ws);
 
 SM_INLINE void decode_head_body(float *out, const float *q, const float *kt, const float *v,
-                                int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
-    float *o = ws, *p = ws + round_up(hs, 16);
+                                int64_t L, int64_t hs, float scale, float *ws) {
+    float *o = ws, *p = ws + sm_round_up(hs, 16);
     float m = -INFINITY, l = 0.0f;
     for (int64_t d = 0; d < hs; d++) o[d] = 0.0f;
     for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-        const int64_t nk = min64(BLK, L - j0);
+        const int64_t nk = sm_min64(BLK, L - j0);
         for (int64_t j = 0; j < nk; j++) p[j] = 0.0f;
         for (int64_t d = 0; d < hs; d++) {
             const float qd = q[d];
@@ -1090,8 +1070,8 @@ SM_INLINE void decode_head_body(float *out, const float *q, const float *kt, con
 }
 
 static void decode_head_generic(float *out, const float *q, const float *kt, const float *v,
-                                int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
-    decode_head_body(out, q, kt, v, L, T_max, hs, scale, ws);
+                                int64_t L, int64_t hs, float scale, float *ws) {
+    decode_head_body(out, q, kt, v, L, hs, scale, ws);
 }
 
 #if SM_X86_KERNELS
@@ -1100,12 +1080,12 @@ static void decode_head_generic(float *out, const float *q, const float *kt, con
 
 SM_TARGET_AVX2
 static void decode_head_avx2(float *out, const float *q, const float *kt, const float *v,
-                             int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
-    float *o = ws, *p = ws + round_up(hs, 16);
+                             int64_t L, int64_t hs, float scale, float *ws) {
+    float *o = ws, *p = ws + sm_round_up(hs, 16);
     float m = -INFINITY, l = 0.0f;
     for (int64_t d = 0; d < hs; d++) o[d] = 0.0f;
     for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-        const int64_t nk = min64(BLK, L - j0);
+        const int64_t nk = sm_min64(BLK, L - j0);
         {
             /* a block of the key cache is whole even past L; lanes >= nk are dropped below */
             __m256 s[8];
@@ -1184,23 +1164,19 @@ static void decode_head_avx2(float *out, const float *q, const float *kt, const 
     for (int64_t d = 0; d < hs; d++) out[d] = o[d] / l;
 }
 
-SM_TARGET_AVX512 SM_INLINE __mmask16 tail_mask(int64_t n) {
-    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
 SM_TARGET_AVX512
 static void decode_head_avx512(float *out, const float *q, const float *kt, const float *v,
-                               int64_t L, int64_t T_max, int64_t hs, float scale, float *ws) {
-    float *o = ws, *p = ws + round_up(hs, 16);
+                               int64_t L, int64_t hs, float scale, float *ws) {
+    float *o = ws, *p = ws + sm_round_up(hs, 16);
     const __m512 ninf = _mm512_set1_ps(-INFINITY), vs = _mm512_set1_ps(scale);
     float m = -INFINITY, l = 0.0f;
-    for (int64_t d = 0; d < hs; d += 16) _mm512_mask_storeu_ps(o + d, tail_mask(hs - d), _mm512_setzero_ps());
+    for (int64_t d = 0; d < hs; d += 16) _mm512_mask_storeu_ps(o + d, sm_mask16(hs - d), _mm512_setzero_ps());
     for (int64_t j0 = 0; j0 < L; j0 += BLK) {
-        const int64_t nk = min64(BLK, L - j0);
+        const int64_t nk = sm_min64(BLK, L - j0);
         __mmask16 km[4];
         __m512 s[4], t[4];
         for (int u = 0; u < 4; u++) {
-            km[u] = tail_mask(nk - 16 * u);
+            km[u] = sm_mask16(nk - 16 * u);
             s[u] = t[u] = _mm512_setzero_ps();
         }
         /* the chunk's keys are one contiguous (hs, BLK) block of the cache, whole even past L
@@ -1238,7 +1214,7 @@ static void decode_head_avx512(float *out, const float *q, const float *kt, cons
             __mmask16 dm[4];
             __m512 a[4], b[4];
             for (int u = 0; u < 4; u++) {
-                dm[u] = tail_mask(hs - d0 - 16 * u);
+                dm[u] = sm_mask16(hs - d0 - 16 * u);
                 a[u] = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(dm[u], o + d0 + 16 * u));
                 b[u] = _mm512_setzero_ps();
             }
@@ -1275,7 +1251,7 @@ static decode_fn decode_kernel(void) {
     return decode_head_generic;
 }
 
-int64_t sm_attention_decode_ws(int64_t hs) { return round_up(hs, 16) + BLK; }
+int64_t sm_attention_decode_ws(int64_t hs) { return sm_round_up(hs, 16) + BLK; }
 
 int sm_attention_decode(float *out, const float *q, const float *k_cache, const float *v_cache,
                         const int *lengths, int64_t q_stride, int64_t B, int64_t NH,
@@ -1288,7 +1264,7 @@ int sm_attention_decode(float *out, const float *q, const float *k_cache, const 
     double work = 0.0;
     for (int64_t b = 0; b < B; b++) work += (double)lengths[b] * NH * hs * 2.0;
     const int64_t units = B * NH;
-    const int nt = team_size(nthreads, units, work);
+    const int nt = sm_team_size(nthreads, units, work / MACS_PER_OP);
     const int64_t per = sm_attention_decode_ws(hs);
     float *heap = NULL;
     if (per > DECODE_STACK) {
@@ -1304,7 +1280,7 @@ int sm_attention_decode(float *out, const float *q, const float *k_cache, const 
         for (int64_t u = u0; u < u1; u++) {
             const int64_t b = u / NH, h = u % NH;
             fn(out + b * NH * hs + h * hs, q + b * q_stride + h * hs, k_cache + u * hs * T_max,
-               v_cache + u * T_max * hs, lengths[b], T_max, hs, scale, ws);
+               v_cache + u * T_max * hs, lengths[b], hs, scale, ws);
         }
     }
     sm_pool_return(heap);
@@ -1322,6 +1298,6 @@ void sm_attention_decode_units(float *out, const float *qkv_row, float *k_cache,
         const float *src = qkv_row + b * 3 * C + h * hs;
         append_unit(k_cache, v_cache, src, u, pos, C, T_max, hs);
         fn(out + b * C + h * hs, src, k_cache + u * hs * T_max, v_cache + u * T_max * hs, pos + 1,
-           T_max, hs, scale, ws);
+           hs, scale, ws);
     }
 }

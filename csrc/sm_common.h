@@ -1,5 +1,6 @@
-/* sm_common.h - shared macros for the smallmind C core: restrict/alignment, OpenMP guards,
- * error codes, aligned allocation. Plain C11, no Python.h anywhere under csrc/. */
+/* sm_common.h - shared macros for the smallmind C core: restrict/alignment, SIMD target
+ * attributes, OpenMP guards, error codes, aligned allocation, small integer helpers. Plain C11,
+ * no Python.h anywhere under csrc/. */
 #ifndef SM_COMMON_H
 #define SM_COMMON_H
 
@@ -24,6 +25,13 @@
 
 /* Every buffer the core allocates is aligned to a cache line, so SIMD loads never split lines. */
 #define SM_ALIGN 64
+
+/* Small integer helpers for sizes and tiles: the one copy every file uses. */
+/* ceil(a / b), for a >= 0 and b > 0 */
+SM_INLINE int64_t sm_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+/* a rounded up to a multiple of b (a >= 0, b > 0): padded rows, cache-line-sized scratch */
+SM_INLINE int64_t sm_round_up(int64_t a, int64_t b) { return sm_ceil_div(a, b) * b; }
+SM_INLINE int64_t sm_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* x86-64 builds carry AVX2 and AVX-512 micro-kernels compiled with target attributes (no
  * -march flags), chosen at run time from CPUID. Other architectures use the portable C path. */

@@ -129,7 +129,7 @@ static void pack_a_rows_avx512(float *SM_RESTRICT dst, mat_view a, int64_t m, in
         int64_t rows = m - i0 < MR ? m - i0 : MR;
         for (int64_t k0 = 0; k0 < kc; k0 += 16) {
             int kn = (int)(kc - k0 < 16 ? kc - k0 : 16);
-            __mmask16 km = (__mmask16)((1u << kn) - 1u);
+            __mmask16 km = sm_mask16(kn);
             __m512 r[16];
             for (int i = 0; i < 16; i++)
                 r[i] = i < rows ? _mm512_maskz_loadu_ps(km, a.p + (i0 + i) * a.sr + k0) : _mm512_setzero_ps();
@@ -151,7 +151,7 @@ static void pack_b_cols_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, i
             cols = cols < 0 ? 0 : cols > 16 ? 16 : cols;
             for (int64_t k0 = 0; k0 < kc; k0 += 16) {
                 int kn = (int)(kc - k0 < 16 ? kc - k0 : 16);
-                __mmask16 km = (__mmask16)((1u << kn) - 1u);
+                __mmask16 km = sm_mask16(kn);
                 __m512 r[16];
                 for (int j = 0; j < 16; j++)
                     r[j] = j < cols ? _mm512_maskz_loadu_ps(km, b.p + (jg + j) * b.sc + k0) : _mm512_setzero_ps();
@@ -171,7 +171,7 @@ static void pack_a_cols_avx512(float *SM_RESTRICT dst, mat_view a, int64_t m, in
     const int MR = 14;
     for (int64_t i0 = 0; i0 < m; i0 += MR) {
         int64_t rows = m - i0 < MR ? m - i0 : MR;
-        __mmask16 rm = (__mmask16)((1u << rows) - 1u);
+        __mmask16 rm = sm_mask16(rows);
         const float *src = a.p + i0 * a.sr;
         for (int64_t k = 0; k < kc; k++)
             _mm512_mask_storeu_ps(dst + k * MR, 0x3FFF, _mm512_maskz_loadu_ps(rm, src + k * a.sc));
@@ -184,8 +184,8 @@ static void pack_b_rows_avx512(float *SM_RESTRICT dst, mat_view b, int64_t kc, i
     const int NR = 32;
     for (int64_t j0 = 0; j0 < n; j0 += NR) {
         int64_t cols = n - j0 < NR ? n - j0 : NR;
-        __mmask16 m0 = (__mmask16)(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
-        __mmask16 m1 = (__mmask16)(cols >= 32 ? 0xFFFFu : cols <= 16 ? 0u : (1u << (cols - 16)) - 1u);
+        __mmask16 m0 = sm_mask16(cols);
+        __mmask16 m1 = sm_mask16(cols - 16);
         const float *src = b.p + j0;
         for (int64_t k = 0; k < kc; k++) {
             const float *r = src + k * b.sr;
@@ -218,19 +218,14 @@ static inline void transpose8x8(__m256 r[8]) {
 }
 
 SM_TARGET_AVX2
-static __m256i avx2_mask(int n) { /* lanes [0, n) set */
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-SM_TARGET_AVX2
 static void pack_a_rows_avx2(float *SM_RESTRICT dst, mat_view a, int64_t m, int64_t kc) {
     const int MR = 6;
-    const __m256i six = avx2_mask(MR);
+    const __m256i six = sm_mask8(MR);
     for (int64_t i0 = 0; i0 < m; i0 += MR) {
         int64_t rows = m - i0 < MR ? m - i0 : MR;
         for (int64_t k0 = 0; k0 < kc; k0 += 8) {
             int kn = (int)(kc - k0 < 8 ? kc - k0 : 8);
-            __m256i km = avx2_mask(kn);
+            __m256i km = sm_mask8(kn);
             __m256 r[8];
             for (int i = 0; i < 8; i++)
                 r[i] = i < rows ? _mm256_maskload_ps(a.p + (i0 + i) * a.sr + k0, km) : _mm256_setzero_ps();
@@ -256,7 +251,7 @@ static void pack_b_cols_avx2(float *SM_RESTRICT dst, mat_view b, int64_t kc, int
             cols = cols < 0 ? 0 : cols > 8 ? 8 : cols;
             for (int64_t k0 = 0; k0 < kc; k0 += 8) {
                 int kn = (int)(kc - k0 < 8 ? kc - k0 : 8);
-                __m256i km = avx2_mask(kn);
+                __m256i km = sm_mask8(kn);
                 __m256 r[8];
                 for (int j = 0; j < 8; j++)
                     r[j] = j < cols ? _mm256_maskload_ps(b.p + (jg + j) * b.sc + k0, km) : _mm256_setzero_ps();
@@ -389,8 +384,8 @@ SM_INLINE void kernel512_body(int64_t kc, const float *SM_RESTRICT a, int64_t ld
         b += AVX512_NR;
     }
     /* Columns past nr are masked off; rows past mr are skipped: one path for every tile. */
-    __mmask16 m0 = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1u);
-    __mmask16 m1 = nr >= 32 ? (__mmask16)0xFFFF : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1u);
+    __mmask16 m0 = sm_mask16(nr);
+    __mmask16 m1 = sm_mask16(nr - 16);
     __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     for (int i = 0; i < mr; i++) {
         float *ci = c + i * ldc;
@@ -497,14 +492,12 @@ static void get_params(int level, gemm_params *p) {
 
 /* ---- packed path, one thread's block of C ------------------------------------------------- */
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 /* Split n into the fewest pieces of at most `most` (a multiple of `grain`) with equal sizes
  * in whole grains; returns the piece size. Depends only on its arguments (never on threads). */
 static int64_t balanced_block(int64_t n, int64_t most, int64_t grain) {
-    int64_t pieces = ceil_div(n, most);
-    return round_up(ceil_div(n, pieces), grain);
+    int64_t pieces = sm_ceil_div(n, most);
+    return sm_round_up(sm_ceil_div(n, pieces), grain);
 }
 
 static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, int64_t N,
@@ -634,8 +627,7 @@ SM_INLINE void small_rows_tile_avx512(const small_problem *sp, int64_t c0, int64
     __m512 acc[SMALL_MAX_M][SMALL_TILE_NV];
     __mmask16 mk[SMALL_TILE_NV];
     for (int v = 0; v < NV; v++) {
-        int64_t left = w - 16 * v;
-        mk[v] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+        mk[v] = sm_mask16(w - 16 * v);
         for (int r = 0; r < m; r++) acc[r][v] = _mm512_setzero_ps();
     }
     const float *bp = sp->b.p + c0;
@@ -689,7 +681,7 @@ static void small_rows_stream_avx512(const small_problem *sp, int64_t n0, int64_
     const int64_t W = m <= 4 ? SMALL_STREAM_W : SMALL_STREAM_W * 4 / m / 16 * 16;
     for (int64_t c0 = n0; c0 < n1; c0 += W) {
         int64_t w = n1 - c0 < W ? n1 - c0 : W;
-        int64_t nv = ceil_div(w, 16);
+        int64_t nv = sm_ceil_div(w, 16);
         int rem = (int)(w % 16);
         __mmask16 tail = rem ? (__mmask16)((1u << rem) - 1u) : (__mmask16)0xFFFF;
         for (int64_t r = 0; r < m; r++) memset(acc + r * W, 0, (size_t)w * sizeof(float));
@@ -766,7 +758,7 @@ static void small_rows_avx512(const small_problem *sp, int64_t n0, int64_t n1, f
 SM_TARGET_AVX512
 SM_INLINE void small_dots_col_avx512(const small_problem *sp, int64_t n, int64_t r0, const int m) {
     const int64_t K = sp->K, k4 = K / 64 * 64, kfull = K / 16 * 16;
-    const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1u);
+    const __mmask16 tail = sm_mask16(K % 16);
     const float *bn = sp->b.p + n * sp->b.sc;
     const float *a = sp->a.p + r0 * sp->a.sr;
     const int64_t asr = sp->a.sr;
@@ -823,9 +815,9 @@ static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1, flo
     const int64_t m = sp->m;
     for (int64_t c0 = n0; c0 < n1; c0 += SMALL_W) {
         int64_t w = n1 - c0 < SMALL_W ? n1 - c0 : SMALL_W;
-        int64_t nv = ceil_div(w, 8);
+        int64_t nv = sm_ceil_div(w, 8);
         int rem = (int)(w % 8);
-        __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem ? rem : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i tail = sm_mask8(rem ? rem : 8);
         for (int64_t r = 0; r < m; r++)
             for (int64_t v = 0; v < nv; v++) acc[r][v] = _mm256_setzero_ps();
         for (int64_t k = 0; k < sp->K; k++) {
@@ -849,20 +841,12 @@ static void small_rows_avx2(const small_problem *sp, int64_t n0, int64_t n1, flo
 }
 
 SM_TARGET_AVX2
-static float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
-SM_TARGET_AVX2
 static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1, float *scratch) {
     (void)scratch;
     const int64_t K = sp->K, m = sp->m;
     const int64_t kfull = K / 8 * 8;
     int rem = (int)(K % 8);
-    __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i tail = sm_mask8(rem);
     for (int64_t n = n0; n < n1; n++) {
         const float *bn = sp->b.p + n * sp->b.sc;
         __m256 acc[SMALL_MAX_M];
@@ -877,7 +861,7 @@ static void small_dots_avx2(const small_problem *sp, int64_t n0, int64_t n1, flo
             for (int64_t r = 0; r < m; r++)
                 acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(sp->a.p + r * sp->a.sr + kfull, tail), bv, acc[r]);
         }
-        for (int64_t r = 0; r < m; r++) small_store(sp, r, n, hsum256(acc[r]));
+        for (int64_t r = 0; r < m; r++) small_store(sp, r, n, sm_hsum8(acc[r]));
     }
 }
 #endif
@@ -903,6 +887,7 @@ static small_fn small_kernel(const small_problem *sp, int64_t N, int dots, int l
         fn = dots ? small_dots_avx2 : small_rows_avx2;
     }
 #else
+    (void)sp;
     (void)level;
     (void)N;
 #endif
@@ -961,7 +946,7 @@ static void rows_seq_avx512(const float *a, const float *B, int64_t ldb, int64_t
                             float *c) {
     const int64_t nv = N / 16;
     const int rem = (int)(N % 16);
-    const __mmask16 tail = (__mmask16)((1u << rem) - 1u);
+    const __mmask16 tail = sm_mask16(rem);
     memset(c, 0, (size_t)N * sizeof(float));
     for (int64_t k = 0; k < K; k++) {
         const __m512 x = _mm512_set1_ps(a[k]);
@@ -1073,10 +1058,10 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     int64_t kc_max = balanced_block(K, P.KC, 1);
     int64_t a_floats = P.A_FLOATS > kc_max * P.MR ? P.A_FLOATS : kc_max * P.MR;
     int64_t b_floats = P.B_FLOATS > kc_max * P.NR ? P.B_FLOATS : kc_max * P.NR;
-    if (a_floats > round_up(ceil_div(M, tm), P.MR) * kc_max) a_floats = round_up(ceil_div(M, tm), P.MR) * kc_max;
-    if (b_floats > round_up(ceil_div(N, tn), P.NR) * kc_max) b_floats = round_up(ceil_div(N, tn), P.NR) * kc_max;
+    if (a_floats > sm_round_up(sm_ceil_div(M, tm), P.MR) * kc_max) a_floats = sm_round_up(sm_ceil_div(M, tm), P.MR) * kc_max;
+    if (b_floats > sm_round_up(sm_ceil_div(N, tn), P.NR) * kc_max) b_floats = sm_round_up(sm_ceil_div(N, tn), P.NR) * kc_max;
     /* Round each thread's share up to a cache line so threads never share a line. */
-    int64_t per_thread = round_up(a_floats + P.MR * kc_max, 16) + round_up(b_floats + P.NR * kc_max, 16);
+    int64_t per_thread = sm_round_up(a_floats + P.MR * kc_max, 16) + sm_round_up(b_floats + P.NR * kc_max, 16);
     /* Packing scratch comes from the process-wide pool: steady state allocates nothing. */
     float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per_thread * team) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
@@ -1089,7 +1074,7 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
          * take whole cells in turn: a thread never works on a bigger block than planned. */
         int nth = SM_THREAD_COUNT();
         float *apack = scratch + (int64_t)tid * per_thread;
-        float *bpack = apack + round_up(a_floats + P.MR * kc_max, 16);
+        float *bpack = apack + sm_round_up(a_floats + P.MR * kc_max, 16);
         for (int cell = tid; cell < team; cell += nth) {
             int im = cell / tn, in = cell % tn;
             int64_t m0, m1, n0, n1;

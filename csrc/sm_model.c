@@ -132,8 +132,9 @@ static void dropout_at(float *out, const float *inp, int64_t n, float p, uint64_
     c.inp = inp;
     c.offset = (uint64_t)offset;
     c.mask = sm_drop_mask_make(p, seed, stream);
-    int nt = sm_resolve_threads(nthreads);
-    if (n < 65536) nt = 1;
+    /* counted as one streaming operation per element (the hash is register arithmetic that
+     * overlaps the loads): a team from 64k elements, ranges of 1024 */
+    int nt = sm_team_size(nthreads, sm_ceil_div(n, 1024), (double)n);
     if (nt <= 1) {
         dropout_range(&c, 0, n);
         return;

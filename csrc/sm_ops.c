@@ -1,20 +1,25 @@
 /* sm_ops.c - elementwise and row kernels of a GPT training step (see sm_ops.h): embedding,
  * layernorm, GELU, softmax, cross-entropy, residual, bias, AdamW, gradient-norm clipping.
  * AVX-512 and AVX2+FMA versions of the hot loops are chosen per call from sm_simd_active();
- * the portable C path is written so compilers can vectorize it (it is what arm64 runs).
+ * the portable C path is written so compilers can vectorize it (it is what arm64 runs). Loops
+ * that round each element once (add, accumulate, scale) have no intrinsics: one plain loop is
+ * compiled per level (SM_EACH_LEVEL, sm_runtime.h).
  * Not here: matrix products (sm_gemm), attention (sm_attention).
  *
  * Determinism. Threads always own disjoint outputs:
  *   - row kernels (layernorm, softmax, cross-entropy, encoder forward, bias add) split rows;
  *   - elementwise kernels split [0, n) in grains of ELEM_GRAIN values, and every value is
- *     computed by the same vector code whatever range it falls in (tails use masked loads);
+ *     computed by the same vector code whatever range it falls in (tails use masked loads;
+ *     the single-rounding loops finish with scalar code, which gives the same bits);
  *   - reductions over rows (dweight, dbias of layernorm and bias) use blocks of ROW_BLOCK rows
  *     (a constant, never derived from the thread count): each block's partial sums are made by
  *     one thread, then combined in block order in double by threads that own channel ranges;
  *   - the embedding scatter-add (dwte) is split over channel ranges, each walking the rows in
  *     order, so repeated tokens accumulate in the same order for any thread count;
  *   - the gradient norm sums fixed blocks of SM_NORM_BLOCK values in double, added in order.
- * So results are bitwise identical for any thread count (the SIMD level may change last bits).
+ * So results are bitwise identical for any thread count. The SIMD level may change last bits,
+ * except in the single-rounding kernels (residual, bias add, embedding, bias backward), where
+ * every level gives the same bits.
  */
 #include "sm_ops.h"
 
@@ -29,17 +34,8 @@
 #include <immintrin.h>
 #endif
 
-#ifdef SM_HAVE_OPENMP
-#define OPS_BARRIER SM_PRAGMA(omp barrier)
-#else
-#define OPS_BARRIER
-#endif
-
 /* ---- work splitting ------------------------------------------------------------------------ */
 
-/* A thread must get at least this many element-operations before waking a team pays off
- * (a fork/join costs a few microseconds: about 30k cheap float operations). */
-#define MIN_WORK 32768
 /* Elementwise ranges are split in multiples of this (a few cache lines; whole vectors). */
 #define ELEM_GRAIN 64
 /* Rows per block of the deterministic reductions over rows (independent of thread count). */
@@ -47,25 +43,13 @@
 /* Channel ranges are split in multiples of one cache line of floats. */
 #define CH_GRAIN 16
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-static int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-/* Threads to use for `units` independent pieces worth `work` element-operations in all. */
-static int team_size(int nthreads, int64_t units, int64_t work) {
-    int nt = sm_resolve_threads(nthreads);
-    int64_t cap = work / MIN_WORK;
-    if (cap < 1) cap = 1;
-    if (units < cap) cap = units < 1 ? 1 : units;
-    return nt > cap ? (int)cap : nt;
-}
-
 /* Run fn(ctx, begin, end) over [0, n) split in `grain`s across a team sized for `work`. */
 typedef void (*range_fn)(const void *ctx, int64_t begin, int64_t end);
 
 static void run_ranges(range_fn fn, const void *ctx, int64_t n, int64_t grain, int64_t work,
                        int nthreads) {
     if (n <= 0) return;
-    int nt = team_size(nthreads, ceil_div(n, grain), work);
+    int nt = sm_team_size(nthreads, sm_ceil_div(n, grain), work);
     if (nt <= 1) {
         fn(ctx, 0, n);
         return;
@@ -104,10 +88,6 @@ SM_INLINE float gelu_grad_generic(float x) {
 #if SM_X86_KERNELS
 /* ---- AVX-512 building blocks ---- */
 
-SM_TARGET_AVX512 SM_INLINE __mmask16 mask16(int64_t r) {
-    return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u);
-}
-
 SM_TARGET_AVX512 SM_INLINE __m512 gelu16(__m512 x) {
     __m512 x2c = _mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(GELU_C));
     __m512 inner = _mm512_fmadd_ps(x2c, x, x);
@@ -128,16 +108,11 @@ SM_TARGET_AVX512 SM_INLINE __m512 gelu_grad16(__m512 x) {
 
 /* ---- AVX2 building blocks ---- */
 
-SM_TARGET_AVX2 SM_INLINE __m256i mask8(int64_t r) {
-    int k = r >= 8 ? 8 : (int)r;
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 /* r >= 8: a full vector; else the r remaining floats (zeros after). maskload is cheap, but
  * maskstore is microcoded on AMD cores (tens of cycles), so partial stores go through a stack
  * buffer; full vectors use plain loads and stores. Lane arithmetic is identical either way. */
 SM_TARGET_AVX2 SM_INLINE __m256 load8(const float *p, int64_t r) {
-    return r >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask8(r));
+    return r >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, sm_mask8(r));
 }
 
 SM_TARGET_AVX2 SM_INLINE void store8(float *p, __m256 v, int64_t r) {
@@ -148,13 +123,6 @@ SM_TARGET_AVX2 SM_INLINE void store8(float *p, __m256 v, int64_t r) {
         _mm256_storeu_ps(t, v);
         memcpy(p, t, (size_t)r * sizeof(float));
     }
-}
-
-SM_TARGET_AVX2 SM_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
 }
 
 SM_TARGET_AVX2 SM_INLINE float hmax8(__m256 v) {
@@ -183,75 +151,28 @@ SM_TARGET_AVX2 SM_INLINE __m256 gelu_grad8(__m256 x) {
 }
 #endif /* SM_X86_KERNELS */
 
-/* ---- vector add / accumulate (exact single roundings: every path gives the same bits) ------- */
+/* ---- vector add / accumulate: plain loops compiled per SIMD level (SM_EACH_LEVEL) ---------
+ * One rounding per element, so every level gives the same bits. The pointers never overlap
+ * (distinct arrays, or distinct rows of one). */
 
 typedef void (*add_fn)(float *SM_RESTRICT o, const float *SM_RESTRICT a,
                        const float *SM_RESTRICT b, int64_t n);
 typedef void (*acc_fn)(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n);
 
-static void add_generic(float *SM_RESTRICT o, const float *SM_RESTRICT a,
+SM_INLINE void add_body(float *SM_RESTRICT o, const float *SM_RESTRICT a,
                         const float *SM_RESTRICT b, int64_t n) {
     for (int64_t i = 0; i < n; i++) o[i] = a[i] + b[i];
 }
-static void acc_generic(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n) {
+SM_EACH_LEVEL(add, (float *SM_RESTRICT o, const float *SM_RESTRICT a, const float *SM_RESTRICT b,
+                    int64_t n), (o, a, b, n))
+
+SM_INLINE void acc_body(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n) {
     for (int64_t i = 0; i < n; i++) d[i] += s[i];
 }
+SM_EACH_LEVEL(acc, (float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n), (d, s, n))
 
-#if SM_X86_KERNELS
-SM_TARGET_AVX512 static void add_avx512(float *SM_RESTRICT o, const float *SM_RESTRICT a,
-                                        const float *SM_RESTRICT b, int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
-    if (i < n) {
-        __mmask16 m = mask16(n - i);
-        _mm512_mask_storeu_ps(o + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i),
-                                                      _mm512_maskz_loadu_ps(m, b + i)));
-    }
-}
-SM_TARGET_AVX512 static void acc_avx512(float *SM_RESTRICT d, const float *SM_RESTRICT s,
-                                        int64_t n) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(d + i, _mm512_add_ps(_mm512_loadu_ps(d + i), _mm512_loadu_ps(s + i)));
-    if (i < n) {
-        __mmask16 m = mask16(n - i);
-        _mm512_mask_storeu_ps(d + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, d + i),
-                                                      _mm512_maskz_loadu_ps(m, s + i)));
-    }
-}
-SM_TARGET_AVX2 static void add_avx2(float *SM_RESTRICT o, const float *SM_RESTRICT a,
-                                    const float *SM_RESTRICT b, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
-    for (; i < n; i++) o[i] = a[i] + b[i];
-}
-SM_TARGET_AVX2 static void acc_avx2(float *SM_RESTRICT d, const float *SM_RESTRICT s, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(d + i, _mm256_add_ps(_mm256_loadu_ps(d + i), _mm256_loadu_ps(s + i)));
-    for (; i < n; i++) d[i] += s[i];
-}
-#endif
-
-static add_fn pick_add(int level) {
-#if SM_X86_KERNELS
-    if (level >= SM_SIMD_AVX512) return add_avx512;
-    if (level >= SM_SIMD_AVX2) return add_avx2;
-#endif
-    (void)level;
-    return add_generic;
-}
-
-static acc_fn pick_acc(int level) {
-#if SM_X86_KERNELS
-    if (level >= SM_SIMD_AVX512) return acc_avx512;
-    if (level >= SM_SIMD_AVX2) return acc_avx2;
-#endif
-    (void)level;
-    return acc_generic;
-}
+static add_fn pick_add(int level) { return SM_PICK_LEVEL(add, level); }
+static acc_fn pick_acc(int level) { return SM_PICK_LEVEL(acc, level); }
 
 /* ================================================================================================
  * Token + position embedding
@@ -322,7 +243,7 @@ void sm_encoder_backward(float *dwte, float *dwpe, const float *dout, const int 
     /* dwte (V,C), dwpe (>=T,C), dout (B,T,C), idx (B,T) */
     if (B <= 0 || T <= 0 || C <= 0) return;
     enc_bwd_ctx c = {dwte, dwpe, dout, idx, B * T, T, C, V, pick_acc(sm_simd_active())};
-    int nt = team_size(nthreads, ceil_div(C, CH_GRAIN), B * T * C * 2);
+    int nt = sm_team_size(nthreads, sm_ceil_div(C, CH_GRAIN), B * T * C * 2);
     if (nt <= 1) {
         enc_bwd_channels(&c, 0, C);
         return;
@@ -400,7 +321,7 @@ SM_TARGET_AVX512 static void ln_fwd_row_avx512(float *SM_RESTRICT o, float *mo, 
                                                const float *SM_RESTRICT w,
                                                const float *SM_RESTRICT b, int64_t C, float eps) {
     const int64_t full = C & ~(int64_t)15;
-    const __mmask16 tm = mask16(C - full);
+    const __mmask16 tm = sm_mask16(C - full);
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= full; i += 32) {
@@ -448,7 +369,7 @@ SM_TARGET_AVX2 static void ln_fwd_row_avx2(float *SM_RESTRICT o, float *mo, floa
                                            const float *SM_RESTRICT b, int64_t C, float eps) {
     const int64_t full = C & ~(int64_t)7;
     const int has_tail = C > full;
-    const __m256i tm = mask8(C - full);
+    const __m256i tm = sm_mask8(C - full);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= full; i += 16) {
@@ -457,7 +378,7 @@ SM_TARGET_AVX2 static void ln_fwd_row_avx2(float *SM_RESTRICT o, float *mo, floa
     }
     if (i < full) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + i));
     if (has_tail) s1 = _mm256_add_ps(s1, _mm256_maskload_ps(x + full, tm));
-    const float mean = hsum8(_mm256_add_ps(s0, s1)) / (float)C;
+    const float mean = sm_hsum8(_mm256_add_ps(s0, s1)) / (float)C;
     const __m256 vm = _mm256_set1_ps(mean);
     s0 = _mm256_setzero_ps();
     s1 = _mm256_setzero_ps();
@@ -476,7 +397,7 @@ SM_TARGET_AVX2 static void ln_fwd_row_avx2(float *SM_RESTRICT o, float *mo, floa
                                   _mm256_castsi256_ps(tm));
         s1 = _mm256_fmadd_ps(d1, d1, s1);
     }
-    const float var = hsum8(_mm256_add_ps(s0, s1)) / (float)C;
+    const float var = sm_hsum8(_mm256_add_ps(s0, s1)) / (float)C;
     const float rs = 1.0f / sqrtf(var + eps);
     const __m256 vr = _mm256_set1_ps(rs);
     for (i = 0; i < full; i += 8) {
@@ -585,7 +506,7 @@ SM_TARGET_AVX512 static void ln_bwd_row_avx512(float *SM_RESTRICT dx, float *SM_
                                                const float *SM_RESTRICT w, float mean, float rstd,
                                                int64_t C) {
     const int64_t full = C & ~(int64_t)15;
-    const __mmask16 tm = mask16(C - full);
+    const __mmask16 tm = sm_mask16(C - full);
     const __m512 vm = _mm512_set1_ps(mean), vr = _mm512_set1_ps(rstd);
     __m512 a = _mm512_setzero_ps(), s = _mm512_setzero_ps();
     int64_t i;
@@ -604,7 +525,7 @@ SM_TARGET_AVX512 static void ln_bwd_row_avx512(float *SM_RESTRICT dx, float *SM_
     const __m512 dnm = _mm512_set1_ps(_mm512_reduce_add_ps(a) / (float)C);
     const __m512 dnnm = _mm512_set1_ps(_mm512_reduce_add_ps(s) / (float)C);
     for (i = 0; i < C; i += 16) {
-        __mmask16 m = mask16(C - i);
+        __mmask16 m = sm_mask16(C - i);
         __m512 xv = _mm512_maskz_loadu_ps(m, x + i), g = _mm512_maskz_loadu_ps(m, dy + i);
         __m512 xh = _mm512_mul_ps(_mm512_sub_ps(xv, vm), vr);
         __m512 dn = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), g);
@@ -629,8 +550,8 @@ SM_TARGET_AVX2 static void ln_bwd_row_avx2(float *SM_RESTRICT dx, float *SM_REST
         a = _mm256_add_ps(a, dn);
         s = _mm256_fmadd_ps(dn, xh, s);
     }
-    const __m256 dnm = _mm256_set1_ps(hsum8(a) / (float)C);
-    const __m256 dnnm = _mm256_set1_ps(hsum8(s) / (float)C);
+    const __m256 dnm = _mm256_set1_ps(sm_hsum8(a) / (float)C);
+    const __m256 dnnm = _mm256_set1_ps(sm_hsum8(s) / (float)C);
     for (i = 0; i < C; i += 8) {
         int64_t r = C - i;
         __m256 g = load8(dy + i, r);
@@ -666,7 +587,7 @@ static void combine_blocks(float *const *dst, int nvec, const float *part, int64
 
 int64_t sm_layernorm_backward_scratch(int64_t N, int64_t C) {
     if (N <= 0 || C <= 0) return 0;
-    return ceil_div(N, ROW_BLOCK) * 2 * round_up(C, 16);
+    return sm_ceil_div(N, ROW_BLOCK) * 2 * sm_round_up(C, 16);
 }
 
 int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
@@ -675,7 +596,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
     /* dinp, dout, inp (N,C); dweight, dbias, weight (C); mean, rstd (N);
      * scratch (nblocks, 2, Cp): per block of ROW_BLOCK rows, partial dweight and dbias */
     if (N <= 0 || C <= 0) return SM_OK;
-    const int64_t Cp = round_up(C, 16), nblocks = ceil_div(N, ROW_BLOCK);
+    const int64_t Cp = sm_round_up(C, 16), nblocks = sm_ceil_div(N, ROW_BLOCK);
     float *owned = NULL, *part = scratch;
     if (!part) {
         owned = part = (float *)sm_pool_rent(sm_pool_default(), (size_t)sm_layernorm_backward_scratch(N, C) * sizeof(float));
@@ -688,7 +609,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
     else if (level >= SM_SIMD_AVX2) row = ln_bwd_row_avx2;
 #endif
     (void)level;
-    int nt = team_size(nthreads, nblocks, N * C * 4);
+    int nt = sm_team_size(nthreads, nblocks, N * C * 4);
     (void)nt; /* unused without OpenMP */
     SM_PARALLEL(nt)
     {
@@ -702,7 +623,7 @@ int sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float
             for (int64_t r = blk * ROW_BLOCK; r < r1; r++)
                 row(dinp + r * C, pw, pb, dout + r * C, inp + r * C, weight, mean[r], rstd[r], C);
         }
-        OPS_BARRIER
+        SM_BARRIER();
         sm_split_range(C, CH_GRAIN, nth, tid, &c0, &c1);
         float *dst[2] = {dweight, dbias};
         if (c1 > c0) combine_blocks(dst, 2, part, nblocks, Cp, c0, c1);
@@ -777,7 +698,7 @@ SM_TARGET_AVX512 static void gelu_fwd_avx512(const void *vc, int64_t i0, int64_t
         _mm512_storeu_ps(o + i + 16, b);
     }
     for (; i < i1; i += 16) {
-        __mmask16 m = mask16(i1 - i);
+        __mmask16 m = sm_mask16(i1 - i);
         _mm512_mask_storeu_ps(o + i, m, gelu16(_mm512_maskz_loadu_ps(m, x + i)));
     }
 }
@@ -786,7 +707,7 @@ SM_TARGET_AVX512 static void gelu_bwd_avx512(const void *vc, int64_t i0, int64_t
     float *d = c->out;
     const float *x = c->inp, *g = c->dout;
     for (int64_t i = i0; i < i1; i += 16) {
-        __mmask16 m = mask16(i1 - i);
+        __mmask16 m = sm_mask16(i1 - i);
         __m512 gr = gelu_grad16(_mm512_maskz_loadu_ps(m, x + i));
         _mm512_mask_storeu_ps(d + i, m, _mm512_fmadd_ps(gr, _mm512_maskz_loadu_ps(m, g + i),
                                                         _mm512_maskz_loadu_ps(m, d + i)));
@@ -893,9 +814,11 @@ static float sumexp_generic(float *store, const float *x, int64_t V, float mx, f
     }
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
-static void scale_generic(float *p, int64_t V, float s) {
+/* p *= s: one rounding per element, the same bits on every level (SM_EACH_LEVEL) */
+SM_INLINE void scale_body(float *SM_RESTRICT p, int64_t V, float s) {
     for (int64_t i = 0; i < V; i++) p[i] *= s;
 }
+SM_EACH_LEVEL(scale, (float *SM_RESTRICT p, int64_t V, float s), (p, V, s))
 static void grad_generic(float *dl, const float *x, int64_t V, float lse, float d) {
     for (int64_t i = 0; i < V; i++) dl[i] += sm_exp_scalar(x[i] - lse) * d;
 }
@@ -909,7 +832,7 @@ SM_TARGET_AVX512 static float rowmax_avx512(const float *x, int64_t V) {
         m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + 16));
     }
     for (; i < V; i += 16)
-        m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mask16(V - i), x + i));
+        m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), sm_mask16(V - i), x + i));
     return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
 }
 SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_t V, float mx,
@@ -928,20 +851,13 @@ SM_TARGET_AVX512 static float sumexp_avx512(float *store, const float *x, int64_
         s1 = _mm512_add_ps(s1, e1);
     }
     for (; i < V; i += 16) {
-        __mmask16 m = mask16(V - i);
+        __mmask16 m = sm_mask16(V - i);
         __m512 e = sm_exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vm), vs));
         e = _mm512_maskz_mov_ps(m, e);
         if (store) _mm512_mask_storeu_ps(store + i, m, e);
         s0 = _mm512_add_ps(s0, e);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-SM_TARGET_AVX512 static void scale_avx512(float *p, int64_t V, float s) {
-    const __m512 vs = _mm512_set1_ps(s);
-    for (int64_t i = 0; i < V; i += 16) {
-        __mmask16 m = mask16(V - i);
-        _mm512_mask_storeu_ps(p + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + i), vs));
-    }
 }
 SM_TARGET_AVX512 static void grad_avx512(float *dl, const float *x, int64_t V, float lse, float d) {
     const __m512 vl = _mm512_set1_ps(lse), vd = _mm512_set1_ps(d);
@@ -951,7 +867,7 @@ SM_TARGET_AVX512 static void grad_avx512(float *dl, const float *x, int64_t V, f
         _mm512_storeu_ps(dl + i, _mm512_fmadd_ps(p, vd, _mm512_loadu_ps(dl + i)));
     }
     if (i < V) {
-        __mmask16 m = mask16(V - i);
+        __mmask16 m = sm_mask16(V - i);
         __m512 p = sm_exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vl));
         _mm512_mask_storeu_ps(dl + i, m, _mm512_fmadd_ps(p, vd, _mm512_maskz_loadu_ps(m, dl + i)));
     }
@@ -985,19 +901,13 @@ SM_TARGET_AVX2 static float sumexp_avx2(float *store, const float *x, int64_t V,
         s1 = _mm256_add_ps(s1, e1);
     }
     for (; i < V; i += 8) {
-        __m256i m = mask8(V - i);
+        __m256i m = sm_mask8(V - i);
         __m256 e = sm_exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vm), vs));
         e = _mm256_and_ps(e, _mm256_castsi256_ps(m));
         if (store) store8(store + i, e, V - i);
         s0 = _mm256_add_ps(s0, e);
     }
-    return hsum8(_mm256_add_ps(s0, s1));
-}
-SM_TARGET_AVX2 static void scale_avx2(float *p, int64_t V, float s) {
-    const __m256 vs = _mm256_set1_ps(s);
-    int64_t i = 0;
-    for (; i + 8 <= V; i += 8) _mm256_storeu_ps(p + i, _mm256_mul_ps(_mm256_loadu_ps(p + i), vs));
-    for (; i < V; i++) p[i] *= s;
+    return sm_hsum8(_mm256_add_ps(s0, s1));
 }
 SM_TARGET_AVX2 static void grad_avx2(float *dl, const float *x, int64_t V, float lse, float d) {
     const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(d);
@@ -1272,21 +1182,21 @@ void sm_bias_add_naive(float *out, const float *bias, int64_t N, int64_t C) {
 
 int64_t sm_bias_backward_scratch(int64_t N, int64_t C) {
     if (N <= 0 || C <= 0) return 0;
-    return ceil_div(N, ROW_BLOCK) * round_up(C, 16);
+    return sm_ceil_div(N, ROW_BLOCK) * sm_round_up(C, 16);
 }
 
 int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, float *scratch,
                      int nthreads) {
     /* dbias (C); dout (N,C); scratch (nblocks, Cp): per block of ROW_BLOCK rows, its column sums */
     if (N <= 0 || C <= 0) return SM_OK;
-    const int64_t Cp = round_up(C, 16), nblocks = ceil_div(N, ROW_BLOCK);
+    const int64_t Cp = sm_round_up(C, 16), nblocks = sm_ceil_div(N, ROW_BLOCK);
     float *owned = NULL, *part = scratch;
     if (!part) {
         owned = part = (float *)sm_pool_rent(sm_pool_default(), (size_t)sm_bias_backward_scratch(N, C) * sizeof(float));
         if (!part) return SM_ERR_NOMEM;
     }
     acc_fn acc = pick_acc(sm_simd_active());
-    int nt = team_size(nthreads, nblocks, N * C);
+    int nt = sm_team_size(nthreads, nblocks, N * C);
     (void)nt; /* unused without OpenMP */
     SM_PARALLEL(nt)
     {
@@ -1299,7 +1209,7 @@ int sm_bias_backward(float *dbias, const float *dout, int64_t N, int64_t C, floa
             memcpy(pb, dout + r * C, (size_t)C * sizeof(float));
             for (r++; r < r1; r++) acc(pb, dout + r * C, C);
         }
-        OPS_BARRIER
+        SM_BARRIER();
         sm_split_range(C, CH_GRAIN, nth, tid, &c0, &c1);
         float *dst[1] = {dbias};
         if (c1 > c0) combine_blocks(dst, 1, part, nblocks, Cp, c0, c1);
@@ -1358,7 +1268,7 @@ SM_TARGET_AVX512 static void adamw_avx512(const void *vc, int64_t i0, int64_t i1
     const __m512 ibc1 = _mm512_set1_ps(c->ibc1), ibc2 = _mm512_set1_ps(c->ibc2);
     const __m512 lr = _mm512_set1_ps(c->lr), eps = _mm512_set1_ps(c->eps), wd = _mm512_set1_ps(c->wd);
     for (int64_t i = i0; i < i1; i += 16) {
-        __mmask16 k = mask16(i1 - i);
+        __mmask16 k = sm_mask16(i1 - i);
         __m512 g = _mm512_maskz_loadu_ps(k, c->g + i);
         __m512 m = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, c->m + i), _mm512_mul_ps(omb1, g));
         __m512 v = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, c->v + i),
@@ -1527,7 +1437,7 @@ double sm_sumsq(const float *x, int64_t n, int nthreads) {
     for (int64_t start = 0; start < n; start += (int64_t)NORM_PASS_BLOCKS * SM_NORM_BLOCK) {
         int64_t len = n - start;
         if (len > (int64_t)NORM_PASS_BLOCKS * SM_NORM_BLOCK) len = (int64_t)NORM_PASS_BLOCKS * SM_NORM_BLOCK;
-        int64_t nb = ceil_div(len, SM_NORM_BLOCK);
+        int64_t nb = sm_ceil_div(len, SM_NORM_BLOCK);
         norm_ctx c = {x + start, len, part, fn};
         run_ranges(norm_blocks, &c, nb, 1, len * 2, nthreads);
         for (int64_t b = 0; b < nb; b++) total += part[b];

@@ -1,5 +1,5 @@
-/* sm_runtime.c - CPU feature detection, SIMD level selection, thread and build facts,
- * and the small shared helpers declared in sm_common.h. */
+/* sm_runtime.c - CPU feature detection, SIMD level selection, thread and build facts, the
+ * thread-team rule (sm_team_size), and the allocation helpers declared in sm_common.h. */
 #include "sm_runtime.h"
 
 #if defined(__linux__)
@@ -213,6 +213,14 @@ void smallmind_set_num_threads(int n) { g_num_threads = n > 0 ? n : 0; }
 int sm_resolve_threads(int threads) {
     int n = threads > 0 ? threads : smallmind_get_num_threads();
     return sm_openmp_enabled() ? (n > 0 ? n : 1) : 1;
+}
+
+int sm_team_size(int nthreads, int64_t units, double work) {
+    int nt = sm_resolve_threads(nthreads);
+    const double cap = work / SM_TEAM_MIN_WORK; /* threads the work keeps busy long enough */
+    if (cap < (double)nt) nt = cap < 1.0 ? 1 : (int)cap;
+    if (units < (int64_t)nt) nt = units < 1 ? 1 : (int)units;
+    return nt;
 }
 
 int sm_cpu_count(void) {

@@ -1,5 +1,6 @@
 /* sm_runtime.h - run-time facts about the machine and the build: SIMD level chosen from CPUID
- * (overridable downwards by SMALLMIND_SIMD), thread budget, compiler, OpenMP. */
+ * (overridable downwards by SMALLMIND_SIMD) and the per-level compilation of plain loops,
+ * thread budget and the thread-team rule, compiler, OpenMP. */
 #ifndef SM_RUNTIME_H
 #define SM_RUNTIME_H
 
@@ -7,6 +8,30 @@
 
 /* SIMD levels, ordered: a higher level implies every lower one is usable. */
 typedef enum { SM_SIMD_GENERIC = 0, SM_SIMD_AVX2 = 1, SM_SIMD_AVX512 = 2 } sm_simd_level;
+
+/* One loop, compiled once per SIMD level. A loop whose every path gives the same bits (each
+ * element rounded once, no reduction: an add, a multiply by one scalar) needs no intrinsics:
+ * it is written once as an SM_INLINE function NAME_body, and
+ *     SM_EACH_LEVEL(NAME, (parameters), (arguments))
+ * defines static void NAME_generic, NAME_avx2 and NAME_avx512 around it, the last two compiled
+ * with the AVX2 / AVX-512 target attributes so the compiler vectorizes the same loop for 256-
+ * and 512-bit registers (NAME_generic gets the baseline: SSE2 on x86-64, NEON on arm64).
+ * SM_PICK_LEVEL(NAME, level) picks one, so the level comes from sm_simd_active() as for every
+ * other kernel and SMALLMIND_SIMD / sm_simd_set keep deciding which code runs: GCC's
+ * target_clones would choose by CPUID at load time, ignore that cap, and the tests that compare
+ * the levels would compare one path with itself. Without SM_X86_KERNELS (MSVC, arm64) only
+ * NAME_generic exists and is always picked. */
+#if SM_X86_KERNELS
+#define SM_EACH_LEVEL(NAME, PARAMS, ARGS)                                         \
+    static void NAME##_generic PARAMS { NAME##_body ARGS; }                       \
+    SM_TARGET_AVX2 static void NAME##_avx2 PARAMS { NAME##_body ARGS; }           \
+    SM_TARGET_AVX512 static void NAME##_avx512 PARAMS { NAME##_body ARGS; }
+#define SM_PICK_LEVEL(NAME, level)                                                 \
+    ((level) >= SM_SIMD_AVX512 ? NAME##_avx512 : (level) >= SM_SIMD_AVX2 ? NAME##_avx2 : NAME##_generic)
+#else
+#define SM_EACH_LEVEL(NAME, PARAMS, ARGS) static void NAME##_generic PARAMS { NAME##_body ARGS; }
+#define SM_PICK_LEVEL(NAME, level) ((void)(level), NAME##_generic)
+#endif
 
 /* Highest level this CPU and OS support (CPUID + XGETBV), ignoring any override. */
 int sm_simd_detected(void);
@@ -30,6 +55,19 @@ SM_EXPORT int smallmind_get_num_threads(void);
 SM_EXPORT void smallmind_set_num_threads(int n);
 /* threads > 0 -> threads; otherwise the library default above. */
 int sm_resolve_threads(int threads);
+
+/* The one rule for "is a thread team worth starting" that the kernels of sm_ops and
+ * sm_attention (and activation dropout) follow. Waking a team and joining it costs a few
+ * microseconds, about SM_TEAM_MIN_WORK streaming element operations (an add, a multiply, a
+ * load-op-store of one float); so every thread must get at least that much work, or it costs
+ * more than it saves. Returns the threads to use, between 1 and sm_resolve_threads(nthreads):
+ * at most `units` (the pieces the work splits into) and at most work / SM_TEAM_MIN_WORK.
+ * `work` is counted in streaming element operations; kernels whose operations are cheaper
+ * (multiply-adds of a register-tiled product) scale their count down first (sm_attention.c).
+ * Only the number of threads depends on this, never the results (each kernel's partition
+ * keeps its arithmetic the same for any team size). */
+#define SM_TEAM_MIN_WORK 32768
+int sm_team_size(int nthreads, int64_t units, double work);
 /* Processors available to this process. */
 int sm_cpu_count(void);
 /* Compiler name and version this core was built with. */

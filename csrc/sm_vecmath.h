@@ -1,6 +1,8 @@
 /* sm_vecmath.h - the one exp approximation every kernel uses (softmax, cross-entropy, GELU,
- * attention), scalar and SIMD, so all paths agree to ~1 ulp and fixes land in one place.
- * Header-only (static inline): each kernel file compiles it with its own target attributes. */
+ * attention), scalar and SIMD, so all paths agree to ~1 ulp and fixes land in one place; and the
+ * small SIMD building blocks several kernel files share (tail masks, horizontal sum, 16 x 16
+ * transpose). Header-only (static inline): each kernel file compiles it with its own target
+ * attributes. */
 #ifndef SM_VECMATH_H
 #define SM_VECMATH_H
 
@@ -107,6 +109,26 @@ SM_TARGET_AVX2 SM_INLINE __m256 sm_exp_avx2(__m256 x) {
 #endif
 
 #if SM_X86_KERNELS
+/* ---- tail masks and horizontal sum ---------------------------------------------------------- */
+/* Lanes [0, n) of a 16-float vector: n >= 16 gives all, n <= 0 none. */
+SM_TARGET_AVX512 SM_INLINE __mmask16 sm_mask16(int64_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* The same for an 8-float vector, as the int lanes vmaskmov takes (all ones = lane used). */
+SM_TARGET_AVX2 SM_INLINE __m256i sm_mask8(int64_t n) {
+    const int k = n >= 8 ? 8 : n <= 0 ? 0 : (int)n;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Sum of 8 lanes in one fixed order: (upper + lower half), then pairs, then the last two. */
+SM_TARGET_AVX2 SM_INLINE float sm_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
 /* ---- 16 x 16 transpose (packing in sm_gemm.c, attention's transposed query blocks) -------- */
 /* In-register transpose of a 16 x 16 float block: r[i] holds row i on entry, column i on exit.
  * Three rounds: interleave pairs of rows (32-bit), pairs of pairs (64-bit), then 128-bit lanes. */

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import assert_close
+from conftest import SIMD_LEVELS, assert_close
 
 import smallmind as sm
 
@@ -370,6 +370,58 @@ def test_residual_and_bias(simd, rng):
             fn(dbias, dout)
             assert_close(dbias, dbias0.astype(np.float64) + dout.astype(np.float64).reshape(-1, C).sum(0),
                          rtol=1e-6)
+
+
+def _with_poison(a, rng):
+    """A copy of a with NaN, +-inf, -0 and a denormal at random places (where it is big enough)."""
+    a = a.copy()
+    flat = a.reshape(-1)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-40], F32)
+    n = min(special.size, flat.size // 4)
+    flat[rng.choice(flat.size, n, replace=False)] = special[:n]
+    return a
+
+
+def test_single_rounding_kernels_same_bits_on_every_level():
+    # These kernels round each element once (an add, or a multiply by one scalar), so every SIMD
+    # level must give exactly the bits of the generic path, tails and NaN / inf included. (Their
+    # vector loops are one plain C loop compiled per level: SM_EACH_LEVEL in sm_runtime.h.)
+    def run():
+        rng = np.random.default_rng(7)
+        out = []
+        for n in (1, 7, 15, 16, 17, 63, 65, 1000, 4099):
+            a, b = _with_poison(rand(rng, n), rng), rand(rng, n)
+            out.append(k.residual_forward(a, b))
+            da, db = rand(rng, n), rand(rng, n)
+            k.residual_backward(da, db, a)
+            out += [da, db]
+        for N, C in ((1, 1), (3, 17), (5, 65), (130, 33), (70, 400)):
+            x, bias = _with_poison(rand(rng, N, C), rng), rand(rng, C)
+            k.bias_add(x, bias)
+            dbias = rand(rng, C)
+            k.bias_backward(dbias, x)  # row blocks summed by the vector add, then in double
+            out += [x, dbias]
+            # a uniform row: exp(0) = 1 on every path, so this checks the scaling pass alone
+            out.append(k.softmax(np.zeros((N, C), F32)))
+        for B, T, C, V in ((1, 1, 1, 1), (2, 3, 17, 5), (3, 7, 65, 257)):
+            idx = rng.integers(0, V, (B, T)).astype(np.int32)
+            wte, wpe = rand(rng, V, C), rand(rng, T, C)
+            out.append(k.encoder_forward(idx, wte, wpe))
+            k.encoder_backward(wte, wpe, _with_poison(rand(rng, B, T, C), rng), idx)
+            out += [wte, wpe]
+        return out
+
+    results = {}
+    try:
+        for level in SIMD_LEVELS:
+            assert sm.set_simd_level(level) == level
+            results[level] = run()
+    finally:
+        sm.set_simd_level(None)
+    ref = results["generic"]
+    for level, got in results.items():
+        for i, (x, y) in enumerate(zip(got, ref)):
+            assert x.tobytes() == y.tobytes(), f"output {i} differs between {level} and generic"
 
 
 def test_bias_backward_many_rows(simd, rng):

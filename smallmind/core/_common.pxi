@@ -60,10 +60,6 @@ cdef object _check_shape(object a, str name, tuple shape):
     return a
 
 
-cdef object _empty_f32(tuple shape):
-    return np.empty(shape, dtype=np.float32)
-
-
 # Most elements of an array a wrapper allocates for its result (2**60: 4 EiB of float32).
 # Shapes beyond it come only from hostile sizes (a (2**31, 0) @ (0, 2**31) product): their
 # byte count overflows, and numpy would refuse with a bare ValueError ("array is too big")
