@@ -24,7 +24,8 @@
 
 /* ---- parameter layout -------------------------------------------------------------------- */
 
-static int64_t round16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+/* Tensors and scratch slices start on 64-byte boundaries: lengths round up to 16 floats. */
+static int64_t round16(int64_t n) { return sm_round_up(n, 16); }
 
 /* The parameter table (see sm_model.h). Block order is the enum's; hf_rank gives the order
  * Hugging Face lists the tensors in. */
