@@ -5,7 +5,7 @@ memory bandwidth, batched decoding and concurrent streams.
 
     python bench/bench_generate.py --json bench/results/generate.json   # full run (~12 min, 2 cores)
     python bench/bench_generate.py --quick                               # smoke run (< 60 s)
-    python bench/bench_generate.py --only decode,ttft --models small --threads 2
+    python bench/bench_generate.py --only decode,ttft --models 4/4/128 --threads 2
 
 PyTorch is optional: without it every part still runs for smallmind alone (CI's smoke run has
 no torch), one line says so, and the PyTorch values and the ratios are left out of the rows and
@@ -81,13 +81,13 @@ torch = None
 
 # name -> (vocab, block, n_layer, n_head, n_embd)
 MODELS = {
-    "small": (65, 128, 4, 4, 128),
+    "4/4/128": (65, 128, 4, 4, 128),
     "shakespeare-char": (65, 256, 6, 6, 384),
     "gpt2-124M": (50257, 1024, 12, 12, 768),
 }
 # name -> dict(prompt, new (decode), nocache_new, batch_new, stream_new, rounds)
 PLAN = {
-    "small": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=256, rounds=5),
+    "4/4/128": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=256, rounds=5),
     "shakespeare-char": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=128,
                              rounds=3),
     "gpt2-124M": dict(prompt=64, new=64, nocache_new=16, batch_new=64, stream_new=32, rounds=3),
@@ -602,7 +602,7 @@ def main(argv=None):
     ap.add_argument("--models", default=None, help=f"comma-separated of {','.join(MODELS)}")
     args = ap.parse_args(argv)
     parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
-    names = (["small"] if args.quick else list(MODELS)) if not args.models else \
+    names = (["4/4/128"] if args.quick else list(MODELS)) if not args.models else \
         [m.strip() for m in args.models.split(",")]
     for p in parts:
         if p not in PARTS:

@@ -53,15 +53,15 @@ torch = None
 VOCAB = 65
 # name -> (n_layer, n_head, n_embd, block_size, batch_size)
 CONFIGS = {
-    "tiny": (2, 4, 64, 64, 32),
-    "small": (4, 4, 128, 128, 32),
+    "2/4/64": (2, 4, 64, 64, 32),
+    "4/4/128": (4, 4, 128, 128, 32),
     "shakespeare-char": (6, 6, 384, 256, 64),
 }
-QUICK_CONFIGS = ("tiny", "small")
+QUICK_CONFIGS = ("2/4/64", "4/4/128")
 # Steps timed per library in the full run: (rounds, min seconds of steps per round). The big
 # model gets one step per round (a step takes seconds), the small ones a batch per round.
-TIMING = {"tiny": (7, 0.6), "small": (5, 1.0), "shakespeare-char": (3, 0.0)}
-MEMORY_STEPS = {"tiny": 3, "small": 3, "shakespeare-char": 2}
+TIMING = {"2/4/64": (7, 0.6), "4/4/128": (5, 1.0), "shakespeare-char": (3, 0.0)}
+MEMORY_STEPS = {"2/4/64": 3, "4/4/128": 3, "shakespeare-char": 2}
 LR = 1e-3
 IDLE_GAP_S = 0.5
 

@@ -9,12 +9,12 @@ rather than retyped. Values a run did not measure (PyTorch absent) read "-".
 import json
 import sys
 
-# The shapes of ModelConfig's presets (smallmind/model.py PRESETS: layers, heads, width,
-# context). A benchmarked model is called by a preset's name only when its shape is exactly that
-# preset's, otherwise by its sizes: the scripts' own names "tiny" and "small" (bench_train.py,
-# bench_generate.py) are wider models than the presets of those names.
-PRESET_SHAPES = {"tiny": (2, 2, 32, 64), "small": (4, 4, 64, 128), "medium": (6, 8, 128, 256),
-                 "shakespeare-char": (6, 6, 384, 256), "gpt2": (12, 12, 768, 1024)}
+# A benchmarked model is called by a preset's name (smallmind's PRESETS) only when its shape is
+# exactly that preset's, otherwise by its sizes ("4/4/128").
+from smallmind import PRESETS  # noqa: E402
+
+PRESET_SHAPES = {name: (p["n_layer"], p["n_head"], p["n_embd"], p["block_size"])
+                 for name, p in PRESETS.items()}
 
 
 def preset_name(sh):
