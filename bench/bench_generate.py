@@ -272,7 +272,7 @@ def put_ratio(row, key, a, b):
 
 def _read(a):
     # A max-reduction, not a sum: numpy's float32 sum (pairwise summation) runs at ~25 GB/s on
-    # one AVX-512 core of the README's machine even from L2, so from memory it measures its own
+    # one AVX-512 core of the benchmark machine (docs/benchmarks.md) even from L2, so from memory it measures its own
     # arithmetic; the max runs at ~70 GB/s from L2 and ~30 GB/s from memory (the sum: ~25).
     np.maximum.reduce(a)
 
@@ -303,7 +303,7 @@ def read_bandwidth(k, arrs):
 
 
 def bandwidth_arrays():
-    # 256 MiB per thread: 8x the 32 MiB L3 of the README's machine, so the reads come from memory
+    # 256 MiB per thread: 8x the 32 MiB L3 of the benchmark machine, so the reads come from memory
     arrs = [np.ones(BW_MIB * 2 ** 18, np.float32) for _ in range(2)]
     for a in arrs:
         _read(a)                                     # warm-up: pages touched, code loaded

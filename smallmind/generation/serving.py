@@ -181,7 +181,7 @@ class ThrottledInferenceService(Closeable):
         """close() for coroutines: waits for the worker threads without blocking the event
         loop. That matters: a task cancelled just before still needs the loop to run to tell its
         worker to stop; a blocking close() at that point waited for the whole generation
-        (found under AddressSanitizer, where the README's example took minutes)."""
+        (found under AddressSanitizer, where the asyncio example of docs/generation.md took minutes)."""
         self._closed = True
         await asyncio.get_running_loop().run_in_executor(
             None, functools.partial(self._executor.shutdown, wait=True))
