@@ -305,12 +305,25 @@ def _parse_env(section: str, name: str, raw: str, default: Any):
 
 
 def load_settings(config_path=None, *, env: Mapping[str, str] | None = None,
-                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
-    """Settings from defaults, then the TOML file `config_path` (if given), then SMALLMIND_*
-    variables of `env` (default os.environ), then `overrides` ({section: {field: value}}, the
-    command-line flags that were given). Unknown sections or fields are errors naming them."""
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                  base: Mapping[str, Mapping[str, Any]] | None = None,
+                  base_name: str = "checkpoint") -> Settings:
+    """Settings from defaults, then `base` ({section: {field: value}}: a resumed run's own
+    options, named `base_name` in `sources`), then the TOML file `config_path` (if given), then
+    SMALLMIND_* variables of `env` (default os.environ), then `overrides` (the command-line
+    flags that were given). Unknown sections or fields are errors naming them."""
     values: dict[str, dict] = {name: dict(CLI_DEFAULTS.get(name, {})) for name in _SECTIONS}
     sources = ["defaults"]
+    if base:
+        for section, table in base.items():
+            if section not in _SECTIONS:
+                raise ValidationError(f"unknown section {section!r}")
+            fields = _field_types(_SECTIONS[section])
+            unknown = [k for k in table if k not in fields]
+            if unknown:
+                raise ValidationError(f"{base_name}: unknown option {section}.{unknown[0]}")
+            values[section].update(table)
+        sources.append(base_name)
     if config_path is not None:
         try:
             import tomllib  # Python 3.11+

@@ -23,9 +23,13 @@ from .layout import ParameterLayout
 from .tokenizer import Tokenizer
 from .transformer import ModelConfig, TransformerModel
 
-__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "Checkpoint"]
+__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "find_checkpoint", "Checkpoint"]
 
 FORMAT = "smallmind"
+# The files a training run writes into its checkpoint folder.
+BEST_FILE = "model_best.safetensors"            # lowest validation loss so far
+LAST_FILE = "model_last.safetensors"            # every save_every steps and at the end
+CANCELLED_FILE = "model_cancelled.safetensors"  # written when training is cancelled
 FORMAT_VERSION = 1
 _M = "optimizer.exp_avg."
 _V = "optimizer.exp_avg_sq."
@@ -68,12 +72,46 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None =
     _safetensors.save_file(tensors, os.fspath(path), meta)
 
 
+def find_checkpoint(path, *, latest: bool = False) -> str:
+    """The checkpoint file that `path` names - the one rule every command and loader uses.
+
+    A file names itself. A folder names a run's checkpoint folder: for a model to use
+    (latest=False: generate, chat, serve, load_checkpoint) its model_best.safetensors, else
+    the newer of model_last / model_cancelled; to continue training (latest=True: resume) the
+    newer of model_last / model_cancelled (the run's latest state), else model_best.
+    CheckpointError says what is missing otherwise."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a path, got {type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no such checkpoint: {path}")
+    present = [n for n in (BEST_FILE, LAST_FILE, CANCELLED_FILE)
+               if os.path.isfile(os.path.join(path, n))]
+    if not present:
+        raise CheckpointError(f"{path} holds no checkpoint (looked for {BEST_FILE}, {LAST_FILE}, "
+                              f"{CANCELLED_FILE})")
+    states = [n for n in (LAST_FILE, CANCELLED_FILE) if n in present]
+    # The newer of the two: an old model_cancelled must not win over a model_last written by a
+    # later run (and the other way round).
+    newest = max(states, key=lambda n: os.path.getmtime(os.path.join(path, n))) if states else None
+    if latest:
+        return os.path.join(path, newest or BEST_FILE)
+    return os.path.join(path, BEST_FILE if BEST_FILE in present else newest)
+
+
 def _fail(path, what: str) -> NoReturn:
     raise CheckpointError(f"{os.fspath(path)}: {what}")
 
 
-def read_checkpoint(path) -> Checkpoint:
-    """Read and validate a checkpoint file (see the module docstring)."""
+def read_checkpoint(path, *, latest: bool = False) -> Checkpoint:
+    """Read and validate a checkpoint (see the module docstring): a file, or a run's folder as
+    find_checkpoint() resolves it (`ck.path` is the file read)."""
+    path = find_checkpoint(path, latest=latest)
     tensors, meta = _safetensors.load_file(path)
     if meta.get("format") != FORMAT:
         _fail(path, f"not a smallmind checkpoint (metadata format is {meta.get('format')!r})")
@@ -150,8 +188,9 @@ def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
 
 
 def load_checkpoint(path) -> tuple[TransformerModel, Tokenizer | None]:
-    """(model, tokenizer) from a checkpoint file; the tokenizer is None if none was saved.
-    The model is returned in eval mode, ready for generation."""
+    """(model, tokenizer) from a checkpoint file or a run's folder (its best model, see
+    find_checkpoint); the tokenizer is None if none was saved. The model is returned in eval
+    mode, ready for generation."""
     ck = read_checkpoint(path)
     return model_from_checkpoint(ck).eval(), ck.tokenizer
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -30,17 +31,20 @@ from ..cancellation import check_cancel
 from ..config import TrainingOptions, check_training_option
 from ..core import _core
 from ..errors import CancelledError, CheckpointError, ValidationError
-from .checkpoint import Checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import (BEST_FILE, CANCELLED_FILE, LAST_FILE, Checkpoint, model_from_checkpoint,
+                         read_checkpoint, save_checkpoint)
 from .tokenizer import Tokenizer
 from .transformer import TransformerModel
 
-__all__ = ["Training", "History"]
+__all__ = ["Training", "History", "data_digest", "BEST_FILE", "LAST_FILE", "CANCELLED_FILE"]
 
 logger = logging.getLogger("smallmind.training")
 
-BEST_FILE = "model_best.safetensors"
-LAST_FILE = "model_last.safetensors"
-CANCELLED_FILE = "model_cancelled.safetensors"
+
+def data_digest(tokenizer: Tokenizer, text: str) -> str:
+    """The identity of a training text as a checkpoint records it: the first 16 hex digits of
+    the SHA-256 of its token ids under `tokenizer`."""
+    return hashlib.sha256(tokenizer.encode_array(text).tobytes()).hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -77,12 +81,14 @@ class Training:
 
     block_size: context length of the training windows (default: the model's); batch_size:
     windows per micro-step; seed: the batch sampler's seed; val_fraction: the share of the text
-    (its end) held out for validation (0 disables evaluation).
+    (its end) held out for validation (0 disables evaluation). metadata: a JSON-serialisable
+    dict saved in every checkpoint and restored by resume() (the `smallmind train` command keeps
+    the run's data sources and options there, so a resumed run is the same run).
     """
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, text: str,
                  block_size: int | None = None, batch_size: int = 16, seed: int = 42,
-                 val_fraction: float = 0.1):
+                 val_fraction: float = 0.1, metadata: dict | None = None):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         model.check_open()
@@ -98,6 +104,14 @@ class Training:
         self.batch_size = check_training_option("batch_size", batch_size)
         self.seed = check_training_option("seed", seed)
         self.val_fraction = check_number(val_fraction, "val_fraction", 0.0, 0.5)
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+            try:
+                json.dumps(metadata, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ValidationError(f"metadata must be JSON-serialisable: {e}") from None
+        self.metadata = dict(metadata or {})
         self.model = model
         self.tokenizer = tokenizer
 
@@ -245,9 +259,13 @@ class Training:
         model = self.model
         model.check_open()
         hist = History(best_val_loss=self.best_val_loss)
+        # What the checkpoint records of this call: the schedule and optimizer (needed to
+        # continue it), and the run's length and evaluation (so a resumed run is the same run).
         hparams = dict(learning_rate=lr0, warmup_steps=warmup_steps, min_lr=min_lr,
                        lr_decay_steps=decay_steps, weight_decay=weight_decay, beta1=beta1,
-                       beta2=beta2, eps=eps, grad_clip=grad_clip, grad_accum_steps=accum)
+                       beta2=beta2, eps=eps, grad_clip=grad_clip, grad_accum_steps=accum,
+                       steps=steps, eval_every=eval_every, eval_batches=eval_batches,
+                       save_every=save_every)
         was_training = model.training
         model.train()
         tokens_per_step = self.batch_size * self.block_size * accum
@@ -346,7 +364,7 @@ class Training:
                 "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
                 "rng": self._rng.bit_generator.state,
                 "dropout_rng": self.model.dropout_rng_state,
-                "data": self._data_digest, "hparams": hparams or {}}
+                "data": self._data_digest, "hparams": hparams or {}, "metadata": self.metadata}
 
     def _save(self, path, state: dict) -> None:
         with self.model.exclusive():
@@ -357,11 +375,18 @@ class Training:
         """Write model, tokenizer, optimizer moments, step and generator states to `path`."""
         self._save(path, self._training_state(hparams))
 
-    def restore(self, source) -> None:
-        """Load a training checkpoint (a path or a read Checkpoint) into this Training and its
-        model: parameters, optimizer moments, step and generator states. The checkpoint must be
-        for the same model configuration and tokenizer (CheckpointError otherwise)."""
-        ck = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    @property
+    def data_digest(self) -> str:
+        """This Training's text identity (see data_digest()); checkpoints record it."""
+        return self._data_digest
+
+    def restore(self, source, *, new_data: bool = False) -> None:
+        """Load a training checkpoint (a path, a run's folder or a read Checkpoint) into this
+        Training and its model: parameters, optimizer moments, step, generator states and
+        metadata. The checkpoint must be for the same model configuration and tokenizer
+        (CheckpointError otherwise), and for the same text: continuing on other text
+        (fine-tuning) needs new_data=True (ValidationError naming `text` otherwise)."""
+        ck = source if isinstance(source, Checkpoint) else read_checkpoint(source, latest=True)
         if ck.config != self.model.config:
             raise CheckpointError(f"{ck.path}: the checkpoint is for {ck.config}, not this "
                                   f"model's {self.model.config}")
@@ -373,6 +398,9 @@ class Training:
         try:
             step, adam_t = int(t["step"]), int(t["adam_t"])
             rng_state, drop_state = t["rng"], t["dropout_rng"]
+            metadata = t.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise TypeError("metadata is not an object")
             best = t.get("best_val_loss")
             # converted here, inside the check: "abc" raised ValueError below, after the
             # parameters, moments and step had already been replaced
@@ -386,6 +414,10 @@ class Training:
         if step < 0 or adam_t < 0 or adam_t > step:
             raise CheckpointError(f"{ck.path}: invalid step counters ({step}, {adam_t})")
         if t.get("data") not in (None, self._data_digest):
+            if not new_data:
+                raise ValidationError(f"text is not the text {ck.path} was trained on (its data "
+                                      f"digest is {t.get('data')}, this text's {self._data_digest});"
+                                      f" pass new_data=True to continue training on other text")
             logger.warning("%s was trained on different text; continuing on this one", ck.path)
         with self.model.exclusive():
             self.model.load_state_dict(ck.params)
@@ -395,14 +427,18 @@ class Training:
         self._rng = rng
         self.step, self._adam_t = step, adam_t
         self.best_val_loss = best
+        self.metadata = dict(metadata)
 
     @classmethod
     def resume(cls, path, text: str, *, block_size: int | None = None,
-               batch_size: int | None = None, val_fraction: float | None = None) -> "Training":
-        """A Training rebuilt from a training checkpoint: its model (train mode), tokenizer,
-        optimizer and sampler state, and its block_size / batch_size / seed / val_fraction
-        unless overridden. `trainer.model` and `trainer.tokenizer` give the rebuilt objects."""
-        ck = read_checkpoint(path)
+               batch_size: int | None = None, val_fraction: float | None = None,
+               new_data: bool = False) -> "Training":
+        """A Training rebuilt from a training checkpoint (a file, a run's folder - its latest
+        state - or a read Checkpoint): its model (train mode), tokenizer, optimizer and sampler state, metadata, and
+        its block_size / batch_size / seed / val_fraction unless overridden. `text` must be the
+        run's text unless new_data=True (see restore). `trainer.model` and `trainer.tokenizer`
+        give the rebuilt objects."""
+        ck = path if isinstance(path, Checkpoint) else read_checkpoint(path, latest=True)
         if ck.tokenizer is None:
             raise CheckpointError(f"{ck.path}: the checkpoint has no tokenizer to resume with")
         t = ck.training or {}
@@ -419,6 +455,10 @@ class Training:
         except (KeyError, TypeError, ValueError) as e:   # ValidationError is a ValueError
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
         model = model_from_checkpoint(ck)
-        trainer = cls(model, ck.tokenizer, text, **kw)
-        trainer.restore(ck)
+        try:
+            trainer = cls(model, ck.tokenizer, text, **kw)
+            trainer.restore(ck, new_data=new_data)
+        except BaseException:
+            model.close()
+            raise
         return trainer
