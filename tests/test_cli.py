@@ -180,7 +180,7 @@ def test_progress_bar_on_a_terminal():
     pytest.importorskip("tqdm")
     for use_tqdm in (True, False):
         out = Tty()
-        p = cli._Progress(5, 1, out)
+        p = cli.train._Progress(5, 1, out)
         assert p.bar is not None                 # tqdm is installed: it draws the bar
         if not use_tqdm:                         # the built-in line, as without tqdm
             p.bar.close()

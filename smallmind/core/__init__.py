@@ -22,3 +22,5 @@ except ModuleNotFoundError as _e:
         _why = "this installation is incomplete: reinstall smallmind (pip install --force-reinstall)"
     raise ImportError(f"smallmind's compiled core (smallmind.core._core) is missing: {_why}",
                       name=_e.name) from None
+
+from . import _core  # noqa: E402,F401  (found above; named here for `from smallmind.core import _core`)

@@ -99,9 +99,9 @@ def find_checkpoint(path, *, latest: bool = False) -> str:
     # The newer of the two: an old model_cancelled must not win over a model_last written by a
     # later run (and the other way round).
     newest = max(states, key=lambda n: os.path.getmtime(os.path.join(path, n))) if states else None
-    if latest:
+    if latest or BEST_FILE not in present:
         return os.path.join(path, newest or BEST_FILE)
-    return os.path.join(path, BEST_FILE if BEST_FILE in present else newest)
+    return os.path.join(path, BEST_FILE)
 
 
 def _fail(path, what: str) -> NoReturn:

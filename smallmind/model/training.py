@@ -31,8 +31,15 @@ from ..cancellation import check_cancel
 from ..config import TrainingOptions, check_training_option
 from ..core import _core
 from ..errors import CancelledError, CheckpointError, ValidationError
-from .checkpoint import (BEST_FILE, CANCELLED_FILE, LAST_FILE, Checkpoint, model_from_checkpoint,
-                         read_checkpoint, save_checkpoint)
+from .checkpoint import (
+    BEST_FILE,
+    CANCELLED_FILE,
+    LAST_FILE,
+    Checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .tokenizer import Tokenizer
 from .transformer import TransformerModel
 

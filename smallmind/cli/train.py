@@ -1,0 +1,395 @@
+"""train.py - `smallmind demo` and `smallmind train`: the corpus read from files, folders or the
+built-in one, the progress line, Ctrl-C that saves and prints the command continuing the run, and
+--resume, which continues the same run (its text, folder and options, recorded in the
+checkpoint's metadata)."""
+import dataclasses
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+
+from .. import __version__, build_info
+from ._common import MODEL_FLAGS, UserError, settings_for, shown
+
+# ---- demo ---------------------------------------------------------------------------------------
+
+def cmd_demo(args):
+    """Train a small model on the built-in corpus, then generate from it."""
+    from ..model.checkpoint import LAST_FILE, save_checkpoint
+    from ..model.corpus import builtin_corpus
+    from ..model.tokenizer import Tokenizer
+    from ..model.training import Training
+    from ..model.transformer import ModelConfig, TransformerModel
+
+    # Checked before the corpus is read and the model built: the demo ends by printing the
+    # validation loss of its last step, which 0 steps do not have.
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1 for the demo, got {args.steps}")
+    if args.tokens < 0:
+        raise UserError(f"--tokens must be >= 0, got {args.tokens}")
+    text = builtin_corpus()
+    tok = Tokenizer(text)
+    cfg = ModelConfig(tok.vocab_size, args.block_size, args.n_layer, args.n_head, args.n_embd,
+                      seed=args.seed)
+    model = TransformerModel(cfg)
+    print(f"smallmind {__version__}: training {model} on {len(text):,} characters of the "
+          f"Python standard library's documentation ({build_info()['simd']}, "
+          f"{build_info()['num_threads']} threads)")
+    trainer = Training(model, tok, text, args.block_size, args.batch_size, seed=args.seed)
+    progress = _Progress(args.steps, args.log_every)
+    t0 = time.perf_counter()
+    hist = trainer.train(args.steps, args.learning_rate, warmup_steps=min(100, args.steps // 10),
+                         eval_every=args.steps, eval_batches=20, log_every=0, callback=progress)
+    progress.end()
+    print(f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s; validation loss "
+          f"{hist.val_loss[-1]:.3f} (a uniform guess scores {np.log(tok.vocab_size):.3f})")
+    from ..generation.sampling import Sampling
+    model.eval()
+    print("\n--- generated ---")
+    print(args.prompt, end="", flush=True)
+    for piece in Sampling(model, tok).stream(args.prompt, args.tokens, temperature=0.8,
+                                             top_k=20, seed=args.seed):
+        print(piece, end="", flush=True)
+    print("\n--- end ---")
+    if args.checkpoint_dir:
+        # The model alone (3 MB for the default): the optimizer state a resumable checkpoint
+        # carries would triple it, and the demo's model is there to be generated from.
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        save_checkpoint(os.path.join(args.checkpoint_dir, LAST_FILE), model, tok)
+        where = shlex.quote(args.checkpoint_dir)
+        print(f"\nsaved the model in {args.checkpoint_dir}/; next:\n"
+              f"  smallmind generate {where} --prompt 'def '\n"
+              f"  smallmind chat {where}\n"
+              f"  smallmind train --help          (train on your own text)")
+    model.close()
+    return 0
+
+
+# ---- train --------------------------------------------------------------------------------------
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text")
+
+
+def _read_corpus(paths):
+    """(text, description, sources): the files given, every text file under the folders given
+    (sorted, so the order is deterministic), or the built-in corpus when nothing is given.
+    `sources` is what a checkpoint records to read the same text again: the files' absolute
+    paths, or None for the built-in corpus."""
+    if not paths:
+        from ..model.corpus import builtin_corpus
+        return (builtin_corpus(), "the built-in corpus (the Python standard library's "
+                "documentation)", None)
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names) if n.endswith(TEXT_SUFFIXES)]
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise UserError(f"no such file or folder: {p}")
+    if not files:
+        raise UserError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {', '.join(paths)}")
+    parts = []
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                parts.append(fh.read())
+        except UnicodeDecodeError:
+            raise UserError(f"{f} is not UTF-8 text") from None
+    text = "\n".join(parts)
+    if len(text.strip()) == 0:
+        raise UserError("the corpus is empty")
+    what = shown(files[0]) if len(files) == 1 else f"{len(files)} files"
+    return text, what, [os.path.abspath(f) for f in files]
+
+
+class _Progress:
+    """Training progress: a tqdm bar on a terminal when tqdm is installed (smallmind[progress]),
+    else one line per update (rewritten in place on a terminal, appended otherwise)."""
+
+    def __init__(self, total, every, stream=None, start=0):
+        stream = sys.stdout if stream is None else stream
+        self.total, self.every, self.stream = total, max(1, every), stream
+        self.start = start              # the step a resumed run starts from (for the ETA)
+        self.tty = stream.isatty()
+        self.t0 = time.perf_counter()
+        self.val = None
+        self.pending = False         # a terminal line not yet ended
+        self.bar = None
+        if self.tty:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=start, unit="step", file=stream,
+                                dynamic_ncols=True, leave=True)
+            except ImportError:
+                pass
+
+    def __call__(self, info):
+        step = info["step"]
+        if "val_loss" in info:
+            self.val = info["val_loss"]
+        if self.bar is not None:
+            self.bar.n = step
+            post = {"loss": f"{info['loss']:.3f}", "tok/s": f"{info['tokens_per_sec']:,.0f}"}
+            if self.val is not None:
+                post["val"] = f"{self.val:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.refresh()
+            return
+        if step % self.every and step != self.total and "val_loss" not in info:
+            return
+        span = self.total - self.start
+        done = (step - self.start) / span if span > 0 else 1.0
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        bar = "#" * int(20 * step / self.total) if self.total else "#" * 20
+        line = (f"[{bar:<20}] step {step}/{self.total} | loss {info['loss']:.3f}"
+                + (f" | val {self.val:.3f}" if self.val is not None else "")
+                + f" | {info['tokens_per_sec']:,.0f} tok/s | ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            self.pending = step != self.total
+            if not self.pending:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def end(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.pending:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.pending = False
+
+
+def _cancel_on_sigint(source):
+    """Ctrl-C cancels `source` (training stops after the step in flight and saves) instead of
+    raising KeyboardInterrupt at an arbitrary point; a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if source.is_cancelled:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        source.cancel("interrupted (Ctrl-C)")
+        print("\nsmallmind: stopping after this step (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+# What a checkpoint written by `smallmind train` records of the run's options, so that
+# `--resume` alone continues the same run (not threads: they belong to the machine; not
+# checkpoint_dir: the run lives where its checkpoint is; not batch_size and seed: the
+# checkpoint's training state has them).
+_RUN_OPTIONS = ("steps", "learning_rate", "warmup_steps", "min_lr", "lr_decay_steps",
+                "weight_decay", "beta1", "beta2", "eps", "grad_clip", "grad_accum_steps",
+                "log_every", "eval_every", "eval_batches", "save_every")
+
+
+def _check_writable(folder):
+    """Fail now, not at the first save after all the work, when checkpoints cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".smallmind-write-test.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"0")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
+
+
+def _new_run(args):
+    """(trainer, settings, description, path None) for a run that starts from scratch."""
+    from ..model.tokenizer import Tokenizer
+    from ..model.training import Training
+    from ..model.transformer import ModelConfig, TransformerModel
+    if args.new_data:
+        raise UserError("--new-data goes with --resume (continuing a run on other text)")
+    st = settings_for(args)
+    m, t = st.model, st.training
+    if t.steps < 1:
+        raise UserError(f"--steps must be at least 1 for a new run (0 trains nothing), got {t.steps}")
+    text, what, sources = _read_corpus(args.data)
+    tok = Tokenizer(text)
+    if m.preset:
+        sizes = {k: getattr(args, k) for k in ("block_size", "n_layer", "n_head", "n_embd")
+                 if getattr(args, k) is not None}
+        cfg = ModelConfig.preset(m.preset, tok.vocab_size, seed=t.seed, **sizes)
+    else:
+        cfg = ModelConfig(tok.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd,
+                          dropout=m.dropout, seed=t.seed)
+    model = TransformerModel(cfg)
+    try:
+        trainer = Training(model, tok, text, batch_size=t.batch_size, seed=t.seed,
+                           metadata=_run_record(sources, t))
+    except BaseException:
+        model.close()
+        raise
+    return trainer, st, f"training {model} on {len(text):,} characters of {what}", None
+
+
+def _run_record(sources, t):
+    """The metadata `smallmind train` keeps in every checkpoint of a run."""
+    return {"command": "smallmind train", "data": sources,
+            "options": {k: getattr(t, k) for k in _RUN_OPTIONS}}
+
+
+def _resume(args):
+    """(trainer, settings, description, path) for --resume: the same run, continued - its data,
+    its folder and its options unless flags say otherwise."""
+    from ..errors import CheckpointError
+    from ..model.checkpoint import find_checkpoint, read_checkpoint
+    from ..model.training import Training, data_digest
+    given = [k for k in MODEL_FLAGS + ("seed",) if getattr(args, k) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"{flag} cannot be used with --resume: the model and the run's random "
+                        f"state come from the checkpoint")
+    try:
+        path = find_checkpoint(args.resume, latest=True)
+    except CheckpointError as e:
+        raise UserError(f"nothing to resume: {e}") from None
+    ck = read_checkpoint(path)
+    state = ck.training
+    if state is None or ck.exp_avg is None or ck.tokenizer is None:
+        raise UserError(f"{path} is a model-only checkpoint (no optimizer state or tokenizer): "
+                        f"it can be generated from, not resumed")
+    record = state.get("metadata") if isinstance(state.get("metadata"), dict) else {}
+    hparams = state.get("hparams") if isinstance(state.get("hparams"), dict) else {}
+    run = {k: hparams[k] for k in _RUN_OPTIONS if k in hparams}
+    if isinstance(record.get("options"), dict):
+        run.update({k: v for k, v in record["options"].items() if k in _RUN_OPTIONS})
+    # The run lives where its checkpoint is: keep writing there unless told otherwise.
+    run["checkpoint_dir"] = os.path.dirname(path) or "."
+    st = settings_for(args, base={"training": run})
+
+    if args.data:
+        text, what, sources = _read_corpus(args.data)
+    elif "data" in record:
+        sources = record["data"]
+        if sources is not None:
+            if not isinstance(sources, list) or not all(isinstance(f, str) for f in sources):
+                raise UserError(f"{path}: the recorded data sources are not a list of files")
+            gone = [f for f in sources if not os.path.isfile(f)]
+            if gone:
+                raise UserError(f"the run's text is gone: {gone[0]} no longer exists (give the "
+                                f"text to train on, and --new-data if it is not the run's)")
+        text, what, _ = _read_corpus(sources)
+        what = f"the run's text ({what})" if sources else what
+    else:
+        # A checkpoint that does not record its text (written by the library): the built-in
+        # corpus if it is that, else the user must say.
+        text, what, sources = _read_corpus(None)
+        if data_digest(ck.tokenizer, text) != state.get("data") and not args.new_data:
+            raise UserError(f"{path} does not record which text it was trained on, and it is not "
+                            f"the built-in corpus: give the files (and --new-data if they are "
+                            f"not the run's)")
+    recorded = state.get("data")
+    if recorded is not None and not args.new_data:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # unknown characters: the refusal says it all
+            same = data_digest(ck.tokenizer, text) == recorded
+        if not same:
+            if args.data:
+                raise UserError(f"{what} is not the text {path} was trained on; to continue "
+                                f"this run on it (fine-tuning) add --new-data")
+            raise UserError(f"the run's text has changed since {path} was written ({what}); "
+                            f"to continue on it as it is now, add --new-data")
+    t = st.training
+    trainer = Training.resume(ck, text, batch_size=args.batch_size, new_data=args.new_data)
+    trainer.metadata = _run_record(sources, t)
+    return trainer, st, f"resuming {path} at step {trainer.step} of {t.steps}, on {what}", path
+
+
+def cmd_train(args):
+    from ..cancellation import CancellationTokenSource
+    from ..errors import CancelledError
+    from ..model.checkpoint import BEST_FILE, CANCELLED_FILE, LAST_FILE
+
+    trainer, st, description, resumed = _resume(args) if args.resume else _new_run(args)
+    t = st.training
+    model = trainer.model
+    try:
+        if resumed is not None and t.steps <= trainer.step:
+            # Nothing to train: said in words, and no checkpoint is rewritten.
+            if t.steps < trainer.step:
+                raise UserError(f"--steps {t.steps} is behind the run: {resumed} is at step "
+                                f"{trainer.step} already; give a total above {trainer.step} to "
+                                f"train further")
+            print(f"nothing to do: {resumed} is at step {trainer.step} of {t.steps} already "
+                  f"(add --steps N, N > {trainer.step}, to train further)")
+            return 0
+        ckdir = t.checkpoint_dir
+        _check_writable(ckdir)
+        print(f"smallmind {__version__}: {description}; checkpoints in {ckdir}", flush=True)
+        source = CancellationTokenSource()
+        restore = _cancel_on_sigint(source)
+        progress = _Progress(t.steps, t.log_every, start=trainer.step)
+        try:
+            # log_every=0: the progress line reports instead of log records
+            run = dataclasses.replace(t, warmup_steps=min(t.warmup_steps, t.steps), log_every=0)
+            hist = trainer.train(**run.train_arguments(), cancel=source.token, callback=progress)
+        except CancelledError:
+            progress.end()
+            path = os.path.join(ckdir, CANCELLED_FILE)
+            print(f"smallmind: interrupted at step {trainer.step} of {t.steps}; saved {path}\n"
+                  f"  continue with: smallmind train --resume {shlex.quote(path)}",
+                  file=sys.stderr)
+            return 130
+        finally:
+            restore()
+        progress.end()
+        png = _plot_losses(hist, ckdir)
+        if hist.val_loss:
+            loss = f"validation loss {hist.val_loss[-1]:.3f}"
+        else:
+            loss = f"training loss {hist.train_loss[-1]:.3f} (not evaluated: --eval-every 0)"
+        best = os.path.join(ckdir, BEST_FILE)
+        print(f"done: step {trainer.step} of {t.steps} in {hist.elapsed_sec:.1f} s, {loss}\n"
+              f"  latest model: {os.path.join(ckdir, LAST_FILE)}"
+              + (f"\n  best model:   {best} (validation loss {trainer.best_val_loss:.3f})"
+                 if os.path.isfile(best) and trainer.best_val_loss < float("inf") else "")
+              + (f"\n  loss curve:   {png}" if png else "")
+              + f"\n  next: smallmind generate {shlex.quote(ckdir)} --prompt 'The '")
+        return 0
+    finally:
+        model.close()
+
+
+def _plot_losses(hist, ckdir):
+    """loss.png in the checkpoint folder when matplotlib is installed (smallmind[plot]), written
+    atomically; None otherwise."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(hist.steps, hist.train_loss, label="train (per step)", linewidth=0.8)
+    if hist.val_loss:
+        ax.plot(hist.val_steps, hist.val_loss, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(ckdir, "loss.png")
+    tmp = path + f".{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
