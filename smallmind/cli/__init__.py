@@ -26,6 +26,7 @@ from .use import cmd_chat, cmd_generate, cmd_serve
 
 __all__ = ["main", "UserError"]
 
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """warnings.showwarning for the command: one line in its own style, no source line."""
     print(f"smallmind: warning: {message}", file=sys.stderr if file is None else file)

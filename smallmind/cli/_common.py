@@ -9,9 +9,12 @@ class UserError(Exception):
     """A mistake on the command line: reported as one line, exit status 2."""
 
 
+# The flags of `train` that set [model] and [training] options.
 MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size")
 TRAINING_FLAGS = ("steps", "batch_size", "learning_rate", "warmup_steps", "eval_every",
-                   "eval_batches", "save_every", "checkpoint_dir", "seed", "threads", "log_every")
+                  "eval_batches", "save_every", "checkpoint_dir", "seed", "threads", "log_every")
+
+
 def settings_for(args, base=None) -> Settings:
     """The configuration: defaults < `base` (a resumed run's own options) < --config FILE <
     SMALLMIND_* < the flags given."""
@@ -29,7 +32,6 @@ def settings_for(args, base=None) -> Settings:
     else:
         overrides = {"inference": inference}
     return load_settings(getattr(args, "config", None), overrides=overrides, base=base)
-
 
 
 def shown(path):

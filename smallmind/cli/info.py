@@ -22,8 +22,6 @@ def _median_time(fn, min_reps=5, min_time=0.25):
     return float(np.median(times))
 
 
-# ---- info / bench -------------------------------------------------------------------------------
-
 def cmd_info(args):
     if getattr(args, "config", None):
         from ..config import load_settings

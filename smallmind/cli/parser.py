@@ -12,7 +12,6 @@ from .. import __version__
 from ._common import UserError
 from .train import TEXT_SUFFIXES
 
-# ---- the parser ---------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with every usage error reported as "smallmind: error: ..." after the usage of

@@ -7,7 +7,6 @@ import sys
 from .. import __version__
 from ._common import UserError, settings_for
 
-# ---- generate / chat / serve --------------------------------------------------------------------
 
 def _load(name):
     """(model, tokenizer, path) for the model a command names: a checkpoint file or a run's
