@@ -17,8 +17,8 @@ from .core.tracker import MemorySnapshot, MemoryTracker
 from .model import corpus
 from .model.transformer import PRESETS, ModelConfig, TransformerModel
 from .model.tokenizer import Tokenizer, UnknownCharacterWarning
-from .model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .model.training import History, Training
+from .model.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .model.training import History, Training, data_digest
 # generation and serving
 from .cancellation import CancellationToken, CancellationTokenSource
 from .generation.sampling import GenerationResult, Sampling
@@ -42,7 +42,7 @@ __all__ = [
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
-            "save_checkpoint", "Training", "History", "Sampling", "GenerationResult",
+            "save_checkpoint", "find_checkpoint", "Training", "data_digest", "History", "Sampling", "GenerationResult",
             "SamplerPool", "ThrottledInferenceService", "VectorIndex",
             "MemoryTracker", "MemorySnapshot", "TfidfEmbedder", "ModelEmbedder", "Retriever",
             "Passage", "PromptBuilder", "Answer", "Answerer"]

@@ -179,3 +179,32 @@ def test_failed_save_leaves_previous_file(tmp_path, monkeypatch):
         m.save(path, TOK)
     assert path.read_bytes() == before
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_find_checkpoint_is_the_one_rule_for_naming_a_model(tmp_path):
+    """A file names itself; a run's folder names its best model for use and its newest state
+    for resuming; anything else is a CheckpointError saying what is missing."""
+    from smallmind.model.checkpoint import BEST_FILE, CANCELLED_FILE, LAST_FILE
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(sm.CheckpointError, match="holds no checkpoint"):
+        sm.find_checkpoint(run)
+    with pytest.raises(sm.CheckpointError, match="no such checkpoint"):
+        sm.find_checkpoint(tmp_path / "missing")
+    with pytest.raises(TypeError, match="path"):
+        sm.find_checkpoint(3.5)
+    for i, name in enumerate((CANCELLED_FILE, LAST_FILE)):
+        (run / name).write_bytes(b"x")
+        os.utime(run / name, (1000 + i, 1000 + i))         # model_last is the newer
+    assert sm.find_checkpoint(run) == str(run / LAST_FILE)           # no best: the newest
+    assert sm.find_checkpoint(run, latest=True) == str(run / LAST_FILE)
+    os.utime(run / CANCELLED_FILE, (2000, 2000))                     # now the cancel is newer
+    assert sm.find_checkpoint(run, latest=True) == str(run / CANCELLED_FILE)
+    (run / BEST_FILE).write_bytes(b"x")
+    assert sm.find_checkpoint(run) == str(run / BEST_FILE)           # for use: the best
+    assert sm.find_checkpoint(run, latest=True) == str(run / CANCELLED_FILE)
+    assert sm.find_checkpoint(run / LAST_FILE) == str(run / LAST_FILE)
+    only_best = tmp_path / "only_best"
+    only_best.mkdir()
+    (only_best / BEST_FILE).write_bytes(b"x")
+    assert sm.find_checkpoint(only_best, latest=True) == str(only_best / BEST_FILE)

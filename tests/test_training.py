@@ -283,3 +283,38 @@ def test_bad_arguments():
     model.dispose()
     with pytest.raises(sm.ObjectDisposedError):
         tr.train(2)
+
+
+# ---- a run's identity: its text and metadata travel with its checkpoints ----------------------
+
+def test_metadata_is_saved_and_restored_with_the_run(tmp_path):
+    tr = _trainer()
+    tr.metadata = {"data": ["/somewhere/notes.txt"], "options": {"steps": 6}}
+    tr.train(3, checkpoint_dir=tmp_path, log_every=0)
+    resumed = sm.Training.resume(tmp_path, TEXT)        # a run's folder: its latest state
+    assert resumed.metadata == tr.metadata and resumed.step == 3
+    state = sm.read_checkpoint(tmp_path / LAST_FILE).training
+    assert state["hparams"]["steps"] == 3 and state["metadata"] == tr.metadata
+    resumed.model.close()
+    tr.model.close()
+    with pytest.raises(sm.ValidationError, match="metadata must be JSON"):
+        sm.Training(sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 16, 1, 2, 16)), TOK, TEXT,
+                    metadata={"x": float("nan")})
+    with pytest.raises(TypeError, match="metadata must be a dict"):
+        sm.Training(sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 16, 1, 2, 16)), TOK, TEXT,
+                    metadata=["not", "a", "dict"])
+
+
+def test_resuming_on_other_text_needs_new_data(tmp_path, caplog):
+    tr = _trainer()
+    tr.train(2, checkpoint_dir=tmp_path, log_every=0)
+    tr.model.close()
+    other = TEXT[len(TEXT) // 2:] + TEXT[:len(TEXT) // 2]          # same characters, other text
+    assert sm.data_digest(TOK, other) != sm.data_digest(TOK, TEXT)
+    with pytest.raises(sm.ValidationError, match="text is not the text .* new_data=True"):
+        sm.Training.resume(tmp_path, other)
+    with caplog.at_level(logging.WARNING, logger="smallmind.training"):
+        tuned = sm.Training.resume(tmp_path, other, new_data=True)
+    assert tuned.step == 2 and tuned.data_digest == sm.data_digest(TOK, other)
+    assert "different text" in caplog.text
+    tuned.model.close()
