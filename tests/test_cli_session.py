@@ -332,3 +332,29 @@ def test_the_demo_folder_stays_out_of_git_status():
     with open(os.path.join(REPO, ".gitignore")) as f:
         ignored = f.read().split()
     assert "/smallmind-demo/" in ignored and "/checkpoints/" in ignored
+
+
+def test_every_documented_command_line_parses():
+    """The commands the README and docs/ show (bash blocks, lines starting `smallmind`) are ones
+    the command accepts: no option that does not exist, none in the wrong place."""
+    from doc_blocks import fenced_blocks, markdown_files, rel
+    checked = 0
+    for path in markdown_files():
+        with open(path, encoding="utf-8") as f:
+            blocks = fenced_blocks(f.read())
+        for info, line_no, code, _ in blocks:
+            if info not in ("bash", "sh", "shell"):
+                continue
+            for n, line in enumerate(code.splitlines()):
+                if not line.startswith("smallmind "):
+                    continue
+                words = shlex.split(line, comments=True)
+                ap, parsers = cli.parser.build_parser()
+                try:
+                    argv = cli.parser.with_command(words[1:], parsers)
+                    args, extra = ap.parse_known_args(argv)
+                except (SystemExit, cli.UserError) as e:
+                    pytest.fail(f"{rel(path)}:{line_no + n}: {line!r} is refused ({e})")
+                assert not extra, f"{rel(path)}:{line_no + n}: {line!r}: unknown {extra}"
+                checked += 1
+    assert checked >= 10                     # the README and docs/cli.md show a dozen
