@@ -318,3 +318,16 @@ def test_resuming_on_other_text_needs_new_data(tmp_path, caplog):
     assert tuned.step == 2 and tuned.data_digest == sm.data_digest(TOK, other)
     assert "different text" in caplog.text
     tuned.model.close()
+
+
+def test_a_call_with_nothing_to_do_writes_nothing(tmp_path):
+    tr = _trainer()
+    tr.train(2, checkpoint_dir=tmp_path, log_every=0)
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    stamp = os.stat(tmp_path / LAST_FILE).st_mtime_ns
+    for steps in (2, 1, 0):
+        hist = tr.train(steps, checkpoint_dir=tmp_path, log_every=0)
+        assert len(hist) == 0 and tr.step == 2
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+    assert os.stat(tmp_path / LAST_FILE).st_mtime_ns == stamp
+    tr.model.close()

@@ -330,7 +330,9 @@ class Training:
                 _metrics.record_training_step(info)
                 if callback is not None:
                     callback(info)
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and hist.steps:
+                # (a call with nothing to do - steps at or below the current step - rewrites
+                # no checkpoint)
                 self.save_checkpoint(os.path.join(checkpoint_dir, LAST_FILE), hparams)
         finally:
             model.train(was_training)
