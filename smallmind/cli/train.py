@@ -52,7 +52,8 @@ def cmd_demo(args):
     model.eval()
     print("\n--- generated ---")
     print(args.prompt, end="", flush=True)
-    for piece in Sampling(model, tok).stream(args.prompt, args.tokens, temperature=0.8,
+    # 0.7: more real words than 0.8 without the repetition of 0.6 (measured on 15 samples)
+    for piece in Sampling(model, tok).stream(args.prompt, args.tokens, temperature=0.7,
                                              top_k=20, seed=args.seed):
         print(piece, end="", flush=True)
     print("\n--- end ---")
