@@ -176,11 +176,19 @@ def test_done_message_names_only_files_that_exist(tmp_path):
     assert "ck/model_last.safetensors" in r.stdout
 
 
-def test_model_and_seed_flags_are_refused_on_resume(tmp_path):
+def test_model_and_seed_flags_on_resume_must_match_the_run(tmp_path):
     _finished_run(tmp_path)
-    for flag in (["--n-layer", "3"], ["--preset", "tiny"], ["--seed", "5"]):
+    before = _snapshot(tmp_path / "ck")
+    for flag in (["--n-layer", "3"], ["--preset", "tiny"], ["--seed", "5"],
+                 ["--block-size", "64"]):
         r = run(["train", "--resume", "ck", "--steps", "50"] + flag, tmp_path)
-        assert r.returncode == 2 and f"{flag[0]} cannot be used with --resume" in r.stderr
+        assert r.returncode == 2 and f"{' '.join(flag)} does not match the run" in r.stderr
+    assert _snapshot(tmp_path / "ck") == before
+    # the run's own values are accepted: a restart script may always pass the same command
+    r = run(["train", "mytext.txt", "--resume", "ck", "--steps", "50", "--seed", "42"] + SMALL,
+            tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert state_of(tmp_path / "ck" / "model_last.safetensors")["step"] == 50
 
 
 def test_options_before_the_command_are_not_dropped(tmp_path):

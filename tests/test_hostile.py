@@ -1045,7 +1045,7 @@ def test_training_train_bad(trainer, kw, exc, match):
     (lambda t: t.get_batch("test"), sm.ValidationError, "split"),
     (lambda t: t.get_batch(None), sm.ValidationError, "split"),
     (lambda t: t.restore(os.devnull), sm.CheckpointError, None),
-    (lambda t: t.restore("/nonexistent/x.safetensors"), sm.CheckpointError, "cannot open"),
+    (lambda t: t.restore("/nonexistent/x.safetensors"), sm.CheckpointError, "no such checkpoint"),
 ], ids=["estimate-0", "estimate-str", "estimate-threads", "batch-split", "batch-None",
         "restore-empty", "restore-missing"])
 def test_training_other_bad(trainer, call, exc, match):

@@ -255,11 +255,6 @@ def _resume(args):
     from ..errors import CheckpointError
     from ..model.checkpoint import find_checkpoint, read_checkpoint
     from ..model.training import Training, data_digest
-    given = [k for k in MODEL_FLAGS + ("seed",) if getattr(args, k) is not None]
-    if given:
-        flag = "--" + given[0].replace("_", "-")
-        raise UserError(f"{flag} cannot be used with --resume: the model and the run's random "
-                        f"state come from the checkpoint")
     try:
         path = find_checkpoint(args.resume, latest=True)
     except CheckpointError as e:
@@ -269,6 +264,7 @@ def _resume(args):
     if state is None or ck.exp_avg is None or ck.tokenizer is None:
         raise UserError(f"{path} is a model-only checkpoint (no optimizer state or tokenizer): "
                         f"it can be generated from, not resumed")
+    _check_same_model(args, ck, path)
     record = state.get("metadata") if isinstance(state.get("metadata"), dict) else {}
     hparams = state.get("hparams") if isinstance(state.get("hparams"), dict) else {}
     run = {k: hparams[k] for k in _RUN_OPTIONS if k in hparams}
@@ -314,6 +310,31 @@ def _resume(args):
     trainer = Training.resume(ck, text, batch_size=args.batch_size, new_data=args.new_data)
     trainer.metadata = _run_record(sources, t)
     return trainer, st, f"resuming {path} at step {trainer.step} of {t.steps}, on {what}", path
+
+
+def _check_same_model(args, ck, path):
+    """Model flags and --seed on --resume: the model and the run's random state come from the
+    checkpoint, so a flag may only say what it already holds (a restart script that always
+    passes the same command, with --resume added once a checkpoint exists, keeps working); one
+    that says otherwise is refused rather than silently ignored."""
+    from ..model.transformer import PRESETS
+    wanted = {}
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+        wanted.update({k: v for k, v in PRESETS[args.preset].items()
+                       if k in ("block_size", "n_layer", "n_head", "n_embd")})
+    wanted.update({k: getattr(args, k) for k in MODEL_FLAGS[1:] if getattr(args, k) is not None})
+    for name, value in wanted.items():
+        if getattr(ck.config, name) != value:
+            given = getattr(args, name) is not None           # else the preset said it
+            flag = f"--{name.replace('_', '-')} {value}" if given else f"--preset {args.preset}"
+            raise UserError(f"{flag} does not match the run being resumed ({path} has {name} "
+                            f"{getattr(ck.config, name)}): the model comes from the checkpoint")
+    seed = (ck.training or {}).get("seed")
+    if args.seed is not None and args.seed != seed:
+        raise UserError(f"--seed {args.seed} does not match the run being resumed ({path} has "
+                        f"seed {seed}): the run's random state comes from the checkpoint")
 
 
 def cmd_train(args):
