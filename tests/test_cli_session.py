@@ -366,3 +366,19 @@ def test_every_documented_command_line_parses():
                 assert not extra, f"{rel(path)}:{line_no + n}: {line!r}: unknown {extra}"
                 checked += 1
     assert checked >= 10                     # the README and docs/cli.md show a dozen
+
+
+def test_a_new_run_does_not_overwrite_another_silently(tmp_path):
+    ck = _finished_run(tmp_path)
+    before = _snapshot(ck)
+    r = run(["train", "mytext.txt", "--checkpoint-dir", "ck", "--steps", "5"] + SMALL, tmp_path)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    assert "smallmind train --resume ck" in r.stderr and "--overwrite" in r.stderr
+    assert _snapshot(ck) == before
+    r = run(["train", "--resume", "ck", "--overwrite"], tmp_path)
+    assert r.returncode == 2 and "--overwrite is for a new run" in r.stderr
+    r = run(["train", "mytext.txt", "--checkpoint-dir", "ck", "--steps", "5", "--eval-every", "0",
+             "--overwrite"] + SMALL, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(ck)) == ["model_last.safetensors"]         # the old run's are gone
+    assert state_of(ck / "model_last.safetensors")["step"] == 5

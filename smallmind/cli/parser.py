@@ -156,6 +156,9 @@ def build_parser():
                    f"the end only (default: {_default('training', 'save_every')})")
     g.add_argument("--checkpoint-dir", metavar="FOLDER", help=f"where checkpoints go (default: "
                    f"{_default('training', 'checkpoint_dir')}; on --resume the run's folder)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds another run's checkpoints, "
+                        "deleting them (default: refused)")
     g.add_argument("--seed", type=int, help=f"random seed of the weights and batches (default: "
                    f"{_default('training', 'seed')})")
     g.add_argument("--threads", type=int, help="threads to use (default: all cores)")

@@ -213,6 +213,23 @@ def _check_writable(folder):
         raise UserError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
 
 
+def _claim_folder(folder, overwrite):
+    """A new run must not overwrite another run's checkpoints without being told to: that would
+    lose the other run without a word. With --overwrite, the old run's files go first (so no
+    stale model_cancelled can be taken for this run's later)."""
+    from ..model.checkpoint import BEST_FILE, CANCELLED_FILE, LAST_FILE
+    found = [n for n in (LAST_FILE, CANCELLED_FILE, BEST_FILE)
+             if os.path.isfile(os.path.join(folder, n))]
+    if not found:
+        return
+    if not overwrite:
+        raise UserError(f"{folder} already holds a run ({found[0]}): continue it with "
+                        f"`smallmind train --resume {shlex.quote(folder)}`, or start this one in "
+                        f"another --checkpoint-dir, or add --overwrite to replace it")
+    for name in found:
+        os.remove(os.path.join(folder, name))
+
+
 def _new_run(args):
     """(trainer, settings, description, path None) for a run that starts from scratch."""
     from ..model.tokenizer import Tokenizer
@@ -224,6 +241,7 @@ def _new_run(args):
     m, t = st.model, st.training
     if t.steps < 1:
         raise UserError(f"--steps must be at least 1 for a new run (0 trains nothing), got {t.steps}")
+    _claim_folder(t.checkpoint_dir, args.overwrite)
     text, what, sources = _read_corpus(args.data)
     tok = Tokenizer(text)
     if m.preset:
@@ -255,6 +273,8 @@ def _resume(args):
     from ..errors import CheckpointError
     from ..model.checkpoint import find_checkpoint, read_checkpoint
     from ..model.training import Training, data_digest
+    if args.overwrite:
+        raise UserError("--overwrite is for a new run; it does not go with --resume")
     try:
         path = find_checkpoint(args.resume, latest=True)
     except CheckpointError as e:
