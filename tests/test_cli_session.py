@@ -236,19 +236,21 @@ def test_generate_chat_serve_and_resume_take_a_run_folder(tmp_path, monkeypatch)
     assert model.config == seen["model"].config and tok is not None
 
 
-def _pty_session(args, cwd, inputs, timeout=60):
-    """Run the command on a pseudo-terminal, send each of `inputs` once the output so far ends
-    with the prompt "> ", and return (exit status, everything it printed)."""
+def _pty_session(args, cwd, script, timeout=120):
+    """Run the command on a pseudo-terminal; `script` is a list of (expected, keys): once the
+    output since the last keys ends with `expected` (a str), or has reached `expected` bytes
+    (an int), type `keys`. Returns (exit status,
+    everything it printed)."""
     pid, fd = pty.fork()
     if pid == 0:                                        # the child: the command on a terminal
         os.chdir(cwd)
         os.execvpe(command()[0], command() + args, env())
-    out = b""
-    pending = list(inputs)
+    out, mark = b"", 0
+    pending = [(e if isinstance(e, int) else e.encode(), k.encode()) for e, k in script]
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
+            ready, _, _ = select.select([fd], [], [], 0.2)
             if ready:
                 try:
                     chunk = os.read(fd, 4096)
@@ -257,20 +259,29 @@ def _pty_session(args, cwd, inputs, timeout=60):
                 if not chunk:
                     break
                 out += chunk
-            if pending and out.endswith(b"> "):
-                os.write(fd, pending.pop(0).encode())
-                out += b"\x00"                           # marks "this prompt got its input"
+            expected = pending[0][0] if pending else None
+            if pending and (len(out) - mark >= expected if isinstance(expected, int)
+                            else out[mark:].endswith(expected)):
+                os.write(fd, pending.pop(0)[1])
+                mark = len(out)
+        else:
+            os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     finally:
         os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.replace(b"\x00", b"").decode()
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace").replace("\r", "")
+
+
+def _typed(*lines):
+    """A chat script: each line typed at a fresh prompt."""
+    return [("> ", line) for line in lines]
 
 
 def test_chat_on_a_terminal_has_a_banner_help_and_says_goodbye(tmp_path):
     _finished_run(tmp_path)
     code, out = _pty_session(["chat", "ck", "--max-tokens", "6", "--temperature", "0"], tmp_path,
-                             ["the cat\n", "\n", "/help\n", "/set temperature 2\n", "/nope\n",
-                              "/set top_p 5\n", "/quit\n"])
+                             _typed("the cat\n", "\n", "/help\n", "/set temperature 2\n",
+                                    "/nope\n", "/set top_p 5\n", "/quit\n"))
     assert code == 0, out
     assert "smallmind chat with ck/model_best.safetensors" in out
     assert "/help lists commands; /quit or Ctrl-D leaves" in out
@@ -280,6 +291,17 @@ def test_chat_on_a_terminal_has_a_banner_help_and_says_goodbye(tmp_path):
     assert out.rstrip().endswith("bye")
     # an empty line did not end the chat: /help came after it and was answered
     assert out.index("/set NAME VALUE") > out.index("the cat")
+
+
+def test_ctrl_c_in_chat_stops_the_reply_not_the_chat(tmp_path):
+    _finished_run(tmp_path)
+    # a reply far longer than the test waits for; Ctrl-C (the terminal's ^C) once it is flowing:
+    # the echo of the line typed, then 20 characters of the reply
+    code, out = _pty_session(["chat", "ck", "--max-tokens", "1000000", "--window", "slide"],
+                             tmp_path, [("> ", "the cat\n"), (len("the cat\r\n") + 20, "\x03"),
+                                        ("> ", "/quit\n")])
+    assert code == 0, out
+    assert "[stopped]" in out and out.rstrip().endswith("bye")
 
 
 def test_warnings_are_one_line_in_the_commands_style(tmp_path):
