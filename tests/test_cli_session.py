@@ -347,7 +347,7 @@ def test_importing_the_uncompiled_source_tree_says_why(tmp_path):
     """After the set-up command the user is inside the clone: `import smallmind` there finds the
     source package, which has no compiled core. The error says so and what to do."""
     import shutil
-    shutil.copy(os.path.join(REPO, "setup.py"), tmp_path)
+    (tmp_path / "setup.py").write_text("# what marks a source checkout\n")
     shutil.copytree(os.path.join(REPO, "smallmind"), tmp_path / "smallmind",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "__pycache__"))
     r = subprocess.run([sys.executable, "-c", "import smallmind"], cwd=tmp_path,
