@@ -1,6 +1,7 @@
 """test_cli_session.py - the `smallmind` command driven as a user drives it: the installed command
 in a subprocess (a pseudo-terminal where the terminal matters), in a folder of the user's own,
 with the hint it prints followed to the letter. One test per defect of the command-line issue."""
+import json
 import os
 import pty
 import re
@@ -404,3 +405,23 @@ def test_a_new_run_does_not_overwrite_another_silently(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(ck)) == ["model_last.safetensors"]         # the old run's are gone
     assert state_of(ck / "model_last.safetensors")["step"] == 5
+
+
+def test_a_checkpoint_with_impossible_values_is_one_line_not_a_traceback(tmp_path):
+    ck = _finished_run(tmp_path)
+    ckpt = sm.read_checkpoint(ck / "model_last.safetensors")
+    model, tok = sm.load_checkpoint(ck / "model_last.safetensors")
+    for key, value in (("step", 10 ** 30), ("options", {"steps": 10 ** 30})):
+        state = json.loads(json.dumps(ckpt.training))
+        if key == "options":
+            state["metadata"]["options"].update(value)
+        else:
+            state[key] = value
+        path = tmp_path / f"edited-{key}.safetensors"
+        sm.save_checkpoint(path, model, tok, training=state,
+                           optimizer=(model.layout.new_block(), model.layout.new_block()))
+        r = run(["train", "--resume", path.name], tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"smallmind: error: {path.name}: ") and "invalid" in r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    model.close()

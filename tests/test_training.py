@@ -331,3 +331,28 @@ def test_a_call_with_nothing_to_do_writes_nothing(tmp_path):
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
     assert os.stat(tmp_path / LAST_FILE).st_mtime_ns == stamp
     tr.model.close()
+
+
+@pytest.mark.parametrize("edit", [
+    ("step", float("inf")), ("step", 10 ** 30), ("step", 3.5), ("step", "7"), ("step", -1),
+    ("adam_t", 10 ** 30), ("best_val_loss", float("nan")), ("best_val_loss", 10 ** 400),
+    ("rng.state", -1), ("rng.state", 2 ** 200), ("dropout_rng.state", -5),
+], ids=lambda e: f"{e[0]}={str(e[1])[:8]}")
+def test_resume_refuses_out_of_range_state_as_a_checkpoint_error(tmp_path, edit):
+    """Values no run writes (an infinite or huge step, a negative generator state, a NaN best
+    loss) are a CheckpointError naming the file - never an OverflowError from deep inside, and
+    never accepted to fail later."""
+    tr = _trainer()
+    tr.train(1, log_every=0)
+    state = json.loads(json.dumps(tr._training_state()))
+    key, value = edit
+    if "." in key:
+        outer, inner = key.split(".")
+        state[outer]["state"][inner] = value
+    else:
+        state[key] = value
+    path = tmp_path / "edited.safetensors"
+    sm.save_checkpoint(path, tr.model, TOK, training=state, optimizer=(tr._m, tr._v))
+    with pytest.raises(sm.CheckpointError, match="edited.safetensors: invalid"):
+        sm.Training.resume(path, TEXT)
+    tr.model.close()

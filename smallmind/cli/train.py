@@ -270,6 +270,7 @@ def _run_record(sources, t):
 def _resume(args):
     """(trainer, settings, description, path) for --resume: the same run, continued - its data,
     its folder and its options unless flags say otherwise."""
+    from ..config import check_training_option
     from ..errors import CheckpointError
     from ..model.checkpoint import find_checkpoint, read_checkpoint
     from ..model.training import Training, data_digest
@@ -290,6 +291,12 @@ def _resume(args):
     run = {k: hparams[k] for k in _RUN_OPTIONS if k in hparams}
     if isinstance(record.get("options"), dict):
         run.update({k: v for k, v in record["options"].items() if k in _RUN_OPTIONS})
+    for name, value in run.items():
+        # checked here, so a bad recorded value is reported as the file's, not as a flag's
+        try:
+            check_training_option(name, value)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: the run's recorded options are invalid ({e})") from None
     # The run lives where its checkpoint is: keep writing there unless told otherwise.
     run["checkpoint_dir"] = os.path.dirname(path) or "."
     st = settings_for(args, base={"training": run})

@@ -81,6 +81,7 @@ class History:
 
 
 _D = TrainingOptions     # the defaults of train()'s options
+_MAX_STEP = 2 ** 62      # the largest step count TRAINING_RULES allows
 
 
 class Training:
@@ -405,7 +406,9 @@ class Training:
         if t is None or ck.exp_avg is None or ck.exp_avg_sq is None:
             raise CheckpointError(f"{ck.path}: no training state (a model-only checkpoint)")
         try:
-            step, adam_t = int(t["step"]), int(t["adam_t"])
+            # JSON integers within the counters' range: 10**30, 1e308, 3.5 or "7" are not steps
+            step = check_int(t["step"], "step", 0, _MAX_STEP)
+            adam_t = check_int(t["adam_t"], "adam_t", 0, _MAX_STEP)
             rng_state, drop_state = t["rng"], t["dropout_rng"]
             metadata = t.get("metadata") or {}
             if not isinstance(metadata, dict):
@@ -414,13 +417,16 @@ class Training:
             # converted here, inside the check: "abc" raised ValueError below, after the
             # parameters, moments and step had already been replaced
             best = math.inf if best is None else float(best)
+            if math.isnan(best) or best == -math.inf:
+                raise ValueError(f"best_val_loss {best}")
             rng = np.random.Generator(np.random.PCG64())
             rng.bit_generator.state = rng_state
             # checked now (a malformed state raises here, before anything changes)
             np.random.Generator(np.random.PCG64()).bit_generator.state = drop_state
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            # OverflowError: a huge float (1e400 reads as inf) or a negative generator state
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
-        if step < 0 or adam_t < 0 or adam_t > step:
+        if adam_t > step:
             raise CheckpointError(f"{ck.path}: invalid step counters ({step}, {adam_t})")
         if t.get("data") not in (None, self._data_digest):
             if not new_data:
@@ -461,7 +467,7 @@ class Training:
                       seed=check_training_option("seed", t["seed"]),
                       val_fraction=check_number(t["val_fraction"], "val_fraction", 0.0, 0.5)
                       if val_fraction is None else val_fraction)
-        except (KeyError, TypeError, ValueError) as e:   # ValidationError is a ValueError
+        except (KeyError, TypeError, ValueError, OverflowError) as e:   # ValidationError: a ValueError
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
         model = model_from_checkpoint(ck)
         try:
