@@ -356,3 +356,37 @@ def test_resume_refuses_out_of_range_state_as_a_checkpoint_error(tmp_path, edit)
     with pytest.raises(sm.CheckpointError, match="edited.safetensors: invalid"):
         sm.Training.resume(path, TEXT)
     tr.model.close()
+
+
+def test_an_unwritable_checkpoint_folder_is_found_before_any_step(tmp_path):
+    tr = _trainer()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for folder in (blocker, blocker / "sub"):
+        with pytest.raises(sm.ValidationError, match="checkpoint_dir .* cannot be written"):
+            tr.train(3, checkpoint_dir=folder, log_every=0)
+        assert tr.step == 0
+    tr.model.close()
+
+
+def test_best_loss_moves_only_when_model_best_is_on_disk(tmp_path, monkeypatch):
+    """A failed save of model_best (a full disk) leaves the best loss where the files say it is:
+    model_last never carries a best that no file holds, and the next evaluation writes it."""
+    tr = _trainer()
+    real_save = tr._save
+    fail = {"best": True}
+
+    def save(path, state):
+        if str(path).endswith(BEST_FILE) and fail["best"]:
+            raise OSError(28, "No space left on device")
+        real_save(path, state)
+    monkeypatch.setattr(tr, "_save", save)
+    with pytest.raises(OSError, match="No space left"):
+        tr.train(2, eval_every=2, eval_batches=2, checkpoint_dir=tmp_path, log_every=0)
+    assert tr.best_val_loss == math.inf and not (tmp_path / BEST_FILE).exists()
+    fail["best"] = False
+    tr.train(4, eval_every=2, eval_batches=2, checkpoint_dir=tmp_path, log_every=0)
+    best = sm.read_checkpoint(tmp_path / BEST_FILE).training["best_val_loss"]
+    last = sm.read_checkpoint(tmp_path / LAST_FILE).training["best_val_loss"]
+    assert best == tr.best_val_loss == last and math.isfinite(best)
+    tr.model.close()

@@ -201,18 +201,6 @@ _RUN_OPTIONS = ("steps", "learning_rate", "warmup_steps", "min_lr", "lr_decay_st
                 "log_every", "eval_every", "eval_batches", "save_every")
 
 
-def _check_writable(folder):
-    """Fail now, not at the first save after all the work, when checkpoints cannot be written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".smallmind-write-test.{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"0")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
-
-
 def _claim_folder(folder, overwrite):
     """A new run must not overwrite another run's checkpoints without being told to: that would
     lose the other run without a word. With --overwrite, the old run's files go first (so no
@@ -383,7 +371,6 @@ def cmd_train(args):
                   f"(add --steps N, N > {trainer.step}, to train further)")
             return 0
         ckdir = t.checkpoint_dir
-        _check_writable(ckdir)
         print(f"smallmind {__version__}: {description}; checkpoints in {ckdir}", flush=True)
         source = CancellationTokenSource()
         restore = _cancel_on_sigint(source)

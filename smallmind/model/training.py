@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Callable
 
@@ -78,6 +79,22 @@ class History:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+
+def _prepare_folder(folder: str) -> None:
+    """Create the checkpoint folder and prove it can be written, before any work: a read-only
+    or missing folder found at the first save would lose everything trained until then."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise ValidationError(f"checkpoint_dir {folder!r} cannot be written: "
+                              f"{e.strerror or e}") from None
 
 
 _D = TrainingOptions     # the defaults of train()'s options
@@ -255,7 +272,7 @@ class Training:
         if eval_every and self.val_fraction == 0:
             raise ValidationError("eval_every needs a validation split (val_fraction > 0)")
         if checkpoint_dir is not None:
-            os.makedirs(checkpoint_dir, exist_ok=True)
+            _prepare_folder(checkpoint_dir)
             # Half-written files of an earlier run that was killed mid-save (never loaded:
             # they are hidden temporaries until renamed) would otherwise pile up.
             for name in _safetensors.remove_stale_temporaries(checkpoint_dir):
@@ -350,10 +367,14 @@ class Training:
         logger.info("step %d: train loss %.4f, val loss %.4f", self.step, losses["train"],
                     losses["val"])
         if losses["val"] < self.best_val_loss:
+            # The bookkeeping follows the disk: if model_best cannot be written (a full disk),
+            # the best loss stays where the files say it is, and a later evaluation tries again.
+            if checkpoint_dir is not None:
+                state = self._training_state(hparams)
+                state["best_val_loss"] = losses["val"]
+                self._save(os.path.join(checkpoint_dir, BEST_FILE), state)
             self.best_val_loss = losses["val"]
             hist.best_val_loss = self.best_val_loss
-            if checkpoint_dir is not None:
-                self.save_checkpoint(os.path.join(checkpoint_dir, BEST_FILE), hparams)
 
     def _cancelled(self, checkpoint_dir, snapshot, hist):
         """Stop: the parameters are those of the last completed step; save and raise."""
