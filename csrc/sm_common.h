@@ -53,9 +53,13 @@ SM_INLINE int64_t sm_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 #define SM_THREAD_COUNT() 1
 #endif
 #define SM_PRAGMA(x) _Pragma(#x)
+int sm_team_allowed(void);      /* sm_runtime.c: 0 in a forked child (see SM_PARALLEL) */
 #ifdef SM_HAVE_OPENMP
-/* Open a team of `nt` threads; a team of one runs inline with no OpenMP overhead. */
-#define SM_PARALLEL(nt) SM_PRAGMA(omp parallel num_threads(nt) if ((nt) > 1))
+/* Open a team of `nt` threads; a team of one runs inline with no OpenMP overhead, and so does
+ * every team in a process forked from one that had run a team (sm_team_allowed: OpenMP's
+ * threads do not survive fork(), and a team started in the child waits for them forever).
+ * Call sites already take the team OpenMP grants (SM_THREAD_COUNT), which may be smaller. */
+#define SM_PARALLEL(nt) SM_PRAGMA(omp parallel num_threads(nt) if ((nt) > 1 && sm_team_allowed()))
 /* Every thread of the team waits here for the others (phases of one fused region). */
 #define SM_BARRIER() SM_PRAGMA(omp barrier)
 #else

@@ -200,10 +200,39 @@ void sm_omp_set_num_threads(int n) {
 
 static volatile int g_num_threads = 0;
 
+/* fork() safety. The child of a process that ran an OpenMP team inherits the team's
+ * bookkeeping but not its threads, so its first parallel region waits forever (libgomp and
+ * others). The pthread_atfork child handler marks such a child; from then on every team is
+ * one thread (sm_team_allowed, sm_resolve_threads) - correct results, never a hang. */
+static volatile int g_team_used = 0, g_forked_child = 0;
+
+#if !defined(_WIN32)
+#include <pthread.h>
+static void sm_after_fork_in_child(void) {
+    if (g_team_used) g_forked_child = 1;
+}
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+static void sm_register_atfork(void) { pthread_atfork(NULL, NULL, sm_after_fork_in_child); }
+#endif
+
+int sm_team_allowed(void) {
+    if (!g_team_used) {
+#if !defined(_WIN32)
+        pthread_once(&g_atfork_once, sm_register_atfork);   /* before the first team */
+#endif
+        g_team_used = 1;
+    }
+    return !g_forked_child;
+}
+
+int smallmind_forked_child(void) { return g_forked_child; }
+int smallmind_team_used(void) { return g_team_used; }
+
 int smallmind_get_num_threads(void) {
     /* OpenMP's per-thread limit always caps the budget, so OMP_NUM_THREADS and threadpoolctl's
      * "openmp" limits apply even after set_num_threads (which raises OpenMP's limit for the
      * calling thread to match). */
+    if (g_forked_child) return 1;
     int n = g_num_threads, omp = sm_omp_max_threads();
     return n > 0 && n < omp ? n : omp;
 }
@@ -211,6 +240,7 @@ int smallmind_get_num_threads(void) {
 void smallmind_set_num_threads(int n) { g_num_threads = n > 0 ? n : 0; }
 
 int sm_resolve_threads(int threads) {
+    if (g_forked_child) return 1;
     int n = threads > 0 ? threads : smallmind_get_num_threads();
     return sm_openmp_enabled() ? (n > 0 ? n : 1) : 1;
 }

@@ -53,6 +53,11 @@ void sm_omp_set_num_threads(int n);
  * from the extension module under stable names so threadpoolctl can find and drive them. */
 SM_EXPORT int smallmind_get_num_threads(void);
 SM_EXPORT void smallmind_set_num_threads(int n);
+/* fork(): a child of a process that ran a thread team runs every call on one thread (see
+ * SM_PARALLEL). smallmind_forked_child: 1 in such a child; smallmind_team_used: 1 once this
+ * process (or the one it was forked from) opened a team of more than one thread. */
+SM_EXPORT int smallmind_forked_child(void);
+SM_EXPORT int smallmind_team_used(void);
 /* threads > 0 -> threads; otherwise the library default above. */
 int sm_resolve_threads(int threads);
 

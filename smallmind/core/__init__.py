@@ -24,3 +24,18 @@ except ModuleNotFoundError as _e:
                       name=_e.name) from None
 
 from . import _core  # noqa: E402,F401  (found above; named here for `from smallmind.core import _core`)
+
+
+def _after_fork_in_child() -> None:
+    # The C core's own pthread_atfork handler has already made this child single-threaded if
+    # its parent ran a thread team; say so once, with what to do instead.
+    if _core.fork_state()["forked_child"]:
+        import warnings
+        warnings.warn("this process was forked after smallmind ran OpenMP threads, which do not "
+                      "survive fork(): its smallmind calls run on 1 thread here. Start worker "
+                      "processes with the 'spawn' or 'forkserver' method to use more.",
+                      RuntimeWarning, stacklevel=2)
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -174,6 +174,15 @@ def get_num_threads():
     return sm_resolve_threads(0)
 
 
+def fork_state():
+    """{"team_used": this process (or the one it was forked from) ran a team of more than one
+    thread, "forked_child": this process is a fork() of such a one, so every call here runs on
+    one thread - OpenMP's threads do not survive fork(), and a team started here would wait for
+    them forever}."""
+    return {"team_used": bool(smallmind_team_used()),
+            "forked_child": bool(smallmind_forked_child())}
+
+
 # ---- SIMD and build facts --------------------------------------------------------------------
 
 def simd_level():

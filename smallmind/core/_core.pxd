@@ -21,6 +21,8 @@ cdef extern from "sm_runtime.h" nogil:
     int smallmind_get_num_threads()
     void smallmind_set_num_threads(int n)
     int sm_resolve_threads(int threads)
+    int smallmind_forked_child()
+    int smallmind_team_used()
     int sm_cpu_count()
     const char *sm_compiler()
 
