@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import _faults
 from .. import metrics as _metrics
 from .. import safetensors as _safetensors
 from .._validate import check_int, check_number
@@ -455,15 +456,29 @@ class Training:
                                       f"digest is {t.get('data')}, this text's {self._data_digest});"
                                       f" pass new_data=True to continue training on other text")
             logger.warning("%s was trained on different text; continuing on this one", ck.path)
+        metadata = dict(metadata)
         with self.model.exclusive():
-            self.model.load_state_dict(ck.params)
-            self.model.layout.fill(self._m, ck.exp_avg)
-            self.model.layout.fill(self._v, ck.exp_avg_sq)
-            self.model.dropout_rng_state = drop_state
-        self._rng = rng
-        self.step, self._adam_t = step, adam_t
-        self.best_val_loss = best
-        self.metadata = dict(metadata)
+            # All or nothing: the blocks are copied first, and any exception on the way
+            # (MemoryError, KeyboardInterrupt) puts everything back as it was.
+            saved = (self.model.flat_params.copy(), self._m.copy(), self._v.copy(),
+                     self.model.dropout_rng_state)
+            try:
+                _faults.point("Training.restore:saved")
+                self.model.load_state_dict(ck.params)
+                _faults.point("Training.restore:params")
+                self.model.layout.fill(self._m, ck.exp_avg)
+                self.model.layout.fill(self._v, ck.exp_avg_sq)
+                _faults.point("Training.restore:moments")
+                self.model.dropout_rng_state = drop_state
+                _faults.point("Training.restore:dropout")
+            except BaseException:
+                self.model.flat_params[...] = saved[0]
+                self._m[...], self._v[...] = saved[1], saved[2]
+                self.model.dropout_rng_state = saved[3]
+                raise
+        # plain assignments of values made above: nothing left to fail
+        self._rng, self.step, self._adam_t = rng, step, adam_t
+        self.best_val_loss, self.metadata = best, metadata
 
     @classmethod
     def resume(cls, path, text: str, *, block_size: int | None = None,

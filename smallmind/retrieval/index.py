@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import _faults
 from .._lifecycle import Closeable
 from .._validate import is_int
 from ..core import _core
@@ -199,16 +200,38 @@ class VectorIndex(Closeable):
             clash = [i for i in ids if i in self._rows]
             if clash:
                 raise ValidationError(f"id {clash[0]!r} is already in the index")
-            self._store.add(a)
-            base = len(self._ids)
-            self._ids.extend(ids)
-            self._meta.extend(metadata if metadata is not None else [None] * n)
-            for j, i in enumerate(ids):
-                self._rows[i] = base + j
             ints = [i for i in ids if not isinstance(i, str)]
-            if ints:
-                self._next_id = max(self._next_id, max(ints) + 1)
+            next_id = max(self._next_id, max(ints) + 1) if ints else self._next_id
+            new_meta = metadata if metadata is not None else [None] * n
+            base = len(self._ids)
+            # All or nothing: the C rows, then the Python bookkeeping; any exception on the
+            # way (MemoryError, KeyboardInterrupt) undoes what was done, so ids, rows,
+            # metadata and the C store never disagree.
+            self._store.add(a)
+            try:
+                _faults.point("VectorIndex.add:stored")
+                self._ids.extend(ids)
+                _faults.point("VectorIndex.add:ids")
+                self._meta.extend(new_meta)
+                _faults.point("VectorIndex.add:metadata")
+                for j, i in enumerate(ids):
+                    self._rows[i] = base + j
+                _faults.point("VectorIndex.add:rows")
+            except BaseException:
+                self._truncate(base, ids)
+                raise
+            self._next_id = next_id
         return list(ids)
+
+    def _truncate(self, base: int, added_ids) -> None:
+        """Undo a partial add: back to `base` rows, without the ids it added."""
+        for i in added_ids:
+            if self._rows.get(i, -1) >= base:
+                del self._rows[i]
+        del self._ids[base:]
+        del self._meta[base:]
+        for r in range(self._store.size - 1, base - 1, -1):
+            self._store.remove_row(r)               # the last row: nothing moves
 
     def remove(self, ids) -> None:
         """Remove one id or a list of ids; an unknown id raises ValidationError (nothing
@@ -221,13 +244,40 @@ class VectorIndex(Closeable):
             missing = [i for i in ids if i not in self._rows]
             if missing:
                 raise ValidationError(f"unknown id {missing[0]!r}")
-            for i in dict.fromkeys(ids):
-                r = self._rows.pop(i)
-                moved = self._store.remove_row(r)
-                last_id, last_meta = self._ids.pop(), self._meta.pop()
-                if moved >= 0:           # the last row now lives at r
-                    self._ids[r], self._meta[r] = last_id, last_meta
-                    self._rows[last_id] = r
+            # All or nothing: what is removed is kept until the end; an exception on the way
+            # puts the removed rows back (at the end: row order is not part of the contract).
+            removed: list = []
+            try:
+                for i in dict.fromkeys(ids):
+                    r = self._rows[i]
+                    removed.append((i, self._store.get_row(r), self._meta[r]))
+                    _faults.point("VectorIndex.remove:copied")
+                    self._remove_row(i, r)
+                    _faults.point("VectorIndex.remove:row")
+            except BaseException:
+                self._restore_rows(removed)
+                raise
+
+    def _remove_row(self, id, r: int) -> None:
+        """Remove row r (of `id`): the last row moves into its place. A step that cannot be
+        interrupted half-way by anything but a bug (no allocation)."""
+        moved = self._store.remove_row(r)
+        last_id, last_meta = self._ids.pop(), self._meta.pop()
+        del self._rows[id]
+        if moved >= 0:           # the last row now lives at r
+            self._ids[r], self._meta[r] = last_id, last_meta
+            self._rows[last_id] = r
+
+    def _restore_rows(self, removed: list) -> None:
+        """Put back rows a failed remove took out (those no longer present)."""
+        back = [(i, v, m) for i, v, m in removed if i not in self._rows]
+        if back:
+            base = len(self._ids)
+            self._store.add(np.stack([v for _, v, _ in back]))
+            for j, (i, _, m) in enumerate(back):
+                self._ids.append(i)
+                self._meta.append(m)
+                self._rows[i] = base + j
 
     def get(self, id) -> tuple[np.ndarray, Any]:
         """(vector, metadata) of an id; ValidationError if it is unknown."""
@@ -330,8 +380,11 @@ class VectorIndex(Closeable):
             if len(ids):
                 index.add(vectors, ids=ids, metadata=metadata)
         except ValidationError as e:
-            index.dispose()
+            index.close()
             raise CheckpointError(f"{where!r}: corrupted VectorIndex file: {e}") from None
+        except BaseException:
+            index.close()                  # a failed load leaves no half-built index behind
+            raise
         return index
 
     def __repr__(self):
