@@ -208,3 +208,80 @@ def test_find_checkpoint_is_the_one_rule_for_naming_a_model(tmp_path):
     only_best.mkdir()
     (only_best / BEST_FILE).write_bytes(b"x")
     assert sm.find_checkpoint(only_best, latest=True) == str(only_best / BEST_FILE)
+
+
+# ---- integrity: checksums of the header and of every tensor ---------------------------------
+
+def _rewrite_header(path, edit):
+    """Apply edit(header dict) to a safetensors file's JSON header, keeping the data as it is."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def _saved_model(tmp_path):
+    tok = sm.Tokenizer("abcdefgh ")
+    model = sm.TransformerModel(sm.ModelConfig(tok.vocab_size, 8, 1, 2, 8, seed=2))
+    path = tmp_path / "m.safetensors"
+    sm.save_checkpoint(path, model, tok)
+    return path, model
+
+
+def test_an_edited_header_field_that_shapes_cannot_reveal_is_refused(tmp_path, monkeypatch):
+    """n_head 2 -> 4 keeps every tensor shape valid and changes the logits: only the checksum
+    of the header can tell."""
+    path, model = _saved_model(tmp_path)
+
+    def more_heads(h):
+        cfg = json.loads(h["__metadata__"]["model_config"])
+        cfg["n_head"] = 4
+        h["__metadata__"]["model_config"] = json.dumps(cfg, sort_keys=True)
+    _rewrite_header(path, more_heads)
+    with pytest.raises(sm.CheckpointError, match="metadata does not match their checksum"):
+        sm.read_checkpoint(path)
+    with pytest.raises(sm.CheckpointError, match="checksum"):
+        sm.safetensors.read_metadata(path)
+    # the documented opt-out loads it as it now says (a different model: the edit took effect)
+    assert sm.read_checkpoint(path, verify=False).config.n_head == 4
+    monkeypatch.setenv("SMALLMIND_VERIFY_CHECKSUMS", "0")
+    assert sm.load_checkpoint(path)[0].config.n_head == 4
+    model.close()
+
+
+@pytest.mark.parametrize("where", [0, 0.5, -1])
+def test_a_flipped_bit_in_any_tensor_is_refused(tmp_path, where):
+    path, model = _saved_model(tmp_path)
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    data = 8 + n
+    pos = {0: data, 0.5: data + (len(raw) - data) // 2, -1: len(raw) - 1}[where]
+    raw[pos] ^= 0x01                           # one bit: still a finite float32, still loads
+    path.write_bytes(bytes(raw))
+    with pytest.raises(sm.CheckpointError, match="does not match its checksum"):
+        sm.load_checkpoint(path)
+    sm.read_checkpoint(path, verify=False)     # the opt-out reads it
+    model.close()
+
+
+def test_index_files_are_checked_too(tmp_path):
+    ix = sm.VectorIndex(4)
+    ix.add(np.eye(4, dtype=np.float32), ids=["a", "b", "c", "d"])
+    path = tmp_path / "ix.safetensors"
+    ix.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(sm.CheckpointError, match="'vectors' does not match its checksum"):
+        sm.VectorIndex.load(path)
+
+
+def test_files_without_checksums_still_load(tmp_path):
+    """A checkpoint written before checksums (or by another tool) carries none: it loads."""
+    path, model = _saved_model(tmp_path)
+    _rewrite_header(path, lambda h: h["__metadata__"].pop("smallmind.sha256"))
+    assert sm.read_checkpoint(path).config == model.config
+    model.close()

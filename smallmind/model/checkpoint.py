@@ -5,8 +5,10 @@ configuration, the tokenizer's vocabulary and, for training checkpoints, the opt
 step and random-generator states needed to resume bit for bit.
 
 Files are written atomically (temporary file, fsync, rename), so a crash never leaves a partial
-file under the final name. Loading validates everything and raises CheckpointError saying what
-is wrong. The parameter tensors load unchanged into PyTorch / transformers' GPT-2 (lm_head tied).
+file under the final name, and carry SHA-256 checksums of their header and of each tensor.
+Loading verifies them and validates everything else, and raises CheckpointError saying what
+is wrong: an edited `n_head` or a flipped bit is refused, never loaded as a different model.
+The parameter tensors load unchanged into PyTorch / transformers' GPT-2 (lm_head tied).
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None =
         meta["tokenizer"] = tokenizer.to_json()
     if training is not None:
         meta["training"] = json.dumps(training, sort_keys=True)
-    _safetensors.save_file(tensors, os.fspath(path), meta)
+    _safetensors.save_file(tensors, os.fspath(path), meta, checksums=True)
 
 
 def find_checkpoint(path, *, latest: bool = False) -> str:
@@ -108,11 +110,13 @@ def _fail(path, what: str) -> NoReturn:
     raise CheckpointError(f"{os.fspath(path)}: {what}")
 
 
-def read_checkpoint(path, *, latest: bool = False) -> Checkpoint:
+def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -> Checkpoint:
     """Read and validate a checkpoint (see the module docstring): a file, or a run's folder as
-    find_checkpoint() resolves it (`ck.path` is the file read)."""
+    find_checkpoint() resolves it (`ck.path` is the file read). The SHA-256 checksums the file
+    carries (of its header and of each tensor) are verified unless verify=False or the
+    environment sets SMALLMIND_VERIFY_CHECKSUMS=0: an edited or corrupted file is refused."""
     path = find_checkpoint(path, latest=latest)
-    tensors, meta = _safetensors.load_file(path)
+    tensors, meta = _safetensors.load_file(path, verify=verify)
     if meta.get("format") != FORMAT:
         _fail(path, f"not a smallmind checkpoint (metadata format is {meta.get('format')!r})")
     try:
@@ -187,10 +191,10 @@ def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
     return model
 
 
-def load_checkpoint(path) -> tuple[TransformerModel, Tokenizer | None]:
+def load_checkpoint(path, *, verify: bool | None = None) -> tuple[TransformerModel, Tokenizer | None]:
     """(model, tokenizer) from a checkpoint file or a run's folder (its best model, see
     find_checkpoint); the tokenizer is None if none was saved. The model is returned in eval
-    mode, ready for generation."""
-    ck = read_checkpoint(path)
+    mode, ready for generation. verify: as read_checkpoint."""
+    ck = read_checkpoint(path, verify=verify)
     return model_from_checkpoint(ck).eval(), ck.tokenizer
 

@@ -326,13 +326,15 @@ class VectorIndex(Closeable):
             header = {"format": _FORMAT, "version": _VERSION, "dim": self.dim,
                       "metric": self.metric, "ids": self._ids, "metadata": self._meta}
             vectors = self._store.rows()
-        save_file({"vectors": vectors}, path, metadata={_META_KEY: json.dumps(header)})
+        save_file({"vectors": vectors}, path, metadata={_META_KEY: json.dumps(header)},
+                  checksums=True)
 
     @classmethod
-    def load(cls, path) -> "VectorIndex":
-        """Read a file written by save. CheckpointError for a missing, truncated, corrupted or
-        inconsistent file."""
-        tensors, meta = load_file(path)
+    def load(cls, path, *, verify: bool | None = None) -> "VectorIndex":
+        """Read a file written by save. CheckpointError for a missing, truncated, corrupted,
+        edited (its checksums are verified unless verify=False or SMALLMIND_VERIFY_CHECKSUMS=0)
+        or inconsistent file."""
+        tensors, meta = load_file(path, verify=verify)
         where = os.fspath(path)
         try:
             header: Any = json.loads(meta[_META_KEY])
