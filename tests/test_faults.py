@@ -119,7 +119,8 @@ def _training_state(tr):
 
 def test_training_restore_is_all_or_nothing(checkpoint):
     all_or_nothing(_trainer, lambda tr: tr.restore(checkpoint), _training_state,
-                   ["Training.restore:saved", "Training.restore:params",
+                   ["Training.restore:saved", "TransformerModel.load_state_dict:tensor",
+                    "Training.restore:params",
                     "Training.restore:moments", "Training.restore:dropout"])
 
 
@@ -132,3 +133,43 @@ def test_faults_are_inert_unless_armed():
             _faults.point("x")
         _faults.point("x")                     # armed once: passes the second time
     _faults.point("x")
+
+
+# ---- TransformerModel.load_state_dict ----------------------------------------------------------
+
+def _model():
+    return sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 16, 1, 2, 16, seed=1))
+
+
+NEW_WEIGHTS = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 16, 1, 2, 16, seed=9)).state_dict()
+
+
+def test_load_state_dict_is_all_or_nothing():
+    """One point per tensor copied: a failure after any of them puts every tensor back."""
+    make, call = _model, lambda m: m.load_state_dict(NEW_WEIGHTS)
+    state = lambda m: m.flat_params.tobytes()          # noqa: E731
+    obj = make()
+    with _faults.trace() as seen:
+        call(obj)
+    assert len(seen) == len(NEW_WEIGHTS)               # a point after every tensor
+    for k in range(len(seen)):
+        for exc in FAILURES:
+            obj = make()
+            before = state(obj)
+            # fail after the k-th tensor: let the first k points pass
+            _faults._armed.clear()
+            passes = iter(range(k + 1))
+
+            def point(name, _orig=_faults.point):
+                if next(passes) == k:
+                    raise exc
+            _faults_point = _faults.point
+            _faults.point = point
+            try:
+                with pytest.raises(type(exc)):
+                    call(obj)
+            finally:
+                _faults.point = _faults_point
+            assert state(obj) == before
+            call(obj)
+            assert state(obj) != before

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from .. import _faults
 from .._lifecycle import Closeable
 from .._validate import check_int, check_number
 from ..core import _core
@@ -281,8 +282,19 @@ class TransformerModel(Closeable):
                 raise ValidationError("lm_head.weight differs from transformer.wte.weight; "
                                       "smallmind ties the LM head to the token embedding")
         with self._lock:
-            for name, a in staged.items():
-                layout.view(self._params, name)[...] = a
+            # All or nothing: an exception between two tensors (KeyboardInterrupt) puts back
+            # the ones already copied.
+            done: list = []
+            try:
+                for name, a in staged.items():
+                    view = layout.view(self._params, name)
+                    done.append((view, view.copy()))
+                    view[...] = a
+                    _faults.point("TransformerModel.load_state_dict:tensor")
+            except BaseException:
+                for view, old in done:
+                    view[...] = old
+                raise
 
     def num_parameters(self) -> int:
         return self.config.num_parameters()
