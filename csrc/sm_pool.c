@@ -10,6 +10,13 @@
 
 #include "sm_sync.h"
 
+#if !defined(_WIN32)
+#include <pthread.h>
+#include <time.h>
+#else
+#include <windows.h>
+#endif
+
 /* Every block starts with a header of exactly one cache line, so the pointer handed out (right
  * after it) keeps the allocation's 64-byte alignment. */
 #define HDR_BYTES 64
@@ -36,6 +43,7 @@ typedef struct {
 
 struct sm_pool {
     sm_mutex lock;
+    struct sm_pool *reg_prev, *reg_next; /* the registry of live pools (fork safety, below) */
     size_t max_buffer_size;
     int64_t max_per_bucket;
     uint64_t max_pooled_bytes; /* UINT64_MAX when unlimited */
@@ -143,7 +151,51 @@ static int should_destroy(const sm_pool *p) {
     return p->disposed && p->refs == 0 && p->st.outstanding_buffers == 0 && !p->is_default;
 }
 
+/* ---- fork safety ----------------------------------------------------------------------------
+ * A fork() while another thread holds a pool's lock (mid-rent) would leave the child with a
+ * lock nobody will release: its first rent from that pool would wait forever. So every live
+ * pool is in a registry, and pthread_atfork takes all their locks around fork() - the forking
+ * thread then holds them in parent and child alike, and releases them in both. Lock order:
+ * the registry, then pools; no path takes the registry while holding a pool's lock. */
+#if !defined(_WIN32)
+static pthread_mutex_t g_registry = PTHREAD_MUTEX_INITIALIZER;
+static sm_pool *g_pools; /* head of the registry */
+static pthread_once_t g_pool_atfork_once = PTHREAD_ONCE_INIT;
+
+static void pools_lock_all(void) {
+    pthread_mutex_lock(&g_registry);
+    for (sm_pool *p = g_pools; p; p = p->reg_next) sm_mutex_lock(&p->lock);
+}
+static void pools_unlock_all(void) {
+    for (sm_pool *p = g_pools; p; p = p->reg_next) sm_mutex_unlock(&p->lock);
+    pthread_mutex_unlock(&g_registry);
+}
+static void pools_register_atfork(void) {
+    pthread_atfork(pools_lock_all, pools_unlock_all, pools_unlock_all);
+}
+static void registry_add(sm_pool *p) {
+    pthread_once(&g_pool_atfork_once, pools_register_atfork);
+    pthread_mutex_lock(&g_registry);
+    p->reg_prev = NULL;
+    p->reg_next = g_pools;
+    if (g_pools) g_pools->reg_prev = p;
+    g_pools = p;
+    pthread_mutex_unlock(&g_registry);
+}
+static void registry_remove(sm_pool *p) {
+    pthread_mutex_lock(&g_registry);
+    if (p->reg_prev) p->reg_prev->reg_next = p->reg_next;
+    else g_pools = p->reg_next;
+    if (p->reg_next) p->reg_next->reg_prev = p->reg_prev;
+    pthread_mutex_unlock(&g_registry);
+}
+#else
+static void registry_add(sm_pool *p) { (void)p; }
+static void registry_remove(sm_pool *p) { (void)p; }
+#endif
+
 static void pool_destroy(sm_pool *p) {
+    registry_remove(p);
     sm_mutex_destroy(&p->lock);
     free(p);
     sm_atomic_add_i64(&g_live_pools, -1);
@@ -173,6 +225,7 @@ int sm_pool_create(sm_pool **out, size_t max_buffer_size, int64_t max_buffers_pe
     p->st.max_buffers_per_bucket = max_buffers_per_bucket;
     p->st.max_pooled_bytes = unlimited ? -1 : (int64_t)max_pooled_bytes;
     p->st.num_buckets = nb;
+    registry_add(p);
     sm_atomic_add_i64(&g_live_pools, 1);
     *out = p;
     return SM_OK;
@@ -456,4 +509,17 @@ int64_t sm_pool_stress_test(sm_pool *p, int nthreads, int64_t iters, uint64_t se
     }
     if (nomem) return -SM_ERR_NOMEM;
     return errors;
+}
+
+void sm_pool_hold_lock(sm_pool *p, int64_t micros) {
+    if (!p || micros < 0) return;
+    sm_mutex_lock(&p->lock);
+#if defined(_WIN32)
+    Sleep((DWORD)(micros / 1000));
+#else
+    struct timespec ts = {(time_t)(micros / 1000000), (long)(micros % 1000000) * 1000};
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+#endif
+    sm_mutex_unlock(&p->lock);
 }

@@ -143,4 +143,8 @@ size_t sm_pool_class_size(int size_class);
  * -SM_ERR_NOMEM. */
 int64_t sm_pool_stress_test(sm_pool *p, int nthreads, int64_t iters, uint64_t seed);
 
+/* Test hook for fork safety: hold the pool's lock for `micros` microseconds, as a rent in
+ * progress does for a moment, so a test can fork exactly then. */
+void sm_pool_hold_lock(sm_pool *p, int64_t micros);
+
 #endif /* SM_POOL_H */

@@ -40,3 +40,18 @@ def test_workers_after_threads_never_hang_and_agree(method, parent, threads):
         assert 1 <= warned <= 2                   # once per worker process (the pool has 2)
     else:
         assert warned == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
+@pytest.mark.parametrize("which", ["default", "own"])
+def test_fork_while_another_thread_holds_a_pool_lock(which):
+    """The pool mid-rent: fork while another thread holds the pool's lock; the child's rent
+    must complete (the C core holds every pool's lock across fork, so the child never inherits
+    one held by a thread that does not exist there)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    r = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning",
+                        os.path.join(HERE, "fork_pool_job.py"), which],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "ok"

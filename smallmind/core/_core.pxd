@@ -92,6 +92,7 @@ cdef extern from "sm_pool.h" nogil:
     int sm_pool_size_class(size_t nbytes)
     size_t sm_pool_class_size(int size_class)
     int64_t sm_pool_stress_test(sm_pool *p, int nthreads, int64_t iters, uint64_t seed)
+    void sm_pool_hold_lock(sm_pool *p, int64_t micros)
 
 
 # ---- sm_ops.h (elementwise and row kernels) --------------------------------------------------

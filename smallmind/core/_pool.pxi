@@ -509,3 +509,15 @@ def _pool_stress_c(MemoryPool pool not None, threads, iters, seed=0):
     if res < 0:
         _raise_for(<int>-res, "pool stress test")
     return res
+
+
+def _pool_hold_lock(MemoryPool pool not None, seconds):
+    """Hold the pool's lock for `seconds` without the GIL (a test of fork safety forks then)."""
+    cdef sm_pool *p = pool._live()
+    cdef int64_t us = <int64_t>(float(seconds) * 1e6)
+    if not 0 <= us <= 60_000_000:
+        raise ValidationError(f"seconds must be in [0, 60], got {seconds!r}")
+    sm_pool_retain(p)
+    with nogil:
+        sm_pool_hold_lock(p, us)
+        sm_pool_release(p)
