@@ -441,7 +441,7 @@ def _header_timeout_protocol(timeout: float):
     return HeaderTimeoutProtocol
 
 
-def _make_server(config, begin_shutdown):
+def make_server(config, begin_shutdown):
     """A uvicorn.Server that stops running generations when shutdown starts (begin_shutdown)
     and, once it has stopped, returns instead of raising the signal that stopped it again
     (uvicorn does, so `smallmind serve` ended by SIGTERM with status -15)."""
@@ -474,14 +474,19 @@ def _make_server(config, begin_shutdown):
     return Server(config)
 
 
+def uvicorn_config(app, options: "ServerOptions", log_level: str = "warning"):
+    """The uvicorn.Config that `serve` runs `app` with: the header timeout protocol, at most
+    max_connections connections, at most shutdown_timeout seconds of draining."""
+    import uvicorn
+    protocol = _header_timeout_protocol(options.header_timeout)
+    return uvicorn.Config(app, host=options.host, port=options.port, log_level=log_level,
+                          http=protocol or "auto", limit_concurrency=options.max_connections,
+                          # a float works (asyncio.timeout), whatever the annotation says
+                          timeout_graceful_shutdown=options.shutdown_timeout)  # type: ignore[arg-type]
+
+
 def serve(model, tokenizer, options: "ServerOptions", inference=None, model_name="smallmind"):
     """Run the server until SIGTERM or Ctrl-C, then return (see the module's docstring)."""
-    import uvicorn
     app = create_app(model, tokenizer, options, inference, model_name)
-    protocol = _header_timeout_protocol(options.header_timeout)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
-                            http=protocol or "auto", limit_concurrency=options.max_connections,
-                            # a float works (asyncio.timeout), whatever the annotation says
-                            timeout_graceful_shutdown=options.shutdown_timeout)  # type: ignore[arg-type]
     logger.info("serving %s on http://%s:%d", model_name, options.host, options.port)
-    _make_server(config, app.state.smallmind_begin_shutdown).run()
+    make_server(uvicorn_config(app, options), app.state.smallmind_begin_shutdown).run()
