@@ -324,11 +324,13 @@ def test_a_client_leaving_mid_body_logs_no_traceback():
 def test_stalled_connections_are_closed_and_the_server_stays_live():
     """50 connections that send half a request head and stall are closed after header_timeout;
     a body that stalls gets 408 after body_timeout; /health/live answers meanwhile."""
-    with _Server(header_timeout=0.5, body_timeout=0.5) as srv, \
-            httpx.Client(base_url=srv.url, timeout=5) as c:
+    with _Server(header_timeout=0.5, body_timeout=0.5) as srv:
+        # a new connection per request: an idle keep-alive one is closed after 0.5 s too
+        def get(path):
+            return httpx.get(srv.url + path, timeout=5)
         socks = [_raw(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n") for _ in range(50)]
         try:
-            assert c.get("/health/live").json() == {"status": "ok"}
+            assert get("/health/live").json() == {"status": "ok"}
             closed = 0
             deadline = time.time() + 10          # a watchdog: they are closed after 0.5 s
             for sock in socks:
@@ -340,7 +342,7 @@ def test_stalled_connections_are_closed_and_the_server_stays_live():
                 except socket.timeout:
                     break
             assert closed == 50
-            assert c.get("/health/live").json() == {"status": "ok"}
+            assert get("/health/live").json() == {"status": "ok"}
         finally:
             for sock in socks:
                 sock.close()
@@ -353,7 +355,7 @@ def test_stalled_connections_are_closed_and_the_server_stays_live():
             status, head, body = _status_and_json(_read_reply(sock, deadline=10))
         assert status == 408 and body["error"]["type"] == "timeout"
         assert "body_timeout" in body["error"]["message"]
-        m = c.get("/metrics").text
+        m = get("/metrics").text
         assert "smallmind_http_header_timeouts_total" in m
 
 
