@@ -220,13 +220,22 @@ class InferenceOptions:
 class ServerOptions:
     """`smallmind serve`: address, concurrent generations, queued requests beyond them (then HTTP
     429), per-request timeout in seconds, library threads per request (default: cores divided
-    by max_concurrency)."""
+    by max_concurrency); and the limits against hostile clients: the largest request body in
+    bytes (then HTTP 413) and prompt in characters (then 400), seconds to send the request's
+    headers (then the connection is closed) and its body (then 408), open connections at once
+    (then 503), and seconds that a SIGTERM / Ctrl-C waits for running requests."""
     host: str = "127.0.0.1"
     port: int = 8000
     max_concurrency: int = 4
     queue_size: int = 16
     timeout: float = 60.0
     threads_per_request: int | None = None
+    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int = 100_000
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    max_connections: int = 256
+    shutdown_timeout: float = 5.0
 
     def __post_init__(self):
         _check(isinstance(self.host, str) and self.host, "host", self.host, "a host name")
@@ -235,6 +244,15 @@ class ServerOptions:
         check_int(self.queue_size, "queue_size", 0)
         check_number(self.timeout, "timeout", 0.0, math.inf, lo_open=True)
         check_optional_int(self.threads_per_request, "threads_per_request", 1, 1024)
+        check_int(self.max_body_bytes, "max_body_bytes", 1, 1 << 40)
+        check_int(self.max_prompt_chars, "max_prompt_chars", 1, 1 << 40)
+        check_number(self.header_timeout, "header_timeout", 0.0, _DAY, lo_open=True)
+        check_number(self.body_timeout, "body_timeout", 0.0, _DAY, lo_open=True)
+        check_int(self.max_connections, "max_connections", 1, 1 << 20)
+        check_number(self.shutdown_timeout, "shutdown_timeout", 0.0, _DAY)
+
+
+_DAY = 86400.0     # the longest timeout a server option takes, in seconds
 
 
 _SECTIONS = {"model": ModelOptions, "training": TrainingOptions, "inference": InferenceOptions,

@@ -1,9 +1,17 @@
 """test_server.py - the HTTP server, started for real on a loopback port and talked to over HTTP:
 completions, streaming (server-sent events), 16 concurrent requests, a full queue (429),
 malformed JSON and out-of-range values (4xx with a JSON error), a client that disconnects
-mid-stream (its generation stops and its memory goes back), health checks and /metrics."""
+mid-stream (its generation stops and its memory goes back), health checks and /metrics; and
+hostile clients: bodies too big (413), prompts too long, JSON names that cannot be encoded,
+clients that leave mid-body (no traceback), connections that stall half-way (closed), too many
+connections (503), and SIGTERM on `smallmind serve` (bounded drain, exit status 0)."""
 import json
+import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,23 +23,28 @@ httpx = pytest.importorskip("httpx")
 
 import smallmind as sm  # noqa: E402
 from smallmind.config import ServerOptions  # noqa: E402
-from smallmind.generation.server import create_app  # noqa: E402
+from smallmind.generation.server import create_app, uvicorn_config  # noqa: E402
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 TOK = sm.Tokenizer(TEXT)
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class _Server:
-    def __init__(self, width=32, **opts):
+    """The app on a loopback port, in a thread, with the uvicorn configuration `serve` uses."""
+
+    def __init__(self, width=32, tokenizer=TOK, **opts):
         model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 32, 2, 2, width, seed=1)).eval()
         self.model = model
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = self.port = _free_port()
         options = ServerOptions(host="127.0.0.1", port=port, **opts)
-        self.app = create_app(model, TOK, options, model_name="test")
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
-                                                    log_level="error"))
+        self.app = create_app(model, tokenizer, options, model_name="test")
+        self.server = uvicorn.Server(uvicorn_config(self.app, options, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{port}"
 
@@ -162,3 +175,250 @@ def test_client_disconnect_mid_stream_frees_everything():
         assert _outstanding() == base
         with httpx.Client(base_url=srv.url, timeout=30) as c:   # and the slot is free again
             assert c.post("/v1/completions", json={"prompt": "the", "max_tokens": 5}).status_code == 200
+
+
+# ==== hostile clients ============================================================================
+def _raw(port, data: bytes, timeout=5.0) -> socket.socket:
+    """A socket to the server that has sent `data` (and nothing more)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(data)
+    return sock
+
+
+def _read_reply(sock, deadline=5.0) -> bytes:
+    """Everything the server sends until it closes the connection (a watchdog of `deadline` s)."""
+    sock.settimeout(deadline)
+    out = b""
+    end = time.time() + deadline
+    while time.time() < end:
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not part:
+            break
+        out += part
+    return out
+
+
+def _status_and_json(reply: bytes):
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode("latin-1").lower(), json.loads(body)
+
+
+_HEAD = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n")
+
+
+def test_too_big_bodies_get_413_before_they_are_read():
+    with _Server(max_body_bytes=100_000, max_prompt_chars=50) as srv, \
+            httpx.Client(base_url=srv.url, timeout=5) as c:
+        # Content-Length says too much: refused at once, without waiting for the 50 MB
+        with _raw(srv.port, _HEAD + b"Content-Length: 50000000\r\n\r\n" + b"x" * 1000) as sock:
+            status, head, body = _status_and_json(_read_reply(sock))
+        assert status == 413 and body["error"]["type"] == "invalid_request_error"
+        assert "max_body_bytes" in body["error"]["message"] and "connection: close" in head
+        # chunked: refused once the count passes the limit; the server stops reading there
+        with _raw(srv.port, _HEAD + b"Transfer-Encoding: chunked\r\n\r\n") as sock:
+            chunk = b"%x\r\n" % 16384 + b" " * 16384 + b"\r\n"
+            sent = 0
+            try:
+                while sent < 10_000_000:            # the server answers long before
+                    sock.sendall(chunk)
+                    sent += 16384
+                    if sent > 200_000:
+                        break
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            reply = _read_reply(sock)
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"max_body_bytes" in reply
+        # a prompt over max_prompt_chars: 400 naming the prompt and the option
+        r = c.post("/v1/completions", json={"prompt": "the " * 20, "max_tokens": 1})
+        assert r.status_code == 400 and "max_prompt_chars" in r.json()["error"]["message"]
+        assert "prompt" in r.json()["error"]["message"]
+        # and within the limits, all is as before
+        r = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 3})
+        assert r.status_code == 200
+        assert 'smallmind_http_errors_total{status="413"} 2' in c.get("/metrics").text
+
+
+class _GatedTokenizer(sm.Tokenizer):
+    """A tokenizer whose encode waits for `gate` on prompts that start with "the lazy": a parse that
+    takes its time, for as long as the test decides."""
+
+    gate = threading.Event()
+
+    def encode(self, text, *args, **kwargs):
+        if text.startswith("the lazy"):
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().encode(text, *args, **kwargs)
+
+
+def test_parsing_runs_off_the_event_loop():
+    """While a request's parsing and encoding is under way, /health/live answers (they used to
+    run on the event loop: a 50 MB body froze the server for seconds)."""
+    tok = _GatedTokenizer(TEXT)
+    tok.gate.clear()
+    with _Server(tokenizer=tok) as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        replies = []
+        t = threading.Thread(target=lambda: replies.append(httpx.post(
+            srv.url + "/v1/completions", json={"prompt": "the lazy", "max_tokens": 2}, timeout=30)))
+        t.start()
+        try:
+            time.sleep(0.3)                     # the request is inside encode by now
+            assert not replies
+            assert c.get("/health/live").json() == {"status": "ok"}   # not blocked behind it
+        finally:
+            tok.gate.set()
+            t.join(30)
+        assert replies and replies[0].status_code == 200
+
+
+def test_field_names_that_cannot_be_encoded_get_a_400():
+    """A JSON name holding a lone surrogate used to give a 500 (the error message echoing it
+    could not be encoded)."""
+    with _Server() as srv, httpx.Client(base_url=srv.url, timeout=5) as c:
+        for body, match in [(b'{"\\ud800": 1, "prompt": "a"}', "\\ud800"),
+                            (b'{"\\udfff\\ud800x": 1, "prompt": "a"}', "\\udfff"),
+                            (b'{"prompt": "a", "max_tokens": "\\ud800"}', "max_tokens")]:
+            r = c.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (body, r.text)
+            assert match in r.json()["error"]["message"], r.text
+    # and whatever a message echoes, it can be sent
+    from smallmind.generation.server import _error
+    r = _error(400, "bad \ud800 name", "invalid_request_error")
+    assert r.status_code == 400 and b"\\ud800" in r.body
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record):
+        self.texts.append(logging.Formatter().format(record))
+
+
+def test_a_client_leaving_mid_body_logs_no_traceback():
+    with _Server(max_concurrency=1) as srv:
+        rec = _Records()
+        names = ["", "uvicorn", "uvicorn.error", "smallmind", "asyncio"]
+        for name in names:
+            logging.getLogger(name).addHandler(rec)
+        try:
+            for _ in range(5):
+                sock = _raw(srv.port, _HEAD + b"Content-Length: 1000\r\n\r\n" + b"0123456789")
+                time.sleep(0.05)
+                sock.close()
+            time.sleep(0.5)
+            with httpx.Client(base_url=srv.url, timeout=5) as c:   # the server is fine
+                assert c.post("/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
+                assert "smallmind_http_client_disconnects_total 5" in c.get("/metrics").text
+        finally:
+            for name in names:
+                logging.getLogger(name).removeHandler(rec)
+        logged = "\n".join(rec.texts)
+        assert "Traceback" not in logged, logged[-3000:]
+
+
+def test_stalled_connections_are_closed_and_the_server_stays_live():
+    """50 connections that send half a request head and stall are closed after header_timeout;
+    a body that stalls gets 408 after body_timeout; /health/live answers meanwhile."""
+    with _Server(header_timeout=0.5, body_timeout=0.5) as srv:
+        # a new connection per request: an idle keep-alive one is closed after 0.5 s too
+        def get(path):
+            return httpx.get(srv.url + path, timeout=5)
+        socks = [_raw(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n") for _ in range(50)]
+        try:
+            assert get("/health/live").json() == {"status": "ok"}
+            closed = 0
+            deadline = time.time() + 10          # a watchdog: they are closed after 0.5 s
+            for sock in socks:
+                sock.settimeout(max(0.01, deadline - time.time()))
+                try:
+                    closed += sock.recv(100) == b""
+                except ConnectionResetError:
+                    closed += 1
+                except socket.timeout:
+                    break
+            assert closed == 50
+            assert get("/health/live").json() == {"status": "ok"}
+        finally:
+            for sock in socks:
+                sock.close()
+        # an idle keep-alive connection after a response is bounded too
+        with _raw(srv.port, b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\nGET /heal") as sock:
+            reply = _read_reply(sock, deadline=10)
+        assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1
+        # a body that stalls: 408
+        with _raw(srv.port, _HEAD + b"Content-Length: 100\r\n\r\n" + b'{"prompt"') as sock:
+            status, head, body = _status_and_json(_read_reply(sock, deadline=10))
+        assert status == 408 and body["error"]["type"] == "timeout"
+        assert "body_timeout" in body["error"]["message"]
+        m = get("/metrics").text
+        assert "smallmind_http_header_timeouts_total" in m
+
+
+def test_connections_beyond_max_connections_get_503():
+    with _Server(max_connections=4, header_timeout=30) as srv:
+        socks = [_raw(srv.port, b"GET /health/live HTTP/1.1\r\nHost: t\r\n") for _ in range(4)]
+        try:
+            with httpx.Client(base_url=srv.url, timeout=5) as c:
+                assert c.get("/health/live").status_code == 503
+        finally:
+            for sock in socks:
+                sock.close()
+        deadline = time.time() + 10
+        with httpx.Client(base_url=srv.url, timeout=5) as c:
+            while c.get("/health/live").status_code != 200:
+                assert time.time() < deadline, "the closed connections were never let go"
+                time.sleep(0.05)
+
+
+def test_sigterm_drains_briefly_and_exits_0(tmp_path):
+    """`smallmind serve` with a long streamed generation running: SIGTERM stops it (the stream
+    ends with finish_reason "cancelled"), and the process exits with status 0 within
+    shutdown_timeout and a few seconds (it used to wait for whole generations, then die by the
+    signal, status -15)."""
+    model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 64, 2, 2, 256, seed=1)).eval()
+    ck = tmp_path / "m.safetensors"
+    sm.save_checkpoint(str(ck), model, TOK)
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.Popen([sys.executable, "-m", "smallmind", "serve", str(ck), "--port", str(port),
+                          "--shutdown-timeout", "2"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert p.poll() is None, p.communicate()
+            try:
+                if httpx.get(url + "/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.1)
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"prompt": "the", "max_tokens": 4096, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 5:
+                    t0 = time.time()
+                    p.send_signal(signal.SIGTERM)
+                if events and events[-1] == "[DONE]":
+                    break
+        code = p.wait(2 + 10)                   # shutdown_timeout + a generous margin
+        elapsed = time.time() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        out, err = p.communicate()
+    assert code == 0, err.decode()[-3000:]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "cancelled"
+    assert len(events) < 4096
+    assert b"Traceback" not in err, err.decode()[-3000:]
+    print(f"SIGTERM to exit: {elapsed:.2f} s")

@@ -23,7 +23,9 @@ def settings_for(args, base=None) -> Settings:
     inference = {k: flags.get(k) for k in ("max_tokens", "temperature", "top_k", "top_p",
                                            "seed", "stop", "window", "threads")}
     server = {k: flags.get(k) for k in ("host", "port", "max_concurrency", "queue_size", "timeout",
-                                        "threads_per_request")}
+                                        "threads_per_request", "max_body_bytes",
+                                        "max_prompt_chars", "header_timeout", "body_timeout",
+                                        "max_connections", "shutdown_timeout")}
     if args.command == "train":
         overrides = {"model": {k: flags.get(k) for k in MODEL_FLAGS},
                      "training": {k: flags.get(k) for k in TRAINING_FLAGS}}

@@ -202,6 +202,19 @@ def build_parser():
                    f"{_default('server', 'timeout')})")
     p.add_argument("--threads-per-request", type=int, help="threads per generation (default: "
                    "cores / --max-concurrency)")
+    p.add_argument("--max-body-bytes", type=int, help=f"largest request body in bytes, then HTTP "
+                   f"413 (default: {_default('server', 'max_body_bytes')})")
+    p.add_argument("--max-prompt-chars", type=int, help=f"longest prompt in characters, then HTTP "
+                   f"400 (default: {_default('server', 'max_prompt_chars')})")
+    p.add_argument("--header-timeout", type=float, help=f"seconds a client has to send a request's "
+                   f"headers, then the connection is closed (default: "
+                   f"{_default('server', 'header_timeout')})")
+    p.add_argument("--body-timeout", type=float, help=f"seconds a client has to send a request's "
+                   f"body, then HTTP 408 (default: {_default('server', 'body_timeout')})")
+    p.add_argument("--max-connections", type=int, help=f"open connections at once, then HTTP 503 "
+                   f"(default: {_default('server', 'max_connections')})")
+    p.add_argument("--shutdown-timeout", type=float, help=f"seconds SIGTERM or Ctrl-C waits for "
+                   f"running requests (default: {_default('server', 'shutdown_timeout')})")
 
     p = parsers["info"] = _sub(sub, "info", "version, build facts, SIMD level, threads",
                                "The version, compiler, OpenMP, SIMD level and thread count.")

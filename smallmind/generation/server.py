@@ -11,12 +11,22 @@ Endpoints:
     GET  /metrics          Prometheus text format (smallmind.metrics plus the server's counters)
     GET  /                 a playground page: a prompt box that streams the answer
 
-Errors are JSON: {"error": {"message": ..., "type": ...}} with 400 (malformed JSON, bad values),
-429 (queue full), 504 (timeout).
+Errors are JSON: {"error": {"message": ..., "type": ...}} with 400 (malformed JSON, bad values,
+a prompt over max_prompt_chars), 408 (the body took longer than body_timeout), 413 (a body over
+max_body_bytes), 429 (queue full), 503 (shutting down), 504 (timeout).
+
+Against hostile clients: the body is read in pieces and refused as soon as it passes
+max_body_bytes (or its Content-Length says it will); parsing and validation run in a worker
+thread, so that /health/live answers meanwhile; a connection that has not sent a whole request
+head within header_timeout is closed (_header_timeout_protocol); uvicorn refuses connections
+beyond max_connections with 503; and `serve` stops running generations on SIGTERM / Ctrl-C,
+waits at most shutdown_timeout for the rest, and returns (exit status 0, not the signal's).
 """
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -72,13 +82,57 @@ class _Gate:
         self.inside -= 1
 
 
-def _error(status: int, message: str, kind: str):
+def _safe(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates from a JSON body's escapes) as
+    backslash escapes: an error message that echoes the client's input can always be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _error(status: int, message: str, kind: str, close: bool = False):
     from fastapi.responses import JSONResponse
     _metrics.REGISTRY.inc("smallmind_http_errors_total", 1, "HTTP error responses", status=str(status))
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    # close: the client may still be sending a body that nobody will read
+    return JSONResponse({"error": {"message": _safe(message), "type": kind}}, status_code=status,
+                        headers={"Connection": "close"} if close else None)
 
 
-def _parse_request(body: bytes, defaults) -> dict:
+class _Refused(Exception):
+    """A request refused before its body is parsed: (status, message, type)."""
+
+    def __init__(self, status: int, message: str, kind: str):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+async def _read_body(request, limit: int, timeout: float) -> bytes:
+    """The request's body, read piece by piece: _Refused 413 as soon as its Content-Length or
+    the bytes received pass `limit` (nothing beyond the limit is kept), 408 when it has not
+    all arrived within `timeout` seconds. starlette's ClientDisconnect passes through."""
+    length = request.headers.get("content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise _Refused(413, f"the request body is {int(length)} bytes, more than the limit of "
+                            f"{limit} (max_body_bytes)", "invalid_request_error")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _Refused(413, f"the request body is more than the limit of {limit} bytes "
+                                    f"(max_body_bytes)", "invalid_request_error")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise _Refused(408, f"the request body did not arrive within {timeout:g} s (body_timeout)",
+                       "timeout") from None
+    return b"".join(chunks)
+
+
+def _parse_request(body: bytes, defaults, max_prompt_chars: "int | None" = None) -> dict:
     try:
         req = json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -88,11 +142,14 @@ def _parse_request(body: bytes, defaults) -> dict:
     if not isinstance(req, dict):
         raise ValidationError("the body must be a JSON object")
     unknown = set(req) - _FIELDS
-    if unknown:
-        raise ValidationError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if unknown:      # ascii(): a name may hold anything, lone surrogates included
+        raise ValidationError(f"unknown field(s): {', '.join(ascii(k) for k in sorted(unknown))}")
     prompt = req.get("prompt")
     if not isinstance(prompt, str):
         raise ValidationError("prompt must be a string")
+    if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
+        raise ValidationError(f"prompt is {len(prompt)} characters, more than the limit of "
+                              f"{max_prompt_chars} (max_prompt_chars)")
     if req.get("n", 1) != 1:
         raise ValidationError("n must be 1")
     stop = req.get("stop")
@@ -126,6 +183,16 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     threads = options.threads_per_request or default_threads_per_request(options.max_concurrency)
     app = FastAPI(title="smallmind", docs_url=None, redoc_url=None)
     state: dict[str, _Gate | None] = {"gate": None}
+    running: set[threading.Event] = set()       # the cancel events of admitted requests
+    stopping = threading.Event()                # set once shutdown starts
+
+    def begin_shutdown():
+        """Stop every running generation now; requests arriving from here on get 503."""
+        stopping.set()
+        for ev in list(running):
+            ev.set()
+
+    app.state.smallmind_begin_shutdown = begin_shutdown
 
     def gate() -> _Gate:       # created inside the server's event loop
         if state["gate"] is None:
@@ -151,32 +218,59 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
                           "total_tokens": n_prompt + n_new}}
 
+    def prepare(body: bytes):
+        req = _parse_request(body, inference, options.max_prompt_chars)
+        return req, validate(req)
+
+    def shutting_down():
+        return _error(503, "the server is shutting down", "server_shutting_down")
+
     @app.post("/v1/completions")
     async def completions(request: Request):
+        from starlette.requests import ClientDisconnect
         t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if stopping.is_set():
+            return shutting_down()
         try:
-            req = _parse_request(await request.body(), inference)
-            sampler = validate(req)
+            body = await _read_body(request, options.max_body_bytes, options.body_timeout)
+            # in a worker thread: a big body's JSON and its prompt's encoding take time that
+            # the event loop (and /health/live) should not wait for
+            req, sampler = await loop.run_in_executor(None, prepare, body)
+        except _Refused as e:
+            return _error(e.status, e.message, e.kind, close=True)
         except (ValidationError, TypeError) as e:
             return _error(400, str(e), "invalid_request_error")
+        except (ClientDisconnect, ConnectionError):
+            # a client that leaves mid-body: nothing to answer, nothing worth a traceback
+            logger.debug("client %s left before sending its whole request", request.client)
+            _metrics.REGISTRY.inc("smallmind_http_client_disconnects_total", 1,
+                                  "clients that left before sending their whole request")
+            from fastapi.responses import Response
+            return Response(status_code=400)
         g = gate()
         if not g.admit():
             return _error(429, f"the server is busy ({g.slots} running, {g.queue} queued)",
                           "rate_limit_error")
         rid = "cmpl-" + uuid.uuid4().hex[:24]
         cancel = threading.Event()
-        loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(g._sem.acquire(), options.timeout)
         except asyncio.TimeoutError:
             g.leave()
             return _error(504, "timed out waiting for a free slot", "timeout")
-        _metrics.REGISTRY.inc("smallmind_http_requests_total", 1, "completion requests",
-                              stream=str(req["stream"]).lower())
+        running.add(cancel)
 
         def release():
+            running.discard(cancel)
             g._sem.release()
             g.leave()
+
+        if stopping.is_set():
+            release()
+            return shutting_down()
+        _metrics.REGISTRY.inc("smallmind_http_requests_total", 1, "completion requests",
+                              stream=str(req["stream"]).lower())
 
         if not req["stream"]:
             try:
@@ -192,6 +286,8 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
                     cancel.set()
                     await asyncio.gather(fut, return_exceptions=True)
                     raise
+                except CancelledError:                    # begin_shutdown stopped it
+                    return shutting_down()
             finally:
                 release()
             _metrics.REGISTRY.observe("smallmind_http_request_seconds", time.perf_counter() - t0,
@@ -213,8 +309,8 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
                             result = e.value
                             break
                         loop.call_soon_threadsafe(queue.put_nowait, piece)
-                except CancelledError:
-                    pass
+                except CancelledError as e:          # the client left, or shutdown
+                    result = getattr(e, "result", None)
                 except BaseException as e:        # reported in the stream
                     loop.call_soon_threadsafe(queue.put_nowait, e)
                 loop.call_soon_threadsafe(queue.put_nowait, (done, result))
@@ -276,9 +372,121 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     return app
 
 
-def serve(model, tokenizer, options: "ServerOptions", inference=None, model_name="smallmind"):
-    """Run the server until interrupted (uvicorn)."""
+def _header_timeout_protocol(timeout: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within
+    `timeout` seconds of connecting or of its previous response (uvicorn has no such timeout:
+    a client that sends half a request and stalls held its socket forever). Once a request
+    has started, its body is bounded by body_timeout (_read_body). None, with a log line, where
+    this uvicorn's internals are not the ones this was written against: then plain uvicorn."""
+    try:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError as e:
+        logger.warning("no header timeout (uvicorn's h11 protocol is not available: %s)", e)
+        return None
+    if not all(callable(getattr(H11Protocol, name, None)) for name in
+               ("connection_made", "connection_lost", "handle_events", "on_response_complete")):
+        logger.warning("no header timeout (this uvicorn's H11Protocol differs from the one "
+                       "smallmind knows)")
+        return None
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _sm_timer: "asyncio.TimerHandle | None" = None
+
+        def _sm_arm(self):
+            self._sm_disarm()
+            try:
+                self._sm_timer = self.loop.call_later(timeout, self._sm_expired)
+            except AttributeError:               # pragma: no cover - another uvicorn
+                logger.warning("no header timeout (this uvicorn's H11Protocol has no loop)")
+
+        def _sm_disarm(self):
+            if self._sm_timer is not None:
+                self._sm_timer.cancel()
+                self._sm_timer = None
+
+        def _sm_expired(self):
+            self._sm_timer = None
+            try:
+                waiting = (self.conn.their_state is h11.IDLE
+                           and (self.cycle is None or self.cycle.response_complete))
+                if waiting and not self.transport.is_closing():
+                    logger.debug("closing %s: no request head within %g s", self.client, timeout)
+                    _metrics.REGISTRY.inc("smallmind_http_header_timeouts_total", 1,
+                                          "connections closed for a request head that did not come")
+                    self.transport.close()
+            except AttributeError:               # pragma: no cover - another uvicorn
+                logger.warning("header timeout skipped (this uvicorn's H11Protocol differs)")
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._sm_arm()
+
+        def connection_lost(self, exc):
+            self._sm_disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self):
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:         # a request head arrived: a request started
+                self._sm_disarm()
+
+        def on_response_complete(self):
+            super().on_response_complete()      # keep-alive: the next request head is due
+            if self._sm_timer is None and not self.transport.is_closing() and (
+                    self.cycle is None or self.cycle.response_complete):
+                self._sm_arm()
+
+    return HeaderTimeoutProtocol
+
+
+def make_server(config, begin_shutdown):
+    """A uvicorn.Server that stops running generations when shutdown starts (begin_shutdown)
+    and, once it has stopped, returns instead of raising the signal that stopped it again
+    (uvicorn does, so `smallmind serve` ended by SIGTERM with status -15)."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = [signal.SIGINT, signal.SIGTERM]
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                logger.info("signal %d: stopping (at most %g s for running requests)", sig,
+                            config.timeout_graceful_shutdown or 0)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None):
+            begin_shutdown()
+            await super().shutdown(sockets)
+
+    return Server(config)
+
+
+def uvicorn_config(app, options: "ServerOptions", log_level: str = "warning"):
+    """The uvicorn.Config that `serve` runs `app` with: the header timeout protocol, at most
+    max_connections connections, at most shutdown_timeout seconds of draining."""
+    import uvicorn
+    protocol = _header_timeout_protocol(options.header_timeout)
+    return uvicorn.Config(app, host=options.host, port=options.port, log_level=log_level,
+                          http=protocol or "auto", limit_concurrency=options.max_connections,
+                          # a float works (asyncio.timeout), whatever the annotation says
+                          timeout_graceful_shutdown=options.shutdown_timeout)  # type: ignore[arg-type]
+
+
+def serve(model, tokenizer, options: "ServerOptions", inference=None, model_name="smallmind"):
+    """Run the server until SIGTERM or Ctrl-C, then return (see the module's docstring)."""
     app = create_app(model, tokenizer, options, inference, model_name)
     logger.info("serving %s on http://%s:%d", model_name, options.host, options.port)
-    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+    make_server(uvicorn_config(app, options), app.state.smallmind_begin_shutdown).run()
