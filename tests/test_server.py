@@ -384,9 +384,11 @@ def test_sigterm_drains_briefly_and_exits_0(tmp_path):
     ck = tmp_path / "m.safetensors"
     sm.save_checkpoint(str(ck), model, TOK)
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # the smallmind this test imported (installed in CI, the source tree in development), run
+    # from a folder where `python -m` cannot find the uncompiled source tree first
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     p = subprocess.Popen([sys.executable, "-m", "smallmind", "serve", str(ck), "--port", str(port),
-                          "--shutdown-timeout", "2"], env=env,
+                          "--shutdown-timeout", "2"], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
