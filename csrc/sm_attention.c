@@ -1288,16 +1288,17 @@ int sm_attention_decode(float *out, const float *q, const float *k_cache, const 
 }
 
 void sm_attention_decode_units(float *out, const float *qkv_row, float *k_cache, float *v_cache,
-                               const int *positions, int64_t NH, int64_t T_max, int64_t hs,
-                               int64_t u0, int64_t u1, float *ws) {
+                               const int *positions, const int *seqs, int64_t NH, int64_t T_max,
+                               int64_t hs, int64_t u0, int64_t u1, float *ws) {
     const decode_fn fn = decode_kernel();
     const float scale = (float)(1.0 / sqrt((double)hs));
     const int64_t C = NH * hs;
     for (int64_t u = u0; u < u1; u++) {
         const int64_t b = u / NH, h = u % NH, pos = positions[b];
+        const int64_t cu = (seqs ? seqs[b] : b) * NH + h; /* the unit in the cache */
         const float *src = qkv_row + b * 3 * C + h * hs;
-        append_unit(k_cache, v_cache, src, u, pos, C, T_max, hs);
-        fn(out + b * C + h * hs, src, k_cache + u * hs * T_max, v_cache + u * T_max * hs, pos + 1,
+        append_unit(k_cache, v_cache, src, cu, pos, C, T_max, hs);
+        fn(out + b * C + h * hs, src, k_cache + cu * hs * T_max, v_cache + cu * T_max * hs, pos + 1,
            hs, scale, ws);
     }
 }

@@ -102,10 +102,12 @@ int sm_attention_decode(float *out, const float *q, const float *k_cache, const 
 /* One thread's share of a decode step, for a caller that runs its own parallel region: for
  * units u0 .. u1-1 (unit = b * NH + h) write the new key and value of qkv_row (B, 3C) at
  * positions[b], then out[b, head h] <- attention of the query over positions 0 .. positions[b].
- * Serial; ws holds sm_attention_decode_ws(hs) floats. Same bits as append + sm_attention_decode. */
+ * Row b reads and writes cache sequence seqs[b] (seqs NULL: sequence b), so a step can decode
+ * any subset of a cache's sequences. Serial; ws holds sm_attention_decode_ws(hs) floats. Same
+ * bits as append + sm_attention_decode. */
 void sm_attention_decode_units(float *out, const float *qkv_row, float *k_cache, float *v_cache,
-                               const int *positions, int64_t NH, int64_t T_max, int64_t hs,
-                               int64_t u0, int64_t u1, float *ws);
+                               const int *positions, const int *seqs, int64_t NH, int64_t T_max,
+                               int64_t hs, int64_t u0, int64_t u1, float *ws);
 int64_t sm_attention_decode_ws(int64_t hs);
 int sm_attention_decode_naive(float *out, const float *q, const float *k_cache,
                               const float *v_cache, const int *lengths, int64_t q_stride,

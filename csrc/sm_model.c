@@ -704,8 +704,8 @@ static void bias_cols(float *y, const float *bias, int64_t B, int64_t ld, int64_
 
 /* The layers of a decode step, products split by output columns. */
 static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
-                              float *scratch, int nt) {
-    const int64_t B = c->B, C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
+                              int64_t B, const int *seqs, float *scratch, int nt) {
+    const int64_t C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
     const int64_t hs = C / NH, lay = cache_layer_floats(c), per = dec_scratch_floats(B, C, hs);
     float *const x = c->x, *const xo = c->x2, *const qkv = c->qkv, *const br = c->br;
     SM_PARALLEL(nt) {
@@ -725,7 +725,7 @@ static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt
             bias_cols(qkv, P(params, SM_GPT_QKVB, l), B, 3 * C, q0, q1);
             SM_BARRIER();
             /* the new keys and values into the cache, attention per (sequence, head) */
-            sm_attention_decode_units(c->att, qkv, c->k + l * lay, c->v + l * lay, c->pos, NH,
+            sm_attention_decode_units(c->att, qkv, c->k + l * lay, c->v + l * lay, c->pos, seqs, NH,
                                       c->Tmax, hs, u0, u1, d.aws);
             SM_BARRIER();
             /* xo = x + (att W_proj + b) */
@@ -786,8 +786,8 @@ static int64_t dec_part_floats(int64_t B, int64_t C) {
 
 /* The layers of a decode step, products split by blocks of rows. */
 static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
-                           float *scratch, int nt) {
-    const int64_t B = c->B, C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
+                           int64_t B, const int *seqs, float *scratch, int nt) {
+    const int64_t C = cfg->n_embd, NH = cfg->n_head, L = cfg->n_layer;
     const int64_t hs = C / NH, lay = cache_layer_floats(c), per = dec_scratch_floats(B, C, hs);
     float *const part = scratch, *const x = c->x, *const xo = c->x2, *const qkv = c->qkv;
     scratch += dec_part_floats(B, C);
@@ -810,7 +810,7 @@ static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_co
                 for (int64_t w = 0; w < 3; w++)
                     dec_reduce(qkv, 3 * C, part, P(params, SM_GPT_QKVB, l), B, C, 3 * C, b,
                                w * C + h * hs, w * C + (h + 1) * hs);
-                sm_attention_decode_units(c->att, qkv, c->k + l * lay, c->v + l * lay, c->pos, NH,
+                sm_attention_decode_units(c->att, qkv, c->k + l * lay, c->v + l * lay, c->pos, seqs, NH,
                                           c->Tmax, hs, u, u + 1, d.aws);
             }
             SM_BARRIER();
@@ -848,8 +848,8 @@ static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_co
 /* logits = ln_f(x) wte^T, the vocabulary split between threads (each reads its own stretch of
  * wte's rows). */
 static void decode_head(float *logits, const sm_gpt_cache *c, const float *params,
-                        const sm_gpt_config *cfg, float *scratch, int nt) {
-    const int64_t B = c->B, C = cfg->n_embd, V = cfg->vocab_size;
+                        const sm_gpt_config *cfg, int64_t B, float *scratch, int nt) {
+    const int64_t C = cfg->n_embd, V = cfg->vocab_size;
     const int64_t per = dec_scratch_floats(B, C, C / cfg->n_head);
     SM_PARALLEL(nt) {
         const int tid = SM_THREAD_ID();
@@ -862,15 +862,22 @@ static void decode_head(float *logits, const sm_gpt_cache *c, const float *param
     }
 }
 
-int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
-                  const int *tokens, int nthreads) {
-    if (!c || !logits || !params || !tokens || memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0)
+/* Decode rows 0 .. B-1, row i being cache sequence seqs[i] (seqs NULL: sequence i). The
+ * cache's per-row scratch (x, qkv, ...) is indexed by row, its keys and values by sequence. */
+static int decode_rows(float *logits, sm_gpt_cache *c, const float *params,
+                       const sm_gpt_config *cfg, const int *seqs, int64_t B, const int *tokens,
+                       int nthreads) {
+    if (!c || !logits || !params || !tokens || memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0 || B < 1 ||
+        B > c->B)
         return SM_ERR_ARG;
-    const int64_t B = c->B, C = cfg->n_embd, V = cfg->vocab_size;
+    const int64_t C = cfg->n_embd, V = cfg->vocab_size;
     for (int64_t b = 0; b < B; b++) {
-        if (c->len[b] < 1 || c->len[b] >= c->capacity) return SM_ERR_STATE;
-        if (tokens[b] < 0 || tokens[b] >= V) return SM_ERR_ARG;
-        c->pos[b] = c->len[b];
+        const int64_t s = seqs ? seqs[b] : b;
+        if (s < 0 || s >= c->B || tokens[b] < 0 || tokens[b] >= V) return SM_ERR_ARG;
+        for (int64_t e = 0; e < b; e++) /* a sequence twice would append to itself twice */
+            if (seqs && seqs[e] == s) return SM_ERR_ARG;
+        if (c->len[s] < 1 || c->len[s] >= c->capacity) return SM_ERR_STATE;
+        c->pos[b] = c->len[s];
     }
     const int by_rows = sm_gpt_num_params(cfg) * (int64_t)sizeof(float) > DECODE_BY_ROWS_BYTES;
     const int nt = decode_team(sm_resolve_threads(nthreads), cfg, B);
@@ -884,13 +891,26 @@ int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_
         sm_residual_forward(c->x + b * C, wte + (int64_t)tokens[b] * C, wpe + (int64_t)c->pos[b] * C,
                             C, 1);
     if (by_rows)
-        decode_by_rows(c, params, cfg, scratch, nt);
+        decode_by_rows(c, params, cfg, B, seqs, scratch, nt);
     else
-        decode_by_columns(c, params, cfg, scratch, nt);
-    decode_head(logits, c, params, cfg, scratch + (by_rows ? dec_part_floats(B, C) : 0), nt);
+        decode_by_columns(c, params, cfg, B, seqs, scratch, nt);
+    decode_head(logits, c, params, cfg, B, scratch + (by_rows ? dec_part_floats(B, C) : 0), nt);
     sm_pool_return(scratch);
-    for (int64_t b = 0; b < B; b++) c->len[b] = c->pos[b] + 1;
+    for (int64_t b = 0; b < B; b++) c->len[seqs ? seqs[b] : b] = c->pos[b] + 1;
     return SM_OK;
+}
+
+int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                  const int *tokens, int nthreads) {
+    if (!c) return SM_ERR_ARG;
+    return decode_rows(logits, c, params, cfg, NULL, c->B, tokens, nthreads);
+}
+
+int sm_gpt_decode_seqs(float *logits, sm_gpt_cache *c, const float *params,
+                       const sm_gpt_config *cfg, const int *seqs, int64_t n, const int *tokens,
+                       int nthreads) {
+    if (!seqs) return SM_ERR_ARG;
+    return decode_rows(logits, c, params, cfg, seqs, n, tokens, nthreads);
 }
 
 /* ---- backward ------------------------------------------------------------------------------- */

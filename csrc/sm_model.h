@@ -184,6 +184,14 @@ int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
 int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                   const int *tokens, int nthreads);
 
+/* The same for a subset of the sequences: tokens[i] goes to sequence seqs[i] (n distinct
+ * sequences, 1 <= n <= B), logits (n, V) in that order; the others are untouched. A row's bits
+ * do not depend on which other sequences are decoded with it (a server's batch changes every
+ * step). SM_ERR_ARG for a sequence out of range or given twice. */
+int sm_gpt_decode_seqs(float *logits, sm_gpt_cache *c, const float *params,
+                       const sm_gpt_config *cfg, const int *seqs, int64_t n, const int *tokens,
+                       int nthreads);
+
 /* The dropout used above, exposed for tests: out = inp * keep(i) / (1 - p), where keep(i) is the
  * hash test for element i of stream `stream`. out may equal inp. */
 void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,

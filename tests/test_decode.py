@@ -155,6 +155,53 @@ def test_batched_decode_rows_equal_single_rows_bit_for_bit(V, L, NH, C, B):
     np.testing.assert_allclose(batched[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("V,L,NH,C", [(300, 2, 4, 128), (64, 1, 12, 768)])
+def test_decoding_a_subset_of_sequences_equals_each_alone(V, L, NH, C):
+    """A server's batch changes every step: decode(seqs=...) steps only the named sequences of
+    a cache, in any order, each row with the bits it has alone; the others keep their state."""
+    m = _model(V, 24, L, NH, C)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, V, n).astype(np.int32) for n in (2, 7, 11, 5)]
+    nxt = rng.integers(0, V, (4, 3)).astype(np.int32)
+
+    def alone(i):
+        cache = _core.GPTCache(m.core_config, 1, 24)
+        _core.gpt_prefill(m.flat_params, m.core_config, prompts[i][None], cache, 1)
+        out = [_core.gpt_decode(m.flat_params, m.core_config, nxt[i, s:s + 1], cache, 1)[0]
+               for s in range(3)]
+        cache.close()
+        return out
+
+    want = [alone(i) for i in range(4)]
+    cache = _core.GPTCache(m.core_config, 6, 24)      # slots 0 and 3 stay empty
+    slot = {0: 4, 1: 1, 2: 5, 3: 2}
+    for i, b in slot.items():
+        _core.gpt_prefill_seq(m.flat_params, m.core_config, prompts[i], cache, b, 1)
+    # step 0: all four, in a shuffled order; step 1: two of them; step 2: the other two, then
+    # the first two
+    done = [0, 0, 0, 0]                  # steps each prompt has taken
+    for group in ([2, 0, 3, 1], [1, 3], [0, 2], [3, 1], [2, 0]):
+        seqs = np.array([slot[i] for i in group], np.int32)
+        toks = np.array([nxt[i, done[i]] for i in group], np.int32)
+        got = _core.gpt_decode(m.flat_params, m.core_config, toks, cache, 2, seqs=seqs)
+        for row, i in enumerate(group):
+            assert np.array_equal(got[row], want[i][done[i]]), (group, i)
+            done[i] += 1
+    assert done == [3, 3, 3, 3]
+    assert cache.lengths == [0, 10, 8, 0, 5, 14]
+    params, cfg = m.flat_params, m.core_config
+    with pytest.raises(sm.ValidationError, match="twice"):
+        _core.gpt_decode(params, cfg, np.array([1, 1], np.int32), cache, seqs=np.array([1, 1], np.int32))
+    with pytest.raises(sm.ValidationError, match="seqs"):
+        _core.gpt_decode(params, cfg, np.array([1], np.int32), cache, seqs=np.array([6], np.int32))
+    with pytest.raises(sm.ValidationError, match="seqs has 2 entries"):
+        _core.gpt_decode(params, cfg, np.array([1], np.int32), cache, seqs=np.array([1, 2], np.int32))
+    with pytest.raises(sm.ValidationError, match="empty"):
+        _core.gpt_decode(params, cfg, np.array([1], np.int32), cache, seqs=np.array([0], np.int32))
+    assert cache.lengths == [0, 10, 8, 0, 5, 14]        # refused calls change nothing
+    cache.close()
+
+
 def test_prefill_of_several_rows_in_one_pass_equals_row_by_row():
     m = _model()
     rng = np.random.default_rng(9)

@@ -289,6 +289,9 @@ cdef extern from "sm_model.h" nogil:
                            int64_t T, int nthreads)
     int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params,
                       const sm_gpt_config *cfg, const int *tokens, int nthreads)
+    int sm_gpt_decode_seqs(float *logits, sm_gpt_cache *c, const float *params,
+                           const sm_gpt_config *cfg, const int *seqs, int64_t n,
+                           const int *tokens, int nthreads)
 
 
 # ---- end of declarations ---------------------------------------------------------------------

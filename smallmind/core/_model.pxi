@@ -399,9 +399,12 @@ def gpt_prefill_seq(params, tuple cfg, idx, GPTCache cache, seq, threads=None):
     return logits
 
 
-def gpt_decode(params, tuple cfg, tokens, GPTCache cache, threads=None):
+def gpt_decode(params, tuple cfg, tokens, GPTCache cache, threads=None, seqs=None):
     """Append one token per sequence (tokens: int32 (B,)) to the cache and return the
-    next-token logits, float32 (B, V). Every sequence must hold 1 to capacity-1 tokens."""
+    next-token logits, float32 (B, V). Every sequence must hold 1 to capacity-1 tokens.
+    With seqs (int32 (n,), distinct sequence numbers of the cache), tokens (n,) go to those
+    sequences only, logits (n, V) in that order; the other sequences are untouched and each
+    row's bits are those it would have decoded alone."""
     cdef sm_gpt_config c
     _gpt_config(cfg, &c)
     _check_f32(params, "params", 1)
@@ -416,17 +419,35 @@ def gpt_decode(params, tuple cfg, tokens, GPTCache cache, threads=None):
     cdef float *pl = _fptr(logits)
     cdef const float *pp = _fptr(params)
     cdef const int *pt = _iptr(tokens)
+    cdef const int *ps = NULL
     cdef int rc = SM_OK
     with cache.lock:
         _check_cache(cache, &c)
-        if B != sm_gpt_cache_B(cache.c):
-            raise ValidationError(f"tokens has {B} entries but the cache holds {sm_gpt_cache_B(cache.c)} sequences")
-        lengths = [sm_gpt_cache_length(cache.c, b) for b in range(B)]
+        nseq = sm_gpt_cache_B(cache.c)
+        if seqs is None:
+            if B != nseq:
+                raise ValidationError(f"tokens has {B} entries but the cache holds {nseq} sequences")
+            rows = range(B)
+        else:
+            _check_i32(seqs, "seqs", 1)
+            if seqs.shape[0] != B:
+                raise ValidationError(f"seqs has {seqs.shape[0]} entries but tokens has {B}")
+            if B < 1:
+                raise ValidationError("seqs must name at least one sequence")
+            _check_ids(seqs, "seqs", 0, nseq - 1, f"sequence numbers in [0, {nseq - 1}]")
+            rows = seqs.tolist()
+            if len(set(rows)) != B:
+                raise ValidationError("seqs must not name a sequence twice")
+            ps = _iptr(seqs)
+        lengths = [sm_gpt_cache_length(cache.c, b) for b in rows]
         if min(lengths) < 1:
             raise ValidationError("the KV cache is empty: call gpt_prefill first")
         if max(lengths) >= sm_gpt_cache_capacity(cache.c):
             raise ValidationError(f"the KV cache is full ({sm_gpt_cache_capacity(cache.c)} positions)")
         with nogil:
-            rc = sm_gpt_decode(pl, cache.c, pp, &c, pt, nt)
+            if ps == NULL:
+                rc = sm_gpt_decode(pl, cache.c, pp, &c, pt, nt)
+            else:
+                rc = sm_gpt_decode_seqs(pl, cache.c, pp, &c, ps, B, pt, nt)
     _raise_for(rc, "gpt_decode")
     return logits
