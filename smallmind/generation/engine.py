@@ -1,0 +1,569 @@
+"""engine.py - BatchEngine: continuous batching over one model. One scheduler thread decodes
+every active request in a single C call per step, admits new requests between steps and
+retires finished or cancelled ones at once; each request keeps its own sampling settings and
+seed, and its tokens are exactly those it would get alone (Sampling.generate with the same
+arguments): a decoded row's bits do not depend on the other rows (gpt_decode(seqs=...)), each
+row draws from its own generator, and the context window moves as Sampling's does.
+
+    engine = BatchEngine(model, tokenizer, max_batch=16)
+    ticket = engine.submit(tokenizer.encode("The "), SamplingParams(max_new_tokens=50, seed=1),
+                           sink)                 # sink(event) is called from the engine thread
+    ...
+    engine.close()                               # cancels what is left, joins the thread
+
+Events handed to the sink, in order: any number of Piece(text, tokens) and then exactly one of
+Done(result) or Failed(error). Text that could be the start of a stop string is held back until
+it is known not to be (as Sampling.stream). The `stream`/`generate` methods (threads) and
+`stream_async`/`generate_async` (asyncio) wrap submit for callers that want an iterator.
+
+Scheduling: a request waits in a FIFO queue until a slot (a row of the shared KV cache) is
+free. Each step first prefills newly admitted prompts - at most `prefill_budget` prompt tokens
+per step while other requests are decoding, so a burst of long prompts is spread over several
+steps instead of stalling everyone's next token (one prompt is never split: it is at most the
+model's block_size) - then samples a token for every row and decodes all the rows that continue
+in one call. The KV cache is rented when work arrives and given back when the engine is idle.
+
+Sampling extensions (the OpenAI API's): presence and frequency penalties (subtracted from the
+logits of tokens already generated, per occurrence for frequency), a logit bias per token id,
+and log-probabilities of the chosen token with the top-N alternatives (from the distribution
+after bias and penalties, before temperature, top-k and top-p).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import logging
+import math
+import queue
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .. import metrics as _metrics
+from .._lifecycle import Closeable
+from .._validate import check_int, check_number, check_optional_int
+from ..core import _core
+from ..errors import CancelledError, NumericalError, ObjectDisposedError, ValidationError
+from ..model.tokenizer import Tokenizer
+from ..model.transformer import TransformerModel
+from .sampling import (WINDOWS, GenerationResult, _check_finite, _find_stop, _held_back,
+                       _prefill_rows, _StepThreads, check_sampling_args, sample_next, window_keep)
+
+__all__ = ["BatchEngine", "SamplingParams", "TokenInfo", "Piece", "Done", "Failed",
+           "prompt_logprobs", "log_softmax"]
+
+logger = logging.getLogger("smallmind.engine")
+
+MAX_LOGPROBS = 20        # top-N alternatives per token, as OpenAI's limit
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One request's settings (Sampling.generate's, plus the OpenAI API's extensions).
+    Build with SamplingParams.make(...) to have every field checked and normalised."""
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple = ()         # ((token id, bias), ...)
+    logprobs: int | None = None    # None: no log-probabilities; N: the chosen token and N more
+
+    @classmethod
+    def make(cls, max_new_tokens=100, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop=None,
+             presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, logprobs=None,
+             vocab_size: int | None = None) -> "SamplingParams":
+        """Checked settings; ValidationError / TypeError name the argument. vocab_size bounds
+        logit_bias's token ids."""
+        temperature, top_k, top_p, stops = check_sampling_args(
+            max_new_tokens, temperature, top_k, top_p, seed, stop)
+        presence_penalty = check_number(presence_penalty, "presence_penalty", -2.0, 2.0)
+        frequency_penalty = check_number(frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        bias: list = []
+        if logit_bias is not None:
+            if not isinstance(logit_bias, dict):
+                raise ValidationError("logit_bias must be a mapping of token id to bias")
+            for k, v in logit_bias.items():
+                try:
+                    tid = int(k)
+                except (TypeError, ValueError):
+                    raise ValidationError(f"logit_bias keys must be token ids, got {k!r}") from None
+                if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+                    raise ValidationError(f"logit_bias token id {tid} is outside the vocabulary "
+                                          f"[0, {(vocab_size or 1) - 1}]")
+                bias.append((tid, check_number(v, f"logit_bias[{tid}]", -100.0, 100.0)))
+        logprobs = check_optional_int(logprobs, "logprobs", 0, MAX_LOGPROBS)
+        return cls(max_new_tokens, temperature, top_k, top_p, seed, stops, presence_penalty,
+                   frequency_penalty, tuple(sorted(bias)), logprobs)
+
+
+@dataclasses.dataclass
+class TokenInfo:
+    """A generated token: its id, its text, its log-probability and the `top` alternatives
+    [(id, text, logprob), ...] (most likely first), when log-probabilities were asked for."""
+    id: int
+    text: str
+    logprob: float | None = None
+    top: list | None = None
+
+
+@dataclasses.dataclass
+class Piece:
+    """Text released to the caller, and the tokens that completed since the last piece."""
+    text: str
+    tokens: list
+
+
+@dataclasses.dataclass
+class Done:
+    """The request ended: its GenerationResult (finish_reason "length", "stop" or "cancelled")
+    and every TokenInfo of the text it kept."""
+    result: GenerationResult
+    tokens: list
+
+
+@dataclasses.dataclass
+class Failed:
+    """The request ended with an error (e.g. NumericalError for NaN logits)."""
+    error: BaseException
+
+
+class Ticket:
+    """A submitted request. cancel() stops it before its next token (thread-safe, idempotent);
+    the engine then frees its slot and sends Done with finish_reason "cancelled"."""
+
+    def __init__(self, ids: list, params: SamplingParams, sink: Callable):
+        self.ids, self.params, self.sink = ids, params, sink
+        self.cancelled = False
+        self.finished = False
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    """A request decoding in slot `slot` of the KV cache."""
+
+    def __init__(self, ticket: Ticket, slot: int, window: list, vocab: int):
+        p = ticket.params
+        self.ticket, self.slot, self.p = ticket, slot, p
+        self.context = list(window)
+        self.prompt_tokens = len(window)
+        self.held = len(window)                 # tokens in the cache
+        self.new: list[int] = []
+        self.infos: list[TokenInfo] = []         # one per token of `new`
+        self.text = ""
+        self.starts: list[int] = []              # where each token's text starts in `text`
+        self.emitted = 0                         # characters released
+        self.released = 0                        # tokens released with a piece
+        self.rng = np.random.Generator(np.random.PCG64(p.seed))
+        self.logits: np.ndarray | None = None    # next-token logits, when ready to sample
+        self.ttft = 0.0
+        self.bias = None
+        if p.logit_bias:
+            self.bias = np.zeros(vocab, np.float64)
+            for tid, b in p.logit_bias:
+                if tid < vocab:
+                    self.bias[tid] = b
+        self.counts = (np.zeros(vocab, np.float64)
+                       if p.presence_penalty or p.frequency_penalty else None)
+
+
+class BatchEngine(Closeable):
+    """Continuous batching over `model` with `tokenizer` (see the module's docstring).
+
+    max_batch: requests decoded together (rows of the KV cache); max_queue: requests waiting
+    beyond them (submit raises queue.Full past it; None: no limit); threads: OpenMP threads of
+    each step (None: the library default; steps fall back to 1 thread under contention, as
+    Sampling's do); window: "shift" or "slide", as Sampling's; prefill_budget: prompt tokens
+    prefilled per step while other requests are decoding (at least one prompt per step).
+    Thread-safe: submit, cancel and close may be called from any thread."""
+
+    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, max_batch: int = 16,
+                 max_queue: int | None = None, threads: int | None = None, window: str = "shift",
+                 prefill_budget: int = 512):
+        if not isinstance(model, TransformerModel):
+            raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
+        model.check_open()
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
+                                  f"vocab_size is {model.config.vocab_size}")
+        self.max_batch = check_int(max_batch, "max_batch", 1, 4096)
+        self.max_queue = check_optional_int(max_queue, "max_queue", 0)
+        self.threads = check_optional_int(threads, "threads", 1, 1024)
+        if window not in WINDOWS:
+            raise ValidationError(f"window must be one of {WINDOWS}, got {window!r}")
+        self.window = window
+        self.prefill_budget = check_int(prefill_budget, "prefill_budget", 1)
+        self.model, self.tokenizer = model, tokenizer
+        self._cond = threading.Condition()
+        self._pending: collections.deque = collections.deque()
+        self._rows: dict[int, _Row] = {}         # slot -> row (engine thread only)
+        self._cache = None
+        self._stopping = False
+        self._steps = _StepThreads(self.threads)
+        self.steps = 0                           # decode steps run (for tests and metrics)
+        self.last_batch = 0                      # rows decoded by the last step
+        self._thread = threading.Thread(target=self._loop, name="smallmind-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side -------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Requests decoding now."""
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._pending)
+
+    def encode(self, prompt: str, name: str = "prompt") -> list:
+        """The prompt's token ids (ValidationError when it has no known character)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"{name} must be a str, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValidationError(f"{name} has no character of the model's vocabulary")
+        return ids
+
+    def submit(self, ids: Sequence[int], params: SamplingParams, sink: Callable) -> Ticket:
+        """Queue a request for prompt token ids `ids`; `sink(event)` receives its events from
+        the engine's thread (it must not block; an exception from it cancels the request).
+        Raises queue.Full when max_queue requests already wait, ObjectDisposedError once the
+        engine is closed."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValidationError("ids must hold at least one token (there is no start token)")
+        V = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise ValidationError(f"ids must be token ids in [0, {V - 1}]")
+        ticket = Ticket(ids, params, sink)
+        with self._cond:
+            self.check_open()
+            if self._stopping:
+                raise ObjectDisposedError("this BatchEngine is shutting down")
+            if self.max_queue is not None and len(self._pending) >= self.max_queue:
+                raise queue.Full(f"{len(self._pending)} requests are already waiting")
+            self._pending.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (each gets Done, "cancelled")."""
+        with self._cond:
+            for t in self._pending:
+                t.cancel()
+            for r in list(self._rows.values()):
+                r.ticket.cancel()
+            self._cond.notify()
+
+    def stream(self, prompt: str, params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
+        """The continuation of `prompt` piece by piece (a blocking iterator, for threads);
+        settings as SamplingParams.make's keywords. Closing the iterator cancels the request.
+        Returns the GenerationResult as StopIteration's value."""
+        return self._stream(prompt, params, kwargs)
+
+    def generate(self, prompt: str, params: SamplingParams | None = None, **kwargs) -> GenerationResult:
+        """The whole continuation of `prompt`, as a GenerationResult (blocking)."""
+        gen = self._stream(prompt, params, kwargs)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as e:
+            return e.value
+
+    def _params(self, params, kwargs) -> SamplingParams:
+        if params is None:
+            return SamplingParams.make(vocab_size=self.tokenizer.vocab_size, **kwargs)
+        if kwargs:
+            raise TypeError("pass either params or keyword settings, not both")
+        return params
+
+    def _stream(self, prompt, params, kwargs):
+        params = self._params(params, kwargs)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        ticket = self.submit(self.encode(prompt), params, q.put)
+        try:
+            while True:
+                ev = q.get()
+                if isinstance(ev, Piece):
+                    yield ev.text
+                elif isinstance(ev, Done):
+                    return ev.result
+                else:
+                    raise ev.error
+        finally:
+            ticket.cancel()
+
+    async def events_async(self, ids: Sequence[int], params: SamplingParams):
+        """An async iterator of the request's events (Piece ..., then Done; a Failed event's
+        error is raised). Cancelling the consuming task or closing the iterator cancels the
+        request; the engine frees its slot before its next step."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def sink(ev):
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        ticket = self.submit(ids, params, sink)
+        try:
+            while True:
+                ev = await q.get()
+                if isinstance(ev, Failed):
+                    raise ev.error
+                yield ev
+                if isinstance(ev, Done):
+                    return
+        finally:
+            ticket.cancel()
+
+    async def generate_async(self, prompt: str, params: SamplingParams | None = None,
+                             **kwargs) -> GenerationResult:
+        """generate() for asyncio: awaits the result without blocking the event loop."""
+        params = self._params(params, kwargs)
+        async for ev in self.events_async(self.encode(prompt), params):
+            if isinstance(ev, Done):
+                return ev.result
+        raise AssertionError("unreachable: the engine always ends a request with Done or Failed")
+
+    def _close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self.cancel_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _send(self, ticket: Ticket, ev) -> None:
+        try:
+            ticket.sink(ev)
+        except Exception:          # a consumer that went away (closed event loop, ...)
+            logger.debug("a request's sink failed; cancelling it", exc_info=True)
+            ticket.cancel()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending and not self._rows and not self._stopping:
+                        if self._cache is not None:      # idle: the cache goes back to the pool
+                            self._cache.close()
+                            self._cache = None
+                        self._cond.wait()
+                    if self._stopping and not self._pending and not self._rows:
+                        break
+                    admitted = self._take_pending()
+                self._step(admitted)
+        except BaseException:                           # pragma: no cover - a bug; say it loudly
+            logger.exception("the batch engine stopped")
+            raise
+        finally:
+            for ticket in [r.ticket for r in self._rows.values()] + list(self._pending):
+                self._send(ticket, Failed(ObjectDisposedError("the BatchEngine was closed")))
+            self._rows.clear()
+            self._pending.clear()
+            if self._cache is not None:
+                self._cache.close()
+                self._cache = None
+
+    def _take_pending(self) -> list:
+        """Requests to admit this step (called with the lock held): FIFO while slots are free,
+        within the prefill budget once other requests are decoding."""
+        out: list = []
+        budget = self.prefill_budget
+        T = self.model.config.block_size
+        while self._pending and len(self._rows) + len(out) < self.max_batch:
+            n = min(len(self._pending[0].ids), T)
+            if out and self._rows and n > budget:
+                break
+            out.append(self._pending.popleft())
+            budget -= n
+        return out
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        del self._rows[row.slot]
+        if row.emitted < len(row.text):       # what was held back for a stop string
+            self._release(row, len(row.text))
+        elapsed = time.perf_counter() - row.ticket.submitted
+        result = GenerationResult(row.text, list(row.new), reason, row.prompt_tokens, elapsed,
+                                  row.ttft)
+        _metrics.record_generation(len(row.new), elapsed, row.ttft, reason)
+        row.ticket.finished = True
+        kept = [info for info, start in zip(row.infos, row.starts) if start < len(row.text)]
+        self._send(row.ticket, Done(result, kept))
+
+    def _release(self, row: _Row, upto: int) -> None:
+        """Send text[emitted:upto] and the tokens whose text starts before `upto`."""
+        n = row.released
+        while n < len(row.starts) and row.starts[n] < upto:
+            n += 1
+        piece = Piece(row.text[row.emitted:upto], row.infos[row.released:n])
+        row.emitted, row.released = upto, n
+        self._send(row.ticket, piece)
+
+    def _step(self, admitted: list) -> None:
+        model, tok = self.model, self.tokenizer
+        prm, cfg, T = model.flat_params, model.core_config, model.config.block_size
+        nv = tok.vocab_size
+        if self._cache is None and (admitted or self._rows):
+            self._cache = _core.GPTCache(cfg, self.max_batch, T)
+        cache = self._cache
+        # 1. prefill the admitted prompts into free slots
+        fresh = {}
+        if admitted:
+            used = set(self._rows)
+            free = [s for s in range(self.max_batch) if s not in used]
+            for ticket, slot in zip(admitted, free):
+                if ticket.cancelled:
+                    self._send(ticket, Done(GenerationResult("", [], "cancelled", 0, 0.0, 0.0), []))
+                    continue
+                row = _Row(ticket, slot, ticket.ids[-T:], nv)
+                self._rows[slot] = row
+                fresh[slot] = row.context
+            if fresh:
+                logits = _prefill_rows(prm, cfg, cache, fresh, self._steps.current)
+                for i, slot in enumerate(sorted(fresh)):
+                    self._rows[slot].logits = logits[i, :nv]
+        # 2. a token for every row; retire the finished; collect the rows that decode
+        dec_slots, dec_tokens = [], []
+        keep = window_keep(T, self.window)
+        for slot in sorted(self._rows):
+            row = self._rows[slot]
+            if row.ticket.cancelled:
+                self._finish(row, "cancelled")
+                continue
+            if row.p.max_new_tokens == 0:
+                self._finish(row, "length")
+                continue
+            try:
+                nxt = self._sample(row)
+            except NumericalError as e:
+                del self._rows[slot]
+                row.ticket.finished = True
+                self._send(row.ticket, Failed(e))
+                continue
+            if not row.new:
+                row.ttft = time.perf_counter() - row.ticket.submitted
+            self._append(row, nxt)
+            stops = row.p.stop
+            cut = _find_stop(row.text, stops) if stops else -1
+            if cut >= 0:
+                row.text = row.text[:cut]
+                self._finish(row, "stop")
+                continue
+            safe = len(row.text) - (_held_back(row.text, stops) if stops else 0)
+            if safe > row.emitted:
+                self._release(row, safe)
+            if len(row.new) == row.p.max_new_tokens:
+                self._finish(row, "length")
+                continue
+            row.context.append(nxt)
+            if row.held < T:
+                dec_slots.append(slot)
+                dec_tokens.append(nxt)
+                row.held += 1
+                row.logits = None
+            else:     # the window is full: move it (positions restart at 0), as Sampling does
+                row.context = row.context[-keep:]
+                row.logits = _core.gpt_prefill_seq(prm, cfg, np.asarray(row.context, np.int32),
+                                                   cache, slot, self._steps.current)[:nv]
+                row.held = len(row.context)
+        # 3. one decode call for every row that continues
+        if dec_slots:
+            seqs = np.asarray(dec_slots, np.int32)
+            toks = np.asarray(dec_tokens, np.int32)
+            logits = self._steps.run(functools.partial(_decode, seqs), prm, cfg, toks, cache)
+            for i, slot in enumerate(dec_slots):
+                self._rows[slot].logits = logits[i, :nv]
+            self.steps += 1
+        self.last_batch = len(dec_slots)
+        _metrics.REGISTRY.set("smallmind_engine_batch_rows", len(dec_slots),
+                              "rows decoded by the batch engine's last step")
+
+    def _sample(self, row: _Row) -> int:
+        logits = row.logits
+        assert logits is not None
+        _check_finite(logits, len(row.new))
+        p = row.p
+        if row.bias is not None or (row.counts is not None and row.new):
+            z = logits.astype(np.float64)
+            if row.bias is not None:
+                z += row.bias
+            if row.counts is not None and row.new:
+                z -= p.frequency_penalty * row.counts + p.presence_penalty * (row.counts > 0)
+        else:
+            z = logits
+        if p.temperature == 0.0:
+            nxt = int(np.argmax(z))
+        else:
+            nxt = sample_next(z, p.temperature, p.top_k, p.top_p, row.rng)
+        if row.counts is not None:
+            row.counts[nxt] += 1
+        info = TokenInfo(nxt, _token_text(self.tokenizer, nxt))
+        if p.logprobs is not None:
+            info.logprob, info.top = _logprobs(z, nxt, p.logprobs, self.tokenizer)
+        row.infos.append(info)
+        return nxt
+
+    def _append(self, row: _Row, nxt: int) -> None:
+        row.new.append(nxt)
+        row.starts.append(len(row.text))
+        row.text += row.infos[-1].text
+
+
+def _decode(seqs, prm, cfg, tokens, cache, threads):
+    return _core.gpt_decode(prm, cfg, tokens, cache, threads, seqs=seqs)
+
+
+def _token_text(tok: Tokenizer, i: int) -> str:
+    return tok.chars[i]
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log(softmax(z)) in float64, stable."""
+    z = np.asarray(z, np.float64)
+    m = z.max()
+    return z - (m + math.log(np.exp(z - m).sum()))
+
+
+def _logprobs(z: np.ndarray, chosen: int, n: int, tok: Tokenizer):
+    lp = log_softmax(z)
+    top: list = []
+    if n:
+        idx = np.argpartition(-lp, min(n, lp.size) - 1)[:n]
+        idx = idx[np.lexsort((idx, -lp[idx]))]              # most likely first, then by id
+        top = [(int(i), _token_text(tok, int(i)), float(lp[i])) for i in idx]
+    return float(lp[chosen]), top
+
+
+def prompt_logprobs(model: TransformerModel, tok: Tokenizer, ids: list, n: int,
+                    threads: int | None = None) -> list:
+    """TokenInfo for each prompt token (OpenAI's echo with logprobs): the first has no
+    log-probability (nothing precedes it); token t's is log p(ids[t] | ids[:t]) from one
+    forward pass (the last block_size tokens)."""
+    T = model.config.block_size
+    ids = ids[-T:]
+    out = [TokenInfo(ids[0], _token_text(tok, ids[0]), None, None)]
+    if len(ids) > 1:
+        logits = model.forward(np.asarray([ids[:-1]], np.int32), threads=threads)[0, :, :tok.vocab_size]
+        for t in range(1, len(ids)):
+            lp, top = _logprobs(logits[t - 1], ids[t], n, tok)
+            out.append(TokenInfo(ids[t], _token_text(tok, ids[t]), lp, top))
+    return out
+
