@@ -218,16 +218,26 @@ class InferenceOptions:
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
-    """`smallmind serve`: address, concurrent generations, queued requests beyond them (then HTTP
-    429), per-request timeout in seconds, library threads per request (default: cores divided
-    by max_concurrency); and the limits against hostile clients: the largest request body in
-    bytes (then HTTP 413) and prompt in characters (then 400), seconds to send the request's
-    headers (then the connection is closed) and its body (then 408), open connections at once
-    (then 503), and seconds that a SIGTERM / Ctrl-C waits for running requests."""
+    """`smallmind serve`: address; generations decoded together by the batch engine (rows of
+    its KV cache) and requests queued beyond them (then HTTP 429); per-request timeout in
+    seconds (then 504); library threads of each engine step (default: all cores); and the
+    limits against hostile clients: the largest request body in bytes (then HTTP 413) and
+    prompt in characters (then 400), seconds to send the request's headers (then the connection
+    is closed) and its body (then 408), open connections at once (then 503), and seconds that a
+    SIGTERM / Ctrl-C lets running requests finish before they are cancelled.
+
+    The OpenAI API: api_key (keys a /v1 request must carry as "Authorization: Bearer KEY";
+    empty: no key needed; the environment variable takes several, comma-separated),
+    api_key_file (one key per line, added to api_key), metrics_auth (/metrics needs a key
+    too), max_n (the most choices one request may ask for: n, times the prompts of a list),
+    prefill_budget (prompt tokens the engine prefills per step while others decode),
+    chat_template (a Jinja file building chat prompts; default: the model folder's
+    chat_template.jinja, else smallmind's own) and model_name (the id clients use; default:
+    the checkpoint's name)."""
     host: str = "127.0.0.1"
     port: int = 8000
-    max_concurrency: int = 4
-    queue_size: int = 16
+    max_concurrency: int = 16
+    queue_size: int = 64
     timeout: float = 60.0
     threads_per_request: int | None = None
     max_body_bytes: int = 1 << 20
@@ -236,6 +246,13 @@ class ServerOptions:
     body_timeout: float = 10.0
     max_connections: int = 256
     shutdown_timeout: float = 5.0
+    api_key: tuple = ()
+    api_key_file: str | None = None
+    metrics_auth: bool = False
+    max_n: int = 8
+    prefill_budget: int = 512
+    chat_template: str | None = None
+    model_name: str | None = None
 
     def __post_init__(self):
         _check(isinstance(self.host, str) and self.host, "host", self.host, "a host name")
@@ -250,6 +267,34 @@ class ServerOptions:
         check_number(self.body_timeout, "body_timeout", 0.0, _DAY, lo_open=True)
         check_int(self.max_connections, "max_connections", 1, 1 << 20)
         check_number(self.shutdown_timeout, "shutdown_timeout", 0.0, _DAY)
+        _check(isinstance(self.api_key, (str, list, tuple)), "api_key", self.api_key,
+               "a key or a list of keys")
+        keys = (self.api_key,) if isinstance(self.api_key, str) else tuple(self.api_key)
+        _check(all(isinstance(k, str) and k and k.isprintable() and k.strip() == k for k in keys),
+               "api_key", "...", "non-empty printable strings without surrounding spaces")
+        object.__setattr__(self, "api_key", keys)
+        for name in ("api_key_file", "chat_template", "model_name"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, str) and v), name, v, "a non-empty string")
+        _check(isinstance(self.metrics_auth, bool), "metrics_auth", self.metrics_auth,
+               "true or false")
+        check_int(self.max_n, "max_n", 1, 128)
+        check_int(self.prefill_budget, "prefill_budget", 1)
+
+    def api_keys(self) -> tuple:
+        """Every accepted key: api_key, then the lines of api_key_file (blank lines and lines
+        starting with # skipped). ValidationError when the file cannot be read."""
+        keys = list(self.api_key)
+        if self.api_key_file is not None:
+            try:
+                with open(self.api_key_file, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValidationError(f"api_key_file: cannot read {self.api_key_file}: {e}") from None
+            keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            if len(keys) == len(self.api_key):
+                raise ValidationError(f"api_key_file: {self.api_key_file} holds no key")
+        return tuple(keys)
 
 
 _DAY = 86400.0     # the longest timeout a server option takes, in seconds
@@ -277,7 +322,9 @@ class Settings:
         for name, values in self.to_dict().items():
             lines.append(f"[{name}]")
             for k, v in values.items():
-                if v is not None:
+                if name == "server" and k == "api_key" and v:
+                    lines.append(f"# api_key: {len(v)} key(s), not shown")
+                elif v is not None:
                     lines.append(f"{k} = {_toml_value(v)}")
             lines.append("")
         return "\n".join(lines)

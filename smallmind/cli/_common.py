@@ -25,7 +25,9 @@ def settings_for(args, base=None) -> Settings:
     server = {k: flags.get(k) for k in ("host", "port", "max_concurrency", "queue_size", "timeout",
                                         "threads_per_request", "max_body_bytes",
                                         "max_prompt_chars", "header_timeout", "body_timeout",
-                                        "max_connections", "shutdown_timeout")}
+                                        "max_connections", "shutdown_timeout", "api_key",
+                                        "api_key_file", "metrics_auth", "model_name", "max_n",
+                                        "prefill_budget", "chat_template")}
     if args.command == "train":
         overrides = {"model": {k: flags.get(k) for k in MODEL_FLAGS},
                      "training": {k: flags.get(k) for k in TRAINING_FLAGS}}

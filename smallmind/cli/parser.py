@@ -194,14 +194,14 @@ def build_parser():
     p.add_argument("--host", help=f"address to listen on (default: {_default('server', 'host')}; "
                    f"0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, help=f"port (default: {_default('server', 'port')})")
-    p.add_argument("--max-concurrency", type=int, help=f"generations at once (default: "
-                   f"{_default('server', 'max_concurrency')})")
+    p.add_argument("--max-concurrency", type=int, help=f"generations decoded together by the "
+                   f"batch engine (default: {_default('server', 'max_concurrency')})")
     p.add_argument("--queue-size", type=int, help=f"requests waiting beyond those, then HTTP "
                    f"429 (default: {_default('server', 'queue_size')})")
     p.add_argument("--timeout", type=float, help=f"seconds a request may take (default: "
                    f"{_default('server', 'timeout')})")
-    p.add_argument("--threads-per-request", type=int, help="threads per generation (default: "
-                   "cores / --max-concurrency)")
+    p.add_argument("--threads-per-request", type=int, help="threads of each batch engine step "
+                   "(default: all cores)")
     p.add_argument("--max-body-bytes", type=int, help=f"largest request body in bytes, then HTTP "
                    f"413 (default: {_default('server', 'max_body_bytes')})")
     p.add_argument("--max-prompt-chars", type=int, help=f"longest prompt in characters, then HTTP "
@@ -215,6 +215,21 @@ def build_parser():
                    f"(default: {_default('server', 'max_connections')})")
     p.add_argument("--shutdown-timeout", type=float, help=f"seconds SIGTERM or Ctrl-C waits for "
                    f"running requests (default: {_default('server', 'shutdown_timeout')})")
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="a key /v1 requests must send as 'Authorization: Bearer KEY'; repeat for "
+                        "several (default: none, or SMALLMIND_SERVER_API_KEY, comma-separated)")
+    p.add_argument("--api-key-file", metavar="FILE", help="a file of keys, one per line "
+                   "(default: none)")
+    p.add_argument("--metrics-auth", action="store_true", default=None,
+                   help="/metrics needs a key too (default: open)")
+    p.add_argument("--model-name", metavar="NAME", help="the model id clients use and responses "
+                   "carry (default: the checkpoint's name)")
+    p.add_argument("--max-n", type=int, help=f"most choices per request, n times the prompts "
+                   f"(default: {_default('server', 'max_n')})")
+    p.add_argument("--prefill-budget", type=int, help=f"prompt tokens prefilled per engine step "
+                   f"while others decode (default: {_default('server', 'prefill_budget')})")
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the "
+                   "model folder's chat_template.jinja, else smallmind's own)")
 
     p = parsers["info"] = _sub(sub, "info", "version, build facts, SIMD level, threads",
                                "The version, compiler, OpenMP, SIMD level and thread count.")

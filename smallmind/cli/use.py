@@ -53,6 +53,20 @@ def cmd_generate(args):
     return 0
 
 
+def _access_log():
+    """One line per request on stderr. With --log-level / --log-json the library's handler
+    (configure_logging) prints them; otherwise they get a plain handler of their own."""
+    import logging
+    access = logging.getLogger("smallmind.server.access")
+    access.setLevel(logging.INFO)
+    root = logging.getLogger("smallmind")
+    if not any(type(h).__name__ != "_WarningLines" for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access.addHandler(h)
+        access.propagate = False
+
+
 def cmd_serve(args):
     try:
         import fastapi  # noqa: F401
@@ -63,13 +77,16 @@ def cmd_serve(args):
         raise UserError('serve needs FastAPI and uvicorn: pip install "smallmind[serve]" (from a '
                         'checkout: pip install ".[serve]")') from None
     st = settings_for(args)
+    keys = st.server.api_keys()                 # a missing key file fails before the model loads
     model, tok, path = _load(args.model)
     name = os.path.basename(os.path.normpath(args.model))
-    name = os.path.splitext(name)[0] if os.path.isfile(args.model) else name
+    name = st.server.model_name or (os.path.splitext(name)[0] if os.path.isfile(args.model) else name)
     print(f"smallmind {__version__}: serving {path} ({model}) as {name!r} on "
-          f"http://{st.server.host}:{st.server.port} (max {st.server.max_concurrency} at once, "
-          f"{st.server.queue_size} queued); Ctrl-C stops", flush=True)
-    serve(model, tok, st.server, st.inference, model_name=name)
+          f"http://{st.server.host}:{st.server.port} (OpenAI API under /v1, "
+          f"{'API key required' if keys else 'no API key'}; {st.server.max_concurrency} decoded "
+          f"together, {st.server.queue_size} queued); Ctrl-C stops", flush=True)
+    _access_log()
+    serve(model, tok, st.server, st.inference, model_name=name, model_path=path)
     return 0
 
 

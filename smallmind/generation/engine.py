@@ -47,11 +47,21 @@ from .. import metrics as _metrics
 from .._lifecycle import Closeable
 from .._validate import check_int, check_number, check_optional_int
 from ..core import _core
-from ..errors import CancelledError, NumericalError, ObjectDisposedError, ValidationError
+from ..errors import NumericalError, ObjectDisposedError, ValidationError
 from ..model.tokenizer import Tokenizer
 from ..model.transformer import TransformerModel
-from .sampling import (WINDOWS, GenerationResult, _check_finite, _find_stop, _held_back,
-                       _prefill_rows, _StepThreads, check_sampling_args, sample_next, window_keep)
+from .sampling import (
+    WINDOWS,
+    GenerationResult,
+    _check_finite,
+    _find_stop,
+    _held_back,
+    _prefill_rows,
+    _StepThreads,
+    check_sampling_args,
+    sample_next,
+    window_keep,
+)
 
 __all__ = ["BatchEngine", "SamplingParams", "TokenInfo", "Piece", "Done", "Failed",
            "prompt_logprobs", "log_softmax"]
@@ -181,7 +191,8 @@ class BatchEngine(Closeable):
     """Continuous batching over `model` with `tokenizer` (see the module's docstring).
 
     max_batch: requests decoded together (rows of the KV cache); max_queue: requests waiting
-    beyond them (submit raises queue.Full past it; None: no limit); threads: OpenMP threads of
+    beyond them (submit raises queue.Full when max_batch + max_queue requests are running or
+    waiting; None: no limit); threads: OpenMP threads of
     each step (None: the library default; steps fall back to 1 thread under contention, as
     Sampling's do); window: "shift" or "slide", as Sampling's; prefill_budget: prompt tokens
     prefilled per step while other requests are decoding (at least one prompt per step).
@@ -209,6 +220,7 @@ class BatchEngine(Closeable):
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._rows: dict[int, _Row] = {}         # slot -> row (engine thread only)
+        self._admitting = 0                      # taken from the queue, not yet rows
         self._cache = None
         self._stopping = False
         self._steps = _StepThreads(self.threads)
@@ -221,8 +233,8 @@ class BatchEngine(Closeable):
 
     @property
     def active(self) -> int:
-        """Requests decoding now."""
-        return len(self._rows)
+        """Requests decoding now (or being admitted)."""
+        return len(self._rows) + self._admitting
 
     @property
     def queued(self) -> int:
@@ -256,8 +268,10 @@ class BatchEngine(Closeable):
             self.check_open()
             if self._stopping:
                 raise ObjectDisposedError("this BatchEngine is shutting down")
-            if self.max_queue is not None and len(self._pending) >= self.max_queue:
-                raise queue.Full(f"{len(self._pending)} requests are already waiting")
+            if self.max_queue is not None and \
+                    self.active + len(self._pending) >= self.max_batch + self.max_queue:
+                raise queue.Full(f"{self.active} requests are running and {len(self._pending)} "
+                                 f"waiting")
             self._pending.append(ticket)
             self._cond.notify()
         return ticket
@@ -369,7 +383,11 @@ class BatchEngine(Closeable):
                     if self._stopping and not self._pending and not self._rows:
                         break
                     admitted = self._take_pending()
-                self._step(admitted)
+                    self._admitting = len(admitted)
+                try:
+                    self._step(admitted)
+                finally:
+                    self._admitting = 0
         except BaseException:                           # pragma: no cover - a bug; say it loudly
             logger.exception("the batch engine stopped")
             raise
@@ -436,6 +454,7 @@ class BatchEngine(Closeable):
                 row = _Row(ticket, slot, ticket.ids[-T:], nv)
                 self._rows[slot] = row
                 fresh[slot] = row.context
+            self._admitting = 0                  # they are rows now (or cancelled)
             if fresh:
                 logits = _prefill_rows(prm, cfg, cache, fresh, self._steps.current)
                 for i, slot in enumerate(sorted(fresh)):

@@ -1,99 +1,53 @@
-"""server.py - the HTTP server behind `smallmind serve` (the `smallmind[serve]` extra: FastAPI and
-uvicorn). One model, loaded once and shared read-only; a Sampling per request; at most
-`max_concurrency` generations at once, `queue_size` more waiting, HTTP 429 beyond that; a
-per-request timeout; a client that disconnects mid-stream stops its generation.
+"""server.py - the HTTP server behind `smallmind serve` (the `smallmind[serve]` extra: FastAPI,
+uvicorn, jinja2): the OpenAI API over one model, every generation decoded by one BatchEngine
+(continuous batching: one C call per step for all running requests). This module is the thin
+HTTP layer: read and authorise the request, hand it to openai_api (parse) and the engine
+(generate), format the answer.
 
-Endpoints:
-    POST /v1/completions   OpenAI-style subset: prompt, max_tokens, temperature, top_p, top_k,
-                           stop, seed, stream (server-sent events)
-    GET  /health/live      the process answers
-    GET  /health/ready     a tiny forward pass runs
-    GET  /metrics          Prometheus text format (smallmind.metrics plus the server's counters)
-    GET  /                 a playground page: a prompt box that streams the answer
+Endpoints (docs/server.md has the fields and examples):
+    POST /v1/completions        prompt (string, list of strings, token ids), n, stream, logprobs,
+                                echo, stop, seed, penalties, logit_bias, ...
+    POST /v1/chat/completions   messages through the chat template; logprobs / top_logprobs
+    POST /v1/embeddings         mean-pooled final hidden states (ModelEmbedder)
+    GET  /v1/models, /v1/models/{id}
+    GET  /health/live, /health/ready, /metrics (Prometheus), / (the playground page)
 
-Errors are JSON: {"error": {"message": ..., "type": ...}} with 400 (malformed JSON, bad values,
-a prompt over max_prompt_chars), 408 (the body took longer than body_timeout), 413 (a body over
-max_body_bytes), 429 (queue full), 503 (shutting down), 504 (timeout).
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 (the field is
+named in param), 401 (no or a wrong API key), 404, 405, 408 (body too slow), 413 (body too
+big), 429 (queue full, with Retry-After), 500 (the model produced NaN), 503 (shutting down),
+504 (the request ran past timeout).
 
 Against hostile clients: the body is read in pieces and refused as soon as it passes
-max_body_bytes (or its Content-Length says it will); parsing and validation run in a worker
+max_body_bytes (or its Content-Length says it will); parsing and prompt encoding run in a worker
 thread, so that /health/live answers meanwhile; a connection that has not sent a whole request
 head within header_timeout is closed (_header_timeout_protocol); uvicorn refuses connections
-beyond max_connections with 503; and `serve` stops running generations on SIGTERM / Ctrl-C,
-waits at most shutdown_timeout for the rest, and returns (exit status 0, not the signal's).
+beyond max_connections with 503. On SIGTERM / Ctrl-C, `serve` refuses new requests (503), lets
+running ones go on for shutdown_timeout seconds less a margin, then cancels the rest (each gets
+an answer: 503, or an error event in its stream) and returns with exit status 0.
 """
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import queue
 import signal
 import threading
 import time
 import uuid
-import warnings
 
 from .. import metrics as _metrics
-from ..config import ServerOptions
-from ..errors import CancelledError, SmallMindError, ValidationError
+from ..config import InferenceOptions, ServerOptions
+from ..errors import SmallMindError, ValidationError
 from ..model.tokenizer import Tokenizer
 from ..model.transformer import TransformerModel
-from .sampling import Sampling
-from .serving import default_threads_per_request
+from . import openai_api as api
+from .chat import ChatTemplate, find_template
+from .engine import BatchEngine, Done, Failed, Piece, prompt_logprobs
+from .playground import PLAYGROUND
 
 logger = logging.getLogger("smallmind.server")
-
-_FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream",
-           "model", "n"}
-
-_PLAYGROUND = """<!doctype html><html><head><meta charset="utf-8"><title>smallmind</title>
-<style>body{font-family:sans-serif;max-width:48em;margin:2em auto}textarea{width:100%;height:6em}
-pre{white-space:pre-wrap;background:#f4f4f4;padding:1em}</style></head><body>
-<h1>smallmind playground</h1><textarea id="p">The </textarea><br>
-max tokens <input id="n" type="number" value="200"> temperature
-<input id="t" type="number" step="0.1" value="0.8"> <button onclick="go()">Generate</button>
-<pre id="out"></pre><script>
-async function go(){const out=document.getElementById('out');out.textContent='';
-const r=await fetch('/v1/completions',{method:'POST',headers:{'Content-Type':'application/json'},
-body:JSON.stringify({prompt:document.getElementById('p').value,stream:true,
-max_tokens:+document.getElementById('n').value,temperature:+document.getElementById('t').value})});
-if(!r.ok){out.textContent=(await r.json()).error.message;return}
-const rd=r.body.getReader(),dec=new TextDecoder();let buf='';
-for(;;){const {done,value}=await rd.read();if(done)break;buf+=dec.decode(value,{stream:true});
-let i;while((i=buf.indexOf('\\n\\n'))>=0){const ev=buf.slice(0,i);buf=buf.slice(i+2);
-const d=ev.replace(/^data: /,'');if(d==='[DONE]')return;
-out.textContent+=JSON.parse(d).choices[0].text}}}</script></body></html>"""
-
-
-class _Gate:
-    """Admission: `slots` generations at once and `queue` more waiting; beyond, refuse."""
-
-    def __init__(self, slots: int, queue: int):
-        self.slots, self.queue = slots, queue
-        self._sem = asyncio.Semaphore(slots)
-        self.inside = 0          # running or waiting
-
-    def admit(self) -> bool:
-        if self.inside >= self.slots + self.queue:
-            return False
-        self.inside += 1
-        return True
-
-    def leave(self):
-        self.inside -= 1
-
-
-def _safe(text: str) -> str:
-    """`text` with what UTF-8 cannot encode (lone surrogates from a JSON body's escapes) as
-    backslash escapes: an error message that echoes the client's input can always be sent."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _error(status: int, message: str, kind: str, close: bool = False):
-    from fastapi.responses import JSONResponse
-    _metrics.REGISTRY.inc("smallmind_http_errors_total", 1, "HTTP error responses", status=str(status))
-    # close: the client may still be sending a body that nobody will read
-    return JSONResponse({"error": {"message": _safe(message), "type": kind}}, status_code=status,
-                        headers={"Connection": "close"} if close else None)
+access_logger = logging.getLogger("smallmind.server.access")
 
 
 class _Refused(Exception):
@@ -102,6 +56,74 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str, kind: str):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+
+
+def _json(status: int, body: dict, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _api_error(e: "api.APIError"):
+    _metrics.REGISTRY.inc("smallmind_http_errors_total", 1, "HTTP error responses",
+                          status=str(e.status))
+    return _json(e.status, e.body(), e.headers)
+
+
+def _sse(obj) -> str:
+    return "data: " + json.dumps(obj) + "\n\n"
+
+
+class _Front:
+    """ASGI middleware in front of the app: the API key check (constant-time, every key
+    compared) on /v1 routes (and /metrics with metrics_auth), and one access-log line per
+    request (logger smallmind.server.access: JSON with --log-json)."""
+
+    def __init__(self, app, keys: tuple, metrics_auth: bool):
+        self.app = app
+        self.keys = [k.encode("utf-8") for k in keys]
+        self.metrics_auth = metrics_auth
+
+    def _authorized(self, scope) -> bool:
+        given = b""
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                if v[:7].lower() == b"bearer ":
+                    given = v[7:].strip()
+                break
+        ok = False
+        for key in self.keys:                # no early exit: the time does not depend on which
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [0]
+
+        async def send_(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        path = scope.get("path", "")
+        try:
+            guarded = path.startswith("/v1/") or path == "/v1" or (
+                self.metrics_auth and path == "/metrics")
+            if self.keys and guarded and not self._authorized(scope):
+                err = api.APIError(401, "no or an incorrect API key: send 'Authorization: Bearer "
+                                   "KEY'", "invalid_request_error", None, "invalid_api_key",
+                                   {"WWW-Authenticate": "Bearer"})
+                await _api_error(err)(scope, receive, send_)
+                return
+            await self.app(scope, receive, send_)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            ms = 1e3 * (time.perf_counter() - t0)
+            access_logger.info('%s "%s %s" %d %.1f ms', client[0], scope.get("method"), path,
+                               status[0], ms, extra={"client": client[0], "method": scope.get("method"),
+                                                     "path": path, "status": status[0],
+                                                     "duration_ms": round(ms, 3)})
 
 
 async def _read_body(request, limit: int, timeout: float) -> bytes:
@@ -132,216 +154,310 @@ async def _read_body(request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_request(body: bytes, defaults, max_prompt_chars: "int | None" = None) -> dict:
-    try:
-        req = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        # RecursionError: json.loads gives up on a body of deeply nested arrays; without this
-        # catch such a request got a 500 instead of a 400. (UnicodeDecodeError is a ValueError.)
-        raise ValidationError(f"the body is not valid JSON: {e}") from None
-    if not isinstance(req, dict):
-        raise ValidationError("the body must be a JSON object")
-    unknown = set(req) - _FIELDS
-    if unknown:      # ascii(): a name may hold anything, lone surrogates included
-        raise ValidationError(f"unknown field(s): {', '.join(ascii(k) for k in sorted(unknown))}")
-    prompt = req.get("prompt")
-    if not isinstance(prompt, str):
-        raise ValidationError("prompt must be a string")
-    if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
-        raise ValidationError(f"prompt is {len(prompt)} characters, more than the limit of "
-                              f"{max_prompt_chars} (max_prompt_chars)")
-    if req.get("n", 1) != 1:
-        raise ValidationError("n must be 1")
-    stop = req.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list)
-                                                           and all(isinstance(s, str) for s in stop))):
-        raise ValidationError("stop must be a string or a list of strings")
-    stream = req.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ValidationError("stream must be true or false")
-    kw = dict(max_new_tokens=req.get("max_tokens", defaults.max_tokens),
-              temperature=req.get("temperature", defaults.temperature),
-              top_k=req.get("top_k", defaults.top_k), top_p=req.get("top_p", defaults.top_p),
-              seed=req.get("seed", defaults.seed), stop=stop)
-    n = kw["max_new_tokens"]
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4096:
-        raise ValidationError(f"max_tokens must be an int in [0, 4096], got {n!r}")
-    return {"prompt": prompt, "stream": stream, "kwargs": kw}
-
-
 def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOptions | None" = None,
-               inference=None, model_name: str = "smallmind"):
-    """The FastAPI application serving `model` (put in eval mode, shared by every request)."""
+               inference: "InferenceOptions | None" = None, model_name: str = "smallmind", *,
+               template: "ChatTemplate | None" = None, model_path: "str | None" = None):
+    """The ASGI application serving `model` (put in eval mode, shared by every request) with
+    the OpenAI API. The batch engine starts with the application (its lifespan) and stops with
+    it; app.state.smallmind_engine is the engine while it runs. model_path (the checkpoint) is
+    where a chat_template.jinja is looked for."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
-
-    from ..config import InferenceOptions
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     options = options or ServerOptions()
     inference = inference or InferenceOptions()
     model.eval()
-    threads = options.threads_per_request or default_threads_per_request(options.max_concurrency)
-    app = FastAPI(title="smallmind", docs_url=None, redoc_url=None)
-    state: dict[str, _Gate | None] = {"gate": None}
-    running: set[threading.Event] = set()       # the cancel events of admitted requests
-    stopping = threading.Event()                # set once shutdown starts
+    keys = options.api_keys()
+    template = template or find_template(options.chat_template, model_path)
+    name = options.model_name or model_name
+    created = api.now()
+    threads = options.threads_per_request or inference.threads
+    state: dict = {"engine": None, "stopping": False}
 
-    def begin_shutdown():
-        """Stop every running generation now; requests arriving from here on get 503."""
-        stopping.set()
-        for ev in list(running):
-            ev.set()
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine = BatchEngine(model, tokenizer, max_batch=options.max_concurrency,
+                             max_queue=options.queue_size, threads=threads,
+                             window=inference.window, prefill_budget=options.prefill_budget)
+        state["engine"] = app.state.smallmind_engine = engine
+        try:
+            yield
+        finally:
+            state["stopping"] = True
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    app = FastAPI(title="smallmind", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+
+    def begin_shutdown(grace: float | None = None):
+        """Refuse new requests from now on (503); cancel running generations after `grace`
+        seconds (None: now)."""
+        state["stopping"] = True
+        engine = state["engine"]
+        if engine is None:
+            return
+        if grace:
+            threading.Timer(grace, engine.cancel_all).start()
+        else:
+            engine.cancel_all()
 
     app.state.smallmind_begin_shutdown = begin_shutdown
+    app.state.smallmind_model_name = name
 
-    def gate() -> _Gate:       # created inside the server's event loop
-        if state["gate"] is None:
-            state["gate"] = _Gate(options.max_concurrency, options.queue_size)
-        return state["gate"]  # type: ignore[return-value]  # set just above
+    def unavailable():
+        what = "shutting down" if state["stopping"] else "starting"
+        return api.APIError(503, f"the server is {what}", "server_error", None, "unavailable",
+                            {"Retry-After": "1"})
 
-    def validate(req):
-        s = Sampling(model, tokenizer, threads=threads, window=inference.window)
-        # argument checks of Sampling, before any slot is taken
-        from .sampling import check_sampling_args
-        check_sampling_args(**req["kwargs"])
-        with warnings.catch_warnings():        # unknown characters: the reply says enough
-            warnings.simplefilter("ignore")
-            known = tokenizer.encode(req["prompt"])
-        if not known:
-            raise ValidationError("prompt has no character the model knows")
-        return s
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = (f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405)
+               else str(exc.detail))
+        return _api_error(api.APIError(exc.status_code, msg, "invalid_request_error", None, code))
 
-    def completion(text, reason, n_prompt, n_new, rid):
-        return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                "model": model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new,
-                          "total_tokens": n_prompt + n_new}}
+    async def body_of(request: Request) -> bytes:
+        try:
+            return await _read_body(request, options.max_body_bytes, options.body_timeout)
+        except _Refused as e:
+            err = api.APIError(e.status, e.message, e.kind)
+            err.headers = {"Connection": "close"}    # the client may still be sending
+            raise err from None
 
-    def prepare(body: bytes):
-        req = _parse_request(body, inference, options.max_prompt_chars)
-        return req, validate(req)
+    async def parse(request: Request, fn):
+        """(engine, parsed request), parsing and encoding in a worker thread."""
+        engine = state["engine"]
+        if engine is None or state["stopping"]:
+            raise unavailable()
+        body = await body_of(request)
+        ctx = api.Context(engine, inference, options, template, name)
+        loop = asyncio.get_running_loop()
+        try:
+            return engine, await loop.run_in_executor(None, lambda: fn(api.read_json(body), ctx))
+        except ValidationError as e:            # the chat template's failures
+            raise api.APIError(400, str(e), "invalid_request_error", "messages") from None
 
-    def shutting_down():
-        return _error(503, "the server is shutting down", "server_shutting_down")
+    def with_errors(handler):
+        async def run(request: Request):
+            try:
+                return await handler(request)
+            except api.APIError as e:
+                return _api_error(e)
+            except (ClientDisconnect, ConnectionError):
+                # a client that leaves mid-body: nothing to answer, nothing worth a traceback
+                logger.debug("client %s left before sending its whole request", request.client)
+                _metrics.REGISTRY.inc("smallmind_http_client_disconnects_total", 1,
+                                      "clients that left before sending their whole request")
+                from fastapi.responses import Response
+                return Response(status_code=400)
+        return run
+
+    def submit(engine: BatchEngine, req: "api.GenerationRequest"):
+        """Submit every choice; (asyncio queue of (index, event), tickets). 429 when the queue
+        cannot take them all."""
+        free = engine.max_batch + (engine.max_queue or 0) - engine.active - engine.queued
+        if len(req.jobs) > free:
+            raise api.APIError(429, f"the server is busy ({engine.active} running, "
+                               f"{engine.queued} queued)", "rate_limit_error", None,
+                               "rate_limit_exceeded", {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        tickets = []
+        try:
+            for job in req.jobs:
+                def sink(ev, i=job.index):
+                    loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                tickets.append(engine.submit(job.ids, job.params, sink))
+        except queue.Full:
+            for t in tickets:
+                t.cancel()
+            raise api.APIError(429, "the server is busy (queue full)", "rate_limit_error", None,
+                               "rate_limit_exceeded", {"Retry-After": "1"}) from None
+        except SmallMindError:                   # the engine closed under us: shutdown
+            for t in tickets:
+                t.cancel()
+            raise unavailable() from None
+        _metrics.REGISTRY.inc("smallmind_http_requests_total", 1, "generation requests",
+                              endpoint=req.kind, stream=str(req.stream).lower())
+        return events, tickets
+
+    async def echo_infos(req):
+        """Prompt TokenInfos for echo with logprobs (one forward pass per prompt)."""
+        if not (req.echo and req.logprobs is not None):
+            return None
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(None, prompt_logprobs, model, tokenizer, ids,
+                                           req.logprobs, threads) for ids in req.prompt_ids]
+
+    def prompt_usage(req, results) -> int:
+        # each prompt counts once, whatever n is (as OpenAI counts)
+        seen = {}
+        for job in req.jobs:
+            r = results.get(job.index)
+            if r is not None:
+                seen[job.prompt_index] = r.prompt_tokens
+        return sum(seen.values())
+
+    async def generate(request: Request, kind: str):
+        engine, req = await parse(request, api.parse_completion if kind == "completion"
+                                  else api.parse_chat)
+        echoes = await echo_infos(req)
+        events, tickets = submit(engine, req)
+        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            return StreamingResponse(stream(req, events, tickets, rid, echoes),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        t0 = time.perf_counter()
+        results, kept = {}, {}
+
+        async def collect():
+            while len(results) < len(req.jobs):
+                i, ev = await events.get()
+                if isinstance(ev, Done):
+                    results[i], kept[i] = ev.result, ev.tokens
+                elif isinstance(ev, Failed):
+                    raise ev.error
+
+        try:
+            await asyncio.wait_for(collect(), options.timeout)
+        except asyncio.TimeoutError:
+            raise api.APIError(504, f"the request took longer than {options.timeout:g} s "
+                               "(timeout)", "timeout", None, "timeout") from None
+        except SmallMindError as e:               # NaN logits: the model, not the request
+            raise api.APIError(500, str(e), "server_error", None, "model_error") from None
+        finally:
+            for t in tickets:                     # the client left, or a timeout: stop them
+                t.cancel()
+        if any(r.finish_reason == "cancelled" for r in results.values()):
+            raise unavailable()
+        choices = []
+        for job in req.jobs:
+            r, infos = results[job.index], kept[job.index]
+            choices.append(choice(req, job, r.text, r.finish_reason, infos, echoes))
+        n_prompt = prompt_usage(req, results)
+        n_new = sum(len(r.tokens) for r in results.values())
+        _metrics.REGISTRY.observe("smallmind_http_request_seconds", time.perf_counter() - t0,
+                                  "generation request latency")
+        return {"id": rid, "object": "text_completion" if kind == "completion" else "chat.completion",
+                "created": api.now(), "model": name, "choices": choices,
+                "usage": api.usage(n_prompt, n_new),
+                **({"system_fingerprint": None} if kind == "chat" else {})}
+
+    def choice(req, job, text, reason, infos, echoes):
+        if req.kind == "completion":
+            prefix = req.prompts[job.prompt_index] if req.echo else ""
+            lp = None
+            if req.logprobs is not None:
+                pre = echoes[job.prompt_index] if echoes else []
+                lp = api.completion_logprobs(pre + infos, 0)
+            return {"index": job.index, "text": prefix + text, "logprobs": lp,
+                    "finish_reason": reason}
+        return {"index": job.index,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": api.chat_logprobs(infos) if req.logprobs is not None else None,
+                "finish_reason": reason}
+
+    async def stream(req, events, tickets, rid, echoes):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + options.timeout
+        created_ = api.now()
+        offsets = {}                      # completion: the next token's text offset per choice
+        results = {}
+
+        def emit(choices, usage_=None):
+            return _sse(api.chunk(rid, created_, name, req.kind, choices, usage_))
+
+        try:
+            for job in req.jobs:          # the opening chunk of each choice
+                if req.kind == "chat":
+                    yield emit([{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}])
+                    continue
+                offsets[job.index] = 0
+                if req.echo:
+                    p = req.prompts[job.prompt_index]
+                    lp = (api.completion_logprobs(echoes[job.prompt_index], 0)
+                          if echoes else None)
+                    offsets[job.index] = len(p)
+                    yield emit([{"index": job.index, "text": p, "logprobs": lp,
+                                 "finish_reason": None}])
+            while len(results) < len(req.jobs):
+                try:
+                    i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    yield _sse(api.APIError(504, f"the request took longer than "
+                                            f"{options.timeout:g} s (timeout)", "timeout", None,
+                                            "timeout").body())
+                    return
+                if isinstance(ev, Piece):
+                    if req.kind == "chat":
+                        lp = api.chat_logprobs(ev.tokens) if req.logprobs is not None else None
+                        yield emit([{"index": i, "delta": {"content": ev.text}, "logprobs": lp,
+                                     "finish_reason": None}])
+                    else:
+                        lp = (api.completion_logprobs(ev.tokens, offsets[i])
+                              if req.logprobs is not None else None)
+                        offsets[i] += len(ev.text)
+                        yield emit([{"index": i, "text": ev.text, "logprobs": lp,
+                                     "finish_reason": None}])
+                elif isinstance(ev, Done):
+                    results[i] = ev.result
+                    if ev.result.finish_reason == "cancelled":
+                        yield _sse(unavailable().body())
+                        return
+                    last = ({"index": i, "delta": {}, "logprobs": None} if req.kind == "chat"
+                            else {"index": i, "text": "", "logprobs": None})
+                    last["finish_reason"] = ev.result.finish_reason
+                    yield emit([last])
+                else:
+                    yield _sse(api.APIError(500, str(ev.error), "server_error", None,
+                                            "model_error").body())
+                    return
+            if req.include_usage:
+                n_new = sum(len(r.tokens) for r in results.values())
+                yield emit([], api.usage(prompt_usage(req, results), n_new))
+            yield "data: [DONE]\n\n"
+        finally:                          # also when the client disconnects
+            for t in tickets:
+                t.cancel()
 
     @app.post("/v1/completions")
+    @with_errors
     async def completions(request: Request):
-        from starlette.requests import ClientDisconnect
-        t0 = time.perf_counter()
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    @with_errors
+    async def chat_completions(request: Request):
+        return await generate(request, "chat")
+
+    @app.post("/v1/embeddings")
+    @with_errors
+    async def embeddings(request: Request):
+        from ..retrieval.rag import ModelEmbedder
+        engine, (texts, fmt, ids) = await parse(request, api.parse_embeddings)
+        embedder = ModelEmbedder(model, tokenizer, threads=threads)
         loop = asyncio.get_running_loop()
-        if stopping.is_set():
-            return shutting_down()
-        try:
-            body = await _read_body(request, options.max_body_bytes, options.body_timeout)
-            # in a worker thread: a big body's JSON and its prompt's encoding take time that
-            # the event loop (and /health/live) should not wait for
-            req, sampler = await loop.run_in_executor(None, prepare, body)
-        except _Refused as e:
-            return _error(e.status, e.message, e.kind, close=True)
-        except (ValidationError, TypeError) as e:
-            return _error(400, str(e), "invalid_request_error")
-        except (ClientDisconnect, ConnectionError):
-            # a client that leaves mid-body: nothing to answer, nothing worth a traceback
-            logger.debug("client %s left before sending its whole request", request.client)
-            _metrics.REGISTRY.inc("smallmind_http_client_disconnects_total", 1,
-                                  "clients that left before sending their whole request")
-            from fastapi.responses import Response
-            return Response(status_code=400)
-        g = gate()
-        if not g.admit():
-            return _error(429, f"the server is busy ({g.slots} running, {g.queue} queued)",
-                          "rate_limit_error")
-        rid = "cmpl-" + uuid.uuid4().hex[:24]
-        cancel = threading.Event()
-        try:
-            await asyncio.wait_for(g._sem.acquire(), options.timeout)
-        except asyncio.TimeoutError:
-            g.leave()
-            return _error(504, "timed out waiting for a free slot", "timeout")
-        running.add(cancel)
+        vectors = await loop.run_in_executor(None, embedder.embed, texts)
+        _metrics.REGISTRY.inc("smallmind_http_requests_total", 1, "generation requests",
+                              endpoint="embeddings", stream="false")
+        return api.embeddings_response(vectors, fmt, name, sum(map(len, ids)))
 
-        def release():
-            running.discard(cancel)
-            g._sem.release()
-            g.leave()
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [api.model_card(name, created, model)]}
 
-        if stopping.is_set():
-            release()
-            return shutting_down()
-        _metrics.REGISTRY.inc("smallmind_http_requests_total", 1, "completion requests",
-                              stream=str(req["stream"]).lower())
-
-        if not req["stream"]:
-            try:
-                fut = loop.run_in_executor(None, lambda: sampler.generate(
-                    req["prompt"], cancel=cancel, return_details=True, **req["kwargs"]))
-                try:
-                    r = await asyncio.wait_for(asyncio.shield(fut), options.timeout)
-                except asyncio.TimeoutError:
-                    cancel.set()
-                    await asyncio.gather(fut, return_exceptions=True)
-                    return _error(504, f"generation took longer than {options.timeout} s", "timeout")
-                except asyncio.CancelledError:            # the client went away
-                    cancel.set()
-                    await asyncio.gather(fut, return_exceptions=True)
-                    raise
-                except CancelledError:                    # begin_shutdown stopped it
-                    return shutting_down()
-            finally:
-                release()
-            _metrics.REGISTRY.observe("smallmind_http_request_seconds", time.perf_counter() - t0,
-                                      "completion request latency")
-            return completion(r.text, r.finish_reason, r.prompt_tokens, r.new_tokens, rid)
-
-        async def events():
-            queue: asyncio.Queue = asyncio.Queue()
-            done = object()
-
-            def work():
-                result = None
-                try:
-                    it = sampler.stream(req["prompt"], cancel=cancel, **req["kwargs"])
-                    while True:
-                        try:
-                            piece = next(it)
-                        except StopIteration as e:
-                            result = e.value
-                            break
-                        loop.call_soon_threadsafe(queue.put_nowait, piece)
-                except CancelledError as e:          # the client left, or shutdown
-                    result = getattr(e, "result", None)
-                except BaseException as e:        # reported in the stream
-                    loop.call_soon_threadsafe(queue.put_nowait, e)
-                loop.call_soon_threadsafe(queue.put_nowait, (done, result))
-
-            fut = loop.run_in_executor(None, work)
-            deadline = loop.time() + options.timeout
-            try:
-                while True:
-                    try:
-                        item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
-                    except asyncio.TimeoutError:
-                        cancel.set()
-                        yield "data: " + json.dumps({"error": {"message": "timeout", "type": "timeout"}}) + "\n\n"
-                        break
-                    if isinstance(item, tuple) and item[0] is done:
-                        r = item[1]
-                        last = completion("", r.finish_reason if r else "cancelled",
-                                          r.prompt_tokens if r else 0, r.new_tokens if r else 0, rid)
-                        yield "data: " + json.dumps(last) + "\n\n"
-                        yield "data: [DONE]\n\n"
-                        break
-                    if isinstance(item, BaseException):
-                        yield "data: " + json.dumps({"error": {"message": str(item), "type": "server_error"}}) + "\n\n"
-                        break
-                    yield "data: " + json.dumps(completion(item, None, 0, 0, rid)) + "\n\n"
-            finally:                                   # also when the client disconnects
-                cancel.set()
-                await asyncio.gather(fut, return_exceptions=True)
-                release()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+    @app.get("/v1/models/{model_id:path}")
+    @with_errors
+    async def model_info(request: Request):
+        model_id = request.path_params["model_id"]
+        if model_id != name:
+            raise api.APIError(404, f"the model {model_id!r} does not exist (this server has "
+                               f"{name!r})", "invalid_request_error", "model", "model_not_found")
+        return api.model_card(name, created, model)
 
     @app.get("/health/live")
     async def live():
@@ -350,25 +466,37 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     @app.get("/health/ready")
     async def ready():
         import numpy as np
+        if state["engine"] is None or state["stopping"]:
+            return _api_error(unavailable())
         t = time.perf_counter()
         try:
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: model.forward(np.zeros((1, 1), np.int32), threads=1))
         except SmallMindError as e:
-            return _error(503, f"the model cannot run: {e}", "not_ready")
+            return _api_error(api.APIError(503, f"the model cannot run: {e}", "server_error",
+                                           None, "not_ready"))
         return {"status": "ok", "forward_ms": round(1e3 * (time.perf_counter() - t), 3)}
 
     @app.get("/metrics")
     async def metrics():
-        g = gate()
-        _metrics.REGISTRY.set("smallmind_http_in_flight", g.inside, "requests running or queued")
+        engine = state["engine"]
+        if engine is not None:
+            _metrics.REGISTRY.set("smallmind_http_in_flight", engine.active + engine.queued,
+                                  "requests running or queued")
+            _metrics.REGISTRY.set("smallmind_engine_active", engine.active,
+                                  "requests the batch engine is decoding")
+            _metrics.REGISTRY.set("smallmind_engine_queued", engine.queued,
+                                  "requests waiting for a slot of the batch engine")
+        _metrics.REGISTRY.set("smallmind_model_info", 1, "the served model", id=name,
+                              dtype="float32")
         return PlainTextResponse(_metrics.render_prometheus(),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def playground():
-        return HTMLResponse(_PLAYGROUND)
+        return HTMLResponse(PLAYGROUND)
 
+    app.add_middleware(_Front, keys=keys, metrics_auth=options.metrics_auth)
     return app
 
 
@@ -468,7 +596,11 @@ def make_server(config, begin_shutdown):
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets=None):
-            begin_shutdown()
+            # running requests get shutdown_timeout less a margin to finish; then they are
+            # cancelled, early enough that each still gets its answer (503 or an error event)
+            # before uvicorn closes what is left
+            grace = config.timeout_graceful_shutdown
+            begin_shutdown(None if not grace else max(0.0, grace - min(1.0, grace / 4)))
             await super().shutdown(sockets)
 
     return Server(config)
@@ -485,8 +617,10 @@ def uvicorn_config(app, options: "ServerOptions", log_level: str = "warning"):
                           timeout_graceful_shutdown=options.shutdown_timeout)  # type: ignore[arg-type]
 
 
-def serve(model, tokenizer, options: "ServerOptions", inference=None, model_name="smallmind"):
+def serve(model, tokenizer, options: "ServerOptions", inference=None, model_name="smallmind",
+          model_path=None):
     """Run the server until SIGTERM or Ctrl-C, then return (see the module's docstring)."""
-    app = create_app(model, tokenizer, options, inference, model_name)
-    logger.info("serving %s on http://%s:%d", model_name, options.host, options.port)
+    app = create_app(model, tokenizer, options, inference, model_name, model_path=model_path)
+    name = app.state.smallmind_model_name
+    logger.info("serving %s on http://%s:%d", name, options.host, options.port)
     make_server(uvicorn_config(app, options), app.state.smallmind_begin_shutdown).run()
