@@ -97,10 +97,10 @@ def _bool(req, name, default=False):
     return v
 
 
-def _stop(req) -> tuple:
+def _stop(req, default: tuple = ()) -> tuple:
     v = req.get("stop")
     if v is None:
-        return ()
+        return tuple(default)
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _bad("stop", "stop must be a string or a list of strings")
@@ -255,7 +255,7 @@ def parse_completion(req: dict, ctx: Context) -> GenerationRequest:
     _refuse_unless(req, "best_of", lambda v: v is None or v == n)
     logprobs = _int(req, "logprobs", None, 0, MAX_LOGPROBS)
     max_tokens = _int(req, "max_tokens", ctx.inference.max_tokens, 0, MAX_TOKENS)
-    params = _sampling(req, ctx, max_tokens, _stop(req), logprobs)
+    params = _sampling(req, ctx, max_tokens, _stop(req, ctx.inference.stop), logprobs)
     stream, include = _stream_flags(req)
     return GenerationRequest("completion", _model(req, ctx), _jobs(req, ctx, ids, params), texts,
                              ids, stream, include, echo=_bool(req, "echo"), logprobs=logprobs)
@@ -309,7 +309,7 @@ def parse_chat(req: dict, ctx: Context) -> GenerationRequest:
         raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
     mt = req.get("max_completion_tokens", req.get("max_tokens"))
     max_tokens = _int({"max_tokens": mt}, "max_tokens", ctx.inference.max_tokens, 0, MAX_TOKENS)
-    stop = tuple(dict.fromkeys(_stop(req) + ctx.template.stop))
+    stop = tuple(dict.fromkeys(_stop(req, ctx.inference.stop) + ctx.template.stop))
     params = _sampling(req, ctx, max_tokens, stop, top if want else None)
     stream, include = _stream_flags(req)
     return GenerationRequest("chat", _model(req, ctx), _jobs(req, ctx, ids, params), [prompt], ids,
