@@ -2,6 +2,7 @@
 untrusted input (checkpoint files, index files, the tokenizer, HTTP completion requests). A
 target returns normally or raises one of the exceptions that parser documents; anything else -
 another exception, a crash, a hang, a wrong round trip - is a bug. fuzz/run.py drives them."""
+import dataclasses
 import json
 import os
 import tempfile
@@ -11,9 +12,10 @@ import numpy as np
 
 import smallmind as sm
 from smallmind import safetensors as _safetensors
-from smallmind.config import InferenceOptions
-from smallmind.generation.sampling import check_sampling_args
-from smallmind.generation.server import _parse_request
+from smallmind.config import InferenceOptions, ServerOptions
+from smallmind.generation import openai_api
+from smallmind.generation.chat import ChatTemplate
+from smallmind.generation.engine import BatchEngine
 from smallmind.model.checkpoint import model_from_checkpoint
 
 # Files go to RAM when the machine has /dev/shm: thousands of loads a second, no disk wear.
@@ -108,25 +110,24 @@ def tokenizer(data: bytes) -> None:
         pass
 
 
-_DEFAULTS = InferenceOptions()
-_SAMPLER = sm.Sampling(_MODEL, _TOK, threads=1)
+_ENGINE = BatchEngine(_MODEL, _TOK, max_batch=2, threads=1)
+_CTX = openai_api.Context(_ENGINE, InferenceOptions(), ServerOptions(), ChatTemplate.default(),
+                          "fuzz")
 
 
 def http(data: bytes) -> None:
-    """The server's parsing and validation of a POST /v1/completions body (what decides 400),
-    then a short generation with what was accepted. The server answers 400 for ValidationError
-    and TypeError; anything else would be a 500."""
+    """The server's parsing and validation of a POST /v1/completions or /v1/chat/completions
+    body (what decides 400: APIError, or ValidationError from the chat template), then a short
+    generation of the first choice with what was accepted. Anything else would be a 500."""
     try:
-        req = _parse_request(data, _DEFAULTS)
-        check_sampling_args(**req["kwargs"])
-    except (sm.ValidationError, TypeError):
+        req = openai_api.read_json(data)
+        parse = openai_api.parse_chat if "messages" in req else openai_api.parse_completion
+        parsed = parse(req, _CTX)
+    except (openai_api.APIError, sm.ValidationError):
         return
-    kw = dict(req["kwargs"], max_new_tokens=min(req["kwargs"]["max_new_tokens"], 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", sm.UnknownCharacterWarning)
-        if not _TOK.encode(req["prompt"]):
-            return
-        _SAMPLER.generate(req["prompt"], **kw)
+    job = parsed.jobs[0]
+    params = dataclasses.replace(job.params, max_new_tokens=min(job.params.max_new_tokens, 3))
+    _ENGINE.generate_ids(job.ids, params)
 
 
 TARGETS = {"checkpoint": checkpoint, "index": index, "tokenizer": tokenizer, "http": http}

@@ -17,13 +17,13 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("jinja2")
 
+from test_server import TOK, _free_port, _outstanding  # noqa: E402
+
 import smallmind as sm  # noqa: E402
 from smallmind.config import ServerOptions  # noqa: E402
 from smallmind.generation.chat import ChatTemplate, find_template  # noqa: E402
 from smallmind.generation.engine import BatchEngine, SamplingParams  # noqa: E402
 from smallmind.generation.server import create_app, uvicorn_config  # noqa: E402
-
-from test_server import TOK, _free_port, _outstanding  # noqa: E402
 
 KEY = "sk-test-0123"
 

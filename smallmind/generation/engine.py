@@ -300,6 +300,20 @@ class BatchEngine(Closeable):
         except StopIteration as e:
             return e.value
 
+    def generate_ids(self, ids: Sequence[int], params: SamplingParams) -> GenerationResult:
+        """The whole continuation of the prompt token ids `ids` (blocking)."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        ticket = self.submit(ids, params, q.put)
+        try:
+            while True:
+                ev = q.get()
+                if isinstance(ev, Done):
+                    return ev.result
+                if isinstance(ev, Failed):
+                    raise ev.error
+        finally:
+            ticket.cancel()
+
     def _params(self, params, kwargs) -> SamplingParams:
         if params is None:
             return SamplingParams.make(vocab_size=self.tokenizer.vocab_size, **kwargs)

@@ -189,7 +189,7 @@ def _sampling(req: dict, ctx: Context, max_tokens, stop: tuple, logprobs) -> Sam
         temperature=_num(req, "temperature", d.temperature, 0.0, 1e6),
         top_k=_int(req, "top_k", d.top_k, 0, 1 << 30),
         top_p=_num(req, "top_p", d.top_p, 0.0, 1.0, lo_open=True),
-        seed=_int(req, "seed", d.seed, 0, 2 ** 63 - 1),
+        seed=_int(req, "seed", d.seed, 0, 2 ** 128 - 1),
         stop=stop,
         presence_penalty=_num(req, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_num(req, "frequency_penalty", 0.0, -2.0, 2.0),

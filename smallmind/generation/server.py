@@ -176,17 +176,24 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     threads = options.threads_per_request or inference.threads
     state: dict = {"engine": None, "stopping": False}
 
+    def start_engine():
+        """The engine, started on first use (the lifespan's start, or the first request where
+        the ASGI server runs no lifespan)."""
+        if state["engine"] is None and not state["stopping"]:
+            state["engine"] = app.state.smallmind_engine = BatchEngine(
+                model, tokenizer, max_batch=options.max_concurrency, max_queue=options.queue_size,
+                threads=threads, window=inference.window, prefill_budget=options.prefill_budget)
+        return state["engine"]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine = BatchEngine(model, tokenizer, max_batch=options.max_concurrency,
-                             max_queue=options.queue_size, threads=threads,
-                             window=inference.window, prefill_budget=options.prefill_budget)
-        state["engine"] = app.state.smallmind_engine = engine
+        start_engine()
         try:
             yield
         finally:
             state["stopping"] = True
-            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+            if state["engine"] is not None:
+                await asyncio.get_running_loop().run_in_executor(None, state["engine"].close)
 
     app = FastAPI(title="smallmind", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
@@ -228,7 +235,7 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
 
     async def parse(request: Request, fn):
         """(engine, parsed request), parsing and encoding in a worker thread."""
-        engine = state["engine"]
+        engine = start_engine()
         if engine is None or state["stopping"]:
             raise unavailable()
         body = await body_of(request)
@@ -466,7 +473,7 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
     @app.get("/health/ready")
     async def ready():
         import numpy as np
-        if state["engine"] is None or state["stopping"]:
+        if start_engine() is None or state["stopping"]:
             return _api_error(unavailable())
         t = time.perf_counter()
         try:
