@@ -221,7 +221,7 @@ class BatchEngine(Closeable):
         self._pending: collections.deque = collections.deque()
         self._rows: dict[int, _Row] = {}         # slot -> row (engine thread only)
         self._admitting = 0                      # taken from the queue, not yet rows
-        self._cache = None
+        self._cache: _core.GPTCache | None = None
         self._stopping = False
         self._steps = _StepThreads(self.threads)
         self.steps = 0                           # decode steps run (for tests and metrics)
@@ -455,6 +455,8 @@ class BatchEngine(Closeable):
         nv = tok.vocab_size
         if self._cache is None and (admitted or self._rows):
             self._cache = _core.GPTCache(cfg, self.max_batch, T)
+        if self._cache is None:
+            return                               # nothing to do (nothing admitted or running)
         cache = self._cache
         # 1. prefill the admitted prompts into free slots
         fresh = {}

@@ -227,6 +227,7 @@ def _jobs(req, ctx, prompt_ids, params: SamplingParams) -> list:
 def parse_completion(req: dict, ctx: Context) -> GenerationRequest:
     """POST /v1/completions."""
     prompt = req.get("prompt")
+    texts: list[Any]
     if isinstance(prompt, str):
         texts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):

@@ -318,7 +318,8 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         t0 = time.perf_counter()
-        results, kept = {}, {}
+        results: dict = {}
+        kept: dict = {}
 
         async def collect():
             while len(results) < len(req.jobs):
@@ -371,8 +372,8 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
         loop = asyncio.get_running_loop()
         deadline = loop.time() + options.timeout
         created_ = api.now()
-        offsets = {}                      # completion: the next token's text offset per choice
-        results = {}
+        offsets: dict = {}                # completion: the next token's text offset per choice
+        results: dict = {}
 
         def emit(choices, usage_=None):
             return _sse(api.chunk(rid, created_, name, req.kind, choices, usage_))
