@@ -26,6 +26,7 @@ running ones go on for shutdown_timeout seconds less a margin, then cancels the 
 an answer: 503, or an error event in its stream) and returns with exit status 0.
 """
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -71,6 +72,67 @@ def _api_error(e: "api.APIError"):
 
 def _sse(obj) -> str:
     return "data: " + json.dumps(obj) + "\n\n"
+
+
+def _merge_pieces(batch: list) -> list:
+    """A batch's events grouped by choice, each choice's consecutive Pieces as one (text and
+    tokens joined): under load the engine runs ahead of the event loop, and one chunk per token
+    would cost a JSON encoding and a write each. Each choice keeps its own order."""
+    groups: dict = {}
+    for i, ev in batch:
+        evs = groups.setdefault(i, [])
+        if isinstance(ev, Piece) and evs and isinstance(evs[-1], Piece):
+            evs[-1] = Piece(evs[-1].text + ev.text, evs[-1].tokens + ev.tokens)
+        else:
+            evs.append(ev)
+    return [(i, ev) for i, evs in groups.items() for ev in evs]
+
+
+class _Inbox:
+    """One request's events (index of the choice, event), filled by the _Mailbox."""
+
+    def __init__(self):
+        self.items: collections.deque = collections.deque()
+        self.ready = asyncio.Event()
+
+    async def get(self) -> list:
+        """Every event that has arrived (waits for at least one)."""
+        while not self.items:
+            self.ready.clear()
+            if self.items:
+                break
+            await self.ready.wait()
+        out = list(self.items)
+        self.items.clear()
+        return out
+
+
+class _Mailbox:
+    """Hands events from the engine's thread to the event loop in batches: the engine thread
+    appends to one queue, and only the first append after a delivery wakes the loop (one
+    self-pipe write per batch, not per token per request: under load a batch holds a whole
+    engine step, or several). The loop then sorts the events into each request's _Inbox."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.queue: collections.deque = collections.deque()
+        self.armed = False
+
+    def sink(self, inbox: _Inbox, index: int):
+        def put(ev):
+            self.queue.append((inbox, index, ev))
+            if not self.armed:
+                self.armed = True
+                self.loop.call_soon_threadsafe(self._deliver)
+        return put
+
+    def _deliver(self):
+        self.armed = False                   # first: an append from now on schedules again
+        q = self.queue
+        while q:
+            inbox, index, ev = q.popleft()
+            inbox.items.append((index, ev))
+            inbox.ready.set()
 
 
 class _Front:
@@ -262,21 +324,21 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
         return run
 
     def submit(engine: BatchEngine, req: "api.GenerationRequest"):
-        """Submit every choice; (asyncio queue of (index, event), tickets). 429 when the queue
-        cannot take them all."""
+        """Submit every choice; (_Inbox of (index, event), tickets). 429 when the queue cannot
+        take them all."""
         free = engine.max_batch + (engine.max_queue or 0) - engine.active - engine.queued
         if len(req.jobs) > free:
             raise api.APIError(429, f"the server is busy ({engine.active} running, "
                                f"{engine.queued} queued)", "rate_limit_error", None,
                                "rate_limit_exceeded", {"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        if state.get("mailbox") is None:
+            state["mailbox"] = _Mailbox(asyncio.get_running_loop())
+        events = _Inbox()
         tickets = []
         try:
             for job in req.jobs:
-                def sink(ev, i=job.index):
-                    loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-                tickets.append(engine.submit(job.ids, job.params, sink))
+                tickets.append(engine.submit(job.ids, job.params,
+                                             state["mailbox"].sink(events, job.index)))
         except queue.Full:
             for t in tickets:
                 t.cancel()
@@ -323,11 +385,11 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
 
         async def collect():
             while len(results) < len(req.jobs):
-                i, ev = await events.get()
-                if isinstance(ev, Done):
-                    results[i], kept[i] = ev.result, ev.tokens
-                elif isinstance(ev, Failed):
-                    raise ev.error
+                for i, ev in await events.get():
+                    if isinstance(ev, Done):
+                        results[i], kept[i] = ev.result, ev.tokens
+                    elif isinstance(ev, Failed):
+                        raise ev.error
 
         try:
             await asyncio.wait_for(collect(), options.timeout)
@@ -394,36 +456,39 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
                                  "finish_reason": None}])
             while len(results) < len(req.jobs):
                 try:
-                    i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))
+                    batch = await asyncio.wait_for(events.get(), max(0.0, deadline - loop.time()))
                 except asyncio.TimeoutError:
                     yield _sse(api.APIError(504, f"the request took longer than "
                                             f"{options.timeout:g} s (timeout)", "timeout", None,
                                             "timeout").body())
                     return
-                if isinstance(ev, Piece):
-                    if req.kind == "chat":
-                        lp = api.chat_logprobs(ev.tokens) if req.logprobs is not None else None
-                        yield emit([{"index": i, "delta": {"content": ev.text}, "logprobs": lp,
-                                     "finish_reason": None}])
+                out = []                  # the batch's chunks, sent in one write
+                for i, ev in _merge_pieces(batch):
+                    if isinstance(ev, Piece):
+                        if req.kind == "chat":
+                            lp = api.chat_logprobs(ev.tokens) if req.logprobs is not None else None
+                            out.append(emit([{"index": i, "delta": {"content": ev.text},
+                                              "logprobs": lp, "finish_reason": None}]))
+                        else:
+                            lp = (api.completion_logprobs(ev.tokens, offsets[i])
+                                  if req.logprobs is not None else None)
+                            offsets[i] += len(ev.text)
+                            out.append(emit([{"index": i, "text": ev.text, "logprobs": lp,
+                                              "finish_reason": None}]))
+                    elif isinstance(ev, Done):
+                        results[i] = ev.result
+                        if ev.result.finish_reason == "cancelled":
+                            yield "".join(out) + _sse(unavailable().body())
+                            return
+                        last = ({"index": i, "delta": {}, "logprobs": None} if req.kind == "chat"
+                                else {"index": i, "text": "", "logprobs": None})
+                        last["finish_reason"] = ev.result.finish_reason
+                        out.append(emit([last]))
                     else:
-                        lp = (api.completion_logprobs(ev.tokens, offsets[i])
-                              if req.logprobs is not None else None)
-                        offsets[i] += len(ev.text)
-                        yield emit([{"index": i, "text": ev.text, "logprobs": lp,
-                                     "finish_reason": None}])
-                elif isinstance(ev, Done):
-                    results[i] = ev.result
-                    if ev.result.finish_reason == "cancelled":
-                        yield _sse(unavailable().body())
+                        yield "".join(out) + _sse(api.APIError(500, str(ev.error), "server_error",
+                                                               None, "model_error").body())
                         return
-                    last = ({"index": i, "delta": {}, "logprobs": None} if req.kind == "chat"
-                            else {"index": i, "text": "", "logprobs": None})
-                    last["finish_reason"] = ev.result.finish_reason
-                    yield emit([last])
-                else:
-                    yield _sse(api.APIError(500, str(ev.error), "server_error", None,
-                                            "model_error").body())
-                    return
+                yield "".join(out)
             if req.include_usage:
                 n_new = sum(len(r.tokens) for r in results.values())
                 yield emit([], api.usage(prompt_usage(req, results), n_new))
