@@ -294,6 +294,13 @@ cdef extern from "sm_model.h" nogil:
                            const int *tokens, int nthreads)
 
 
+cdef extern from "sm_sample.h" nogil:
+    double sm_sample_uniform(uint64_t key, uint64_t counter)
+    int sm_sample_rows(int *out, const float *logits, int64_t ld, int64_t n, int64_t V,
+                       const float *temperature, const int64_t *top_k, const float *top_p,
+                       const uint64_t *key, const uint64_t *counter, int nthreads)
+
+
 # ---- end of declarations ---------------------------------------------------------------------
 
 # ---- sm_index.h (VectorIndex store and exact top-k search) --------------------------------------
@@ -315,3 +322,4 @@ cdef extern from "sm_index.h" nogil:
                         int64_t *rows, float *scores, int nthreads)
     int sm_index_search_naive(const sm_index *ix, const float *q, int64_t nq, int64_t ldq,
                               int64_t k, int64_t *rows, float *scores)
+

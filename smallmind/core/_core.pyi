@@ -474,3 +474,11 @@ class IndexStore:
     def search(
         self, q: _F32, k: _Int, threads: _Int | None = None, naive: bool = False
     ) -> tuple[npt.NDArray[np.int64], _F32]: ...
+
+# ---- sampling (sm_sample.h) ----
+# the uniform draw in [0, 1) number `counter` of stream `key`
+def sample_uniform(key: _Int, counter: _Int) -> float: ...
+
+# next token per row of logits (n, >= V): int32 (n,), -1 for a row with NaN / infinity
+def sample_rows(logits: _F32, V: _Int, temperature: Any, top_k: Any, top_p: Any, key: Any,
+                counter: Any, threads: _Int | None = None) -> _I32: ...

@@ -53,13 +53,13 @@ from ..model.transformer import TransformerModel
 from .sampling import (
     WINDOWS,
     GenerationResult,
-    _check_finite,
     _find_stop,
     _held_back,
     _prefill_rows,
     _StepThreads,
+    c_settings,
     check_sampling_args,
-    sample_next,
+    seed_key,
     window_keep,
 )
 
@@ -174,7 +174,7 @@ class _Row:
         self.starts: list[int] = []              # where each token's text starts in `text`
         self.emitted = 0                         # characters released
         self.released = 0                        # tokens released with a piece
-        self.rng = np.random.Generator(np.random.PCG64(p.seed))
+        self.key = seed_key(p.seed)              # the row's draws: sample_uniform(key, t)
         self.logits: np.ndarray | None = None    # next-token logits, when ready to sample
         self.ttft = 0.0
         self.bias = None
@@ -478,6 +478,7 @@ class BatchEngine(Closeable):
         # 2. a token for every row; retire the finished; collect the rows that decode
         dec_slots, dec_tokens = [], []
         keep = window_keep(T, self.window)
+        todo: list = []                          # rows that sample a token this step
         for slot in sorted(self._rows):
             row = self._rows[slot]
             if row.ticket.cancelled:
@@ -486,12 +487,17 @@ class BatchEngine(Closeable):
             if row.p.max_new_tokens == 0:
                 self._finish(row, "length")
                 continue
-            try:
-                nxt = self._sample(row)
-            except NumericalError as e:
+            todo.append(row)
+        picks = self._sample(todo)
+        for row, nxt in zip(todo, picks):
+            slot = row.slot
+            if nxt < 0:
                 del self._rows[slot]
                 row.ticket.finished = True
-                self._send(row.ticket, Failed(e))
+                self._send(row.ticket, Failed(NumericalError(
+                    f"the model's logits for new token {len(row.new) + 1} contain NaN or "
+                    "infinity (its weights or activations overflow float32); no token can be "
+                    "chosen")))
                 continue
             if not row.new:
                 row.ttft = time.perf_counter() - row.ticket.submitted
@@ -531,30 +537,39 @@ class BatchEngine(Closeable):
         _metrics.REGISTRY.set("smallmind_engine_batch_rows", len(dec_slots),
                               "rows decoded by the batch engine's last step")
 
-    def _sample(self, row: _Row) -> int:
-        logits = row.logits
-        assert logits is not None
-        _check_finite(logits, len(row.new))
-        p = row.p
-        if row.bias is not None or (row.counts is not None and row.new):
-            z = logits.astype(np.float64)
-            if row.bias is not None:
-                z += row.bias
-            if row.counts is not None and row.new:
-                z -= p.frequency_penalty * row.counts + p.presence_penalty * (row.counts > 0)
-        else:
-            z = logits
-        if p.temperature == 0.0:
-            nxt = int(np.argmax(z))
-        else:
-            nxt = sample_next(z, p.temperature, p.top_k, p.top_p, row.rng)
-        if row.counts is not None:
-            row.counts[nxt] += 1
-        info = TokenInfo(nxt, _token_text(self.tokenizer, nxt))
-        if p.logprobs is not None:
-            info.logprob, info.top = _logprobs(z, nxt, p.logprobs, self.tokenizer)
-        row.infos.append(info)
-        return nxt
+    def _sample(self, rows: list) -> list:
+        """The next token of every row, in one C call (sample_rows); -1 for a row whose logits
+        hold NaN or an infinity. Logit bias and penalties are applied to a row's copy first;
+        log-probabilities are computed for the rows that asked."""
+        if not rows:
+            return []
+        nv = self.tokenizer.vocab_size
+        zs, mat = [], np.empty((len(rows), nv), np.float32)
+        for i, row in enumerate(rows):
+            p, z = row.p, row.logits
+            assert z is not None
+            if row.bias is not None or (row.counts is not None and row.new):
+                z = z.astype(np.float64)
+                if row.bias is not None:
+                    z += row.bias
+                if row.counts is not None and row.new:
+                    z -= p.frequency_penalty * row.counts + p.presence_penalty * (row.counts > 0)
+            mat[i] = z
+            zs.append(z)
+        t, k, tp = c_settings([r.p.temperature for r in rows], [r.p.top_k for r in rows],
+                              [r.p.top_p for r in rows], nv)
+        picks = _core.sample_rows(mat, nv, t, k, tp, [r.key for r in rows],
+                                  [len(r.new) for r in rows], 1).tolist()
+        for row, z, nxt in zip(rows, zs, picks):
+            if nxt < 0:
+                continue
+            if row.counts is not None:
+                row.counts[nxt] += 1
+            info = TokenInfo(nxt, _token_text(self.tokenizer, nxt))
+            if row.p.logprobs is not None:
+                info.logprob, info.top = _logprobs(z, nxt, row.p.logprobs, self.tokenizer)
+            row.infos.append(info)
+        return picks
 
     def _append(self, row: _Row, nxt: int) -> None:
         row.new.append(nxt)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from typing import Any, Iterator, Sequence
@@ -200,32 +202,54 @@ def _check_finite(logits: np.ndarray, step: int) -> None:
                              "(its weights or activations overflow float32); no token can be chosen")
 
 
+def seed_key(seed: int | None) -> int:
+    """The 64-bit key of a sampling stream: the seed itself below 2**64, a hash of it above,
+    fresh randomness for None. Draw t of the stream is a pure function of (key, t)
+    (sm_sample.h), so a seeded stream does not depend on the batch or the thread count."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little")
+    if seed < 2 ** 64:
+        return int(seed)
+    return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little")
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def c_settings(temperature, top_k, top_p, nv: int) -> tuple:
+    """Sampling settings as the C sampler takes them (float32 and int64), keeping what each
+    extreme means: a temperature too small for float32 is the greedy limit (0) and one too
+    large the largest float32 (all but uniform); top_k >= the vocabulary is no limit (0); a
+    top_p too small for float32 keeps just the most likely token."""
+    t = np.asarray(temperature, np.float64)
+    t = np.where((t > 0) & (t.astype(np.float32) == 0), 0.0, np.minimum(t, _F32_MAX))
+    k = [0 if int(x) >= nv else int(x) for x in np.atleast_1d(top_k)]
+    p = np.maximum(np.asarray(top_p, np.float64), _F32_TINY)
+    return t.astype(np.float32), np.asarray(k, np.int64), p.astype(np.float32)
+
+
+def sample_rows(logits: np.ndarray, nv: int, temperature, top_k, top_p, keys, counters) -> np.ndarray:
+    """The next token of each row of logits (n, >= nv), in C (one call for every row: greedy
+    at temperature 0, else temperature / top-k / top-p with draw counters[r] of stream
+    keys[r]). NumericalError names the first row that holds NaN or an infinity."""
+    t, k, p = c_settings(temperature, top_k, top_p, nv)
+    out = _core.sample_rows(logits, nv, t, k, p, keys, counters, 1)
+    if (out < 0).any():
+        raise NumericalError("the model's logits contain NaN or infinity (its weights or "
+                             "activations overflow float32); no token can be chosen")
+    return out
+
+
 def sample_next(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
                 rng: np.random.Generator) -> int:
     """The next token id from one row of logits: argmax at temperature 0 (the first of equal
     maxima), else a draw from softmax(logits / temperature) restricted to the top_k largest
-    (0: all) and to the smallest set of most likely tokens whose probability reaches top_p."""
-    if temperature == 0.0:
-        return int(np.argmax(logits))
-    with np.errstate(over="ignore"):
-        z = logits.astype(np.float64) / temperature
-    if not np.isfinite(z.max()):
-        # A temperature so small (1e-320) that logits / temperature overflows: inf - inf would
-        # make the probabilities NaN. The distribution is then the limit as temperature -> 0.
-        return int(np.argmax(logits))
-    if 0 < top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = order[:int(np.searchsorted(cum, top_p)) + 1]   # reaches top_p (at least one)
-        q = np.zeros_like(p)
-        q[keep] = p[keep]
-        p = q / q.sum()
-    return int(rng.choice(p.size, p=p))
+    (0: all) and to the smallest set of most likely tokens whose probability reaches top_p,
+    with the draw's key taken from `rng`."""
+    row = np.ascontiguousarray(logits, dtype=np.float32).reshape(1, -1)
+    key = int(rng.integers(0, 2 ** 63)) if temperature else 0
+    return int(sample_rows(row, row.shape[1], [temperature], [top_k], [top_p], [key], [0])[0])
 
 
 class Sampling:
@@ -328,8 +352,8 @@ class Sampling:
             ids.append(e)
         B, T, cfg, prm = len(ids), model.config.block_size, model.core_config, model.flat_params
         keep, nv, chars, threads = self._keep(), tok.vocab_size, tok.chars, self.threads
-        rngs = [np.random.Generator(np.random.PCG64(None if seed is None else seed + i))
-                for i in range(B)]
+        keys = np.array([seed_key(None if seed is None else seed + i) for i in range(B)],
+                        np.uint64)
         t0 = time.perf_counter()
         contexts = [list(e[-T:]) for e in ids]
         prompt_tokens = [len(c) for c in contexts]
@@ -355,13 +379,13 @@ class Sampling:
                                                    r.finish_reason)
                     raise err
                 _check_finite(logits[[r is None for r in reasons]], max(map(len, new)))
-                if temperature == 0.0:
-                    picks = logits.argmax(axis=1).tolist()
+                counters = np.array([len(x) for x in new], np.uint64)
+                picks = sample_rows(np.ascontiguousarray(logits), nv, np.full(B, temperature),
+                                    np.full(B, top_k), np.full(B, top_p), keys, counters).tolist()
                 for b in range(B):
                     if reasons[b] is not None:
                         continue
-                    nxt = picks[b] if temperature == 0.0 else sample_next(
-                        logits[b], temperature, top_k, top_p, rngs[b])
+                    nxt = picks[b]
                     new[b].append(nxt)
                     contexts[b].append(nxt)
                     texts[b] += chars[nxt]
@@ -439,7 +463,8 @@ class Sampling:
         params, cfg, threads = model.flat_params, model.core_config, self.threads
         chars = tok.chars
         greedy = temperature == 0.0
-        rng = np.random.Generator(np.random.PCG64(seed))
+        key = np.array([seed_key(seed)], np.uint64)
+        one = (np.array([temperature]), np.array([top_k]), np.array([top_p]))
         t0 = time.perf_counter()
         ttft = 0.0
         new: list[int] = []
@@ -463,8 +488,8 @@ class Sampling:
                     _metrics.record_generation(len(new), err.result.elapsed_sec, ttft, "cancelled")
                     raise err
                 _check_finite(logits, len(new))
-                nxt = int(logits.argmax()) if greedy else sample_next(logits, temperature, top_k,
-                                                                      top_p, rng)
+                nxt = int(logits.argmax()) if greedy else int(sample_rows(
+                    logits[None], nv, *one, key, np.array([len(new)], np.uint64))[0])
                 if not new:
                     ttft = time.perf_counter() - t0
                 new.append(nxt)
