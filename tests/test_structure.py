@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import smallmind as sm
+from smallmind.generation.engine import BatchEngine, SamplingParams
 from smallmind.metrics import REGISTRY
 
 PKG = pathlib.Path(sm.__file__).parent
@@ -29,7 +30,9 @@ OWNERS = {
     "SamplerPool": (lambda: sm.SamplerPool(_model(), TOK, 1),
                     lambda p: p.get().__enter__()),
     "ThrottledInferenceService": (lambda: sm.ThrottledInferenceService(_model(), TOK, 1),
-                                  lambda s: s._sampler()),
+                                  lambda s: s._prepare(TOK.chars[0], 1, {})),
+    "BatchEngine": (lambda: BatchEngine(_model(), TOK, max_batch=1),
+                    lambda e: e.submit([1], SamplingParams(max_new_tokens=1), lambda ev: None)),
 }
 
 

@@ -1,29 +1,28 @@
 """serving.py - two ways to share one model between many callers: a bounded pool of Sampling
-objects shared by threads (SamplerPool) and an asyncio service that throttles concurrent
-generations (ThrottledInferenceService), both over one shared model.
+objects shared by threads (SamplerPool) and an asyncio service over the batch engine
+(ThrottledInferenceService), both over one shared model.
 
-Thread budget policy: every request runs its C calls with a small budget, `threads_per_request`
-(default: the cores divided by the concurrency, at least 1), so that N concurrent requests use
-about the machine's cores instead of N times them. One big request alone is better served by a
-larger budget (Sampling(model, tok, threads=...)).
+Thread budget policy: a SamplerPool's requests each run their C calls with a small budget,
+`threads_per_request` (default: the cores divided by the pool's size, at least 1), so that N
+concurrent requests use about the machine's cores instead of N times them. The service decodes
+all its requests together, so each of its steps takes every core by default.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import functools
 import math
 import os
 import queue
-import threading
 
 from .._lifecycle import Closeable
 from .._validate import check_int, check_number
-from ..errors import ObjectDisposedError
+from ..cancellation import check_cancel
+from ..errors import CancelledError, ObjectDisposedError
 from ..model.tokenizer import Tokenizer
 from ..model.transformer import TransformerModel
-from .sampling import Sampling, _generate_async, _stream_async
+from .engine import BatchEngine, Piece, SamplingParams
+from .sampling import Sampling
 
 __all__ = ["SamplerPool", "ThrottledInferenceService", "default_threads_per_request"]
 
@@ -77,114 +76,96 @@ class SamplerPool(Closeable):
 
 
 class ThrottledInferenceService(Closeable):
-    """Serves generations to asyncio code over one shared model, at most `max_concurrency` at
-    a time (an asyncio semaphore; waiting callers queue), each in a worker thread with its own
-    Sampling and KV cache and a `threads_per_request` budget. `timeout` (seconds, per call,
-    None for none) cancels a generation that runs too long (asyncio.TimeoutError); cancelling
-    the calling task stops decoding before the next token.
+    """Serves generations to asyncio code over one shared model, through a BatchEngine (the
+    server's): at most `max_concurrency` generations are decoded together, in one C call per
+    step, and further calls wait in its queue (FIFO). `threads_per_request`: library threads of
+    each step (default: all cores). `timeout` (seconds, per call, None for none) cancels a
+    generation that runs too long (asyncio.TimeoutError); cancelling the calling task, closing
+    a stream early or a `cancel=` token that fires stops the generation before its next token
+    and frees its slot. Each call's text equals Sampling.generate's with the same arguments.
 
-    close() (or leaving ``with`` / ``async with``; aclose() from a coroutine) refuses new calls
-    and waits for the worker threads."""
+    close() (or leaving ``with`` / ``async with``; aclose() from a coroutine) refuses new calls,
+    cancels the ones still running and stops the engine's thread."""
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, max_concurrency: int = 4,
                  *, threads_per_request: int | None = None, timeout: float | None = None):
         self.max_concurrency = check_int(max_concurrency, "max_concurrency", 1)
-        self.threads_per_request = (default_threads_per_request(self.max_concurrency)
-                                    if threads_per_request is None
+        self.threads_per_request = (None if threads_per_request is None
                                     else check_int(threads_per_request, "threads_per_request", 1))
         if timeout is not None:
             timeout = check_number(timeout, "timeout", 0.0, math.inf, lo_open=True)
         self.timeout = timeout
-        self._model, self._tokenizer = model, tokenizer
-        Sampling(model, tokenizer)                      # validates the pair now
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            self.max_concurrency, thread_name_prefix="smallmind-infer")
-        self._sem: asyncio.Semaphore | None = None     # made on first use, in the running loop
-        self._lock = threading.Lock()
-        self._active = 0
-
-    def _semaphore(self) -> asyncio.Semaphore:
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-        return self._sem
+        self._engine = BatchEngine(model, tokenizer, max_batch=self.max_concurrency,
+                                   threads=self.threads_per_request)
 
     @property
     def active(self) -> int:
-        """Generations running now."""
-        return self._active
+        """Generations being decoded now."""
+        return 0 if self._closed else self._engine.active
 
-    def _sampler(self) -> Sampling:
+    def _prepare(self, prompt, max_new_tokens, kwargs):
         self.check_open()
-        return Sampling(self._model, self._tokenizer, threads=self.threads_per_request)
+        cancel = kwargs.pop("cancel", None)
+        is_cancelled = check_cancel(cancel)
+        params = SamplingParams.make(max_new_tokens=max_new_tokens,
+                                     vocab_size=self._engine.tokenizer.vocab_size, **kwargs)
+        return self._engine.encode(prompt), params, is_cancelled
+
+    async def _pieces(self, ids, params, is_cancelled):
+        try:
+            agen = self._engine.events_async(ids, params)
+        except ObjectDisposedError:
+            raise ObjectDisposedError("this ThrottledInferenceService was closed (disposed)") from None
+        try:
+            async for ev in agen:
+                if is_cancelled():
+                    raise CancelledError("generation cancelled")
+                if isinstance(ev, Piece):
+                    yield ev.text
+                elif ev.result.finish_reason == "cancelled":
+                    if self._closed:
+                        raise ObjectDisposedError("this ThrottledInferenceService was closed "
+                                                  "(disposed)")
+                    raise CancelledError("generation cancelled")
+        finally:
+            await agen.aclose()
 
     async def generate(self, prompt: str, max_new_tokens: int = 100, **kwargs) -> str:
         """Sampling.generate, throttled (same arguments)."""
-        sampler = self._sampler()
-        async with self._semaphore():
-            self.check_open()          # closed while this call waited for a slot?
-            with self._count(), self._closed_guard():
-                coro = _generate_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
-                                       self._executor)
-                if self.timeout is None:
-                    return await coro
-                return await asyncio.wait_for(coro, self.timeout)
+        ids, params, is_cancelled = self._prepare(prompt, max_new_tokens, kwargs)
+
+        async def run():
+            return "".join([p async for p in self._pieces(ids, params, is_cancelled)])
+
+        if self.timeout is None:
+            return await run()
+        return await asyncio.wait_for(run(), self.timeout)
 
     async def stream(self, prompt: str, max_new_tokens: int = 100, **kwargs):
         """Sampling.stream as an async iterator, throttled (the slot is held while it runs)."""
-        sampler = self._sampler()
-        async with self._semaphore():
-            self.check_open()          # closed while this call waited for a slot?
-            with self._count(), self._closed_guard():
-                agen = _stream_async(sampler, prompt, dict(kwargs, max_new_tokens=max_new_tokens),
-                                     self._executor)
+        ids, params, is_cancelled = self._prepare(prompt, max_new_tokens, kwargs)
+        agen = self._pieces(ids, params, is_cancelled)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = None if self.timeout is None else loop.time() + self.timeout
+            while True:
+                left = None if deadline is None else deadline - loop.time()
                 try:
-                    loop = asyncio.get_running_loop()
-                    deadline = None if self.timeout is None else loop.time() + self.timeout
-                    while True:
-                        left = None if deadline is None else deadline - loop.time()
-                        try:
-                            piece = await asyncio.wait_for(agen.__anext__(), left)
-                        except StopAsyncIteration:
-                            break
-                        yield piece
-                finally:
-                    await agen.aclose()
-
-    @contextlib.contextmanager
-    def _count(self):
-        with self._lock:
-            self._active += 1
-        try:
-            yield
+                    piece = await asyncio.wait_for(agen.__anext__(), left)
+                except StopAsyncIteration:
+                    break
+                yield piece
         finally:
-            with self._lock:
-                self._active -= 1
+            await agen.aclose()
 
-    @contextlib.contextmanager
-    def _closed_guard(self):
-        # A call that passed the checks above can still reach the executor after close() shut
-        # it down (the service closed between two steps of the event loop): the executor says
-        # RuntimeError("cannot schedule new futures after shutdown"); say what happened.
-        try:
-            yield
-        except RuntimeError as e:
-            if self._closed and not isinstance(e, ObjectDisposedError):
-                raise ObjectDisposedError("this ThrottledInferenceService was closed (disposed)") from None
-            raise
-
-    def close(self) -> None:
-        """Refuse new calls and wait for the worker threads to finish. Idempotent."""
-        self._closed = True                 # first: calls arriving while we wait are refused
-        self._executor.shutdown(wait=True)
+    def _close(self) -> None:
+        self._engine.close()
 
     async def aclose(self) -> None:
-        """close() for coroutines: waits for the worker threads without blocking the event
-        loop. That matters: a task cancelled just before still needs the loop to run to tell its
-        worker to stop; a blocking close() at that point waited for the whole generation
-        (found under AddressSanitizer, where the asyncio example of docs/generation.md took minutes)."""
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self._executor.shutdown, wait=True))
+        """close() for coroutines: stops the engine without blocking the event loop."""
+        if not self._closed:
+            self._closed = True
+            await asyncio.get_running_loop().run_in_executor(None, self._engine.close)
 
     async def __aenter__(self):
         return self
