@@ -31,8 +31,8 @@ KEY = "sk-test-0123"
 class _Served:
     """A model served on a loopback port, with an API key; .client is an openai.OpenAI."""
 
-    def __init__(self, **opts):
-        self.model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 48, 2, 2, 32, seed=3)).eval()
+    def __init__(self, width=32, **opts):
+        self.model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 48, 2, 2, width, seed=3)).eval()
         self.port = _free_port()
         opts.setdefault("api_key", (KEY,))
         self.options = ServerOptions(host="127.0.0.1", port=self.port, **opts)
@@ -423,3 +423,23 @@ def test_chat_templates_from_the_model_folder_run_in_a_sandbox(tmp_path):
         mutating.render([{"role": "user", "content": "x"}])
     with pytest.raises(sm.ValidationError, match="does not compile"):
         ChatTemplate("{% for %}")
+
+
+def test_access_log_lines_and_timeouts(caplog):
+    # wide enough that 4096 tokens take far longer than the 0.2 s timeout
+    with _Served(width=512, timeout=0.2) as s:
+        h = {"Authorization": f"Bearer {KEY}"}
+        with caplog.at_level("INFO", logger="smallmind.server.access"):
+            assert httpx.get(s.url + "/v1/models", headers=h).status_code == 200
+            assert httpx.get(s.url + "/v1/models").status_code == 401
+            r = httpx.post(s.url + "/v1/completions", headers=h, timeout=30,
+                           json={"prompt": "the", "max_tokens": 4096, "temperature": 1})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        lines = [x for x in caplog.records if x.name == "smallmind.server.access"]
+        assert [(x.method, x.path, x.status) for x in lines] == [
+            ("GET", "/v1/models", 200), ("GET", "/v1/models", 401), ("POST", "/v1/completions", 504)]
+        assert all(x.duration_ms >= 0 and x.client == "127.0.0.1" for x in lines)
+        deadline = time.time() + 10               # the timed-out generation's slot is freed
+        while s.engine.active and time.time() < deadline:
+            time.sleep(0.02)
+        assert s.engine.active == 0

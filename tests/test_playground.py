@@ -14,12 +14,12 @@ import pytest
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+from test_server import TOK, _free_port  # noqa: E402
+
 import smallmind as sm  # noqa: E402
 from smallmind.config import ServerOptions  # noqa: E402
 from smallmind.generation.chat import DEFAULT_STOP, ChatTemplate  # noqa: E402
 from smallmind.generation.server import create_app, uvicorn_config  # noqa: E402
-
-from test_server import TOK, _free_port  # noqa: E402
 
 
 def _browser():
