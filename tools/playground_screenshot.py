@@ -13,15 +13,17 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import uvicorn  # noqa: E402
+from test_playground import _browser, _set, _wait  # noqa: E402
+from test_server import _free_port  # noqa: E402
 
 import smallmind as sm  # noqa: E402
 from smallmind.config import ServerOptions  # noqa: E402
 from smallmind.generation.server import create_app, uvicorn_config  # noqa: E402
-from test_playground import _browser, _set, _wait  # noqa: E402
-from test_server import _free_port  # noqa: E402
+
+OUT = os.path.join("docs", "img", "playground.png")
 
 
-def main(checkpoint, out=os.path.join("docs", "img", "playground.png")):
+def main(checkpoint, out=OUT):
     model, tok = sm.load_checkpoint(checkpoint)
     port = _free_port()
     options = ServerOptions(host="127.0.0.1", port=port)

@@ -222,8 +222,8 @@ def c_settings(temperature, top_k, top_p, nv: int) -> tuple:
     extreme means: a temperature too small for float32 is the greedy limit (0) and one too
     large the largest float32 (all but uniform); top_k >= the vocabulary is no limit (0); a
     top_p too small for float32 keeps just the most likely token."""
-    t = np.asarray(temperature, np.float64)
-    t = np.where((t > 0) & (t.astype(np.float32) == 0), 0.0, np.minimum(t, _F32_MAX))
+    t = np.minimum(np.asarray(temperature, np.float64), _F32_MAX)
+    t = np.where((t > 0) & (t < _F32_TINY), 0.0, t)    # below float32's smallest: greedy
     k = [0 if int(x) >= nv else int(x) for x in np.atleast_1d(top_k)]
     p = np.maximum(np.asarray(top_p, np.float64), _F32_TINY)
     return t.astype(np.float32), np.asarray(k, np.int64), p.astype(np.float32)
