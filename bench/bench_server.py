@@ -5,6 +5,7 @@ clients, against offline Sampling.generate_batch of the same prompts in the same
     python bench/bench_server.py --json bench/results/server.json        # full (~6 min, 2 cores)
     python bench/bench_server.py --quick                                  # smoke run (< 60 s)
     python bench/bench_server.py --pythonpath /tmp/old-tree --label baseline --json base.json
+    python bench/bench_server.py --shared-prefix 192 --prefix-cache 0     # then 4: TTFT effect
 
 The server is `python -m smallmind serve CHECKPOINT` in a subprocess (the smallmind this script
 imports, or the source tree given by --pythonpath: that is how the previous server, a checkout
@@ -18,7 +19,8 @@ time a client waits between updates (a chunk holds every token generated since t
 was sent: one when the event loop keeps up, several when the engine runs ahead; the mean is
 reported as tokens_per_chunk). Aggregate tokens/s: all tokens over the wall time.
 Offline: generate_batch of min(clients, 16) prompts at once, in this process, while the server
-is idle.
+is idle. --shared-prefix N puts the same N characters before every prompt (a system prompt):
+run it with --prefix-cache 0 and with the default to see what the prefix cache does to TTFT.
 """
 import argparse
 import asyncio
@@ -44,17 +46,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start(ck, port, pythonpath, max_concurrency, queue_size):
+def _start(ck, port, pythonpath, max_concurrency, queue_size, extra=()):
     env = dict(os.environ, PYTHONPATH=pythonpath or os.pathsep.join(p for p in sys.path if p))
     p = subprocess.Popen([sys.executable, "-m", "smallmind", "serve", ck, "--port", str(port),
                           "--max-concurrency", str(max_concurrency), "--queue-size",
-                          str(queue_size), "--timeout", "600"], env=env, cwd=tempfile.gettempdir(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          str(queue_size), "--timeout", "600", *extra], env=env,
+                         cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     import httpx
     deadline = time.time() + 60
     while True:
         if p.poll() is not None:
-            raise RuntimeError(p.stderr.read().decode()[-2000:])
+            raise RuntimeError(f"the server exited with status {p.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).status_code == 200:
                 return p
@@ -134,6 +137,9 @@ def main(argv=None):
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--pythonpath", help="run the server from this source tree (the baseline)")
     ap.add_argument("--label", default="batch-engine")
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                    help="every prompt starts with the same N characters (a system prompt)")
+    ap.add_argument("--prefix-cache", type=int, help="the server's --prefix-cache")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -142,7 +148,7 @@ def main(argv=None):
     tok = sm.Tokenizer(text)
     rng = np.random.default_rng(0)
     starts = rng.integers(0, len(text) - 40, 256)
-    prompts = [text[i:i + 32] for i in starts]
+    prompts = [text[:args.shared_prefix] + text[i:i + 32] for i in starts]
     rows = []
     print(f"# {cpu_model()}, {os.cpu_count()} cores, load average {loadavg()}, server: {args.label}")
     print(f"{'preset':<17} {'clients':>7} {'tok/s':>9} {'offline':>9} {'ratio':>6} "
@@ -153,7 +159,8 @@ def main(argv=None):
             ck = os.path.join(d, "model.safetensors")
             sm.save_checkpoint(ck, model, tok)
             port = _free_port()
-            p = _start(ck, port, args.pythonpath, args.max_concurrency, 256)
+            extra = () if args.prefix_cache is None else ("--prefix-cache", str(args.prefix_cache))
+            p = _start(ck, port, args.pythonpath, args.max_concurrency, 256, extra)
             try:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(_load(url, 1, 1, prompts, 8))        # warm-up
@@ -163,7 +170,8 @@ def main(argv=None):
                                                                  args.max_tokens, min(n, 16))
                     row["ratio_to_offline"] = round(row["tokens_per_s"] /
                                                     row["offline_batch_tokens_per_s"], 3)
-                    row.update(preset=preset, server=args.label, load=loadavg())
+                    row.update(preset=preset, server=args.label, load=loadavg(),
+                               shared_prefix=args.shared_prefix, prefix_cache=args.prefix_cache)
                     rows.append(row)
                     print(f"{preset:<17} {n:>7} {row['tokens_per_s']:>9.0f} "
                           f"{row['offline_batch_tokens_per_s']:>9.0f} {row['ratio_to_offline']:>6.2f} "

@@ -822,6 +822,55 @@ int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B,
     return SM_OK;
 }
 
+int sm_attention_forward_tail(float *out, float *lse, const float *qkv, int64_t T, int64_t C,
+                              int64_t NH, int64_t first_block, int nthreads) {
+    /* one sequence: qkv (T, 3C), out (T, C), lse (NH, T); query blocks first_block .. */
+    if (T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    fwd_args A;
+    memset(&A, 0, sizeof(A));
+    A.qkv = qkv;
+    A.out = out;
+    A.lse = lse;
+    A.T = T;
+    A.C = C;
+    A.NH = NH;
+    A.hs = C / NH;
+    A.hsp = sm_round_up(A.hs, 16);
+    A.nqb = sm_ceil_div(T, BLK);
+    A.scale = (float)(1.0 / sqrt((double)A.hs));
+    if (first_block < 0 || first_block >= A.nqb) return SM_ERR_ARG;
+    const att_kernels K = get_kernels();
+    const int64_t nb = A.nqb - first_block, units = NH * nb;
+    const double work = (double)NH * (double)nb * (double)A.nqb * BLK * BLK * 2.0 * A.hs;
+    const int nt = sm_team_size(nthreads, units, work / MACS_PER_OP);
+    const int64_t per = sm_round_up(A.hs * BLK, 16) + BLK * BLK + 2 * BLK * A.hsp + 3 * BLK;
+    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
+    if (!scratch) return SM_ERR_NOMEM;
+    SM_PARALLEL(nt) {
+        const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
+        float *ws = scratch + (int64_t)tid * per;
+        int64_t u0, u1;
+        sm_split_range(units, 1, nth, tid, &u0, &u1);
+        for (int64_t u = u0; u < u1; u++) /* the same block computation as the whole pass */
+            fwd_block(&K, &A, 0, u % NH, first_block + u / NH, ws);
+    }
+    sm_pool_return(scratch);
+    return SM_OK;
+}
+
+void sm_kv_cache_read(float *qkv, const float *k_cache, const float *v_cache, int64_t T,
+                      int64_t NH, int64_t T_max, int64_t hs) {
+    const int64_t C = NH * hs, C3 = 3 * C;
+    for (int64_t h = 0; h < NH; h++) {
+        const float *kt = k_cache + h * hs * T_max, *v = v_cache + h * T_max * hs;
+        for (int64_t t = 0; t < T; t++) {
+            float *dst = qkv + t * C3 + h * hs;
+            for (int64_t d = 0; d < hs; d++) dst[C + d] = kt[kc_index(t, d, hs)];
+            memcpy(dst + 2 * C, v + t * hs, (size_t)hs * sizeof(float));
+        }
+    }
+}
+
 /* ============================================================================================
  * backward
  * ============================================================================================ */

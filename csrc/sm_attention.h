@@ -2,8 +2,9 @@
  * forward pass (online softmax over key tiles) that saves only each row's log-sum-exp, the
  * matching backward pass (recomputes the probabilities tile by tile), and the inference side:
  * a KV cache (prefill, append) and a decode step of one query per sequence against it.
- * Training may drop attention probabilities (the _ex variants). Leaves out: masks other than
- * causal, and a prefill that attends to an already filled cache (chunked prompts).
+ * Training may drop attention probabilities (the _ex variants). A prompt whose first blocks
+ * are cached is finished by the forward pass of its remaining query blocks (_tail). Leaves
+ * out: masks other than causal.
  *
  * Layout (as GPT-2's fused c_attn projection and llm.c):
  *   qkv  (B, T, 3C): for head h, the query is qkv[b, t, h*hs : (h+1)*hs], the key sits at
@@ -78,7 +79,21 @@ int sm_attention_backward_naive_ex(float *dqkv, const float *dout, const float *
                                    const float *out, const float *lse, int64_t B, int64_t T,
                                    int64_t C, int64_t NH, const sm_att_dropout *drop);
 
+/* The forward pass of one sequence (qkv (T, 3C)) for query blocks first_block .. only (rows
+ * first_block * SM_ATT_BLOCK .. T-1 of out (T, C) and lse (NH, T) are written): each block is
+ * computed exactly as by sm_attention_forward, so a prompt whose first blocks are already in
+ * a KV cache is finished with the same bits (the query rows of the skipped blocks are not
+ * read). SM_ERR_ARG when first_block is not a block of T. No dropout. */
+int sm_attention_forward_tail(float *out, float *lse, const float *qkv, int64_t T, int64_t C,
+                              int64_t NH, int64_t first_block, int nthreads);
+
 /* ---- inference: KV cache and decode --------------------------------------------------------- */
+
+/* The keys and values of one sequence's cache positions 0 .. T-1 (k_cache (NH, T_max / 64, hs,
+ * 64), v_cache (NH, T_max, hs) of that sequence) back into qkv rows (T, 3C), at the offsets
+ * C and 2C of each row; the queries are not touched. */
+void sm_kv_cache_read(float *qkv, const float *k_cache, const float *v_cache, int64_t T,
+                      int64_t NH, int64_t T_max, int64_t hs);
 
 /* Copy the keys and values of qkv (B, T, 3C) into cache positions start .. start+T-1 of every
  * sequence (start + T <= T_max). */

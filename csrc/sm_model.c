@@ -658,6 +658,111 @@ int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
     return rc;
 }
 
+int sm_gpt_cache_copy(sm_gpt_cache *dst, int64_t db, const sm_gpt_cache *src, int64_t sb,
+                      int64_t n) {
+    if (!dst || !src || memcmp(&dst->cfg, &src->cfg, sizeof(dst->cfg)) != 0 || db < 0 ||
+        db >= dst->B || sb < 0 || sb >= src->B || n < 1 || n > src->len[sb] ||
+        n > dst->capacity || (dst == src && db == sb))
+        return SM_ERR_ARG;
+    const int64_t NH = dst->cfg.n_head, hs = dst->cfg.n_embd / NH, L = dst->cfg.n_layer;
+    const int64_t nblk = (n + SM_ATT_BLOCK - 1) / SM_ATT_BLOCK; /* whole key blocks */
+    for (int64_t l = 0; l < L; l++)
+        for (int64_t h = 0; h < NH; h++) {
+            const int64_t du = db * NH + h, su = sb * NH + h;
+            const float *sk = src->k + l * cache_layer_floats(src) + su * hs * src->Tmax;
+            const float *sv = src->v + l * cache_layer_floats(src) + su * src->Tmax * hs;
+            float *dk = dst->k + l * cache_layer_floats(dst) + du * hs * dst->Tmax;
+            float *dv = dst->v + l * cache_layer_floats(dst) + du * dst->Tmax * hs;
+            memcpy(dk, sk, (size_t)(nblk * SM_ATT_BLOCK * hs) * sizeof(float));
+            memcpy(dv, sv, (size_t)(n * hs) * sizeof(float));
+        }
+    dst->len[db] = (int)n;
+    return SM_OK;
+}
+
+int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
+                          const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t pre,
+                          int64_t T, int nthreads) {
+    if (!c || !logits || !params || !idx || sm_gpt_config_check(cfg) != SM_OK ||
+        memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0 || b < 0 || b >= c->B || pre < SM_ATT_BLOCK ||
+        pre % SM_ATT_BLOCK != 0 || T - pre <= 4 || T > c->capacity || c->len[b] < pre)
+        return SM_ERR_ARG;
+    const int nt = sm_resolve_threads(nthreads);
+    const int64_t C = cfg->n_embd, C3 = 3 * C, NH = cfg->n_head, hs = C / NH, L = cfg->n_layer;
+    const int64_t V = cfg->vocab_size, N = T - pre, lay = cache_layer_floats(c);
+    const int64_t per_seq = NH * c->Tmax * hs;
+    /* the same steps as gpt_forward_chunk for one sequence, on its last N rows only: every
+     * row-wise operation and every product row has the bits it has in the whole pass (the
+     * products take their matrix path for N > 4, whose rows do not depend on the others) */
+    carver cv = {NULL, 0};
+    float *x = NULL, *res2 = NULL, *ln = NULL, *qkv = NULL, *att = NULL, *lse = NULL;
+    float *br = NULL, *fch = NULL, *g = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        x = CARVE_F(&cv, N * C);
+        res2 = CARVE_F(&cv, N * C);
+        ln = CARVE_F(&cv, N * C);
+        qkv = CARVE_F(&cv, T * C3);
+        att = CARVE_F(&cv, T * C);
+        lse = CARVE_F(&cv, NH * T);
+        br = CARVE_F(&cv, N * C);
+        fch = CARVE_F(&cv, N * 4 * C);
+        g = CARVE_F(&cv, N * 4 * C);
+        if (pass == 0) {
+            cv.base = (char *)sm_pool_rent(sm_pool_default(), (size_t)cv.used);
+            if (!cv.base) return SM_ERR_NOMEM;
+            cv.used = 0;
+        }
+    }
+    int rc = SM_OK;
+    c->len[b] = (int)pre; /* a failure leaves the cached prefix */
+    const float *wte = P(params, SM_GPT_WTE, 0), *wpe = P(params, SM_GPT_WPE, 0);
+    for (int64_t i = 0; i < N; i++) {
+        const int id = idx[pre + i];
+        if (id < 0 || id >= V) {
+            rc = SM_ERR_ARG;
+            goto done;
+        }
+        sm_residual_forward(x + i * C, wte + (int64_t)id * C, wpe + (pre + i) * C, C, 1);
+    }
+    for (int64_t l = 0; l < L; l++) {
+        float *kc = c->k + l * lay + b * per_seq, *vc = c->v + l * lay + b * per_seq;
+        sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
+                             P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
+        rc = sm_sgemm(0, 0, N, C3, C, 1.0f, ln, C, P(params, SM_GPT_QKVW, l), C3, 0.0f,
+                      qkv + pre * C3, C3, nt);
+        if (rc != SM_OK) goto done;
+        sm_bias_add(qkv + pre * C3, P(params, SM_GPT_QKVB, l), N, C3, nt);
+        sm_kv_cache_read(qkv, kc, vc, pre, NH, c->Tmax, hs);
+        sm_kv_cache_prefill(kc, vc, qkv + pre * C3, pre, 1, N, NH, c->Tmax, hs, nt);
+        rc = sm_attention_forward_tail(att, lse, qkv, T, C, NH, pre / SM_ATT_BLOCK, nt);
+        if (rc != SM_OK) goto done;
+        rc = sm_sgemm(0, 0, N, C, C, 1.0f, att + pre * C, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+                      br, C, nt);
+        if (rc != SM_OK) goto done;
+        sm_bias_add(br, P(params, SM_GPT_ATTPROJB, l), N, C, nt);
+        sm_residual_forward(res2, x, br, N * C, nt);
+        sm_layernorm_forward(ln, NULL, NULL, res2, P(params, SM_GPT_LN2W, l),
+                             P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
+        rc = sm_sgemm(0, 0, N, 4 * C, C, 1.0f, ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f, fch,
+                      4 * C, nt);
+        if (rc != SM_OK) goto done;
+        sm_bias_add(fch, P(params, SM_GPT_FCB, l), N, 4 * C, nt);
+        sm_gelu_forward(g, fch, N * 4 * C, nt);
+        rc = sm_sgemm(0, 0, N, C, 4 * C, 1.0f, g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, 0.0f, br,
+                      C, nt);
+        if (rc != SM_OK) goto done;
+        sm_bias_add(br, P(params, SM_GPT_FCPROJB, l), N, C, nt);
+        sm_residual_forward(x, res2, br, N * C, nt);
+    }
+    sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0),
+                         N, C, LN_EPS, nt);
+    rc = sm_sgemm(0, 1, 1, V, C, 1.0f, ln + (N - 1) * C, N * C, wte, C, 0.0f, logits, V, nt);
+    if (rc == SM_OK) c->len[b] = (int)T;
+done:
+    sm_pool_return(cv.base);
+    return rc;
+}
+
 /* A decode step runs in one parallel region (tiny models at batch 1 spend more on waking
  * threads than on arithmetic: one team wake-up per token, not ~15 per layer). Threads meet at
  * barriers where the next step needs every column of the last; layer norms are computed by

@@ -178,6 +178,22 @@ int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
                        const sm_gpt_config *cfg, int64_t b, int64_t nb, const int *idx, int64_t T,
                        int nthreads);
 
+/* Copy the first n cached positions of sequence sb of src into sequence db of dst (caches of
+ * one configuration, n <= src's length, n <= dst's capacity; not a sequence onto itself);
+ * dst's sequence then holds those n tokens. */
+int sm_gpt_cache_copy(sm_gpt_cache *dst, int64_t db, const sm_gpt_cache *src, int64_t sb,
+                      int64_t n);
+
+/* Finish the prefill of sequence b whose cache already holds the keys and values of the
+ * prompt's first `pre` tokens (a prefix cache): idx holds the whole prompt (T tokens), pre is
+ * a multiple of 64, and more than 4 tokens follow it. Every value - the cached keys and values
+ * of positions P .. T-1 and the logits (V) of position T-1 - has the bits a prefill of the
+ * whole prompt gives (the rows after the prefix are computed exactly as in that pass, and the
+ * first query blocks, whose keys and values are cached, are skipped). SM_ERR_ARG otherwise. */
+int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
+                          const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t pre,
+                          int64_t T, int nthreads);
+
 /* One more token per sequence, tokens (B), at position length(b): appends its keys and values
  * and writes the next-token logits (B, V). SM_ERR_STATE when a sequence is full (length ==
  * capacity) or empty (no prefill yet); SM_ERR_ARG on a config mismatch. */

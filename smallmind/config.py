@@ -231,6 +231,8 @@ class ServerOptions:
     api_key_file (one key per line, added to api_key), metrics_auth (/metrics needs a key
     too), max_n (the most choices one request may ask for: n, times the prompts of a list),
     prefill_budget (prompt tokens the engine prefills per step while others decode),
+    prefix_cache (prompt beginnings kept so that prompts sharing them skip their prefill; 0:
+    none),
     chat_template (a Jinja file building chat prompts; default: the model folder's
     chat_template.jinja, else smallmind's own) and model_name (the id clients use; default:
     the checkpoint's name)."""
@@ -251,6 +253,7 @@ class ServerOptions:
     metrics_auth: bool = False
     max_n: int = 8
     prefill_budget: int = 512
+    prefix_cache: int = 4
     chat_template: str | None = None
     model_name: str | None = None
 
@@ -280,6 +283,7 @@ class ServerOptions:
                "true or false")
         check_int(self.max_n, "max_n", 1, 128)
         check_int(self.prefill_budget, "prefill_budget", 1)
+        check_int(self.prefix_cache, "prefix_cache", 0, 1024)
 
     def api_keys(self) -> tuple:
         """Every accepted key: api_key, then the lines of api_key_file (blank lines and lines

@@ -222,3 +222,53 @@ def test_prefill_of_several_rows_in_one_pass_equals_row_by_row():
         _core.gpt_prefill_seq(m.flat_params, m.core_config, idx, together, 3)     # rows 3..5 of 5
     with pytest.raises(sm.ValidationError, match="idx"):
         _core.gpt_prefill_seq(m.flat_params, m.core_config, idx[None], together, 0)
+
+
+@pytest.mark.parametrize("V,T,L,NH,C", [(65, 256, 2, 4, 64), (40, 200, 2, 2, 24), (64, 320, 1, 12, 768)])
+def test_a_prefill_finished_from_a_cached_prefix_equals_the_whole_prefill(V, T, L, NH, C):
+    """The prefix cache's two calls: gpt_cache_copy moves a prompt's first positions between
+    caches, gpt_prefill_extend computes the rest; logits, cache contents (seen through the
+    next decode steps) and lengths equal a prefill of the whole prompt, bit for bit (head sizes
+    16, 12 - padded - and 64; 1 and 2 threads)."""
+    m = _model(V, T, L, NH, C)
+    prm, cfg = m.flat_params, m.core_config
+    rng = np.random.default_rng(5)
+    for n, pre in [(69, 64), (133, 128), (T - 1, 64), (T - 1, (T - 6) // 64 * 64)]:
+        ids = rng.integers(0, V, n).astype(np.int32)
+        full = _core.GPTCache(cfg, 1, T)
+        want = _core.gpt_prefill_seq(prm, cfg, ids, full, 0, 1)
+        other = np.concatenate([ids[:pre], rng.integers(0, V, 5).astype(np.int32)])
+        store = _core.GPTCache(cfg, 2, T)        # a different prompt with the same beginning
+        _core.gpt_prefill_seq(prm, cfg, other, store, 1, 2)
+        cache = _core.GPTCache(cfg, 3, T)
+        _core.gpt_cache_copy(cache, 1, store, 1, pre)
+        assert cache.lengths == [0, pre, 0]
+        for threads in (1, 2):
+            if threads == 2:
+                _core.gpt_cache_copy(cache, 1, store, 1, pre)
+            got = _core.gpt_prefill_extend(prm, cfg, ids, cache, 1, pre, threads)
+            assert np.array_equal(got, want) and cache.lengths == [0, n, 0]
+        nxt = rng.integers(0, V, 1).astype(np.int32)
+        a = _core.gpt_decode(prm, cfg, nxt, full, 1)[0]
+        b = _core.gpt_decode(prm, cfg, nxt, cache, 1, seqs=np.array([1], np.int32))[0]
+        assert np.array_equal(a, b)
+        for c in (full, store, cache):
+            c.close()
+    ids = rng.integers(0, V, 170).astype(np.int32)
+    cache = _core.GPTCache(cfg, 2, T)
+    _core.gpt_prefill_seq(prm, cfg, ids[:80], cache, 0, 1)
+    for bad, match in [(dict(prefix=32), "prefix"), (dict(prefix=96), "multiple of 64"),
+                       (dict(prefix=128), "prefix"), (dict(seq=1), "fewer than the prefix"),
+                       (dict(seq=2), "seq")]:
+        kw = dict(seq=0, prefix=64)
+        kw.update(bad)
+        with pytest.raises(sm.ValidationError, match=match):
+            _core.gpt_prefill_extend(prm, cfg, ids, cache, **kw)
+    with pytest.raises(sm.ValidationError, match="n"):
+        _core.gpt_cache_copy(cache, 1, cache, 0, 81)          # more than sequence 0 holds
+    with pytest.raises(sm.ValidationError, match="itself"):
+        _core.gpt_cache_copy(cache, 0, cache, 0, 10)
+    with pytest.raises(sm.ValidationError, match="configurations"):
+        _core.gpt_cache_copy(_core.GPTCache(_model(V + 1, T, L, NH, C).core_config, 1, T), 0,
+                             cache, 0, 10)
+    assert cache.lengths == [80, 0]                           # refused calls change nothing

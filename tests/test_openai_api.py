@@ -31,8 +31,8 @@ KEY = "sk-test-0123"
 class _Served:
     """A model served on a loopback port, with an API key; .client is an openai.OpenAI."""
 
-    def __init__(self, width=32, **opts):
-        self.model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 48, 2, 2, width, seed=3)).eval()
+    def __init__(self, width=32, block=48, **opts):
+        self.model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, block, 2, 2, width, seed=3)).eval()
         self.port = _free_port()
         opts.setdefault("api_key", (KEY,))
         self.options = ServerOptions(host="127.0.0.1", port=self.port, **opts)
@@ -443,3 +443,32 @@ def test_access_log_lines_and_timeouts(caplog):
         while s.engine.active and time.time() < deadline:
             time.sleep(0.02)
         assert s.engine.active == 0
+
+
+def test_the_prefix_cache_skips_shared_beginnings_without_changing_a_token():
+    """Chat turns sharing a long system prompt: the engine's prefix cache finishes their
+    prefill from the cached beginning (hits counted), and every answer equals the same request
+    on a server with the prefix cache off, and the library's Sampling."""
+    system = "the quick brown fox jumps over the lazy dog. " * 3        # 135 characters
+    turns = ["the dog", "a lazy fox", "jumps over the quick dog", "the end"]
+    answers = {}
+    for entries in (0, 4):
+        with _Served(block=256, prefix_cache=entries) as s:
+            got = []
+            for t in turns:
+                r = s.client.chat.completions.create(
+                    model="m", max_tokens=15, seed=3,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": t}])
+                got.append(r.choices[0].message.content)
+            answers[entries] = got
+            hits = s.engine._prefixes.hits if entries else 0
+            if entries:
+                assert hits == len(turns) - 1 and s.engine._prefixes.reused >= 128 * hits
+    assert answers[0] == answers[4]
+    with _Served(block=256) as s:
+        tmpl = ChatTemplate.default()
+        for t, text in zip(turns, answers[4]):
+            prompt = tmpl.render([{"role": "system", "content": system}, {"role": "user", "content": t}])
+            with pytest.warns(sm.UnknownCharacterWarning):
+                want = s.solo(prompt, max_new_tokens=15, seed=3, stop=["\nUser:", "\nSystem:"])
+            assert text == want.text

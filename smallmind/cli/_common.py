@@ -27,7 +27,7 @@ def settings_for(args, base=None) -> Settings:
                                         "max_prompt_chars", "header_timeout", "body_timeout",
                                         "max_connections", "shutdown_timeout", "api_key",
                                         "api_key_file", "metrics_auth", "model_name", "max_n",
-                                        "prefill_budget", "chat_template")}
+                                        "prefill_budget", "prefix_cache", "chat_template")}
     if args.command == "train":
         overrides = {"model": {k: flags.get(k) for k in MODEL_FLAGS},
                      "training": {k: flags.get(k) for k in TRAINING_FLAGS}}

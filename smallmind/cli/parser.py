@@ -228,6 +228,9 @@ def build_parser():
                    f"(default: {_default('server', 'max_n')})")
     p.add_argument("--prefill-budget", type=int, help=f"prompt tokens prefilled per engine step "
                    f"while others decode (default: {_default('server', 'prefill_budget')})")
+    p.add_argument("--prefix-cache", type=int, help=f"prompt beginnings (multiples of 64 tokens) "
+                   f"kept so that prompts sharing one skip its prefill; 0 turns it off (default: "
+                   f"{_default('server', 'prefix_cache')})")
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the "
                    "model folder's chat_template.jinja, else smallmind's own)")
 

@@ -292,6 +292,11 @@ cdef extern from "sm_model.h" nogil:
     int sm_gpt_decode_seqs(float *logits, sm_gpt_cache *c, const float *params,
                            const sm_gpt_config *cfg, const int *seqs, int64_t n,
                            const int *tokens, int nthreads)
+    int sm_gpt_cache_copy(sm_gpt_cache *dst, int64_t db, const sm_gpt_cache *src, int64_t sb,
+                          int64_t n)
+    int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
+                              const sm_gpt_config *cfg, int64_t b, const int *idx, int64_t pre,
+                              int64_t T, int nthreads)
 
 
 cdef extern from "sm_sample.h" nogil:

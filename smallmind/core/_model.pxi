@@ -451,3 +451,71 @@ def gpt_decode(params, tuple cfg, tokens, GPTCache cache, threads=None, seqs=Non
                 rc = sm_gpt_decode_seqs(pl, cache.c, pp, &c, ps, B, pt, nt)
     _raise_for(rc, "gpt_decode")
     return logits
+
+
+def gpt_cache_copy(GPTCache dst, dst_seq, GPTCache src, src_seq, n):
+    """Copy the first n cached positions of sequence src_seq of src into sequence dst_seq of
+    dst (same configuration; n <= src's length and dst's capacity); dst's sequence then holds
+    those n tokens. A prefix cache keeps prompts' first tokens this way."""
+    if dst is src:
+        with dst.lock:
+            return _cache_copy(dst, dst_seq, src, src_seq, n)
+    with dst.lock, src.lock:
+        return _cache_copy(dst, dst_seq, src, src_seq, n)
+
+
+cdef _cache_copy(GPTCache dst, dst_seq, GPTCache src, src_seq, n):
+    if dst.c == NULL or src.c == NULL:
+        raise ObjectDisposedError("the KV cache was closed (freed)")
+    if (dst.cfg.vocab_size, dst.cfg.block_size, dst.cfg.n_layer, dst.cfg.n_head, dst.cfg.n_embd) != \
+            (src.cfg.vocab_size, src.cfg.block_size, src.cfg.n_layer, src.cfg.n_head, src.cfg.n_embd):
+        raise ValidationError("the two KV caches belong to different configurations")
+    _check_int(dst_seq, "dst_seq", 0, sm_gpt_cache_B(dst.c) - 1)
+    _check_int(src_seq, "src_seq", 0, sm_gpt_cache_B(src.c) - 1)
+    if dst is src and dst_seq == src_seq:
+        raise ValidationError("cannot copy a sequence onto itself")
+    _check_int(n, "n", 1, min(sm_gpt_cache_length(src.c, src_seq), sm_gpt_cache_capacity(dst.c)))
+    cdef int64_t db = dst_seq, sb = src_seq, nn = n
+    cdef int rc
+    with nogil:
+        rc = sm_gpt_cache_copy(dst.c, db, src.c, sb, nn)
+    _raise_for(rc, "gpt_cache_copy")
+
+
+def gpt_prefill_extend(params, tuple cfg, idx, GPTCache cache, seq, prefix, threads=None):
+    """Finish the prefill of sequence `seq`, whose cache holds the keys and values of the
+    prompt's first `prefix` tokens (a multiple of 64; more than 4 tokens must follow): idx is
+    the whole prompt, int32 (T,). Returns the logits of its last position, float32 (V,), with
+    the bits gpt_prefill_seq of the whole prompt gives, and leaves the same cache contents."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    _check_f32(params, "params", 1)
+    if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&c):
+        raise ValidationError(f"params must hold {sm_gpt_num_params(&c)} floats, got {params.shape[0]}")
+    _check_i32(idx, "idx", 1)
+    _check_ids(idx, "idx", 0, c.vocab_size - 1,
+               f"token ids in [0, {c.vocab_size - 1}] (vocab_size is {c.vocab_size})")
+    cdef int64_t T = idx.shape[0]
+    cdef int nt = _threads(threads)
+    logits = np.empty(int(c.vocab_size), dtype=np.float32)
+    cdef float *pl = _fptr(logits)
+    cdef const float *pp = _fptr(params)
+    cdef const int *pi = _iptr(idx)
+    cdef int rc = SM_OK
+    cdef int64_t b, pre
+    with cache.lock:
+        _check_cache(cache, &c)
+        _check_int(seq, "seq", 0, sm_gpt_cache_B(cache.c) - 1)
+        b = seq
+        _check_int(prefix, "prefix", 64, max(64, T - 5))
+        if prefix % 64:
+            raise ValidationError(f"prefix must be a multiple of 64, got {prefix}")
+        pre = prefix
+        if T > sm_gpt_cache_capacity(cache.c):
+            raise ValidationError(f"idx has {T} positions; the cache holds at most {sm_gpt_cache_capacity(cache.c)}")
+        if sm_gpt_cache_length(cache.c, b) < pre:
+            raise ValidationError(f"sequence {b} holds {sm_gpt_cache_length(cache.c, b)} tokens, fewer than the prefix ({pre})")
+        with nogil:
+            rc = sm_gpt_prefill_extend(pl, cache.c, pp, &c, b, pi, pre, T, nt)
+    _raise_for(rc, "gpt_prefill_extend")
+    return logits

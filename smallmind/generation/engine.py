@@ -63,7 +63,7 @@ from .sampling import (
     window_keep,
 )
 
-__all__ = ["BatchEngine", "SamplingParams", "TokenInfo", "Piece", "Done", "Failed",
+__all__ = ["BatchEngine", "PrefixCache", "SamplingParams", "TokenInfo", "Piece", "Done", "Failed",
            "prompt_logprobs", "log_softmax"]
 
 logger = logging.getLogger("smallmind.engine")
@@ -187,6 +187,87 @@ class _Row:
                        if p.presence_penalty or p.frequency_penalty else None)
 
 
+class PrefixCache:
+    """Keys and values of recent prompts' beginnings, so that a prompt starting the same way (a
+    shared system prompt, a chat's earlier turns) skips their prefill. Entries hold the first
+    L tokens of a prompt, L a multiple of 64 with more than 4 tokens after it (what
+    gpt_prefill_extend needs); a new prompt uses the entry sharing its longest such prefix.
+    The result has exactly the bits of a full prefill (gpt_prefill_extend), so whether a prefix
+    was cached never shows in any output. At most `entries` prefixes, least recently used
+    evicted; the store (entries x block_size positions of keys and values) is rented with the
+    first prefix kept and given back when the engine closes - not when it goes idle, so one
+    user's next chat turn still finds its history. Engine thread only."""
+
+    def __init__(self, model: TransformerModel, entries: int):
+        self.model, self.entries = model, entries
+        self.store = None
+        self.keys: list = [None] * entries     # the token ids each entry holds
+        self.used = [0.0] * entries
+        self.hits = 0
+        self.reused = 0                         # prompt tokens not prefilled thanks to a hit
+
+    @staticmethod
+    def usable(n: int) -> int:
+        """The longest cacheable prefix of an n-token prompt (0: none)."""
+        return max(0, (n - 5) // 64 * 64)
+
+    def _common(self, a: list, b: list) -> int:
+        n = min(len(a), len(b))
+        i = 0
+        while i < n and a[i] == b[i]:
+            i += 1
+        return i // 64 * 64
+
+    def prefill(self, ids: list, cache, slot: int, threads):
+        """Prefill `ids` into `slot` from the best entry: its logits, or None for no entry."""
+        limit = self.usable(len(ids))
+        if self.store is None or limit < 64:
+            return None
+        best, best_len = -1, 0
+        for e, key in enumerate(self.keys):
+            if key is not None:
+                n = min(self._common(key, ids), limit)
+                if n > best_len:
+                    best, best_len = e, n
+        if best < 0:
+            return None
+        m = self.model
+        _core.gpt_cache_copy(cache, slot, self.store, best, best_len)
+        logits = _core.gpt_prefill_extend(m.flat_params, m.core_config, np.asarray(ids, np.int32),
+                                          cache, slot, best_len, threads)
+        self.used[best] = time.monotonic()
+        self.hits += 1
+        self.reused += best_len
+        _metrics.REGISTRY.inc("smallmind_engine_prefix_hits_total", 1,
+                              "prompts whose beginning came from the prefix cache")
+        _metrics.REGISTRY.inc("smallmind_engine_prefix_tokens_reused_total", best_len,
+                              "prompt tokens not prefilled thanks to the prefix cache")
+        return logits
+
+    def remember(self, ids: list, cache, slot: int) -> None:
+        """Keep the beginning of a prompt just prefilled into `slot` (unless an entry already
+        holds it)."""
+        n = self.usable(len(ids))
+        if n < 64:
+            return
+        for key in self.keys:
+            if key is not None and self._common(key, ids) >= n:
+                return
+        if self.store is None:
+            m = self.model
+            self.store = _core.GPTCache(m.core_config, self.entries, m.config.block_size)
+        e = min(range(self.entries), key=lambda i: (self.keys[i] is not None, self.used[i]))
+        _core.gpt_cache_copy(self.store, e, cache, slot, n)
+        self.keys[e] = list(ids[:n])
+        self.used[e] = time.monotonic()
+
+    def clear(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.keys = [None] * self.entries
+
+
 class BatchEngine(Closeable):
     """Continuous batching over `model` with `tokenizer` (see the module's docstring).
 
@@ -195,12 +276,15 @@ class BatchEngine(Closeable):
     waiting; None: no limit); threads: OpenMP threads of
     each step (None: the library default; steps fall back to 1 thread under contention, as
     Sampling's do); window: "shift" or "slide", as Sampling's; prefill_budget: prompt tokens
-    prefilled per step while other requests are decoding (at least one prompt per step).
+    prefilled per step while other requests are decoding (at least one prompt per step);
+    prefix_cache: prompt prefixes kept for reuse (0: none; see PrefixCache). The KV cache is
+    rented when work arrives and given back when the engine is idle; the prefix store lives
+    until close().
     Thread-safe: submit, cancel and close may be called from any thread."""
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_queue: int | None = None, threads: int | None = None, window: str = "shift",
-                 prefill_budget: int = 512):
+                 prefill_budget: int = 512, prefix_cache: int = 4):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         if not isinstance(tokenizer, Tokenizer):
@@ -216,7 +300,9 @@ class BatchEngine(Closeable):
             raise ValidationError(f"window must be one of {WINDOWS}, got {window!r}")
         self.window = window
         self.prefill_budget = check_int(prefill_budget, "prefill_budget", 1)
+        self.prefix_cache = check_int(prefix_cache, "prefix_cache", 0, 1024)
         self.model, self.tokenizer = model, tokenizer
+        self._prefixes = PrefixCache(model, self.prefix_cache) if self.prefix_cache else None
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._rows: dict[int, _Row] = {}         # slot -> row (engine thread only)
@@ -413,6 +499,8 @@ class BatchEngine(Closeable):
             if self._cache is not None:
                 self._cache.close()
                 self._cache = None
+            if self._prefixes is not None:
+                self._prefixes.clear()
 
     def _take_pending(self) -> list:
         """Requests to admit this step (called with the lock held): FIFO while slots are free,
@@ -471,10 +559,19 @@ class BatchEngine(Closeable):
                 self._rows[slot] = row
                 fresh[slot] = row.context
             self._admitting = 0                  # they are rows now (or cancelled)
+            if self._prefixes is not None:       # prompts that start with a cached prefix
+                for slot in sorted(fresh):
+                    logits = self._prefixes.prefill(fresh[slot], cache, slot, self._steps.current)
+                    if logits is not None:
+                        self._rows[slot].logits = logits[:nv]
+                        self._prefixes.remember(fresh[slot], cache, slot)   # a longer one?
+                        del fresh[slot]
             if fresh:
                 logits = _prefill_rows(prm, cfg, cache, fresh, self._steps.current)
                 for i, slot in enumerate(sorted(fresh)):
                     self._rows[slot].logits = logits[i, :nv]
+                    if self._prefixes is not None:
+                        self._prefixes.remember(fresh[slot], cache, slot)
         # 2. a token for every row; retire the finished; collect the rows that decode
         dec_slots, dec_tokens = [], []
         keep = window_keep(T, self.window)

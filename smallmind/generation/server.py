@@ -244,7 +244,8 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
         if state["engine"] is None and not state["stopping"]:
             state["engine"] = app.state.smallmind_engine = BatchEngine(
                 model, tokenizer, max_batch=options.max_concurrency, max_queue=options.queue_size,
-                threads=threads, window=inference.window, prefill_budget=options.prefill_budget)
+                threads=threads, window=inference.window, prefill_budget=options.prefill_budget,
+                prefix_cache=options.prefix_cache)
         return state["engine"]
 
     @contextlib.asynccontextmanager
