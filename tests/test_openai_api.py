@@ -434,8 +434,15 @@ def test_access_log_lines_and_timeouts(caplog):
             assert httpx.get(s.url + "/v1/models").status_code == 401
             r = httpx.post(s.url + "/v1/completions", headers=h, timeout=30,
                            json={"prompt": "the", "max_tokens": 4096, "temperature": 1})
-        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        lines = [x for x in caplog.records if x.name == "smallmind.server.access"]
+            assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+            def lines():      # a line is written once the response is sent: it may trail it
+                return [x for x in caplog.records if x.name == "smallmind.server.access"]
+
+            deadline = time.time() + 10
+            while len(lines()) < 3 and time.time() < deadline:
+                time.sleep(0.01)
+        lines = lines()
         assert [(x.method, x.path, x.status) for x in lines] == [
             ("GET", "/v1/models", 200), ("GET", "/v1/models", 401), ("POST", "/v1/completions", 504)]
         assert all(x.duration_ms >= 0 and x.client == "127.0.0.1" for x in lines)

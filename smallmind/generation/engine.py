@@ -200,7 +200,7 @@ class PrefixCache:
 
     def __init__(self, model: TransformerModel, entries: int):
         self.model, self.entries = model, entries
-        self.store = None
+        self.store: _core.GPTCache | None = None
         self.keys: list = [None] * entries     # the token ids each entry holds
         self.used = [0.0] * entries
         self.hits = 0
