@@ -44,7 +44,12 @@ def _browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1100,1000"):
         opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=opts)
+    # the browser is not ours to instrument: under tools/sanitize.sh the sanitizer runtimes
+    # preloaded into this process would be preloaded into chromedriver and chromium too (they
+    # abort there), so the driver starts without them
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
+    return webdriver.Chrome(service=Service(driver, env=env), options=opts)
 
 
 def _wait(cond, timeout=60.0, what="the page"):
