@@ -230,7 +230,8 @@ class ServerOptions:
     empty: no key needed; the environment variable takes several, comma-separated),
     api_key_file (one key per line, added to api_key), metrics_auth (/metrics needs a key
     too), max_n (the most choices one request may ask for: n, times the prompts of a list),
-    prefill_budget (prompt tokens the engine prefills per step while others decode),
+    prefill_budget (prompt tokens the engine prefills per step while others decode; longer
+    prompts are prefilled in chunks of that size, one per step),
     prefix_cache (prompt beginnings kept so that prompts sharing them skip their prefill; 0:
     none),
     chat_template (a Jinja file building chat prompts; default: the model folder's

@@ -479,3 +479,40 @@ def test_the_prefix_cache_skips_shared_beginnings_without_changing_a_token():
             with pytest.warns(sm.UnknownCharacterWarning):
                 want = s.solo(prompt, max_new_tokens=15, seed=3, stop=["\nUser:", "\nSystem:"])
             assert text == want.text
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_the_others_steps():
+    """prefill_budget=64: a 250-token prompt is prefilled 64 tokens per step (then the rest),
+    while a running request keeps getting a token every step; every output - chunked, cached
+    prefix or not - equals Sampling.generate's."""
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    m = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 256, 2, 2, 32, seed=4)).eval()
+    eng = BatchEngine(m, TOK, max_batch=4, prefill_budget=64, prefix_cache=2)
+    try:
+        events: queue.Queue = queue.Queue()
+        short = eng.submit(TOK.encode("the"), SamplingParams(max_new_tokens=300, seed=1),
+                           lambda ev: events.put(("short", ev)))
+        got_short = 0
+        while got_short < 3:                     # the short one is decoding
+            who, ev = events.get(timeout=30)
+            got_short += who == "short" and type(ev).__name__ == "Piece"
+        at_submit = got_short
+        eng.submit(TOK.encode(text[:250]), SamplingParams(max_new_tokens=5, seed=2),
+                   lambda ev: events.put(("long", ev)))
+        while True:
+            who, ev = events.get(timeout=30)
+            if who == "short":
+                got_short += type(ev).__name__ == "Piece"
+            elif type(ev).__name__ == "Piece":
+                break
+        # 250 tokens: chunks of 64 at admission and in 2 more steps, the last 58 in a third,
+        # then the first token: the short request decoded in each of those steps
+        assert got_short - at_submit >= 3
+        short.cancel()
+        prompts = [text[:250], text[3:200], text[:190] + "fox", "the lazy dog", text[:250] + "x"]
+        for i, p in enumerate(prompts):
+            want = sm.Sampling(m, TOK).generate(p, 12, seed=i, return_details=True)
+            assert eng.generate(p, max_new_tokens=12, seed=i).tokens == want.tokens, i
+        assert eng._prefixes.hits >= 2
+    finally:
+        eng.close()

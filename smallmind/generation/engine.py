@@ -167,7 +167,8 @@ class _Row:
         self.ticket, self.slot, self.p = ticket, slot, p
         self.context = list(window)
         self.prompt_tokens = len(window)
-        self.held = len(window)                 # tokens in the cache
+        self.held = len(window)                 # tokens in the cache (once prefilled)
+        self.filled: int | None = None           # while prefilled in chunks: tokens so far
         self.new: list[int] = []
         self.infos: list[TokenInfo] = []         # one per token of `new`
         self.text = ""
@@ -218,31 +219,30 @@ class PrefixCache:
             i += 1
         return i // 64 * 64
 
-    def prefill(self, ids: list, cache, slot: int, threads):
-        """Prefill `ids` into `slot` from the best entry: its logits, or None for no entry."""
+    def lookup(self, ids: list) -> tuple:
+        """(entry, length) of the longest cached beginning of `ids` usable for it; (-1, 0)."""
         limit = self.usable(len(ids))
         if self.store is None or limit < 64:
-            return None
+            return -1, 0
         best, best_len = -1, 0
         for e, key in enumerate(self.keys):
             if key is not None:
                 n = min(self._common(key, ids), limit)
                 if n > best_len:
                     best, best_len = e, n
-        if best < 0:
-            return None
-        m = self.model
-        _core.gpt_cache_copy(cache, slot, self.store, best, best_len)
-        logits = _core.gpt_prefill_extend(m.flat_params, m.core_config, np.asarray(ids, np.int32),
-                                          cache, slot, best_len, threads)
-        self.used[best] = time.monotonic()
+        return best, best_len
+
+    def restore(self, entry: int, length: int, cache, slot: int) -> None:
+        """Put an entry's first `length` positions into `slot` of `cache` (a hit)."""
+        assert self.store is not None
+        _core.gpt_cache_copy(cache, slot, self.store, entry, length)
+        self.used[entry] = time.monotonic()
         self.hits += 1
-        self.reused += best_len
+        self.reused += length
         _metrics.REGISTRY.inc("smallmind_engine_prefix_hits_total", 1,
                               "prompts whose beginning came from the prefix cache")
-        _metrics.REGISTRY.inc("smallmind_engine_prefix_tokens_reused_total", best_len,
+        _metrics.REGISTRY.inc("smallmind_engine_prefix_tokens_reused_total", length,
                               "prompt tokens not prefilled thanks to the prefix cache")
-        return logits
 
     def remember(self, ids: list, cache, slot: int) -> None:
         """Keep the beginning of a prompt just prefilled into `slot` (unless an entry already
@@ -276,7 +276,9 @@ class BatchEngine(Closeable):
     waiting; None: no limit); threads: OpenMP threads of
     each step (None: the library default; steps fall back to 1 thread under contention, as
     Sampling's do); window: "shift" or "slide", as Sampling's; prefill_budget: prompt tokens
-    prefilled per step while other requests are decoding (at least one prompt per step);
+    prefilled per step while other requests are decoding (at least one prompt per step); a
+    prompt longer than that (rounded down to a multiple of 64, at least 64) is prefilled in
+    chunks of that size, one per step, with the bits of a whole prefill;
     prefix_cache: prompt prefixes kept for reuse (0: none; see PrefixCache). The KV cache is
     rented when work arrives and given back when the engine is idle; the prefix store lives
     until close().
@@ -300,6 +302,9 @@ class BatchEngine(Closeable):
             raise ValidationError(f"window must be one of {WINDOWS}, got {window!r}")
         self.window = window
         self.prefill_budget = check_int(prefill_budget, "prefill_budget", 1)
+        # a prompt longer than this is prefilled one chunk per step (a multiple of 64: what
+        # gpt_prefill_extend continues from)
+        self.prefill_chunk = max(64, self.prefill_budget // 64 * 64)
         self.prefix_cache = check_int(prefix_cache, "prefix_cache", 0, 1024)
         self.model, self.tokenizer = model, tokenizer
         self._prefixes = PrefixCache(model, self.prefix_cache) if self.prefix_cache else None
@@ -548,6 +553,7 @@ class BatchEngine(Closeable):
         cache = self._cache
         # 1. prefill the admitted prompts into free slots
         fresh = {}
+        admitted_slots: set = set()
         if admitted:
             used = set(self._rows)
             free = [s for s in range(self.max_batch) if s not in used]
@@ -558,20 +564,55 @@ class BatchEngine(Closeable):
                 row = _Row(ticket, slot, ticket.ids[-T:], nv)
                 self._rows[slot] = row
                 fresh[slot] = row.context
+                admitted_slots.add(slot)
             self._admitting = 0                  # they are rows now (or cancelled)
-            if self._prefixes is not None:       # prompts that start with a cached prefix
-                for slot in sorted(fresh):
-                    logits = self._prefixes.prefill(fresh[slot], cache, slot, self._steps.current)
-                    if logits is not None:
-                        self._rows[slot].logits = logits[:nv]
-                        self._prefixes.remember(fresh[slot], cache, slot)   # a longer one?
-                        del fresh[slot]
+            chunk, prefixes = self.prefill_chunk, self._prefixes
+            for slot in sorted(fresh):
+                ids = fresh[slot]
+                entry, start = prefixes.lookup(ids) if prefixes is not None else (-1, 0)
+                if prefixes is not None and entry >= 0:    # its beginning is cached: copy it
+                    prefixes.restore(entry, start, cache, slot)
+                if len(ids) - start > chunk + 4:
+                    # a long prompt: one chunk now, one per step after, so that the others'
+                    # tokens keep coming (gpt_prefill_extend: the bits of a whole prefill)
+                    if start == 0:
+                        _core.gpt_prefill_seq(prm, cfg, np.asarray(ids[:chunk], np.int32), cache,
+                                              slot, self._steps.current)
+                    else:
+                        _core.gpt_prefill_extend(prm, cfg, np.asarray(ids[:start + chunk], np.int32),
+                                                 cache, slot, start, self._steps.current)
+                    self._rows[slot].filled = start + chunk
+                    del fresh[slot]
+                elif prefixes is not None and entry >= 0:
+                    logits = _core.gpt_prefill_extend(prm, cfg, np.asarray(ids, np.int32), cache,
+                                                      slot, start, self._steps.current)
+                    self._rows[slot].logits = logits[:nv]
+                    prefixes.remember(ids, cache, slot)            # a longer beginning?
+                    del fresh[slot]
             if fresh:
                 logits = _prefill_rows(prm, cfg, cache, fresh, self._steps.current)
                 for i, slot in enumerate(sorted(fresh)):
                     self._rows[slot].logits = logits[i, :nv]
                     if self._prefixes is not None:
                         self._prefixes.remember(fresh[slot], cache, slot)
+        # 1b. one more chunk of every prompt still being prefilled in chunks (not the ones
+        # admitted just now: they had theirs)
+        for slot in sorted(self._rows):
+            row = self._rows[slot]
+            if row.filled is None or slot in admitted_slots or row.ticket.cancelled:
+                continue
+            ids, done = row.context, row.filled
+            if len(ids) - done > self.prefill_chunk + 4:
+                _core.gpt_prefill_extend(prm, cfg, np.asarray(ids[:done + self.prefill_chunk],
+                                                              np.int32),
+                                         cache, slot, done, self._steps.current)
+                row.filled = done + self.prefill_chunk
+            else:                                # the last piece: the prompt's logits
+                row.logits = _core.gpt_prefill_extend(prm, cfg, np.asarray(ids, np.int32), cache,
+                                                      slot, done, self._steps.current)[:nv]
+                row.filled = None
+                if self._prefixes is not None:
+                    self._prefixes.remember(ids, cache, slot)
         # 2. a token for every row; retire the finished; collect the rows that decode
         dec_slots, dec_tokens = [], []
         keep = window_keep(T, self.window)
@@ -583,6 +624,8 @@ class BatchEngine(Closeable):
                 continue
             if row.p.max_new_tokens == 0:
                 self._finish(row, "length")
+                continue
+            if row.filled is not None:           # its prompt is still being prefilled
                 continue
             todo.append(row)
         picks = self._sample(todo)
