@@ -367,6 +367,9 @@ def _parse_env(section: str, name: str, raw: str, default: Any):
             return int(raw)
         if isinstance(default, float) or (default is None and name == "min_lr"):
             return float(raw)
+        if section == "server" and name == "api_key":
+            # keys are taken as written (no escapes): several are separated by commas
+            return tuple(k.strip() for k in raw.split(",") if k.strip())
         if isinstance(default, tuple):
             return tuple(s for s in raw.encode().decode("unicode_escape").split(",") if s)
         return raw

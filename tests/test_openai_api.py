@@ -197,6 +197,11 @@ def test_metrics_can_need_the_key_and_keys_come_from_a_file(tmp_path):
                                                         "x"}).status_code == 401
     with pytest.raises(sm.ValidationError, match="api_key_file"):
         ServerOptions(api_key_file=str(tmp_path / "missing")).api_keys()
+    # the environment variable: keys as written (a backslash stays one), comma-separated
+    from smallmind.config import load_settings
+    st = load_settings(env={"SMALLMIND_SERVER_API_KEY": "sk-a\\nb, sk-two"})
+    assert st.server.api_keys() == ("sk-a\\nb", "sk-two")
+    assert "sk-a" not in st.to_toml() and "api_key: 2 key(s), not shown" in st.to_toml()
 
 
 @pytest.mark.parametrize("path,body,param", [
