@@ -774,18 +774,11 @@ static void fwd_block(const att_kernels *K, const fwd_args *A, int64_t b, int64_
     }
 }
 
-int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
-                         int64_t C, int64_t NH, int nthreads) {
-    return sm_attention_forward_ex(out, lse, qkv, B, T, C, NH, NULL, nthreads);
-}
-
-int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
-                            int64_t C, int64_t NH, const sm_att_dropout *drop, int nthreads) {
-    /* qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
-    if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+/* The arguments of a forward pass over qkv (B, T, 3C) into out and lse, without dropout. */
+static fwd_args fwd_args_of(float *out, float *lse, const float *qkv, int64_t T, int64_t C,
+                            int64_t NH) {
     fwd_args A;
-    sm_drop_mask mask;
-    A.mask = att_mask_of(drop, &mask, &A.batch_offset);
+    memset(&A, 0, sizeof(A));
     A.qkv = qkv;
     A.out = out;
     A.lse = lse;
@@ -796,11 +789,31 @@ int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B,
     A.hsp = sm_round_up(A.hs, 16);
     A.nqb = sm_ceil_div(T, BLK);
     A.scale = (float)(1.0 / sqrt((double)A.hs));
+    return A;
+}
+
+/* Floats of one thread's fwd_block scratch. */
+static int64_t fwd_scratch_floats(const fwd_args *A) {
+    return sm_round_up(A->hs * BLK, 16) + BLK * BLK + 2 * BLK * A->hsp + 3 * BLK;
+}
+
+int sm_attention_forward(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                         int64_t C, int64_t NH, int nthreads) {
+    return sm_attention_forward_ex(out, lse, qkv, B, T, C, NH, NULL, nthreads);
+}
+
+int sm_attention_forward_ex(float *out, float *lse, const float *qkv, int64_t B, int64_t T,
+                            int64_t C, int64_t NH, const sm_att_dropout *drop, int nthreads) {
+    /* qkv (B, T, 3C), out (B, T, C), lse (B, NH, T) */
+    if (B <= 0 || T <= 0 || C <= 0 || NH <= 0) return SM_OK;
+    fwd_args A = fwd_args_of(out, lse, qkv, T, C, NH);
+    sm_drop_mask mask;
+    A.mask = att_mask_of(drop, &mask, &A.batch_offset);
     const att_kernels K = get_kernels();
     const int64_t units = B * NH * A.nqb;
     const double work = (double)B * NH * (double)A.nqb * (A.nqb + 1) / 2 * BLK * BLK * 2.0 * A.hs;
     const int nt = sm_team_size(nthreads, units, work / MACS_PER_OP);
-    const int64_t per = sm_round_up(A.hs * BLK, 16) + BLK * BLK + 2 * BLK * A.hsp + 3 * BLK;
+    const int64_t per = fwd_scratch_floats(&A);
     float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
     SM_PARALLEL(nt) {
@@ -826,24 +839,13 @@ int sm_attention_forward_tail(float *out, float *lse, const float *qkv, int64_t 
                               int64_t NH, int64_t first_block, int nthreads) {
     /* one sequence: qkv (T, 3C), out (T, C), lse (NH, T); query blocks first_block .. */
     if (T <= 0 || C <= 0 || NH <= 0) return SM_OK;
-    fwd_args A;
-    memset(&A, 0, sizeof(A));
-    A.qkv = qkv;
-    A.out = out;
-    A.lse = lse;
-    A.T = T;
-    A.C = C;
-    A.NH = NH;
-    A.hs = C / NH;
-    A.hsp = sm_round_up(A.hs, 16);
-    A.nqb = sm_ceil_div(T, BLK);
-    A.scale = (float)(1.0 / sqrt((double)A.hs));
+    const fwd_args A = fwd_args_of(out, lse, qkv, T, C, NH);
     if (first_block < 0 || first_block >= A.nqb) return SM_ERR_ARG;
     const att_kernels K = get_kernels();
     const int64_t nb = A.nqb - first_block, units = NH * nb;
     const double work = (double)NH * (double)nb * (double)A.nqb * BLK * BLK * 2.0 * A.hs;
     const int nt = sm_team_size(nthreads, units, work / MACS_PER_OP);
-    const int64_t per = sm_round_up(A.hs * BLK, 16) + BLK * BLK + 2 * BLK * A.hsp + 3 * BLK;
+    const int64_t per = fwd_scratch_floats(&A);
     float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per * nt) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
     SM_PARALLEL(nt) {

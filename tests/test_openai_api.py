@@ -17,43 +17,30 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("jinja2")
 
-from test_server import TOK, _free_port, _outstanding  # noqa: E402
+from test_server import TOK, _outstanding, _Server  # noqa: E402
 
 import smallmind as sm  # noqa: E402
 from smallmind.config import ServerOptions  # noqa: E402
 from smallmind.generation.chat import ChatTemplate, find_template  # noqa: E402
 from smallmind.generation.engine import BatchEngine, SamplingParams  # noqa: E402
-from smallmind.generation.server import create_app, uvicorn_config  # noqa: E402
 
 KEY = "sk-test-0123"
 
 
-class _Served:
-    """A model served on a loopback port, with an API key; .client is an openai.OpenAI."""
+class _Served(_Server):
+    """test_server's loopback server with an API key; .client is an openai.OpenAI and .engine
+    the app's BatchEngine once started."""
 
     def __init__(self, width=32, block=48, **opts):
-        self.model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, block, 2, 2, width, seed=3)).eval()
-        self.port = _free_port()
         opts.setdefault("api_key", (KEY,))
-        self.options = ServerOptions(host="127.0.0.1", port=self.port, **opts)
-        self.app = create_app(self.model, TOK, self.options, model_name="tiny-test")
-        self.server = uvicorn.Server(uvicorn_config(self.app, self.options, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
+        model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, block, 2, 2, width, seed=3)).eval()
+        super().__init__(model=model, model_name="tiny-test", **opts)
 
     def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
+        super().__enter__()
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
         self.engine = self.app.state.smallmind_engine
         return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(20)
 
     def solo(self, prompt, **kw):
         kw.setdefault("temperature", 0.8)       # the server's default (InferenceOptions)

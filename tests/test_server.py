@@ -38,12 +38,13 @@ def _free_port():
 class _Server:
     """The app on a loopback port, in a thread, with the uvicorn configuration `serve` uses."""
 
-    def __init__(self, width=32, tokenizer=TOK, **opts):
-        model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 32, 2, 2, width, seed=1)).eval()
+    def __init__(self, width=32, tokenizer=TOK, model=None, model_name="test", **opts):
+        if model is None:
+            model = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 32, 2, 2, width, seed=1)).eval()
         self.model = model
         port = self.port = _free_port()
-        options = ServerOptions(host="127.0.0.1", port=port, **opts)
-        self.app = create_app(model, tokenizer, options, model_name="test")
+        self.options = options = ServerOptions(host="127.0.0.1", port=port, **opts)
+        self.app = create_app(model, tokenizer, options, model_name=model_name)
         self.server = uvicorn.Server(uvicorn_config(self.app, options, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{port}"

@@ -58,6 +58,7 @@ from .sampling import (
     _prefill_rows,
     _StepThreads,
     c_settings,
+    check_pair,
     check_sampling_args,
     seed_key,
     window_keep,
@@ -287,14 +288,7 @@ class BatchEngine(Closeable):
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, max_batch: int = 16,
                  max_queue: int | None = None, threads: int | None = None, window: str = "shift",
                  prefill_budget: int = 512, prefix_cache: int = 4):
-        if not isinstance(model, TransformerModel):
-            raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
-        model.check_open()
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
-                                  f"vocab_size is {model.config.vocab_size}")
+        check_pair(model, tokenizer)
         self.max_batch = check_int(max_batch, "max_batch", 1, 4096)
         self.max_queue = check_optional_int(max_queue, "max_queue", 0)
         self.threads = check_optional_int(threads, "threads", 1, 1024)

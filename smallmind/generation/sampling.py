@@ -202,6 +202,19 @@ def _check_finite(logits: np.ndarray, step: int) -> None:
                              "(its weights or activations overflow float32); no token can be chosen")
 
 
+def check_pair(model: TransformerModel, tokenizer: Tokenizer) -> None:
+    """The model and tokenizer a generator gets: their types, the model open, and a
+    vocabulary the model can hold (ValidationError / TypeError naming the argument)."""
+    if not isinstance(model, TransformerModel):
+        raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
+    if not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
+    model.check_open()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
+                              f"vocab_size is {model.config.vocab_size}")
+
+
 def seed_key(seed: int | None) -> int:
     """The 64-bit key of a sampling stream: the seed itself below 2**64, a hash of it above,
     fresh randomness for None. Draw t of the stream is a pure function of (key, t)
@@ -229,11 +242,12 @@ def c_settings(temperature, top_k, top_p, nv: int) -> tuple:
     return t.astype(np.float32), np.asarray(k, np.int64), p.astype(np.float32)
 
 
-def sample_rows(logits: np.ndarray, nv: int, temperature, top_k, top_p, keys, counters) -> np.ndarray:
+def sample_rows(logits: np.ndarray, nv: int, settings: tuple, keys, counters) -> np.ndarray:
     """The next token of each row of logits (n, >= nv), in C (one call for every row: greedy
     at temperature 0, else temperature / top-k / top-p with draw counters[r] of stream
-    keys[r]). NumericalError names the first row that holds NaN or an infinity."""
-    t, k, p = c_settings(temperature, top_k, top_p, nv)
+    keys[r]); settings: c_settings(...) for the rows, computed once per generation, not per
+    token. NumericalError when a row holds NaN or an infinity."""
+    t, k, p = settings
     out = _core.sample_rows(logits, nv, t, k, p, keys, counters, 1)
     if (out < 0).any():
         raise NumericalError("the model's logits contain NaN or infinity (its weights or "
@@ -249,7 +263,8 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int, top_p: float
     with the draw's key taken from `rng`."""
     row = np.ascontiguousarray(logits, dtype=np.float32).reshape(1, -1)
     key = int(rng.integers(0, 2 ** 63)) if temperature else 0
-    return int(sample_rows(row, row.shape[1], [temperature], [top_k], [top_p], [key], [0])[0])
+    settings = c_settings([temperature], [top_k], [top_p], row.shape[1])
+    return int(sample_rows(row, row.shape[1], settings, [key], [0])[0])
 
 
 class Sampling:
@@ -277,14 +292,7 @@ class Sampling:
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, threads: int | None = None,
                  window: str = "shift"):
-        if not isinstance(model, TransformerModel):
-            raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
-        model.check_open()
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
-                                  f"vocab_size is {model.config.vocab_size}")
+        check_pair(model, tokenizer)
         threads = check_optional_int(threads, "threads", 1, 1024)
         if window not in WINDOWS:
             raise ValidationError(f"window must be one of {WINDOWS}, got {window!r}")
@@ -354,6 +362,7 @@ class Sampling:
         keep, nv, chars, threads = self._keep(), tok.vocab_size, tok.chars, self.threads
         keys = np.array([seed_key(None if seed is None else seed + i) for i in range(B)],
                         np.uint64)
+        settings = c_settings([temperature] * B, [top_k] * B, [top_p] * B, tok.vocab_size)
         t0 = time.perf_counter()
         contexts = [list(e[-T:]) for e in ids]
         prompt_tokens = [len(c) for c in contexts]
@@ -380,8 +389,8 @@ class Sampling:
                     raise err
                 _check_finite(logits[[r is None for r in reasons]], max(map(len, new)))
                 counters = np.array([len(x) for x in new], np.uint64)
-                picks = sample_rows(np.ascontiguousarray(logits), nv, np.full(B, temperature),
-                                    np.full(B, top_k), np.full(B, top_p), keys, counters).tolist()
+                picks = sample_rows(np.ascontiguousarray(logits), nv, settings, keys,
+                                    counters).tolist()
                 for b in range(B):
                     if reasons[b] is not None:
                         continue
@@ -464,7 +473,7 @@ class Sampling:
         chars = tok.chars
         greedy = temperature == 0.0
         key = np.array([seed_key(seed)], np.uint64)
-        one = (np.array([temperature]), np.array([top_k]), np.array([top_p]))
+        one = c_settings([temperature], [top_k], [top_p], nv)
         t0 = time.perf_counter()
         ttft = 0.0
         new: list[int] = []
@@ -489,7 +498,7 @@ class Sampling:
                     raise err
                 _check_finite(logits, len(new))
                 nxt = int(logits.argmax()) if greedy else int(sample_rows(
-                    logits[None], nv, *one, key, np.array([len(new)], np.uint64))[0])
+                    logits[None], nv, one, key, np.array([len(new)], np.uint64))[0])
                 if not new:
                     ttft = time.perf_counter() - t0
                 new.append(nxt)
