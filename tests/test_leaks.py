@@ -24,6 +24,12 @@ def bench_leaks():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_forwards_and_generations_leave_nothing_behind(bench_leaks, threads):
+    # The process first runs the workload once whole: a one-time step of 2-3 MB of resident
+    # memory (allocator arenas; it was there before sampling moved to C: 2.55 MB at 2d3e27e)
+    # can land after the 10% warm-up in some suite orders and then read as growth. A leak
+    # grows with the work, so it shows in the second run just the same; every assertion below
+    # is on that second run.
+    bench_leaks.measure(10_000, 2_000, warmup=0.1, threads=threads, preset="tiny")
     r = bench_leaks.measure(10_000, 2_000, warmup=0.1, threads=threads, preset="tiny")
     assert r["outstanding_after_dispose"] == 0
     assert r["live_blocks_after_dispose"] <= 0
