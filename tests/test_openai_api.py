@@ -482,7 +482,7 @@ def test_long_prompts_are_prefilled_in_chunks_between_the_others_steps():
     eng = BatchEngine(m, TOK, max_batch=4, prefill_budget=64, prefix_cache=2)
     try:
         events: queue.Queue = queue.Queue()
-        short = eng.submit(TOK.encode("the"), SamplingParams(max_new_tokens=300, seed=1),
+        short = eng.submit(TOK.encode("the"), SamplingParams(max_new_tokens=10 ** 6, seed=1),
                            lambda ev: events.put(("short", ev)))
         got_short = 0
         while got_short < 3:                     # the short one is decoding

@@ -306,6 +306,36 @@ cdef extern from "sm_sample.h" nogil:
                        const uint64_t *key, const uint64_t *counter, int nthreads)
 
 
+cdef extern from "sm_generate.h" nogil:
+    int SM_GEN_MAX_TOP
+    ctypedef struct sm_gen_row:
+        int64_t seq
+        float temperature
+        int64_t top_k
+        float top_p
+        uint64_t key
+        double presence_penalty
+        double frequency_penalty
+        const double *bias
+        int logprobs
+        int32_t *counts
+        int *window
+        int64_t held
+        float *logits
+        uint64_t generated
+        int64_t remaining
+        int failed
+    ctypedef struct sm_gen_logprob:
+        double logprob
+        int n
+        int top_id[20]
+        double top_logprob[20]
+    int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                        sm_gen_row *rows, int64_t n_rows, int64_t nv, int64_t keep,
+                        int64_t max_steps, double max_seconds, int64_t *interrupt, int *out,
+                        sm_gen_logprob *lp_out, int64_t ld_out, int64_t *steps_out, int nthreads)
+
+
 # ---- end of declarations ---------------------------------------------------------------------
 
 # ---- sm_index.h (VectorIndex store and exact top-k search) --------------------------------------

@@ -489,3 +489,25 @@ def gpt_cache_copy(dst: GPTCache, dst_seq: _Int, src: GPTCache, src_seq: _Int, n
 # finish a prefill whose first `prefix` tokens are cached: logits (V,), bits as a whole prefill
 def gpt_prefill_extend(params: _F32, cfg: _Config, idx: _I32, cache: GPTCache, seq: _Int,
                        prefix: _Int, threads: _Int | None = None) -> _F32: ...
+
+# ---- the generation loop (sm_generate.h) ----
+# records of one generated token's log-probabilities (sm_gen_logprob)
+GEN_LOGPROB_DTYPE: np.dtype
+
+# the C token loop over every sequence of a cache: row r decodes in sequence r
+class GPTGenerator:
+    n_rows: int
+    nv: int
+    keep: int
+    def __new__(cls, params: _F32, cfg: _Config, cache: GPTCache, nv: _Int, keep: _Int) -> Self: ...
+    def set_row(self, r: _Int, window: Any, logits: Any, *, temperature: float = 0.0,
+                top_k: _Int = 0, top_p: float = 1.0, key: _Int = 0,
+                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                bias: Any = None, logprobs: _Int | None = None, generated: _Int = 0,
+                remaining: _Int = 1) -> None: ...
+    def stop_row(self, r: _Int) -> None: ...
+    def row(self, r: _Int) -> dict[str, Any]: ...
+    def interrupt(self) -> None: ...
+    # (tokens int32 (n_rows, max_steps), tokens made per row int64 (n_rows,), logprob records)
+    def run(self, max_steps: _Int, max_seconds: float = 0.0, threads: _Int | None = None,
+            logprobs: bool = False) -> tuple[_I32, Any, Any]: ...

@@ -51,15 +51,18 @@ from ..errors import NumericalError, ObjectDisposedError, ValidationError
 from ..model.tokenizer import Tokenizer
 from ..model.transformer import TransformerModel
 from .sampling import (
+    CHUNK_SECONDS,
+    MAX_CHUNK,
+    MAX_REMAINING,
     WINDOWS,
     GenerationResult,
-    _find_stop,
     _held_back,
     _prefill_rows,
     _StepThreads,
     c_settings,
     check_pair,
     check_sampling_args,
+    first_stop,
     seed_key,
     window_keep,
 )
@@ -150,34 +153,36 @@ class Ticket:
     """A submitted request. cancel() stops it before its next token (thread-safe, idempotent);
     the engine then frees its slot and sends Done with finish_reason "cancelled"."""
 
-    def __init__(self, ids: list, params: SamplingParams, sink: Callable):
-        self.ids, self.params, self.sink = ids, params, sink
+    def __init__(self, ids: list, params: SamplingParams, sink: Callable,
+                 wake: Callable | None = None):
+        self.ids, self.params, self.sink, self._wake = ids, params, sink, wake
         self.cancelled = False
         self.finished = False
         self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self._wake is not None and not self.finished:
+                self._wake()            # the engine's C loop returns after its current step
 
 
 class _Row:
-    """A request decoding in slot `slot` of the KV cache."""
+    """A request decoding in slot `slot` of the KV cache (and row `slot` of the C loop)."""
 
     def __init__(self, ticket: Ticket, slot: int, window: list, vocab: int):
         p = ticket.params
         self.ticket, self.slot, self.p = ticket, slot, p
         self.context = list(window)
         self.prompt_tokens = len(window)
-        self.held = len(window)                 # tokens in the cache (once prefilled)
         self.filled: int | None = None           # while prefilled in chunks: tokens so far
+        self.started = False                     # its prompt is in, the C loop has the row
         self.new: list[int] = []
         self.infos: list[TokenInfo] = []         # one per token of `new`
         self.text = ""
         self.starts: list[int] = []              # where each token's text starts in `text`
         self.emitted = 0                         # characters released
         self.released = 0                        # tokens released with a piece
-        self.key = seed_key(p.seed)              # the row's draws: sample_uniform(key, t)
-        self.logits: np.ndarray | None = None    # next-token logits, when ready to sample
         self.ttft = 0.0
         self.bias = None
         if p.logit_bias:
@@ -185,8 +190,6 @@ class _Row:
             for tid, b in p.logit_bias:
                 if tid < vocab:
                     self.bias[tid] = b
-        self.counts = (np.zeros(vocab, np.float64)
-                       if p.presence_penalty or p.frequency_penalty else None)
 
 
 class PrefixCache:
@@ -307,6 +310,7 @@ class BatchEngine(Closeable):
         self._rows: dict[int, _Row] = {}         # slot -> row (engine thread only)
         self._admitting = 0                      # taken from the queue, not yet rows
         self._cache: _core.GPTCache | None = None
+        self._gen: _core.GPTGenerator | None = None   # the C loop over the cache's rows
         self._stopping = False
         self._steps = _StepThreads(self.threads)
         self.steps = 0                           # decode steps run (for tests and metrics)
@@ -348,7 +352,7 @@ class BatchEngine(Closeable):
         V = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= V:
             raise ValidationError(f"ids must be token ids in [0, {V - 1}]")
-        ticket = Ticket(ids, params, sink)
+        ticket = Ticket(ids, params, sink, self._interrupt)
         with self._cond:
             self.check_open()
             if self._stopping:
@@ -359,7 +363,14 @@ class BatchEngine(Closeable):
                                  f"waiting")
             self._pending.append(ticket)
             self._cond.notify()
+            self._interrupt()
         return ticket
+
+    def _interrupt(self) -> None:
+        """Make the C loop return after its current step (a request to admit or cancel)."""
+        gen = self._gen
+        if gen is not None:
+            gen.interrupt()
 
     def cancel_all(self) -> None:
         """Cancel every queued and running request (each gets Done, "cancelled")."""
@@ -477,7 +488,7 @@ class BatchEngine(Closeable):
                     while not self._pending and not self._rows and not self._stopping:
                         if self._cache is not None:      # idle: the cache goes back to the pool
                             self._cache.close()
-                            self._cache = None
+                            self._cache = self._gen = None
                         self._cond.wait()
                     if self._stopping and not self._pending and not self._rows:
                         break
@@ -497,7 +508,7 @@ class BatchEngine(Closeable):
             self._pending.clear()
             if self._cache is not None:
                 self._cache.close()
-                self._cache = None
+                self._cache = self._gen = None
             if self._prefixes is not None:
                 self._prefixes.clear()
 
@@ -536,12 +547,26 @@ class BatchEngine(Closeable):
         row.emitted, row.released = upto, n
         self._send(row.ticket, piece)
 
+    def _start(self, row: _Row, logits: np.ndarray) -> None:
+        """The row's prompt is in the cache and `logits` are its next token's: hand it to the C
+        loop (its draws: sample_uniform(key, t) for its t-th token, as Sampling's)."""
+        p = row.p
+        t, k, tp = c_settings([p.temperature], [p.top_k], [p.top_p], self.tokenizer.vocab_size)
+        assert self._gen is not None
+        self._gen.set_row(row.slot, row.context, logits, temperature=float(t[0]), top_k=int(k[0]),
+                          top_p=float(tp[0]), key=seed_key(p.seed),
+                          presence_penalty=p.presence_penalty,
+                          frequency_penalty=p.frequency_penalty, bias=row.bias,
+                          logprobs=p.logprobs, remaining=min(p.max_new_tokens, MAX_REMAINING))
+        row.started = True
+
     def _step(self, admitted: list) -> None:
         model, tok = self.model, self.tokenizer
         prm, cfg, T = model.flat_params, model.core_config, model.config.block_size
         nv = tok.vocab_size
         if self._cache is None and (admitted or self._rows):
             self._cache = _core.GPTCache(cfg, self.max_batch, T)
+            self._gen = _core.GPTGenerator(prm, cfg, self._cache, nv, window_keep(T, self.window))
         if self._cache is None:
             return                               # nothing to do (nothing admitted or running)
         cache = self._cache
@@ -580,13 +605,13 @@ class BatchEngine(Closeable):
                 elif prefixes is not None and entry >= 0:
                     logits = _core.gpt_prefill_extend(prm, cfg, np.asarray(ids, np.int32), cache,
                                                       slot, start, self._steps.current)
-                    self._rows[slot].logits = logits[:nv]
+                    self._start(self._rows[slot], logits)
                     prefixes.remember(ids, cache, slot)            # a longer beginning?
                     del fresh[slot]
             if fresh:
                 logits = _prefill_rows(prm, cfg, cache, fresh, self._steps.current)
                 for i, slot in enumerate(sorted(fresh)):
-                    self._rows[slot].logits = logits[i, :nv]
+                    self._start(self._rows[slot], logits[i])
                     if self._prefixes is not None:
                         self._prefixes.remember(fresh[slot], cache, slot)
         # 1b. one more chunk of every prompt still being prefilled in chunks (not the ones
@@ -602,117 +627,86 @@ class BatchEngine(Closeable):
                                          cache, slot, done, self._steps.current)
                 row.filled = done + self.prefill_chunk
             else:                                # the last piece: the prompt's logits
-                row.logits = _core.gpt_prefill_extend(prm, cfg, np.asarray(ids, np.int32), cache,
-                                                      slot, done, self._steps.current)[:nv]
+                logits = _core.gpt_prefill_extend(prm, cfg, np.asarray(ids, np.int32), cache,
+                                                  slot, done, self._steps.current)
                 row.filled = None
+                self._start(row, logits)
                 if self._prefixes is not None:
                     self._prefixes.remember(ids, cache, slot)
-        # 2. a token for every row; retire the finished; collect the rows that decode
-        dec_slots, dec_tokens = [], []
-        keep = window_keep(T, self.window)
-        todo: list = []                          # rows that sample a token this step
+        # 2. retire the cancelled and the empty requests
+        running = []
         for slot in sorted(self._rows):
             row = self._rows[slot]
             if row.ticket.cancelled:
                 self._finish(row, "cancelled")
-                continue
-            if row.p.max_new_tokens == 0:
+            elif row.p.max_new_tokens == 0:
                 self._finish(row, "length")
-                continue
-            if row.filled is not None:           # its prompt is still being prefilled
-                continue
-            todo.append(row)
-        picks = self._sample(todo)
-        for row, nxt in zip(todo, picks):
+            elif row.started:
+                running.append(row)
+        if not running:
+            self.last_batch = 0
+            return
+        # 3. the C loop: tokens for every running row. One step while prompts wait to be
+        # admitted or prefilled in chunks (they go in between steps), else as many as fit in
+        # CHUNK_SECONDS; submit() and cancel() interrupt it after its current step.
+        assert self._gen is not None
+        one = bool(self._pending) or any(r.filled is not None for r in self._rows.values())
+        lp = any(r.p.logprobs is not None for r in running)
+        run = functools.partial(self._gen.run, logprobs=lp)
+        out, made, lps = self._steps.run_loop(run, 1 if one else MAX_CHUNK, CHUNK_SECONDS)
+        self.steps += int(made.max())
+        self.last_batch = len(running)
+        _metrics.REGISTRY.set("smallmind_engine_batch_rows", len(running),
+                              "rows decoded by the batch engine's last step")
+        # 4. each row's tokens: text, stop strings, pieces, the finished
+        now = time.perf_counter()
+        for row in running:
             slot = row.slot
-            if nxt < 0:
+            got = out[slot, :made[slot]].tolist()
+            if got:
+                if not row.new:
+                    row.ttft = now - row.ticket.submitted
+                self._append(row, got, None if lps is None or row.p.logprobs is None
+                             else lps[slot, :len(got)])
+                stops = row.p.stop
+                begin = row.starts[len(row.new) - len(got)]
+                j, cut = first_stop(row.text, begin, stops, row.starts[len(row.new) - len(got) + 1:]
+                                    + [len(row.text)]) if stops else (-1, -1)
+                if j >= 0:
+                    keep_n = len(row.new) - len(got) + j + 1
+                    del row.new[keep_n:], row.infos[keep_n:], row.starts[keep_n:]
+                    row.text = row.text[:cut]
+                    self._gen.stop_row(slot)
+                    self._finish(row, "stop")
+                    continue
+                safe = len(row.text) - (_held_back(row.text, stops) if stops else 0)
+                if safe > row.emitted:
+                    self._release(row, safe)
+                if len(row.new) == row.p.max_new_tokens:
+                    self._finish(row, "length")
+                    continue
+            if self._gen.row(slot)["failed"]:
                 del self._rows[slot]
                 row.ticket.finished = True
                 self._send(row.ticket, Failed(NumericalError(
                     f"the model's logits for new token {len(row.new) + 1} contain NaN or "
                     "infinity (its weights or activations overflow float32); no token can be "
                     "chosen")))
-                continue
-            if not row.new:
-                row.ttft = time.perf_counter() - row.ticket.submitted
-            self._append(row, nxt)
-            stops = row.p.stop
-            cut = _find_stop(row.text, stops) if stops else -1
-            if cut >= 0:
-                row.text = row.text[:cut]
-                self._finish(row, "stop")
-                continue
-            safe = len(row.text) - (_held_back(row.text, stops) if stops else 0)
-            if safe > row.emitted:
-                self._release(row, safe)
-            if len(row.new) == row.p.max_new_tokens:
-                self._finish(row, "length")
-                continue
-            row.context.append(nxt)
-            if row.held < T:
-                dec_slots.append(slot)
-                dec_tokens.append(nxt)
-                row.held += 1
-                row.logits = None
-            else:     # the window is full: move it (positions restart at 0), as Sampling does
-                row.context = row.context[-keep:]
-                row.logits = _core.gpt_prefill_seq(prm, cfg, np.asarray(row.context, np.int32),
-                                                   cache, slot, self._steps.current)[:nv]
-                row.held = len(row.context)
-        # 3. one decode call for every row that continues
-        if dec_slots:
-            seqs = np.asarray(dec_slots, np.int32)
-            toks = np.asarray(dec_tokens, np.int32)
-            logits = self._steps.run(functools.partial(_decode, seqs), prm, cfg, toks, cache)
-            for i, slot in enumerate(dec_slots):
-                self._rows[slot].logits = logits[i, :nv]
-            self.steps += 1
-        self.last_batch = len(dec_slots)
-        _metrics.REGISTRY.set("smallmind_engine_batch_rows", len(dec_slots),
-                              "rows decoded by the batch engine's last step")
 
-    def _sample(self, rows: list) -> list:
-        """The next token of every row, in one C call (sample_rows); -1 for a row whose logits
-        hold NaN or an infinity. Logit bias and penalties are applied to a row's copy first;
-        log-probabilities are computed for the rows that asked."""
-        if not rows:
-            return []
-        nv = self.tokenizer.vocab_size
-        zs, mat = [], np.empty((len(rows), nv), np.float32)
-        for i, row in enumerate(rows):
-            p, z = row.p, row.logits
-            assert z is not None
-            if row.bias is not None or (row.counts is not None and row.new):
-                z = z.astype(np.float64)
-                if row.bias is not None:
-                    z += row.bias
-                if row.counts is not None and row.new:
-                    z -= p.frequency_penalty * row.counts + p.presence_penalty * (row.counts > 0)
-            mat[i] = z
-            zs.append(z)
-        t, k, tp = c_settings([r.p.temperature for r in rows], [r.p.top_k for r in rows],
-                              [r.p.top_p for r in rows], nv)
-        picks = _core.sample_rows(mat, nv, t, k, tp, [r.key for r in rows],
-                                  [len(r.new) for r in rows], 1).tolist()
-        for row, z, nxt in zip(rows, zs, picks):
-            if nxt < 0:
-                continue
-            if row.counts is not None:
-                row.counts[nxt] += 1
-            info = TokenInfo(nxt, _token_text(self.tokenizer, nxt))
-            if row.p.logprobs is not None:
-                info.logprob, info.top = _logprobs(z, nxt, row.p.logprobs, self.tokenizer)
+    def _append(self, row: _Row, got: list, lps) -> None:
+        """The row's new tokens (and their log-probabilities, records of the C loop)."""
+        tok = self.tokenizer
+        for i, t in enumerate(got):
+            info = TokenInfo(t, _token_text(tok, t))
+            if lps is not None:
+                rec = lps[i]
+                info.logprob = float(rec["logprob"])
+                info.top = [(int(a), _token_text(tok, int(a)), float(b)) for a, b in
+                            zip(rec["top_id"][:rec["n"]], rec["top_logprob"][:rec["n"]])]
+            row.new.append(t)
             row.infos.append(info)
-        return picks
-
-    def _append(self, row: _Row, nxt: int) -> None:
-        row.new.append(nxt)
-        row.starts.append(len(row.text))
-        row.text += row.infos[-1].text
-
-
-def _decode(seqs, prm, cfg, tokens, cache, threads):
-    return _core.gpt_decode(prm, cfg, tokens, cache, threads, seqs=seqs)
+            row.starts.append(len(row.text))
+            row.text += info.text
 
 
 def _token_text(tok: Tokenizer, i: int) -> str:

@@ -7,9 +7,11 @@ generate_batch decodes many prompts together: one C call per token for the whole
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -41,6 +43,12 @@ def window_keep(block_size: int, window: str) -> int:
     return max(min(block_size, 2), block_size // 2)
 
 logger = logging.getLogger("smallmind.sampling")
+
+# The C loop (GPTGenerator.run) returns to Python at least this often, to stream text, check
+# stop strings and honour cancellation; and after at most MAX_CHUNK tokens.
+CHUNK_SECONDS = 0.004
+MAX_CHUNK = 1 << 16
+MAX_REMAINING = 1 << 62     # a row's token budget in C (max_new_tokens may be larger: never reached)
 
 
 @dataclasses.dataclass
@@ -137,21 +145,42 @@ class _StepThreads:
             clock = self.clock
             t0 = clock()
             out = fn(*args, multi)
-            dt = clock() - t0
-            self.steps += 1
-            avg = self.avg[multi] + self.ALPHA * (dt - self.avg[multi])
-            self.avg[multi] = avg
-            self.held += 1
-            if self.held == self.SETTLED:
-                self.retry_after = self.FIRST_RETRY
-            if avg > self.MARGIN * self.avg[1]:
-                self._fall_back()
+            self._settled(clock() - t0)
             return out
         t = self.choose()
         t0 = self.clock()
         out = fn(*args, t)
         self.record(t, self.clock() - t0)
         return out
+
+    def run_loop(self, fn, *args):
+        """The same for a call of the C generation loop (GPTGenerator.run: it returns (tokens,
+        made, lp)), timed per step: its time over the most tokens a row made."""
+        multi = self.multi
+        if multi == 1:
+            return fn(*args, 1)
+        settled = self.current == multi and self.steps >= self._PROBE
+        t = multi if settled else self.choose()
+        t0 = self.clock()
+        out = fn(*args, t)
+        dt = (self.clock() - t0) / max(1, int(out[1].max()))
+        if settled:
+            self._settled(dt)
+        else:
+            self.record(t, dt)
+        return out
+
+    def _settled(self, dt: float) -> None:
+        """A step on `threads` while settled there: its average follows."""
+        multi = self.multi
+        self.steps += 1
+        avg = self.avg[multi] + self.ALPHA * (dt - self.avg[multi])
+        self.avg[multi] = avg
+        self.held += 1
+        if self.held == self.SETTLED:
+            self.retry_after = self.FIRST_RETRY
+        if avg > self.MARGIN * self.avg[1]:
+            self._fall_back()
 
     def choose(self) -> int:
         if self.steps < self._PROBE:
@@ -359,24 +388,27 @@ class Sampling:
                 raise ValidationError(f"prompts[{i}] has no character of the tokenizer's vocabulary")
             ids.append(e)
         B, T, cfg, prm = len(ids), model.config.block_size, model.core_config, model.flat_params
-        keep, nv, chars, threads = self._keep(), tok.vocab_size, tok.chars, self.threads
-        keys = np.array([seed_key(None if seed is None else seed + i) for i in range(B)],
-                        np.uint64)
-        settings = c_settings([temperature] * B, [top_k] * B, [top_p] * B, tok.vocab_size)
+        nv, chars = tok.vocab_size, tok.chars
+        t, k, p = c_settings([temperature], [top_k], [top_p], nv)
         t0 = time.perf_counter()
-        contexts = [list(e[-T:]) for e in ids]
-        prompt_tokens = [len(c) for c in contexts]
-        held = list(prompt_tokens)               # tokens in each row of the cache
+        windows = [list(e[-T:]) for e in ids]
+        prompt_tokens = [len(w) for w in windows]
         new: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
         reasons: list[Any] = [None] * B          # None while a row is still generating
+        if max_new_tokens == 0:
+            reasons = ["length"] * B
         ttft = 0.0
-        steps = _StepThreads(threads)
+        steps = _StepThreads(self.threads)
         cache = _core.GPTCache(cfg, B, T)
         try:
-            logits = _prefill_rows(prm, cfg, cache, dict(enumerate(contexts)), steps.current)[:, :nv]
-            if max_new_tokens == 0:
-                reasons = ["length"] * B
+            logits = _prefill_rows(prm, cfg, cache, dict(enumerate(windows)), steps.current)
+            loop = _core.GPTGenerator(prm, cfg, cache, nv, self._keep())
+            for b in range(B):
+                loop.set_row(b, windows[b], logits[b], temperature=float(t[0]), top_k=int(k[0]),
+                             top_p=float(p[0]), key=seed_key(None if seed is None else seed + b),
+                             remaining=min(max_new_tokens, MAX_REMAINING))
+            chunk = 1
             while any(r is None for r in reasons):
                 if is_cancelled():
                     err = CancelledError(f"batch generation cancelled after {max(map(len, new))} tokens")
@@ -387,46 +419,30 @@ class Sampling:
                         _metrics.record_generation(len(r.tokens), r.elapsed_sec, ttft,
                                                    r.finish_reason)
                     raise err
-                _check_finite(logits[[r is None for r in reasons]], max(map(len, new)))
-                counters = np.array([len(x) for x in new], np.uint64)
-                picks = sample_rows(np.ascontiguousarray(logits), nv, settings, keys,
-                                    counters).tolist()
+                out, made, _ = steps.run_loop(loop.run, chunk, CHUNK_SECONDS)
+                chunk = min(2 * chunk, MAX_CHUNK)
+                if not ttft:
+                    ttft = time.perf_counter() - t0
                 for b in range(B):
                     if reasons[b] is not None:
                         continue
-                    nxt = picks[b]
-                    new[b].append(nxt)
-                    contexts[b].append(nxt)
-                    texts[b] += chars[nxt]
-                    cut = _find_stop(texts[b], stops)
-                    if cut >= 0:
+                    got = out[b, :made[b]].tolist()
+                    begin = len(texts[b])
+                    new[b] += got
+                    texts[b] += "".join([chars[i] for i in got])
+                    j, cut = first_stop(texts[b], begin, stops, list(itertools.accumulate(
+                        (len(chars[i]) for i in got), initial=begin))[1:]) if stops else (-1, -1)
+                    if j >= 0:
+                        del new[b][len(new[b]) - len(got) + j + 1:]
                         texts[b], reasons[b] = texts[b][:cut], "stop"
+                        loop.stop_row(b)
                     elif len(new[b]) == max_new_tokens:
                         reasons[b] = "length"
-                if not ttft:
-                    ttft = time.perf_counter() - t0
-                if all(r is not None for r in reasons):
-                    break
-                if T == 1:    # no room to decode into: every token is a prefill of itself
-                    logits = np.stack([_core.gpt_prefill_seq(prm, cfg, np.asarray(c[-1:], np.int32),
-                                                             cache, b, steps.current)
-                                       for b, c in enumerate(contexts)])[:, :nv]
-                    continue
-                tokens = np.zeros(B, np.int32)   # finished rows decode a dummy token
-                moving = {}                      # full rows: move the window (prefill what is
-                for b in range(B):               # kept, minus the token decoded now)
-                    live = reasons[b] is None
-                    if held[b] >= T:
-                        if live:
-                            contexts[b] = contexts[b][-keep:]
-                        moving[b] = contexts[b][:-1] if live else [0]
-                        held[b] = len(moving[b])
-                    if live:
-                        tokens[b] = contexts[b][-1]
-                    held[b] += 1
-                if moving:
-                    _prefill_rows(prm, cfg, cache, moving, steps.current)
-                logits = steps.run(_core.gpt_decode, prm, cfg, tokens, cache)[:, :nv]
+                    elif loop.row(b)["failed"]:
+                        raise NumericalError(f"the model's logits for new token {len(new[b]) + 1} "
+                                             f"of prompts[{b}] contain NaN or infinity (its weights "
+                                             "or activations overflow float32); no token can be "
+                                             "chosen")
         finally:
             cache.close()
         elapsed = time.perf_counter() - t0
@@ -468,45 +484,48 @@ class Sampling:
         if not ids:
             raise ValidationError("prompt must contain at least one character of the "
                                   "tokenizer's vocabulary (there is no start token)")
-        T, keep, nv = model.config.block_size, self._keep(), tok.vocab_size
-        params, cfg, threads = model.flat_params, model.core_config, self.threads
+        T, nv = model.config.block_size, tok.vocab_size
+        params, cfg = model.flat_params, model.core_config
         chars = tok.chars
-        greedy = temperature == 0.0
-        key = np.array([seed_key(seed)], np.uint64)
-        one = c_settings([temperature], [top_k], [top_p], nv)
+        t, k, p = c_settings([temperature], [top_k], [top_p], nv)
         t0 = time.perf_counter()
         ttft = 0.0
         new: list[int] = []
         text = ""
         emitted = 0
         reason = "length"
-        step = np.zeros(1, np.int32)            # the token fed to each decode call
-        steps = _StepThreads(threads)
+        steps = _StepThreads(self.threads)
         cache = _core.GPTCache(cfg, 1, T)
         try:
             window = ids[-T:]
             logits = _core.gpt_prefill(params, cfg, np.asarray([window], dtype=np.int32), cache,
-                                       steps.current)[0, :nv]
-            context = list(window)
-            held = len(window)                  # tokens in the cache
-            while len(new) < max_new_tokens:
+                                       steps.current)[0]
+            loop = _core.GPTGenerator(params, cfg, cache, nv, self._keep())
+            loop.set_row(0, window, logits, temperature=float(t[0]), top_k=int(k[0]),
+                         top_p=float(p[0]), key=seed_key(seed),
+                         remaining=min(max_new_tokens, MAX_REMAINING))
+            chunk = 1              # tokens per C call: 1 first (the first token at once), then
+            while len(new) < max_new_tokens:      # doubling, each call within CHUNK_SECONDS
                 if is_cancelled():
                     err = CancelledError(f"generation cancelled after {len(new)} tokens")
                     err.result = GenerationResult(text[:], list(new), "cancelled", len(window),
                                                   time.perf_counter() - t0, ttft)
                     _metrics.record_generation(len(new), err.result.elapsed_sec, ttft, "cancelled")
                     raise err
-                _check_finite(logits, len(new))
-                nxt = int(logits.argmax()) if greedy else int(sample_rows(
-                    logits[None], nv, one, key, np.array([len(new)], np.uint64))[0])
-                if not new:
+                out, made, _ = steps.run_loop(loop.run, chunk, CHUNK_SECONDS)
+                chunk = min(2 * chunk, MAX_CHUNK)
+                got = out[0, :made[0]].tolist()
+                if got and not new:
                     ttft = time.perf_counter() - t0
-                new.append(nxt)
-                context.append(nxt)
-                text += chars[nxt]
+                begin = len(text)
+                new += got
                 if stops:
-                    cut = _find_stop(text, stops)
-                    if cut >= 0:
+                    ends = list(itertools.accumulate((len(chars[i]) for i in got), initial=begin))[1:]
+                text += "".join([chars[i] for i in got])
+                if stops:
+                    j, cut = first_stop(text, begin, stops, ends)
+                    if j >= 0:
+                        del new[len(new) - len(got) + j + 1:]
                         text = text[:cut]
                         reason = "stop"
                         if cut > emitted:
@@ -518,17 +537,10 @@ class Sampling:
                 if safe > emitted:
                     yield text[emitted:safe]
                     emitted = safe
-                if len(new) == max_new_tokens:
-                    break
-                if held < T:
-                    step[0] = nxt
-                    logits = steps.run(_core.gpt_decode, params, cfg, step, cache)[0, :nv]
-                    held += 1
-                else:   # the window is full: move it (positions restart at 0)
-                    context = context[-keep:]
-                    logits = _core.gpt_prefill(params, cfg, np.asarray([context], dtype=np.int32),
-                                               cache, steps.current)[0, :nv]
-                    held = len(context)
+                if loop.row(0)["failed"]:
+                    raise NumericalError(f"the model's logits for new token {len(new) + 1} contain "
+                                         "NaN or infinity (its weights or activations overflow "
+                                         "float32); no token can be chosen")
             if reason == "length" and len(text) > emitted:
                 yield text[emitted:]
         finally:
@@ -568,6 +580,23 @@ def _find_stop(text: str, stops) -> int:
     start = max(0, len(text) - max(map(len, stops)) - 1)
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else -1
+
+
+def first_stop(text: str, begin: int, stops, ends: list) -> tuple:
+    """Text grew from `begin` characters by tokens whose texts end at `ends` (ascending), and
+    held no stop string before. Returns (j, cut): the first of those tokens after which the text
+    holds a stop string, and where the first stop string then held starts - what checking after
+    every token would have found; (-1, -1) when there is none."""
+    first_end = -1
+    for s in stops:
+        i = text.find(s, max(0, begin - len(s) + 1))
+        if i >= 0 and (first_end < 0 or i + len(s) < first_end):
+            first_end = i + len(s)
+    if first_end < 0:
+        return -1, -1
+    j = bisect.bisect_left(ends, first_end)
+    hits = [i for i in (text.find(s, max(0, begin - len(s) + 1), ends[j]) for s in stops) if i >= 0]
+    return j, min(hits)
 
 
 def _held_back(text: str, stops) -> int:

@@ -1,0 +1,201 @@
+/* sm_generate.c - the generation loop in C (see sm_generate.h): sample, feed back, repeat, with
+ * no Python between tokens. Per step it costs one sm_sample_rows and one sm_gpt_decode_seqs for
+ * all running rows, plus a prefill for each row whose window moves. */
+#include "sm_generate.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sm_pool.h"
+#include "sm_sample.h"
+#include "sm_sync.h"
+
+/* A monotonic clock in seconds (the time budget of a call). */
+static double now_seconds(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, t;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&t);
+    return (double)t.QuadPart / (double)f.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
+}
+
+/* Whether the row's logits are adjusted before sampling: a bias, or penalties once a token has
+ * been generated (before that every count is 0 and the adjustment is the identity). */
+static int adjusted(const sm_gen_row *r) {
+    return r->bias != NULL || (r->counts != NULL && r->generated > 0);
+}
+
+/* The adjusted logit of token i in double: logit + bias - (frequency * count + presence *
+ * [count > 0]), the operations in this order (the serving engine's numpy code did the same, so
+ * the float32 values sampled from are the ones it sampled from). */
+static double adjusted_logit(const sm_gen_row *r, int64_t i) {
+    double z = (double)r->logits[i];
+    if (r->bias) z += r->bias[i];
+    if (r->counts && r->generated > 0) {
+        const double n = (double)r->counts[i];
+        z -= r->frequency_penalty * n + r->presence_penalty * (r->counts[i] > 0 ? 1.0 : 0.0);
+    }
+    return z;
+}
+
+/* Log-probabilities of the adjusted logits: the chosen token's and the n best (most likely
+ * first, ties by lower id). log softmax(z)_i = z_i - (max + log sum exp(z - max)). */
+static void log_probs(sm_gen_logprob *lp, const sm_gen_row *r, int64_t nv, int chosen) {
+    double m = -INFINITY;
+    for (int64_t i = 0; i < nv; i++) {
+        const double z = adjusted_logit(r, i);
+        if (z > m) m = z;
+    }
+    double s = 0.0;
+    for (int64_t i = 0; i < nv; i++) s += exp(adjusted_logit(r, i) - m);
+    const double lse = m + log(s);
+    lp->logprob = adjusted_logit(r, chosen) - lse;
+    int n = r->logprobs < nv ? r->logprobs : (int)nv;
+    if (n > SM_GEN_MAX_TOP) n = SM_GEN_MAX_TOP;
+    int have = 0;
+    for (int64_t i = 0; i < nv && n > 0; i++) {
+        const double v = adjusted_logit(r, i) - lse;
+        if (have == n && !(v > lp->top_logprob[n - 1])) continue;
+        int j = have < n ? have++ : n - 1; /* insert after every entry >= v (lower ids first) */
+        while (j > 0 && v > lp->top_logprob[j - 1]) {
+            lp->top_logprob[j] = lp->top_logprob[j - 1];
+            lp->top_id[j] = lp->top_id[j - 1];
+            j--;
+        }
+        lp->top_logprob[j] = v;
+        lp->top_id[j] = (int)i;
+    }
+    lp->n = have;
+}
+
+static int check_rows(const sm_gpt_cache *c, const sm_gpt_config *cfg, const sm_gen_row *rows,
+                      int64_t n_rows, int64_t nv) {
+    const int64_t B = sm_gpt_cache_B(c), T = cfg->block_size;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const sm_gen_row *w = &rows[r];
+        if (w->seq < 0 || w->seq >= B || !w->window || !w->logits) return SM_ERR_ARG;
+        for (int64_t q = 0; q < r; q++)
+            if (rows[q].seq == w->seq) return SM_ERR_ARG;
+        if (w->remaining <= 0 || w->failed) continue;
+        if (w->held < 1 || w->held > T || sm_gpt_cache_length(c, w->seq) != w->held)
+            return SM_ERR_ARG;
+        if (w->logprobs > SM_GEN_MAX_TOP || w->top_k < 0 || !(w->temperature >= 0.0f))
+            return SM_ERR_ARG;
+        if ((w->presence_penalty != 0.0 || w->frequency_penalty != 0.0) && !w->counts)
+            return SM_ERR_ARG;
+    }
+    (void)nv;
+    return SM_OK;
+}
+
+int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
+                    sm_gen_row *rows, int64_t n_rows, int64_t nv, int64_t keep,
+                    int64_t max_steps, double max_seconds, volatile int64_t *interrupt, int *out,
+                    sm_gen_logprob *lp_out, int64_t ld_out, int64_t *steps_out, int nthreads) {
+    if (steps_out) *steps_out = 0;
+    const int64_t V = cfg->vocab_size, T = cfg->block_size;
+    if (!c || !params || !rows || !out || n_rows < 1 || nv < 1 || nv > V || keep < 1 ||
+        keep > T || max_steps < 0 || ld_out < max_steps || sm_gpt_cache_capacity(c) < T)
+        return SM_ERR_ARG;
+    int rc = check_rows(c, cfg, rows, n_rows, nv);
+    if (rc != SM_OK) return rc;
+    if (max_steps == 0) return SM_OK;
+
+    /* scratch: the sampled matrix (n, nv), decode logits (n, V), and the per-row vectors */
+    const size_t n = (size_t)n_rows;
+    const size_t bytes = n * (size_t)nv * sizeof(float) + n * (size_t)V * sizeof(float) +
+                         n * (3 * sizeof(float) + 3 * sizeof(uint64_t) + 5 * sizeof(int)) + 64;
+    char *scratch = (char *)sm_pool_rent(sm_pool_default(), bytes);
+    if (!scratch) return SM_ERR_NOMEM;
+    float *z = (float *)scratch;
+    float *dec = z + n * (size_t)nv;
+    float *temp = dec + n * (size_t)V, *topp = temp + n;
+    int64_t *topk = (int64_t *)(topp + n + (n & 1)); /* 8-byte aligned */
+    uint64_t *key = (uint64_t *)(topk + n), *counter = key + n;
+    int *pick = (int *)(counter + n), *act = pick + n, *dseq = act + n, *dtok = dseq + n,
+        *drow = dtok + n;
+    int64_t *made = (int64_t *)calloc(n, sizeof(int64_t)); /* tokens per row in this call */
+    if (!made) {
+        sm_pool_return(scratch);
+        return SM_ERR_NOMEM;
+    }
+
+    const double t0 = max_seconds > 0.0 ? now_seconds() : 0.0;
+    int64_t step = 0;
+    rc = SM_OK;
+    while (step < max_steps) {
+        /* 1. the running rows' logits, adjusted, into one matrix; their sampler settings */
+        int na = 0;
+        for (int64_t r = 0; r < n_rows; r++) {
+            sm_gen_row *w = &rows[r];
+            if (w->remaining <= 0 || w->failed) continue;
+            float *zr = z + (size_t)na * (size_t)nv;
+            if (adjusted(w))
+                for (int64_t i = 0; i < nv; i++) zr[i] = (float)adjusted_logit(w, i);
+            else
+                memcpy(zr, w->logits, (size_t)nv * sizeof(float));
+            temp[na] = w->temperature;
+            topk[na] = w->top_k;
+            topp[na] = w->top_p;
+            key[na] = w->key;
+            counter[na] = w->generated;
+            act[na++] = (int)r;
+        }
+        if (na == 0) break;
+        rc = sm_sample_rows(pick, z, nv, na, nv, temp, topk, topp, key, counter, 1);
+        if (rc != SM_OK) break;
+
+        /* 2. record each row's token; collect the rows to decode, prefill the moving ones */
+        int nd = 0;
+        for (int a = 0; a < na && rc == SM_OK; a++) {
+            sm_gen_row *w = &rows[act[a]];
+            const int tok = pick[a];
+            if (tok < 0) {
+                w->failed = 1;
+                continue;
+            }
+            const int64_t k = made[act[a]]++;
+            out[act[a] * ld_out + k] = tok;
+            if (lp_out && w->logprobs >= 0) log_probs(&lp_out[act[a] * ld_out + k], w, nv, tok);
+            if (w->counts) w->counts[tok]++;
+            w->generated++;
+            if (--w->remaining == 0) continue; /* done: nothing to feed */
+            if (w->held < T) {
+                w->window[w->held++] = tok;
+                dseq[nd] = (int)w->seq;
+                dtok[nd] = tok;
+                drow[nd++] = act[a];
+            } else { /* full: the last `keep` tokens again, positions from 0 */
+                w->window[T] = tok;
+                memmove(w->window, w->window + T + 1 - keep, (size_t)keep * sizeof(int));
+                w->held = keep;
+                rc = sm_gpt_prefill_seq(dec, c, params, cfg, w->seq, 1, w->window, keep,
+                                        nthreads);
+                if (rc == SM_OK) memcpy(w->logits, dec, (size_t)nv * sizeof(float));
+            }
+        }
+        if (rc != SM_OK) break;
+
+        /* 3. one decode call for the rows that continue */
+        if (nd > 0) {
+            rc = sm_gpt_decode_seqs(dec, c, params, cfg, dseq, nd, dtok, nthreads);
+            if (rc != SM_OK) break;
+            for (int d = 0; d < nd; d++)
+                memcpy(rows[drow[d]].logits, dec + (size_t)d * (size_t)V, (size_t)nv * sizeof(float));
+        }
+        step++;
+        if (interrupt && sm_atomic_load_i64(interrupt)) break;
+        if (max_seconds > 0.0 && now_seconds() - t0 >= max_seconds) break;
+    }
+    if (steps_out) *steps_out = step;
+    free(made);
+    sm_pool_return(scratch);
+    return rc;
+}
