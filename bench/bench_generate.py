@@ -81,19 +81,25 @@ torch = None
 
 # name -> (vocab, block, n_layer, n_head, n_embd)
 MODELS = {
+    "tiny": (65, 64, 2, 2, 32),                  # the presets' shapes (sm.PRESETS)
+    "small": (65, 128, 4, 4, 64),
     "4/4/128": (65, 128, 4, 4, 128),
     "shakespeare-char": (65, 256, 6, 6, 384),
     "gpt2-124M": (50257, 1024, 12, 12, 768),
 }
 # name -> dict(prompt, new (decode), nocache_new, batch_new, stream_new, rounds)
 PLAN = {
+    "tiny": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=1024, rounds=7),
+    "small": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=1024, rounds=7),
     "4/4/128": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=256, rounds=5),
     "shakespeare-char": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=128,
                              rounds=3),
     "gpt2-124M": dict(prompt=64, new=64, nocache_new=16, batch_new=64, stream_new=32, rounds=3),
 }
 QUICK_PLAN = dict(prompt=64, new=16, nocache_new=16, batch_new=8, stream_new=8, rounds=1)
-PARTS = ("bandwidth", "decode", "slide", "ttft", "step", "batch", "streams")
+PARTS = ("bandwidth", "decode", "sampled", "slide", "ttft", "step", "batch", "streams", "forward")
+# the sampled part's settings, the same in both libraries (nanoGPT's sample.py defaults)
+SAMPLED = dict(temperature=0.8, top_k=40, seed=1)
 WINDOW = "shift"         # Sampling's default; the "slide" part times the exact window
 BATCH = 8
 BW_MIB = 256             # bandwidth part: MiB per thread
@@ -136,42 +142,33 @@ def machine_info():
 
 # ---- the generators (each returns the new tokens as a numpy (B, n) int64 array) -----------------
 
-def sm_generate(model, prompt, n, threads, window=WINDOW):
-    """Greedy decoding at the _core level: prefill, then one gpt_decode per token for all rows,
-    moving the window as Sampling(window=window) does once the cache is full."""
+def sm_generate(model, prompt, n, threads, window=WINDOW, sample=None):
+    """Decoding at the _core level: prefill, then the C generation loop (GPTGenerator) runs all
+    n tokens of every row in one call, moving the window as Sampling(window=window) does once
+    the cache is full. Greedy, or `sample` = dict(temperature, top_k, seed) (row b: seed + b)."""
     if window not in sm.generation.sampling.WINDOWS:
         raise ValueError(f"window must be one of {sm.generation.sampling.WINDOWS}, got {window!r}")
     cfg, prm = model.core_config, model.flat_params
-    T = model.config.block_size
-    keep = sm.generation.sampling.window_keep(T, window)
+    V, T = model.config.vocab_size, model.config.block_size
     B = prompt.shape[0]
-    out = np.empty((B, n), np.int64)
     if n == 0:
-        return out
+        return np.empty((B, 0), np.int64)
     cache = sm._core.GPTCache(cfg, B, T)
     try:
-        P = prompt.shape[1]
-        seq = np.empty((B, P + n), np.int32)   # prompt and every new token: the window's source
-        seq[:, :P] = prompt
-        ctx = np.ascontiguousarray(seq[:, max(0, P - T):P])
+        ctx = np.ascontiguousarray(prompt[:, -T:], dtype=np.int32)
         logits = sm._core.gpt_prefill(prm, cfg, ctx, cache, threads)
-        length = ctx.shape[1]
-        for i in range(n):
-            nxt = logits.argmax(axis=1).astype(np.int32)
-            out[:, i] = nxt
-            seq[:, P + i] = nxt
-            if i == n - 1:
-                break
-            if length < T:
-                logits = sm._core.gpt_decode(prm, cfg, nxt, cache, threads)
-                length += 1
-            else:   # full: the last `keep` tokens (ending with nxt) again, positions from 0
-                ctx = np.ascontiguousarray(seq[:, P + i + 1 - keep:P + i + 1])
-                logits = sm._core.gpt_prefill(prm, cfg, ctx, cache, threads)
-                length = keep
+        gen = sm._core.GPTGenerator(prm, cfg, cache, V, sm.generation.sampling.window_keep(T, window))
+        for b in range(B):
+            if sample is None:
+                gen.set_row(b, ctx[b], logits[b], remaining=n)
+            else:
+                gen.set_row(b, ctx[b], logits[b], temperature=sample["temperature"],
+                            top_k=sample["top_k"], key=sample["seed"] + b, remaining=n)
+        out, made, _, _ = gen.run(n, 0.0, threads)
+        assert (made == n).all()
     finally:
         cache.close()
-    return out
+    return out.astype(np.int64)
 
 
 def sm_ttft(model, prompt, threads):
@@ -338,30 +335,34 @@ def bandwidth_rows(arrs):
     return rows
 
 
-def decode_row(name, model, tmodel, prompt, plan, threads, quick, window=WINDOW):
+def decode_row(name, model, tmodel, prompt, plan, threads, quick, window=WINDOW, sampled=False):
     n, nn_ = plan["new"], plan["nocache_new"]
     slide = window == "slide"
-    fns = {"smallmind": lambda: sm_generate(model, prompt, n, threads, window)}
+    sample = dict(SAMPLED) if sampled else None
+    fns = {"smallmind": lambda: sm_generate(model, prompt, n, threads, window, sample)}
     if tmodel is not None:
         from torch_gpt import generate_with_cache
         pt = torch.from_numpy(prompt)
-        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, window).numpy()
+        fns["torch_cache"] = lambda: generate_with_cache(tmodel, pt, n, window, sample).numpy()
     V = MODELS[name][0]
     if V <= 65 and not slide:
         # end to end through Sampling: ids 0..64 are the 65 characters below, sorted
         tok = sm.Tokenizer("".join(chr(48 + i) for i in range(V)))
         text = tok.decode([int(i) for i in prompt[0]])
         sampler = sm.Sampling(model, tok, threads=threads, window=window)
+        kw = dict(temperature=0) if sample is None else sample
         fns["smallmind_sampling"] = lambda: np.asarray(
-            [sampler.generate(text, n, temperature=0, return_details=True).tokens], np.int64)
+            [sampler.generate(text, n, return_details=True, **kw).tokens], np.int64)
     secs, res = run_rounds(fns, plan["rounds"], quick)
-    row = base_row("slide" if slide else "decode", name, plan, threads,
-                   model.config.num_parameters())
+    part = "slide" if slide else "sampled" if sampled else "decode"
+    row = base_row(part, name, plan, threads, model.config.num_parameters())
     row.update(new_tokens=n, batch=1, window=window)
+    if sampled:
+        row["sampling"] = dict(SAMPLED)
     for lib, sec in secs.items():
         row[f"{lib}_s"] = sec
         row[f"{lib}_tokens_per_s"] = n / sec
-    if tmodel is not None and not slide:
+    if tmodel is not None and not slide and not sampled:
         from torch_gpt import generate_nocache
         # nanoGPT without a cache is slow: fewer tokens, fewer rounds
         nsecs, nres = run_rounds({"torch_nocache": lambda: generate_nocache(tmodel, pt, nn_).numpy()},
@@ -372,7 +373,12 @@ def decode_row(name, model, tmodel, prompt, plan, threads, quick, window=WINDOW)
         row["vs_torch_nocache"] = row["smallmind_tokens_per_s"] / row["torch_nocache_tokens_per_s"]
     put_ratio(row, "vs_torch_cache", row["smallmind_tokens_per_s"],
               row.get("torch_cache_tokens_per_s"))
-    if "torch_cache" in res:
+    if "smallmind_sampling" in secs:
+        put_ratio(row, "sampling_vs_torch_cache", row["smallmind_sampling_tokens_per_s"],
+                  row.get("torch_cache_tokens_per_s"))
+        # Sampling end to end against the raw C loop (target >= 0.97)
+        row["sampling_vs_core"] = secs["smallmind"] / secs["smallmind_sampling"]
+    if "torch_cache" in res and not sampled:   # sampled: the two draw differently
         row["diverge_vs_torch_cache"] = first_divergence(res["smallmind"], res["torch_cache"])
     if "smallmind_sampling" in res:
         row["diverge_sampling_vs_core"] = first_divergence(res["smallmind"], res["smallmind_sampling"])
@@ -386,7 +392,8 @@ def fmt_decode(r):
     s = (f"  {r['part']:<6} {r['model']:<16} t={r['threads']} {r['new_tokens']} new, window "
          f"{r['window']}: smallmind {r['smallmind_tokens_per_s']:8.1f} tok/s")
     if "smallmind_sampling_tokens_per_s" in r:
-        s += f" (Sampling {r['smallmind_sampling_tokens_per_s']:8.1f})"
+        s += (f" (Sampling {r['smallmind_sampling_tokens_per_s']:8.1f}, "
+              f"{r['sampling_vs_core']:.3f} of the C loop)")
     s += f" | torch cache {with_ratio(r, 'torch_cache_tokens_per_s', 'vs_torch_cache')}"
     if "torch_nocache_tokens_per_s" in r:
         s += (f" | torch no cache {r['torch_nocache_tokens_per_s']:8.1f} "
@@ -539,11 +546,22 @@ def streams_rows(name, model, tmodel, plan, quick):
     rng = np.random.default_rng(11)
     prompts = rng.integers(0, MODELS[name][0], size=(max(STREAMS), 1, plan["prompt"])).astype(np.int64)
 
+    if MODELS[name][0] <= 65:
+        # end to end through Sampling (the text a user's thread generates), as decode_row
+        tok = sm.Tokenizer("".join(chr(48 + i) for i in range(MODELS[name][0])))
+        texts = [tok.decode([int(t) for t in p[0]]) for p in prompts]
+
+        def sm_one(i):
+            sm.Sampling(model, tok, threads=1).generate(texts[i], n, temperature=0)
+    else:
+        def sm_one(i):
+            sm_generate(model, prompts[i], n, 1)
+
     def sm_worker(i, barrier):
         barrier.wait()
-        sm_generate(model, prompts[i], n, 1)
+        sm_one(i)
 
-    warm = [lambda: sm_generate(model, prompts[0], n, 1)]
+    warm = [lambda: sm_one(0)]
     if tmodel is not None:
         from torch_gpt import generate_with_cache
         tprompts = [torch.from_numpy(p) for p in prompts]
@@ -590,19 +608,70 @@ def streams_rows(name, model, tmodel, plan, quick):
     return rows
 
 
+def forward_rows(name, model, tmodel, plan, quick):
+    """1 and 2 Python threads each calling the model's forward at batch 1 on a whole window
+    (1 library thread per call, the GIL released inside): calls/s and the scaling of 2 threads
+    over 1. What is left to scale is each call's own overhead (validation, pool rent, the GIL
+    handoffs around the C call)."""
+    T, V = MODELS[name][1], MODELS[name][0]
+    idx = np.random.default_rng(5).integers(0, V, size=(1, T)).astype(np.int32)
+    reps = 20 if quick else 2000
+    if torch is not None:
+        tidx = torch.from_numpy(idx.astype(np.int64))
+
+    def sm_worker(i, barrier):
+        barrier.wait()
+        for _ in range(reps):
+            model.forward(idx, threads=1)
+
+    def torch_worker(i, barrier):
+        torch.set_num_threads(1)
+        barrier.wait()
+        with torch.inference_mode():
+            for _ in range(reps):
+                tmodel(tidx)
+
+    fns = {"smallmind": sm_worker}
+    if tmodel is not None:
+        fns["torch"] = torch_worker
+    rows, base = [], {}
+    for k in (1, 2):
+        walls = {lib: [] for lib in fns}
+        for _ in range(1 if quick else 5):
+            for lib, w in fns.items():
+                idle(quick)
+                walls[lib].append(concurrent(w, k))
+        row = base_row("forward", name, plan, 1, model.config.num_parameters())
+        row.update(python_threads=k, batch=1, tokens=T, calls_per_thread=reps)
+        for lib, ws in walls.items():
+            row[f"{lib}_calls_per_s"] = k * reps / float(np.median(ws))
+            base.setdefault(lib, row[f"{lib}_calls_per_s"])
+            row[f"{lib}_scaling"] = row[f"{lib}_calls_per_s"] / base[lib]
+        put_ratio(row, "vs_torch", row["smallmind_calls_per_s"], row.get("torch_calls_per_s"))
+        row["loadavg_1min"] = (loadavg() or [None])[0]
+        print(f"  forward {name:<15} {k} Python thread(s), batch 1 x {T} tokens: smallmind "
+              f"{row['smallmind_calls_per_s']:9.1f} calls/s ({row['smallmind_scaling']:.2f}x of 1) | "
+              f"torch {with_ratio(row, 'torch_calls_per_s', 'torch_scaling', ' of 1')} | sm/torch "
+              f"{times(row.get('vs_torch'))}  (load {row['loadavg_1min']})", flush=True)
+        rows.append(row)
+    if torch is not None:
+        torch.set_num_threads(1)
+    return rows
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small model, few tokens (smoke run)")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    ap.add_argument("--threads", type=int, default=2, help="library threads (default 2); the "
-                    "streams part uses 1 per stream")
+    ap.add_argument("--threads", default="1,2", help="comma-separated library thread counts "
+                    "(default 1,2); the streams and forward parts use 1 per Python thread")
     ap.add_argument("--only", default=None, help=f"comma-separated parts of {','.join(PARTS)}")
     ap.add_argument("--models", default=None, help=f"comma-separated of {','.join(MODELS)}")
     args = ap.parse_args(argv)
     parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(","))
-    names = (["4/4/128"] if args.quick else list(MODELS)) if not args.models else \
+    names = (["tiny"] if args.quick else list(MODELS)) if not args.models else \
         [m.strip() for m in args.models.split(",")]
     for p in parts:
         if p not in PARTS:
@@ -610,15 +679,19 @@ def main(argv=None):
     for m in names:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {tuple(MODELS)}")
-    if args.threads < 1:
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        ap.error("--threads must be comma-separated integers")
+    if min(thread_counts) < 1:
         ap.error("--threads must be >= 1")
     import_libs()
     info = machine_info()
     print(f"smallmind {info['smallmind']} | {info.get('cpu', '?')}, {info['cores']} cores | "
           f"{info['build']}")
-    print(f"numpy {info['numpy']} | torch {info['torch'] or '-'} | greedy decoding, {args.threads} "
-          f"threads")
+    print(f"numpy {info['numpy']} | torch {info['torch'] or '-'} | threads {thread_counts}")
     load_start = loadavg()
+    print(f"load average (1, 5, 15 min) at start {load_start}")
     t_start = time.perf_counter()
     rows = []
     arrs = None
@@ -629,32 +702,39 @@ def main(argv=None):
     for name in names:
         V, T, L, H, C = MODELS[name]
         plan = dict(QUICK_PLAN) if args.quick else PLAN[name]
-        sm.set_num_threads(args.threads)
         model = sm.TransformerModel(sm.ModelConfig(V, T, L, H, C, dropout=0.0, seed=42)).eval()
         tmodel = None
         if torch is not None:
             from torch_gpt import from_numpy_state
-            torch.set_num_threads(args.threads)
             tmodel = from_numpy_state(model.config, model.state_dict()).eval()
         print(f"\n{name}: {L} layers, {H} heads, {C} wide, block {T}, vocab {V}, "
-              f"{model.config.num_parameters() / 1e6:.1f} M parameters", flush=True)
+              f"{model.config.num_parameters() / 1e6:.2f} M parameters", flush=True)
         prompt = np.random.default_rng(3).integers(0, V, size=(1, plan["prompt"])).astype(np.int64)
-        if "decode" in parts:
-            rows.append(decode_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
-        if "slide" in parts:
-            rows.append(decode_row(name, model, tmodel, prompt, plan, args.threads, args.quick,
-                                   window="slide"))
-        if "ttft" in parts:
-            rows.append(ttft_row(name, model, tmodel, prompt, plan, args.threads, args.quick))
-        if "step" in parts:
-            rows.append(step_row(name, model, tmodel, prompt, plan, args.threads, args.quick,
-                                 arrs))
-        if "batch" in parts:
-            rows.append(batch_row(name, model, tmodel, plan, args.threads, args.quick))
+        for nt in thread_counts:
+            sm.set_num_threads(nt)
+            if torch is not None:
+                torch.set_num_threads(nt)
+            if "decode" in parts:
+                rows.append(decode_row(name, model, tmodel, prompt, plan, nt, args.quick))
+            if "sampled" in parts:
+                rows.append(decode_row(name, model, tmodel, prompt, plan, nt, args.quick,
+                                       sampled=True))
+            if "slide" in parts:
+                rows.append(decode_row(name, model, tmodel, prompt, plan, nt, args.quick,
+                                       window="slide"))
+            if "ttft" in parts:
+                rows.append(ttft_row(name, model, tmodel, prompt, plan, nt, args.quick))
+            if "step" in parts:
+                if min(plan["new"], T - plan["prompt"]) >= 8:
+                    rows.append(step_row(name, model, tmodel, prompt, plan, nt, args.quick, arrs))
+                else:
+                    print(f"  step   {name:<16} skipped: the prompt fills the window", flush=True)
+            if "batch" in parts:
+                rows.append(batch_row(name, model, tmodel, plan, nt, args.quick))
         if "streams" in parts:
             rows += streams_rows(name, model, tmodel, plan, args.quick)
-            if torch is not None:
-                torch.set_num_threads(args.threads)
+        if "forward" in parts:
+            rows += forward_rows(name, model, tmodel, plan, args.quick)
         del model, tmodel
     print(f"\ntotal {time.perf_counter() - t_start:.1f} s")
     info["loadavg_start"] = load_start

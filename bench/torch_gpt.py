@@ -243,8 +243,20 @@ def _cached_step(model, idx, kv, start):
     return _last_logits(model, x)
 
 
-def generate_with_cache(model, idx, n, window="shift"):
-    """Greedy decoding of n tokens after idx (B, T0) int64 with a static KV cache per layer
+def sample_next(logits, temperature, top_k, generator):
+    """nanoGPT's sampling: logits / temperature, all but the top_k set to -inf, softmax, one
+    torch.multinomial draw per row from `generator`."""
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+def generate_with_cache(model, idx, n, window="shift", sample=None):
+    """Greedy decoding (or, with sample = dict(temperature, top_k, seed), nanoGPT's sampling:
+    sample_next) of n tokens after idx (B, T0) int64 with a static KV cache per layer
     (preallocated (B, nh, block_size, hs) keys and values, written in place): one prefill of the
     prompt, then one single-token step per new token. When the window is full it moves as
     smallmind's Sampling(window=...) does: the last window_keep(block_size, window) tokens
@@ -272,8 +284,14 @@ def generate_with_cache(model, idx, n, window="shift"):
         ctx = idx[:, -Tb:]
         logits = _cached_step(model, ctx, kv, 0)
         length = ctx.shape[1]
+        gen = None
+        if sample is not None:
+            gen = torch.Generator().manual_seed(sample["seed"])
         for i in range(n):
-            nxt = logits.argmax(dim=-1)
+            if gen is None:
+                nxt = logits.argmax(dim=-1)
+            else:
+                nxt = sample_next(logits, sample["temperature"], sample["top_k"], gen)
             out[:, i] = nxt
             seq[:, P + i] = nxt
             if i == n - 1:

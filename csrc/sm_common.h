@@ -60,8 +60,16 @@ int sm_team_allowed(void);      /* sm_runtime.c: 0 in a forked child (see SM_PAR
  * threads do not survive fork(), and a team started in the child waits for them forever).
  * Call sites already take the team OpenMP grants (SM_THREAD_COUNT), which may be smaller. */
 #define SM_PARALLEL(nt) SM_PRAGMA(omp parallel num_threads(nt) if ((nt) > 1 && sm_team_allowed()))
-/* Every thread of the team waits here for the others (phases of one fused region). */
-#define SM_BARRIER() SM_PRAGMA(omp barrier)
+/* Every thread of the team waits here for the others (phases of one fused region). A team of
+ * one skips it: libgomp's barrier ends in a futex wake-up system call even when nobody waits,
+ * ~0.3 us each, which a small model's 1-thread decode step would pay a dozen times per token.
+ * The test is the same for the whole team, so either every thread meets the barrier or none. */
+#define SM_BARRIER()                                                                               \
+    do {                                                                                           \
+        if (omp_get_num_threads() > 1) {                                                           \
+            SM_PRAGMA(omp barrier)                                                                 \
+        }                                                                                          \
+    } while (0)
 #else
 #define SM_BARRIER() ((void)0)
 /* Without OpenMP the block after SM_PARALLEL runs once, inline; the budget is still "used". */

@@ -4,7 +4,6 @@
 #include "sm_generate.h"
 
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -98,14 +97,17 @@ static int check_rows(const sm_gpt_cache *c, const sm_gpt_config *cfg, const sm_
 int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                     sm_gen_row *rows, int64_t n_rows, int64_t nv, int64_t keep,
                     int64_t max_steps, double max_seconds, volatile int64_t *interrupt, int *out,
-                    sm_gen_logprob *lp_out, int64_t ld_out, int64_t *steps_out, int nthreads) {
+                    sm_gen_logprob *lp_out, int64_t ld_out, int64_t *made, double *first_step_s,
+                    int64_t *steps_out, int nthreads) {
     if (steps_out) *steps_out = 0;
+    if (first_step_s) *first_step_s = 0.0;
     const int64_t V = cfg->vocab_size, T = cfg->block_size;
-    if (!c || !params || !rows || !out || n_rows < 1 || nv < 1 || nv > V || keep < 1 ||
+    if (!c || !params || !rows || !out || !made || n_rows < 1 || nv < 1 || nv > V || keep < 1 ||
         keep > T || max_steps < 0 || ld_out < max_steps || sm_gpt_cache_capacity(c) < T)
         return SM_ERR_ARG;
     int rc = check_rows(c, cfg, rows, n_rows, nv);
     if (rc != SM_OK) return rc;
+    for (int64_t r = 0; r < n_rows; r++) made[r] = 0;
     if (max_steps == 0) return SM_OK;
 
     /* scratch: the sampled matrix (n, nv), decode logits (n, V), and the per-row vectors */
@@ -121,13 +123,8 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
     uint64_t *key = (uint64_t *)(topk + n), *counter = key + n;
     int *pick = (int *)(counter + n), *act = pick + n, *dseq = act + n, *dtok = dseq + n,
         *drow = dtok + n;
-    int64_t *made = (int64_t *)calloc(n, sizeof(int64_t)); /* tokens per row in this call */
-    if (!made) {
-        sm_pool_return(scratch);
-        return SM_ERR_NOMEM;
-    }
 
-    const double t0 = max_seconds > 0.0 ? now_seconds() : 0.0;
+    const double t0 = now_seconds();
     int64_t step = 0;
     rc = SM_OK;
     while (step < max_steps) {
@@ -191,11 +188,11 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
                 memcpy(rows[drow[d]].logits, dec + (size_t)d * (size_t)V, (size_t)nv * sizeof(float));
         }
         step++;
+        if (step == 1 && first_step_s) *first_step_s = now_seconds() - t0;
         if (interrupt && sm_atomic_load_i64(interrupt)) break;
         if (max_seconds > 0.0 && now_seconds() - t0 >= max_seconds) break;
     }
     if (steps_out) *steps_out = step;
-    free(made);
     sm_pool_return(scratch);
     return rc;
 }

@@ -50,17 +50,21 @@ typedef struct sm_gen_logprob {
 
 /* Run the loop for rows[0 .. n_rows-1] (distinct sequences of c; rows with remaining == 0 or
  * failed set are skipped). Each step, every running row draws a token from its first nv
- * logits, appends it to out[r * ld_out + k] (k: the row's tokens so far in this call) and, with
- * lp_out, its log-probabilities to lp_out[r * ld_out + k]; a row that still has tokens left is
- * fed the token: decoded at position `held`, or, when its window holds block_size tokens, its
- * last `keep` tokens (ending with the new one) are prefilled again from position 0.
+ * logits, appends it to out[r * ld_out + k] (k = made[r], the row's tokens so far in this
+ * call) and, with lp_out, its log-probabilities to lp_out[r * ld_out + k]; a row that still has
+ * tokens left is fed the token: decoded at position `held`, or, when its window holds
+ * block_size tokens, its last `keep` tokens (ending with the new one) are prefilled again from
+ * position 0.
  * Stops after max_steps steps, when no row runs, when max_seconds have passed since the call
  * began (checked after each step; <= 0: no limit) or when *interrupt is non-zero (checked after
- * each step; may be NULL). *steps_out receives the steps run. Returns SM_OK, SM_ERR_ARG (bad
- * sizes, a row out of range) or SM_ERR_NOMEM. */
+ * each step; may be NULL). made (n_rows) receives each row's token count, *first_step_s (when
+ * not NULL) the seconds from the call's start to the end of its first step (a time to first
+ * token), *steps_out (when not NULL) the steps run. Returns SM_OK, SM_ERR_ARG (bad sizes, a row
+ * out of range or inconsistent with its cache sequence) or SM_ERR_NOMEM. */
 int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                     sm_gen_row *rows, int64_t n_rows, int64_t nv, int64_t keep,
                     int64_t max_steps, double max_seconds, volatile int64_t *interrupt, int *out,
-                    sm_gen_logprob *lp_out, int64_t ld_out, int64_t *steps_out, int nthreads);
+                    sm_gen_logprob *lp_out, int64_t ld_out, int64_t *made, double *first_step_s,
+                    int64_t *steps_out, int nthreads);
 
 #endif /* SM_GENERATE_H */

@@ -333,7 +333,8 @@ cdef extern from "sm_generate.h" nogil:
     int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                         sm_gen_row *rows, int64_t n_rows, int64_t nv, int64_t keep,
                         int64_t max_steps, double max_seconds, int64_t *interrupt, int *out,
-                        sm_gen_logprob *lp_out, int64_t ld_out, int64_t *steps_out, int nthreads)
+                        sm_gen_logprob *lp_out, int64_t ld_out, int64_t *made,
+                        double *first_step_s, int64_t *steps_out, int nthreads)
 
 
 # ---- end of declarations ---------------------------------------------------------------------

@@ -152,10 +152,11 @@ cdef class GPTGenerator:
 
     def run(self, max_steps, max_seconds=0.0, threads=None, logprobs=False):
         """Up to max_steps tokens per running row, in C without the GIL; returns early after
-        max_seconds (> 0) or an interrupt(). Returns (tokens, n, lp): tokens int32 (n_rows,
-        max_steps), n int64 (n_rows,) the tokens row r made in this call (tokens[r, :n[r]]),
-        lp the GEN_LOGPROB_DTYPE records of the same shape when `logprobs` (rows that asked
-        for them), else None. A row whose logits held NaN or an infinity stops with
+        max_seconds (> 0) or an interrupt(). Returns (tokens, n, lp, first): tokens int32
+        (n_rows, max_steps), n int64 (n_rows,) the tokens row r made in this call
+        (tokens[r, :n[r]]), lp the GEN_LOGPROB_DTYPE records of the same shape when `logprobs`
+        (rows that asked for them), else None, and `first` the seconds from the call's start to
+        the end of its first step. A row whose logits held NaN or an infinity stops with
         row(r)["failed"] set."""
         _check_int(max_steps, "max_steps", 0, 2 ** 31)
         ms = float(max_seconds)
@@ -163,10 +164,13 @@ cdef class GPTGenerator:
             raise ValidationError(f"max_seconds must be finite and >= 0, got {max_seconds}")
         cdef int nt = _threads(threads)
         cdef int64_t steps = max_steps, done = 0, n = self.n_rows, nv = self.nv, keep = self.keep
-        cdef double secs = ms
-        out = np.empty((n, max(steps, 1)), np.int32)
-        lp = np.zeros((n, max(steps, 1)), GEN_LOGPROB_DTYPE) if logprobs else None
+        cdef int64_t ld = max(steps, 1)
+        cdef double secs = ms, first = 0.0
+        out = np.empty((n, ld), np.int32)
+        made = np.empty(n, np.int64)
+        lp = np.zeros((n, ld), GEN_LOGPROB_DTYPE) if logprobs else None
         cdef int *po = _iptr(out)
+        cdef int64_t *pm = <int64_t *>cnp.PyArray_DATA(<cnp.ndarray>made)
         cdef sm_gen_logprob *pl = NULL
         if logprobs:
             if lp.dtype.itemsize != sizeof(sm_gen_logprob):
@@ -174,8 +178,8 @@ cdef class GPTGenerator:
             pl = <sm_gen_logprob *>cnp.PyArray_DATA(<cnp.ndarray>lp)
         cdef const float *pp = _fptr(self.params)
         cdef int64_t *pf = <int64_t *>cnp.PyArray_DATA(<cnp.ndarray>self.flag)
-        before = np.array([self.rows[r].generated for r in range(n)], np.int64)
         cdef int rc = SM_OK
+        cdef int64_t r
         with self.lock, self.cache.lock:
             _check_cache(self.cache, &self.cfg)
             for r in range(n):
@@ -185,8 +189,7 @@ cdef class GPTGenerator:
                                           f"but its cache sequence {sm_gpt_cache_length(self.cache.c, r)}")
             with nogil:
                 rc = sm_gpt_generate(self.cache.c, pp, &self.cfg, self.rows, n, nv, keep, steps,
-                                     secs, pf, po, pl, max(steps, 1), &done, nt)
+                                     secs, pf, po, pl, ld, pm, &first, &done, nt)
             self.flag[0] = 0
         _raise_for(rc, "gpt_generate")
-        made = np.array([self.rows[r].generated for r in range(n)], np.int64) - before
-        return out, made, lp
+        return out, made, lp, first

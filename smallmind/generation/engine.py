@@ -59,7 +59,7 @@ from .sampling import (
     _held_back,
     _prefill_rows,
     _StepThreads,
-    c_settings,
+    c_setting,
     check_pair,
     check_sampling_args,
     first_stop,
@@ -73,6 +73,7 @@ __all__ = ["BatchEngine", "PrefixCache", "SamplingParams", "TokenInfo", "Piece",
 logger = logging.getLogger("smallmind.engine")
 
 MAX_LOGPROBS = 20        # top-N alternatives per token, as OpenAI's limit
+LOGPROB_CHUNK = 64       # steps per C call while a request wants log-probabilities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,10 +552,10 @@ class BatchEngine(Closeable):
         """The row's prompt is in the cache and `logits` are its next token's: hand it to the C
         loop (its draws: sample_uniform(key, t) for its t-th token, as Sampling's)."""
         p = row.p
-        t, k, tp = c_settings([p.temperature], [p.top_k], [p.top_p], self.tokenizer.vocab_size)
+        t, k, tp = c_setting(p.temperature, p.top_k, p.top_p, self.tokenizer.vocab_size)
         assert self._gen is not None
-        self._gen.set_row(row.slot, row.context, logits, temperature=float(t[0]), top_k=int(k[0]),
-                          top_p=float(tp[0]), key=seed_key(p.seed),
+        self._gen.set_row(row.slot, row.context, logits, temperature=t, top_k=k, top_p=tp,
+                          key=seed_key(p.seed),
                           presence_penalty=p.presence_penalty,
                           frequency_penalty=p.frequency_penalty, bias=row.bias,
                           logprobs=p.logprobs, remaining=min(p.max_new_tokens, MAX_REMAINING))
@@ -653,7 +654,9 @@ class BatchEngine(Closeable):
         one = bool(self._pending) or any(r.filled is not None for r in self._rows.values())
         lp = any(r.p.logprobs is not None for r in running)
         run = functools.partial(self._gen.run, logprobs=lp)
-        out, made, lps = self._steps.run_loop(run, 1 if one else MAX_CHUNK, CHUNK_SECONDS)
+        # (log-probability records are 256 bytes a token: fewer steps per call when asked for)
+        most = 1 if one else LOGPROB_CHUNK if lp else MAX_CHUNK
+        out, made, lps, _ = self._steps.run_loop(run, most, CHUNK_SECONDS)
         self.steps += int(made.max())
         self.last_batch = len(running)
         _metrics.REGISTRY.set("smallmind_engine_batch_rows", len(running),

@@ -47,7 +47,7 @@ logger = logging.getLogger("smallmind.sampling")
 # The C loop (GPTGenerator.run) returns to Python at least this often, to stream text, check
 # stop strings and honour cancellation; and after at most MAX_CHUNK tokens.
 CHUNK_SECONDS = 0.004
-MAX_CHUNK = 1 << 16
+MAX_CHUNK = 4096
 MAX_REMAINING = 1 << 62     # a row's token budget in C (max_new_tokens may be larger: never reached)
 
 
@@ -271,6 +271,15 @@ def c_settings(temperature, top_k, top_p, nv: int) -> tuple:
     return t.astype(np.float32), np.asarray(k, np.int64), p.astype(np.float32)
 
 
+def c_setting(temperature, top_k, top_p, nv: int) -> tuple:
+    """c_settings for one row, as Python numbers (the C side rounds them to float32, as
+    c_settings' arrays are rounded): a generation's settings in a microsecond."""
+    t = min(float(temperature), _F32_MAX)
+    if 0.0 < t < _F32_TINY:
+        t = 0.0
+    return t, (0 if int(top_k) >= nv else int(top_k)), max(float(top_p), _F32_TINY)
+
+
 def sample_rows(logits: np.ndarray, nv: int, settings: tuple, keys, counters) -> np.ndarray:
     """The next token of each row of logits (n, >= nv), in C (one call for every row: greedy
     at temperature 0, else temperature / top-k / top-p with draw counters[r] of stream
@@ -389,7 +398,7 @@ class Sampling:
             ids.append(e)
         B, T, cfg, prm = len(ids), model.config.block_size, model.core_config, model.flat_params
         nv, chars = tok.vocab_size, tok.chars
-        t, k, p = c_settings([temperature], [top_k], [top_p], nv)
+        t, k, p = c_setting(temperature, top_k, top_p, nv)
         t0 = time.perf_counter()
         windows = [list(e[-T:]) for e in ids]
         prompt_tokens = [len(w) for w in windows]
@@ -405,10 +414,9 @@ class Sampling:
             logits = _prefill_rows(prm, cfg, cache, dict(enumerate(windows)), steps.current)
             loop = _core.GPTGenerator(prm, cfg, cache, nv, self._keep())
             for b in range(B):
-                loop.set_row(b, windows[b], logits[b], temperature=float(t[0]), top_k=int(k[0]),
-                             top_p=float(p[0]), key=seed_key(None if seed is None else seed + b),
+                loop.set_row(b, windows[b], logits[b], temperature=t, top_k=k, top_p=p,
+                             key=seed_key(None if seed is None else seed + b),
                              remaining=min(max_new_tokens, MAX_REMAINING))
-            chunk = 1
             while any(r is None for r in reasons):
                 if is_cancelled():
                     err = CancelledError(f"batch generation cancelled after {max(map(len, new))} tokens")
@@ -419,10 +427,11 @@ class Sampling:
                         _metrics.record_generation(len(r.tokens), r.elapsed_sec, ttft,
                                                    r.finish_reason)
                     raise err
-                out, made, _ = steps.run_loop(loop.run, chunk, CHUNK_SECONDS)
-                chunk = min(2 * chunk, MAX_CHUNK)
+                called = time.perf_counter()
+                out, made, _, first = steps.run_loop(
+                    loop.run, min(MAX_CHUNK, max_new_tokens - min(map(len, new))), CHUNK_SECONDS)
                 if not ttft:
-                    ttft = time.perf_counter() - t0
+                    ttft = called + first - t0
                 for b in range(B):
                     if reasons[b] is not None:
                         continue
@@ -464,7 +473,7 @@ class Sampling:
         return _stream_async(self, prompt, dict(kwargs, max_new_tokens=max_new_tokens))
 
     def _stream(self, *args):
-        gen = self._run(*args)
+        gen = self._run(*args, streaming=True)
         try:
             return (yield from gen)      # the GenerationResult, as StopIteration's value
         finally:
@@ -472,7 +481,8 @@ class Sampling:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel):
+    def _run(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel,
+             streaming=False):
         temperature, top_k, top_p, stops = check_sampling_args(
             max_new_tokens, temperature, top_k, top_p, seed, stop)
         is_cancelled = check_cancel(cancel)
@@ -487,7 +497,7 @@ class Sampling:
         T, nv = model.config.block_size, tok.vocab_size
         params, cfg = model.flat_params, model.core_config
         chars = tok.chars
-        t, k, p = c_settings([temperature], [top_k], [top_p], nv)
+        t, k, p = c_setting(temperature, top_k, top_p, nv)
         t0 = time.perf_counter()
         ttft = 0.0
         new: list[int] = []
@@ -501,22 +511,25 @@ class Sampling:
             logits = _core.gpt_prefill(params, cfg, np.asarray([window], dtype=np.int32), cache,
                                        steps.current)[0]
             loop = _core.GPTGenerator(params, cfg, cache, nv, self._keep())
-            loop.set_row(0, window, logits, temperature=float(t[0]), top_k=int(k[0]),
-                         top_p=float(p[0]), key=seed_key(seed),
+            loop.set_row(0, window, logits, temperature=t, top_k=k, top_p=p, key=seed_key(seed),
                          remaining=min(max_new_tokens, MAX_REMAINING))
-            chunk = 1              # tokens per C call: 1 first (the first token at once), then
-            while len(new) < max_new_tokens:      # doubling, each call within CHUNK_SECONDS
+            # Tokens per C call: as many as CHUNK_SECONDS allows (cancel is polled between
+            # calls); a stream's first call makes one, so that its first piece goes out at once.
+            chunk = 1 if streaming else MAX_CHUNK
+            while len(new) < max_new_tokens:
                 if is_cancelled():
                     err = CancelledError(f"generation cancelled after {len(new)} tokens")
                     err.result = GenerationResult(text[:], list(new), "cancelled", len(window),
                                                   time.perf_counter() - t0, ttft)
                     _metrics.record_generation(len(new), err.result.elapsed_sec, ttft, "cancelled")
                     raise err
-                out, made, _ = steps.run_loop(loop.run, chunk, CHUNK_SECONDS)
-                chunk = min(2 * chunk, MAX_CHUNK)
+                called = time.perf_counter()
+                out, made, _, first = steps.run_loop(
+                    loop.run, min(chunk, max_new_tokens - len(new)), CHUNK_SECONDS)
+                chunk = MAX_CHUNK
                 got = out[0, :made[0]].tolist()
                 if got and not new:
-                    ttft = time.perf_counter() - t0
+                    ttft = called + first - t0
                 begin = len(text)
                 new += got
                 if stops:
