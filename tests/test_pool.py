@@ -121,6 +121,27 @@ def test_hits_reuse_the_same_block_and_misses_allocate():
         consistent(st)
 
 
+def test_a_rent_prefers_the_block_its_own_thread_returned():
+    """A rent takes, among the first idle blocks of its class, one its own thread returned
+    (still in its core's caches) over the one another thread returned last."""
+    with sm.MemoryPool(max_buffer_size=1 << 16, max_buffers_per_bucket=8) as pool:
+        z, x = pool.rent(1000), pool.rent(1000)
+        pz, px = addr(z), addr(x)
+        x.release()                                   # idle: x (this thread's)
+        t = threading.Thread(target=z.release)        # idle: z (the other thread's), then x
+        t.start()
+        t.join()
+        b = pool.rent(1000)
+        assert addr(b) == px                          # not the list's head, z
+        c = pool.rent(1000)
+        assert addr(c) == pz                          # none of ours left: the head
+        b.release()
+        c.release()
+        st = pool.stats()
+        assert st["misses"] == 2 and st["hits"] == 2 and st["outstanding_buffers"] == 0
+        consistent(st)
+
+
 def test_oversize_requests_are_exact_misses_and_freed_on_return():
     with sm.MemoryPool(max_buffer_size=256, max_buffers_per_bucket=4) as pool:
         before = live()["live_blocks"]

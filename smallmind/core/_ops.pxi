@@ -26,6 +26,10 @@ cdef extern from *:
     void sm__ops_minmax(const int *p, long long n, int *lo, int *hi) nogil
 
 
+cdef enum:
+    _IDS_NOGIL_MIN = 65536      # ids arrays at least this long are scanned without the GIL
+
+
 cdef _check_ids(object ids, str name, long long lo, long long hi, str rule):
     """Every value of the int32 array `ids` must lie in [lo, hi]."""
     cdef long long n = ids.size
@@ -34,7 +38,13 @@ cdef _check_ids(object ids, str name, long long lo, long long hi, str rule):
     if n == 0:
         return
     p = _iptr(ids)
-    with nogil:
+    if n >= _IDS_NOGIL_MIN:
+        with nogil:
+            sm__ops_minmax(p, n, &mn, &mx)
+    else:
+        # A prompt's or a batch's ids scan in well under a microsecond: releasing the GIL for
+        # that would cost more, and under contention each release is one more handoff to wait
+        # for (the call's own release around the C work is the one that matters).
         sm__ops_minmax(p, n, &mn, &mx)
     if mn < lo or mx > hi:
         bad = mn if mn < lo else mx
