@@ -615,7 +615,12 @@ def forward_rows(name, model, tmodel, plan, quick):
     handoffs around the C call)."""
     T, V = MODELS[name][1], MODELS[name][0]
     idx = np.random.default_rng(5).integers(0, V, size=(1, T)).astype(np.int32)
-    reps = 20 if quick else 2000
+    if quick:
+        reps = 20
+    else:                       # about 2 s per thread per round, whatever the model
+        t0 = time.perf_counter()
+        model.forward(idx, threads=1)
+        reps = int(min(2000, max(20, 2.0 / max(time.perf_counter() - t0, 1e-6))))
     if torch is not None:
         tidx = torch.from_numpy(idx.astype(np.int64))
 

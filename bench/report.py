@@ -204,22 +204,33 @@ def generate_table(rows):
         out += [f"| {r['threads']} | {r['read_gb_per_s']:.1f} | "
                 f"{num(r.get('cpu_per_wall'), '.2f')} |" for r in bw]
         out.append("")
-    dec = [r for r in rows if r["part"] == "decode"]
-    if dec:
-        out += ["Greedy decoding at batch 1 after a 64-token prompt (tokens/s, whole call incl. "
-                "prefill; window past block_size: `shift`, Sampling's default, in both libraries; "
-                "smallmind at the `_core` level, Sampling = `sm.Sampling.generate` end to end):", "",
-                "| model | threads | new tokens | smallmind | smallmind Sampling | torch + KV cache | "
-                "vs torch cache | torch no cache (nanoGPT) | vs no cache | first divergence sm / torch |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+    for part, what in (("decode", "Greedy decoding"),
+                       ("sampled", "Sampled decoding (temperature 0.8, top-k 40; torch: nanoGPT's "
+                                   "softmax + multinomial)")):
+        dec = [r for r in rows if r["part"] == part]
+        if not dec:
+            continue
+        out += [f"{what} at batch 1 after a 64-token prompt (tokens/s, whole call incl. prefill; "
+                "window past block_size: `shift`, Sampling's default, in both libraries; "
+                "smallmind = the C generation loop at the `_core` level, Sampling = "
+                "`sm.Sampling.generate` end to end, and its fraction of the C loop):", "",
+                "| model | threads | new tokens | smallmind C loop | Sampling (of C loop) | "
+                "torch + KV cache | C loop vs torch | Sampling vs torch | torch no cache (nanoGPT) "
+                "| vs no cache | first divergence sm / torch |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in dec:
             nc = r.get("torch_nocache_tokens_per_s")
+            smp = r.get("smallmind_sampling_tokens_per_s")
             out.append("| " + " | ".join([
                 model_cell(r), str(r["threads"]), str(r["new_tokens"]),
-                num(r["smallmind_tokens_per_s"]), num(r.get("smallmind_sampling_tokens_per_s")),
+                num(r["smallmind_tokens_per_s"]),
+                "-" if smp is None else f"{smp:,.1f} ({r['sampling_vs_core']:.3f})",
                 num(r.get("torch_cache_tokens_per_s")), times(r.get("vs_torch_cache")),
+                times(r.get("sampling_vs_torch_cache")),
                 "-" if nc is None else f"{nc:,.1f} ({r['nocache_new_tokens']} new)",
-                times(r.get("vs_torch_nocache"), ".1f"), div(r)]) + " |")
+                times(r.get("vs_torch_nocache"), ".1f"),
+                div(r) if part == "decode" else "(different draws)"]) + " |")
+        out.append("")
     sl = [r for r in rows if r["part"] == "slide"]
     if sl:
         out += ["", "The same with `window=\"slide\"` (nanoGPT's exact window: past block_size every "
@@ -283,6 +294,18 @@ def generate_table(rows):
                        f"{r['smallmind_tokens_per_s']:,.1f} ({r['smallmind_scaling']:.2f}x) | "
                        + ("-" if tc is None else f"{tc:,.1f} ({r['torch_cache_scaling']:.2f}x)")
                        + f" | {times(r.get('vs_torch_cache'))} |")
+    fw = [r for r in rows if r["part"] == "forward"]
+    if fw:
+        out += ["", "Concurrent forward calls (Python threads, each `model.forward` at batch 1 on a "
+                "whole window with 1 library thread; calls/s over all threads, in brackets: vs 1 "
+                "thread):", "", "| model | Python threads | tokens per call | smallmind calls/s | "
+                "torch calls/s | vs torch |", "|---|---|---|---|---|---|"]
+        for r in fw:
+            tc = r.get("torch_calls_per_s")
+            out.append(f"| {model_cell(r)} | {r['python_threads']} | {r['tokens']} | "
+                       f"{r['smallmind_calls_per_s']:,.1f} ({r['smallmind_scaling']:.2f}x) | "
+                       + ("-" if tc is None else f"{tc:,.1f} ({r['torch_scaling']:.2f}x)")
+                       + f" | {times(r.get('vs_torch'))} |")
     return "\n".join(out)
 
 

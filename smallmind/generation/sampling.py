@@ -353,8 +353,8 @@ class Sampling:
         (and independent of thread counts); generation ends early at the first of the `stop`
         strings (which is not included). Unknown prompt characters follow the tokenizer's
         policy; an empty prompt (or one with no known character) raises ValidationError.
-        `cancel` is checked between tokens: CancelledError, whose `.result` holds what was
-        generated so far."""
+        `cancel` is checked between calls of the C loop (at most CHUNK_SECONDS apart):
+        CancelledError, whose `.result` holds what was generated so far."""
         gen = self._run(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, cancel)
         try:
             while True:
