@@ -61,13 +61,14 @@ struct sm_pool {
 
 static volatile int64_t g_live_pools, g_live_blocks, g_live_bytes;
 
-/* A number that tells threads apart: the address of a thread-local byte. */
-#if defined(_MSC_VER)
-static __declspec(thread) char tl_tag;
+/* A number that tells threads apart. (Not a thread-local variable's address: in a shared
+ * library that takes __tls_get_addr, a dependency on the dynamic loader the wheel check
+ * refuses; pthread_self is libc's and costs a register read.) */
+#if defined(_WIN32)
+static uintptr_t thread_tag(void) { return (uintptr_t)GetCurrentThreadId() + 1; }
 #else
-static _Thread_local char tl_tag;
+static uintptr_t thread_tag(void) { return (uintptr_t)pthread_self(); }
 #endif
-static uintptr_t thread_tag(void) { return (uintptr_t)&tl_tag; }
 
 /* Idle blocks a rent looks through for one its own thread returned. */
 #define AFFINITY_SCAN 4
