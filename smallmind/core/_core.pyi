@@ -495,6 +495,7 @@ def gpt_prefill_extend(params: _F32, cfg: _Config, idx: _I32, cache: GPTCache, s
 GEN_LOGPROB_DTYPE: np.dtype
 
 # the C token loop over every sequence of a cache: row r decodes in sequence r
+@disjoint_base
 class GPTGenerator:
     n_rows: int
     nv: int
