@@ -4,6 +4,7 @@
 #include "sm_generate.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -74,24 +75,31 @@ static void log_probs(sm_gen_logprob *lp, const sm_gen_row *r, int64_t nv, int c
     lp->n = have;
 }
 
+/* Rows name distinct sequences of the cache (a byte per sequence marks the ones seen: the
+ * server's batch can be thousands of rows, called every few ms), and a running row's state
+ * matches its cache sequence. */
 static int check_rows(const sm_gpt_cache *c, const sm_gpt_config *cfg, const sm_gen_row *rows,
-                      int64_t n_rows, int64_t nv) {
+                      int64_t n_rows) {
     const int64_t B = sm_gpt_cache_B(c), T = cfg->block_size;
-    for (int64_t r = 0; r < n_rows; r++) {
+    if (n_rows > B) return SM_ERR_ARG;
+    unsigned char *seen = (unsigned char *)calloc((size_t)B, 1);
+    if (!seen) return SM_ERR_NOMEM;
+    int rc = SM_OK;
+    for (int64_t r = 0; r < n_rows && rc == SM_OK; r++) {
         const sm_gen_row *w = &rows[r];
-        if (w->seq < 0 || w->seq >= B || !w->window || !w->logits) return SM_ERR_ARG;
-        for (int64_t q = 0; q < r; q++)
-            if (rows[q].seq == w->seq) return SM_ERR_ARG;
+        if (w->seq < 0 || w->seq >= B || seen[w->seq] || !w->window || !w->logits) {
+            rc = SM_ERR_ARG;
+            break;
+        }
+        seen[w->seq] = 1;
         if (w->remaining <= 0 || w->failed) continue;
-        if (w->held < 1 || w->held > T || sm_gpt_cache_length(c, w->seq) != w->held)
-            return SM_ERR_ARG;
-        if (w->logprobs > SM_GEN_MAX_TOP || w->top_k < 0 || !(w->temperature >= 0.0f))
-            return SM_ERR_ARG;
-        if ((w->presence_penalty != 0.0 || w->frequency_penalty != 0.0) && !w->counts)
-            return SM_ERR_ARG;
+        if (w->held < 1 || w->held > T || sm_gpt_cache_length(c, w->seq) != w->held ||
+            w->logprobs > SM_GEN_MAX_TOP || w->top_k < 0 || !(w->temperature >= 0.0f) ||
+            ((w->presence_penalty != 0.0 || w->frequency_penalty != 0.0) && !w->counts))
+            rc = SM_ERR_ARG;
     }
-    (void)nv;
-    return SM_OK;
+    free(seen);
+    return rc;
 }
 
 int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
@@ -105,7 +113,7 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
     if (!c || !params || !rows || !out || !made || n_rows < 1 || nv < 1 || nv > V || keep < 1 ||
         keep > T || max_steps < 0 || ld_out < max_steps || sm_gpt_cache_capacity(c) < T)
         return SM_ERR_ARG;
-    int rc = check_rows(c, cfg, rows, n_rows, nv);
+    int rc = check_rows(c, cfg, rows, n_rows);
     if (rc != SM_OK) return rc;
     for (int64_t r = 0; r < n_rows; r++) made[r] = 0;
     if (max_steps == 0) return SM_OK;

@@ -70,16 +70,20 @@ def reference(model, prompt, n, kw, keep):
         counts[t] += 1
         if i == n - 1:
             break
-        ctx.append(t)
-        if held < T:
-            logits = _core.gpt_decode(prm, cfg, np.asarray([t], np.int32), cache, 1)[0, :NV]
-            held += 1
-        else:
-            ctx = ctx[-keep:]
-            logits = _core.gpt_prefill_seq(prm, cfg, np.asarray(ctx, np.int32), cache, 0, 1)[:NV]
-            held = len(ctx)
+        ctx, held, logits = feed(model, cache, ctx, held, t, keep)
     cache.close()
     return out
+
+
+def feed(model, cache, ctx, held, t, keep):
+    """Token t into sequence 0 of the cache, one step: decoded at position `held`, or, with a
+    full window, its last `keep` tokens prefilled again. Returns (ctx, held, next logits)."""
+    cfg, prm = model.core_config, model.flat_params
+    ctx = ctx + [t]
+    if held < model.config.block_size:
+        return ctx, held + 1, _core.gpt_decode(prm, cfg, np.asarray([t], np.int32), cache, 1)[0, :NV]
+    ctx = ctx[-keep:]
+    return ctx, len(ctx), _core.gpt_prefill_seq(prm, cfg, np.asarray(ctx, np.int32), cache, 0, 1)[:NV]
 
 
 def start(model, prompts, n, kws, keep, B=None):
@@ -192,14 +196,7 @@ def test_logprobs_equal_a_float64_log_softmax(model):
         assert rec["n"] == 5 and rec["top_id"][:5].tolist() == order
         np.testing.assert_allclose(rec["top_logprob"][:5], ls[order], atol=1e-12)
         counts[t] += 1
-        ctx.append(t)
-        if held < 24:
-            z = _core.gpt_decode(prm, cfg, np.asarray([t], np.int32), cache, 1)[0, :NV]
-            held += 1
-        else:
-            ctx = ctx[-keep:]
-            z = _core.gpt_prefill_seq(prm, cfg, np.asarray(ctx, np.int32), cache, 0, 1)[:NV]
-            held = len(ctx)
+        ctx, held, z = feed(model, cache, ctx, held, t, keep)
     cache.close()
 
 

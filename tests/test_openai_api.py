@@ -508,3 +508,36 @@ def test_long_prompts_are_prefilled_in_chunks_between_the_others_steps():
         assert eng._prefixes.hits >= 2
     finally:
         eng.close()
+
+
+def test_a_cancelled_request_stops_decoding_while_others_run():
+    """A cancelled row leaves the C loop at once (it does not go on decoding into its slot
+    while another request keeps the engine busy), and its time to first token is measured
+    at the loop's first step."""
+    m = sm.TransformerModel(sm.ModelConfig(TOK.vocab_size, 64, 2, 2, 32, seed=4)).eval()
+    eng = BatchEngine(m, TOK, max_batch=2)
+    try:
+        events: queue.Queue = queue.Queue()
+        a = eng.submit(TOK.encode("the"), SamplingParams(max_new_tokens=10 ** 6, seed=1),
+                       lambda ev: events.put(("a", ev)))
+        b = eng.submit(TOK.encode("fox"), SamplingParams(max_new_tokens=10 ** 6, seed=2),
+                       lambda ev: events.put(("b", ev)))
+        seen = set()
+        while seen != {"a", "b"}:                # both decoding
+            who, ev = events.get(timeout=30)
+            seen.add(who)
+        a.cancel()
+        while True:
+            who, ev = events.get(timeout=30)
+            if who == "a" and type(ev).__name__ == "Done":
+                break
+        assert ev.result.finish_reason == "cancelled"
+        assert 0 < ev.result.time_to_first_token_sec < ev.result.elapsed_sec
+        gen = eng._gen
+        assert gen is not None and not b.finished          # b keeps the engine busy
+        assert gen.row(0)["remaining"] == 0                # a's row (slot 0) left the loop
+        made = gen.row(0)["generated"]
+        time.sleep(0.05)
+        assert gen.row(0)["generated"] == made
+    finally:
+        eng.close()

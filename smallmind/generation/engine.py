@@ -529,6 +529,8 @@ class BatchEngine(Closeable):
 
     def _finish(self, row: _Row, reason: str) -> None:
         del self._rows[row.slot]
+        if row.started and self._gen is not None:
+            self._gen.stop_row(row.slot)      # a cancelled row would otherwise go on decoding
         if row.emitted < len(row.text):       # what was held back for a stop string
             self._release(row, len(row.text))
         elapsed = time.perf_counter() - row.ticket.submitted
@@ -656,19 +658,21 @@ class BatchEngine(Closeable):
         run = functools.partial(self._gen.run, logprobs=lp)
         # (log-probability records are 256 bytes a token: fewer steps per call when asked for)
         most = 1 if one else LOGPROB_CHUNK if lp else MAX_CHUNK
-        out, made, lps, _ = self._steps.run_loop(run, most, CHUNK_SECONDS)
+        called = time.perf_counter()
+        out, made, lps, first = self._steps.run_loop(run, most, CHUNK_SECONDS)
         self.steps += int(made.max())
         self.last_batch = len(running)
         _metrics.REGISTRY.set("smallmind_engine_batch_rows", len(running),
                               "rows decoded by the batch engine's last step")
-        # 4. each row's tokens: text, stop strings, pieces, the finished
-        now = time.perf_counter()
+        # 4. each row's tokens: text, stop strings, pieces, the finished (every running row
+        # made its first token of the call in the call's first step)
+        first_token_at = called + first
         for row in running:
             slot = row.slot
             got = out[slot, :made[slot]].tolist()
             if got:
                 if not row.new:
-                    row.ttft = now - row.ticket.submitted
+                    row.ttft = first_token_at - row.ticket.submitted
                 self._append(row, got, None if lps is None or row.p.logprobs is None
                              else lps[slot, :len(got)])
                 stops = row.p.stop
