@@ -40,9 +40,6 @@ class _Fixed(sampling._StepThreads):
     def run(self, fn, *args):
         return fn(*args, self.multi)
 
-    def run_loop(self, fn, *args):
-        return fn(*args, self.multi)
-
 
 def per_token_ms(model, tok, threads, tokens, reps, fixed):
     original = sampling._StepThreads

@@ -466,9 +466,10 @@ class _FakeClock:
         return self.now
 
     def step(self, threads):
+        """One call of the generation loop making one token, as GPTGenerator.run returns it."""
         self.calls.append(threads)
         self.now += self.cost[threads]
-        return threads
+        return None, np.ones(1, np.int64), None, 0.0
 
 
 def test_step_threads_fall_back_to_one_thread_under_contention_and_come_back():
@@ -526,10 +527,11 @@ def test_generation_is_identical_whatever_the_step_threads_choose(model, monkeyp
     ref_b = sm.Sampling(model, TOK, threads=2).generate_batch(["the", "a"], 30, seed=2)
 
     class Flipping(sampling._StepThreads):
-        def run(self, fn, *args):
+        def run(self, fn, max_steps, *args):
+            # calls of at most 3 steps, on 1 and 2 threads in turn
             self.steps += 1
             self.current = 1 + self.steps % 2
-            return fn(*args, self.current)
+            return fn(min(max_steps, 3), *args, self.current)
 
     monkeypatch.setattr(sampling, "_StepThreads", Flipping)
     assert sm.Sampling(model, TOK, threads=2).generate("the", 60, temperature=0.9, seed=4) == ref

@@ -659,7 +659,7 @@ class BatchEngine(Closeable):
         # (log-probability records are 256 bytes a token: fewer steps per call when asked for)
         most = 1 if one else LOGPROB_CHUNK if lp else MAX_CHUNK
         called = time.perf_counter()
-        out, made, lps, first = self._steps.run_loop(run, most, CHUNK_SECONDS)
+        out, made, lps, first = self._steps.run(run, most, CHUNK_SECONDS)
         self.steps += int(made.max())
         self.last_batch = len(running)
         _metrics.REGISTRY.set("smallmind_engine_batch_rows", len(running),

@@ -95,7 +95,9 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop):
 
 
 class _StepThreads:
-    """The thread count of each decode step of one generation.
+    """The thread count of each call of the C generation loop (a few ms of decode steps, all
+    on one count) of one generation. Times are kept per step (a call's time over its steps);
+    the counts below ("steps", "after 8 steps", ...) count calls.
 
     A decode step is a few dozen OpenMP barriers. When another process holds one of the cores,
     each barrier can wait for the scheduler to give a preempted thread its time slice, and a
@@ -135,27 +137,9 @@ class _StepThreads:
             self.current, self.steps, self.countdown = 1, self._PROBE, self.FIRST_RETRY
 
     def run(self, fn, *args):
-        """fn(*args, threads) with the chosen count, timed."""
-        multi = self.multi
-        if multi == 1:
-            return fn(*args, 1)
-        if self.current == multi and self.steps >= self._PROBE:
-            # Settled on `threads` (the common case, inline: a small model's step is ~30 us and
-            # each method call counts): its average follows every step.
-            clock = self.clock
-            t0 = clock()
-            out = fn(*args, multi)
-            self._settled(clock() - t0)
-            return out
-        t = self.choose()
-        t0 = self.clock()
-        out = fn(*args, t)
-        self.record(t, self.clock() - t0)
-        return out
-
-    def run_loop(self, fn, *args):
-        """The same for a call of the C generation loop (GPTGenerator.run: it returns (tokens,
-        made, lp)), timed per step: its time over the most tokens a row made."""
+        """fn(*args, threads) with the chosen count, for a call of the C generation loop
+        (GPTGenerator.run: it returns (tokens, made, ...)), timed per step: the call's time
+        over the most tokens a row made."""
         multi = self.multi
         if multi == 1:
             return fn(*args, 1)
@@ -428,7 +412,7 @@ class Sampling:
                                                    r.finish_reason)
                     raise err
                 called = time.perf_counter()
-                out, made, _, first = steps.run_loop(
+                out, made, _, first = steps.run(
                     loop.run, min(MAX_CHUNK, max_new_tokens - min(map(len, new))), CHUNK_SECONDS)
                 if not ttft:
                     ttft = called + first - t0
@@ -524,7 +508,7 @@ class Sampling:
                     _metrics.record_generation(len(new), err.result.elapsed_sec, ttft, "cancelled")
                     raise err
                 called = time.perf_counter()
-                out, made, _, first = steps.run_loop(
+                out, made, _, first = steps.run(
                     loop.run, min(chunk, max_new_tokens - len(new)), CHUNK_SECONDS)
                 chunk = MAX_CHUNK
                 got = out[0, :made[0]].tolist()
