@@ -89,8 +89,8 @@ MODELS = {
 }
 # name -> dict(prompt, new (decode), nocache_new, batch_new, stream_new, rounds)
 PLAN = {
-    "tiny": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=1024, rounds=7),
-    "small": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=1024, rounds=7),
+    "tiny": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=4096, rounds=7),
+    "small": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=4096, rounds=7),
     "4/4/128": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=256, rounds=5),
     "shakespeare-char": dict(prompt=64, new=256, nocache_new=256, batch_new=256, stream_new=128,
                              rounds=3),

@@ -118,19 +118,28 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
     for (int64_t r = 0; r < n_rows; r++) made[r] = 0;
     if (max_steps == 0) return SM_OK;
 
-    /* scratch: the sampled matrix (n, nv), decode logits (n, V), and the per-row vectors */
+    /* scratch: the sampled matrix (n, nv), decode logits (n, V), and the per-row vectors, each
+     * starting on a cache line (64-bit ones need 8-byte alignment whatever n, nv and V are) */
     const size_t n = (size_t)n_rows;
-    const size_t bytes = n * (size_t)nv * sizeof(float) + n * (size_t)V * sizeof(float) +
-                         n * (3 * sizeof(float) + 3 * sizeof(uint64_t) + 5 * sizeof(int)) + 64;
+    const size_t sizes[] = {n * (size_t)nv * sizeof(float), n * (size_t)V * sizeof(float),
+                            n * sizeof(float), n * sizeof(float), n * sizeof(int64_t),
+                            n * sizeof(uint64_t), n * sizeof(uint64_t), n * sizeof(int),
+                            n * sizeof(int), n * sizeof(int), n * sizeof(int), n * sizeof(int)};
+    enum { NPARTS = sizeof(sizes) / sizeof(sizes[0]) };
+    size_t offs[NPARTS], bytes = 0;
+    for (int i = 0; i < NPARTS; i++) {
+        offs[i] = bytes;
+        bytes += (sizes[i] + SM_ALIGN - 1) / SM_ALIGN * SM_ALIGN;
+    }
     char *scratch = (char *)sm_pool_rent(sm_pool_default(), bytes);
     if (!scratch) return SM_ERR_NOMEM;
-    float *z = (float *)scratch;
-    float *dec = z + n * (size_t)nv;
-    float *temp = dec + n * (size_t)V, *topp = temp + n;
-    int64_t *topk = (int64_t *)(topp + n + (n & 1)); /* 8-byte aligned */
-    uint64_t *key = (uint64_t *)(topk + n), *counter = key + n;
-    int *pick = (int *)(counter + n), *act = pick + n, *dseq = act + n, *dtok = dseq + n,
-        *drow = dtok + n;
+    float *z = (float *)(scratch + offs[0]), *dec = (float *)(scratch + offs[1]);
+    float *temp = (float *)(scratch + offs[2]), *topp = (float *)(scratch + offs[3]);
+    int64_t *topk = (int64_t *)(scratch + offs[4]);
+    uint64_t *key = (uint64_t *)(scratch + offs[5]), *counter = (uint64_t *)(scratch + offs[6]);
+    int *pick = (int *)(scratch + offs[7]), *act = (int *)(scratch + offs[8]);
+    int *dseq = (int *)(scratch + offs[9]), *dtok = (int *)(scratch + offs[10]);
+    int *drow = (int *)(scratch + offs[11]);
 
     const double t0 = now_seconds();
     int64_t step = 0;
