@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "sm_pool.h"
+#include "sm_runtime.h"
 #include "sm_sample.h"
 #include "sm_sync.h"
 
@@ -113,6 +114,7 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
     if (!c || !params || !rows || !out || !made || n_rows < 1 || nv < 1 || nv > V || keep < 1 ||
         keep > T || max_steps < 0 || ld_out < max_steps || sm_gpt_cache_capacity(c) < T)
         return SM_ERR_ARG;
+    nthreads = sm_resolve_threads(nthreads); /* once: the decode scratch is sized for it */
     int rc = check_rows(c, cfg, rows, n_rows);
     if (rc != SM_OK) return rc;
     for (int64_t r = 0; r < n_rows; r++) made[r] = 0;
@@ -124,7 +126,12 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
     const size_t sizes[] = {n * (size_t)nv * sizeof(float), n * (size_t)V * sizeof(float),
                             n * sizeof(float), n * sizeof(float), n * sizeof(int64_t),
                             n * sizeof(uint64_t), n * sizeof(uint64_t), n * sizeof(int),
-                            n * sizeof(int), n * sizeof(int), n * sizeof(int), n * sizeof(int)};
+                            n * sizeof(int), n * sizeof(int), n * sizeof(int), n * sizeof(int),
+                            /* the sampler's and the decode's own scratch, rented once per call
+                             * instead of once per step (the pool's lock, shared by every thread,
+                             * would be taken four times per token) */
+                            sm_sample_scratch_bytes(n_rows, nv, 1),
+                            (size_t)sm_gpt_decode_scratch_floats(cfg, n_rows, nthreads) * sizeof(float)};
     enum { NPARTS = sizeof(sizes) / sizeof(sizes[0]) };
     size_t offs[NPARTS], bytes = 0;
     for (int i = 0; i < NPARTS; i++) {
@@ -140,6 +147,8 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
     int *pick = (int *)(scratch + offs[7]), *act = (int *)(scratch + offs[8]);
     int *dseq = (int *)(scratch + offs[9]), *dtok = (int *)(scratch + offs[10]);
     int *drow = (int *)(scratch + offs[11]);
+    void *sample_scratch = scratch + offs[12];
+    float *decode_scratch = (float *)(scratch + offs[13]);
 
     const double t0 = now_seconds();
     int64_t step = 0;
@@ -163,7 +172,8 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
             act[na++] = (int)r;
         }
         if (na == 0) break;
-        rc = sm_sample_rows(pick, z, nv, na, nv, temp, topk, topp, key, counter, 1);
+        rc = sm_sample_rows_scratch(pick, z, nv, na, nv, temp, topk, topp, key, counter, 1,
+                                    sample_scratch);
         if (rc != SM_OK) break;
 
         /* 2. record each row's token; collect the rows to decode, prefill the moving ones */
@@ -199,7 +209,8 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
 
         /* 3. one decode call for the rows that continue */
         if (nd > 0) {
-            rc = sm_gpt_decode_seqs(dec, c, params, cfg, dseq, nd, dtok, nthreads);
+            rc = sm_gpt_decode_seqs_scratch(dec, c, params, cfg, dseq, nd, dtok, nthreads,
+                                            decode_scratch);
             if (rc != SM_OK) break;
             for (int d = 0; d < nd; d++)
                 memcpy(rows[drow[d]].logits, dec + (size_t)d * (size_t)V, (size_t)nv * sizeof(float));

@@ -969,9 +969,22 @@ static void decode_head(float *logits, const sm_gpt_cache *c, const float *param
 
 /* Decode rows 0 .. B-1, row i being cache sequence seqs[i] (seqs NULL: sequence i). The
  * cache's per-row scratch (x, qkv, ...) is indexed by row, its keys and values by sequence. */
+/* Floats of scratch a decode of B rows on `nt` threads (resolved) uses. */
+static int64_t decode_floats(const sm_gpt_config *cfg, int64_t B, int nt) {
+    const int64_t C = cfg->n_embd;
+    const int by_rows = sm_gpt_num_params(cfg) * (int64_t)sizeof(float) > DECODE_BY_ROWS_BYTES;
+    return (by_rows ? dec_part_floats(B, C) : 0) +
+           decode_team(nt, cfg, B) * dec_scratch_floats(B, C, C / cfg->n_head);
+}
+
+int64_t sm_gpt_decode_scratch_floats(const sm_gpt_config *cfg, int64_t B, int nthreads) {
+    return decode_floats(cfg, B, sm_resolve_threads(nthreads));
+}
+
+/* scratch: decode_floats(cfg, B, nthreads resolved) floats, or NULL to rent them. */
 static int decode_rows(float *logits, sm_gpt_cache *c, const float *params,
                        const sm_gpt_config *cfg, const int *seqs, int64_t B, const int *tokens,
-                       int nthreads) {
+                       int nthreads, float *given) {
     if (!c || !logits || !params || !tokens || memcmp(&c->cfg, cfg, sizeof(*cfg)) != 0 || B < 1 ||
         B > c->B)
         return SM_ERR_ARG;
@@ -986,10 +999,12 @@ static int decode_rows(float *logits, sm_gpt_cache *c, const float *params,
     }
     const int by_rows = sm_gpt_num_params(cfg) * (int64_t)sizeof(float) > DECODE_BY_ROWS_BYTES;
     const int nt = decode_team(sm_resolve_threads(nthreads), cfg, B);
-    const int64_t floats = (by_rows ? dec_part_floats(B, C) : 0) +
-                           nt * dec_scratch_floats(B, C, C / cfg->n_head);
-    float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)floats * sizeof(float));
-    if (!scratch) return SM_ERR_NOMEM;
+    float *scratch = given;
+    if (!scratch) {
+        const int64_t floats = decode_floats(cfg, B, sm_resolve_threads(nthreads));
+        scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)floats * sizeof(float));
+        if (!scratch) return SM_ERR_NOMEM;
+    }
     /* x (B, C): each sequence's new token at its own position */
     const float *wte = P(params, SM_GPT_WTE, 0), *wpe = P(params, SM_GPT_WPE, 0);
     for (int64_t b = 0; b < B; b++)
@@ -1000,7 +1015,7 @@ static int decode_rows(float *logits, sm_gpt_cache *c, const float *params,
     else
         decode_by_columns(c, params, cfg, B, seqs, scratch, nt);
     decode_head(logits, c, params, cfg, B, scratch + (by_rows ? dec_part_floats(B, C) : 0), nt);
-    sm_pool_return(scratch);
+    if (!given) sm_pool_return(scratch);
     for (int64_t b = 0; b < B; b++) c->len[seqs ? seqs[b] : b] = c->pos[b] + 1;
     return SM_OK;
 }
@@ -1008,14 +1023,21 @@ static int decode_rows(float *logits, sm_gpt_cache *c, const float *params,
 int sm_gpt_decode(float *logits, sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                   const int *tokens, int nthreads) {
     if (!c) return SM_ERR_ARG;
-    return decode_rows(logits, c, params, cfg, NULL, c->B, tokens, nthreads);
+    return decode_rows(logits, c, params, cfg, NULL, c->B, tokens, nthreads, NULL);
 }
 
 int sm_gpt_decode_seqs(float *logits, sm_gpt_cache *c, const float *params,
                        const sm_gpt_config *cfg, const int *seqs, int64_t n, const int *tokens,
                        int nthreads) {
     if (!seqs) return SM_ERR_ARG;
-    return decode_rows(logits, c, params, cfg, seqs, n, tokens, nthreads);
+    return decode_rows(logits, c, params, cfg, seqs, n, tokens, nthreads, NULL);
+}
+
+int sm_gpt_decode_seqs_scratch(float *logits, sm_gpt_cache *c, const float *params,
+                               const sm_gpt_config *cfg, const int *seqs, int64_t n,
+                               const int *tokens, int nthreads, float *scratch) {
+    if (!seqs || !scratch) return SM_ERR_ARG;
+    return decode_rows(logits, c, params, cfg, seqs, n, tokens, nthreads, scratch);
 }
 
 /* ---- backward ------------------------------------------------------------------------------- */

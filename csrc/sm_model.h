@@ -208,6 +208,13 @@ int sm_gpt_decode_seqs(float *logits, sm_gpt_cache *c, const float *params,
                        const sm_gpt_config *cfg, const int *seqs, int64_t n, const int *tokens,
                        int nthreads);
 
+/* The same with the scratch given by the caller: sm_gpt_decode_scratch_floats(cfg, n,
+ * nthreads) floats, 64-byte aligned (a loop decoding step after step rents it once). */
+int64_t sm_gpt_decode_scratch_floats(const sm_gpt_config *cfg, int64_t n, int nthreads);
+int sm_gpt_decode_seqs_scratch(float *logits, sm_gpt_cache *c, const float *params,
+                               const sm_gpt_config *cfg, const int *seqs, int64_t n,
+                               const int *tokens, int nthreads, float *scratch);
+
 /* The dropout used above, exposed for tests: out = inp * keep(i) / (1 - p), where keep(i) is the
  * hash test for element i of stream `stream`. out may equal inp. */
 void sm_dropout_forward(float *out, const float *inp, int64_t n, float p, uint64_t seed,

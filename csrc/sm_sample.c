@@ -111,20 +111,32 @@ static int sample_row(const float *l, int64_t V, float temperature, int64_t top_
     return (int)last; /* rounding: u * total at the very top */
 }
 
-int sm_sample_rows(int *out, const float *logits, int64_t ld, int64_t n, int64_t V,
-                   const float *temperature, const int64_t *top_k, const float *top_p,
-                   const uint64_t *key, const uint64_t *counter, int nthreads) {
-    if (n <= 0) return SM_OK;
+/* Threads sampling n rows of V on a budget of nthreads (resolved): rows in parallel only when
+ * there is enough work to wake a team for. */
+static int sample_team(int64_t n, int64_t V, int nthreads) {
     int nt = sm_resolve_threads(nthreads);
     if (nt > n) nt = (int)n;
     if ((int64_t)nt * V < 4096) nt = 1; /* a small vocabulary: not worth waking a team */
-    /* per thread: V doubles of probabilities and V (probability, id) pairs */
-    const size_t per = (size_t)V * (sizeof(double) + sizeof(prob_id));
-    char *scratch = (char *)sm_pool_rent(sm_pool_default(), per * (size_t)nt);
-    if (!scratch) return SM_ERR_NOMEM;
+    return nt < 1 ? 1 : nt;
+}
+
+/* per thread: V doubles of probabilities and V (probability, id) pairs */
+static size_t per_thread_bytes(int64_t V) { return (size_t)V * (sizeof(double) + sizeof(prob_id)); }
+
+size_t sm_sample_scratch_bytes(int64_t n, int64_t V, int nthreads) {
+    return per_thread_bytes(V) * (size_t)sample_team(n, V, nthreads);
+}
+
+int sm_sample_rows_scratch(int *out, const float *logits, int64_t ld, int64_t n, int64_t V,
+                           const float *temperature, const int64_t *top_k, const float *top_p,
+                           const uint64_t *key, const uint64_t *counter, int nthreads,
+                           void *scratch) {
+    if (n <= 0) return SM_OK;
+    const int nt = sample_team(n, V, nthreads);
+    const size_t per = per_thread_bytes(V);
     SM_PARALLEL(nt) {
         const int tid = SM_THREAD_ID(), nth = SM_THREAD_COUNT();
-        double *p = (double *)(scratch + per * (size_t)tid);
+        double *p = (double *)((char *)scratch + per * (size_t)tid);
         prob_id *sel = (prob_id *)(p + V);
         int64_t r0, r1;
         sm_split_range(n, 1, nth, tid, &r0, &r1);
@@ -133,6 +145,17 @@ int sm_sample_rows(int *out, const float *logits, int64_t ld, int64_t n, int64_t
             out[r] = sample_row(logits + r * ld, V, temperature[r], top_k[r], top_p[r], u, p, sel);
         }
     }
-    sm_pool_return(scratch);
     return SM_OK;
+}
+
+int sm_sample_rows(int *out, const float *logits, int64_t ld, int64_t n, int64_t V,
+                   const float *temperature, const int64_t *top_k, const float *top_p,
+                   const uint64_t *key, const uint64_t *counter, int nthreads) {
+    if (n <= 0) return SM_OK;
+    void *scratch = sm_pool_rent(sm_pool_default(), sm_sample_scratch_bytes(n, V, nthreads));
+    if (!scratch) return SM_ERR_NOMEM;
+    int rc = sm_sample_rows_scratch(out, logits, ld, n, V, temperature, top_k, top_p, key,
+                                    counter, nthreads, scratch);
+    sm_pool_return(scratch);
+    return rc;
 }

@@ -24,4 +24,12 @@ int sm_sample_rows(int *out, const float *logits, int64_t ld, int64_t n, int64_t
                    const float *temperature, const int64_t *top_k, const float *top_p,
                    const uint64_t *key, const uint64_t *counter, int nthreads);
 
+/* The same with the scratch given by the caller, sm_sample_scratch_bytes(n, V, nthreads)
+ * bytes, 8-byte aligned (a generation loop rents it once for many steps). */
+size_t sm_sample_scratch_bytes(int64_t n, int64_t V, int nthreads);
+int sm_sample_rows_scratch(int *out, const float *logits, int64_t ld, int64_t n, int64_t V,
+                           const float *temperature, const int64_t *top_k, const float *top_p,
+                           const uint64_t *key, const uint64_t *counter, int nthreads,
+                           void *scratch);
+
 #endif /* SM_SAMPLE_H */
