@@ -1,6 +1,9 @@
 /* sm_generate.c - the generation loop in C (see sm_generate.h): sample, feed back, repeat, with
  * no Python between tokens. Per step it costs one sm_sample_rows and one sm_gpt_decode_seqs for
  * all running rows, plus a prefill for each row whose window moves. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under a strict -std=c11 */
+#endif
 #include "sm_generate.h"
 
 #include <math.h>
