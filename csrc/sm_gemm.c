@@ -26,6 +26,7 @@
 
 #include <string.h>
 
+#include "sm_amx.h"
 #include "sm_pool.h"
 #include "sm_runtime.h"
 #include "sm_vecmath.h"
@@ -467,7 +468,16 @@ typedef struct {
     void (*pack_b_cols)(float *, mat_view, int64_t, int64_t); /* fast pack for b.sr == 1 */
     void (*pack_a_cols)(float *, mat_view, int64_t, int64_t); /* fast pack for a.sr == 1 */
     void (*pack_b_rows)(float *, mat_view, int64_t, int64_t); /* fast pack for b.sc == 1 */
+    /* Packed slivers hold R * round_up(kc, kpad) / kdiv floats for R rows (A) or columns (B):
+     * 1 and 1 for float32; 32 and 2 for AMX's bf16 panels (k in blocks of 32, two per float). */
+    int kpad, kdiv;
+    int round_bf16; /* bf16 emulated in float32: packed panels are rounded to bf16 precision */
+    void (*thread_begin)(void), (*thread_end)(void); /* around each thread's work (AMX tiles) */
 } gemm_params;
+
+static int64_t sliver_floats(const gemm_params *P, int R, int64_t kc) {
+    return R * sm_round_up(kc, P->kpad) / P->kdiv;
+}
 
 static void get_params(int level, gemm_params *p) {
 #if SM_X86_KERNELS
@@ -476,18 +486,58 @@ static void get_params(int level, gemm_params *p) {
                            ukernel_avx512_n16, ukernel_avx512_n8,
                            {ukernel_avx512_ua, ukernel_avx512_ua_n16, ukernel_avx512_ua_n8},
                            pack_a_rows_avx512, pack_b_cols_avx512, pack_a_cols_avx512,
-                           pack_b_rows_avx512};
+                           pack_b_rows_avx512, 1, 1, 0, NULL, NULL};
         return;
     }
     if (level >= SM_SIMD_AVX2) {
         *p = (gemm_params){AVX2_MR, AVX2_NR, 256, 256 * 1024, 128 * 1024, ukernel_avx2, NULL,
-                           NULL, {NULL, NULL, NULL}, pack_a_rows_avx2, pack_b_cols_avx2, NULL, NULL};
+                           NULL, {NULL, NULL, NULL}, pack_a_rows_avx2, pack_b_cols_avx2, NULL, NULL,
+                           1, 1, 0, NULL, NULL};
         return;
     }
 #endif
     (void)level;
     *p = (gemm_params){GEN_MR, GEN_NR, 256, 128 * 1024, 64 * 1024, ukernel_generic, NULL, NULL,
-                       {NULL, NULL, NULL}, NULL, NULL, NULL, NULL};
+                       {NULL, NULL, NULL}, NULL, NULL, NULL, NULL, 1, 1, 0, NULL, NULL};
+}
+
+#if SM_AMX_BUILT
+/* AMX's pieces behind the float-typed driver interface (panels are bf16 pairs in float words). */
+static void pack_a_amx(float *dst, mat_view a, int64_t m, int64_t kc) {
+    sm_amx_pack_a((uint16_t *)dst, a.p, a.sr, a.sc, m, kc);
+}
+static void pack_b_amx(float *dst, mat_view b, int64_t kc, int64_t n) {
+    sm_amx_pack_b((uint16_t *)dst, b.p, b.sr, b.sc, kc, n);
+}
+static void ukernel_amx(int64_t kc, const float *SM_RESTRICT a, int64_t lda, const float *SM_RESTRICT b,
+                        float *SM_RESTRICT c, int64_t ldc, int mr, int nr, float alpha, float beta) {
+    (void)lda;
+    sm_amx_kernel(kc, (const uint16_t *)a, (const uint16_t *)b, c, ldc, mr, nr, alpha, beta);
+}
+#endif
+
+/* bf16 products: AMX tiles where the CPU and OS allow them (and the SIMD cap is AVX-512), else
+ * the float32 kernels on panels rounded to bf16 (the same arithmetic: exact products of bf16
+ * values, float32 sums; only slower). AVX-512's own bf16 dot product (vdpbf16ps) is left out:
+ * it measured 107 GFLOP/s here, half the float32 FMA rate. */
+static void get_params_bf16(int level, gemm_params *p) {
+#if SM_AMX_BUILT
+    if (level >= SM_SIMD_AVX512 && sm_amx_usable()) {
+        *p = (gemm_params){SM_AMX_MR, SM_AMX_NR, 512, 256 * 1024, 128 * 1024, ukernel_amx, NULL,
+                           NULL, {NULL, NULL, NULL}, pack_a_amx, pack_b_amx, pack_a_amx, pack_b_amx,
+                           SM_AMX_KB, 2, 0, sm_amx_begin, sm_amx_end};
+        return;
+    }
+#endif
+    get_params(level, p);
+    for (int w = 0; w < 3; w++) p->kernel_ua[w] = NULL; /* A is always packed (and rounded) */
+    p->round_bf16 = 1;
+}
+
+int sm_gemm_bf16_backend(void) {
+    gemm_params p;
+    get_params_bf16(sm_simd_active(), &p);
+    return p.round_bf16 ? 0 : 1;
 }
 
 /* ---- packed path, one thread's block of C ------------------------------------------------- */
@@ -500,16 +550,24 @@ static int64_t balanced_block(int64_t n, int64_t most, int64_t grain) {
     return sm_round_up(sm_ceil_div(n, pieces), grain);
 }
 
+/* K slice, rows of A packed at once, and the widest B block, for operands with K columns. K
+ * slices are fixed by K alone (not by M, N or threads): element results never depend on how C
+ * is partitioned. */
+static void plan_blocks(const gemm_params *P, int64_t K, int64_t *kc_max, int64_t *m_chunk,
+                        int64_t *n_block) {
+    *kc_max = balanced_block(K, P->KC, P->kpad);
+    int64_t a = P->A_FLOATS / sliver_floats(P, P->MR, *kc_max);
+    int64_t b = P->B_FLOATS / sliver_floats(P, P->NR, *kc_max);
+    *m_chunk = (a > 1 ? a : 1) * P->MR;
+    *n_block = (b > 1 ? b : 1) * P->NR;
+}
+
 static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, int64_t N,
                        int64_t K, float alpha, float beta, float *C, int64_t ldc, float *apack,
                        float *bpack) {
     const int MR = P->MR, NR = P->NR;
-    /* K slices are fixed by K alone (not by M, N or threads): element results never depend
-     * on how C is partitioned. */
-    const int64_t kc_max = balanced_block(K, P->KC, 1);
-    const int64_t m_chunk = (P->A_FLOATS / kc_max) / MR * MR > MR ? (P->A_FLOATS / kc_max) / MR * MR : MR;
-    int64_t n_block = (P->B_FLOATS / kc_max) / NR * NR;
-    if (n_block < NR) n_block = NR;
+    int64_t kc_max, m_chunk, n_block;
+    plan_blocks(P, K, &kc_max, &m_chunk, &n_block);
     n_block = balanced_block(N, n_block, NR);
 
     /* Skinny N: read A in place rather than pack it (packing costs ~16/N of the multiply),
@@ -529,6 +587,8 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
                 if (a.sc == 1 && P->pack_a_rows) P->pack_a_rows(apack, rest, mc - full, kc);
                 else if (a.sr == 1 && P->pack_a_cols) P->pack_a_cols(apack, rest, mc - full, kc);
                 else pack_a(apack, rest, mc - full, kc, MR);
+                if (P->round_bf16)
+                    sm_bf16_round_inplace(apack, sm_ceil_div(mc - full, MR) * sliver_floats(P, MR, kc));
             }
             for (int64_t n0 = 0; n0 < N; n0 += n_block) {
                 int64_t nc = N - n0 < n_block ? N - n0 : n_block;
@@ -536,10 +596,11 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
                 if (b.sr == 1 && P->pack_b_cols) P->pack_b_cols(bpack, bs, kc, nc);
                 else if (b.sc == 1 && P->pack_b_rows) P->pack_b_rows(bpack, bs, kc, nc);
                 else pack_b(bpack, bs, kc, nc, NR);
+                if (P->round_bf16) sm_bf16_round_inplace(bpack, sm_ceil_div(nc, NR) * sliver_floats(P, NR, kc));
                 for (int64_t i = 0; i < mc; i += MR) {
                     int mr = (int)(mc - i < MR ? mc - i : MR);
                     int in_place = i < full;
-                    const float *ap = in_place ? as.p + i * as.sr : apack + ((i - full) / MR) * kc * MR;
+                    const float *ap = in_place ? as.p + i * as.sr : apack + ((i - full) / MR) * sliver_floats(P, MR, kc);
                     float *crow = C + (m0 + i) * ldc + n0;
                     for (int64_t j = 0; j < nc; j += NR) {
                         int nr = (int)(nc - j < NR ? nc - j : NR);
@@ -548,7 +609,7 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
                         if (in_place) kern = P->kernel_ua[w];
                         else if (w == 2 && P->kernel_narrow4) kern = P->kernel_narrow4;
                         else if (w >= 1 && P->kernel_narrow) kern = P->kernel_narrow;
-                        kern(kc, ap, as.sr, bpack + (j / NR) * kc * NR, crow + j, ldc, mr, nr,
+                        kern(kc, ap, as.sr, bpack + (j / NR) * sliver_floats(P, NR, kc), crow + j, ldc, mr, nr,
                              alpha, beta_eff);
                     }
                 }
@@ -993,9 +1054,9 @@ void sm_gemv_rows_stream(int64_t M, int64_t N, int64_t K, const float *A, int64_
 
 /* ---- driver ---------------------------------------------------------------------------------- */
 
-int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-             const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-             int64_t ldc, int nthreads) {
+static int gemm_run(int bf16, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+                    float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
+                    float beta, float *C, int64_t ldc, int nthreads) {
     /* op(A): (M, K), op(B): (K, N), C: (M, N) */
     if (M <= 0 || N <= 0) return SM_OK;
     if (K <= 0 || alpha == 0.0f) {
@@ -1009,8 +1070,9 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     mat_view a = trans_a ? (mat_view){A, 1, lda} : (mat_view){A, lda, 1};
     mat_view b = trans_b ? (mat_view){B, 1, ldb} : (mat_view){B, ldb, 1};
 
-    /* Matrix-vector-like shapes: stream the big operand once instead of packing it. */
-    if (M <= SMALL_M || N <= SMALL_M) {
+    /* Matrix-vector-like shapes: stream the big operand once instead of packing it (float32
+     * only: bf16 rounds its operands while packing them). */
+    if (!bf16 && (M <= SMALL_M || N <= SMALL_M)) {
         small_problem sp;
         int dots;
         if (M <= SMALL_M) {
@@ -1036,7 +1098,8 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     }
 
     gemm_params P;
-    get_params(level, &P);
+    if (bf16) get_params_bf16(level, &P);
+    else get_params(level, &P);
 
     /* Thread grid tm x tn over C: split rows while every thread keeps several A slivers, else
      * split columns. The grid only moves whole tiles around, never changes arithmetic. */
@@ -1055,13 +1118,15 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
     int team = tm * tn;
 
     /* Scratch sized to what the blocks below actually use (small products stay small). */
-    int64_t kc_max = balanced_block(K, P.KC, 1);
-    int64_t a_floats = P.A_FLOATS > kc_max * P.MR ? P.A_FLOATS : kc_max * P.MR;
-    int64_t b_floats = P.B_FLOATS > kc_max * P.NR ? P.B_FLOATS : kc_max * P.NR;
-    if (a_floats > sm_round_up(sm_ceil_div(M, tm), P.MR) * kc_max) a_floats = sm_round_up(sm_ceil_div(M, tm), P.MR) * kc_max;
-    if (b_floats > sm_round_up(sm_ceil_div(N, tn), P.NR) * kc_max) b_floats = sm_round_up(sm_ceil_div(N, tn), P.NR) * kc_max;
+    int64_t kc_max, m_chunk, n_block;
+    plan_blocks(&P, K, &kc_max, &m_chunk, &n_block);
+    int64_t a_floats = sliver_floats(&P, P.MR, kc_max) * sm_min64(m_chunk, sm_ceil_div(M, tm)) / P.MR;
+    int64_t b_floats = sliver_floats(&P, P.NR, kc_max) * sm_min64(n_block, sm_ceil_div(N, tn)) / P.NR;
+    /* (whole slivers: the shares are rounded up to MR rows and NR columns) */
+    a_floats += sliver_floats(&P, P.MR, kc_max);
+    b_floats += sliver_floats(&P, P.NR, kc_max);
     /* Round each thread's share up to a cache line so threads never share a line. */
-    int64_t per_thread = sm_round_up(a_floats + P.MR * kc_max, 16) + sm_round_up(b_floats + P.NR * kc_max, 16);
+    int64_t per_thread = sm_round_up(a_floats, 16) + sm_round_up(b_floats, 16);
     /* Packing scratch comes from the process-wide pool: steady state allocates nothing. */
     float *scratch = (float *)sm_pool_rent(sm_pool_default(), (size_t)(per_thread * team) * sizeof(float));
     if (!scratch) return SM_ERR_NOMEM;
@@ -1074,7 +1139,8 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
          * take whole cells in turn: a thread never works on a bigger block than planned. */
         int nth = SM_THREAD_COUNT();
         float *apack = scratch + (int64_t)tid * per_thread;
-        float *bpack = apack + sm_round_up(a_floats + P.MR * kc_max, 16);
+        float *bpack = apack + sm_round_up(a_floats, 16);
+        if (P.thread_begin) P.thread_begin();
         for (int cell = tid; cell < team; cell += nth) {
             int im = cell / tn, in = cell % tn;
             int64_t m0, m1, n0, n1;
@@ -1087,7 +1153,20 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
                            ldc, apack, bpack);
             }
         }
+        if (P.thread_end) P.thread_end();
     }
     sm_pool_return(scratch);
     return SM_OK;
+}
+
+int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+             const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+             int64_t ldc, int nthreads) {
+    return gemm_run(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nthreads);
+}
+
+int sm_gemm_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc, int nthreads) {
+    return gemm_run(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nthreads);
 }

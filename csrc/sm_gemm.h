@@ -17,6 +17,17 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
              const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
              int64_t ldc, int nthreads);
 
+/* The same product with bf16 inputs: A and B are rounded to bf16 (round to nearest even) as they
+ * are packed, multiplied exactly and summed in float32 (alpha, beta and C stay float32). On
+ * Intel AMX (Sapphire Rapids and later, Linux) this runs on the tile unit; elsewhere the float32
+ * kernels compute the same rounded product. Same contract as sm_sgemm otherwise, including bits
+ * independent of the thread count. */
+int sm_gemm_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc, int nthreads);
+/* 1 if sm_gemm_bf16 runs on AMX tiles now (CPU, OS and the SIMD cap allow it), 0 if emulated. */
+int sm_gemm_bf16_backend(void);
+
 /* One thread's share of a matrix-vector-like product, for fused loops that run their own
  * parallel region (the decode step): C[0:M, n0:n1] = A (M, K) @ op(B)[:, n0:n1], with A rows
  * contiguous (row stride lda), op(B) = B (K, N) for trans_b = 0 or B^T with B (N, K) for

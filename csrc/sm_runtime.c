@@ -114,6 +114,22 @@ static int detect_x86(void) {
 }
 #endif
 
+int sm_cpu_amx_bf16(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    unsigned r[4];
+    cpuid(0, 0, r);
+    if (r[0] < 7) return 0;
+    cpuid(1, 0, r);
+    if (!((r[2] >> 27) & 1)) return 0; /* no OSXSAVE: XGETBV would fault */
+    cpuid(7, 0, r);
+    int amx_bf16 = (r[3] >> 22) & 1, amx_tile = (r[3] >> 24) & 1;
+    /* XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA): the OS saves tile state. */
+    return amx_bf16 && amx_tile && ((xgetbv0() >> 17) & 3) == 3;
+#else
+    return 0;
+#endif
+}
+
 static int g_detected = -1;      /* cached CPUID result */
 static int g_env_cap = -1;       /* cap from SMALLMIND_SIMD, read once */
 static volatile int g_active = -1; /* level kernels use; written by sm_simd_set */

@@ -41,6 +41,9 @@ int sm_simd_active(void);
  * Returns the level now active. Thread-safe (a single int store kernels read per call). */
 int sm_simd_set(int level);
 const char *sm_simd_name(int level);
+/* 1 if CPUID reports AMX-TILE and AMX-BF16 and the OS saves tile state (XCR0); whether this
+ * process may use them is sm_amx_usable's question (sm_amx.h). */
+int sm_cpu_amx_bf16(void);
 
 /* 1 if built with OpenMP. */
 int sm_openmp_enabled(void);

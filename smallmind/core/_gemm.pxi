@@ -6,7 +6,7 @@ _ZERO = 0.0
 
 
 cdef object _gemm_call(object a, object b, object out, bint trans_a, bint trans_b,
-                       object alpha, object beta, object threads, bint naive):
+                       object alpha, object beta, object threads, bint naive, bint bf16=False):
     _check_f32(a, "a", 2)
     _check_f32(b, "b", 2)
     cdef cnp.npy_intp *da = cnp.PyArray_DIMS(<cnp.ndarray>a)
@@ -48,6 +48,8 @@ cdef object _gemm_call(object a, object b, object out, bint trans_a, bint trans_
     with nogil:
         if naive:
             sm_sgemm_naive(ta_, tb_, M, N, K, fa, pa, lda, pb, ldb, fb, pc, ldc)
+        elif bf16:
+            rc = sm_gemm_bf16(ta_, tb_, M, N, K, fa, pa, lda, pb, ldb, fb, pc, ldc, nt)
         else:
             rc = sm_sgemm(ta_, tb_, M, N, K, fa, pa, lda, pb, ldb, fb, pc, ldc, nt)
     _raise_for(rc, "sgemm")
@@ -72,6 +74,19 @@ def sgemm(a, b, out=None, trans_a=False, trans_b=False, alpha=_ONE, beta=_ZERO, 
     (trans_b=True) and a.T @ b (trans_a=True), with beta=1 to accumulate gradients.
     """
     return _gemm_call(a, b, out, bool(trans_a), bool(trans_b), alpha, beta, threads, False)
+
+
+def gemm_bf16(a, b, out=None, trans_a=False, trans_b=False, alpha=_ONE, beta=_ZERO, threads=None):
+    """`sgemm` with bf16 inputs: a and b are rounded to bf16 (round to nearest even) on the way
+    in, the products are exact and summed in float32, out stays float32. Runs on AMX tiles
+    where `bf16_backend()` says "amx", else as the same arithmetic on the float32 kernels."""
+    return _gemm_call(a, b, out, bool(trans_a), bool(trans_b), alpha, beta, threads, False, True)
+
+
+def bf16_backend():
+    """"amx" if bf16 matrix products run on Intel AMX tiles now, "emulated" otherwise (no AMX,
+    not Linux, or the SIMD level capped below avx512)."""
+    return "amx" if sm_gemm_bf16_backend() else "emulated"
 
 
 def sgemm_naive(a, b, out=None, trans_a=False, trans_b=False, alpha=_ONE, beta=_ZERO):
