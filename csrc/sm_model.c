@@ -199,6 +199,7 @@ struct sm_gpt_state {
     sm_gpt_config cfg;
     int64_t B, T, Bc; /* batch shape, sequences per chunk */
     int ready;
+    int precision;    /* SM_PRECISION_*: which GEMM the linear layers use */
     float dropout;
     uint64_t seed;
     int64_t nbytes;
@@ -300,6 +301,21 @@ int64_t sm_gpt_state_nbytes(const sm_gpt_state *s) { return s ? s->nbytes : 0; }
 int64_t sm_gpt_state_B(const sm_gpt_state *s) { return s->B; }
 int64_t sm_gpt_state_T(const sm_gpt_state *s) { return s->T; }
 int sm_gpt_state_ready(const sm_gpt_state *s) { return s->ready; }
+int sm_gpt_state_precision(const sm_gpt_state *s) { return s->precision; }
+
+int sm_gpt_state_set_precision(sm_gpt_state *s, int precision) {
+    if (!s || (precision != SM_PRECISION_FLOAT32 && precision != SM_PRECISION_BF16)) return SM_ERR_ARG;
+    if (s->ready && precision != s->precision) return SM_ERR_STATE;
+    s->precision = precision;
+    return SM_OK;
+}
+
+/* The matrix product a linear layer uses at this precision. */
+typedef int (*gemm_fn)(int, int, int64_t, int64_t, int64_t, float, const float *, int64_t,
+                       const float *, int64_t, float, float *, int64_t, int);
+static gemm_fn linear_gemm(int precision) {
+    return precision == SM_PRECISION_BF16 ? sm_gemm_bf16 : sm_sgemm;
+}
 
 /* ---- KV cache -------------------------------------------------------------------------------- */
 
@@ -393,6 +409,7 @@ typedef struct {
     int64_t cache_seq0;        /* ... from this sequence of the cache on */
     int last_only;             /* logits (B, V) of each sequence's last position only */
     float *pooled;             /* if set: (B, C) mean over positions of ln_f's output */
+    gemm_fn gemm;              /* the linear layers' product (sm_sgemm unless bf16 training) */
 } fwd_bufs;
 
 #define RET_IF(rc)                                                                                \
@@ -411,6 +428,7 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
     const int drop = dropout > 0.0f;
     const int64_t e0 = b0 * T * C;               /* its first element in a (B,T,C) tensor */
     float *x = f->x ? f->x + r0 * C : f->x0;
+    const gemm_fn gemm = f->gemm ? f->gemm : sm_sgemm;
 
     sm_encoder_forward(x, idx + b0 * T, P(params, SM_GPT_WTE, 0), P(params, SM_GPT_WPE, 0), bc, T,
                        C, V, nt);
@@ -430,8 +448,8 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         /* attention branch: res2 = x + drop(c_proj(attn(c_attn(ln_1(x))))) */
         sm_layernorm_forward(f->ln, mean1, rstd1, x, P(params, SM_GPT_LN1W, l),
                              P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(0, 0, N, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
-                        qkv, 3 * C, nt));
+        RET_IF(gemm(0, 0, N, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
+                    qkv, 3 * C, nt));
         sm_bias_add(qkv, P(params, SM_GPT_QKVB, l), N, 3 * C, nt);
         if (f->cache) { /* prefill: keep this chunk's keys and values */
             const sm_gpt_cache *kc = f->cache;
@@ -442,8 +460,8 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         }
         sm_att_dropout ad = {dropout, seed, STREAM_PROB(l), b0};
         RET_IF(sm_attention_forward_ex(atty, lse, qkv, bc, T, C, NH, drop ? &ad : NULL, nt));
-        RET_IF(sm_sgemm(0, 0, N, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
-                        f->br, C, nt));
+        RET_IF(gemm(0, 0, N, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+                    f->br, C, nt));
         sm_bias_add(f->br, P(params, SM_GPT_ATTPROJB, l), N, C, nt);
         if (drop) dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_ATT(l), e0, nt);
         sm_residual_forward(res2, x, f->br, N * C, nt);
@@ -451,12 +469,12 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         /* MLP branch: xout = res2 + drop(c_proj(gelu(c_fc(ln_2(res2))))) */
         sm_layernorm_forward(f->ln, mean2, rstd2, res2, P(params, SM_GPT_LN2W, l),
                              P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(0, 0, N, 4 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
-                        fch, 4 * C, nt));
+        RET_IF(gemm(0, 0, N, 4 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
+                    fch, 4 * C, nt));
         sm_bias_add(fch, P(params, SM_GPT_FCB, l), N, 4 * C, nt);
         sm_gelu_forward(f->g, fch, N * 4 * C, nt);
-        RET_IF(sm_sgemm(0, 0, N, C, 4 * C, 1.0f, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
-                        0.0f, f->br, C, nt));
+        RET_IF(gemm(0, 0, N, C, 4 * C, 1.0f, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
+                    0.0f, f->br, C, nt));
         sm_bias_add(f->br, P(params, SM_GPT_FCPROJB, l), N, C, nt);
         if (drop) dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_MLP(l), e0, nt);
         sm_residual_forward(xout, res2, f->br, N * C, nt);
@@ -481,8 +499,8 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
                             T * C, P(params, SM_GPT_WTE, 0), C, 0.0f, f->logits + (b0 + r) * V, V,
                             nt));
     else if (f->logits) /* LM head tied to wte: logits = ln_f(x) wte^T (logits span the batch) */
-        RET_IF(sm_sgemm(0, 1, N, V, C, 1.0f, f->ln, C, P(params, SM_GPT_WTE, 0), C, 0.0f,
-                        f->logits + b0 * T * V, V, nt));
+        RET_IF(gemm(0, 1, N, V, C, 1.0f, f->ln, C, P(params, SM_GPT_WTE, 0), C, 0.0f,
+                    f->logits + b0 * T * V, V, nt));
     return SM_OK;
 }
 
@@ -579,6 +597,7 @@ static int forward_training(float *logits, float *loss, int64_t *n_valid, sm_gpt
     f.ln = s->ln;
     f.br = s->br;
     f.g = s->g;
+    f.gemm = linear_gemm(s->precision);
     f.logits = logits ? logits : (targets ? s->logits : NULL);
     for (int64_t b0 = 0; b0 < B; b0 += s->Bc) {
         const int64_t bc = B - b0 < s->Bc ? B - b0 : s->Bc;
@@ -1057,16 +1076,17 @@ static int gpt_backward_chunk(float *grads, sm_gpt_state *s, const float *params
     const sm_gpt_config *cfg = &s->cfg;
     const int64_t L = cfg->n_layer, C = cfg->n_embd, NH = cfg->n_head, V = cfg->vocab_size;
     const int64_t T = s->T, BT = s->B * T, N = bc * T, r0 = b0 * T, e0 = r0 * C;
+    const gemm_fn gemm = linear_gemm(s->precision);
 
     /* LM head and ln_f: dln = scale * dlogits wte; dwte += scale * dlogits^T ln_f(x) */
     const float *dlogits = s->dlogits + r0 * V;
     float *xL = s->x + L * BT * C + r0 * C;
     sm_layernorm_forward(s->ln, NULL, NULL, xL, P(params, SM_GPT_LNFW, 0),
                          P(params, SM_GPT_LNFB, 0), N, C, LN_EPS, nt);
-    RET_IF(sm_sgemm(0, 0, N, C, V, loss_scale, dlogits, V, P(params, SM_GPT_WTE, 0), C, 0.0f,
-                    s->dln, C, nt));
-    RET_IF(sm_sgemm(1, 0, V, C, N, loss_scale, dlogits, V, s->ln, C, 1.0f,
-                    P(grads, SM_GPT_WTE, 0), C, nt));
+    RET_IF(gemm(0, 0, N, C, V, loss_scale, dlogits, V, P(params, SM_GPT_WTE, 0), C, 0.0f,
+                s->dln, C, nt));
+    RET_IF(gemm(1, 0, V, C, N, loss_scale, dlogits, V, s->ln, C, 1.0f,
+                P(grads, SM_GPT_WTE, 0), C, nt));
     memset(s->dres, 0, (size_t)(N * C) * sizeof(float));
     RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LNFW, 0), P(grads, SM_GPT_LNFB, 0),
                                  s->dln, xL, P(params, SM_GPT_LNFW, 0), s->meanf + r0,
@@ -1085,42 +1105,42 @@ static int gpt_backward_chunk(float *grads, sm_gpt_state *s, const float *params
         /* MLP branch */
         dbr = branch_grad(s, s->dres, N * C, STREAM_MLP(l), e0, nt);
         sm_gelu_forward(s->g, fch, N * 4 * C, nt);
-        RET_IF(sm_sgemm(1, 0, 4 * C, C, N, 1.0f, s->g, 4 * C, dbr, C, 1.0f,
-                        P(grads, SM_GPT_FCPROJW, l), C, nt));
+        RET_IF(gemm(1, 0, 4 * C, C, N, 1.0f, s->g, 4 * C, dbr, C, 1.0f,
+                    P(grads, SM_GPT_FCPROJW, l), C, nt));
         RET_IF(sm_bias_backward(P(grads, SM_GPT_FCPROJB, l), dbr, N, C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, N, 4 * C, C, 1.0f, dbr, C, P(params, SM_GPT_FCPROJW, l), C, 0.0f,
-                        s->dg, 4 * C, nt));
+        RET_IF(gemm(0, 1, N, 4 * C, C, 1.0f, dbr, C, P(params, SM_GPT_FCPROJW, l), C, 0.0f,
+                    s->dg, 4 * C, nt));
         memset(s->g, 0, (size_t)(N * 4 * C) * sizeof(float)); /* g becomes d fch */
         sm_gelu_backward(s->g, fch, s->dg, N * 4 * C, nt);
         sm_layernorm_forward(s->ln, NULL, NULL, res2, P(params, SM_GPT_LN2W, l),
                              P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(1, 0, C, 4 * C, N, 1.0f, s->ln, C, s->g, 4 * C, 1.0f,
-                        P(grads, SM_GPT_FCW, l), 4 * C, nt));
+        RET_IF(gemm(1, 0, C, 4 * C, N, 1.0f, s->ln, C, s->g, 4 * C, 1.0f,
+                    P(grads, SM_GPT_FCW, l), 4 * C, nt));
         RET_IF(sm_bias_backward(P(grads, SM_GPT_FCB, l), s->g, N, 4 * C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, N, C, 4 * C, 1.0f, s->g, 4 * C, P(params, SM_GPT_FCW, l), 4 * C,
-                        0.0f, s->dln, C, nt));
+        RET_IF(gemm(0, 1, N, C, 4 * C, 1.0f, s->g, 4 * C, P(params, SM_GPT_FCW, l), 4 * C,
+                    0.0f, s->dln, C, nt));
         RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN2W, l), P(grads, SM_GPT_LN2B, l),
                                      s->dln, res2, P(params, SM_GPT_LN2W, l), mean2, rstd2, N, C,
                                      s->ln_scratch, nt));
 
         /* attention branch */
         dbr = branch_grad(s, s->dres, N * C, STREAM_ATT(l), e0, nt);
-        RET_IF(sm_sgemm(1, 0, C, C, N, 1.0f, atty, C, dbr, C, 1.0f,
-                        P(grads, SM_GPT_ATTPROJW, l), C, nt));
+        RET_IF(gemm(1, 0, C, C, N, 1.0f, atty, C, dbr, C, 1.0f,
+                    P(grads, SM_GPT_ATTPROJW, l), C, nt));
         RET_IF(sm_bias_backward(P(grads, SM_GPT_ATTPROJB, l), dbr, N, C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, N, C, C, 1.0f, dbr, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
-                        s->datty, C, nt));
+        RET_IF(gemm(0, 1, N, C, C, 1.0f, dbr, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
+                    s->datty, C, nt));
         memset(s->dqkv, 0, (size_t)(N * 3 * C) * sizeof(float));
         sm_att_dropout ad = {s->dropout, s->seed, STREAM_PROB(l), b0};
         RET_IF(sm_attention_backward_ex(s->dqkv, s->datty, qkv, atty, lse, bc, T, C, NH,
                                         s->dropout > 0.0f ? &ad : NULL, nt));
         sm_layernorm_forward(s->ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
                              P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
-        RET_IF(sm_sgemm(1, 0, C, 3 * C, N, 1.0f, s->ln, C, s->dqkv, 3 * C, 1.0f,
-                        P(grads, SM_GPT_QKVW, l), 3 * C, nt));
+        RET_IF(gemm(1, 0, C, 3 * C, N, 1.0f, s->ln, C, s->dqkv, 3 * C, 1.0f,
+                    P(grads, SM_GPT_QKVW, l), 3 * C, nt));
         RET_IF(sm_bias_backward(P(grads, SM_GPT_QKVB, l), s->dqkv, N, 3 * C, s->bias_scratch, nt));
-        RET_IF(sm_sgemm(0, 1, N, C, 3 * C, 1.0f, s->dqkv, 3 * C, P(params, SM_GPT_QKVW, l), 3 * C,
-                        0.0f, s->dln, C, nt));
+        RET_IF(gemm(0, 1, N, C, 3 * C, 1.0f, s->dqkv, 3 * C, P(params, SM_GPT_QKVW, l), 3 * C,
+                    0.0f, s->dln, C, nt));
         RET_IF(sm_layernorm_backward(s->dres, P(grads, SM_GPT_LN1W, l), P(grads, SM_GPT_LN1B, l),
                                      s->dln, x, P(params, SM_GPT_LN1W, l), mean1, rstd1, N, C,
                                      s->ln_scratch, nt));

@@ -109,6 +109,14 @@ int64_t sm_gpt_state_nbytes(const sm_gpt_state *s);
 int64_t sm_gpt_state_B(const sm_gpt_state *s);
 int64_t sm_gpt_state_T(const sm_gpt_state *s);
 int sm_gpt_state_ready(const sm_gpt_state *s);
+/* Precision of the state's passes: SM_PRECISION_FLOAT32 (the default) or SM_PRECISION_BF16:
+ * every linear layer's matrix products (forward, and both gradients in backward) take bf16
+ * inputs with float32 sums (sm_gemm_bf16); weights, activations, attention, LayerNorm, the loss
+ * and the optimizer stay float32. Set it before a forward pass (SM_ERR_STATE while the state is
+ * ready: a backward must use the precision its forward used). */
+enum { SM_PRECISION_FLOAT32 = 0, SM_PRECISION_BF16 = 1 };
+int sm_gpt_state_set_precision(sm_gpt_state *s, int precision);
+int sm_gpt_state_precision(const sm_gpt_state *s);
 
 /* ---- forward / backward / update ------------------------------------------------------------ */
 

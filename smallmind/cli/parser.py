@@ -162,6 +162,10 @@ def build_parser():
     g.add_argument("--seed", type=int, help=f"random seed of the weights and batches (default: "
                    f"{_default('training', 'seed')})")
     g.add_argument("--threads", type=int, help="threads to use (default: all cores)")
+    g.add_argument("--precision", choices=("float32", "bf16"),
+                   help="the linear layers' matrix products in float32, or in bf16 with float32 "
+                        "sums and master weights (mixed precision, fast on CPUs with Intel AMX) "
+                        "(default: float32; on --resume the run's)")
     g.add_argument("--log-every", type=int, help=f"steps between progress lines (default: "
                    f"{_default('training', 'log_every')})")
     g = p.add_argument_group("continuing a run")

@@ -242,7 +242,8 @@ def _new_run(args):
     model = TransformerModel(cfg)
     try:
         trainer = Training(model, tok, text, batch_size=t.batch_size, seed=t.seed,
-                           metadata=_run_record(sources, t))
+                           metadata=_run_record(sources, t),
+                           precision=args.precision or "float32")
     except BaseException:
         model.close()
         raise
@@ -322,7 +323,8 @@ def _resume(args):
             raise UserError(f"the run's text has changed since {path} was written ({what}); "
                             f"to continue on it as it is now, add --new-data")
     t = st.training
-    trainer = Training.resume(ck, text, batch_size=args.batch_size, new_data=args.new_data)
+    trainer = Training.resume(ck, text, batch_size=args.batch_size, new_data=args.new_data,
+                              precision=args.precision)
     trainer.metadata = _run_record(sources, t)
     return trainer, st, f"resuming {path} at step {trainer.step} of {t.steps}, on {what}", path
 

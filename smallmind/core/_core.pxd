@@ -264,6 +264,11 @@ cdef extern from "sm_model.h" nogil:
     int64_t sm_gpt_state_B(const sm_gpt_state *s)
     int64_t sm_gpt_state_T(const sm_gpt_state *s)
     int sm_gpt_state_ready(const sm_gpt_state *s)
+    int sm_gpt_state_set_precision(sm_gpt_state *s, int precision)
+    int sm_gpt_state_precision(const sm_gpt_state *s)
+    enum:
+        SM_PRECISION_FLOAT32
+        SM_PRECISION_BF16
     int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *state,
                        const float *params, const sm_gpt_config *cfg, const int *idx,
                        const int *targets, int64_t B, int64_t T, float dropout, uint64_t seed,

@@ -61,6 +61,17 @@ def sgemm(
     beta: _Float = 0.0,
     threads: _Int | None = None,
 ) -> _F32: ...
+def gemm_bf16(
+    a: _F32,
+    b: _F32,
+    out: _F32 | None = None,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    alpha: _Float = 1.0,
+    beta: _Float = 0.0,
+    threads: _Int | None = None,
+) -> _F32: ...
+def bf16_backend() -> str: ...
 def sgemm_naive(
     a: _F32,
     b: _F32,
@@ -368,9 +379,11 @@ class _GPTLayout(TypedDict):
 
 def gpt_layout(cfg: _Config) -> _GPTLayout: ...
 
+PRECISIONS: tuple[str, ...]
+
 @disjoint_base
 class GPTState:
-    def __new__(cls, cfg: _Config, B: _Int, T: _Int) -> Self: ...
+    def __new__(cls, cfg: _Config, B: _Int, T: _Int, precision: str = "float32") -> Self: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
@@ -378,6 +391,8 @@ class GPTState:
     def nbytes(self) -> int: ...
     @property
     def shape(self) -> tuple[int, int] | None: ...
+    @property
+    def precision(self) -> str | None: ...
     @property
     def ready(self) -> bool: ...
 

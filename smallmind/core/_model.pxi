@@ -51,6 +51,15 @@ def gpt_layout(tuple cfg):
             "tensors": tensors}
 
 
+PRECISIONS = ("float32", "bf16")
+
+
+cdef int _precision_code(object precision) except -1:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValidationError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return SM_PRECISION_BF16 if precision == "bf16" else SM_PRECISION_FLOAT32
+
+
 cdef class GPTState:
     """The saved activations and scratch of training steps of one batch shape, in one block
     rented from the default MemoryPool (kept across steps, returned by close() or when the
@@ -60,17 +69,19 @@ cdef class GPTState:
     cdef sm_gpt_config cfg
     cdef object lock
 
-    def __cinit__(self, tuple cfg, B, T):
+    def __cinit__(self, tuple cfg, B, T, precision="float32"):
         self.s = NULL
         self.lock = _threading.Lock()
         _gpt_config(cfg, &self.cfg)
         _check_int(B, "B", 1, 2 ** 30)
         _check_int(T, "T", 1, self.cfg.block_size)
+        cdef int prec = _precision_code(precision)
         cdef int64_t b = B, t = T
         cdef int rc
         with nogil:
             rc = sm_gpt_state_create(&self.s, &self.cfg, b, t)
         _raise_for(rc, "GPTState")
+        sm_gpt_state_set_precision(self.s, prec)
 
     def __dealloc__(self):
         if self.s != NULL:
@@ -97,6 +108,13 @@ cdef class GPTState:
         if self.s == NULL:
             return None
         return (sm_gpt_state_B(self.s), sm_gpt_state_T(self.s))
+
+    @property
+    def precision(self):
+        """"float32" or "bf16": the linear layers' matrix products in this state's passes."""
+        if self.s == NULL:
+            return None
+        return "bf16" if sm_gpt_state_precision(self.s) == SM_PRECISION_BF16 else "float32"
 
     @property
     def ready(self):

@@ -21,6 +21,7 @@ from ._core import (
     attention_dropout_mask,
     attention_forward,
     attention_forward_naive,
+    bf16_backend,
     bias_add,
     bias_add_naive,
     bias_backward,
@@ -40,6 +41,7 @@ from ._core import (
     gelu_backward_naive,
     gelu_forward,
     gelu_forward_naive,
+    gemm_bf16,
     grad_norm,
     kv_cache_append,
     kv_cache_new,
@@ -60,7 +62,7 @@ from ._core import (
 )
 
 __all__ = [
-    "matmul", "sgemm", "sgemm_naive",
+    "matmul", "sgemm", "sgemm_naive", "gemm_bf16", "bf16_backend",
     "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
     "gelu_forward", "gelu_backward", "softmax", "cross_entropy_forward", "cross_entropy_backward",
     "cross_entropy_forward_backward", "residual_forward", "residual_backward", "bias_add",

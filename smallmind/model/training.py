@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -110,11 +111,20 @@ class Training:
     (its end) held out for validation (0 disables evaluation). metadata: a JSON-serialisable
     dict saved in every checkpoint and restored by resume() (the `smallmind train` command keeps
     the run's data sources and options there, so a resumed run is the same run).
+
+    precision: "float32" (default) or "bf16", mixed precision: the linear layers' matrix
+    products (forward and both gradients) take bf16 inputs and sum in float32, on Intel AMX
+    tiles where the CPU has them (smallmind.core.kernels.bf16_backend() says "amx"); the weights
+    (the float32 master copy AdamW updates), activations, attention, LayerNorm and the loss stay
+    float32. Evaluation (estimate_loss) always runs in float32. Without AMX the bf16 products
+    are computed by the float32 kernels on rounded inputs (same numbers, no speed-up; a warning
+    says so).
     """
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, text: str,
                  block_size: int | None = None, batch_size: int = 16, seed: int = 42,
-                 val_fraction: float = 0.1, metadata: dict | None = None):
+                 val_fraction: float = 0.1, metadata: dict | None = None,
+                 precision: str = "float32"):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         model.check_open()
@@ -130,6 +140,13 @@ class Training:
         self.batch_size = check_training_option("batch_size", batch_size)
         self.seed = check_training_option("seed", seed)
         self.val_fraction = check_number(val_fraction, "val_fraction", 0.0, 0.5)
+        if not isinstance(precision, str) or precision not in _core.PRECISIONS:
+            raise ValidationError(f"precision must be one of {_core.PRECISIONS}, got {precision!r}")
+        if precision == "bf16" and _core.bf16_backend() != "amx":
+            warnings.warn("precision='bf16': this CPU (or the SIMD level set) has no Intel AMX, "
+                          "so the bf16 products run on the float32 kernels: the same arithmetic, "
+                          "no speed-up", RuntimeWarning, stacklevel=2)
+        self.precision = precision
         if metadata is not None:
             if not isinstance(metadata, dict):
                 raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
@@ -314,7 +331,7 @@ class Training:
                         model.zero_grad()
                         self._cancelled(checkpoint_dir, snapshot, hist)
                     x, y = self._windows(self._train_tokens, self._rng, self.batch_size)
-                    loss_sum += model.train_forward(x, y, None, threads)
+                    loss_sum += model.train_forward(x, y, None, threads, self.precision)
                     model.backward(loss_scale=1.0 / accum, threads=threads)
                 loss = loss_sum / accum
                 if grad_clip > 0:
@@ -392,7 +409,7 @@ class Training:
     def _training_state(self, hparams: dict | None = None) -> dict:
         return {"step": self.step, "adam_t": self._adam_t, "seed": self.seed,
                 "block_size": self.block_size, "batch_size": self.batch_size,
-                "val_fraction": self.val_fraction,
+                "val_fraction": self.val_fraction, "precision": self.precision,
                 "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
                 "rng": self._rng.bit_generator.state,
                 "dropout_rng": self.model.dropout_rng_state,
@@ -483,10 +500,10 @@ class Training:
     @classmethod
     def resume(cls, path, text: str, *, block_size: int | None = None,
                batch_size: int | None = None, val_fraction: float | None = None,
-               new_data: bool = False) -> "Training":
+               new_data: bool = False, precision: str | None = None) -> "Training":
         """A Training rebuilt from a training checkpoint (a file, a run's folder - its latest
         state - or a read Checkpoint): its model (train mode), tokenizer, optimizer and sampler state, metadata, and
-        its block_size / batch_size / seed / val_fraction unless overridden. `text` must be the
+        its block_size / batch_size / seed / val_fraction / precision unless overridden. `text` must be the
         run's text unless new_data=True (see restore). `trainer.model` and `trainer.tokenizer`
         give the rebuilt objects."""
         ck = path if isinstance(path, Checkpoint) else read_checkpoint(path, latest=True)
@@ -502,7 +519,10 @@ class Training:
                       if batch_size is None else batch_size,
                       seed=check_training_option("seed", t["seed"]),
                       val_fraction=check_number(t["val_fraction"], "val_fraction", 0.0, 0.5)
-                      if val_fraction is None else val_fraction)
+                      if val_fraction is None else val_fraction,
+                      precision=t.get("precision", "float32") if precision is None else precision)
+            if precision is None and kw["precision"] not in _core.PRECISIONS:
+                raise ValueError(f"precision {kw['precision']!r}")
         except (KeyError, TypeError, ValueError, OverflowError) as e:   # ValidationError: a ValueError
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
         model = model_from_checkpoint(ck)

@@ -391,19 +391,22 @@ class TransformerModel(Closeable):
         return int(self._dropout_rng.integers(0, 2 ** 63))
 
     def train_forward(self, idx: np.ndarray, targets: np.ndarray, logits: np.ndarray | None = None,
-                      threads: int | None = None) -> float:
+                      threads: int | None = None, precision: str = "float32") -> float:
         """The training forward pass (dropout on, the loss gradient kept for backward()) on ids
         already validated as C-contiguous int32 (B, T) arrays (forward() validates first).
-        Returns the mean loss; fills logits (B, T, V) when given."""
+        Returns the mean loss; fills logits (B, T, V) when given. precision "bf16" runs the
+        linear layers' matrix products, here and in the backward() that follows, on bf16
+        inputs with float32 sums (see Training's precision)."""
         with self._lock:
             self.check_open()
             B, T = idx.shape
             created = False
-            if self._state is None or self._state.shape != (B, T):
+            if (self._state is None or self._state.shape != (B, T)
+                    or self._state.precision != precision):
                 if self._state is not None:
                     self._state.close()
                     self._state = None
-                self._state = _core.GPTState(self._cfg, B, T)
+                self._state = _core.GPTState(self._cfg, B, T, precision)
                 created = True
             p = self.config.dropout
             seed = self._next_dropout_seed() if p > 0.0 else 0
