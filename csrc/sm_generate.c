@@ -1,34 +1,16 @@
 /* sm_generate.c - the generation loop in C (see sm_generate.h): sample, feed back, repeat, with
  * no Python between tokens. Per step it costs one sm_sample_rows and one sm_gpt_decode_seqs for
  * all running rows, plus a prefill for each row whose window moves. */
-#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
-#define _POSIX_C_SOURCE 200809L /* clock_gettime under a strict -std=c11 */
-#endif
 #include "sm_generate.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "sm_pool.h"
 #include "sm_runtime.h"
 #include "sm_sample.h"
 #include "sm_sync.h"
-
-/* A monotonic clock in seconds (the time budget of a call). */
-static double now_seconds(void) {
-#if defined(_WIN32)
-    LARGE_INTEGER f, t;
-    QueryPerformanceFrequency(&f);
-    QueryPerformanceCounter(&t);
-    return (double)t.QuadPart / (double)f.QuadPart;
-#else
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-#endif
-}
 
 /* Whether the row's logits are adjusted before sampling: a bias, or penalties once a token has
  * been generated (before that every count is 0 and the adjustment is the identity). */
@@ -153,7 +135,7 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
     void *sample_scratch = scratch + offs[12];
     float *decode_scratch = (float *)(scratch + offs[13]);
 
-    const double t0 = now_seconds();
+    const double t0 = sm_now_seconds();
     int64_t step = 0;
     rc = SM_OK;
     while (step < max_steps) {
@@ -219,9 +201,9 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
                 memcpy(rows[drow[d]].logits, dec + (size_t)d * (size_t)V, (size_t)nv * sizeof(float));
         }
         step++;
-        if (step == 1 && first_step_s) *first_step_s = now_seconds() - t0;
+        if (step == 1 && first_step_s) *first_step_s = sm_now_seconds() - t0;
         if (interrupt && sm_atomic_load_i64(interrupt)) break;
-        if (max_seconds > 0.0 && now_seconds() - t0 >= max_seconds) break;
+        if (max_seconds > 0.0 && sm_now_seconds() - t0 >= max_seconds) break;
     }
     if (steps_out) *steps_out = step;
     sm_pool_return(scratch);

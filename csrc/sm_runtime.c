@@ -1,5 +1,8 @@
 /* sm_runtime.c - CPU feature detection, SIMD level selection, thread and build facts, the
  * thread-team rule (sm_team_size), and the allocation helpers declared in sm_common.h. */
+#if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under a strict -std=c11 */
+#endif
 #include "sm_runtime.h"
 
 #if defined(__linux__)
@@ -8,6 +11,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(_WIN32)
 #include <malloc.h>
@@ -186,6 +190,87 @@ const char *sm_simd_name(int level) {
     case SM_SIMD_AVX2: return "avx2";
     default: return "generic";
     }
+}
+
+/* A monotonic clock in seconds (time budgets, benchmarks' timings). */
+double sm_now_seconds(void) {
+#if defined(_WIN32)
+    LARGE_INTEGER f, t;
+    QueryPerformanceFrequency(&f);
+    QueryPerformanceCounter(&t);
+    return (double)t.QuadPart / (double)f.QuadPart;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
+}
+
+/* ---- FMA peak ------------------------------------------------------------------------------
+ * Benchmarks report a kernel's speed as a share of what the cores can do at most: 16
+ * independent FMA chains per thread in registers (enough to cover the FMA latency on both FMA
+ * ports), no memory traffic, run at the active SIMD level. */
+#if SM_X86_KERNELS
+#include <immintrin.h>
+SM_TARGET_AVX512 static float fma_chains_avx512(int64_t iters) {
+    __m512 acc[16], x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-6f);
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_ps((float)i);
+    for (int64_t k = 0; k < iters; k++)
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_fmadd_ps(x, y, acc[i]);
+    __m512 s = acc[0];
+    for (int i = 1; i < 16; i++) s = _mm512_add_ps(s, acc[i]);
+    return _mm512_reduce_add_ps(s);
+}
+SM_TARGET_AVX2 static float fma_chains_avx2(int64_t iters) {
+    __m256 acc[16], x = _mm256_set1_ps(0.999f), y = _mm256_set1_ps(1e-6f);
+    for (int i = 0; i < 16; i++) acc[i] = _mm256_set1_ps((float)i);
+    for (int64_t k = 0; k < iters; k++)
+        for (int i = 0; i < 16; i++) acc[i] = _mm256_fmadd_ps(x, y, acc[i]);
+    __m256 s = acc[0];
+    for (int i = 1; i < 16; i++) s = _mm256_add_ps(s, acc[i]);
+    float t[8];
+    _mm256_storeu_ps(t, s);
+    return t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+}
+#endif
+
+static float fma_chains_generic(int64_t iters) {
+    float acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = (float)i;
+    for (int64_t k = 0; k < iters; k++)
+        for (int i = 0; i < 16; i++) acc[i] = acc[i] * 0.999f + 1e-6f;
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += acc[i];
+    return s;
+}
+
+#define SM_MAX_PEAK_THREADS 1024
+
+double sm_fma_peak(int nthreads, int64_t iters, double *seconds) {
+    int nt = sm_resolve_threads(nthreads), level = sm_simd_active();
+    int lanes = 1;
+    float (*fn)(int64_t) = fma_chains_generic;
+#if SM_X86_KERNELS
+    if (level >= SM_SIMD_AVX512) fn = fma_chains_avx512, lanes = 16;
+    else if (level >= SM_SIMD_AVX2) fn = fma_chains_avx2, lanes = 8;
+#endif
+    float sums[SM_MAX_PEAK_THREADS] = {0};
+    int ran = 0;
+    if (nt > SM_MAX_PEAK_THREADS) nt = SM_MAX_PEAK_THREADS;
+    double t0 = sm_now_seconds();
+    SM_PARALLEL(nt)
+    {
+        /* each thread keeps its result (so the chains are not dead code) in its own slot */
+        sums[SM_THREAD_ID()] = fn(iters);
+        if (SM_THREAD_ID() == 0) ran = SM_THREAD_COUNT();
+    }
+    double s = sm_now_seconds() - t0;
+    volatile float sink = sums[0];
+    (void)sink;
+    nt = ran;
+    if (seconds) *seconds = s;
+    /* flops: 2 per lane per FMA, 16 chains, iters rounds, on each thread that ran */
+    return 2.0 * lanes * 16.0 * (double)iters * nt / (s > 0 ? s : 1e-9);
 }
 
 /* ---- threads and build ----------------------------------------------------------------- */

@@ -45,6 +45,14 @@ const char *sm_simd_name(int level);
  * process may use them is sm_amx_usable's question (sm_amx.h). */
 int sm_cpu_amx_bf16(void);
 
+/* A monotonic clock, in seconds. */
+double sm_now_seconds(void);
+
+/* FLOP/s of nthreads threads (<= 0: the default budget) each running `iters` rounds of 16
+ * independent FMA chains at the active SIMD level: the core's arithmetic peak, for benchmarks
+ * to quote kernels against. *seconds (if not NULL) gets the wall time taken. */
+double sm_fma_peak(int nthreads, int64_t iters, double *seconds);
+
 /* 1 if built with OpenMP. */
 int sm_openmp_enabled(void);
 /* OpenMP's default team size for the calling thread (OMP_NUM_THREADS, omp_set_num_threads). */

@@ -206,6 +206,19 @@ def set_simd_level(level):
     return sm_simd_name(sm_simd_set(_SIMD_LEVELS[level])).decode()
 
 
+def fma_peak(threads=None, iters=80_000_000):
+    """(FLOP/s, seconds): the arithmetic peak of `threads` threads, each running `iters` rounds
+    of 16 independent FMA chains in registers at the active SIMD level. Benchmarks quote their
+    kernels as a share of it, measured in the same run (clocks move with load and heat)."""
+    _check_int(iters, "iters", 1, 2 ** 40)
+    cdef int nt = _threads(threads)
+    cdef int64_t n = iters
+    cdef double secs = 0.0, flops
+    with nogil:
+        flops = sm_fma_peak(nt, n, &secs)
+    return flops, secs
+
+
 def build_info():
     """Facts about this build and machine: compiler, OpenMP, SIMD detected and in use, threads."""
     return {

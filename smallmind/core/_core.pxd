@@ -12,6 +12,7 @@ cdef extern from "sm_common.h" nogil:
 
 cdef extern from "sm_runtime.h" nogil:
     int sm_simd_detected()
+    double sm_fma_peak(int nthreads, int64_t iters, double *seconds)
     int sm_simd_active()
     int sm_simd_set(int level)
     const char *sm_simd_name(int level)
