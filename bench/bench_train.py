@@ -151,10 +151,13 @@ def random_batches(n, B, T, seed):
 
 
 class SmStepper:
-    """One smallmind training step at the model level, exactly what sm.Training does per step."""
+    """One smallmind training step at the model level, exactly what sm.Training does per step
+    (precision "bf16": Training(precision="bf16")'s mixed precision)."""
 
-    def __init__(self, model, threads, lr=LR, betas=(0.9, 0.95), weight_decay=0.1):
+    def __init__(self, model, threads, lr=LR, betas=(0.9, 0.95), weight_decay=0.1,
+                 precision="float32"):
         self.model, self.threads, self.lr, self.betas, self.wd = model, threads, lr, betas, weight_decay
+        self.precision = precision
         self.m = np.zeros_like(model.flat_params)
         self.v = np.zeros_like(model.flat_params)
         self.t = 0
@@ -162,7 +165,7 @@ class SmStepper:
     def __call__(self, x, y):
         m, nt = self.model, self.threads
         m.zero_grad()
-        loss = m.train_forward(x, y, None, nt)
+        loss = m.train_forward(x, y, None, nt, self.precision)
         m.backward(threads=nt)
         sm._core.clip_grad_norm(m.flat_grads, 1.0, nt)
         self.t += 1
@@ -172,13 +175,19 @@ class SmStepper:
 
 
 class TorchStepper:
-    def __init__(self, tmodel, lr=LR, betas=(0.9, 0.95), weight_decay=0.1):
+    """PyTorch's step; bf16=True wraps forward and loss in torch.autocast("cpu", bfloat16), the
+    mixed precision PyTorch recommends on CPU (float32 master weights, bf16 matrix products)."""
+
+    def __init__(self, tmodel, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, bf16=False):
         from torch_gpt import make_optimizer
-        self.model = tmodel
+        self.model, self.bf16 = tmodel, bf16
         self.opt = make_optimizer(tmodel, lr, weight_decay, betas=betas)
 
     def __call__(self, x, y):
         from torch_gpt import train_step
+        if self.bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return train_step(self.model, self.opt, x, y, grad_clip=1.0)
         return train_step(self.model, self.opt, x, y, grad_clip=1.0)
 
 
@@ -199,6 +208,21 @@ def idle(quick):
 
 # ---- throughput ---------------------------------------------------------------------------------
 
+def step_flops(name):
+    """Useful FLOPs of one training step: 6 per parameter of the linear layers (and the tied LM
+    head) per token (forward 2, backward 4), plus causal attention's 6 * n_layer * T * C per
+    token (scores and weighted sum over the T/2 earlier positions on average, times three for
+    backward). LayerNorm, GELU, softmax and the optimizer are left out (a few percent)."""
+    L, H, C, T, B = CONFIGS[name]
+    linear = L * (C * 3 * C + C * C + C * 4 * C + 4 * C * C) + C * VOCAB
+    return B * T * (6 * linear + 6 * L * T * C)
+
+
+def measured_peak(threads):
+    """The FMA peak of `threads` threads now (the best of three short probes)."""
+    return max(sm._core.fma_peak(threads)[0] for _ in range(3))
+
+
 def throughput_rows(names, thread_counts, quick):
     rows = []
     for name in names:
@@ -209,12 +233,16 @@ def throughput_rows(names, thread_counts, quick):
         for nt in thread_counts:
             set_threads(nt)
             model = sm.TransformerModel(cfg)
+            model16 = sm.TransformerModel(cfg)    # the same seed: the same initial weights
             state = {k: v.copy() for k, v in model.state_dict().items()}
-            steppers = {"smallmind": (SmStepper(model, nt), batches)}
+            steppers = {"smallmind": (SmStepper(model, nt), batches),
+                        "smallmind_bf16": (SmStepper(model16, nt, precision="bf16"), batches)}
             if torch is not None:
                 from torch_gpt import from_numpy_state  # needs torch
-                tmodel = from_numpy_state(cfg, state)
-                steppers["torch"] = (TorchStepper(tmodel), torch_batches(batches))
+                tb = torch_batches(batches)
+                steppers["torch"] = (TorchStepper(from_numpy_state(cfg, state)), tb)
+                steppers["torch_bf16"] = (TorchStepper(from_numpy_state(cfg, state), bf16=True), tb)
+            peak = measured_peak(nt)
             # Sanity: the first two steps on the same batches from the same weights. These are
             # also each library's warm-up steps.
             losses = {}
@@ -241,7 +269,9 @@ def throughput_rows(names, thread_counts, quick):
             row = {"kind": "throughput", "config": name, "threads": nt,
                    "shape": dict(zip(("n_layer", "n_head", "n_embd", "block_size", "batch_size"),
                                      CONFIGS[name])),
-                   "params": cfg.num_parameters(), "tokens_per_step": B * T}
+                   "params": cfg.num_parameters(), "tokens_per_step": B * T,
+                   "flops_per_step": step_flops(name), "fma_peak_gflops": peak / 1e9,
+                   "bf16_backend": sm.kernels.bf16_backend()}
             for lib, ts in times.items():
                 med = float(np.median(ts))
                 row[f"{lib}_ms"] = 1e3 * med
@@ -250,6 +280,13 @@ def throughput_rows(names, thread_counts, quick):
                 row[f"{lib}_steps_timed"] = len(ts)
                 row[f"{lib}_loss_step1"] = losses[lib][0]
                 row[f"{lib}_loss_step2"] = losses[lib][1]
+                row[f"{lib}_gflops"] = row["flops_per_step"] / med / 1e9
+                row[f"{lib}_share_of_peak"] = row["flops_per_step"] / med / peak
+            row["bf16_speedup"] = row["smallmind_ms"] / row["smallmind_bf16_ms"]
+            row["bf16_loss_diff_step2"] = abs(losses["smallmind_bf16"][1] - losses["smallmind"][1])
+            if "torch_bf16" in times:
+                row["bf16_vs_torch_bf16"] = row["torch_bf16_ms"] / row["smallmind_bf16_ms"]
+                row["torch_bf16_speedup"] = row["torch_ms"] / row["torch_bf16_ms"]
             if "torch" in times:
                 row["speed_vs_torch"] = row["torch_ms"] / row["smallmind_ms"]
                 row["loss_diff_step1"] = abs(losses["smallmind"][0] - losses["torch"][0])
@@ -257,17 +294,26 @@ def throughput_rows(names, thread_counts, quick):
             row["loadavg_1min"] = (loadavg() or [None])[0]
             rows.append(row)
             print(fmt_throughput(row), flush=True)
-            del steppers, model
+            del steppers
+            model.close()
+            model16.close()
     return rows
 
 
 def fmt_throughput(r):
     s = (f"  {r['config']:<17} t={r['threads']}  smallmind {r['smallmind_ms']:9.1f} ms "
-         f"{r['smallmind_tokens_per_s']:9.0f} tok/s")
+         f"{r['smallmind_tokens_per_s']:9.0f} tok/s ({100 * r['smallmind_share_of_peak']:.0f}% of "
+         f"the {r['fma_peak_gflops']:.0f} GFLOP/s FMA peak)")
     if "torch_ms" in r:
         s += (f"  torch {r['torch_ms']:9.1f} ms {r['torch_tokens_per_s']:9.0f} tok/s"
               f"  sm/torch {r['speed_vs_torch']:.2f}x"
               f"  |dloss| step1 {r['loss_diff_step1']:.1e} step2 {r['loss_diff_step2']:.1e}")
+    s += (f"\n  {'':<17}      bf16 ({r['bf16_backend']}) {r['smallmind_bf16_ms']:9.1f} ms = "
+          f"{r['bf16_speedup']:.2f}x our float32 ({r['smallmind_bf16_gflops']:.0f} GFLOP/s)"
+          f"  |dloss| step2 vs float32 {r['bf16_loss_diff_step2']:.1e}")
+    if "torch_bf16_ms" in r:
+        s += (f"  torch bf16 autocast {r['torch_bf16_ms']:9.1f} ms ({r['torch_bf16_speedup']:.2f}x "
+              f"its float32)  sm bf16/torch bf16 {r['bf16_vs_torch_bf16']:.2f}x")
     return s + f"  (load {r.get('loadavg_1min')})"
 
 
@@ -372,6 +418,10 @@ def quality_rows(data_path, steps, threads, quick):
     init_state = {k: v.copy() for k, v in model.state_dict().items()}
     trainer = sm.Training(model, tok, text, q["block_size"], q["batch_size"], seed=42,
                           val_fraction=q["val_fraction"])
+    # The same run in bf16 mixed precision: same initial weights, same batches (same sampler seed).
+    model16 = sm.TransformerModel(cfg)
+    trainer16 = sm.Training(model16, tok, text, q["block_size"], q["batch_size"], seed=42,
+                            val_fraction=q["val_fraction"], precision="bf16")
     # The same split as sm.Training: the last 10% of the tokens is the validation set.
     tokens = tok.encode_array(text).astype(np.int64)
     n_val = int(len(tokens) * q["val_fraction"])
@@ -386,7 +436,7 @@ def quality_rows(data_path, steps, threads, quick):
     sched = dict(learning_rate=q["learning_rate"], warmup_steps=q["warmup_steps"],
                  min_lr=q["min_lr"], weight_decay=q["weight_decay"], beta1=q["beta1"],
                  beta2=q["beta2"], grad_clip=q["grad_clip"])
-    libs = ["smallmind"]
+    libs = ["smallmind", "smallmind_bf16"]
     if torch is not None:
         from torch_gpt import from_numpy_state, make_optimizer  # needs torch
         libs.append("torch")
@@ -415,7 +465,7 @@ def quality_rows(data_path, steps, threads, quick):
     # Interleave the two runs in chunks; the time of each is the sum of its chunks.
     chunk = max(1, steps // 8)
     wall = {lib: 0.0 for lib in libs}
-    sm_losses = []
+    sm_losses, sm16_losses = [], []
     done = 0
     while done < steps:
         done = min(steps, done + chunk)
@@ -425,12 +475,19 @@ def quality_rows(data_path, steps, threads, quick):
                           **sched)
         wall["smallmind"] += time.perf_counter() - t0
         sm_losses += h.train_loss
+        idle(quick)
+        t0 = time.perf_counter()
+        h = trainer16.train(done, lr_decay_steps=steps, log_every=0, eval_every=0, threads=threads,
+                            **sched)
+        wall["smallmind_bf16"] += time.perf_counter() - t0
+        sm16_losses += h.train_loss
         if "torch" in libs:
             idle(quick)
             t0 = time.perf_counter()
             torch_until(done)
             wall["torch"] += time.perf_counter() - t0
         print(f"  quality: step {done}/{steps}  smallmind train loss {np.mean(sm_losses[-chunk:]):.4f}"
+              f"  bf16 {np.mean(sm16_losses[-chunk:]):.4f}"
               + (f"  torch {np.mean(tstate['losses'][-chunk:]):.4f}" if "torch" in libs else ""),
               flush=True)
 
@@ -445,15 +502,20 @@ def quality_rows(data_path, steps, threads, quick):
            "hparams": {k: q[k] for k in ("learning_rate", "warmup_steps", "min_lr", "weight_decay",
                                          "beta1", "beta2", "grad_clip")},
            "nanogpt_reported_val_loss": 1.88}
-    model.eval()
-    for split, bs in evals.items():
-        row[f"smallmind_{split}_loss"] = float(np.mean([
-            sm._core.gpt_forward(model.flat_params, model.core_config, x.astype(np.int32), y.astype(np.int32),
-                                 threads=threads)[0] for x, y in bs]))
-    row["smallmind_train_last_loss"] = float(np.mean(sm_losses[-100:]))
-    row["smallmind_wall_s"] = wall["smallmind"]
-    row["smallmind_ms_per_step"] = 1e3 * wall["smallmind"] / steps
-    row["smallmind_tokens_per_s"] = steps * B * T / wall["smallmind"]
+    for lib, m, losses in (("smallmind", model, sm_losses), ("smallmind_bf16", model16, sm16_losses)):
+        m.eval()      # both scored in float32 (the bf16 run's master weights)
+        for split, bs in evals.items():
+            row[f"{lib}_{split}_loss"] = float(np.mean([
+                sm._core.gpt_forward(m.flat_params, m.core_config, x.astype(np.int32),
+                                     y.astype(np.int32), threads=threads)[0] for x, y in bs]))
+        row[f"{lib}_train_last_loss"] = float(np.mean(losses[-100:]))
+        row[f"{lib}_wall_s"] = wall[lib]
+        row[f"{lib}_ms_per_step"] = 1e3 * wall[lib] / steps
+        row[f"{lib}_tokens_per_s"] = steps * B * T / wall[lib]
+    row["bf16_val_loss_rel_diff"] = row["smallmind_bf16_val_loss"] / row["smallmind_val_loss"] - 1
+    row["bf16_backend"] = sm.kernels.bf16_backend()
+    model.close()
+    model16.close()
     if "torch" in libs:
         tmodel.eval()
         with torch.no_grad():
@@ -472,6 +534,8 @@ def quality_rows(data_path, steps, threads, quick):
 def fmt_quality(r):
     s = (f"  quality ({r['steps']} steps, t={r['threads']}): smallmind val {r['smallmind_val_loss']:.4f} "
          f"train {r['smallmind_train_loss']:.4f} in {r['smallmind_wall_s']:.1f} s")
+    s += (f" | bf16 val {r['smallmind_bf16_val_loss']:.4f} ({100 * r['bf16_val_loss_rel_diff']:+.2f}%) "
+          f"in {r['smallmind_bf16_wall_s']:.1f} s")
     if "torch_val_loss" in r:
         s += (f" | torch val {r['torch_val_loss']:.4f} train {r['torch_train_loss']:.4f} in "
               f"{r['torch_wall_s']:.1f} s | sm/torch speed {r['speed_vs_torch']:.2f}x")

@@ -253,6 +253,8 @@ double sm_fma_peak(int nthreads, int64_t iters, double *seconds) {
 #if SM_X86_KERNELS
     if (level >= SM_SIMD_AVX512) fn = fma_chains_avx512, lanes = 16;
     else if (level >= SM_SIMD_AVX2) fn = fma_chains_avx2, lanes = 8;
+#else
+    (void)level;
 #endif
     float sums[SM_MAX_PEAK_THREADS] = {0};
     int ran = 0;
