@@ -75,16 +75,33 @@ SM_TARGET_AVX512 SM_INLINE __m512i round16(__m512 x) {
     return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
 }
 
-/* A sliver rows with k contiguous (sc == 1): 32 floats of a row -> 32 bf16 in order. */
-SM_TARGET_AVX512 static void pack_a_row_block(uint16_t *dst, const float *src, int64_t kn) {
+/* kn (<= 32) consecutive floats, zero past kn -> 32 bf16 in order, which read as 16 32-bit
+ * words are the k pairs (src[2p], src[2p+1]) AMX multiplies together. */
+SM_TARGET_AVX512 SM_INLINE __m512i pairs16(const float *src, int64_t kn) {
     /* the high halves of the 32 rounded lanes, in order: 16-bit element 2e+1 of (lo, hi) */
     static const uint16_t odd[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
                                      23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
                                      45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
     __m512 x0 = _mm512_maskz_loadu_ps(sm_mask16(kn), src);
     __m512 x1 = _mm512_maskz_loadu_ps(sm_mask16(kn - 16), src + 16);
-    __m512i idx = _mm512_loadu_si512(odd);
-    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(round16(x0), idx, round16(x1)));
+    return _mm512_permutex2var_epi16(round16(x0), _mm512_loadu_si512(odd), round16(x1));
+}
+
+/* Pair words of 16 lanes from two rows (lane j: (lo[j], hi[j]) rounded); hi == NULL: zeros. */
+SM_TARGET_AVX512 SM_INLINE __m512i pair_rows(const float *lo, const float *hi, __mmask16 m) {
+    __m512i l = round16(_mm512_maskz_loadu_ps(m, lo));
+    __m512i h = hi ? round16(_mm512_maskz_loadu_ps(m, hi)) : _mm512_setzero_si512();
+    __m512i w = _mm512_or_si512(_mm512_and_si512(h, _mm512_set1_epi32((int)0xffff0000u)),
+                                _mm512_srli_epi32(l, 16));
+    return _mm512_maskz_mov_epi32(m, w);
+}
+
+/* 16 x 16 words transposed in registers (the float transpose, on the same bits). */
+SM_TARGET_AVX512 SM_INLINE void transpose_words(__m512i v[16]) {
+    __m512 r[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_castsi512_ps(v[i]);
+    sm_transpose16x16(r);
+    for (int i = 0; i < 16; i++) v[i] = _mm512_castps_si512(r[i]);
 }
 
 SM_TARGET_AVX512
@@ -100,7 +117,20 @@ void sm_amx_pack_a(uint16_t *dst, const float *p, int64_t sr, int64_t sc, int64_
                 if (i >= m) {
                     memset(row, 0, SM_AMX_KB * sizeof(uint16_t));
                 } else if (sc == 1) {
-                    pack_a_row_block(row, p + i * sr + k0, kn);
+                    _mm512_storeu_si512(row, pairs16(p + i * sr + k0, kn));
+                } else if (sr == 1 && r % 16 == 0) {
+                    /* A stored transposed (k rows contiguous in i): pair words of 16 rows at a
+                     * time, one vector per k pair, transposed to one vector per row */
+                    __m512i v[16];
+                    __mmask16 mi = sm_mask16(m - i);
+                    for (int q2 = 0; q2 < SM_AMX_KB / 2; q2++) {
+                        int64_t ka = k0 + 2 * q2;
+                        v[q2] = ka < kc ? pair_rows(p + i + ka * sc, ka + 1 < kc ? p + i + (ka + 1) * sc : NULL, mi)
+                                        : _mm512_setzero_si512();
+                    }
+                    transpose_words(v);
+                    for (int e = 0; e < 16; e++) _mm512_storeu_si512(row + e * SM_AMX_KB, v[e]);
+                    r += 15; /* the 16 rows are written */
                 } else {
                     int64_t t = 0;
                     for (; t < kn; t++) row[t] = sm_bf16_bits(p[i * sr + (k0 + t) * sc]);
@@ -121,20 +151,28 @@ void sm_amx_pack_b(uint16_t *dst, const float *p, int64_t sr, int64_t sc, int64_
             /* 32-bit words: [half h][pair row pr][column c] = (B[2pr, j], B[2pr+1, j]) */
             uint32_t *blk = (uint32_t *)(dst + q * SM_AMX_KB * SM_AMX_NR);
             int64_t k0 = q * SM_AMX_KB;
+            if (sr == 1) {
+                /* B stored transposed (columns contiguous in k): a column's 32 k are its 16
+                 * pair words; 16 columns transposed give the tile's 16 pair rows */
+                int64_t kn = kc - k0 < SM_AMX_KB ? kc - k0 : SM_AMX_KB;
+                for (int h = 0; h < 2; h++) {
+                    __m512i v[16];
+                    for (int c = 0; c < 16; c++)
+                        v[c] = 16 * h + c < cols ? pairs16(p + (j0 + 16 * h + c) * sc + k0, kn)
+                                                 : _mm512_setzero_si512();
+                    transpose_words(v);
+                    for (int pr = 0; pr < 16; pr++) _mm512_storeu_si512(blk + (h * 16 + pr) * 16, v[pr]);
+                }
+                continue;
+            }
             for (int pr = 0; pr < SM_AMX_KB / 2; pr++) {
                 int64_t ka = k0 + 2 * pr, kb1 = ka + 1;
                 for (int h = 0; h < 2; h++) {
                     uint32_t *w = blk + (h * (SM_AMX_KB / 2) + pr) * 16;
                     int64_t c0 = 16 * h, cn = cols - c0; /* columns of this half */
                     if (sc == 1 && cn > 0 && ka < kc) {
-                        __mmask16 mk = sm_mask16(cn);
                         const float *ra = p + ka * sr + j0 + c0;
-                        __m512i lo = round16(_mm512_maskz_loadu_ps(mk, ra));
-                        __m512i hi = kb1 < kc ? round16(_mm512_maskz_loadu_ps(mk, ra + sr))
-                                              : _mm512_setzero_si512();
-                        __m512i wv = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32((int)0xffff0000u)),
-                                                     _mm512_srli_epi32(lo, 16));
-                        _mm512_storeu_si512(w, _mm512_maskz_mov_epi32(mk, wv));
+                        _mm512_storeu_si512(w, pair_rows(ra, kb1 < kc ? ra + sr : NULL, sm_mask16(cn)));
                         continue;
                     }
                     for (int c = 0; c < 16; c++) {

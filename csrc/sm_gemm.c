@@ -523,7 +523,7 @@ static void ukernel_amx(int64_t kc, const float *SM_RESTRICT a, int64_t lda, con
 static void get_params_bf16(int level, gemm_params *p) {
 #if SM_AMX_BUILT
     if (level >= SM_SIMD_AVX512 && sm_amx_usable()) {
-        *p = (gemm_params){SM_AMX_MR, SM_AMX_NR, 512, 256 * 1024, 128 * 1024, ukernel_amx, NULL,
+        *p = (gemm_params){SM_AMX_MR, SM_AMX_NR, 512, 1024 * 1024, 128 * 1024, ukernel_amx, NULL,
                            NULL, {NULL, NULL, NULL}, pack_a_amx, pack_b_amx, pack_a_amx, pack_b_amx,
                            SM_AMX_KB, 2, 0, sm_amx_begin, sm_amx_end};
         return;
