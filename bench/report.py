@@ -128,6 +128,29 @@ def train_tables(rows):
                 else:
                     cells += ["-"] * 4
             out.append("| " + " | ".join(cells) + " |")
+    bf = [r for r in tp if "smallmind_bf16_ms" in r]
+    if bf:
+        out += ["", "Share of the FMA peak (measured in the same run, per row) and bf16 mixed "
+                "precision (smallmind: `Training(precision=\"bf16\")`, on "
+                f"{bf[0]['bf16_backend']}; PyTorch: `torch.autocast(\"cpu\", torch.bfloat16)`):", "",
+                "| model | threads | FMA peak GFLOP/s | float32 GFLOP/s (share of peak) | bf16 ms/step "
+                "| bf16 GFLOP/s | bf16 vs our float32 | torch bf16 ms/step | torch bf16 vs its "
+                "float32 | our bf16 vs torch bf16 | load |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in bf:
+            sh = r["shape"]
+            cells = [preset_name(sh) or f"{sh['n_layer']}/{sh['n_head']}/{sh['n_embd']}",
+                     str(r["threads"]), f"{r['fma_peak_gflops']:.0f}",
+                     f"{r['smallmind_gflops']:.0f} ({100 * r['smallmind_share_of_peak']:.0f}%)",
+                     f"{r['smallmind_bf16_ms']:.1f}", f"{r['smallmind_bf16_gflops']:.0f}",
+                     f"**{r['bf16_speedup']:.2f}x**"]
+            if "torch_bf16_ms" in r:
+                cells += [f"{r['torch_bf16_ms']:.1f}", f"{r['torch_bf16_speedup']:.2f}x",
+                          f"**{r['bf16_vs_torch_bf16']:.2f}x**"]
+            else:
+                cells += ["-"] * 3
+            cells.append(f"{r.get('loadavg_1min')}")
+            out.append("| " + " | ".join(cells) + " |")
     if mem:
         libs = [lib for lib in ("smallmind", "torch") if any(f"{lib}_peak_mb" in r for r in mem.values())]
         threads = next(iter(mem.values()))["threads"]
@@ -160,13 +183,18 @@ def train_tables(rows):
                 f"~{r['nanogpt_reported_val_loss']} validation loss):", "",
                 "| library | val loss | train loss | wall time s | ms/step | tokens/s |",
                 "|---|---|---|---|---|---|"]
-        for lib in ("smallmind", "torch"):
+        for lib in ("smallmind", "smallmind_bf16", "torch"):
             if f"{lib}_val_loss" in r:
-                out.append(f"| {lib} | {r[lib + '_val_loss']:.4f} | {r[lib + '_train_loss']:.4f} | "
+                name = "smallmind, bf16" if lib == "smallmind_bf16" else lib
+                out.append(f"| {name} | {r[lib + '_val_loss']:.4f} | {r[lib + '_train_loss']:.4f} | "
                            f"{r[lib + '_wall_s']:.1f} | {r[lib + '_ms_per_step']:.1f} | "
                            f"{r[lib + '_tokens_per_s']:,.0f} |")
         if "speed_vs_torch" in r:
             out.append(f"\nsmallmind trains this recipe **{r['speed_vs_torch']:.2f}x** as fast as PyTorch.")
+        if "bf16_val_loss_rel_diff" in r:
+            out.append(f"In bf16 the validation loss differs from the float32 run's (same weights "
+                       f"and batches) by {100 * r['bf16_val_loss_rel_diff']:+.2f}%; the bf16 run is "
+                       f"{r['smallmind_wall_s'] / r['smallmind_bf16_wall_s']:.2f}x as fast.")
     return "\n".join(out)
 
 
