@@ -39,6 +39,8 @@ What is timed (every variant decodes greedily - argmax - from the same random pr
 - slide: the same batch-1 run with window="slide" (nanoGPT's exact window: past block_size
   every token costs a prefill of the whole window), smallmind core and PyTorch with cache.
 - ttft: a fresh cache, prefill of the prompt and the argmax of the first logits.
+- prefill: prompts of 16-512 tokens (up to the block): the prefill's FLOP/s as a share of the
+  SGEMM's on the same linear shapes, and the time to first token against PyTorch.
 - step: one decode step inside the window (no sliding), batch 1: the difference of a run of
   n = block - prompt tokens (at most `new`) and one of n // 4 from the same prompt, over the
   difference in tokens; also as GB/s of float32 weights read per step and, when the bandwidth
@@ -97,7 +99,9 @@ PLAN = {
     "gpt2-124M": dict(prompt=64, new=64, nocache_new=16, batch_new=64, stream_new=32, rounds=3),
 }
 QUICK_PLAN = dict(prompt=64, new=16, nocache_new=16, batch_new=8, stream_new=8, rounds=1)
-PARTS = ("bandwidth", "decode", "sampled", "slide", "ttft", "step", "batch", "streams", "forward")
+PARTS = ("bandwidth", "decode", "sampled", "slide", "ttft", "prefill", "step", "batch", "streams",
+         "forward")
+PREFILL_LENGTHS = (16, 64, 128, 256, 512)   # prompt lengths of the prefill part (up to the block)
 # the sampled part's settings, the same in both libraries (nanoGPT's sample.py defaults)
 SAMPLED = dict(temperature=0.8, top_k=40, seed=1)
 WINDOW = "shift"         # Sampling's default; the "slide" part times the exact window
@@ -431,6 +435,63 @@ def ttft_row(name, model, tmodel, prompt, plan, threads, quick):
     return row
 
 
+def prefill_rows(name, model, tmodel, plan, threads, quick):
+    """Prefill of prompts of PREFILL_LENGTHS tokens at batch 1 against the SGEMM on the same
+    shapes: the prefill's useful FLOPs (the linear layers on every position, causal attention,
+    the LM head on the last position) per second over the SGEMM's FLOP/s on the four linear
+    shapes of a layer (P x C @ C x 3C, C x C, C x 4C; P x 4C @ 4C x C), timed alone with the same
+    threads. Also the time to first token (a fresh cache, the prefill, the argmax) against
+    PyTorch with its cache."""
+    V, T, L, H, C = MODELS[name]
+    rows = []
+    rng = np.random.default_rng(5)
+    for P in (PREFILL_LENGTHS[:2] if quick else PREFILL_LENGTHS):
+        if P > T:
+            continue
+        prompt = rng.integers(0, V, size=(1, P)).astype(np.int64)
+        p32 = prompt.astype(np.int32)
+        cache = sm._core.GPTCache(model.core_config, 1, T)
+        shapes = [(P, C, 3 * C), (P, C, C), (P, C, 4 * C), (P, 4 * C, C)]
+        ops = [(rng.standard_normal((m, k)).astype(np.float32),
+                rng.standard_normal((k, n)).astype(np.float32)) for m, k, n in shapes]
+        outs = [np.empty((m, n), np.float32) for m, k, n in shapes]
+
+        def gemms():
+            for (a, b), o in zip(ops, outs):
+                sm.kernels.matmul(a, b, out=o, threads=threads)
+
+        fns = {"prefill": lambda: sm._core.gpt_prefill(model.flat_params, model.core_config, p32,
+                                                       cache, threads),
+               "ttft": lambda: sm_ttft(model, prompt, threads),
+               "sgemm": gemms}
+        if tmodel is not None:
+            pt = torch.from_numpy(prompt)
+            fns["torch_ttft"] = lambda: torch_ttft(tmodel, pt).numpy()
+        reps = 3 if P * C >= 256 * 768 else 10
+        secs, res = run_many(fns, reps, quick)
+        cache.close()
+        linear = 2 * P * sum(k * n for m, k, n in shapes)          # one layer's products
+        flops = L * (linear + 2 * P * P * C) + 2 * C * V              # + attention, LM head
+        row = base_row("prefill", name, plan, threads, model.config.num_parameters())
+        row.update(prompt_tokens=P, batch=1, prefill_ms=1e3 * secs["prefill"],
+                   ttft_ms=1e3 * secs["ttft"], sgemm_ms_per_layer=1e3 * secs["sgemm"],
+                   prefill_gflops=flops / secs["prefill"] / 1e9,
+                   sgemm_gflops=linear / secs["sgemm"] / 1e9)
+        row["share_of_sgemm"] = row["prefill_gflops"] / row["sgemm_gflops"]
+        if "torch_ttft" in secs:
+            row["torch_ttft_ms"] = 1e3 * secs["torch_ttft"]
+            row["ttft_vs_torch"] = row["torch_ttft_ms"] / row["ttft_ms"]
+            row["same_first_token"] = bool(np.array_equal(res["ttft"], res["torch_ttft"]))
+        row["loadavg_1min"] = (loadavg() or [None])[0]
+        print(f"  prefill {name:<16} t={threads} prompt {P:4d}: {row['prefill_ms']:8.2f} ms "
+              f"{row['prefill_gflops']:6.1f} GFLOP/s = {100 * row['share_of_sgemm']:3.0f}% of the "
+              f"SGEMM's {row['sgemm_gflops']:.1f} | ttft {row['ttft_ms']:8.2f} ms, torch "
+              f"{fx(row.get('torch_ttft_ms'), '8.2f')} ms ({times(row.get('ttft_vs_torch'))})",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
 def step_row(name, model, tmodel, prompt, plan, threads, quick, arrs):
     """The cost of one decode step at batch 1 inside the window (no sliding): the difference of
     two runs from the same prompt, n and n // 4 tokens (n = block_size - prompt, at most `new`),
@@ -729,6 +790,8 @@ def main(argv=None):
                                        window="slide"))
             if "ttft" in parts:
                 rows.append(ttft_row(name, model, tmodel, prompt, plan, nt, args.quick))
+            if "prefill" in parts:
+                rows += prefill_rows(name, model, tmodel, plan, nt, args.quick)
             if "step" in parts:
                 if min(plan["new"], T - plan["prompt"]) >= 8:
                     rows.append(step_row(name, model, tmodel, prompt, plan, nt, args.quick, arrs))

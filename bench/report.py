@@ -278,6 +278,21 @@ def generate_table(rows):
             out.append(f"| {model_cell(r)} | {r['threads']} | {r['smallmind_ms']:.2f} | "
                        f"{num(r.get('torch_ms'), '.2f')} | {times(r.get('vs_torch'))} | "
                        f"{r.get('same_first_token', '-')} |")
+    pf = [r for r in rows if r["part"] == "prefill"]
+    if pf:
+        out += ["", "Prefill at batch 1: its useful FLOP/s (linear layers, causal attention, the LM "
+                "head on the last position) as a share of the SGEMM's on the same four linear "
+                "shapes timed alone; time to first token (fresh cache, prefill, argmax) against "
+                "PyTorch with its cache:", "",
+                "| model | threads | prompt | prefill ms | prefill GFLOP/s | SGEMM GFLOP/s | share "
+                "of SGEMM | TTFT ms | torch TTFT ms | TTFT vs torch | same first token |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in pf:
+            out.append(f"| {model_cell(r)} | {r['threads']} | {r['prompt_tokens']} | "
+                       f"{r['prefill_ms']:.2f} | {r['prefill_gflops']:.1f} | {r['sgemm_gflops']:.1f} | "
+                       f"**{100 * r['share_of_sgemm']:.0f}%** | {r['ttft_ms']:.2f} | "
+                       f"{num(r.get('torch_ttft_ms'), '.2f')} | {times(r.get('ttft_vs_torch'))} | "
+                       f"{r.get('same_first_token', '-')} |")
     sp = [r for r in rows if r["part"] == "step"]
     if sp:
         out += ["", "One decode step at batch 1 inside the window (no sliding). GB/s = float32 "

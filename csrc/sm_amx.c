@@ -196,10 +196,23 @@ void sm_amx_kernel(int64_t kc, const uint16_t *a, const uint16_t *b, float *c, i
                    int nr, float alpha, float beta) {
     const int64_t kb = sm_ceil_div(kc, SM_AMX_KB);
     const int64_t blk = SM_AMX_MR * SM_AMX_KB; /* bf16 per k block of a sliver */
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    /* A whole tile of C with alpha 1 and beta 0 or 1 (the common case): the accumulators start
+     * at C (or zero) and are stored straight back, with no round trip through the stack. Which
+     * tiles are whole depends only on M and N, never on the thread partition, so the bits do
+     * not depend on the thread count. */
+    const int64_t ldb = ldc * (int64_t)sizeof(float);
+    const int direct = mr == SM_AMX_MR && nr == SM_AMX_NR && alpha == 1.0f && (beta == 0.0f || beta == 1.0f);
+    if (direct && beta == 1.0f) {
+        _tile_loadd(0, c, ldb);
+        _tile_loadd(1, c + 16, ldb);
+        _tile_loadd(2, c + 16 * ldc, ldb);
+        _tile_loadd(3, c + 16 * ldc + 16, ldb);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
     for (int64_t q = 0; q < kb; q++) {
         _tile_loadd(4, a + q * blk, 64);
         _tile_loadd(6, b + q * blk, 64);
@@ -209,6 +222,13 @@ void sm_amx_kernel(int64_t kc, const uint16_t *a, const uint16_t *b, float *c, i
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+    }
+    if (direct) {
+        _tile_stored(0, c, ldb);
+        _tile_stored(1, c + 16, ldb);
+        _tile_stored(2, c + 16 * ldc, ldb);
+        _tile_stored(3, c + 16 * ldc + 16, ldb);
+        return;
     }
     float t[SM_AMX_MR * SM_AMX_NR] __attribute__((aligned(64)));
     _tile_stored(0, t, SM_AMX_NR * sizeof(float));

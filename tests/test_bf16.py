@@ -96,6 +96,9 @@ def test_alpha_beta_accumulate(simd, rng):
     out = c0.copy()
     sm.kernels.gemm_bf16(a, b, out=out, alpha=0.5, beta=1.0)
     assert_close(out, 0.5 * ref + c0, atol=1e-4 * np.sqrt(130))
+    out1 = c0.copy()
+    sm.kernels.gemm_bf16(a, b, out=out1, beta=1.0)   # whole tiles accumulate on the tile unit
+    assert_close(out1, ref + c0, atol=1e-4 * np.sqrt(130))
     nan_out = np.full((70, 90), np.nan, np.float32)
     sm.kernels.gemm_bf16(a, b, out=nan_out)             # beta 0: old contents are ignored
     assert np.isfinite(nan_out).all()
