@@ -439,8 +439,8 @@ def prefill_rows(name, model, tmodel, plan, threads, quick):
     """Prefill of prompts of PREFILL_LENGTHS tokens at batch 1 against the SGEMM on the same
     shapes: the prefill's useful FLOPs (the linear layers on every position, causal attention,
     the LM head on the last position) per second over the SGEMM's FLOP/s on the four linear
-    shapes of a layer (P x C @ C x 3C, C x C, C x 4C; P x 4C @ 4C x C), timed alone with the same
-    threads. Also the time to first token (a fresh cache, the prefill, the argmax) against
+    products of every layer (P x C @ C x 3C, C x C, C x 4C; P x 4C @ 4C x C) with the model's own
+    weight matrices (the same bytes to read as the prefill), timed alone with the same threads. Also the time to first token (a fresh cache, the prefill, the argmax) against
     PyTorch with its cache."""
     V, T, L, H, C = MODELS[name]
     rows = []
@@ -452,9 +452,12 @@ def prefill_rows(name, model, tmodel, plan, threads, quick):
         p32 = prompt.astype(np.int32)
         cache = sm._core.GPTCache(model.core_config, 1, T)
         shapes = [(P, C, 3 * C), (P, C, C), (P, C, 4 * C), (P, 4 * C, C)]
-        ops = [(rng.standard_normal((m, k)).astype(np.float32),
-                rng.standard_normal((k, n)).astype(np.float32)) for m, k, n in shapes]
-        outs = [np.empty((m, n), np.float32) for m, k, n in shapes]
+        sd = model.state_dict()
+        names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        xs = [rng.standard_normal((m, k)).astype(np.float32) for m, k, n in shapes]
+        ops = [(xs[i], sd[f"transformer.h.{layer}.{nm}.weight"])
+               for layer in range(L) for i, nm in enumerate(names)]
+        outs = [np.empty((a.shape[0], w.shape[1]), np.float32) for a, w in ops]
 
         def gemms():
             for (a, b), o in zip(ops, outs):
@@ -470,11 +473,11 @@ def prefill_rows(name, model, tmodel, plan, threads, quick):
         reps = 3 if P * C >= 256 * 768 else 10
         secs, res = run_many(fns, reps, quick)
         cache.close()
-        linear = 2 * P * sum(k * n for m, k, n in shapes)          # one layer's products
-        flops = L * (linear + 2 * P * P * C) + 2 * C * V              # + attention, LM head
+        linear = 2 * P * sum(k * n for m, k, n in shapes) * L      # every layer's products
+        flops = linear + L * 2 * P * P * C + 2 * C * V                # + attention, LM head
         row = base_row("prefill", name, plan, threads, model.config.num_parameters())
         row.update(prompt_tokens=P, batch=1, prefill_ms=1e3 * secs["prefill"],
-                   ttft_ms=1e3 * secs["ttft"], sgemm_ms_per_layer=1e3 * secs["sgemm"],
+                   ttft_ms=1e3 * secs["ttft"], sgemm_ms=1e3 * secs["sgemm"],
                    prefill_gflops=flops / secs["prefill"] / 1e9,
                    sgemm_gflops=linear / secs["sgemm"] / 1e9)
         row["share_of_sgemm"] = row["prefill_gflops"] / row["sgemm_gflops"]

@@ -281,8 +281,8 @@ def generate_table(rows):
     pf = [r for r in rows if r["part"] == "prefill"]
     if pf:
         out += ["", "Prefill at batch 1: its useful FLOP/s (linear layers, causal attention, the LM "
-                "head on the last position) as a share of the SGEMM's on the same four linear "
-                "shapes timed alone; time to first token (fresh cache, prefill, argmax) against "
+                "head on the last position) as a share of the SGEMM's on the same products (every "
+                "layer's four, with the model's weights) timed alone; time to first token (fresh cache, prefill, argmax) against "
                 "PyTorch with its cache:", "",
                 "| model | threads | prompt | prefill ms | prefill GFLOP/s | SGEMM GFLOP/s | share "
                 "of SGEMM | TTFT ms | torch TTFT ms | TTFT vs torch | same first token |",
