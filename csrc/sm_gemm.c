@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "sm_amx.h"
+#include "sm_ops.h"
 #include "sm_pool.h"
 #include "sm_runtime.h"
 #include "sm_vecmath.h"
@@ -562,9 +563,11 @@ static void plan_blocks(const gemm_params *P, int64_t K, int64_t *kc_max, int64_
     *n_block = (b > 1 ? b : 1) * P->NR;
 }
 
+/* One thread's block of C at (er0, ec0) of the whole product; epi (or NULL) runs on each tile
+ * right after its last K slice, while the tile is still in L1. */
 static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, int64_t N,
                        int64_t K, float alpha, float beta, float *C, int64_t ldc, float *apack,
-                       float *bpack) {
+                       float *bpack, const sm_gemm_epilogue *epi, int64_t er0, int64_t ec0) {
     const int MR = P->MR, NR = P->NR;
     int64_t kc_max, m_chunk, n_block;
     plan_blocks(P, K, &kc_max, &m_chunk, &n_block);
@@ -579,6 +582,7 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
         for (int64_t p0 = 0; p0 < K; p0 += kc_max) {
             int64_t kc = K - p0 < kc_max ? K - p0 : kc_max;
             float beta_eff = p0 == 0 ? beta : 1.0f;
+            const sm_gemm_epilogue *tile_epi = p0 + kc == K ? epi : NULL;
             mat_view as = {a.p + m0 * a.sr + p0 * a.sc, a.sr, a.sc};
             int64_t full = a_in_place ? mc / MR * MR : 0; /* rows read in place */
             if (full < mc) {
@@ -611,6 +615,9 @@ static void gemm_block(const gemm_params *P, mat_view a, mat_view b, int64_t M, 
                         else if (w >= 1 && P->kernel_narrow) kern = P->kernel_narrow;
                         kern(kc, ap, as.sr, bpack + (j / NR) * sliver_floats(P, NR, kc), crow + j, ldc, mr, nr,
                              alpha, beta_eff);
+                        if (tile_epi)
+                            sm_gemm_epilogue_apply(tile_epi, crow + j, ldc, er0 + m0 + i,
+                                                   ec0 + n0 + j, mr, nr);
                     }
                 }
             }
@@ -1054,15 +1061,30 @@ void sm_gemv_rows_stream(int64_t M, int64_t N, int64_t K, const float *A, int64_
 
 /* ---- driver ---------------------------------------------------------------------------------- */
 
+/* Runs the epilogue over the whole of C, for the paths that do not fuse it: row blocks split
+ * over threads (each element's operations are the same wherever they run). */
+static void epilogue_pass(const sm_gemm_epilogue *epi, float *C, int64_t ldc, int64_t M, int64_t N,
+                          int nthreads) {
+    int nt = sm_team_size(nthreads, sm_ceil_div(M, 16), M * N * 4);
+    (void)nt;
+    SM_PARALLEL(nt)
+    {
+        int64_t r0, r1;
+        sm_split_range(M, 16, SM_THREAD_COUNT(), SM_THREAD_ID(), &r0, &r1);
+        if (r1 > r0) sm_gemm_epilogue_apply(epi, C + r0 * ldc, ldc, r0, 0, r1 - r0, N);
+    }
+}
+
 static int gemm_run(int bf16, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
                     float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
-                    float beta, float *C, int64_t ldc, int nthreads) {
+                    float beta, float *C, int64_t ldc, const sm_gemm_epilogue *epi, int nthreads) {
     /* op(A): (M, K), op(B): (K, N), C: (M, N) */
     if (M <= 0 || N <= 0) return SM_OK;
     if (K <= 0 || alpha == 0.0f) {
         /* Nothing to multiply: C = beta * C (beta == 0 writes zeros, ignoring NaN in C). */
         for (int64_t i = 0; i < M; i++)
             for (int64_t j = 0; j < N; j++) C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+        if (epi) epilogue_pass(epi, C, ldc, M, N, nthreads);
         return SM_OK;
     }
     int nt = sm_resolve_threads(nthreads);
@@ -1080,7 +1102,9 @@ static int gemm_run(int bf16, int trans_a, int trans_b, int64_t M, int64_t N, in
             dots = (b.sr == 1); /* B stored transposed: columns of op(B) contiguous in k */
             if (dots && a.sc != 1) dots = 0;
             if (dots || b.sc == 1) {
-                return small_run(&sp, N, dots, level, nt);
+                int rc = small_run(&sp, N, dots, level, nt);
+                if (rc == SM_OK && epi) epilogue_pass(epi, C, ldc, M, N, nt);
+                return rc;
             }
         } else {
             /* C^T = op(B)^T op(A)^T: N (tiny) plays M; C^T written with strides (1, ldc). */
@@ -1090,7 +1114,9 @@ static int gemm_run(int bf16, int trans_a, int trans_b, int64_t M, int64_t N, in
             dots = (bt.sr == 1);
             if (dots && at.sc != 1) dots = 0;
             if (dots || bt.sc == 1) {
-                return small_run(&sp, M, dots, level, nt);
+                int rc = small_run(&sp, M, dots, level, nt);
+                if (rc == SM_OK && epi) epilogue_pass(epi, C, ldc, M, N, nt);
+                return rc;
             }
         }
         /* Remaining layouts (a tiny operand strided along k against a big one contiguous in
@@ -1150,7 +1176,7 @@ static int gemm_run(int bf16, int trans_a, int trans_b, int64_t M, int64_t N, in
                 mat_view as = {a.p + m0 * a.sr, a.sr, a.sc};
                 mat_view bs = {b.p + n0 * b.sc, b.sr, b.sc};
                 gemm_block(&P, as, bs, m1 - m0, n1 - n0, K, alpha, beta, C + m0 * ldc + n0,
-                           ldc, apack, bpack);
+                           ldc, apack, bpack, epi, m0, n0);
             }
         }
         if (P.thread_end) P.thread_end();
@@ -1162,11 +1188,27 @@ static int gemm_run(int bf16, int trans_a, int trans_b, int64_t M, int64_t N, in
 int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
              const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
              int64_t ldc, int nthreads) {
-    return gemm_run(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nthreads);
+    return gemm_run(0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL,
+                    nthreads);
 }
 
 int sm_gemm_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc, int nthreads) {
-    return gemm_run(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nthreads);
+    return gemm_run(1, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL,
+                    nthreads);
+}
+
+int sm_sgemm_epi(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                 int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                 const sm_gemm_epilogue *epi, int nthreads) {
+    return gemm_run(0, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc, epi,
+                    nthreads);
+}
+
+int sm_gemm_bf16_epi(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                     int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                     const sm_gemm_epilogue *epi, int nthreads) {
+    return gemm_run(1, trans_a, trans_b, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, ldc, epi,
+                    nthreads);
 }

@@ -5,6 +5,7 @@
 #define SM_GEMM_H
 
 #include "sm_common.h"
+#include "sm_ops.h" /* sm_gemm_epilogue */
 
 /* Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N).
  * trans_a = 0: A is stored (M, K) with row stride lda;  trans_a = 1: A is stored (K, M).
@@ -25,6 +26,16 @@ int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float al
 int sm_gemm_bf16(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc, int nthreads);
+/* C = op(A) @ op(B) (alpha 1, beta 0), then the linear layer's epilogue (bias, residual, GELU;
+ * see sm_gemm_epilogue in sm_ops.h) applied to each tile of C as soon as it is final, while it is
+ * still in cache: one pass over C instead of three. Bits equal sm_sgemm (or sm_gemm_bf16)
+ * followed by the separate element-wise kernels. epi may be NULL. */
+int sm_sgemm_epi(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                 int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                 const sm_gemm_epilogue *epi, int nthreads);
+int sm_gemm_bf16_epi(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                     int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                     const sm_gemm_epilogue *epi, int nthreads);
 /* 1 if sm_gemm_bf16 runs on AMX tiles now (CPU, OS and the SIMD cap allow it), 0 if emulated. */
 int sm_gemm_bf16_backend(void);
 

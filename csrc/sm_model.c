@@ -316,6 +316,12 @@ typedef int (*gemm_fn)(int, int, int64_t, int64_t, int64_t, float, const float *
 static gemm_fn linear_gemm(int precision) {
     return precision == SM_PRECISION_BF16 ? sm_gemm_bf16 : sm_sgemm;
 }
+/* ... and the same product with the layer's epilogue fused into it (bias, residual, GELU). */
+typedef int (*gemm_epi_fn)(int, int, int64_t, int64_t, int64_t, const float *, int64_t,
+                           const float *, int64_t, float *, int64_t, const sm_gemm_epilogue *, int);
+static gemm_epi_fn linear_gemm_epi(gemm_fn gemm) {
+    return gemm == sm_gemm_bf16 ? sm_gemm_bf16_epi : sm_sgemm_epi;
+}
 
 /* ---- KV cache -------------------------------------------------------------------------------- */
 
@@ -429,6 +435,7 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
     const int64_t e0 = b0 * T * C;               /* its first element in a (B,T,C) tensor */
     float *x = f->x ? f->x + r0 * C : f->x0;
     const gemm_fn gemm = f->gemm ? f->gemm : sm_sgemm;
+    const gemm_epi_fn gemm_epi = linear_gemm_epi(gemm);
 
     sm_encoder_forward(x, idx + b0 * T, P(params, SM_GPT_WTE, 0), P(params, SM_GPT_WPE, 0), bc, T,
                        C, V, nt);
@@ -448,9 +455,11 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         /* attention branch: res2 = x + drop(c_proj(attn(c_attn(ln_1(x))))) */
         sm_layernorm_forward(f->ln, mean1, rstd1, x, P(params, SM_GPT_LN1W, l),
                              P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
-        RET_IF(gemm(0, 0, N, 3 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, 0.0f,
-                    qkv, 3 * C, nt));
-        sm_bias_add(qkv, P(params, SM_GPT_QKVB, l), N, 3 * C, nt);
+        /* Each product adds its bias (and, without dropout, the residual; after c_fc, GELU)
+         * tile by tile while the tile is in cache: see sm_gemm_epilogue. */
+        const sm_gemm_epilogue qkv_epi = {P(params, SM_GPT_QKVB, l), NULL, 0, NULL, 0};
+        RET_IF(gemm_epi(0, 0, N, 3 * C, C, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, qkv, 3 * C,
+                        &qkv_epi, nt));
         if (f->cache) { /* prefill: keep this chunk's keys and values */
             const sm_gpt_cache *kc = f->cache;
             const int64_t per_seq = NH * kc->Tmax * (C / NH), lay = cache_layer_floats(kc);
@@ -460,24 +469,35 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         }
         sm_att_dropout ad = {dropout, seed, STREAM_PROB(l), b0};
         RET_IF(sm_attention_forward_ex(atty, lse, qkv, bc, T, C, NH, drop ? &ad : NULL, nt));
-        RET_IF(gemm(0, 0, N, C, C, 1.0f, atty, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
-                    f->br, C, nt));
-        sm_bias_add(f->br, P(params, SM_GPT_ATTPROJB, l), N, C, nt);
-        if (drop) dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_ATT(l), e0, nt);
-        sm_residual_forward(res2, x, f->br, N * C, nt);
+        if (drop) {
+            const sm_gemm_epilogue e = {P(params, SM_GPT_ATTPROJB, l), NULL, 0, NULL, 0};
+            RET_IF(gemm_epi(0, 0, N, C, C, atty, C, P(params, SM_GPT_ATTPROJW, l), C, f->br, C,
+                            &e, nt));
+            dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_ATT(l), e0, nt);
+            sm_residual_forward(res2, x, f->br, N * C, nt);
+        } else {
+            const sm_gemm_epilogue e = {P(params, SM_GPT_ATTPROJB, l), x, C, NULL, 0};
+            RET_IF(gemm_epi(0, 0, N, C, C, atty, C, P(params, SM_GPT_ATTPROJW, l), C, res2, C,
+                            &e, nt));
+        }
 
         /* MLP branch: xout = res2 + drop(c_proj(gelu(c_fc(ln_2(res2))))) */
         sm_layernorm_forward(f->ln, mean2, rstd2, res2, P(params, SM_GPT_LN2W, l),
                              P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
-        RET_IF(gemm(0, 0, N, 4 * C, C, 1.0f, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f,
-                    fch, 4 * C, nt));
-        sm_bias_add(fch, P(params, SM_GPT_FCB, l), N, 4 * C, nt);
-        sm_gelu_forward(f->g, fch, N * 4 * C, nt);
-        RET_IF(gemm(0, 0, N, C, 4 * C, 1.0f, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C,
-                    0.0f, f->br, C, nt));
-        sm_bias_add(f->br, P(params, SM_GPT_FCPROJB, l), N, C, nt);
-        if (drop) dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_MLP(l), e0, nt);
-        sm_residual_forward(xout, res2, f->br, N * C, nt);
+        const sm_gemm_epilogue fc_epi = {P(params, SM_GPT_FCB, l), NULL, 0, f->g, 4 * C};
+        RET_IF(gemm_epi(0, 0, N, 4 * C, C, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, fch, 4 * C,
+                        &fc_epi, nt));
+        if (drop) {
+            const sm_gemm_epilogue e = {P(params, SM_GPT_FCPROJB, l), NULL, 0, NULL, 0};
+            RET_IF(gemm_epi(0, 0, N, C, 4 * C, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, f->br,
+                            C, &e, nt));
+            dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_MLP(l), e0, nt);
+            sm_residual_forward(xout, res2, f->br, N * C, nt);
+        } else {
+            const sm_gemm_epilogue e = {P(params, SM_GPT_FCPROJB, l), res2, C, NULL, 0};
+            RET_IF(gemm_epi(0, 0, N, C, 4 * C, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, xout,
+                            C, &e, nt));
+        }
         x = xout;
     }
 
@@ -715,7 +735,7 @@ int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
      * products take their matrix path for N > 4, whose rows do not depend on the others) */
     carver cv = {NULL, 0};
     float *x = NULL, *res2 = NULL, *ln = NULL, *qkv = NULL, *att = NULL, *lse = NULL;
-    float *br = NULL, *fch = NULL, *g = NULL;
+    float *fch = NULL, *g = NULL;
     for (int pass = 0; pass < 2; pass++) {
         x = CARVE_F(&cv, N * C);
         res2 = CARVE_F(&cv, N * C);
@@ -723,7 +743,6 @@ int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
         qkv = CARVE_F(&cv, T * C3);
         att = CARVE_F(&cv, T * C);
         lse = CARVE_F(&cv, NH * T);
-        br = CARVE_F(&cv, N * C);
         fch = CARVE_F(&cv, N * 4 * C);
         g = CARVE_F(&cv, N * 4 * C);
         if (pass == 0) {
@@ -747,31 +766,28 @@ int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
         float *kc = c->k + l * lay + b * per_seq, *vc = c->v + l * lay + b * per_seq;
         sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
                              P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
-        rc = sm_sgemm(0, 0, N, C3, C, 1.0f, ln, C, P(params, SM_GPT_QKVW, l), C3, 0.0f,
-                      qkv + pre * C3, C3, nt);
+        const sm_gemm_epilogue qkv_epi = {P(params, SM_GPT_QKVB, l), NULL, 0, NULL, 0};
+        rc = sm_sgemm_epi(0, 0, N, C3, C, ln, C, P(params, SM_GPT_QKVW, l), C3, qkv + pre * C3, C3,
+                          &qkv_epi, nt);
         if (rc != SM_OK) goto done;
-        sm_bias_add(qkv + pre * C3, P(params, SM_GPT_QKVB, l), N, C3, nt);
         sm_kv_cache_read(qkv, kc, vc, pre, NH, c->Tmax, hs);
         sm_kv_cache_prefill(kc, vc, qkv + pre * C3, pre, 1, N, NH, c->Tmax, hs, nt);
         rc = sm_attention_forward_tail(att, lse, qkv, T, C, NH, pre / SM_ATT_BLOCK, nt);
         if (rc != SM_OK) goto done;
-        rc = sm_sgemm(0, 0, N, C, C, 1.0f, att + pre * C, C, P(params, SM_GPT_ATTPROJW, l), C, 0.0f,
-                      br, C, nt);
+        const sm_gemm_epilogue proj_epi = {P(params, SM_GPT_ATTPROJB, l), x, C, NULL, 0};
+        rc = sm_sgemm_epi(0, 0, N, C, C, att + pre * C, C, P(params, SM_GPT_ATTPROJW, l), C, res2,
+                          C, &proj_epi, nt);
         if (rc != SM_OK) goto done;
-        sm_bias_add(br, P(params, SM_GPT_ATTPROJB, l), N, C, nt);
-        sm_residual_forward(res2, x, br, N * C, nt);
         sm_layernorm_forward(ln, NULL, NULL, res2, P(params, SM_GPT_LN2W, l),
                              P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
-        rc = sm_sgemm(0, 0, N, 4 * C, C, 1.0f, ln, C, P(params, SM_GPT_FCW, l), 4 * C, 0.0f, fch,
-                      4 * C, nt);
+        const sm_gemm_epilogue fc_epi = {P(params, SM_GPT_FCB, l), NULL, 0, g, 4 * C};
+        rc = sm_sgemm_epi(0, 0, N, 4 * C, C, ln, C, P(params, SM_GPT_FCW, l), 4 * C, fch, 4 * C,
+                          &fc_epi, nt);
         if (rc != SM_OK) goto done;
-        sm_bias_add(fch, P(params, SM_GPT_FCB, l), N, 4 * C, nt);
-        sm_gelu_forward(g, fch, N * 4 * C, nt);
-        rc = sm_sgemm(0, 0, N, C, 4 * C, 1.0f, g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, 0.0f, br,
-                      C, nt);
+        const sm_gemm_epilogue out_epi = {P(params, SM_GPT_FCPROJB, l), res2, C, NULL, 0};
+        rc = sm_sgemm_epi(0, 0, N, C, 4 * C, g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, x, C,
+                          &out_epi, nt);
         if (rc != SM_OK) goto done;
-        sm_bias_add(br, P(params, SM_GPT_FCPROJB, l), N, C, nt);
-        sm_residual_forward(x, res2, br, N * C, nt);
     }
     sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0),
                          N, C, LN_EPS, nt);

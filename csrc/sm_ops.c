@@ -1174,6 +1174,27 @@ void sm_bias_add(float *out, const float *bias, int64_t N, int64_t C, int nthrea
     run_ranges(bias_rows, &c, N, 1, N * C, nthreads);
 }
 
+void sm_gemm_epilogue_apply(const sm_gemm_epilogue *e, float *c, int64_t ldc, int64_t r0,
+                            int64_t c0, int64_t rows, int64_t n) {
+    if (rows <= 0 || n <= 0) return;
+    int level = sm_simd_active();
+    acc_fn acc = pick_acc(level);
+    range_fn gelu = gelu_fwd_generic;
+#if SM_X86_KERNELS
+    if (level >= SM_SIMD_AVX512) gelu = gelu_fwd_avx512;
+    else if (level >= SM_SIMD_AVX2) gelu = gelu_fwd_avx2;
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = c + r * ldc;
+        if (e->bias) acc(row, e->bias + c0, n);
+        if (e->resid) acc(row, e->resid + (r0 + r) * e->ldr + c0, n); /* x + y == y + x */
+        if (e->gelu) {
+            ew_ctx g = {e->gelu + (r0 + r) * e->ldg + c0, row, NULL};
+            gelu(&g, 0, n);
+        }
+    }
+}
+
 void sm_bias_add_naive(float *out, const float *bias, int64_t N, int64_t C) {
     /* out (N,C); bias (C) */
     for (int64_t r = 0; r < N; r++)

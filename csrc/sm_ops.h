@@ -103,6 +103,23 @@ void sm_residual_backward(float *da, float *db, const float *dout, int64_t n, in
 void sm_residual_backward_naive(float *da, float *db, const float *dout, int64_t n);
 /* out[i,:] += bias, in place. out (N,C), bias (C). */
 void sm_bias_add(float *out, const float *bias, int64_t N, int64_t C, int nthreads);
+/* ---- GEMM epilogue -------------------------------------------------------------------------
+ * What a linear layer does to its product while each finished tile is still in cache (see
+ * sm_sgemm_epi): per element of C, in this order, C += bias[col] (if bias), C += resid[row, col]
+ * (if resid), then gelu[row, col] = GELU(C) (if gelu). These are the per-element operations of
+ * sm_bias_add, sm_residual_forward and sm_gelu_forward, so fusing them changes no bit. */
+typedef struct {
+    const float *bias;  /* (N) or NULL */
+    const float *resid; /* (M, N) with row stride ldr, or NULL; must not overlap C */
+    int64_t ldr;
+    float *gelu;        /* (M, N) with row stride ldg, or NULL; must not overlap C */
+    int64_t ldg;
+} sm_gemm_epilogue;
+/* Applies e to the rows x n block of C at (r0, c0) of the whole matrix (c points at that block,
+ * row stride ldc; e's pointers address the whole matrix). Serial. */
+void sm_gemm_epilogue_apply(const sm_gemm_epilogue *e, float *c, int64_t ldc, int64_t r0,
+                            int64_t c0, int64_t rows, int64_t n);
+
 void sm_bias_add_naive(float *out, const float *bias, int64_t N, int64_t C);
 /* dbias += column sums of dout (N,C), deterministic. scratch: sm_bias_backward_scratch(N, C)
  * floats, or NULL to allocate. Returns SM_OK or SM_ERR_NOMEM. */

@@ -27,6 +27,14 @@ cdef extern from "sm_runtime.h" nogil:
     int sm_cpu_count()
     const char *sm_compiler()
 
+cdef extern from "sm_ops.h" nogil:
+    ctypedef struct sm_gemm_epilogue:
+        const float *bias
+        const float *resid
+        int64_t ldr
+        float *gelu
+        int64_t ldg
+
 cdef extern from "sm_gemm.h" nogil:
     int sm_sgemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
@@ -35,6 +43,12 @@ cdef extern from "sm_gemm.h" nogil:
                      const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
                      float *C, int64_t ldc, int nthreads)
     int sm_gemm_bf16_backend()
+    int sm_sgemm_epi(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                     int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc,
+                     const sm_gemm_epilogue *epi, int nthreads)
+    int sm_gemm_bf16_epi(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+                         const float *A, int64_t lda, const float *B, int64_t ldb, float *C,
+                         int64_t ldc, const sm_gemm_epilogue *epi, int nthreads)
     void sm_sgemm_naive(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                         const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
                         float *C, int64_t ldc)

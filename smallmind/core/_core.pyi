@@ -73,6 +73,17 @@ def gemm_bf16(
     threads: _Int | None = None,
 ) -> _F32: ...
 def bf16_backend() -> str: ...
+def linear(
+    x: _F32,
+    w: _F32,
+    bias: _F32 | None = None,
+    residual: _F32 | None = None,
+    gelu_out: _F32 | None = None,
+    out: _F32 | None = None,
+    trans_b: bool = False,
+    precision: str = "float32",
+    threads: _Int | None = None,
+) -> _F32: ...
 def sgemm_naive(
     a: _F32,
     b: _F32,

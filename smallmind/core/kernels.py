@@ -50,6 +50,7 @@ from ._core import (
     layernorm_backward_naive,
     layernorm_forward,
     layernorm_forward_naive,
+    linear,
     matmul,
     residual_backward,
     residual_backward_naive,
@@ -62,7 +63,7 @@ from ._core import (
 )
 
 __all__ = [
-    "matmul", "sgemm", "sgemm_naive", "gemm_bf16", "bf16_backend",
+    "matmul", "sgemm", "sgemm_naive", "gemm_bf16", "bf16_backend", "linear",
     "encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
     "gelu_forward", "gelu_backward", "softmax", "cross_entropy_forward", "cross_entropy_backward",
     "cross_entropy_forward_backward", "residual_forward", "residual_backward", "bias_add",
