@@ -11,8 +11,9 @@ class UserError(Exception):
 
 # The flags of `train` that set [model] and [training] options.
 MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size")
-TRAINING_FLAGS = ("steps", "batch_size", "learning_rate", "warmup_steps", "eval_every",
-                  "eval_batches", "save_every", "checkpoint_dir", "seed", "threads", "log_every")
+TRAINING_FLAGS = ("steps", "batch_size", "grad_accum_steps", "learning_rate", "warmup_steps",
+                  "eval_every", "eval_batches", "save_every", "checkpoint_dir", "seed", "threads",
+                  "log_every")
 
 
 def settings_for(args, base=None) -> Settings:

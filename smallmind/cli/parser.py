@@ -143,6 +143,10 @@ def build_parser():
                    f"run has done (default: {_default('training', 'steps')})")
     g.add_argument("--batch-size", type=int, help=f"windows per step (default: "
                    f"{_default('training', 'batch_size')})")
+    g.add_argument("--grad-accum-steps", type=int, help=f"micro-batches of --batch-size "
+                   f"windows per step (the global batch is their product, also under mpirun, "
+                   f"where the ranks share it) (default: "
+                   f"{_default('training', 'grad_accum_steps')})")
     g.add_argument("--learning-rate", type=float, help=f"peak learning rate, reached after the "
                    f"warm-up, then a cosine to a tenth of it (default: "
                    f"{_default('training', 'learning_rate')})")

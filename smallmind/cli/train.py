@@ -173,23 +173,32 @@ class _Progress:
             self.pending = False
 
 
-def _cancel_on_sigint(source):
+def _cancel_on_sigint(source, also_sigterm=False):
     """Ctrl-C cancels `source` (training stops after the step in flight and saves) instead of
-    raising KeyboardInterrupt at an arbitrary point; a second Ctrl-C interrupts at once."""
+    raising KeyboardInterrupt at an arbitrary point; a second Ctrl-C interrupts at once.
+    also_sigterm: SIGTERM too (under mpirun, which passes both on to every rank: the ranks then
+    agree on the step to stop at)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.getsignal(signal.SIGINT)
+    sigs = (signal.SIGINT, signal.SIGTERM) if also_sigterm else (signal.SIGINT,)
+    previous = {sig: signal.getsignal(sig) for sig in sigs}
 
     def handler(signum, frame):
         if source.is_cancelled:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signum, previous[signum])
             raise KeyboardInterrupt
-        source.cancel("interrupted (Ctrl-C)")
-        print("\nsmallmind: stopping after this step (Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+        source.cancel("interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated")
+        if sys.stdout is sys.__stdout__:        # rank 0 (or a plain run) says it once
+            print("\nsmallmind: stopping after this step (Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, handler)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    for sig in sigs:
+        signal.signal(sig, handler)
+
+    def restore():
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return restore
 
 
 # What a checkpoint written by `smallmind train` records of the run's options, so that
@@ -218,7 +227,7 @@ def _claim_folder(folder, overwrite):
         os.remove(os.path.join(folder, name))
 
 
-def _new_run(args):
+def _new_run(args, comm=None):
     """(trainer, settings, description, path None) for a run that starts from scratch."""
     from ..model.tokenizer import Tokenizer
     from ..model.training import Training
@@ -229,7 +238,8 @@ def _new_run(args):
     m, t = st.model, st.training
     if t.steps < 1:
         raise UserError(f"--steps must be at least 1 for a new run (0 trains nothing), got {t.steps}")
-    _claim_folder(t.checkpoint_dir, args.overwrite)
+    if comm is None or comm.rank == 0:          # rank 0 owns the folder and writes the files
+        _claim_folder(t.checkpoint_dir, args.overwrite)
     text, what, sources = _read_corpus(args.data)
     tok = Tokenizer(text)
     if m.preset:
@@ -243,7 +253,7 @@ def _new_run(args):
     try:
         trainer = Training(model, tok, text, batch_size=t.batch_size, seed=t.seed,
                            metadata=_run_record(sources, t),
-                           precision=args.precision or "float32")
+                           precision=args.precision or "float32", comm=comm)
     except BaseException:
         model.close()
         raise
@@ -256,7 +266,7 @@ def _run_record(sources, t):
             "options": {k: getattr(t, k) for k in _RUN_OPTIONS}}
 
 
-def _resume(args):
+def _resume(args, comm=None):
     """(trainer, settings, description, path) for --resume: the same run, continued - its data,
     its folder and its options unless flags say otherwise."""
     from ..config import check_training_option
@@ -324,7 +334,7 @@ def _resume(args):
                             f"to continue on it as it is now, add --new-data")
     t = st.training
     trainer = Training.resume(ck, text, batch_size=args.batch_size, new_data=args.new_data,
-                              precision=args.precision)
+                              precision=args.precision, comm=comm)
     trainer.metadata = _run_record(sources, t)
     return trainer, st, f"resuming {path} at step {trainer.step} of {t.steps}, on {what}", path
 
@@ -354,14 +364,57 @@ def _check_same_model(args, ck, path):
                         f"seed {seed}): the run's random state comes from the checkpoint")
 
 
+def _communicator():
+    """The ranks when started by mpirun/mpiexec with more than one process, else None (and MPI
+    is not loaded at all)."""
+    from ..distributed import launched_by_mpi
+    if launched_by_mpi() <= 1:
+        return None
+    from ..distributed import Communicator, DistributedError
+    try:
+        comm = Communicator()
+    except DistributedError as e:
+        raise UserError(str(e)) from None
+    return comm if comm.size > 1 else None
+
+
+def _set_up(args, comm):
+    """_resume or _new_run; under MPI every rank learns whether every other one started, so a
+    rank that cannot (a bad flag, a missing file) ends the job instead of leaving the others
+    waiting for it."""
+    if comm is None:
+        return _resume(args) if args.resume else _new_run(args)
+    error, result = None, None
+    try:
+        result = _resume(args, comm) if args.resume else _new_run(args, comm)
+    except Exception as e:
+        error = e
+    if comm.any(error is not None, "starting"):
+        if result is not None:
+            result[0].model.close()
+        if error is not None:
+            raise error
+        raise UserError("another rank could not start (its message says why)")
+    return result
+
+
 def cmd_train(args):
     from ..cancellation import CancellationTokenSource
     from ..errors import CancelledError
     from ..model.checkpoint import BEST_FILE, CANCELLED_FILE, LAST_FILE
 
-    trainer, st, description, resumed = _resume(args) if args.resume else _new_run(args)
+    comm = _communicator()
+    if comm is not None and comm.rank > 0:
+        sys.stdout = open(os.devnull, "w")      # rank 0 speaks for the run
+    trainer, st, description, resumed = _set_up(args, comm)
     t = st.training
     model = trainer.model
+    if comm is not None:
+        threads = t.threads if t.threads is not None else comm.default_threads()
+        st = dataclasses.replace(st, training=dataclasses.replace(t, threads=threads))
+        t = st.training
+        description += (f"; {comm.size} ranks x {threads} thread{'s' if threads > 1 else ''} "
+                        f"({comm.local_size} ranks on this machine)")
     try:
         if resumed is not None and t.steps <= trainer.step:
             # Nothing to train: said in words, and no checkpoint is rewritten.
@@ -375,7 +428,7 @@ def cmd_train(args):
         ckdir = t.checkpoint_dir
         print(f"smallmind {__version__}: {description}; checkpoints in {ckdir}", flush=True)
         source = CancellationTokenSource()
-        restore = _cancel_on_sigint(source)
+        restore = _cancel_on_sigint(source, also_sigterm=comm is not None)
         progress = _Progress(t.steps, t.log_every, start=trainer.step)
         try:
             # log_every=0: the progress line reports instead of log records
@@ -384,6 +437,8 @@ def cmd_train(args):
         except CancelledError:
             progress.end()
             path = os.path.join(ckdir, CANCELLED_FILE)
+            if comm is not None and comm.rank > 0:
+                return 130
             print(f"smallmind: interrupted at step {trainer.step} of {t.steps}; saved {path}\n"
                   f"  continue with: smallmind train --resume {shlex.quote(path)}",
                   file=sys.stderr)
@@ -391,7 +446,7 @@ def cmd_train(args):
         finally:
             restore()
         progress.end()
-        png = _plot_losses(hist, ckdir)
+        png = _plot_losses(hist, ckdir) if comm is None or comm.rank == 0 else None
         if hist.val_loss:
             loss = f"validation loss {hist.val_loss[-1]:.3f}"
         else:

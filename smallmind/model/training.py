@@ -100,6 +100,27 @@ def _prepare_folder(folder: str) -> None:
 
 
 _D = TrainingOptions     # the defaults of train()'s options
+
+
+def _as_communicator(comm):
+    """None, a smallmind.distributed.Communicator, or an mpi4py communicator (wrapped)."""
+    if comm is None:
+        return None
+    from ..distributed import Communicator
+    if isinstance(comm, Communicator):
+        return comm
+    if hasattr(comm, "Get_rank") and hasattr(comm, "Ialltoallv"):
+        return Communicator(comm)
+    raise TypeError(f"comm must be a smallmind.distributed.Communicator or an mpi4py "
+                    f"communicator, got {type(comm).__name__}")
+
+
+def _split_seed(seed: int, offset: int) -> int:
+    """The dropout seed of a rank's micro-batch that starts `offset` windows into a single
+    process's micro-batch (a share boundary inside it): its own stream, not a copy of the
+    micro-batch's first rows' masks."""
+    h = hashlib.sha256(f"{seed}:{offset}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
 _MAX_STEP = 2 ** 62      # the largest step count TRAINING_RULES allows
 
 
@@ -119,12 +140,21 @@ class Training:
     float32. Evaluation (estimate_loss) always runs in float32. Without AMX the bf16 products
     are computed by the float32 kernels on rounded inputs (same numbers, no speed-up; a warning
     says so).
+
+    comm: a smallmind.distributed.Communicator (or an mpi4py communicator) for data-parallel
+    training over MPI: each rank runs this same Training (same model, text and options, checked
+    when train() starts), the global batch (batch_size x grad_accum_steps windows, drawn in the
+    same order as one process draws them) is dealt out in contiguous shares, and the gradients
+    are summed across ranks in rank order before clipping and AdamW. When every rank has whole
+    micro-batches (the ranks divide grad_accum_steps), N ranks give the losses and weights of one
+    process with grad_accum_steps micro-batches, bit for bit; otherwise the same up to float32
+    rounding. Rank 0 writes the checkpoints; evaluation is split across the ranks.
     """
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, text: str,
                  block_size: int | None = None, batch_size: int = 16, seed: int = 42,
                  val_fraction: float = 0.1, metadata: dict | None = None,
-                 precision: str = "float32"):
+                 precision: str = "float32", comm=None):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         model.check_open()
@@ -157,6 +187,8 @@ class Training:
         self.metadata = dict(metadata or {})
         self.model = model
         self.tokenizer = tokenizer
+        self.comm = _as_communicator(comm)
+        self._grad_scratch: np.ndarray | None = None    # micro-batches after the first
 
         tokens = tokenizer.encode_array(text)
         n_val = int(len(tokens) * self.val_fraction)
@@ -211,16 +243,26 @@ class Training:
         eval_batches = check_training_option("eval_batches", eval_batches)
         out = {}
         model = self.model
+        comm = self.comm
         for split in ("train", "val"):
             if split == "val" and self.val_fraction == 0:
                 continue
             rng = np.random.Generator(np.random.PCG64([self.seed, 1 + (split == "val"), self.step]))
             tokens = self._split(split)
-            total = 0.0
-            for _ in range(eval_batches):
+            losses = []
+            for i in range(eval_batches):
+                # every rank draws every batch (cheap), so the batches do not depend on the
+                # rank count; each evaluates its own share, batch i on rank i % size
                 x, y = self._windows(tokens, rng, self.batch_size)
-                loss, _ = _core.gpt_forward(model.flat_params, model.core_config, x, y,
-                                            threads=threads)
+                if comm is None or i % comm.size == comm.rank:
+                    loss, _ = _core.gpt_forward(model.flat_params, model.core_config, x, y,
+                                                threads=threads)
+                    losses.append(loss)
+            if comm is not None:
+                parts = comm.allgather_floats(losses, "evaluating")
+                losses = [float(parts[i % comm.size][i // comm.size]) for i in range(eval_batches)]
+            total = 0.0
+            for loss in losses:                  # in batch order, whatever the rank count
                 total += loss
             out[split] = total / eval_batches
         return out
@@ -289,18 +331,28 @@ class Training:
         checkpoint_dir, threads = opts.checkpoint_dir, opts.threads
         if eval_every and self.val_fraction == 0:
             raise ValidationError("eval_every needs a validation split (val_fraction > 0)")
-        if checkpoint_dir is not None:
-            _prepare_folder(checkpoint_dir)
-            # Half-written files of an earlier run that was killed mid-save (never loaded:
-            # they are hidden temporaries until renamed) would otherwise pile up.
-            for name in _safetensors.remove_stale_temporaries(checkpoint_dir):
-                logger.info("removed %s, left by a run killed while saving", name)
+        comm = self.comm
+        if comm is not None and self.batch_size * accum < comm.size:
+            raise ValidationError(f"the global batch (batch_size {self.batch_size} x "
+                                  f"grad_accum_steps {accum}) has fewer windows than the "
+                                  f"{comm.size} ranks: every rank needs at least one")
+        if comm is None or comm.rank == 0:
+            if checkpoint_dir is not None:
+                _prepare_folder(checkpoint_dir)
+                # Half-written files of an earlier run that was killed mid-save (never loaded:
+                # they are hidden temporaries until renamed) would otherwise pile up.
+                for name in _safetensors.remove_stale_temporaries(checkpoint_dir):
+                    logger.info("removed %s, left by a run killed while saving", name)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable or None")
         is_cancelled = check_cancel(cancel)
 
         model = self.model
         model.check_open()
+        if comm is not None:
+            if threads is None:
+                threads = comm.default_threads()     # the cores shared among this node's ranks
+            comm.check_same(self._run_identity(opts), "the run (model, data, options, state)")
         hist = History(best_val_loss=self.best_val_loss)
         # What the checkpoint records of this call: the schedule and optimizer (needed to
         # continue it), and the run's length and evaluation (so a resumed run is the same run).
@@ -320,20 +372,19 @@ class Training:
                 # Snapshot of the resumable state before this step: a cancel inside it saves
                 # this, so resuming replays the interrupted step exactly.
                 snapshot = self._training_state(hparams)
-                if is_cancelled():
+                stop = is_cancelled()
+                if comm is not None:     # every rank stops at the same step, or none does
+                    stop = comm.any(stop, "agreeing whether to stop")
+                if stop:
                     self._cancelled(checkpoint_dir, snapshot, hist)
                 t0 = time.perf_counter()
                 lr = self.lr_at(self.step, lr0, warmup_steps, decay_steps, min_lr)
-                model.zero_grad()
-                loss_sum = 0.0
-                for micro in range(accum):
-                    if micro and is_cancelled():
-                        model.zero_grad()
-                        self._cancelled(checkpoint_dir, snapshot, hist)
-                    x, y = self._windows(self._train_tokens, self._rng, self.batch_size)
-                    loss_sum += model.train_forward(x, y, None, threads, self.precision)
-                    model.backward(loss_scale=1.0 / accum, threads=threads)
-                loss = loss_sum / accum
+                if comm is None:
+                    loss = self._local_step(accum, threads, is_cancelled, checkpoint_dir,
+                                            snapshot, hist)
+                else:
+                    reduced = comm.reduce_seconds
+                    loss = self._distributed_step(accum, threads)
                 if grad_clip > 0:
                     norm = _core.clip_grad_norm(model.flat_grads, grad_clip, threads)
                 else:
@@ -356,6 +407,8 @@ class Training:
                 hist.tokens_per_sec.append(tokens_per_step / dt if dt > 0 else math.inf)
                 info = {"step": self.step, "steps": steps, "loss": loss, "lr": lr,
                         "grad_norm": norm, "tokens_per_sec": hist.tokens_per_sec[-1]}
+                if comm is not None:
+                    info["allreduce_sec"] = comm.reduce_seconds - reduced
                 if log_every and (self.step % log_every == 0 or self.step == steps):
                     logger.info("step %d/%d: loss %.4f, lr %.3g, %.0f tokens/s", self.step, steps,
                                 loss, lr, hist.tokens_per_sec[-1])
@@ -374,6 +427,94 @@ class Training:
             model.train(was_training)
             hist.elapsed_sec = time.perf_counter() - t_start
         return hist
+
+    # ---- one step's gradient --------------------------------------------------------------
+
+    def _backward(self, first: bool, scale: float, threads) -> None:
+        """The gradient of the last forward, times `scale`, added to the step's: the first
+        micro-batch's straight into the (zeroed) gradient block, each later one into a scratch
+        block and then added, so the step's gradient is ((g0 + g1) + g2) + ... - the order
+        the ranks of a distributed run sum theirs in."""
+        model = self.model
+        if first:
+            model.backward(loss_scale=scale, threads=threads)
+            return
+        if self._grad_scratch is None:
+            self._grad_scratch = model.layout.new_block()
+        else:
+            self._grad_scratch.fill(0.0)
+        model.backward(loss_scale=scale, threads=threads, into=self._grad_scratch)
+        np.add(model.flat_grads, self._grad_scratch, out=model.flat_grads)
+
+    def _local_step(self, accum, threads, is_cancelled, checkpoint_dir, snapshot, hist) -> float:
+        """One process: accum micro-batches of batch_size windows; returns the mean loss."""
+        model = self.model
+        model.zero_grad()
+        loss_sum = 0.0
+        for micro in range(accum):
+            if micro and is_cancelled():
+                model.zero_grad()
+                self._cancelled(checkpoint_dir, snapshot, hist)
+            x, y = self._windows(self._train_tokens, self._rng, self.batch_size)
+            loss_sum += model.train_forward(x, y, None, threads, self.precision)
+            self._backward(micro == 0, 1.0 / accum, threads)
+        return loss_sum / accum
+
+    def _distributed_step(self, accum, threads) -> float:
+        """This rank's share of the global batch, the gradients summed over the ranks; returns
+        the global batch's mean loss (the same on every rank)."""
+        from ..distributed import split_range
+        comm, model, bs = self.comm, self.model, self.batch_size
+        G = bs * accum
+        # Every rank draws the whole global batch and every micro-batch's dropout seed, in the
+        # order one process draws them: the data order does not depend on the rank count.
+        batches = [self._windows(self._train_tokens, self._rng, bs) for _ in range(accum)]
+        seeds = [model.next_dropout_seed() for _ in range(accum)]
+        X = np.concatenate([b[0] for b in batches])
+        Y = np.concatenate([b[1] for b in batches])
+        w0, w1 = split_range(G, comm.size, comm.rank)
+        model.zero_grad()
+        pieces: list[float] = []
+        a = w0
+        while a < w1:
+            # micro-batches never cross a single process's micro-batch boundary, so a rank
+            # whose share is whole micro-batches computes exactly what one process would
+            b = min(w1, (a // bs + 1) * bs)
+            seed = seeds[a // bs]
+            if seed is not None and a % bs:
+                seed = _split_seed(seed, a % bs)
+            loss = model.train_forward(X[a:b], Y[a:b], None, threads, self.precision,
+                                       dropout_seed=seed)
+            self._backward(a == w0, (b - a) / G, threads)
+            pieces += [a, b, loss]
+            a = b
+        comm.allreduce_sum(model.flat_grads)
+        every = np.concatenate(comm.allgather_floats(pieces, "sharing losses")).reshape(-1, 3)
+        every = every[np.argsort(every[:, 0], kind="stable")]
+        total = 0.0
+        if all(b - a == bs and a % bs == 0 for a, b, _ in every):
+            for loss in every[:, 2]:             # as _local_step adds them
+                total += float(loss)
+            return total / accum
+        for a, b, loss in every:
+            total += float(loss) * (b - a)
+        return total / G
+
+    def _run_identity(self, opts) -> dict:
+        """What must be equal on every rank of a distributed run (compared by check_same)."""
+        def digest(block):
+            return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()[:16]
+        from .. import __version__
+        return {"smallmind": __version__, "model": repr(self.model.config),
+                "tokenizer": digest(np.frombuffer(self.tokenizer.to_json().encode(), np.uint8)),
+                "data": self._data_digest, "block_size": self.block_size,
+                "batch_size": self.batch_size, "seed": self.seed,
+                "val_fraction": self.val_fraction, "precision": self.precision,
+                "step": self.step, "sampler": self._rng.bit_generator.state,
+                "dropout": self.model.dropout_rng_state, "parameters": digest(self.model.flat_params),
+                "optimizer": digest(self._m) + digest(self._v),
+                "options": {k: v for k, v in dataclasses.asdict(opts).items()
+                            if k not in ("threads", "log_every")}}
 
     def _evaluate(self, eval_batches, threads, hist, info, checkpoint_dir, hparams):
         losses = self.estimate_loss(eval_batches, threads)
@@ -416,6 +557,25 @@ class Training:
                 "data": self._data_digest, "hparams": hparams or {}, "metadata": self.metadata}
 
     def _save(self, path, state: dict) -> None:
+        comm = self.comm
+        if comm is None:
+            self._write(path, state)
+            return
+        # Rank 0 writes (every rank holds the same state); all learn whether it worked.
+        error = None
+        if comm.rank == 0:
+            try:
+                self._write(path, state)
+            except Exception as e:
+                error = e
+        if comm.any(error is not None, f"saving {path}"):
+            if error is not None:
+                raise error
+            from ..distributed import DistributedError
+            raise DistributedError(f"rank 0 could not write {path} (its error is on rank 0's "
+                                   f"output)")
+
+    def _write(self, path, state: dict) -> None:
         with self.model.exclusive():
             save_checkpoint(path, self.model, self.tokenizer, training=state,
                             optimizer=(self._m, self._v))
@@ -500,7 +660,8 @@ class Training:
     @classmethod
     def resume(cls, path, text: str, *, block_size: int | None = None,
                batch_size: int | None = None, val_fraction: float | None = None,
-               new_data: bool = False, precision: str | None = None) -> "Training":
+               new_data: bool = False, precision: str | None = None,
+               comm=None) -> "Training":
         """A Training rebuilt from a training checkpoint (a file, a run's folder - its latest
         state - or a read Checkpoint): its model (train mode), tokenizer, optimizer and sampler state, metadata, and
         its block_size / batch_size / seed / val_fraction / precision unless overridden. `text` must be the
@@ -527,7 +688,7 @@ class Training:
             raise CheckpointError(f"{ck.path}: invalid training state ({e!r})") from None
         model = model_from_checkpoint(ck)
         try:
-            trainer = cls(model, ck.tokenizer, text, **kw)
+            trainer = cls(model, ck.tokenizer, text, comm=comm, **kw)
             trainer.restore(ck, new_data=new_data)
         except BaseException:
             model.close()

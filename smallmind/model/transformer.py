@@ -390,13 +390,23 @@ class TransformerModel(Closeable):
     def _next_dropout_seed(self) -> int:
         return int(self._dropout_rng.integers(0, 2 ** 63))
 
+    def next_dropout_seed(self) -> int | None:
+        """Draw the seed the next train-mode forward would use (None when dropout is off)."""
+        if self.config.dropout <= 0.0:
+            return None
+        with self._lock:
+            return self._next_dropout_seed()
+
     def train_forward(self, idx: np.ndarray, targets: np.ndarray, logits: np.ndarray | None = None,
-                      threads: int | None = None, precision: str = "float32") -> float:
+                      threads: int | None = None, precision: str = "float32",
+                      dropout_seed: int | None = None) -> float:
         """The training forward pass (dropout on, the loss gradient kept for backward()) on ids
         already validated as C-contiguous int32 (B, T) arrays (forward() validates first).
         Returns the mean loss; fills logits (B, T, V) when given. precision "bf16" runs the
         linear layers' matrix products, here and in the backward() that follows, on bf16
-        inputs with float32 sums (see Training's precision)."""
+        inputs with float32 sums (see Training's precision). dropout_seed: the seed of this
+        pass's dropout masks, drawn by the caller with next_dropout_seed() (distributed training
+        draws every micro-batch's seed on every rank); None draws the next one here."""
         with self._lock:
             self.check_open()
             B, T = idx.shape
@@ -409,7 +419,12 @@ class TransformerModel(Closeable):
                 self._state = _core.GPTState(self._cfg, B, T, precision)
                 created = True
             p = self.config.dropout
-            seed = self._next_dropout_seed() if p > 0.0 else 0
+            if p <= 0.0:
+                seed = 0
+            elif dropout_seed is None:
+                seed = self._next_dropout_seed()
+            else:
+                seed = dropout_seed
             try:
                 loss, n_valid = _core.gpt_forward(self._params, self._cfg, idx, targets, logits,
                                                   self._state, p, seed, threads)
@@ -427,16 +442,19 @@ class TransformerModel(Closeable):
             self._backward_ready = True
             return loss
 
-    def backward(self, *, loss_scale: float = 1.0, threads: int | None = None) -> None:
-        """Accumulate loss_scale * d(loss)/d(parameters) into grads() for the last train-mode
-        forward with targets. Call zero_grad() first unless you mean to accumulate."""
+    def backward(self, *, loss_scale: float = 1.0, threads: int | None = None,
+                 into: np.ndarray | None = None) -> None:
+        """Accumulate loss_scale * d(loss)/d(parameters) into grads() (or into `into`, a float32
+        block in the parameters' layout) for the last train-mode forward with targets. Call
+        zero_grad() first unless you mean to accumulate."""
         with self._lock:
             self.check_open()
             if self._state is None or not self._state.ready or not self._backward_ready:
                 raise ValidationError("backward() needs a train-mode forward(idx, targets) first "
                                       "(each such forward allows one backward, and only until "
                                       "the next forward)")
-            _core.gpt_backward(self.flat_grads, self._state, self._params, loss_scale, threads)
+            target = self.flat_grads if into is None else into
+            _core.gpt_backward(target, self._state, self._params, loss_scale, threads)
             self._backward_ready = False
 
     def zero_grad(self) -> None:
