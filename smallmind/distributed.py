@@ -110,7 +110,7 @@ class Communicator:
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self.reduce_seconds = 0.0      # time spent in allreduce_sum since the last reset
-        self._scratch = None
+        self._scratch: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return f"Communicator(rank {self.rank} of {self.size}, {self.local_size} on this machine)"
@@ -155,9 +155,10 @@ class Communicator:
         counts = np.array([b - a for a, b in bounds], dtype=np.int64)
         displs = np.array([a for a, _ in bounds], dtype=np.int64)
         mine = int(counts[self.rank])
-        if self._scratch is None or self._scratch.size < P * mine:
-            self._scratch = np.empty(P * mine, dtype=np.float32)
-        recv = self._scratch[:P * mine]
+        scratch = self._scratch
+        if scratch is None or scratch.size < P * mine:
+            scratch = self._scratch = np.empty(P * mine, dtype=np.float32)
+        recv = scratch[:P * mine]
         # reduce-scatter: my slice of every rank's block, rank by rank
         req = self.comm.Ialltoallv(
             [block, (counts, displs), MPI.FLOAT],
@@ -222,7 +223,8 @@ class Communicator:
 
     def default_threads(self) -> int:
         """OpenMP threads per rank that fill this machine's cores without oversubscribing them:
-        the cores divided among the ranks on this machine (at least 1)."""
+        the cores this process may run on divided among the ranks on this machine (at least 1;
+        never more in all than the cores, also where a launcher binds ranks to cores)."""
         cores = os.cpu_count() or 1
         if hasattr(os, "sched_getaffinity"):
             cores = len(os.sched_getaffinity(0)) or cores

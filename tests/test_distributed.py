@@ -16,7 +16,6 @@ import smallmind as sm
 from smallmind.distributed import launched_by_mpi, split_range
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep
                        + os.environ.get("PATH", ""))
 try:
@@ -33,7 +32,11 @@ from mpi_job import corpus  # noqa: E402
 
 
 def env():
-    e = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    """The environment of the ranks: the same smallmind as this process (installed or the source
+    tree) and this folder (mpi_job.py)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sm.__file__)))
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, HERE,
+                                                     os.environ.get("PYTHONPATH", "")]))
     e.pop("SMALLMIND_MPI_TIMEOUT", None)
     return e
 
