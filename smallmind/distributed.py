@@ -23,6 +23,7 @@ from .errors import SmallMindError
 # of the biggest preset takes seconds, a checkpoint save about as long; 300 s is far beyond both.
 DEFAULT_TIMEOUT = 300.0
 TIMEOUT_ENV = "SMALLMIND_MPI_TIMEOUT"
+_BUCKETS_AHEAD = 4       # bucketed all-reduce: reduce-scatters posted ahead of the summing
 
 # Environment variables the MPI launchers set in the processes they start: a process started by
 # mpirun/mpiexec has one of them (MPICH/Hydra: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx).
@@ -86,7 +87,8 @@ def _shown(value) -> str:
 class Communicator:
     """The ranks of a data-parallel run: an mpi4py communicator (COMM_WORLD by default) with the
     operations training needs, each bounded by `timeout` seconds (default: $SMALLMIND_MPI_TIMEOUT,
-    else 300).
+    else 300). bucket_floats: reduce gradients in buckets of this many floats (see
+    allreduce_sum; default one piece).
 
     allreduce_sum(block): every rank's float32 block summed in rank order, ((b0 + b1) + b2) + ...,
     on every rank: the same bits on every rank and in every run, and the bits of a single process
@@ -96,7 +98,7 @@ class Communicator:
     the block from all ranks, in rank order, and sends its sums to all.
     """
 
-    def __init__(self, comm=None, timeout: float | None = None):
+    def __init__(self, comm=None, timeout: float | None = None, bucket_floats: int | None = None):
         MPI = _import_mpi()
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
@@ -109,6 +111,10 @@ class Communicator:
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
+        if bucket_floats is not None and (not isinstance(bucket_floats, int) or bucket_floats < 1):
+            raise DistributedError(f"bucket_floats must be a positive int or None, got "
+                                   f"{bucket_floats!r}")
+        self.bucket_floats = bucket_floats
         self.reduce_seconds = 0.0      # time spent in allreduce_sum since the last reset
         self._scratch: np.ndarray | None = None
 
@@ -144,35 +150,57 @@ class Communicator:
         self._wait(self.comm.Ibarrier(), what)
 
     def allreduce_sum(self, block: np.ndarray) -> None:
-        """In place: block = sum of every rank's block, in rank order (see the class doc)."""
+        """In place: block = sum of every rank's block, in rank order (see the class doc). With
+        bucket_floats set, the block goes in buckets of that many floats: every bucket's
+        reduce-scatter is posted at once, and each is summed (and its all-gather posted) as soon
+        as it has arrived, so the sums of one bucket overlap the transfers of the others. The
+        bits are the same either way."""
         if block.dtype != np.float32 or block.ndim != 1 or not block.flags.c_contiguous:
             raise TypeError("block must be a contiguous 1-D float32 array")
-        if self.size == 1:
+        if self.size == 1 or block.size == 0:
             return
         t0 = time.perf_counter()
         MPI, n, P = self._MPI, block.size, self.size
-        bounds = [split_range(n, P, r) for r in range(P)]
-        counts = np.array([b - a for a, b in bounds], dtype=np.int64)
-        displs = np.array([a for a, _ in bounds], dtype=np.int64)
-        mine = int(counts[self.rank])
+        step = self.bucket_floats or n
+        plans, need = [], 0
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            bounds = [split_range(hi - lo, P, r) for r in range(P)]
+            counts = np.array([b - a for a, b in bounds], dtype=np.int64)
+            displs = np.array([a for a, _ in bounds], dtype=np.int64)
+            mine = int(counts[self.rank])
+            plans.append((lo, hi, counts, displs, bounds[self.rank], need, mine))
+            need += P * mine
         scratch = self._scratch
-        if scratch is None or scratch.size < P * mine:
-            scratch = self._scratch = np.empty(P * mine, dtype=np.float32)
-        recv = scratch[:P * mine]
-        # reduce-scatter: my slice of every rank's block, rank by rank
-        req = self.comm.Ialltoallv(
-            [block, (counts, displs), MPI.FLOAT],
-            [recv, (np.full(P, mine, dtype=np.int64), np.arange(P, dtype=np.int64) * mine),
-             MPI.FLOAT])
-        self._wait(req, "summing gradients")
-        lo, hi = bounds[self.rank]
-        out = block[lo:hi]
-        np.copyto(out, recv[:mine])
-        for r in range(1, P):      # ((b0 + b1) + b2) + ...: the order a single process adds in
-            np.add(out, recv[r * mine:(r + 1) * mine], out=out)
-        # all-gather the summed slices
-        req = self.comm.Iallgatherv(MPI.IN_PLACE, [block, (counts, displs), MPI.FLOAT])
-        self._wait(req, "sharing summed gradients")
+        if scratch is None or scratch.size < need:
+            scratch = self._scratch = np.empty(need, dtype=np.float32)
+
+        def scatter(plan):
+            """reduce-scatter: my slice of every rank's bucket, rank by rank"""
+            lo, hi, counts, displs, _, at, mine = plan
+            return self.comm.Ialltoallv(
+                [block[lo:hi], (counts, displs), MPI.FLOAT],
+                [scratch[at:at + P * mine],
+                 (np.full(P, mine, dtype=np.int64), np.arange(P, dtype=np.int64) * mine),
+                 MPI.FLOAT])
+
+        # a few buckets in flight ahead of the one being summed (a flood of thousands of
+        # outstanding operations would only slow MPI down)
+        scatters = [scatter(plan) for plan in plans[:_BUCKETS_AHEAD]]
+        gathers = []
+        for i, (lo, hi, counts, displs, (a, b), at, mine) in enumerate(plans):
+            self._wait(scatters[i], "summing gradients")
+            if i + _BUCKETS_AHEAD < len(plans):
+                scatters.append(scatter(plans[i + _BUCKETS_AHEAD]))
+            out = block[lo + a:lo + b]
+            np.copyto(out, scratch[at:at + mine])
+            for r in range(1, P):  # ((b0 + b1) + b2) + ...: the order a single process adds in
+                np.add(out, scratch[at + r * mine:at + (r + 1) * mine], out=out)
+            # all-gather this bucket's summed slices
+            gathers.append(self.comm.Iallgatherv(MPI.IN_PLACE,
+                                                 [block[lo:hi], (counts, displs), MPI.FLOAT]))
+        for req in gathers:
+            self._wait(req, "sharing summed gradients")
         self.reduce_seconds += time.perf_counter() - t0
 
     def allgather_floats(self, values, what: str = "gathering results") -> list[np.ndarray]:

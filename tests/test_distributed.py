@@ -159,6 +159,24 @@ def test_ranks_equal_one_process_bit_for_bit(tmp_path, n, accum, dropout):
 
 
 @needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_allreduce_sums_in_rank_order_whatever_the_buckets(tmp_path, n):
+    rc, err, res = run_mpi(n, tmp_path, {"allreduce_check": True})
+    assert rc == 0, err
+    for r in res:
+        assert list(r["failures"]) == []
+
+
+@needs_mpi
+def test_bucketed_reduction_gives_the_same_run(tmp_path):
+    rc, err, res = run_mpi(3, tmp_path, {"accum": 3, "bucket_floats": 1000})
+    assert rc == 0, err
+    losses, params, _ = single(3)
+    np.testing.assert_array_equal(res[2]["params"], params)
+    np.testing.assert_array_equal(res[2]["losses"], losses)
+
+
+@needs_mpi
 @pytest.mark.parametrize("n,accum", [(3, 2), (2, 4)])
 def test_uneven_shares_match_within_rounding_and_repeat_exactly(tmp_path, n, accum):
     """3 ranks sharing 8 windows (3/3/2) and 2 ranks with two micro-batches each: the sums are
