@@ -361,8 +361,60 @@ def machine_line(m):
                if m.get("loadavg_start") and m.get("loadavg_end") else ""))
 
 
+def distributed_tables(rows, machine):
+    """bench_distributed.py: throughput on this machine, the all-reduce and the cost model."""
+    ms = lambda s: f"{1e3 * s:,.1f}"  # noqa: E731
+    out = [f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; smallmind "
+           f"{machine.get('smallmind')}, torch {machine.get('torch')}; load average "
+           f"{machine.get('load_start')} at start, {machine.get('load_end')} at end", "",
+           "| preset (global batch) | 1 process x 2 threads ms/step | 2 ranks x 1 thread ms/step "
+           "| of which all-reduce | 2 ranks, 1 MiB buckets ms/step (all-reduce) | 2 ranks vs 1 "
+           "process | torch DDP gloo 2 x 1 ms/step | torch 1 x 2 ms/step | our 2 ranks vs torch DDP |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["part"] == "throughput"):
+        ddp = r.get("torch_ddp_2x1_step_s")
+        out.append(
+            f"| {r['preset']} ({r['global_batch']} x {r['tokens_per_step'] // r['global_batch']}) "
+            f"| {ms(r['sm_1x2_step_s'])} | {ms(r['sm_2x1_step_s'])} | {ms(r['sm_2x1_allreduce_s'])} "
+            f"| {ms(r['sm_2x1_bucketed_step_s'])} ({ms(r['sm_2x1_bucketed_allreduce_s'])}) "
+            f"| {r['sm_1x2_step_s'] / r['sm_2x1_step_s']:.2f}x "
+            f"| {ms(ddp) if ddp else '-'} | {ms(r['torch_1x2_step_s']) if ddp else '-'} "
+            f"| {'**%.2fx**' % (ddp / r['sm_2x1_step_s']) if ddp else '-'} |")
+    fit = next(r for r in rows if r["part"] == "link_fit")
+    out += ["", f"All-reduce of a float32 block on 2 ranks (loopback, shared memory); the model "
+            f"2 (a + 4n / (2b)) fitted through the smallest and largest block: a = "
+            f"{1e6 * fit['latency_s']:.1f} us, b = {fit['bandwidth_Bps'] / 1e9:.2f} GB/s", "",
+            "| floats | smallmind (rank order) ms | 1 MiB buckets ms | MPI_Allreduce ms | model ms "
+            "| model / measured |", "|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["part"] == "allreduce"):
+        out.append(f"| {r['floats']:,} | {1e3 * r['ours_s']:.3f} | {1e3 * r['bucketed_s']:.3f} "
+                   f"| {1e3 * r['mpi_s']:.3f} | {1e3 * r['model_s']:.3f} "
+                   f"| {r['model_s'] / r['ours_s']:.2f} |")
+    cost = [r for r in rows if r["part"] == "cost"]
+    for preset in dict.fromkeys(r["preset"] for r in cost):
+        sub = [r for r in cost if r["preset"] == preset]
+        out += ["", f"Scaling out {preset} (global batch {sub[0]['global_batch_tokens']:,} tokens "
+                f"per step, split over the nodes; efficiency = compute / (compute + ring "
+                f"all-reduce), no overlap; in brackets: tokens per node per step for 90%)", "",
+                "| nodes | " + " | ".join(f"{g} Gb/s" for g in LINKS) + " |",
+                "|---|" + "---|" * len(LINKS)]
+        for n in dict.fromkeys(r["nodes"] for r in sub):
+            cells = []
+            for g in LINKS:
+                r = next(r for r in sub if r["nodes"] == n and r["gbps"] == g)
+                cells.append(f"{100 * r['efficiency']:.0f}% ({r['tokens_per_node_for_90']:,.0f})")
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+LINKS = (10, 25, 100)
+
+
 def main(argv):
     full = json.load(open(argv[0]))
+    if any(r.get("part") == "link_fit" for r in full["rows"]):
+        print(distributed_tables(full["rows"], full["machine"]))
+        return
     if any(r.get("kind") == "generate" for r in full["rows"]):
         print(machine_line(full["machine"]))
         print()
