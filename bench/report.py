@@ -373,8 +373,10 @@ def distributed_tables(rows, machine):
            "|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["part"] == "throughput"):
         ddp = r.get("torch_ddp_2x1_step_s")
+        p = PRESETS[r["preset"]]
         out.append(
-            f"| {r['preset']} ({r['global_batch']} x {r['tokens_per_step'] // r['global_batch']}) "
+            f"| {r['preset']} ({p['n_layer']}/{p['n_head']}/{p['n_embd']}, {r['global_batch']} x "
+            f"{r['tokens_per_step'] // r['global_batch']}) "
             f"| {ms(r['sm_1x2_step_s'])} | {ms(r['sm_2x1_step_s'])} | {ms(r['sm_2x1_allreduce_s'])} "
             f"| {ms(r['sm_2x1_bucketed_step_s'])} ({ms(r['sm_2x1_bucketed_allreduce_s'])}) "
             f"| {r['sm_1x2_step_s'] / r['sm_2x1_step_s']:.2f}x "

@@ -145,10 +145,11 @@ class Training:
     training over MPI: each rank runs this same Training (same model, text and options, checked
     when train() starts), the global batch (batch_size x grad_accum_steps windows, drawn in the
     same order as one process draws them) is dealt out in contiguous shares, and the gradients
-    are summed across ranks in rank order before clipping and AdamW. When every rank has whole
-    micro-batches (the ranks divide grad_accum_steps), N ranks give the losses and weights of one
-    process with grad_accum_steps micro-batches, bit for bit; otherwise the same up to float32
-    rounding. Rank 0 writes the checkpoints; evaluation is split across the ranks.
+    are summed across ranks in rank order before clipping and AdamW. With one micro-batch per
+    rank (grad_accum_steps == the number of ranks), N ranks give the losses and weights of one
+    process with N micro-batches, bit for bit; otherwise the same up to float32 rounding (and
+    bit for bit from run to run for a given N). Rank 0 writes the checkpoints; evaluation is
+    split across the ranks. See docs/distributed.md.
     """
 
     def __init__(self, model: TransformerModel, tokenizer: Tokenizer, text: str,
