@@ -299,3 +299,30 @@ def test_cli_under_mpiexec(tmp_path):
     b = sm.read_checkpoint(str(ck2 / "model_last.safetensors"))
     for name in a.params:
         np.testing.assert_array_equal(a.params[name], b.params[name])
+
+
+@needs_mpi
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_stops_every_rank_on_a_signal_to_mpiexec(tmp_path, sig):
+    """`mpiexec -n 2 smallmind train` and Ctrl-C (or kill -TERM) to mpiexec: one
+    model_cancelled checkpoint at the step every rank stopped at, exit status 130."""
+    ck = tmp_path / "ck"
+    p = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "smallmind", "train",
+                          "--steps", "100000", "--n-layer", "2", "--n-embd", "64", "--n-head", "2",
+                          "--block-size", "64", "--batch-size", "8", "--grad-accum-steps", "2",
+                          "--eval-every", "0", "--log-every", "1", "--threads", "1",
+                          "--checkpoint-dir", str(ck)],
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "step 3/" not in seen:
+        line = p.stdout.readline()
+        assert line, p.communicate()[1]
+        seen += line
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert os.listdir(ck) == ["model_cancelled.safetensors"]
+    step = sm.read_checkpoint(str(ck / "model_cancelled.safetensors")).training["step"]
+    assert 3 <= step < 100000
+    assert err.count("interrupted at step") == 1, err       # rank 0 says it, once
+    assert f"interrupted at step {step} of 100000" in err
