@@ -157,33 +157,27 @@ def allreduce_worker(args):
 
     from smallmind.distributed import Communicator
     comm = Communicator()
+
+    def timed(block, run, bucket=None):
+        """Seconds of run() on a fresh copy of the block, the ranks starting together."""
+        comm.bucket_floats = bucket
+        b = block.copy()
+        comm.barrier()
+        t0 = time.perf_counter()
+        run(b)
+        return time.perf_counter() - t0
+
     rows = []
     for n in args.sizes:
         block = np.random.default_rng(comm.rank).standard_normal(n).astype(np.float32)
         out = np.empty_like(block)
-        ours, theirs, bucketed = [], [], []
-        reps = 3 if n > 10_000_000 else 7
-        for _ in range(reps):
-            b = block.copy()
-            comm.barrier()
-            t0 = time.perf_counter()
-            comm.allreduce_sum(b)
-            ours.append(time.perf_counter() - t0)
-            comm.bucket_floats = BUCKET_FLOATS
-            b = block.copy()
-            comm.barrier()
-            t0 = time.perf_counter()
-            comm.allreduce_sum(b)
-            bucketed.append(time.perf_counter() - t0)
-            comm.bucket_floats = None
-            comm.barrier()
-            t0 = time.perf_counter()
-            comm.comm.Allreduce(block, out, op=MPI.SUM)
-            theirs.append(time.perf_counter() - t0)
-        rows.append({"floats": n, "ours_s": float(np.median(ours)),
-                     "bucketed_s": float(np.median(bucketed)), "mpi_s": float(np.median(theirs))})
-        del block, out
-    comm._scratch = None
+        times: dict[str, list[float]] = {"ours_s": [], "bucketed_s": [], "mpi_s": []}
+        for _ in range(3 if n > 10_000_000 else 7):
+            times["ours_s"].append(timed(block, comm.allreduce_sum))
+            times["bucketed_s"].append(timed(block, comm.allreduce_sum, BUCKET_FLOATS))
+            times["mpi_s"].append(timed(block, lambda b, o=out: comm.comm.Allreduce(b, o, op=MPI.SUM)))
+        rows.append({"floats": n, **{k: float(np.median(v)) for k, v in times.items()}})
+    comm.bucket_floats = None
     if comm.rank == 0:
         print(json.dumps({"rows": rows}), flush=True)
 
