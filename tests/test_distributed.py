@@ -46,7 +46,7 @@ def run_mpi(n, out, opts, timeout=120):
     out.mkdir(exist_ok=True)
     p = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, os.path.join(HERE, "mpi_job.py"),
                         str(out), json.dumps(opts)], env=env(), capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, cwd=out)
     results = []
     for r in range(n):
         f = out / f"rank{r}.npz"
@@ -102,7 +102,7 @@ def test_plain_training_does_not_import_mpi():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         p = subprocess.run([sys.executable, "-c", code, d], env=env(), capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, cwd=d)
     assert p.returncode == 0, p.stderr
     assert "rc 0" in p.stdout
 
@@ -217,7 +217,8 @@ def start_job(n, out, opts):
     out.mkdir(exist_ok=True)
     return subprocess.Popen([MPIEXEC, "-n", str(n), sys.executable,
                              os.path.join(HERE, "mpi_job.py"), str(out), json.dumps(opts)],
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=out)
 
 
 @needs_mpi
@@ -288,12 +289,12 @@ def test_cli_under_mpiexec(tmp_path):
             "--eval-every", "0", "--threads", "1"]
     p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "smallmind", *args,
                         "--checkpoint-dir", str(ck2)], env=env(), capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "2 ranks x 1 thread" in p.stdout
     assert p.stdout.count("done: step 3 of 3") == 1
     q = subprocess.run([sys.executable, "-m", "smallmind", *args, "--checkpoint-dir", str(ck1)],
-                       env=env(), capture_output=True, text=True, timeout=300)
+                       env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert q.returncode == 0, q.stderr
     a = sm.read_checkpoint(str(ck1 / "model_last.safetensors"))
     b = sm.read_checkpoint(str(ck2 / "model_last.safetensors"))
@@ -312,7 +313,8 @@ def test_cli_stops_every_rank_on_a_signal_to_mpiexec(tmp_path, sig):
                           "--block-size", "64", "--batch-size", "8", "--grad-accum-steps", "2",
                           "--eval-every", "0", "--log-every", "1", "--threads", "1",
                           "--checkpoint-dir", str(ck)],
-                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=tmp_path)
     seen = ""
     while "step 3/" not in seen:
         line = p.stdout.readline()
