@@ -17,6 +17,7 @@ from .core.tracker import MemorySnapshot, MemoryTracker
 from .model import corpus
 from .model.transformer import PRESETS, ModelConfig, TransformerModel
 from .model.tokenizer import Tokenizer, UnknownCharacterWarning
+from .model.bpe import BPETokenizer
 from .model.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .model.training import History, Training, data_digest
 # generation and serving
@@ -40,7 +41,8 @@ __all__ = [
     "CancelledError", "NumericalError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
-__all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "UnknownCharacterWarning",
+__all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "BPETokenizer",
+            "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
             "save_checkpoint", "find_checkpoint", "Training", "data_digest", "History", "Sampling", "GenerationResult",
             "SamplerPool", "ThrottledInferenceService", "VectorIndex",

@@ -55,7 +55,7 @@ cdef extern from "sm_gemm.h" nogil:
 
 
 # ---- sm_pool.h (MemoryPool) ----------------------------------------------------------------
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 
 cdef extern from "sm_pool.h" nogil:
     ctypedef struct sm_pool:
@@ -383,3 +383,23 @@ cdef extern from "sm_index.h" nogil:
     int sm_index_search_naive(const sm_index *ix, const float *q, int64_t nq, int64_t ldq,
                               int64_t k, int64_t *rows, float *scores)
 
+
+
+# ---- sm_bpe.h (byte-level BPE) --------------------------------------------------------------
+cdef extern from "sm_bpe.h" nogil:
+    ctypedef struct sm_bpe:
+        pass
+    int SM_BPE_PAT_GPT2, SM_BPE_PAT_CL100K
+    int sm_uc_class(uint32_t cp)
+    const char *sm_unicode_version()
+    int64_t sm_bpe_pretoken_end(int pattern, const uint8_t *text, int64_t n, int64_t at)
+    sm_bpe *sm_bpe_new(int64_t n, const uint8_t *blob, const int64_t *offsets, int64_t n_merges,
+                       const int32_t *merge_a, const int32_t *merge_b, int whole_words,
+                       int pattern, int *err)
+    void sm_bpe_free(sm_bpe *b)
+    int sm_bpe_pattern(const sm_bpe *b)
+    int64_t sm_bpe_encode(const sm_bpe *b, const uint8_t *text, int64_t n, int32_t *out,
+                          int64_t cap)
+    void sm_bpe_encode_batch(const sm_bpe *b, const uint8_t *text, const int64_t *starts,
+                             int64_t n_docs, int32_t *out, int64_t *counts, int nthreads)
+    const uint8_t *sm_bpe_token_bytes(const sm_bpe *b, int32_t id, int64_t *len)
