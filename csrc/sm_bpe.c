@@ -550,3 +550,336 @@ void sm_bpe_encode_batch(const sm_bpe *b, const uint8_t *text, const int64_t *st
         }
     }
 }
+
+/* ---- training ----------------------------------------------------------------------------------
+ * Words are the distinct pre-tokens, each with its count and its current symbols. Every pair of
+ * adjacent symbols has a count (summed over words, weighted by their counts) and a list of the
+ * words it occurs in. A max-heap orders the pairs by count (entries go stale as counts move:
+ * an entry is checked against the current count when it comes to the top). Merging a pair
+ * rewrites only the words on its list: each one's pairs are taken out of the counts, its
+ * occurrences are joined left to right, and its pairs are put back - the pairs with the new
+ * symbol join the heap and note the word. */
+
+typedef struct {
+    int64_t count;
+    int32_t *words;   /* words it (may) occur in; duplicates allowed */
+    int64_t n_words, cap;
+    int32_t a, b;
+    int64_t stamp;    /* the merge that last pushed it onto the heap */
+} pair_info;
+
+typedef struct {
+    uint64_t *key;     /* (a << 32 | b) + 1, 0: empty */
+    int64_t *pid;
+    uint64_t mask;
+    int64_t used;
+    pair_info *info;
+    int64_t n_info, cap_info;
+} pair_table;
+
+static int pt_grow(pair_table *t) {
+    uint64_t size = t->key ? (t->mask + 1) * 2 : 1 << 16;
+    uint64_t *nk = (uint64_t *)calloc((size_t)size, sizeof(uint64_t));
+    int64_t *np = (int64_t *)malloc((size_t)size * sizeof(int64_t));
+    if (!nk || !np) {
+        free(nk);
+        free(np);
+        return -1;
+    }
+    for (uint64_t i = 0; t->key && i <= t->mask; i++)
+        if (t->key[i]) {
+            uint64_t h = hash_pair(t->key[i]) & (size - 1);
+            while (nk[h]) h = (h + 1) & (size - 1);
+            nk[h] = t->key[i];
+            np[h] = t->pid[i];
+        }
+    free(t->key);
+    free(t->pid);
+    t->key = nk;
+    t->pid = np;
+    t->mask = size - 1;
+    return 0;
+}
+
+/* The pair's id, created (count 0) if new; -1 if out of memory. */
+static int64_t pt_get(pair_table *t, int32_t a, int32_t b) {
+    if (!t->key || (uint64_t)(t->used + 1) * 2 > t->mask + 1)
+        if (pt_grow(t)) return -1;
+    uint64_t key = (((uint64_t)(uint32_t)a << 32) | (uint32_t)b) + 1;
+    uint64_t h = hash_pair(key) & t->mask;
+    for (; t->key[h]; h = (h + 1) & t->mask)
+        if (t->key[h] == key) return t->pid[h];
+    if (t->n_info == t->cap_info) {
+        int64_t cap = t->cap_info ? 2 * t->cap_info : 1 << 15;
+        pair_info *ni = (pair_info *)realloc(t->info, (size_t)cap * sizeof(pair_info));
+        if (!ni) return -1;
+        t->info = ni;
+        t->cap_info = cap;
+    }
+    t->key[h] = key;
+    t->pid[h] = t->n_info;
+    t->used++;
+    t->info[t->n_info] = (pair_info){0, NULL, 0, 0, a, b, -1};
+    return t->n_info++;
+}
+
+static int note_word(pair_info *p, int32_t w) {
+    if (p->n_words && p->words[p->n_words - 1] == w) return 0;
+    if (p->n_words == p->cap) {
+        int64_t cap = p->cap ? 2 * p->cap : 4;
+        int32_t *nw = (int32_t *)realloc(p->words, (size_t)cap * sizeof(int32_t));
+        if (!nw) return -1;
+        p->words = nw;
+        p->cap = cap;
+    }
+    p->words[p->n_words++] = w;
+    return 0;
+}
+
+typedef struct {
+    int64_t count;
+    int32_t a, b;
+} heap_item;
+
+/* a before b in the heap: more frequent first, then the smaller ids */
+SM_INLINE int item_before(heap_item x, heap_item y) {
+    if (x.count != y.count) return x.count > y.count;
+    if (x.a != y.a) return x.a < y.a;
+    return x.b < y.b;
+}
+
+typedef struct {
+    heap_item *h;
+    int64_t n, cap;
+} item_heap;
+
+static int ih_push(item_heap *q, heap_item it) {
+    if (q->n == q->cap) {
+        int64_t cap = q->cap ? 2 * q->cap : 1 << 16;
+        heap_item *nh = (heap_item *)realloc(q->h, (size_t)cap * sizeof(heap_item));
+        if (!nh) return -1;
+        q->h = nh;
+        q->cap = cap;
+    }
+    int64_t i = q->n++;
+    while (i > 0) {
+        int64_t p = (i - 1) / 2;
+        if (!item_before(it, q->h[p])) break;
+        q->h[i] = q->h[p];
+        i = p;
+    }
+    q->h[i] = it;
+    return 0;
+}
+
+static heap_item ih_pop(item_heap *q) {
+    heap_item top = q->h[0], last = q->h[--q->n];
+    int64_t i = 0;
+    for (;;) {
+        int64_t l = 2 * i + 1;
+        if (l >= q->n) break;
+        int64_t c = l + 1 < q->n && item_before(q->h[l + 1], q->h[l]) ? l + 1 : l;
+        if (!item_before(q->h[c], last)) break;
+        q->h[i] = q->h[c];
+        i = c;
+    }
+    q->h[i] = last;
+    return top;
+}
+
+int64_t sm_bpe_train(const uint8_t *text, const int64_t *starts, int64_t n_docs, int pattern,
+                     int64_t max_merges, int64_t min_count, int32_t *merge_a, int32_t *merge_b) {
+    if (!__atomic_load_n(&latin1_ready, __ATOMIC_ACQUIRE)) latin1_init();
+    int64_t result = -1, n_words = 0, cap_words = 1 << 14;
+    int64_t *w_off = NULL, *w_len = NULL, *w_count = NULL, *w_sym_at = NULL;
+    int32_t *w_nsym = NULL, *sym = NULL, *slot = NULL;
+    pair_table pt = {0};
+    item_heap q = {0};
+    int64_t *touched = NULL, n_touched = 0, cap_touched = 0;
+    if (min_count < 1) min_count = 1;
+
+    /* 1. distinct pre-tokens and their counts */
+    uint64_t smask = (1 << 16) - 1;
+    slot = (int32_t *)malloc((smask + 1) * sizeof(int32_t));
+    w_off = (int64_t *)malloc((size_t)cap_words * sizeof(int64_t));
+    w_len = (int64_t *)malloc((size_t)cap_words * sizeof(int64_t));
+    w_count = (int64_t *)malloc((size_t)cap_words * sizeof(int64_t));
+    if (!slot || !w_off || !w_len || !w_count) goto done;
+    memset(slot, 0xFF, (smask + 1) * sizeof(int32_t));
+    for (int64_t d = 0; d < n_docs; d++) {
+        const int64_t n = starts[d + 1];
+        for (int64_t at = starts[d]; at < n;) {
+            int64_t end = pattern == SM_BPE_PAT_CL100K ? cl100k_end(text, n, at) : gpt2_end(text, n, at);
+            int64_t len = end - at;
+            uint64_t h = hash_bytes(text + at, len) & smask;
+            for (; slot[h] >= 0; h = (h + 1) & smask) {
+                int32_t w = slot[h];
+                if (w_len[w] == len && memcmp(text + w_off[w], text + at, (size_t)len) == 0) break;
+            }
+            if (slot[h] >= 0) {
+                w_count[slot[h]]++;
+            } else {
+                if (n_words == cap_words) {
+                    cap_words *= 2;
+                    int64_t *a = (int64_t *)realloc(w_off, (size_t)cap_words * sizeof(int64_t));
+                    if (!a) goto done;
+                    w_off = a;
+                    a = (int64_t *)realloc(w_len, (size_t)cap_words * sizeof(int64_t));
+                    if (!a) goto done;
+                    w_len = a;
+                    a = (int64_t *)realloc(w_count, (size_t)cap_words * sizeof(int64_t));
+                    if (!a) goto done;
+                    w_count = a;
+                }
+                slot[h] = (int32_t)n_words;
+                w_off[n_words] = at;
+                w_len[n_words] = len;
+                w_count[n_words] = 1;
+                n_words++;
+                if ((uint64_t)n_words * 2 > smask + 1) { /* rehash */
+                    uint64_t nm = (smask + 1) * 2 - 1;
+                    int32_t *ns = (int32_t *)malloc((nm + 1) * sizeof(int32_t));
+                    if (!ns) goto done;
+                    memset(ns, 0xFF, (nm + 1) * sizeof(int32_t));
+                    for (int64_t w = 0; w < n_words; w++) {
+                        uint64_t g = hash_bytes(text + w_off[w], w_len[w]) & nm;
+                        while (ns[g] >= 0) g = (g + 1) & nm;
+                        ns[g] = (int32_t)w;
+                    }
+                    free(slot);
+                    slot = ns;
+                    smask = nm;
+                }
+            }
+            at = end;
+        }
+    }
+
+    /* 2. symbols (bytes) and the pairs */
+    int64_t total = 0;
+    w_sym_at = (int64_t *)malloc((size_t)(n_words + 1) * sizeof(int64_t));
+    w_nsym = (int32_t *)malloc((size_t)(n_words + 1) * sizeof(int32_t));
+    if (!w_sym_at || !w_nsym) goto done;
+    for (int64_t w = 0; w < n_words; w++) {
+        w_sym_at[w] = total;
+        w_nsym[w] = (int32_t)w_len[w];
+        total += w_len[w];
+    }
+    sym = (int32_t *)malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
+    if (!sym) goto done;
+    for (int64_t w = 0; w < n_words; w++)
+        for (int64_t k = 0; k < w_len[w]; k++) sym[w_sym_at[w] + k] = text[w_off[w] + k];
+    for (int64_t w = 0; w < n_words; w++) {
+        const int32_t *s = sym + w_sym_at[w];
+        for (int32_t k = 0; k + 1 < w_nsym[w]; k++) {
+            int64_t p = pt_get(&pt, s[k], s[k + 1]);
+            if (p < 0 || note_word(&pt.info[p], (int32_t)w)) goto done;
+            pt.info[p].count += w_count[w];
+        }
+    }
+    for (uint64_t i = 0; i <= pt.mask; i++)
+        if (pt.key[i]) {
+            uint64_t key = pt.key[i] - 1;
+            heap_item it = {pt.info[pt.pid[i]].count, (int32_t)(key >> 32), (int32_t)(uint32_t)key};
+            if (it.count >= min_count && ih_push(&q, it)) goto done;
+        }
+
+    /* 3. merges */
+    int64_t m = 0;
+    while (m < max_merges && q.n > 0) {
+        heap_item it = ih_pop(&q);
+        int64_t p = pt_get(&pt, it.a, it.b);
+        if (p < 0) goto done;
+        int64_t now = pt.info[p].count;
+        if (now != it.count) { /* stale: try again at its current count */
+            if (now >= min_count && now < it.count && ih_push(&q, (heap_item){now, it.a, it.b})) goto done;
+            continue;
+        }
+        const int32_t a = it.a, b = it.b, c = 256 + (int32_t)m;
+        merge_a[m] = a;
+        merge_b[m] = b;
+        m++;
+        /* the words on the pair's list (a copy: the list may grow while we go) */
+        int64_t nw = pt.info[p].n_words;
+        int32_t *list = (int32_t *)malloc((size_t)(nw > 0 ? nw : 1) * sizeof(int32_t));
+        if (!list) goto done;
+        memcpy(list, pt.info[p].words, (size_t)nw * sizeof(int32_t));
+        for (int64_t li = 0; li < nw; li++) {
+            const int32_t w = list[li];
+            if (li > 0 && list[li - 1] == w) continue;
+            int32_t *s = sym + w_sym_at[w];
+            int32_t n = w_nsym[w];
+            int found = 0;
+            for (int32_t k = 0; k + 1 < n; k++)
+                if (s[k] == a && s[k + 1] == b) {
+                    found = 1;
+                    break;
+                }
+            if (!found) continue; /* an old entry: the word no longer has the pair */
+            const int64_t f = w_count[w];
+            for (int32_t k = 0; k + 1 < n; k++) pt.info[pt_get(&pt, s[k], s[k + 1])].count -= f;
+            int32_t o = 0;
+            for (int32_t k = 0; k < n;) {
+                if (k + 1 < n && s[k] == a && s[k + 1] == b) {
+                    s[o++] = c;
+                    k += 2;
+                } else {
+                    s[o++] = s[k++];
+                }
+            }
+            w_nsym[w] = n = o;
+            for (int32_t k = 0; k + 1 < n; k++) {
+                int64_t q2 = pt_get(&pt, s[k], s[k + 1]);
+                if (q2 < 0) {
+                    free(list);
+                    goto done;
+                }
+                pt.info[q2].count += f;
+                if (s[k] == c || s[k + 1] == c) {
+                    if (note_word(&pt.info[q2], w)) {
+                        free(list);
+                        goto done;
+                    }
+                    if (n_touched == cap_touched) {
+                        cap_touched = cap_touched ? 2 * cap_touched : 1024;
+                        int64_t *nt = (int64_t *)realloc(touched, (size_t)cap_touched * sizeof(int64_t));
+                        if (!nt) {
+                            free(list);
+                            goto done;
+                        }
+                        touched = nt;
+                    }
+                    touched[n_touched++] = q2;
+                }
+            }
+        }
+        free(list);
+        free(pt.info[p].words); /* the pair is gone from every word */
+        pt.info[p].words = NULL;
+        pt.info[p].n_words = pt.info[p].cap = 0;
+        /* the pairs with the new symbol enter the heap at their final counts, once each */
+        for (int64_t t = 0; t < n_touched; t++) {
+            pair_info *pi = &pt.info[touched[t]];
+            if (pi->stamp == m) continue;
+            pi->stamp = m;
+            if (pi->count >= min_count && ih_push(&q, (heap_item){pi->count, pi->a, pi->b})) goto done;
+        }
+        n_touched = 0;
+    }
+    result = m;
+done:
+    free(slot);
+    free(w_off);
+    free(w_len);
+    free(w_count);
+    free(w_sym_at);
+    free(w_nsym);
+    free(sym);
+    for (int64_t i = 0; i < pt.n_info; i++) free(pt.info[i].words);
+    free(pt.info);
+    free(pt.key);
+    free(pt.pid);
+    free(q.h);
+    free(touched);
+    return result;
+}

@@ -60,3 +60,13 @@ void sm_bpe_encode_batch(const sm_bpe *b, const uint8_t *text, const int64_t *st
 const uint8_t *sm_bpe_token_bytes(const sm_bpe *b, int32_t id, int64_t *len);
 
 #endif /* SM_BPE_H */
+
+/* Learn a byte-level BPE vocabulary from documents d = 0 .. n_docs-1 at text[starts[d] ..
+ * starts[d+1]): pre-tokenize with `pattern`, count the distinct pre-tokens, then repeatedly merge
+ * the most frequent adjacent pair (ties: the smaller left id, then the smaller right id), counting
+ * each pre-token as often as it occurs, until max_merges merges are made or no pair occurs
+ * min_count times. Token ids: byte b is id b; merge k makes id 256 + k from merge_a[k] and
+ * merge_b[k] (arrays of max_merges). Returns the number of merges, or -1 if out of memory.
+ * Deterministic. */
+int64_t sm_bpe_train(const uint8_t *text, const int64_t *starts, int64_t n_docs, int pattern,
+                     int64_t max_merges, int64_t min_count, int32_t *merge_a, int32_t *merge_b);

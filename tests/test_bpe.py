@@ -324,3 +324,80 @@ def test_threads_share_one_tokenizer(cl100k):
         got = list(ex.map(cl100k.encode, texts))
     assert got == want
     assert np.array_equal(cl100k.encode_array(texts[0]), np.array(want[0], np.int32))
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def python_train(text, pattern, n_merges, min_count=2):
+    """The BPE training rule, slowly: count every adjacent pair over the distinct pre-tokens
+    (weighted by how often each occurs), merge the most frequent (ties: lower ids), repeat."""
+    from collections import Counter
+    core = _core.BPECore([bytes([i]) for i in range(256)], pattern)
+    data = text.encode()
+    words = Counter(data[a:b] for a, b in core.pretokenize(data))
+    syms = {w: list(w) for w in words}
+    merges = []
+    for m in range(n_merges):
+        counts: Counter = Counter()
+        for w, f in words.items():
+            s = syms[w]
+            for k in range(len(s) - 1):
+                counts[(s[k], s[k + 1])] += f
+        if not counts:
+            break
+        (a, b), n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        if n < min_count:
+            break
+        merges.append((a, b))
+        for w in words:
+            s, out, k = syms[w], [], 0
+            while k < len(s):
+                if k + 1 < len(s) and s[k] == a and s[k + 1] == b:
+                    out.append(256 + m)
+                    k += 2
+                else:
+                    out.append(s[k])
+                    k += 1
+            syms[w] = out
+    return merges
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_training_follows_the_rule(pattern):
+    text = builtin_corpus()[:20000] + " aaaa aaaaa aaaaaa ababab " * 5
+    a, b = _core.bpe_train([text.encode()], pattern, 300)
+    assert list(zip(a.tolist(), b.tolist())) == python_train(text, pattern, 300)
+
+
+def test_trained_tokenizer_round_trips_and_keeps_specials_out():
+    text = builtin_corpus()
+    docs = [text[:200_000] + ENDOFTEXT + text[200_000:400_000]]
+    tok = sm.BPETokenizer.train(docs, 2000, special_tokens=(ENDOFTEXT, "<|pad|>"))
+    assert tok.vocab_size == 2000
+    assert tok.special_tokens == {ENDOFTEXT: 1998, "<|pad|>": 1999}
+    assert all(b"<|" not in tok.token_bytes(i) or len(tok.token_bytes(i)) <= 2
+               for i in range(1998))                   # nothing learnt across the special token
+    for t in random_texts(200, seed=1) + [text[:50_000]]:
+        assert tok.decode(tok.encode(t)) == t
+    assert tok.encode(ENDOFTEXT, allowed_special="all") == [1998]
+    again = sm.BPETokenizer.train(docs, 2000, special_tokens=(ENDOFTEXT, "<|pad|>"))
+    assert again == tok                                  # deterministic
+    assert len(tok.encode(text)) < len(text.encode()) / 2.5    # it compresses (~3 bytes a token)
+
+
+def test_training_stops_when_no_pair_repeats():
+    tok = sm.BPETokenizer.train("abcd", 1000, special_tokens=())
+    assert tok.vocab_size == 256                          # every pair occurs once: nothing learnt
+    tok = sm.BPETokenizer.train("abab abab", 1000, special_tokens=(), min_frequency=2)
+    assert tok.encode("abab") == [tok.encode("abab")[0]] and tok.vocab_size > 256
+
+
+def test_training_arguments_are_checked():
+    with pytest.raises(ValidationError, match="vocab_size"):
+        sm.BPETokenizer.train("abc", 256)                # 256 bytes + <|endoftext|> need 257
+    with pytest.raises(ValidationError, match="special_tokens"):
+        sm.BPETokenizer.train("abc", 300, special_tokens=("x", "x"))
+    with pytest.raises(TypeError, match=r"text\[1\]"):
+        sm.BPETokenizer.train(["abc", 3], 300)
+    with pytest.raises(ValidationError, match="pattern"):
+        sm.BPETokenizer.train("abc", 300, pattern="bert")

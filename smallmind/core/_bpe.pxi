@@ -18,6 +18,31 @@ def unicode_class(cp):
     return {1: "letter", 2: "number", 4: "space"}.get(c, "other")
 
 
+def bpe_train(list docs, str pattern, max_merges, min_count=2):
+    """Learn byte-level BPE merges from UTF-8 documents (see sm_bpe_train): (left ids, right
+    ids), int32 arrays, merge k making id 256 + k."""
+    if pattern not in _BPE_PATTERNS:
+        raise ValidationError(f"pattern must be one of {tuple(_BPE_PATTERNS)}, got {pattern!r}")
+    _check_int(max_merges, "max_merges", 0, 1 << 30)
+    _check_int(min_count, "min_count", 1, 1 << 62)
+    cdef int64_t nd = len(docs), mm = max_merges, mc = min_count
+    starts = np.zeros(nd + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(d) for d in docs), dtype=np.int64, count=nd), out=starts[1:])
+    text = b"".join(docs)
+    ma = np.zeros(max(mm, 1), np.int32)
+    mb = np.zeros(max(mm, 1), np.int32)
+    cdef cnp.ndarray cs = starts, ca = ma, cb = mb
+    cdef const uint8_t *p = <const uint8_t *><char *>text
+    cdef int pat = _BPE_PATTERNS[pattern]
+    cdef int64_t got
+    with nogil:
+        got = sm_bpe_train(p, <const int64_t *>cnp.PyArray_DATA(cs), nd, pat, mm, mc,
+                           <int32_t *>cnp.PyArray_DATA(ca), <int32_t *>cnp.PyArray_DATA(cb))
+    if got < 0:
+        raise MemoryError("bpe_train: out of memory")
+    return ma[:got].copy(), mb[:got].copy()
+
+
 cdef class BPECore:
     """A byte-level BPE vocabulary in C (see sm_bpe.h). tokens: a list of bytes, token i's bytes
     (b"" for an id no token has). merges: None for tiktoken ranks (merge priority = the merged

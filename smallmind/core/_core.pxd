@@ -403,3 +403,6 @@ cdef extern from "sm_bpe.h" nogil:
     void sm_bpe_encode_batch(const sm_bpe *b, const uint8_t *text, const int64_t *starts,
                              int64_t n_docs, int32_t *out, int64_t *counts, int nthreads)
     const uint8_t *sm_bpe_token_bytes(const sm_bpe *b, int32_t id, int64_t *len)
+    int64_t sm_bpe_train(const uint8_t *text, const int64_t *starts, int64_t n_docs, int pattern,
+                         int64_t max_merges, int64_t min_count, int32_t *merge_a,
+                         int32_t *merge_b)

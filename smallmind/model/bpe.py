@@ -248,6 +248,38 @@ class BPETokenizer:
         except ValidationError as e:
             raise CheckpointError(f"{where}: {e}") from None
 
+    @classmethod
+    def train(cls, text: str | Iterable[str], vocab_size: int, *, pattern: str = "gpt2",
+              special_tokens: Sequence[str] = (ENDOFTEXT,), min_frequency: int = 2) -> BPETokenizer:
+        """Learn a byte-level BPE vocabulary of vocab_size ids from text (a str or an iterable of
+        documents): the 256 bytes, then merges of the most frequent adjacent pair (ties: the
+        lower ids) until vocab_size - len(special_tokens) ordinary tokens exist or no pair occurs
+        min_frequency times; then the special tokens. Special tokens in the text are not learnt
+        from (the text is split around them). In C, deterministic."""
+        from .._validate import check_int
+        docs = [text] if isinstance(text, str) else list(text)
+        for i, d in enumerate(docs):
+            if not isinstance(d, str):
+                raise TypeError(f"text[{i}] must be a str, got {type(d).__name__}")
+        specials = list(special_tokens)
+        if len(set(specials)) != len(specials) or not all(isinstance(t, str) and t for t in specials):
+            raise ValidationError("special_tokens must be distinct non-empty strings")
+        vocab_size = check_int(vocab_size, "vocab_size", 256 + len(specials), 1 << 30)
+        check_int(min_frequency, "min_frequency", 1, 1 << 62)
+        if pattern not in PATTERNS:
+            raise ValidationError(f"pattern must be one of {sorted(PATTERNS)}, got {pattern!r}")
+        if specials:
+            rx = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+            docs = [piece for d in docs for piece in rx.split(d) if piece]
+        pieces = [cls._utf8(d) for d in docs]
+        a, b = _core.bpe_train(pieces, pattern, vocab_size - 256 - len(specials), min_frequency)
+        tokens = [bytes([i]) for i in range(256)]
+        for x, y in zip(a.tolist(), b.tolist()):
+            tokens.append(tokens[x] + tokens[y])
+        merges = [(tokens[x], tokens[y]) for x, y in zip(a.tolist(), b.tolist())]
+        special = {t: len(tokens) + k for k, t in enumerate(specials)}
+        return cls(tokens, pattern=pattern, merges=merges, special_tokens=special)
+
     # ---- properties ---------------------------------------------------------------------------
 
     @property
