@@ -412,8 +412,42 @@ def distributed_tables(rows, machine):
 LINKS = (10, 25, 100)
 
 
+def tokenizer_tables(rows, machine):
+    """bench_tokenizer.py: encode MB/s against tiktoken and HF tokenizers, and training time."""
+    f = lambda v: f"{v:,.1f}" if v is not None else "-"  # noqa: E731
+    out = [f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; smallmind "
+           f"{machine.get('smallmind')}, tiktoken {machine.get('tiktoken')}, tokenizers "
+           f"{machine.get('tokenizers')}; text {machine.get('text_mb', 0):.2f} MB in "
+           f"{machine.get('documents')} documents; load average {machine.get('load_start')} at "
+           f"start, {machine.get('load_end')} at end", "",
+           "| vocabulary | threads | smallmind MB/s | tiktoken MB/s | HF tokenizers MB/s | vs tiktoken "
+           "| vs HF | same ids |", "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["part"] == "encode"):
+        same = [k for k in ("tiktoken", "hf") if f"same_as_{k}" in r]
+        ok = "yes" if all(r[f"same_as_{k}"] for k in same) else "NO"
+        for t, key in (("1", "1t"), (f"all ({machine.get('cores')})", "all")):
+            ours, tk, h = r[f"sm_{key}_mbs"], r.get(f"tiktoken_{key}_mbs"), r.get(f"hf_{key}_mbs")
+            out.append(f"| {r['vocabulary']} | {t} | {f(ours)} | {f(tk)} | {f(h)} "
+                       f"| {'**%.2fx**' % (ours / tk) if tk else '-'} "
+                       f"| {'**%.2fx**' % (ours / h) if h else '-'} | {ok} |")
+    out += ["", "| vocabulary | " + " | ".join(f"encode_batch {n} thread(s) MB/s" for n in
+                                                next(r for r in rows if r['part'] == 'encode')['scaling'])
+            + " |", "|---|" + "---|" * len(next(r for r in rows if r['part'] == 'encode')['scaling'])]
+    for r in (r for r in rows if r["part"] == "encode"):
+        out.append(f"| {r['vocabulary']} | " + " | ".join(f(v) for v in r["scaling"].values()) + " |")
+    for r in (r for r in rows if r["part"] == "train"):
+        hf_s = r.get("hf_s")
+        out += ["", f"Training a {r['vocab_size']:,}-token vocabulary on {r['text_mb']:.2f} MB: "
+                f"smallmind {1e3 * r['sm_s']:.0f} ms"
+                + (f", HF tokenizers {1e3 * hf_s:.0f} ms (**{hf_s / r['sm_s']:.1f}x**)" if hf_s else "")]
+    return "\n".join(out)
+
+
 def main(argv):
     full = json.load(open(argv[0]))
+    if any(r.get("part") == "train" and "vocab_size" in r for r in full["rows"]):
+        print(tokenizer_tables(full["rows"], full["machine"]))
+        return
     if any(r.get("part") == "link_fit" for r in full["rows"]):
         print(distributed_tables(full["rows"], full["machine"]))
         return
