@@ -6,7 +6,7 @@
     python fuzz/run.py all --runs 500 --engine random    # every target, the built-in engine
     python fuzz/run.py index --replay                    # only replay fuzz/regressions/index/
 
-Targets: checkpoint, index, tokenizer, http. A failure (an undocumented exception, a failed
+Targets: checkpoint, index, tokenizer, bpe, http. A failure (an undocumented exception, a failed
 round-trip assertion, a crash or an input taking over --timeout seconds) saves the input under
 fuzz/crashes/ and exits non-zero. Copy it to fuzz/regressions/<target>/ once fixed: the test suite
 replays that folder (tests/test_fuzz.py). The built-in engine is deterministic for a given --seed.
@@ -23,7 +23,7 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-NAMES = ["checkpoint", "index", "tokenizer", "http"]
+NAMES = ["checkpoint", "index", "tokenizer", "bpe", "http"]
 INTERESTING = [b"\x00", b"\xff", b"\x7f", b"\x80", b"0", b"-1", b"1e999", b"NaN", b"4294967296",
                b"18446744073709551616", b"\"", b"{", b"}", b"[", b"]", b",", b":", b"null",
                b"\xed\xa0\x80", b"\xf0\x9f\x98\x80",

@@ -110,6 +110,40 @@ def tokenizer(data: bytes) -> None:
         pass
 
 
+_BPE = {"gpt2": sm.BPETokenizer.train(_TEXT * 20 + " éé 你好 😀 123 'll", 300),
+        "cl100k": sm.BPETokenizer.train(_TEXT * 20 + " éé 你好 😀 123 'll", 300, pattern="cl100k")}
+
+
+def bpe(data: bytes) -> None:
+    """BPETokenizer: round trips of any text under both patterns, a batch equal to its documents
+    one by one, decode of arbitrary ids, and every file parser (its JSON, a tiktoken rank file,
+    vocab.json + merges.txt, tokenizer.json) on the raw bytes."""
+    text = data.decode("utf-8", "replace")
+    for tok in _BPE.values():
+        ids = tok.encode(text, disallowed_special=())
+        assert tok.decode(ids) == text
+        half = text[: len(text) // 2]
+        assert tok.encode_batch([text, half], threads=2, disallowed_special=()) == \
+            [ids, tok.encode(half, disallowed_special=())]
+        raw = np.frombuffer(data[: len(data) // 4 * 4], dtype="<i4").tolist()
+        try:
+            tok.decode(raw)
+        except sm.ValidationError:
+            assert any(not 0 <= i < tok.vocab_size for i in raw) or raw
+    try:
+        sm.BPETokenizer.from_json(data)
+    except (sm.ValidationError, TypeError):
+        pass
+    path = _write(data)
+    for load in (sm.BPETokenizer.from_tiktoken, sm.BPETokenizer.from_tokenizer_json,
+                 lambda p: sm.BPETokenizer.from_hf(p, p)):
+        try:
+            tok = load(path)
+        except sm.CheckpointError:
+            continue
+        assert tok.decode(tok.encode(text, disallowed_special=())) == text
+
+
 _ENGINE = BatchEngine(_MODEL, _TOK, max_batch=2, threads=1)
 _CTX = openai_api.Context(_ENGINE, InferenceOptions(), ServerOptions(), ChatTemplate.default(),
                           "fuzz")
@@ -130,7 +164,8 @@ def http(data: bytes) -> None:
     _ENGINE.generate_ids(job.ids, params)
 
 
-TARGETS = {"checkpoint": checkpoint, "index": index, "tokenizer": tokenizer, "http": http}
+TARGETS = {"checkpoint": checkpoint, "index": index, "tokenizer": tokenizer, "bpe": bpe,
+           "http": http}
 
 
 # ---- seeds: valid inputs the mutations start from ---------------------------------------------
@@ -159,6 +194,16 @@ def seeds(name: str) -> list:
         return out
     if name == "tokenizer":
         return [_TEXT.encode(), "héllo wörld ∑ 😀\n\t".encode(), _TOK.to_json().encode(), b"\x00\xff"]
+    if name == "bpe":
+        import base64
+        tok = _BPE["gpt2"]
+        ranks = b"".join(base64.b64encode(tok.token_bytes(i)) + f" {i}\n".encode()
+                         for i in range(tok.vocab_size) if i not in tok.special_tokens.values())
+        hf = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]},
+              "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+              "added_tokens": [{"id": 2, "content": "<|endoftext|>", "special": True}]}
+        return [_TEXT.encode(), "héllo wörld ∑ 😀\n\t 'S 123456".encode(), tok.to_json().encode(),
+                ranks, json.dumps(hf).encode(), b"\x00\xff"]
     if name == "http":
         return [json.dumps(r).encode() for r in (
             {"prompt": "To be", "max_tokens": 4},

@@ -401,3 +401,28 @@ def test_training_arguments_are_checked():
         sm.BPETokenizer.train(["abc", 3], 300)
     with pytest.raises(ValidationError, match="pattern"):
         sm.BPETokenizer.train("abc", 300, pattern="bert")
+
+
+@pytest.mark.parametrize("content", [
+    {"model": {"type": "BPE", "vocab": ["a"], "merges": []}, "pre_tokenizer": {"type": "ByteLevel"}},
+    {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [1, 2]}, "pre_tokenizer": {"type": "ByteLevel"}},
+    {"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "ByteLevel"},
+     "added_tokens": [{"special": True}]},
+    {"model": {"type": "BPE", "vocab": {"a": 10**9}}, "pre_tokenizer": {"type": "ByteLevel"}},
+    {"model": {"type": "BPE", "vocab": {"a": -1}}, "pre_tokenizer": {"type": "ByteLevel"}},
+    [1, 2], "x", b"\xff\xfe{}", b"[" * 100_000])
+def test_hostile_tokenizer_json_raises_checkpoint_error(tmp_path, content):
+    p = tmp_path / "tokenizer.json"
+    p.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        sm.BPETokenizer.from_tokenizer_json(p)
+    with pytest.raises(CheckpointError):
+        sm.BPETokenizer.from_hf(p, p)
+
+
+def test_sparse_rank_file_is_refused_not_allocated(tmp_path):
+    p = tmp_path / "r.tiktoken"
+    p.write_text("".join(f"{__import__('base64').b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
+                 + "YWI= 4294967296\n")
+    with pytest.raises(CheckpointError, match="unused ids"):
+        sm.BPETokenizer.from_tiktoken(p)

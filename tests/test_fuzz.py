@@ -10,7 +10,7 @@ FUZZ = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 pytestmark = pytest.mark.skipif(not os.path.isdir(FUZZ), reason="fuzz/ is not in this checkout")
 sys.path.insert(0, FUZZ)
 
-NAMES = ["checkpoint", "index", "tokenizer", "http"]
+NAMES = ["checkpoint", "index", "tokenizer", "bpe", "http"]
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,28 @@ _BYTE_TO_CHAR = _bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
+_PARSE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError,
+                 OverflowError)
+
+
+def _guarded(load):
+    """A file loader whose surprises (a wrong type where the format has a string, a missing
+    key, bytes that are not UTF-8) all become CheckpointError naming the file."""
+    import functools
+
+    @functools.wraps(load)
+    def wrapper(cls, path, *args, **kwargs):
+        try:
+            return load(cls, path, *args, **kwargs)
+        except (CheckpointError, ValidationError):
+            raise
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read it ({e})") from None
+        except _PARSE_ERRORS as e:
+            raise CheckpointError(f"{path}: not a valid vocabulary file ({e!r})") from None
+    return wrapper
+
+
 def _hf_bytes(token: str, where: str) -> bytes:
     try:
         return bytes(_CHAR_TO_BYTE[c] for c in token)
@@ -139,6 +161,7 @@ class BPETokenizer:
     # ---- loading ------------------------------------------------------------------------------
 
     @classmethod
+    @_guarded
     def from_tiktoken(cls, path, *, pattern: str = "cl100k",
                       special_tokens: dict[str, int] | None = None) -> BPETokenizer:
         """A tiktoken rank file (lines "base64-token rank"), e.g. cl100k_base.tiktoken, with the
@@ -155,6 +178,7 @@ class BPETokenizer:
                     raise CheckpointError(f"{path}:{lineno}: not a 'base64-token rank' line") from None
         if not ranks:
             raise CheckpointError(f"{path}: no tokens")
+        _check_dense(max(ranks.values()), len(ranks), path)
         tokens = [b""] * (max(ranks.values()) + 1)
         for t, r in ranks.items():
             if r < 0 or tokens[r]:
@@ -166,6 +190,7 @@ class BPETokenizer:
             raise CheckpointError(f"{path}: {e}") from None
 
     @classmethod
+    @_guarded
     def from_hf(cls, vocab_path, merges_path, *,
                 special_tokens: dict[str, int] | None = None) -> BPETokenizer:
         """Hugging Face byte-level BPE files: vocab.json (token -> id, in the byte-to-character
@@ -195,6 +220,7 @@ class BPETokenizer:
                                   str(vocab_path))
 
     @classmethod
+    @_guarded
     def from_tokenizer_json(cls, path) -> BPETokenizer:
         """A Hugging Face tokenizer.json with a byte-level BPE model (GPT-2's or cl100k's
         pre-tokenization); anything else raises CheckpointError naming the field."""
@@ -232,6 +258,9 @@ class BPETokenizer:
     def _from_hf_parts(cls, vocab, merges, specials, whole_words, pattern, where):
         if not isinstance(vocab, dict) or not vocab:
             raise CheckpointError(f"{where}: the vocabulary must be a non-empty token -> id object")
+        if not all(type(i) is int and i >= 0 for i in vocab.values()):
+            raise CheckpointError(f"{where}: every token's id must be an integer >= 0")
+        _check_dense(max(vocab.values()), len(vocab), where)
         size = max(vocab.values()) + 1
         tokens = [b""] * size
         for tok, i in vocab.items():
@@ -448,6 +477,17 @@ class BPETokenizer:
             raise
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise ValidationError(f"BPE tokenizer JSON: {e!r}") from None
+
+
+_MAX_HOLES = 4096    # ids no token has, that a vocabulary file may leave
+
+
+def _check_dense(max_id: int, count: int, where) -> None:
+    """Real vocabularies number their tokens densely; a file claiming id 10**9 for a handful of
+    tokens would make a table that size."""
+    if max_id >= count + _MAX_HOLES:
+        raise CheckpointError(f"{where}: ids go up to {max_id} for {count} tokens (more than "
+                              f"{_MAX_HOLES} unused ids)")
 
 
 def _hf_pattern(pre, path) -> str:
