@@ -547,6 +547,7 @@ def unicode_class(cp: _Int) -> str: ...
 def bpe_train(docs: list[bytes], pattern: str, max_merges: _Int,
               min_count: _Int = 2) -> tuple[_I32, _I32]: ...
 
+@disjoint_base
 class BPECore:
     n_tokens: int
     pattern: str
