@@ -18,6 +18,7 @@ from .model import corpus
 from .model.transformer import PRESETS, ModelConfig, TransformerModel
 from .model.tokenizer import Tokenizer, UnknownCharacterWarning
 from .model.bpe import BPETokenizer
+from .model.pretrained import load_pretrained
 from .model.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from .model.training import History, Training, data_digest
 # generation and serving
@@ -44,7 +45,8 @@ __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
 __all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "BPETokenizer",
             "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
-            "save_checkpoint", "find_checkpoint", "Training", "data_digest", "History", "Sampling", "GenerationResult",
+            "save_checkpoint", "find_checkpoint", "load_pretrained", "Training", "data_digest",
+            "History", "Sampling", "GenerationResult",
             "SamplerPool", "ThrottledInferenceService", "VectorIndex",
             "MemoryTracker", "MemorySnapshot", "TfidfEmbedder", "ModelEmbedder", "Retriever",
             "Passage", "PromptBuilder", "Answer", "Answerer"]

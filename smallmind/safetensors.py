@@ -10,8 +10,9 @@ spaces to 8 bytes), so every tensor is aligned to its item size and, with at mos
 key, the bytes equal the reference's. The reader validates every field and raises
 CheckpointError, naming the file, for anything a corrupt or hostile file can hold.
 
-Left out: lazy / memory-mapped loading (load_file reads the file once and copies each tensor
-out), and the 8-bit / 4-bit float dtypes numpy cannot hold. BF16 is read (widened exactly to
+load_file reads the file once and copies each tensor out; read_into streams a file tensor by
+tensor into arrays the caller gives (Hugging Face weights into a model's parameter block). Left
+out: memory mapping, and the 8-bit / 4-bit float dtypes numpy cannot hold. BF16 is read (widened exactly to
 float32) but never written.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 import os
 import re
 import secrets
+import sys
 import threading
 from collections.abc import Mapping
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from .errors import CheckpointError, ValidationError
 
-__all__ = ["save_file", "load_file", "read_metadata", "MAX_HEADER_SIZE"]
+__all__ = ["save_file", "load_file", "read_into", "read_metadata", "MAX_HEADER_SIZE"]
 
 MAX_HEADER_SIZE = 100_000_000      # the reference's limit on the JSON header
 
@@ -405,6 +407,46 @@ def _open(path):
         return open(path, "rb"), path
     except OSError as e:
         raise CheckpointError(f"cannot open safetensors file {path!r}: {e}") from e
+
+
+def read_into(path, fill) -> dict:
+    """Read a safetensors file tensor by tensor, never holding the whole file: the header is
+    validated as load_file does, then, in file order, fill(name, dtype, shape) names where each
+    tensor goes - a writable C-contiguous float32 array of that shape - or None to skip it.
+    F32 data is read straight into the array; F16 and BF16 are read and widened exactly. Other
+    dtypes raise CheckpointError naming the tensor. Returns the metadata. (No checksums: this
+    reads other tools' files, which carry none.)"""
+    f, path = _open(path)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        n = _header_length(path, f.read(8), size)
+        infos, metadata = _parse_header(path, f.read(n), size - 8 - n)
+        base = 8 + n
+        for name, (st, shape, begin, end) in sorted(infos.items(), key=lambda kv: kv[1][2]):
+            dest = fill(name, st, shape)
+            if dest is None:
+                continue
+            if st not in ("F32", "F16", "BF16"):
+                raise _fail(path, f"tensor {name!r} is {st}; weights must be F32, F16 or BF16")
+            if dest.shape != shape or dest.dtype != np.float32 or not dest.flags.c_contiguous:
+                raise ValueError(f"fill() gave a {dest.dtype} {dest.shape} array for {name!r}")
+            f.seek(base + begin)
+            if st == "F32" and sys.byteorder == "little":
+                got = f.readinto(memoryview(dest).cast("B"))
+            else:
+                raw = f.read(end - begin)
+                got = len(raw)
+                if got == end - begin:
+                    if st == "F32":
+                        dest[...] = np.frombuffer(raw, "<f4").reshape(shape)
+                    elif st == "F16":
+                        dest[...] = np.frombuffer(raw, "<f2").reshape(shape)
+                    else:
+                        dest[...] = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(
+                            np.float32).reshape(shape)
+            if got != end - begin:
+                raise _fail(path, f"tensor {name!r} is cut short (the file ended)")
+    return metadata
 
 
 def load_file(path, *, verify: bool | None = None):

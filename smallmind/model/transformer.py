@@ -465,6 +465,14 @@ class TransformerModel(Closeable):
 
     # ---- files --------------------------------------------------------------------------------
 
+    @classmethod
+    def from_pretrained(cls, folder) -> "TransformerModel":
+        """A model (eval mode) from a Hugging Face GPT-2 folder: config.json and
+        model.safetensors (or its shards). Unsupported options raise CheckpointError naming the
+        field. sm.load_pretrained(folder) also returns its tokenizer."""
+        from .pretrained import from_pretrained
+        return from_pretrained(folder)
+
     def save(self, path, tokenizer=None) -> None:
         """Write a safetensors checkpoint (atomically): parameters under Hugging Face names,
         the config and, if given, the tokenizer in its metadata."""
