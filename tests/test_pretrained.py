@@ -185,3 +185,51 @@ def test_load_pretrained_brings_the_tokenizer(tmp_path):
         json.dump(dict(vocab, **{"<|endoftext|>": 300}), f)
     with pytest.raises(CheckpointError, match="tokenizer has"):
         sm.load_pretrained(folder)
+
+
+# ---- out ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["gpt2", "cl100k"])
+def trained(request):
+    text = sm.corpus.builtin_corpus()
+    tok = sm.BPETokenizer.train(text[:300_000], 1000, pattern=request.param)
+    m = sm.TransformerModel(sm.ModelConfig(1000, 64, 2, 2, 32, seed=3))
+    yield m, tok, text
+    m.close()
+
+
+def test_save_pretrained_round_trips(tmp_path, trained):
+    m, tok, text = trained
+    m.save_pretrained(tmp_path, tok)
+    assert json.load(open(tmp_path / "config.json"))["model_type"] == "gpt2"
+    m2, t2 = sm.load_pretrained(tmp_path)
+    assert np.array_equal(m2.flat_params, m.flat_params)
+    assert t2 == tok or t2.encode(text[:20000]) == tok.encode(text[:20000])
+    m2.close()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+@pytest.mark.skipif(torch is None, reason="transformers / torch are not installed")
+def test_transformers_loads_what_save_pretrained_writes(tmp_path, trained):
+    from transformers import AutoTokenizer
+    m, tok, text = trained
+    m.save_pretrained(tmp_path, tok)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = np.array([tok.encode(text[:300])[:64]], np.int32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(m.forward(ids), want, rtol=0, atol=1e-4)
+    at = AutoTokenizer.from_pretrained(tmp_path)
+    sample = text[5000:20000] + " 你好 😀 \t\n  x  'S"
+    assert at(sample)["input_ids"] == tok.encode(sample)
+
+
+def test_save_pretrained_refusals(tmp_path, model):
+    with pytest.raises(sm.ValidationError, match="character"):
+        model.save_pretrained(tmp_path, sm.Tokenizer("abc"))
+    bpe = sm.BPETokenizer.train("abc abc", 300)
+    with pytest.raises(sm.ValidationError, match=f"tokenizer has {bpe.vocab_size} ids"):
+        sm.TransformerModel(sm.ModelConfig(200, 16, 1, 1, 16)).save_pretrained(tmp_path, bpe)
+    ranked = sm.BPETokenizer([bytes([b]) for b in range(256)])        # tiktoken-style ranks
+    with pytest.raises(sm.ValidationError, match="ranks"):
+        sm.TransformerModel(sm.ModelConfig(300, 16, 1, 1, 16)).save_pretrained(tmp_path, ranked)

@@ -22,7 +22,7 @@ from ..errors import CheckpointError, ValidationError
 from .bpe import BPETokenizer
 from .transformer import ModelConfig, TransformerModel
 
-__all__ = ["load_pretrained", "config_from_hf"]
+__all__ = ["load_pretrained", "save_pretrained", "config_from_hf"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -167,3 +167,101 @@ def load_pretrained(folder) -> tuple[TransformerModel, BPETokenizer | None]:
         model.close()
         raise
     return model, tok
+
+
+# ---- out ------------------------------------------------------------------------------------------
+
+def _hf_config(cfg: ModelConfig, tokenizer) -> dict:
+    eos = (tokenizer.special_tokens.get("<|endoftext|>") if isinstance(tokenizer, BPETokenizer)
+           else None)
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": _LN_EPS,
+            "initializer_range": 0.02, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eos,
+            "eos_token_id": eos, "torch_dtype": "float32"}
+
+
+def _tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, str]:
+    """tokenizer.json (+ vocab.json, merges.txt, tokenizer_config.json for GPT-2's pattern), as
+    Hugging Face tokenizers writes them for a byte-level BPE."""
+    from .bpe import PATTERNS, _hf_text
+    if tok._merges is None:
+        raise ValidationError("save_pretrained writes merge lists; this tokenizer was built from "
+                              "tiktoken ranks, which have none (not supported yet)")
+    specials = tok.special_tokens
+    vocab = {}
+    for i in range(len(tok._tokens)):
+        if tok._tokens[i]:
+            vocab[_hf_text(tok._tokens[i])] = i
+    for s, i in specials.items():
+        vocab[s] = i
+    merges = [f"{_hf_text(a)} {_hf_text(b)}" for a, b in tok._merges]
+    if tok.pattern == "gpt2":
+        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+               "use_regex": True}
+    else:
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PATTERNS[tok.pattern]}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False}]}
+    level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False,
+                            "rstrip": False, "normalized": False, "special": True}
+                           for s, i in sorted(specials.items(), key=lambda kv: kv[1])],
+          "normalizer": None, "pre_tokenizer": pre, "post_processor": level, "decoder": level,
+          "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                    "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
+                    "byte_fallback": False, "ignore_merges": tok._whole_words,
+                    "vocab": vocab, "merges": merges}}
+    eos = "<|endoftext|>" if "<|endoftext|>" in specials else None
+    files = {"tokenizer.json": json.dumps(tj, ensure_ascii=False),
+             "tokenizer_config.json": json.dumps(
+                 {"tokenizer_class": "GPT2Tokenizer" if tok.pattern == "gpt2" else
+                  "PreTrainedTokenizerFast", "model_max_length": block_size,
+                  "bos_token": eos, "eos_token": eos, "unk_token": eos,
+                  "add_prefix_space": False, "clean_up_tokenization_spaces": False})}
+    if tok.pattern == "gpt2" and not tok._whole_words:
+        files["vocab.json"] = json.dumps(vocab, ensure_ascii=False)
+        files["merges.txt"] = "#version: 0.2\n" + "".join(m + "\n" for m in merges)
+    return files
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomically: a temporary file in the same folder, renamed over the target."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_pretrained(model: TransformerModel, folder, tokenizer: BPETokenizer | None = None) -> None:
+    """Write a Hugging Face GPT-2 folder that transformers' GPT2LMHeadModel (and, with a
+    BPETokenizer, AutoTokenizer) loads as it is: config.json, model.safetensors (metadata format
+    "pt") and the tokenizer files. Each file is written atomically."""
+    if not isinstance(model, TransformerModel):
+        raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
+    if tokenizer is not None and not isinstance(tokenizer, BPETokenizer):
+        raise ValidationError("save_pretrained writes byte-level BPE tokenizers; the character "
+                              "Tokenizer has no Hugging Face form yet (pass tokenizer=None to "
+                              "write the model alone)")
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValidationError(f"tokenizer has {tokenizer.vocab_size} ids but the model's "
+                              f"vocab_size is {model.config.vocab_size}")
+    folder = os.fspath(folder)
+    files = _tokenizer_files(tokenizer, model.config.block_size) if tokenizer is not None else {}
+    os.makedirs(folder, exist_ok=True)
+    with model.exclusive():
+        _safetensors.save_file(dict(model.state_dict()), os.path.join(folder, WEIGHTS_FILE),
+                               {"format": "pt"})
+    _write_text(os.path.join(folder, CONFIG_FILE),
+                json.dumps(_hf_config(model.config, tokenizer), indent=2))
+    for name, text in files.items():
+        _write_text(os.path.join(folder, name), text)

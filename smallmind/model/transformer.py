@@ -473,6 +473,12 @@ class TransformerModel(Closeable):
         from .pretrained import from_pretrained
         return from_pretrained(folder)
 
+    def save_pretrained(self, folder, tokenizer=None) -> None:
+        """Write a Hugging Face GPT-2 folder (config.json, model.safetensors and, for a
+        BPETokenizer, its tokenizer files) that transformers loads as it is."""
+        from .pretrained import save_pretrained
+        save_pretrained(self, folder, tokenizer)
+
     def save(self, path, tokenizer=None) -> None:
         """Write a safetensors checkpoint (atomically): parameters under Hugging Face names,
         the config and, if given, the tokenizer in its metadata."""
