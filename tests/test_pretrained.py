@@ -169,14 +169,13 @@ def test_load_pretrained_brings_the_tokenizer(tmp_path):
     m.close()
     bpe = sm.BPETokenizer.train(sm.corpus.builtin_corpus()[:20000], 300, special_tokens=())
     assert bpe.vocab_size == 300
-    from smallmind.model.bpe import _BYTE_TO_CHAR
-    vocab = {"".join(_BYTE_TO_CHAR[b] for b in bpe.token_bytes(i)): i for i in range(bpe.vocab_size)}
+    from smallmind.model.bpe import byte_level_text
+    vocab = {byte_level_text(bpe.token_bytes(i)): i for i in range(bpe.vocab_size)}
     json.dump(vocab, open(os.path.join(folder, "vocab.json"), "w"))
-    from smallmind.model.bpe import _BYTE_TO_CHAR
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
-        for a, b in bpe._merges:
-            f.write("".join(_BYTE_TO_CHAR[x] for x in a) + " " + "".join(_BYTE_TO_CHAR[x] for x in b) + "\n")
+        for a, b in bpe.merges:
+            f.write(byte_level_text(a) + " " + byte_level_text(b) + "\n")
     m, tok = sm.load_pretrained(folder)
     text = sm.corpus.builtin_corpus()[:3000]
     assert isinstance(tok, sm.BPETokenizer) and tok.encode(text) == bpe.encode(text)

@@ -26,7 +26,7 @@ import numpy as np
 from ..core import _core
 from ..errors import CheckpointError, ValidationError
 
-__all__ = ["BPETokenizer", "PATTERNS", "ENDOFTEXT"]
+__all__ = ["BPETokenizer", "PATTERNS", "ENDOFTEXT", "byte_level_text"]
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -94,7 +94,8 @@ def _hf_bytes(token: str, where: str) -> bytes:
                               f"{e.args[0]!r} stands for no byte)") from None
 
 
-def _hf_text(data: bytes) -> str:
+def byte_level_text(data: bytes) -> str:
+    """bytes in GPT-2's byte-to-character alphabet (how Hugging Face files spell tokens)."""
     return "".join(_BYTE_TO_CHAR[b] for b in data)
 
 
@@ -323,6 +324,21 @@ class BPETokenizer:
     @property
     def special_tokens(self) -> dict[str, int]:
         return dict(self._special)
+
+    @property
+    def tokens(self) -> tuple[bytes, ...]:
+        """Token i's bytes for each ordinary id i (b"" where no token has the id)."""
+        return tuple(self._tokens)
+
+    @property
+    def merges(self) -> list[tuple[bytes, bytes]] | None:
+        """The merge list, earlier first, or None for a vocabulary of tiktoken ranks."""
+        return None if self._merges is None else list(self._merges)
+
+    @property
+    def whole_words(self) -> bool:
+        """Whether a pre-token that is a token is taken whole (see the class doc)."""
+        return self._whole_words
 
     def token_bytes(self, i: int) -> bytes:
         """The bytes token i stands for (a special token's: its text in UTF-8)."""

@@ -188,18 +188,18 @@ def _hf_config(cfg: ModelConfig, tokenizer) -> dict:
 def _tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, str]:
     """tokenizer.json (+ vocab.json, merges.txt, tokenizer_config.json for GPT-2's pattern), as
     Hugging Face tokenizers writes them for a byte-level BPE."""
-    from .bpe import PATTERNS, _hf_text
-    if tok._merges is None:
+    from .bpe import PATTERNS, byte_level_text
+    if tok.merges is None:
         raise ValidationError("save_pretrained writes merge lists; this tokenizer was built from "
                               "tiktoken ranks, which have none (not supported yet)")
     specials = tok.special_tokens
     vocab = {}
-    for i in range(len(tok._tokens)):
-        if tok._tokens[i]:
-            vocab[_hf_text(tok._tokens[i])] = i
+    for i, t in enumerate(tok.tokens):
+        if t:
+            vocab[byte_level_text(t)] = i
     for s, i in specials.items():
         vocab[s] = i
-    merges = [f"{_hf_text(a)} {_hf_text(b)}" for a, b in tok._merges]
+    merges = [f"{byte_level_text(a)} {byte_level_text(b)}" for a, b in tok.merges or []]
     if tok.pattern == "gpt2":
         pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                "use_regex": True}
@@ -217,7 +217,7 @@ def _tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, str]:
           "normalizer": None, "pre_tokenizer": pre, "post_processor": level, "decoder": level,
           "model": {"type": "BPE", "dropout": None, "unk_token": None,
                     "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
-                    "byte_fallback": False, "ignore_merges": tok._whole_words,
+                    "byte_fallback": False, "ignore_merges": tok.whole_words,
                     "vocab": vocab, "merges": merges}}
     eos = "<|endoftext|>" if "<|endoftext|>" in specials else None
     files = {"tokenizer.json": json.dumps(tj, ensure_ascii=False),
@@ -226,7 +226,7 @@ def _tokenizer_files(tok: BPETokenizer, block_size: int) -> dict[str, str]:
                   "PreTrainedTokenizerFast", "model_max_length": block_size,
                   "bos_token": eos, "eos_token": eos, "unk_token": eos,
                   "add_prefix_space": False, "clean_up_tokenization_spaces": False})}
-    if tok.pattern == "gpt2" and not tok._whole_words:
+    if tok.pattern == "gpt2" and not tok.whole_words:
         files["vocab.json"] = json.dumps(vocab, ensure_ascii=False)
         files["merges.txt"] = "#version: 0.2\n" + "".join(m + "\n" for m in merges)
     return files
