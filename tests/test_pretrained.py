@@ -118,33 +118,36 @@ def test_unsupported_options_name_the_field(tmp_path, model, field, value, messa
         sm.TransformerModel.from_pretrained(folder)
 
 
+def _nan_ln(sd):
+    return dict(sd, **{"transformer.h.0.ln_1.weight": np.full(32, np.nan, np.float32)})
+
+
+# each: the tensors written instead of the model's, and what the error must say
+BAD_TENSORS = {
+    "missing": (lambda sd: {k: v for k, v in sd.items() if "ln_f" not in k}, "missing"),
+    "shape": (lambda sd: dict(sd, **{"transformer.wpe.weight": np.zeros((31, 32), np.float32)}),
+              "wpe.weight has shape"),
+    "dtype": (lambda sd: {k: v.astype(np.int32) for k, v in sd.items()}, "I32"),
+    "untied": (lambda sd: dict(sd, **{"lm_head.weight": np.zeros((90, 32), np.float32)}), "untied"),
+    "nan": (_nan_ln, "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TENSORS))
+def test_bad_tensors_raise_checkpoint_error(tmp_path, model, case):
+    make, message = BAD_TENSORS[case]
+    folder = broken(tmp_path, model)
+    st.save_file(make(dict(model.state_dict())), os.path.join(folder, "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        sm.TransformerModel.from_pretrained(folder)
+
+
 def test_broken_folders_raise_checkpoint_error(tmp_path, model):
     folder = broken(tmp_path, model)
     path = os.path.join(folder, "model.safetensors")
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-100])                     # truncated
     with pytest.raises(CheckpointError, match="truncated|cut short"):
-        sm.TransformerModel.from_pretrained(folder)
-    tensors = {k: v for k, v in model.state_dict().items() if "ln_f" not in k}
-    st.save_file(tensors, path)                              # a weight missing
-    with pytest.raises(CheckpointError, match="missing"):
-        sm.TransformerModel.from_pretrained(folder)
-    tensors = dict(model.state_dict(), **{"transformer.wpe.weight": np.zeros((31, 32), np.float32)})
-    st.save_file(tensors, path)                              # a wrong shape
-    with pytest.raises(CheckpointError, match="wpe.weight has shape"):
-        sm.TransformerModel.from_pretrained(folder)
-    tensors = {k: v.astype(np.int32) for k, v in model.state_dict().items()}
-    st.save_file(tensors, path)                              # a wrong dtype
-    with pytest.raises(CheckpointError, match="I32"):
-        sm.TransformerModel.from_pretrained(folder)
-    tensors = dict(model.state_dict(), **{"lm_head.weight": np.zeros((90, 32), np.float32)})
-    st.save_file(tensors, path)                              # an untied head
-    with pytest.raises(CheckpointError, match="untied"):
-        sm.TransformerModel.from_pretrained(folder)
-    tensors = dict(model.state_dict())
-    tensors["transformer.h.0.ln_1.weight"] = np.full(32, np.nan, np.float32)
-    st.save_file(tensors, path)
-    with pytest.raises(CheckpointError, match="NaN"):
         sm.TransformerModel.from_pretrained(folder)
     open(path, "wb").write(b"\xff" * 8 + b"{}")              # a hostile header length
     with pytest.raises(CheckpointError):
