@@ -175,7 +175,8 @@ int sm_gpt_generate(sm_gpt_cache *c, const float *params, const sm_gpt_config *c
             if (lp_out && w->logprobs >= 0) log_probs(&lp_out[act[a] * ld_out + k], w, nv, tok);
             if (w->counts) w->counts[tok]++;
             w->generated++;
-            if (--w->remaining == 0) continue; /* done: nothing to feed */
+            if (tok == w->stop_token) w->remaining = 0; /* end of text: recorded, not fed */
+            if (w->remaining == 0 || --w->remaining == 0) continue; /* done: nothing to feed */
             if (w->held < T) {
                 w->window[w->held++] = tok;
                 dseq[nd] = (int)w->seq;

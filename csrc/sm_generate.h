@@ -30,6 +30,7 @@ typedef struct sm_gen_row {
     double frequency_penalty; /* subtracted per appearance */
     const double *bias;       /* nv values added to the logits, or NULL */
     int logprobs;             /* -1: none; n >= 0: the chosen token's and the n best */
+    int64_t stop_token;       /* drawing this id ends the row (an end-of-text token); -1: none */
     /* state, read and written by every call */
     int32_t *counts;          /* nv appearance counts (penalties), or NULL */
     int *window;              /* block_size + 1 entries: the tokens the cache holds, in order */

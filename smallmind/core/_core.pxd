@@ -342,6 +342,7 @@ cdef extern from "sm_generate.h" nogil:
         double frequency_penalty
         const double *bias
         int logprobs
+        int64_t stop_token
         int32_t *counts
         int *window
         int64_t held

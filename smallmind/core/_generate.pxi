@@ -63,6 +63,7 @@ cdef class GPTGenerator:
             self.rows[r].seq = r
             self.rows[r].top_p = 1.0
             self.rows[r].logprobs = -1
+            self.rows[r].stop_token = -1
             self.rows[r].window = _iptr(self.windows) + r * (self.cfg.block_size + 1)
             self.rows[r].logits = _fptr(self.logits) + r * self.nv
 
@@ -72,13 +73,14 @@ cdef class GPTGenerator:
 
     def set_row(self, r, window, logits, *, temperature=0.0, top_k=0, top_p=1.0, key=0,
                 presence_penalty=0.0, frequency_penalty=0.0, bias=None, logprobs=None,
-                generated=0, remaining=1):
+                generated=0, remaining=1, stop_token=None):
         """Start row r: `window` the token ids its cache sequence holds (its length must be
         the sequence's), `logits` the next-token logits (>= nv floats; the first nv count),
         the sampler settings (c_settings' float32 clamping is the caller's), bias (nv
         float64 added to the logits, or None), logprobs (None, or the number of alternatives
         0..20), `generated` the tokens already generated (the next draw's counter) and
-        `remaining` the tokens it may still generate."""
+        `remaining` the tokens it may still generate; stop_token (an id below nv, or None): a
+        drawn token equal to it is recorded and ends the row (an end-of-text token)."""
         _check_int(r, "r", 0, self.n_rows - 1)
         w = np.ascontiguousarray(window, dtype=np.int32).reshape(-1)
         T = self.cfg.block_size
@@ -103,6 +105,8 @@ cdef class GPTGenerator:
         _check_int(remaining, "remaining", 0, 2 ** 62)
         if logprobs is not None:
             _check_int(logprobs, "logprobs", 0, SM_GEN_MAX_TOP)
+        if stop_token is not None:
+            _check_int(stop_token, "stop_token", 0, self.nv - 1)
         b = None
         if bias is not None:
             b = np.array(bias, dtype=np.float64).reshape(-1)
@@ -131,6 +135,7 @@ cdef class GPTGenerator:
             row.logprobs = -1 if logprobs is None else logprobs
             row.generated = generated
             row.remaining = remaining
+            row.stop_token = -1 if stop_token is None else stop_token
             row.failed = 0
 
     def stop_row(self, r):

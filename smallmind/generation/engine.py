@@ -48,7 +48,7 @@ from .._lifecycle import Closeable
 from .._validate import check_int, check_number, check_optional_int
 from ..core import _core
 from ..errors import NumericalError, ObjectDisposedError, ValidationError
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import BaseTokenizer
 from ..model.transformer import TransformerModel
 from .sampling import (
     CHUNK_SECONDS,
@@ -171,8 +171,9 @@ class Ticket:
 class _Row:
     """A request decoding in slot `slot` of the KV cache (and row `slot` of the C loop)."""
 
-    def __init__(self, ticket: Ticket, slot: int, window: list, vocab: int):
+    def __init__(self, ticket: Ticket, slot: int, window: list, vocab: int, pieces):
         p = ticket.params
+        self.pieces = pieces                     # the tokenizer's PieceDecoder for the text
         self.ticket, self.slot, self.p = ticket, slot, p
         self.context = list(window)
         self.prompt_tokens = len(window)
@@ -289,7 +290,7 @@ class BatchEngine(Closeable):
     until close().
     Thread-safe: submit, cancel and close may be called from any thread."""
 
-    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, max_batch: int = 16,
+    def __init__(self, model: TransformerModel, tokenizer: BaseTokenizer, *, max_batch: int = 16,
                  max_queue: int | None = None, threads: int | None = None, window: str = "shift",
                  prefill_budget: int = 512, prefix_cache: int = 4):
         check_pair(model, tokenizer)
@@ -560,7 +561,8 @@ class BatchEngine(Closeable):
                           key=seed_key(p.seed),
                           presence_penalty=p.presence_penalty,
                           frequency_penalty=p.frequency_penalty, bias=row.bias,
-                          logprobs=p.logprobs, remaining=min(p.max_new_tokens, MAX_REMAINING))
+                          logprobs=p.logprobs, remaining=min(p.max_new_tokens, MAX_REMAINING),
+                          stop_token=self.tokenizer.eos_id)
         row.started = True
 
     def _step(self, admitted: list) -> None:
@@ -583,7 +585,7 @@ class BatchEngine(Closeable):
                 if ticket.cancelled:
                     self._send(ticket, Done(GenerationResult("", [], "cancelled", 0, 0.0, 0.0), []))
                     continue
-                row = _Row(ticket, slot, ticket.ids[-T:], nv)
+                row = _Row(ticket, slot, ticket.ids[-T:], nv, tok.piece_decoder())
                 self._rows[slot] = row
                 fresh[slot] = row.context
                 admitted_slots.add(slot)
@@ -686,12 +688,14 @@ class BatchEngine(Closeable):
                     self._gen.stop_row(slot)
                     self._finish(row, "stop")
                     continue
+                ended = got[-1] == tok.eos_id    # the end-of-text token: the row stopped
+                if ended or len(row.new) == row.p.max_new_tokens:
+                    row.text += row.pieces.end()   # a character cut short: U+FFFD
+                    self._finish(row, "stop" if ended else "length")
+                    continue
                 safe = len(row.text) - (_held_back(row.text, stops) if stops else 0)
                 if safe > row.emitted:
                     self._release(row, safe)
-                if len(row.new) == row.p.max_new_tokens:
-                    self._finish(row, "length")
-                    continue
             if self._gen.row(slot)["failed"]:
                 del self._rows[slot]
                 row.ticket.finished = True
@@ -703,7 +707,7 @@ class BatchEngine(Closeable):
     def _append(self, row: _Row, got: list, lps) -> None:
         """The row's new tokens (and their log-probabilities, records of the C loop)."""
         tok = self.tokenizer
-        for i, t in enumerate(got):
+        for i, (t, piece) in enumerate(zip(got, row.pieces.push(got))):
             info = TokenInfo(t, _token_text(tok, t))
             if lps is not None:
                 rec = lps[i]
@@ -713,11 +717,15 @@ class BatchEngine(Closeable):
             row.new.append(t)
             row.infos.append(info)
             row.starts.append(len(row.text))
-            row.text += info.text
+            row.text += piece
 
 
-def _token_text(tok: Tokenizer, i: int) -> str:
-    return tok.chars[i]
+def _token_text(tok: BaseTokenizer, i: int) -> str:
+    """Token i as text in log-probability listings ("" for an id the tokenizer lacks)."""
+    try:
+        return tok.token_text(i)
+    except ValidationError:      # a padded id past the vocabulary, a hole in a vocabulary file
+        return ""
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -727,7 +735,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return z - (m + math.log(np.exp(z - m).sum()))
 
 
-def _logprobs(z: np.ndarray, chosen: int, n: int, tok: Tokenizer):
+def _logprobs(z: np.ndarray, chosen: int, n: int, tok: BaseTokenizer):
     lp = log_softmax(z)
     top: list = []
     if n:
@@ -737,7 +745,7 @@ def _logprobs(z: np.ndarray, chosen: int, n: int, tok: Tokenizer):
     return float(lp[chosen]), top
 
 
-def prompt_logprobs(model: TransformerModel, tok: Tokenizer, ids: list, n: int,
+def prompt_logprobs(model: TransformerModel, tok: BaseTokenizer, ids: list, n: int,
                     threads: int | None = None) -> list:
     """TokenInfo for each prompt token (OpenAI's echo with logprobs): the first has no
     log-probability (nothing precedes it); token t's is log p(ids[t] | ids[:t]) from one

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ValidationError
 from .chat import ROLES
 from .engine import MAX_LOGPROBS, SamplingParams
 
@@ -367,11 +368,19 @@ def completion_logprobs(infos: list, offset: int) -> dict:
     return out
 
 
-def chat_logprobs(infos: list) -> dict:
-    def one(text, lp):
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "surrogatepass"))}
-    return {"content": [dict(one(t.text, t.logprob),
-                             top_logprobs=[one(s, lp) for _, s, lp in (t.top or [])])
+def chat_logprobs(infos: list, tokenizer=None) -> dict:
+    """OpenAI's chat logprobs object; "bytes" are the token's own bytes when the tokenizer is
+    given (a BPE token may hold part of a character, which its text shows as U+FFFD)."""
+    def one(tid, text, lp):
+        try:
+            raw = tokenizer.token_bytes(tid) if tokenizer is not None else None
+        except ValidationError:
+            raw = None
+        if raw is None:
+            raw = text.encode("utf-8", "surrogatepass")
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
+    return {"content": [dict(one(t.id, t.text, t.logprob),
+                             top_logprobs=[one(i, s, lp) for i, s, lp in (t.top or [])])
                         for t in infos], "refusal": None}
 
 

@@ -26,7 +26,7 @@ from .._validate import check_int, check_number, check_optional_int
 from ..cancellation import check_cancel
 from ..core import _core
 from ..errors import CancelledError, NumericalError, ValidationError
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import BaseTokenizer
 from ..model.transformer import TransformerModel
 
 __all__ = ["Sampling", "GenerationResult"]
@@ -215,13 +215,14 @@ def _check_finite(logits: np.ndarray, step: int) -> None:
                              "(its weights or activations overflow float32); no token can be chosen")
 
 
-def check_pair(model: TransformerModel, tokenizer: Tokenizer) -> None:
+def check_pair(model: TransformerModel, tokenizer: BaseTokenizer) -> None:
     """The model and tokenizer a generator gets: their types, the model open, and a
     vocabulary the model can hold (ValidationError / TypeError naming the argument)."""
     if not isinstance(model, TransformerModel):
         raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
-    if not isinstance(tokenizer, Tokenizer):
-        raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
+    if not isinstance(tokenizer, BaseTokenizer):
+        raise TypeError(f"tokenizer must be a Tokenizer or a BPETokenizer, got "
+                        f"{type(tokenizer).__name__}")
     model.check_open()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
@@ -312,7 +313,7 @@ class Sampling:
     are never sampled.
     """
 
-    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, threads: int | None = None,
+    def __init__(self, model: TransformerModel, tokenizer: BaseTokenizer, *, threads: int | None = None,
                  window: str = "shift"):
         check_pair(model, tokenizer)
         threads = check_optional_int(threads, "threads", 1, 1024)
@@ -381,7 +382,8 @@ class Sampling:
                 raise ValidationError(f"prompts[{i}] has no character of the tokenizer's vocabulary")
             ids.append(e)
         B, T, cfg, prm = len(ids), model.config.block_size, model.core_config, model.flat_params
-        nv, chars = tok.vocab_size, tok.chars
+        nv, eos = tok.vocab_size, tok.eos_id
+        decoders = [tok.piece_decoder() for _ in range(B)]
         t, k, p = c_setting(temperature, top_k, top_p, nv)
         t0 = time.perf_counter()
         windows = [list(e[-T:]) for e in ids]
@@ -400,7 +402,7 @@ class Sampling:
             for b in range(B):
                 loop.set_row(b, windows[b], logits[b], temperature=t, top_k=k, top_p=p,
                              key=seed_key(None if seed is None else seed + b),
-                             remaining=min(max_new_tokens, MAX_REMAINING))
+                             remaining=min(max_new_tokens, MAX_REMAINING), stop_token=eos)
             while any(r is None for r in reasons):
                 if is_cancelled():
                     err = CancelledError(f"batch generation cancelled after {max(map(len, new))} tokens")
@@ -422,15 +424,18 @@ class Sampling:
                     got = out[b, :made[b]].tolist()
                     begin = len(texts[b])
                     new[b] += got
-                    texts[b] += "".join([chars[i] for i in got])
+                    added = decoders[b].push(got)
+                    texts[b] += "".join(added)
                     j, cut = first_stop(texts[b], begin, stops, list(itertools.accumulate(
-                        (len(chars[i]) for i in got), initial=begin))[1:]) if stops else (-1, -1)
+                        map(len, added), initial=begin))[1:]) if stops else (-1, -1)
                     if j >= 0:
                         del new[b][len(new[b]) - len(got) + j + 1:]
                         texts[b], reasons[b] = texts[b][:cut], "stop"
                         loop.stop_row(b)
+                    elif got and got[-1] == eos:
+                        texts[b], reasons[b] = texts[b] + decoders[b].end(), "stop"
                     elif len(new[b]) == max_new_tokens:
-                        reasons[b] = "length"
+                        texts[b], reasons[b] = texts[b] + decoders[b].end(), "length"
                     elif loop.row(b)["failed"]:
                         raise NumericalError(f"the model's logits for new token {len(new[b]) + 1} "
                                              f"of prompts[{b}] contain NaN or infinity (its weights "
@@ -478,9 +483,9 @@ class Sampling:
         if not ids:
             raise ValidationError("prompt must contain at least one character of the "
                                   "tokenizer's vocabulary (there is no start token)")
-        T, nv = model.config.block_size, tok.vocab_size
+        T, nv, eos = model.config.block_size, tok.vocab_size, tok.eos_id
         params, cfg = model.flat_params, model.core_config
-        chars = tok.chars
+        pieces = tok.piece_decoder()
         t, k, p = c_setting(temperature, top_k, top_p, nv)
         t0 = time.perf_counter()
         ttft = 0.0
@@ -496,7 +501,7 @@ class Sampling:
                                        steps.current)[0]
             loop = _core.GPTGenerator(params, cfg, cache, nv, self._keep())
             loop.set_row(0, window, logits, temperature=t, top_k=k, top_p=p, key=seed_key(seed),
-                         remaining=min(max_new_tokens, MAX_REMAINING))
+                         remaining=min(max_new_tokens, MAX_REMAINING), stop_token=eos)
             # Tokens per C call: as many as CHUNK_SECONDS allows (cancel is polled between
             # calls); a stream's first call makes one, so that its first piece goes out at once.
             chunk = 1 if streaming else MAX_CHUNK
@@ -516,9 +521,10 @@ class Sampling:
                     ttft = called + first - t0
                 begin = len(text)
                 new += got
+                added = pieces.push(got)
                 if stops:
-                    ends = list(itertools.accumulate((len(chars[i]) for i in got), initial=begin))[1:]
-                text += "".join([chars[i] for i in got])
+                    ends = list(itertools.accumulate(map(len, added), initial=begin))[1:]
+                text += "".join(added)
                 if stops:
                     j, cut = first_stop(text, begin, stops, ends)
                     if j >= 0:
@@ -538,8 +544,13 @@ class Sampling:
                     raise NumericalError(f"the model's logits for new token {len(new) + 1} contain "
                                          "NaN or infinity (its weights or activations overflow "
                                          "float32); no token can be chosen")
-            if reason == "length" and len(text) > emitted:
-                yield text[emitted:]
+                if got and got[-1] == eos:
+                    reason = "stop"             # the end-of-text token (no text of its own)
+                    break
+            if reason == "length" or (new and new[-1] == eos):
+                text += pieces.end()            # a character cut short at the end: U+FFFD
+                if len(text) > emitted:
+                    yield text[emitted:]
         finally:
             cache.close()
         elapsed = time.perf_counter() - t0

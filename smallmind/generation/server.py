@@ -40,7 +40,7 @@ import uuid
 from .. import metrics as _metrics
 from ..config import InferenceOptions, ServerOptions
 from ..errors import SmallMindError, ValidationError
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import BaseTokenizer
 from ..model.transformer import TransformerModel
 from . import openai_api as api
 from .chat import ChatTemplate, find_template
@@ -216,7 +216,7 @@ async def _read_body(request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOptions | None" = None,
+def create_app(model: TransformerModel, tokenizer: BaseTokenizer, options: "ServerOptions | None" = None,
                inference: "InferenceOptions | None" = None, model_name: str = "smallmind", *,
                template: "ChatTemplate | None" = None, model_path: "str | None" = None):
     """The ASGI application serving `model` (put in eval mode, shared by every request) with
@@ -428,7 +428,7 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
                     "finish_reason": reason}
         return {"index": job.index,
                 "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": api.chat_logprobs(infos) if req.logprobs is not None else None,
+                "logprobs": api.chat_logprobs(infos, tokenizer) if req.logprobs is not None else None,
                 "finish_reason": reason}
 
     async def stream(req, events, tickets, rid, echoes):
@@ -483,7 +483,7 @@ def create_app(model: TransformerModel, tokenizer: Tokenizer, options: "ServerOp
                                 offsets[i] += len(ev.text)
                             out.append(text_chunk(i, ev.text))
                         elif req.kind == "chat":
-                            lp = api.chat_logprobs(ev.tokens) if req.logprobs is not None else None
+                            lp = api.chat_logprobs(ev.tokens, tokenizer) if req.logprobs is not None else None
                             out.append(emit([{"index": i, "delta": {"content": ev.text},
                                               "logprobs": lp, "finish_reason": None}]))
                         else:

@@ -19,7 +19,7 @@ from .._lifecycle import Closeable
 from .._validate import check_int, check_number
 from ..cancellation import check_cancel
 from ..errors import CancelledError, ObjectDisposedError
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import BaseTokenizer
 from ..model.transformer import TransformerModel
 from .engine import BatchEngine, Piece, SamplingParams
 from .sampling import Sampling
@@ -40,7 +40,7 @@ class SamplerPool(Closeable):
     close() (or leaving ``with pool:``) refuses further get() calls; lent samplers finish.
     """
 
-    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, size: int = 4, *,
+    def __init__(self, model: TransformerModel, tokenizer: BaseTokenizer, size: int = 4, *,
                  threads_per_request: int | None = None):
         size = check_int(size, "size", 1)
         threads = (default_threads_per_request(size) if threads_per_request is None
@@ -87,7 +87,7 @@ class ThrottledInferenceService(Closeable):
     close() (or leaving ``with`` / ``async with``; aclose() from a coroutine) refuses new calls,
     cancels the ones still running and stops the engine's thread."""
 
-    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, max_concurrency: int = 4,
+    def __init__(self, model: TransformerModel, tokenizer: BaseTokenizer, max_concurrency: int = 4,
                  *, threads_per_request: int | None = None, timeout: float | None = None):
         self.max_concurrency = check_int(max_concurrency, "max_concurrency", 1)
         self.threads_per_request = (None if threads_per_request is None

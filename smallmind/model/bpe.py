@@ -25,6 +25,7 @@ import numpy as np
 
 from ..core import _core
 from ..errors import CheckpointError, ValidationError
+from .tokenizer import BaseTokenizer, PieceDecoder
 
 __all__ = ["BPETokenizer", "PATTERNS", "ENDOFTEXT", "byte_level_text"]
 
@@ -99,7 +100,7 @@ def byte_level_text(data: bytes) -> str:
     return "".join(_BYTE_TO_CHAR[b] for b in data)
 
 
-class BPETokenizer:
+class BPETokenizer(BaseTokenizer):
     """Byte-level BPE tokenizer (GPT-2 / tiktoken scheme).
 
     tokens: token i's bytes for i in range(len(tokens)) (b"" where no token has the id); every
@@ -108,7 +109,8 @@ class BPETokenizer:
     list as (left bytes, right bytes) pairs, earlier first. pattern: "gpt2" or "cl100k", the
     pre-tokenization. special_tokens: str -> id, outside the ordinary tokens' ids or equal to a
     token with the same bytes. whole_words: a pre-token that is itself a token is taken whole
-    (tiktoken always does; tokenizer.json's "ignore_merges").
+    (tiktoken always does; tokenizer.json's "ignore_merges"). eos_id: "<|endoftext|>"'s id when
+    it is a special token (generation stops when the model draws it).
 
     Immutable and thread-safe: encode, encode_batch and decode may run from any number of threads
     at once (the C core is read-only).
@@ -339,6 +341,24 @@ class BPETokenizer:
     def whole_words(self) -> bool:
         """Whether a pre-token that is a token is taken whole (see the class doc)."""
         return self._whole_words
+
+    @property
+    def eos_id(self) -> int | None:
+        """The id of the special token "<|endoftext|>", or None."""
+        return self._special.get(ENDOFTEXT)
+
+    def piece_decoder(self, hide_eos: bool = True) -> PieceDecoder:
+        """A PieceDecoder (see BaseTokenizer); an id no token has (a hole in a vocabulary file)
+        adds no bytes."""
+        eos = self.eos_id
+        special, tokens = self._special_bytes, self._tokens
+
+        def lookup(i):
+            b = special.get(i)
+            if b is not None:
+                return b
+            return tokens[i] if 0 <= i < len(tokens) else b""
+        return PieceDecoder(lookup, () if eos is None or not hide_eos else (eos,))
 
     def token_bytes(self, i: int) -> bytes:
         """The bytes token i stands for (a special token's: its text in UTF-8)."""

@@ -21,11 +21,13 @@ import numpy as np
 
 from .. import safetensors as _safetensors
 from ..errors import CheckpointError, ValidationError
+from .bpe import BPETokenizer
 from .layout import ParameterLayout
-from .tokenizer import Tokenizer
+from .tokenizer import BaseTokenizer, Tokenizer
 from .transformer import ModelConfig, TransformerModel
 
-__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "find_checkpoint", "Checkpoint"]
+__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "find_checkpoint", "Checkpoint",
+           "tokenizer_from_json"]
 
 FORMAT = "smallmind"
 # The files a training run writes into its checkpoint folder.
@@ -43,21 +45,35 @@ class Checkpoint:
     path: str
     config: ModelConfig
     params: dict            # name -> float32 array
-    tokenizer: Tokenizer | None
+    tokenizer: BaseTokenizer | None
     training: dict | None   # step, RNG states, hyperparameters (JSON values)
     exp_avg: dict | None    # AdamW first moments, name -> array (None without optimizer state)
     exp_avg_sq: dict | None
 
 
-def save_checkpoint(path, model: TransformerModel, tokenizer: Tokenizer | None = None, *,
+def tokenizer_from_json(s: str) -> BaseTokenizer:
+    """The tokenizer a checkpoint's JSON describes: its "type" field says which class ("char":
+    Tokenizer, "bpe": BPETokenizer). ValidationError says what is wrong."""
+    try:
+        kind = json.loads(s).get("type")
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise ValidationError(f"tokenizer JSON: {e}") from None
+    readers = {"char": Tokenizer.from_json, "bpe": BPETokenizer.from_json}
+    if kind not in readers:
+        raise ValidationError(f"tokenizer JSON: type must be one of {sorted(readers)}, got {kind!r}")
+    return readers[kind](s)
+
+
+def save_checkpoint(path, model: TransformerModel, tokenizer: BaseTokenizer | None = None, *,
                     training: dict | None = None, optimizer: tuple | None = None) -> None:
     """Write model (and optionally its tokenizer, a JSON-serialisable `training` dict and the
     optimizer moments `optimizer=(exp_avg, exp_avg_sq)` as flat blocks in the model's layout)
     to `path` atomically."""
     if not isinstance(model, TransformerModel):
         raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
-    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
-        raise TypeError(f"tokenizer must be a Tokenizer or None, got {type(tokenizer).__name__}")
+    if tokenizer is not None and not isinstance(tokenizer, BaseTokenizer):
+        raise TypeError(f"tokenizer must be a Tokenizer, a BPETokenizer or None, got "
+                        f"{type(tokenizer).__name__}")
     tensors = dict(model.state_dict())
     if optimizer is not None:
         for prefix, block in zip((_M, _V), optimizer):
@@ -135,7 +151,7 @@ def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -
     tok = None
     if "tokenizer" in meta:
         try:
-            tok = Tokenizer.from_json(meta["tokenizer"])
+            tok = tokenizer_from_json(meta["tokenizer"])
         except (ValueError, TypeError) as e:
             _fail(path, f"invalid tokenizer: {e}")
         if tok.vocab_size > cfg.vocab_size:
@@ -191,7 +207,7 @@ def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
     return model
 
 
-def load_checkpoint(path, *, verify: bool | None = None) -> tuple[TransformerModel, Tokenizer | None]:
+def load_checkpoint(path, *, verify: bool | None = None) -> tuple[TransformerModel, BaseTokenizer | None]:
     """(model, tokenizer) from a checkpoint file or a run's folder (its best model, see
     find_checkpoint); the tokenizer is None if none was saved. The model is returned in eval
     mode, ready for generation. verify: as read_checkpoint."""

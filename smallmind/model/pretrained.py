@@ -172,7 +172,7 @@ def load_pretrained(folder) -> tuple[TransformerModel, BPETokenizer | None]:
 # ---- out ------------------------------------------------------------------------------------------
 
 def _hf_config(cfg: ModelConfig, tokenizer) -> dict:
-    eos = (tokenizer.special_tokens.get("<|endoftext|>") if isinstance(tokenizer, BPETokenizer)
+    eos = (tokenizer.eos_id if isinstance(tokenizer, BPETokenizer)
            else None)
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,

@@ -1,4 +1,5 @@
-"""tokenizer.py - the character-level Tokenizer (a byte-level BPE is left for later).
+"""tokenizer.py - BaseTokenizer (what generation, training and checkpoints need of any
+tokenizer) and the character-level Tokenizer; the byte-level BPETokenizer is in bpe.py.
 
 Ids are positions in an ordered vocabulary of single characters (Unicode code points). Built
 from text, the vocabulary is the text's distinct characters sorted by code point, as nanoGPT's
@@ -8,16 +9,18 @@ special tokens and byte fallback - an unknown character has no id and is skipped
 """
 from __future__ import annotations
 
+import abc
+import codecs
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from ..errors import ValidationError
 
-__all__ = ["Tokenizer", "UnknownCharacterWarning"]
+__all__ = ["BaseTokenizer", "PieceDecoder", "Tokenizer", "UnknownCharacterWarning"]
 
 _ERRORS = ("skip", "strict")
 _JSON_TYPE = "char"
@@ -70,7 +73,98 @@ def _restore(chars, errors):
     return Tokenizer.from_chars(chars, errors=errors)
 
 
-class Tokenizer:
+class PieceDecoder:
+    """Text of a growing sequence of token ids, one piece per token, for streaming: `push(ids)`
+    returns each id's piece, `end()` what is left when the sequence ends. The pieces joined,
+    then end(), equal tokenizer.decode(all ids) (invalid UTF-8 as U+FFFD). A token that stops
+    inside a multi-byte character gives "" and the token that completes it the character: text
+    is never split inside a character. One per sequence; not thread-safe."""
+
+    __slots__ = ("_bytes", "_dec", "_hidden")
+
+    def __init__(self, token_bytes, hidden: Iterable[int] = ()):
+        self._bytes = token_bytes
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self._hidden = frozenset(hidden)
+
+    def push(self, ids: Iterable[int]) -> list[str]:
+        """The text each of `ids` adds, in order; ids in `hidden` (an end-of-text token) add ""."""
+        dec, tb, hidden = self._dec.decode, self._bytes, self._hidden
+        return ["" if i in hidden else dec(tb(i)) for i in ids]
+
+    def end(self) -> str:
+        """The sequence is over: bytes still waiting for the rest of a character, as U+FFFD."""
+        return self._dec.decode(b"", True)
+
+
+class _CharPieces(PieceDecoder):
+    """A character tokenizer's pieces: one character per id, nothing ever waits."""
+
+    __slots__ = ("_chars",)
+
+    def __init__(self, chars, hidden: Iterable[int] = ()):
+        super().__init__(None, hidden)
+        self._chars = chars
+
+    def push(self, ids: Iterable[int]) -> list[str]:
+        chars, hidden = self._chars, self._hidden
+        return ["" if i in hidden else chars[i] for i in ids] if hidden else [chars[i] for i in ids]
+
+    def end(self) -> str:
+        return ""
+
+
+class BaseTokenizer(abc.ABC):
+    """What the rest of smallmind needs of a tokenizer: Tokenizer (characters) and BPETokenizer
+    (byte-level BPE) both are one, so Sampling, BatchEngine, the server, Training and
+    checkpoints take either. Token i stands for `token_bytes(i)` (UTF-8); `eos_id` is the
+    end-of-text token, which ends a generation, or None."""
+
+    __slots__ = ()
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Ids are below this."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list:
+        """The ids of `text`."""
+
+    @abc.abstractmethod
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode() as a numpy integer array."""
+
+    @abc.abstractmethod
+    def decode(self, ids) -> str:
+        """The text of `ids`."""
+
+    @abc.abstractmethod
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes token i stands for."""
+
+    @abc.abstractmethod
+    def to_json(self) -> str:
+        """The tokenizer as an ASCII JSON object with a "type" field (checkpoints)."""
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-text token's id (generation stops when it is drawn), or None."""
+        return None
+
+    def token_text(self, i: int) -> str:
+        """Token i on its own, as text (log-probability listings): bytes that are not whole
+        characters show as U+FFFD; token_bytes(i) gives them exactly."""
+        return self.token_bytes(i).decode("utf-8", "replace")
+
+    def piece_decoder(self, hide_eos: bool = True) -> PieceDecoder:
+        """A PieceDecoder for one generated sequence (the end-of-text token adds no text unless
+        hide_eos is False)."""
+        eos = self.eos_id
+        return PieceDecoder(self.token_bytes, () if eos is None or not hide_eos else (eos,))
+
+
+class Tokenizer(BaseTokenizer):
     """Character-level tokenizer: ``Tokenizer(text)`` gives every distinct character of
     ``text`` an id, in code-point order (ids 0 .. vocab_size-1).
 
@@ -333,6 +427,25 @@ class Tokenizer:
                 raise ValidationError(self._range_msg(pos, i))
             out.append(chars[i])
         return "".join(out)
+
+    def token_bytes(self, i: int) -> bytes:
+        """Character i in UTF-8."""
+        return self._chars[self._check_id(i)].encode("utf-8")
+
+    def token_text(self, i: int) -> str:
+        """Character i."""
+        return self._chars[self._check_id(i)]
+
+    def _check_id(self, i) -> int:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) \
+                or not 0 <= int(i) < len(self._chars):
+            raise ValidationError(f"id {i!r} is not a token of this vocabulary "
+                                  f"(ids are in [0, {len(self._chars)}))")
+        return int(i)
+
+    def piece_decoder(self, hide_eos: bool = True) -> PieceDecoder:
+        """One character per id (there is no end-of-text token)."""
+        return _CharPieces(self._chars)
 
     def _decode_np(self, ids):
         n = len(self._chars)

@@ -43,7 +43,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .tokenizer import Tokenizer
+from .tokenizer import BaseTokenizer
 from .transformer import TransformerModel
 
 __all__ = ["Training", "History", "data_digest", "BEST_FILE", "LAST_FILE", "CANCELLED_FILE"]
@@ -51,7 +51,7 @@ __all__ = ["Training", "History", "data_digest", "BEST_FILE", "LAST_FILE", "CANC
 logger = logging.getLogger("smallmind.training")
 
 
-def data_digest(tokenizer: Tokenizer, text: str) -> str:
+def data_digest(tokenizer: BaseTokenizer, text: str) -> str:
     """The identity of a training text as a checkpoint records it: the first 16 hex digits of
     the SHA-256 of its token ids under `tokenizer`."""
     return hashlib.sha256(tokenizer.encode_array(text).tobytes()).hexdigest()[:16]
@@ -152,15 +152,16 @@ class Training:
     split across the ranks. See docs/distributed.md.
     """
 
-    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, text: str,
+    def __init__(self, model: TransformerModel, tokenizer: BaseTokenizer, text: str,
                  block_size: int | None = None, batch_size: int = 16, seed: int = 42,
                  val_fraction: float = 0.1, metadata: dict | None = None,
                  precision: str = "float32", comm=None):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         model.check_open()
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
+        if not isinstance(tokenizer, BaseTokenizer):
+            raise TypeError(f"tokenizer must be a Tokenizer or a BPETokenizer, got "
+                            f"{type(tokenizer).__name__}")
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
                                   f"vocab_size is {model.config.vocab_size}")

@@ -26,7 +26,7 @@ from .._validate import is_int
 from ..core import _core
 from ..errors import ValidationError
 from ..generation.sampling import Sampling
-from ..model.tokenizer import Tokenizer
+from ..model.tokenizer import BaseTokenizer
 from ..model.transformer import TransformerModel
 from .index import VectorIndex
 
@@ -108,11 +108,12 @@ class ModelEmbedder:
     block_size tokens whose embeddings are averaged, weighted by length; a text with no
     character of the tokenizer embeds as zeros."""
 
-    def __init__(self, model: TransformerModel, tokenizer: Tokenizer, *, threads: int | None = None):
+    def __init__(self, model: TransformerModel, tokenizer: BaseTokenizer, *, threads: int | None = None):
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__}")
+        if not isinstance(tokenizer, BaseTokenizer):
+            raise TypeError(f"tokenizer must be a Tokenizer or a BPETokenizer, got "
+                            f"{type(tokenizer).__name__}")
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValidationError(f"tokenizer has {tokenizer.vocab_size} symbols but the model's "
                                   f"vocab_size is {model.config.vocab_size}")
