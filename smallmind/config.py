@@ -49,13 +49,17 @@ def _check(cond, name, value, rule):
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """The model `smallmind train` builds: a preset (tiny, small, medium, shakespeare-char, gpt2)
-    or explicit sizes (the default: 4 layers, 4 heads, 128 wide, a 64-token context)."""
+    or explicit sizes (the default: 4 layers, 4 heads, 128 wide, a 64-token context), and its
+    tokenizer: "char" (one id per character of the text) or "bpe" (a byte-level BPE vocabulary
+    of vocab_size ids, learnt from the text first)."""
     preset: str | None = None
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
     dropout: float = 0.0
+    tokenizer: str = "char"
+    vocab_size: int = 2048
 
     def __post_init__(self):
         from .model.transformer import PRESETS
@@ -66,6 +70,11 @@ class ModelOptions:
         _check(self.n_embd % self.n_head == 0, "n_embd", self.n_embd,
                f"a multiple of n_head ({self.n_head})")
         check_number(self.dropout, "dropout", 0.0, 0.99)
+        _check(self.tokenizer in TOKENIZERS, "tokenizer", self.tokenizer, f"one of {TOKENIZERS}")
+        check_int(self.vocab_size, "vocab_size", 257, 2 ** 20)
+
+
+TOKENIZERS = ("char", "bpe")
 
 
 # The rule of each numeric training option: (int or float, lowest, highest, lowest excluded).

@@ -11,6 +11,7 @@ class UserError(Exception):
 
 # The flags of `train` that set [model] and [training] options.
 MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size")
+TOKENIZER_FLAGS = ("tokenizer", "vocab_size")
 TRAINING_FLAGS = ("steps", "batch_size", "grad_accum_steps", "learning_rate", "warmup_steps",
                   "eval_every", "eval_batches", "save_every", "checkpoint_dir", "seed", "threads",
                   "log_every")
@@ -30,7 +31,7 @@ def settings_for(args, base=None) -> Settings:
                                         "api_key_file", "metrics_auth", "model_name", "max_n",
                                         "prefill_budget", "prefix_cache", "chat_template")}
     if args.command == "train":
-        overrides = {"model": {k: flags.get(k) for k in MODEL_FLAGS},
+        overrides = {"model": {k: flags.get(k) for k in MODEL_FLAGS + TOKENIZER_FLAGS},
                      "training": {k: flags.get(k) for k in TRAINING_FLAGS}}
     elif args.command == "serve":
         overrides = {"server": server, "inference": {"threads": flags.get("threads")}}

@@ -65,8 +65,9 @@ SMALLMIND_MODEL_* variables, --config FILE, the resumed run's own, the defaults 
   smallmind bench          # bench/ in the source has the full comparisons with PyTorch""",
 }
 
-_MODEL_ARG = ("a checkpoint: a .safetensors file written by train, or a run's folder (its "
-              "model_best, else the newest of model_last / model_cancelled)")
+_MODEL_ARG = ("a checkpoint: a .safetensors file written by train, a run's folder (its "
+              "model_best, else the newest of model_last / model_cancelled), or a Hugging Face "
+              "GPT-2 folder (config.json, model.safetensors and tokenizer files)")
 _CONFIG_HELP = ("a TOML file of options, in sections [model] [training] [inference] [server] "
                 "(docs/cli.md lists them; `smallmind info --config FILE` shows the result)")
 
@@ -136,8 +137,18 @@ def build_parser():
                    f"{_default('model', 'n_head')})")
     g.add_argument("--n-embd", type=int, help=f"model width, a multiple of --n-head (default: "
                    f"{_default('model', 'n_embd')})")
-    g.add_argument("--block-size", type=int, help=f"context length in characters (default: "
+    g.add_argument("--block-size", type=int, help=f"context length in tokens (default: "
                    f"{_default('model', 'block_size')})")
+    g.add_argument("--tokenizer", choices=("char", "bpe"),
+                   help="char: one id per character of the text; bpe: learn a byte-level BPE "
+                        "vocabulary of --vocab-size ids from the text first (default: "
+                        f"{_default('model', 'tokenizer')})")
+    g.add_argument("--vocab-size", type=int, help=f"ids of the BPE vocabulary (default: "
+                   f"{_default('model', 'vocab_size')})")
+    g.add_argument("--init", metavar="FOLDER",
+                   help="start from this model instead of random weights (fine-tuning): a "
+                        "Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer "
+                        "files) or a smallmind checkpoint; its sizes and tokenizer are kept")
     g = p.add_argument_group("the run")
     g.add_argument("--steps", type=int, help=f"optimizer steps in all, counting those a resumed "
                    f"run has done (default: {_default('training', 'steps')})")
@@ -187,7 +198,7 @@ def build_parser():
              "Each line you type is continued by the model (it completes text; it was not "
              "trained to answer). /help lists the commands.")):
         p = parsers[name] = _sub(sub, name, helptext, description)
-        p.add_argument("model", metavar="CHECKPOINT", help=_MODEL_ARG)
+        p.add_argument("model", metavar="MODEL", help=_MODEL_ARG)
         p.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
         if name == "generate":
             p.add_argument("--prompt", default="The ", help="text to continue (default: 'The ')")
@@ -197,7 +208,7 @@ def build_parser():
     p = parsers["serve"] = _sub(sub, "serve", "an HTTP server for a checkpoint (needs "
                                 "smallmind[serve])", "An HTTP server for a trained model "
                                 "(docs/server.md lists the endpoints).")
-    p.add_argument("model", metavar="CHECKPOINT", help=_MODEL_ARG)
+    p.add_argument("model", metavar="MODEL", help=_MODEL_ARG)
     p.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     p.add_argument("--host", help=f"address to listen on (default: {_default('server', 'host')}; "
                    f"0.0.0.0 for every interface)")

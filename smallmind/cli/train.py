@@ -228,20 +228,56 @@ def _claim_folder(folder, overwrite):
 
 
 def _new_run(args, comm=None):
-    """(trainer, settings, description, path None) for a run that starts from scratch."""
-    from ..model.tokenizer import Tokenizer
+    """(trainer, settings, description, path None) for a run that starts from scratch, or from
+    the weights of --init."""
     from ..model.training import Training
-    from ..model.transformer import ModelConfig, TransformerModel
     if args.new_data:
         raise UserError("--new-data goes with --resume (continuing a run on other text)")
     st = settings_for(args)
-    m, t = st.model, st.training
+    t = st.training
     if t.steps < 1:
         raise UserError(f"--steps must be at least 1 for a new run (0 trains nothing), got {t.steps}")
+    if args.init is not None:
+        start = _init_model(args)               # checked before a folder is claimed
     if comm is None or comm.rank == 0:          # rank 0 owns the folder and writes the files
         _claim_folder(t.checkpoint_dir, args.overwrite)
     text, what, sources = _read_corpus(args.data)
-    tok = Tokenizer(text)
+    if args.init is not None:
+        model, tok, origin = start
+        described = f"fine-tuning {model} from {shown(origin)} on {len(text):,} characters of {what}"
+    else:
+        model, tok, described = _fresh_model(st, args, text, what)
+    try:
+        trainer = Training(model, tok, text, batch_size=t.batch_size, seed=t.seed,
+                           block_size=args.block_size if args.init is not None else None,
+                           metadata=_run_record(sources, t, args.init),
+                           precision=args.precision or "float32", comm=comm)
+    except BaseException:
+        model.close()
+        raise
+    return trainer, st, described, None
+
+
+def _fresh_model(st, args, text, what):
+    """(model, tokenizer, description): the tokenizer the settings name, built from the text,
+    and a model with random weights."""
+    from ..model.bpe import BPETokenizer
+    from ..model.tokenizer import Tokenizer
+    from ..model.transformer import ModelConfig, TransformerModel
+    m, t = st.model, st.training
+    if m.tokenizer == "bpe":
+        t0 = time.perf_counter()
+        tok = BPETokenizer.train(text, m.vocab_size)
+        learnt = (f"; a BPE vocabulary of {tok.vocab_size:,} ids learnt in "
+                  f"{time.perf_counter() - t0:.2f} s")
+        if tok.vocab_size < m.vocab_size:
+            learnt += (f" (not {m.vocab_size:,}: no pair of tokens occurs twice more in the "
+                       f"text)")
+    else:
+        if args.vocab_size is not None:
+            raise UserError("--vocab-size is the size of a BPE vocabulary: it goes with "
+                            "--tokenizer bpe (the character tokenizer has one id per character)")
+        tok, learnt = Tokenizer(text), ""
     if m.preset:
         sizes = {k: getattr(args, k) for k in ("block_size", "n_layer", "n_head", "n_embd")
                  if getattr(args, k) is not None}
@@ -250,20 +286,38 @@ def _new_run(args, comm=None):
         cfg = ModelConfig(tok.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd,
                           dropout=m.dropout, seed=t.seed)
     model = TransformerModel(cfg)
-    try:
-        trainer = Training(model, tok, text, batch_size=t.batch_size, seed=t.seed,
-                           metadata=_run_record(sources, t),
-                           precision=args.precision or "float32", comm=comm)
-    except BaseException:
+    return model, tok, f"training {model} on {len(text):,} characters of {what}{learnt}"
+
+
+def _init_model(args):
+    """(model in train mode, tokenizer, where) for --init: a Hugging Face GPT-2 folder or a
+    smallmind checkpoint. Its sizes and tokenizer are the run's, so flags that would choose
+    others are refused rather than ignored (--block-size may shorten the training windows)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("preset", "n_layer", "n_head", "n_embd",
+                                                  "tokenizer", "vocab_size")
+             if getattr(args, k) is not None]
+    if given:
+        raise UserError(f"{given[0]} does not go with --init: the model and its tokenizer come "
+                        f"from {args.init}")
+    if args.resume:
+        raise UserError("--init starts a new run from a model's weights; --resume continues a "
+                        "run (give one of them)")
+    from .use import load_model
+    model, tok, path = load_model(args.init, "--init")
+    if args.block_size is not None and not 1 <= args.block_size <= model.config.block_size:
         model.close()
-        raise
-    return trainer, st, f"training {model} on {len(text):,} characters of {what}", None
+        raise UserError(f"--block-size {args.block_size} must be between 1 and the model's "
+                        f"context, {model.config.block_size}")
+    return model.train(), tok, path
 
 
-def _run_record(sources, t):
+def _run_record(sources, t, init=None):
     """The metadata `smallmind train` keeps in every checkpoint of a run."""
-    return {"command": "smallmind train", "data": sources,
-            "options": {k: getattr(t, k) for k in _RUN_OPTIONS}}
+    record = {"command": "smallmind train", "data": sources,
+              "options": {k: getattr(t, k) for k in _RUN_OPTIONS}}
+    if init is not None:
+        record["init"] = os.path.abspath(init)
+    return record
 
 
 def _resume(args, comm=None):
@@ -344,6 +398,7 @@ def _check_same_model(args, ck, path):
     checkpoint, so a flag may only say what it already holds (a restart script that always
     passes the same command, with --resume added once a checkpoint exists, keeps working); one
     that says otherwise is refused rather than silently ignored."""
+    from ..model.bpe import BPETokenizer
     from ..model.transformer import PRESETS
     wanted = {}
     if args.preset is not None:
@@ -358,6 +413,16 @@ def _check_same_model(args, ck, path):
             flag = f"--{name.replace('_', '-')} {value}" if given else f"--preset {args.preset}"
             raise UserError(f"{flag} does not match the run being resumed ({path} has {name} "
                             f"{getattr(ck.config, name)}): the model comes from the checkpoint")
+    if args.init is not None:
+        raise UserError("--init starts a new run from a model's weights; --resume continues a "
+                        "run (give one of them)")
+    kind = "bpe" if isinstance(ck.tokenizer, BPETokenizer) else "char"
+    if args.tokenizer is not None and args.tokenizer != kind:
+        raise UserError(f"--tokenizer {args.tokenizer} does not match the run being resumed "
+                        f"({path} has a {kind} tokenizer)")
+    if args.vocab_size is not None and (kind != "bpe" or args.vocab_size != ck.tokenizer.vocab_size):
+        raise UserError(f"--vocab-size {args.vocab_size} does not match the run being resumed "
+                        f"({path} has a {kind} tokenizer of {ck.tokenizer.vocab_size} ids)")
     seed = (ck.training or {}).get("seed")
     if args.seed is not None and args.seed != seed:
         raise UserError(f"--seed {args.seed} does not match the run being resumed ({path} has "

@@ -8,16 +8,22 @@ from .. import __version__
 from ._common import UserError, settings_for
 
 
-def _load(name):
-    """(model, tokenizer, path) for the model a command names: a checkpoint file or a run's
-    folder (its best model; checkpoint.find_checkpoint is the one rule)."""
+def load_model(name, what=None):
+    """(model, tokenizer, path) for the model a command names: a Hugging Face GPT-2 folder (it
+    has a config.json), a checkpoint file or a run's folder (its best model;
+    checkpoint.find_checkpoint is the one rule)."""
     from ..errors import CheckpointError
     from ..model.checkpoint import find_checkpoint, load_checkpoint
-    try:
-        path = find_checkpoint(name)
-    except CheckpointError as e:
-        raise UserError(str(e)) from None
-    model, tok = load_checkpoint(path)
+    from ..model.pretrained import load_pretrained
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
+        path = name
+        model, tok = load_pretrained(name)
+    else:
+        try:
+            path = find_checkpoint(name)
+        except CheckpointError as e:
+            raise UserError(str(e) if what is None else f"{what}: {e}") from None
+        model, tok = load_checkpoint(path)
     if tok is None:
         model.close()
         raise UserError(f"{path} holds no tokenizer (a model saved without one cannot turn "
@@ -25,11 +31,12 @@ def _load(name):
     return model, tok, path
 
 
+
 def _sampling(args):
     """(Sampling, its generate options, InferenceOptions, path) for generate / chat."""
     from ..generation.sampling import Sampling
     inf = settings_for(args).inference
-    model, tok, path = _load(args.model)
+    model, tok, path = load_model(args.model)
     return Sampling(model, tok, threads=inf.threads, window=inf.window), _sample_kwargs(inf), inf, path
 
 
@@ -78,7 +85,7 @@ def cmd_serve(args):
                         'checkout: pip install ".[serve]")') from None
     st = settings_for(args)
     keys = st.server.api_keys()                 # a missing key file fails before the model loads
-    model, tok, path = _load(args.model)
+    model, tok, path = load_model(args.model)
     name = os.path.basename(os.path.normpath(args.model))
     name = st.server.model_name or (os.path.splitext(name)[0] if os.path.isfile(args.model) else name)
     print(f"smallmind {__version__}: serving {path} ({model}) as {name!r} on "

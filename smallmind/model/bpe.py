@@ -368,15 +368,26 @@ class BPETokenizer(BaseTokenizer):
             raise ValidationError(f"id {i!r} is not a token of this vocabulary")
         return self._tokens[i]
 
+    def _ordinary(self) -> list[bytes]:
+        """The ordinary tokens, without entries that only repeat a special token at its id (a
+        Hugging Face vocab.json lists "<|endoftext|>" among them; to_json does not)."""
+        t = list(self._tokens)
+        for i, b in self._special_bytes.items():
+            if i < len(t) and t[i] == b:
+                t[i] = b""
+        while t and not t[-1]:
+            t.pop()
+        return t
+
     def __eq__(self, other):
         if not isinstance(other, BPETokenizer):
             return NotImplemented
-        return (self._tokens == other._tokens and self._merges == other._merges
+        return (self._ordinary() == other._ordinary() and self._merges == other._merges
                 and self._pattern == other._pattern and self._special == other._special
                 and self._whole_words == other._whole_words)
 
     def __hash__(self):
-        return hash((len(self._tokens), self._pattern, tuple(sorted(self._special.items()))))
+        return hash((len(self._ordinary()), self._pattern, tuple(sorted(self._special.items()))))
 
     def __repr__(self):
         return (f"BPETokenizer(vocab_size={self.vocab_size}, pattern={self._pattern!r}, "
