@@ -443,8 +443,43 @@ def tokenizer_tables(rows, machine):
     return "\n".join(out)
 
 
+def pretrained_tables(rows, machine):
+    """bench_pretrained.py: a GPT-2 folder loaded, prefilled and decoded, against transformers."""
+    f = lambda v, fmt=",.1f": "-" if v is None else format(v, fmt)  # noqa: E731
+    shape = rows[0].get("shape", {})
+    out = [f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; smallmind "
+           f"{machine.get('smallmind')} ({machine.get('simd')}), torch {machine.get('torch')}, "
+           f"transformers {machine.get('transformers')}; load average {machine.get('loadavg')} at "
+           f"start. Model: {shape.get('n_layer')}/{shape.get('n_head')}/{shape.get('n_embd')}, "
+           f"{shape.get('block_size')} positions, {shape.get('vocab_size'):,} ids", "",
+           "| load | seconds | peak resident memory added | over the weights |", "|---|---|---|---|"]
+    for r in (r for r in rows if r["part"] == "load"):
+        out.append(f"| {r['library']} | {r['load_s']:.2f} | {r['peak_growth_mb']:,.0f} MB "
+                   f"| {r['growth_over_weights']:.2f}x |")
+    out += ["", "| threads | prefill tokens | ms | GFLOP/s | share of the SGEMM's | transformers ms "
+            "| vs transformers |", "|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["part"] == "prefill"):
+        out.append(f"| {r['threads']} | {r['prompt_tokens']} | {r['prefill_ms']:,.1f} | {r['prefill_gflops']:.1f} "
+                   f"| {100 * r['share_of_sgemm']:.0f}% of {r['sgemm_gflops']:.1f} "
+                   f"| {f(r.get('transformers_ms'))} | {f(r.get('vs_transformers'), '.2f')}x |")
+    out += ["", "| threads | decode tokens/s | read-bandwidth limit tokens/s (GB/s) | share of the "
+            "limit | transformers tokens/s | vs transformers | first divergence |",
+            "|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["part"] == "decode"):
+        lim = r.get("limit_tokens_per_s")
+        out.append(f"| {r['threads']} | {r['smallmind_tokens_per_s']:,.1f} "
+                   f"| {f(lim)} ({f(r.get('read_gb_per_s'))}) "
+                   f"| {f(r.get('smallmind_share_of_limit') and 100 * r['smallmind_share_of_limit'], '.0f')}% "
+                   f"| {f(r.get('transformers_tokens_per_s'))} "
+                   f"| **{f(r.get('vs_transformers'), '.2f')}x** | {r.get('diverge_vs_transformers')} |")
+    return "\n".join(out)
+
+
 def main(argv):
     full = json.load(open(argv[0]))
+    if any(r.get("kind") == "pretrained" for r in full["rows"]):
+        print(pretrained_tables(full["rows"], full["machine"]))
+        return
     if any(r.get("part") == "train" and "vocab_size" in r for r in full["rows"]):
         print(tokenizer_tables(full["rows"], full["machine"]))
         return

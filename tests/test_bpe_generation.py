@@ -101,7 +101,7 @@ def test_end_of_text_ends_every_path_at_the_same_token(seed):
             for k in range(6)]
     stopped = [r for r in runs if r.finish_reason == "stop"]
     assert stopped, "the end-of-text token was never drawn"
-    for k, r in enumerate(runs):
+    for r in runs:
         if r.finish_reason == "stop":
             assert r.tokens[-1] == EOS and EOS not in r.tokens[:-1]
             assert r.text == BPE.decode(r.tokens[:-1])

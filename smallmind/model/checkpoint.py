@@ -199,7 +199,7 @@ def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -
 
 
 def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
-    model = TransformerModel(ck.config)
+    model = TransformerModel.empty(ck.config)
     try:
         model.load_state_dict(ck.params)
     except ValidationError as e:  # validated above; kept as a guard

@@ -108,7 +108,7 @@ def from_pretrained(folder) -> TransformerModel:
         raise CheckpointError(f"{folder}: not a folder")
     cfg = _read_config(folder)
     files = _weight_files(folder)
-    model = TransformerModel(cfg)
+    model = TransformerModel.empty(cfg)
     try:
         views = model.layout.views(model.flat_params)
         seen: set[str] = set()

@@ -143,6 +143,19 @@ class TransformerModel(Closeable):
             config = ModelConfig(**kwargs)
         elif kwargs:
             raise TypeError("pass either a ModelConfig or keyword arguments, not both")
+        self._setup(config)
+        self._init_weights()
+
+    @classmethod
+    def empty(cls, config: ModelConfig) -> TransformerModel:
+        """A model of `config` whose parameters are zeros, for a loader to fill (no random
+        initialisation: the zeroed block costs no memory until written, so loading a 124M model
+        does not first draw 124M random numbers)."""
+        model = cls.__new__(cls)
+        model._setup(config)
+        return model
+
+    def _setup(self, config) -> None:
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         self.config = config
@@ -156,7 +169,6 @@ class TransformerModel(Closeable):
         self._lock = threading.RLock()
         # Dropout masks: one 64-bit seed per training forward, drawn from this generator.
         self._dropout_rng = np.random.Generator(np.random.PCG64([config.seed, 0x5EED_D409]))
-        self._init_weights()
 
     # ---- the surface smallmind's own modules use -----------------------------------------------
 
