@@ -16,7 +16,7 @@ from .core.tracker import MemorySnapshot, MemoryTracker
 # the model and its training
 from .model import corpus
 from .model.transformer import PRESETS, ModelConfig, TransformerModel
-from .model.tokenizer import Tokenizer, UnknownCharacterWarning
+from .model.tokenizer import BaseTokenizer, Tokenizer, UnknownCharacterWarning
 from .model.bpe import BPETokenizer
 from .model.pretrained import load_pretrained
 from .model.checkpoint import find_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
@@ -42,7 +42,7 @@ __all__ = [
     "CancelledError", "NumericalError",
 ]
 __all__ += ["MemoryPool", "PooledBuffer", "default_pool"]
-__all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "BPETokenizer",
+__all__ += ["ModelConfig", "TransformerModel", "PRESETS", "Tokenizer", "BPETokenizer", "BaseTokenizer",
             "UnknownCharacterWarning",
             "CancellationToken", "CancellationTokenSource", "load_checkpoint", "read_checkpoint",
             "save_checkpoint", "find_checkpoint", "load_pretrained", "Training", "data_digest",

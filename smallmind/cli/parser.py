@@ -148,7 +148,8 @@ def build_parser():
     g.add_argument("--init", metavar="FOLDER",
                    help="start from this model instead of random weights (fine-tuning): a "
                         "Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer "
-                        "files) or a smallmind checkpoint; its sizes and tokenizer are kept")
+                        "files) or a smallmind checkpoint; its sizes and tokenizer are kept "
+                        "(default: random weights)")
     g = p.add_argument_group("the run")
     g.add_argument("--steps", type=int, help=f"optimizer steps in all, counting those a resumed "
                    f"run has done (default: {_default('training', 'steps')})")

@@ -58,10 +58,11 @@ def tokenizer_from_json(s: str) -> BaseTokenizer:
         kind = json.loads(s).get("type")
     except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise ValidationError(f"tokenizer JSON: {e}") from None
-    readers = {"char": Tokenizer.from_json, "bpe": BPETokenizer.from_json}
-    if kind not in readers:
-        raise ValidationError(f"tokenizer JSON: type must be one of {sorted(readers)}, got {kind!r}")
-    return readers[kind](s)
+    if kind == "char":
+        return Tokenizer.from_json(s)
+    if kind == "bpe":
+        return BPETokenizer.from_json(s)
+    raise ValidationError(f"tokenizer JSON: type must be one of ['bpe', 'char'], got {kind!r}")
 
 
 def save_checkpoint(path, model: TransformerModel, tokenizer: BaseTokenizer | None = None, *,
