@@ -370,7 +370,15 @@ cdef extern from "sm_index.h" nogil:
     ctypedef struct sm_index:
         pass
     int SM_METRIC_COSINE, SM_METRIC_DOT, SM_METRIC_L2
-    int sm_index_create(sm_index **out, int64_t dim, int metric)
+    enum:
+        SM_STORE_F32
+        SM_STORE_BF16
+        SM_STORE_I8
+    int sm_index_create(sm_index **out, int64_t dim, int metric, int storage, int exact)
+    int sm_index_storage(const sm_index *ix)
+    int sm_index_exact(const sm_index *ix)
+    void sm_index_get_codes(const sm_index *ix, int64_t r, void *codes, float *scale)
+    int sm_index_add_codes(sm_index *ix, const void *codes, const float *scales, int64_t n)
     void sm_index_free(sm_index *ix)
     int64_t sm_index_size(const sm_index *ix)
     int64_t sm_index_dim(const sm_index *ix)

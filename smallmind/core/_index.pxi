@@ -3,18 +3,71 @@
 # searches (which run without the GIL) overlap each other but never an add, remove or close.
 
 _METRICS = {"cosine": SM_METRIC_COSINE, "dot": SM_METRIC_DOT, "l2": SM_METRIC_L2}
+_STORAGES = {"float32": SM_STORE_F32, "bf16": SM_STORE_BF16, "int8": SM_STORE_I8}
 
 
 cdef class IndexStore:
-    """float32 rows of `dim` floats in C memory with an exact top-k search (see sm_index.h)."""
+    """Rows of `dim` floats in C memory with a top-k search (see sm_index.h): float32, or a
+    compact bf16 / int8 copy read first (with the float32 rows kept when exact)."""
     cdef sm_index *ix
 
-    def __cinit__(self, dim, str metric):
+    def __cinit__(self, dim, str metric, str storage="float32", bint exact=True):
         self.ix = NULL
         _check_int(dim, "dim", 1, 1 << 24)
         if metric not in _METRICS:
             raise ValidationError(f"metric must be one of {tuple(_METRICS)}, got {metric!r}")
-        _raise_for(sm_index_create(&self.ix, dim, _METRICS[metric]), "IndexStore")
+        if storage not in _STORAGES:
+            raise ValidationError(f"storage must be one of {tuple(_STORAGES)}, got {storage!r}")
+        if storage == "float32" and not exact:
+            raise ValidationError("exact=False needs a compact storage (bf16 or int8): float32 "
+                                  "rows are the exact ones")
+        _raise_for(sm_index_create(&self.ix, dim, _METRICS[metric], _STORAGES[storage], exact),
+                   "IndexStore")
+
+    def codes(self):
+        """A compact store without float32 rows: (codes (n, dim) uint16 bf16 bits or int8,
+        scales float32 (n,), zeros for bf16)."""
+        cdef sm_index *ix = self._alive()
+        cdef int64_t n = sm_index_size(ix), dim = sm_index_dim(ix), r
+        st = sm_index_storage(ix)
+        if st == SM_STORE_F32 or sm_index_exact(ix):
+            raise ValidationError("only a compact store without float32 rows has codes")
+        codes = np.empty((n, dim), np.uint16 if st == SM_STORE_BF16 else np.int8)
+        scales = np.empty(n, np.float32)
+        cdef char *pc = <char *>cnp.PyArray_DATA(<cnp.ndarray>codes)
+        cdef float *ps = _fptr(scales)
+        cdef int64_t es = 2 if st == SM_STORE_BF16 else 1
+        with nogil:
+            for r in range(n):
+                sm_index_get_codes(ix, r, pc + r * dim * es, ps + r)
+        return codes, scales
+
+    def row_codes(self, int64_t r):
+        """(codes (dim,), scale) of row r of a compact store without float32 rows."""
+        cdef sm_index *ix = self._alive()
+        if r < 0 or r >= sm_index_size(ix):
+            raise ValidationError(f"row {r} out of range")
+        st = sm_index_storage(ix)
+        codes = np.empty(sm_index_dim(ix), np.uint16 if st == SM_STORE_BF16 else np.int8)
+        cdef float scale = 0.0
+        sm_index_get_codes(ix, r, cnp.PyArray_DATA(<cnp.ndarray>codes), &scale)
+        return codes, scale
+
+    def add_codes(self, codes, scales):
+        """Append rows given as codes and scales (what codes() returned)."""
+        cdef sm_index *ix = self._alive()
+        st = sm_index_storage(ix)
+        dt = np.uint16 if st == SM_STORE_BF16 else np.int8
+        c = np.ascontiguousarray(codes, dtype=dt)
+        sc = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
+        if c.ndim != 2 or c.shape[1] != sm_index_dim(ix) or sc.shape[0] != c.shape[0]:
+            raise ValidationError(f"codes must be ({sc.shape[0]}, {sm_index_dim(ix)}), got "
+                                  f"{c.shape}")
+        cdef int rc = sm_index_add_codes(ix, cnp.PyArray_DATA(<cnp.ndarray>c), _fptr(sc), c.shape[0])
+        if rc == SM_ERR_ARG:
+            raise ValidationError("codes must be finite bf16 values / int8 codes in [-127, 127] "
+                                  "with finite scales >= 0 (and non-zero rows for cosine)")
+        _raise_for(rc, "IndexStore.add_codes")
 
     def __dealloc__(self):
         if self.ix != NULL:

@@ -22,9 +22,10 @@ from ..core import _core
 from ..errors import CheckpointError, ValidationError
 from ..safetensors import load_file, save_file
 
-__all__ = ["VectorIndex", "METRICS"]
+__all__ = ["VectorIndex", "METRICS", "STORAGES"]
 
 METRICS = ("cosine", "dot", "l2")
+STORAGES = ("float32", "bf16", "int8")
 _FORMAT = "smallmind.VectorIndex"
 _VERSION = 1
 _META_KEY = "smallmind.index"
@@ -88,19 +89,38 @@ class VectorIndex(Closeable):
     first. Results are identical for any thread count and whether queries come alone or in a
     batch.
 
+    ``storage``: "float32" (the default), or "bf16" / "int8": a compact copy of every vector (2
+    or 1 byte per value; int8 with one scale per vector) that a search reads first. With
+    ``exact=True`` (the default) the float32 vectors are kept too and results are exactly the
+    float32 index's, ids and score bits: the compact scores bound the float32 ones (each
+    vector's quantization error norm, Cauchy-Schwarz, and the sums' rounding), and every vector
+    whose bound reaches the k-th best is scored again in float32. ``exact=False`` keeps only
+    the compact vectors (less memory; scores and ranking are the compact vectors', so recall is
+    below 1: docs/retrieval.md gives it measured).
+
         with sm.VectorIndex(128) as index:
             index.add(vectors, ids=["a", "b", ...], metadata=[{...}, ...])
             ids, scores = index.search(query, k=10)
     """
 
-    def __init__(self, dim: int, metric: str = "cosine"):
+    def __init__(self, dim: int, metric: str = "cosine", *, storage: str = "float32",
+                 exact: bool = True):
         if not is_int(dim) or not 1 <= dim <= 1 << 24:
             raise ValidationError(f"dim must be an int in [1, 2**24], got {dim!r}")
         if metric not in METRICS:
             raise ValidationError(f"metric must be one of {METRICS}, got {metric!r}")
+        if storage not in STORAGES:
+            raise ValidationError(f"storage must be one of {STORAGES}, got {storage!r}")
+        if not isinstance(exact, bool):
+            raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
+        if storage == "float32" and not exact:
+            raise ValidationError("exact=False needs storage='bf16' or 'int8' (float32 vectors "
+                                  "are the exact ones)")
         self.dim = int(dim)
         self.metric = metric
-        self._store = _core.IndexStore(self.dim, metric)
+        self.storage = storage
+        self.exact = exact
+        self._store = _core.IndexStore(self.dim, metric, storage, exact)
         self._ids: list = []            # row -> id
         self._meta: list = []           # row -> metadata (or None)
         self._rows: dict = {}           # id -> row
@@ -250,7 +270,7 @@ class VectorIndex(Closeable):
             try:
                 for i in dict.fromkeys(ids):
                     r = self._rows[i]
-                    removed.append((i, self._store.get_row(r), self._meta[r]))
+                    removed.append((i, self._row_snapshot(r), self._meta[r]))
                     _faults.point("VectorIndex.remove:copied")
                     self._remove_row(i, r)
                     _faults.point("VectorIndex.remove:row")
@@ -268,19 +288,31 @@ class VectorIndex(Closeable):
             self._ids[r], self._meta[r] = last_id, last_meta
             self._rows[last_id] = r
 
+    def _compact_only(self) -> bool:
+        return self.storage != "float32" and not self.exact
+
+    def _row_snapshot(self, r: int):
+        """What re-adds row r as it is: its float32 vector, or its codes and scale."""
+        return self._store.row_codes(r) if self._compact_only() else self._store.get_row(r)
+
     def _restore_rows(self, removed: list) -> None:
         """Put back rows a failed remove took out (those no longer present)."""
         back = [(i, v, m) for i, v, m in removed if i not in self._rows]
         if back:
             base = len(self._ids)
-            self._store.add(np.stack([v for _, v, _ in back]))
+            if self._compact_only():
+                self._store.add_codes(np.stack([v[0] for _, v, _ in back]),
+                                      np.array([v[1] for _, v, _ in back], np.float32))
+            else:
+                self._store.add(np.stack([v for _, v, _ in back]))
             for j, (i, _, m) in enumerate(back):
                 self._ids.append(i)
                 self._meta.append(m)
                 self._rows[i] = base + j
 
     def get(self, id) -> tuple[np.ndarray, Any]:
-        """(vector, metadata) of an id; ValidationError if it is unknown."""
+        """(vector, metadata) of an id; ValidationError if it is unknown. Without float32
+        vectors (exact=False) the vector is the compact one, widened to float32."""
         with self._lock.read():
             self.check_open()
             if id not in self._rows:
@@ -324,10 +356,14 @@ class VectorIndex(Closeable):
         with self._lock.read():
             self.check_open()
             header = {"format": _FORMAT, "version": _VERSION, "dim": self.dim,
-                      "metric": self.metric, "ids": self._ids, "metadata": self._meta}
-            vectors = self._store.rows()
-        save_file({"vectors": vectors}, path, metadata={_META_KEY: json.dumps(header)},
-                  checksums=True)
+                      "metric": self.metric, "storage": self.storage, "exact": self.exact,
+                      "ids": self._ids, "metadata": self._meta}
+            if self._compact_only():      # the codes themselves: read back, the same scores
+                codes, scales = self._store.codes()
+                tensors = {"codes": codes, "scales": scales}
+            else:
+                tensors = {"vectors": self._store.rows()}
+        save_file(tensors, path, metadata={_META_KEY: json.dumps(header)}, checksums=True)
 
     @classmethod
     def load(cls, path, *, verify: bool | None = None) -> "VectorIndex":
@@ -353,18 +389,30 @@ class VectorIndex(Closeable):
         metric: Any = header.get("metric")
         ids: Any = header.get("ids")
         metadata: Any = header.get("metadata")
-        vectors: Any = tensors.get("vectors")
+        storage: Any = header.get("storage", "float32")     # files before compact storage
+        exact: Any = header.get("exact", True)
+        compact = storage in ("bf16", "int8") and exact is False
+        names = {"codes", "scales"} if compact else {"vectors"}
+        vectors: Any = tensors.get("codes" if compact else "vectors")
+        scales: Any = tensors.get("scales")
+        want = {"bf16": np.uint16, "int8": np.int8}.get(storage) if compact else np.float32
         problems = []
         if not is_int(dim) or not 1 <= dim <= 1 << 24:
             problems.append(f"dim {dim!r}")
         if metric not in METRICS:
             problems.append(f"metric {metric!r}")
+        if storage not in STORAGES or not isinstance(exact, bool) or (storage == "float32"
+                                                                       and not exact):
+            problems.append(f"storage {storage!r} with exact {exact!r}")
         if not isinstance(ids, list) or not isinstance(metadata, list):
             problems.append("ids/metadata are not lists")
-        if vectors is None or vectors.dtype != np.float32 or vectors.ndim != 2:
-            problems.append("no float32 (n, dim) 'vectors' tensor")
-        if set(tensors) != {"vectors"}:
-            problems.append(f"unexpected tensors {sorted(set(tensors) - {'vectors'})}")
+        if vectors is None or vectors.dtype != want or vectors.ndim != 2:
+            problems.append(f"no {np.dtype(want).name} (n, dim) {sorted(names)[0]!r} tensor")
+        if compact and (scales is None or scales.dtype != np.float32 or scales.ndim != 1
+                        or vectors is None or scales.shape[0] != vectors.shape[0]):
+            problems.append("no float32 (n,) 'scales' tensor")
+        if set(tensors) != names:
+            problems.append(f"unexpected tensors {sorted(set(tensors) - names)}")
         if not problems:
             n = vectors.shape[0]
             if vectors.shape[1] != dim:
@@ -377,9 +425,11 @@ class VectorIndex(Closeable):
                 problems.append("ids are not unique")
         if problems:
             raise CheckpointError(f"{where!r}: corrupted VectorIndex file: " + "; ".join(problems))
-        index = cls(dim, metric)
+        index = cls(dim, metric, storage=storage, exact=exact)
         try:
-            if len(ids):
+            if len(ids) and compact:
+                index._add_codes(vectors, scales, ids, metadata)
+            elif len(ids):
                 index.add(vectors, ids=ids, metadata=metadata)
         except ValidationError as e:
             index.close()
@@ -389,7 +439,19 @@ class VectorIndex(Closeable):
             raise
         return index
 
+    def _add_codes(self, codes, scales, ids, metadata) -> None:
+        """A new index's rows from saved codes (load): the same codes and scales, so the same
+        scores. ids and metadata as load checked them."""
+        with self._lock.write():
+            self._store.add_codes(codes, scales)
+            self._ids, self._meta = list(ids), list(metadata)
+            self._rows = {i: r for r, i in enumerate(self._ids)}
+            ints = [i for i in self._ids if not isinstance(i, str)]
+            self._next_id = max(ints) + 1 if ints else 0
+
     def __repr__(self):
         if self._closed:
             return "VectorIndex(disposed)"
-        return f"VectorIndex(dim={self.dim}, metric={self.metric!r}, len={len(self._ids)})"
+        extra = "" if self.storage == "float32" else (f", storage={self.storage!r}"
+                                                      + ("" if self.exact else ", exact=False"))
+        return f"VectorIndex(dim={self.dim}, metric={self.metric!r}{extra}, len={len(self._ids)})"
