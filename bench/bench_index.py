@@ -1,7 +1,9 @@
 """bench_index.py - exact top-10 cosine search, smallmind.VectorIndex against numpy brute force
 (a normalised matrix product plus argpartition, the usual few lines), on 100,000 x 128 and
 1,000,000 x 64 float32 vectors: single queries and batches of 64, 1 and 2 threads; add
-throughput and memory per vector.
+throughput and memory per vector. Each storage is measured: float32, and the compact bf16 and
+int8 copies read first - exact (float32 re-rank: the float32 results) and exact=False (compact
+rows only, with recall@10 against the exact top-10).
 
     python bench/bench_index.py --json bench/results/index.json   # full run (~3 min, 2 cores)
     python bench/bench_index.py --quick                            # smoke run (seconds)
@@ -69,20 +71,32 @@ def timed(fn, reps):
     return float(np.median(ts))
 
 
-def run_shape(n, dim, threads_list, quick):
+STORAGES = [("float32", True), ("bf16", True), ("int8", True), ("bf16", False), ("int8", False)]
+
+
+def run_shape(n, dim, threads_list, quick, storages):
+    rows = []
+    for storage, exact in storages:
+        rows += run_storage(n, dim, threads_list, quick, storage, exact)
+    return rows
+
+
+def run_storage(n, dim, threads_list, quick, storage, exact):
     rng = np.random.default_rng(n + dim)
     X = rng.standard_normal((n, dim)).astype(np.float32)
     Q = rng.standard_normal((BATCH, dim)).astype(np.float32)
     rows = []
-    index = sm.VectorIndex(dim, "cosine")
+    what = storage + ("" if exact else " (exact=False)")
+    index = sm.VectorIndex(dim, "cosine", storage=storage, exact=exact)
     t0 = time.perf_counter()
     for s in range(0, n, 10_000):
         index.add(X[s:s + 10_000])
     add_s = time.perf_counter() - t0
-    rows.append({"kind": "index", "part": "add", "n": n, "dim": dim, "vectors_per_s": n / add_s,
+    rows.append({"kind": "index", "part": "add", "n": n, "dim": dim, "storage": storage,
+                 "exact": exact, "vectors_per_s": n / add_s,
                  "bytes_per_vector": index.nbytes / n})
-    print(f"  add {n:>9,} x {dim}: {n / add_s:12,.0f} vectors/s, {index.nbytes / n:.0f} bytes per "
-          f"vector ({4 * dim} of data)", flush=True)
+    print(f"  add {n:>9,} x {dim} {what}: {n / add_s:12,.0f} vectors/s, {index.nbytes / n:.0f} "
+          f"bytes per vector ({4 * dim} of data)", flush=True)
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     reps_single = 3 if quick else 15
     reps_batch = 1 if quick else 5
@@ -102,33 +116,44 @@ def run_shape(n, dim, threads_list, quick):
                 ids_sm, _ = index.search(q, K, threads=t)
                 ids_np, _ = numpy_search(Xn, q, K)
             agree = float(np.mean([set(a) == set(b.tolist()) for a, b in zip(ids_sm, ids_np)]))
+            recall = float(np.mean([len(set(a) & set(b.tolist())) / K
+                                    for a, b in zip(ids_sm, ids_np)]))
             med = {k: float(np.median(v)) for k, v in times.items()}
             nq = q.shape[0]
             row = {"kind": "index", "part": label, "n": n, "dim": dim, "threads": t,
+                   "storage": storage, "exact": exact,
                    "queries": nq, "smallmind_qps": nq / med["smallmind"],
                    "numpy_qps": nq / med["numpy"], "vs_numpy": med["numpy"] / med["smallmind"],
-                   "top10_agreement": agree, "loadavg_1min": (loadavg() or [None])[0]}
+                   "top10_agreement": agree, "recall_at_10": recall,
+                   "bytes_per_vector": index.nbytes / n, "loadavg_1min": (loadavg() or [None])[0]}
             rows.append(row)
-            print(f"  {label:<6} {n:>9,} x {dim} t={t}: smallmind {row['smallmind_qps']:10,.1f} q/s"
-                  f" | numpy {row['numpy_qps']:10,.1f} q/s | {row['vs_numpy']:.2f}x | same top-10 "
-                  f"{agree:.0%}  (load {row['loadavg_1min']})", flush=True)
+            print(f"  {label:<6} {n:>9,} x {dim} {what:<22} t={t}: smallmind "
+                  f"{row['smallmind_qps']:10,.1f} q/s | numpy {row['numpy_qps']:10,.1f} q/s | "
+                  f"{row['vs_numpy']:.2f}x | same top-10 {agree:.0%}, recall@10 {recall:.3f}  "
+                  f"(load {row['loadavg_1min']})", flush=True)
     index.dispose()
     return rows
 
 
+def _storage(r):
+    st = r.get("storage", "float32")
+    return st if r.get("exact", True) else f"{st}, exact=False"
+
+
 def table(rows):
-    out = ["| vectors | queries | threads | smallmind q/s | numpy q/s | vs numpy | same top-10 |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| vectors | storage | queries | threads | smallmind q/s | numpy q/s | vs numpy "
+           "| same top-10 | recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["part"] in ("single", "batch"):
             q = "1" if r["part"] == "single" else f"batch of {r['queries']}"
-            out.append(f"| {r['n']:,} x {r['dim']} | {q} | {r['threads']} | "
+            out.append(f"| {r['n']:,} x {r['dim']} | {_storage(r)} | {q} | {r['threads']} | "
                        f"{r['smallmind_qps']:,.1f} | {r['numpy_qps']:,.1f} | **{r['vs_numpy']:.2f}x** | "
-                       f"{r['top10_agreement']:.0%} |")
+                       f"{r['top10_agreement']:.0%} | {r.get('recall_at_10', 1.0):.3f} |")
     adds = [r for r in rows if r["part"] == "add"]
     if adds:
-        out += ["", "| vectors | add, vectors/s | bytes per vector (data) |", "|---|---|---|"]
-        out += [f"| {r['n']:,} x {r['dim']} | {r['vectors_per_s']:,.0f} | "
+        out += ["", "| vectors | storage | add, vectors/s | bytes per vector (float32 data) |",
+                "|---|---|---|---|"]
+        out += [f"| {r['n']:,} x {r['dim']} | {_storage(r)} | {r['vectors_per_s']:,.0f} | "
                 f"{r['bytes_per_vector']:.0f} ({4 * r['dim']}) |" for r in adds]
     return "\n".join(out)
 
@@ -138,7 +163,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one small shape (smoke run)")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--storage", default=",".join(s if e else s + "-approx" for s, e in STORAGES),
+                    help="comma-separated storages: float32, bf16, int8, and bf16-approx / "
+                         "int8-approx for exact=False (default: all)")
     args = ap.parse_args(argv)
+    storages = [(s.removesuffix("-approx"), not s.endswith("-approx"))
+                for s in args.storage.split(",")]
+    if any(s not in ("float32", "bf16", "int8") or (s == "float32" and not e) for s, e in storages):
+        ap.error("--storage: float32, bf16, int8, bf16-approx, int8-approx")
     threads = [int(t) for t in args.threads.split(",")]
     if any(t < 1 for t in threads):
         ap.error("--threads must be >= 1")
@@ -150,7 +182,7 @@ def main(argv=None):
     load_start = loadavg()
     rows = []
     for n, dim in (QUICK_SHAPES if args.quick else SHAPES):
-        rows += run_shape(n, dim, threads, args.quick)
+        rows += run_shape(n, dim, threads, args.quick, storages)
     info["loadavg_start"], info["loadavg_end"] = load_start, loadavg()
     print()
     print(table(rows))

@@ -35,6 +35,7 @@ struct sm_index {
 
 #define CHUNK_ROWS_BYTES (256 * 1024) /* stored rows scored per pass: stay in L2 for the groups */
 #define QGROUP 4                      /* queries per pass over a chunk */
+#define PF_BYTES 4096                 /* compact scan: software prefetch distance */
 
 int sm_index_create(sm_index **out, int64_t dim, int metric, int storage, int exact) {
     *out = NULL;
@@ -473,8 +474,16 @@ SM_TARGET_AVX512
 static void cdots_avx512(const sm_index *ix, const float *qp, int m, int64_t r0, int64_t cn,
                          float *s, int64_t lds) {
     const int bf16 = ix->storage == SM_STORE_BF16;
+    /* a software prefetch PF_BYTES ahead of the row being read: the hardware prefetchers alone
+     * left the one-core scan at ~8.5 GB/s where the machine reads ~14 */
+    const int64_t rowb = code_bytes(ix);
+    const char *base = (const char *)ix->codes;
 #define CDOTS_CASE(BF, M)                                                                          \
-    for (int64_t j = 0; j < cn; j++) cdots_row_avx512(ix, BF, qp, M, r0 + j, s + j, lds);         \
+    for (int64_t j = 0; j < cn; j++) {                                                             \
+        const char *ahead = base + (r0 + j) * rowb + PF_BYTES;                                     \
+        for (int64_t o = 0; o < rowb; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);               \
+        cdots_row_avx512(ix, BF, qp, M, r0 + j, s + j, lds);                                       \
+    }                                                                                              \
     return;
     if (bf16) {
         switch (m) {
