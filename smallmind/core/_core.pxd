@@ -364,6 +364,27 @@ cdef extern from "sm_generate.h" nogil:
 
 # ---- end of declarations ---------------------------------------------------------------------
 
+# ---- sm_quant.h (bf16 / int8 weight matrices and their matrix-vector products) ----------------
+
+cdef extern from "sm_quant.h" nogil:
+    enum:
+        SM_QBF16
+        SM_QI8
+    ctypedef struct sm_qmat:
+        int fmt
+        int64_t K, N, group
+        const void *codes
+        const float *scales
+    int sm_quantize(int fmt, int64_t K, int64_t N, int64_t group, const float *W, int64_t ldw,
+                    void *codes, float *scales)
+    int sm_quantize_t(int fmt, int64_t N, int64_t K, int64_t group, const float *Wt, int64_t ldw,
+                      void *codes, float *scales)
+    void sm_dequantize(const sm_qmat *q, int transposed, float *out)
+    int sm_qgemv(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t k0, int64_t k1,
+                 int64_t n0, int64_t n1, float *y, int64_t ldy)
+    int sm_qgemv_dots(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t n0,
+                      int64_t n1, float *y, int64_t ldy)
+
 # ---- sm_index.h (VectorIndex store and exact top-k search) --------------------------------------
 
 cdef extern from "sm_index.h" nogil:

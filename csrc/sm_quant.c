@@ -1,0 +1,326 @@
+/* sm_quant.c - bf16 / int8 weight matrices and the matrix-vector products that read them (see
+ * sm_quant.h). The rows form streams W front to back, a group of rows at a time, into
+ * per-column accumulators kept in a small stack tile (64 columns: they stay in registers on the
+ * AVX-512 path); the dots form reads one stored row per output, as the LM head does. */
+#include "sm_quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "sm_runtime.h"
+
+static uint16_t to_bf16(float f) { /* round to nearest even; finite inputs */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float from_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static int8_t to_i8(float w, float scale) {
+    float v = scale > 0.0f ? nearbyintf(w / scale) : 0.0f;
+    return (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+}
+
+int sm_quantize(int fmt, int64_t K, int64_t N, int64_t group, const float *W, int64_t ldw,
+                void *codes, float *scales) {
+    if ((fmt != SM_QBF16 && fmt != SM_QI8) || K < 1 || N < 1 || ldw < N || !W || !codes ||
+        (fmt == SM_QI8 && (group < 1 || K % group != 0 || !scales)))
+        return SM_ERR_ARG;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t n = 0; n < N; n++)
+            if (!isfinite(W[k * ldw + n])) return SM_ERR_ARG;
+    if (fmt == SM_QBF16) {
+        uint16_t *c = (uint16_t *)codes;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t n = 0; n < N; n++) c[k * N + n] = to_bf16(W[k * ldw + n]);
+        return SM_OK;
+    }
+    int8_t *c = (int8_t *)codes;
+    for (int64_t g = 0; g < K / group; g++) {
+        float *sg = scales + g * N;
+        for (int64_t n = 0; n < N; n++) sg[n] = 0.0f;
+        for (int64_t k = g * group; k < (g + 1) * group; k++)
+            for (int64_t n = 0; n < N; n++) {
+                const float a = fabsf(W[k * ldw + n]);
+                if (a > sg[n]) sg[n] = a;
+            }
+        for (int64_t n = 0; n < N; n++) sg[n] /= 127.0f;
+        for (int64_t k = g * group; k < (g + 1) * group; k++)
+            for (int64_t n = 0; n < N; n++) c[k * N + n] = to_i8(W[k * ldw + n], sg[n]);
+    }
+    return SM_OK;
+}
+
+int sm_quantize_t(int fmt, int64_t N, int64_t K, int64_t group, const float *Wt, int64_t ldw,
+                  void *codes, float *scales) {
+    if ((fmt != SM_QBF16 && fmt != SM_QI8) || K < 1 || N < 1 || ldw < K || !Wt || !codes ||
+        (fmt == SM_QI8 && (group < 1 || K % group != 0 || !scales)))
+        return SM_ERR_ARG;
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t k = 0; k < K; k++)
+            if (!isfinite(Wt[r * ldw + k])) return SM_ERR_ARG;
+    for (int64_t r = 0; r < N; r++) {
+        const float *w = Wt + r * ldw;
+        if (fmt == SM_QBF16) {
+            for (int64_t k = 0; k < K; k++) ((uint16_t *)codes)[r * K + k] = to_bf16(w[k]);
+            continue;
+        }
+        for (int64_t g = 0; g < K / group; g++) {
+            float amax = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) amax = fabsf(w[k]) > amax ? fabsf(w[k]) : amax;
+            const float s = amax / 127.0f;
+            scales[r * (K / group) + g] = s;
+            for (int64_t k = g * group; k < (g + 1) * group; k++)
+                ((int8_t *)codes)[r * K + k] = to_i8(w[k], s);
+        }
+    }
+    return SM_OK;
+}
+
+void sm_dequantize(const sm_qmat *q, int transposed, float *out) {
+    const int64_t K = q->K, N = q->N, G = q->group;
+    for (int64_t i = 0; i < K * N; i++) {
+        if (q->fmt == SM_QBF16) {
+            out[i] = from_bf16(((const uint16_t *)q->codes)[i]);
+            continue;
+        }
+        /* rows form: i = k * N + n, scale (k / G, n); dots form: i = n * K + k, scale (n, k / G) */
+        const float s = transposed ? q->scales[(i / K) * (K / G) + (i % K) / G]
+                                   : q->scales[((i / N) / G) * N + i % N];
+        out[i] = s * (float)((const int8_t *)q->codes)[i];
+    }
+}
+
+/* ---- the rows form -------------------------------------------------------------------------- */
+
+#define QTILE 64 /* columns per tile: 4 zmm accumulators per row of x */
+#define QMAXM 4  /* rows of x per pass (more go in passes of up to 4) */
+
+static float code_at(const sm_qmat *q, int64_t i) {
+    return q->fmt == SM_QBF16 ? from_bf16(((const uint16_t *)q->codes)[i])
+                              : (float)((const int8_t *)q->codes)[i];
+}
+
+/* y[b, n0:n0+w] for b < m (m <= QMAXM), w <= QTILE: per column, FMAs over k in order within a
+ * group (int8), the group's sum times its scale added to the total, groups in order. */
+static void rows_tile_generic(const sm_qmat *q, int m, const float *x, int64_t ldx, int64_t k0,
+                              int64_t k1, int64_t n0, int64_t w, float *y, int64_t ldy) {
+    const int64_t N = q->N, G = q->fmt == SM_QI8 ? q->group : k1 - k0;
+    float tot[QMAXM][QTILE], part[QMAXM][QTILE];
+    for (int b = 0; b < m; b++)
+        for (int64_t j = 0; j < w; j++) tot[b][j] = 0.0f;
+    for (int64_t g0 = k0; g0 < k1; g0 += G) {
+        const int64_t g1 = g0 + G < k1 ? g0 + G : k1;
+        for (int b = 0; b < m; b++)
+            for (int64_t j = 0; j < w; j++) part[b][j] = 0.0f;
+        for (int64_t k = g0; k < g1; k++)
+            for (int64_t j = 0; j < w; j++) {
+                const float c = code_at(q, k * N + n0 + j);
+                for (int b = 0; b < m; b++) part[b][j] = fmaf(x[b * ldx + k], c, part[b][j]);
+            }
+        for (int b = 0; b < m; b++)
+            for (int64_t j = 0; j < w; j++)
+                tot[b][j] = q->fmt == SM_QI8 ? fmaf(q->scales[(g0 / q->group) * N + n0 + j], part[b][j], tot[b][j])
+                                             : part[b][j];
+    }
+    for (int b = 0; b < m; b++)
+        for (int64_t j = 0; j < w; j++) y[b * ldy + n0 + j] = tot[b][j];
+}
+
+#if SM_X86_KERNELS
+#include <immintrin.h>
+
+#include "sm_vecmath.h"
+
+SM_TARGET_AVX512
+SM_INLINE __m512 codes16_avx512(const sm_qmat *q, const int bf16, int64_t i, __mmask16 mk) {
+    if (bf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)q->codes + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    const __m128i c = _mm_maskz_loadu_epi8(mk, (const int8_t *)q->codes + i);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
+}
+
+/* The same tile with the accumulators in registers; m and the format constant after inlining. */
+SM_TARGET_AVX512
+SM_INLINE void rows_tile_avx512(const sm_qmat *q, const int bf16, const int m, const float *x,
+                                int64_t ldx, int64_t k0, int64_t k1, int64_t n0, int64_t w,
+                                float *y, int64_t ldy) {
+    const int64_t N = q->N, G = bf16 ? k1 - k0 : q->group;
+    __mmask16 mk[4];
+    for (int v = 0; v < 4; v++) mk[v] = sm_mask16(w - 16 * v);
+    __m512 tot[QMAXM][4], part[QMAXM][4];
+    for (int b = 0; b < m; b++)
+        for (int v = 0; v < 4; v++) tot[b][v] = _mm512_setzero_ps();
+    for (int64_t g0 = k0; g0 < k1; g0 += G) {
+        const int64_t g1 = g0 + G < k1 ? g0 + G : k1;
+        for (int b = 0; b < m; b++)
+            for (int v = 0; v < 4; v++) part[b][v] = _mm512_setzero_ps();
+        for (int64_t k = g0; k < g1; k++) {
+            __m512 c[4];
+            for (int v = 0; v < 4; v++) c[v] = codes16_avx512(q, bf16, k * N + n0 + 16 * v, mk[v]);
+            for (int b = 0; b < m; b++) {
+                const __m512 xb = _mm512_set1_ps(x[b * ldx + k]);
+                for (int v = 0; v < 4; v++) part[b][v] = _mm512_fmadd_ps(xb, c[v], part[b][v]);
+            }
+        }
+        if (bf16) {
+            for (int b = 0; b < m; b++)
+                for (int v = 0; v < 4; v++) tot[b][v] = part[b][v];
+        } else {
+            const float *sg = q->scales + (g0 / q->group) * N + n0;
+            for (int v = 0; v < 4; v++) {
+                const __m512 s = _mm512_maskz_loadu_ps(mk[v], sg + 16 * v);
+                for (int b = 0; b < m; b++) tot[b][v] = _mm512_fmadd_ps(s, part[b][v], tot[b][v]);
+            }
+        }
+    }
+    for (int b = 0; b < m; b++)
+        for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(y + b * ldy + n0 + 16 * v, mk[v], tot[b][v]);
+}
+
+SM_TARGET_AVX512
+static void rows_avx512(const sm_qmat *q, int m, const float *x, int64_t ldx, int64_t k0,
+                        int64_t k1, int64_t n0, int64_t w, float *y, int64_t ldy) {
+#define ROWS_CASE(BF, M) rows_tile_avx512(q, BF, M, x, ldx, k0, k1, n0, w, y, ldy); return;
+    if (q->fmt == SM_QBF16) {
+        switch (m) {
+        case 1: ROWS_CASE(1, 1)
+        case 2: ROWS_CASE(1, 2)
+        case 3: ROWS_CASE(1, 3)
+        default: ROWS_CASE(1, 4)
+        }
+    }
+    switch (m) {
+    case 1: ROWS_CASE(0, 1)
+    case 2: ROWS_CASE(0, 2)
+    case 3: ROWS_CASE(0, 3)
+    default: ROWS_CASE(0, 4)
+    }
+#undef ROWS_CASE
+}
+#endif
+
+int sm_qgemv(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t k0, int64_t k1,
+             int64_t n0, int64_t n1, float *y, int64_t ldy) {
+    if (!q || !x || !y || M < 1 || k0 < 0 || k1 > q->K || k0 >= k1 || n0 < 0 || n1 > q->N ||
+        n0 >= n1 || ldx < k1 || ldy < n1 || (q->fmt != SM_QBF16 && q->fmt != SM_QI8) ||
+        (q->fmt == SM_QI8 && (q->group < 1 || q->K % q->group || k0 % q->group ||
+                              (k1 % q->group && k1 != q->K))))
+        return SM_ERR_ARG;
+    const int avx512 = SM_X86_KERNELS && sm_simd_active() >= SM_SIMD_AVX512;
+    for (int64_t b0 = 0; b0 < M; b0 += QMAXM) {
+        const int m = (int)(M - b0 < QMAXM ? M - b0 : QMAXM);
+        for (int64_t c0 = n0; c0 < n1; c0 += QTILE) {
+            const int64_t w = n1 - c0 < QTILE ? n1 - c0 : QTILE;
+#if SM_X86_KERNELS
+            if (avx512) {
+                rows_avx512(q, m, x + b0 * ldx, ldx, k0, k1, c0, w, y + b0 * ldy, ldy);
+                continue;
+            }
+#endif
+            (void)avx512;
+            rows_tile_generic(q, m, x + b0 * ldx, ldx, k0, k1, c0, w, y + b0 * ldy, ldy);
+        }
+    }
+    return SM_OK;
+}
+
+/* ---- the dots form -------------------------------------------------------------------------- */
+
+/* y[b, n] for one stored row n: per group along k, a float32 sum of x * code in a fixed order
+ * (16 lanes, then the lanes added in order), times the group's scale, added in group order. */
+static void dots_row_generic(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t n,
+                             float *y, int64_t ldy) {
+    const int64_t K = q->K, G = q->fmt == SM_QI8 ? q->group : K;
+    for (int64_t b = 0; b < M; b++) {
+        float tot = 0.0f;
+        for (int64_t g0 = 0; g0 < K; g0 += G) {
+            float lane[16] = {0};
+            for (int64_t k = g0; k < g0 + G; k++)
+                lane[(k - g0) % 16] = fmaf(x[b * ldx + k], code_at(q, n * K + k), lane[(k - g0) % 16]);
+            float t = 0.0f;
+            for (int l = 0; l < 16; l++) t += lane[l];
+            tot = q->fmt == SM_QI8 ? fmaf(q->scales[n * (K / G) + g0 / G], t, tot) : t;
+        }
+        y[b * ldy + n] = tot;
+    }
+}
+
+#if SM_X86_KERNELS
+/* The same with one zmm of 16 lanes per row of x (lane l takes k = g0 + l, g0 + 16 + l, ...;
+ * groups a multiple of 16 long), reduced by _mm512_reduce_add_ps: the same terms per lane as
+ * the generic path, added in another order at the end. */
+SM_TARGET_AVX512
+SM_INLINE void dots_row_avx512(const sm_qmat *q, const int bf16, const int m, const float *x,
+                               int64_t ldx, int64_t n, float *y, int64_t ldy) {
+    const int64_t K = q->K, G = bf16 ? K : q->group;
+    float total[QMAXM] = {0};
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+        __m512 acc[QMAXM];
+        for (int b = 0; b < m; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t k = g0; k < g0 + G; k += 16) {
+            const __mmask16 mk = sm_mask16(g0 + G - k);
+            const __m512 c = codes16_avx512(q, bf16, n * K + k, mk);
+            for (int b = 0; b < m; b++)
+                acc[b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + b * ldx + k), c, acc[b]);
+        }
+        for (int b = 0; b < m; b++) {
+            const float t = _mm512_reduce_add_ps(acc[b]);
+            total[b] = bf16 ? t : fmaf(q->scales[n * (K / G) + g0 / G], t, total[b]);
+        }
+    }
+    for (int b = 0; b < m; b++) y[b * ldy + n] = total[b];
+}
+
+SM_TARGET_AVX512
+static void dots_avx512(const sm_qmat *q, int m, const float *x, int64_t ldx, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy) {
+#define DOTS_CASE(BF, M)                                                                           \
+    for (int64_t n = n0; n < n1; n++) dots_row_avx512(q, BF, M, x, ldx, n, y, ldy);              \
+    return;
+    if (q->fmt == SM_QBF16) {
+        switch (m) {
+        case 1: DOTS_CASE(1, 1)
+        case 2: DOTS_CASE(1, 2)
+        case 3: DOTS_CASE(1, 3)
+        default: DOTS_CASE(1, 4)
+        }
+    }
+    switch (m) {
+    case 1: DOTS_CASE(0, 1)
+    case 2: DOTS_CASE(0, 2)
+    case 3: DOTS_CASE(0, 3)
+    default: DOTS_CASE(0, 4)
+    }
+#undef DOTS_CASE
+}
+#endif
+
+int sm_qgemv_dots(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t n0, int64_t n1,
+                  float *y, int64_t ldy) {
+    if (!q || !x || !y || M < 1 || n0 < 0 || n1 > q->N || n0 >= n1 || ldx < q->K || ldy < n1 ||
+        (q->fmt != SM_QBF16 && q->fmt != SM_QI8) ||
+        (q->fmt == SM_QI8 && (q->group < 1 || q->K % q->group)))
+        return SM_ERR_ARG;
+#if SM_X86_KERNELS
+    /* lanes restart at each group: the vector path needs groups of whole 16-lane vectors */
+    if (sm_simd_active() >= SM_SIMD_AVX512 && (q->fmt == SM_QBF16 || q->group % 16 == 0)) {
+        for (int64_t b0 = 0; b0 < M; b0 += QMAXM) {
+            const int m = (int)(M - b0 < QMAXM ? M - b0 : QMAXM);
+            dots_avx512(q, m, x + b0 * ldx, ldx, n0, n1, y + b0 * ldy, ldy);
+        }
+        return SM_OK;
+    }
+#endif
+    for (int64_t n = n0; n < n1; n++) dots_row_generic(q, M, x, ldx, n, y, ldy);
+    return SM_OK;
+}
