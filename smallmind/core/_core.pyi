@@ -483,6 +483,8 @@ def gpt_embed(params: _F32, cfg: _Config, idx: _I32, threads: _Int | None = None
 # ---- _index.pxi: the C rows behind VectorIndex ---------------------------------------------------
 
 _METRICS: dict[str, int]
+_STORAGES: dict[str, int]
+_QFORMATS: dict[str, int]
 
 @disjoint_base
 class IndexStore:
