@@ -335,7 +335,30 @@ struct sm_gpt_cache {
     float *k, *v;              /* (L, B, NH, Tmax/64, hs, 64) and (L, B, NH, Tmax, hs) */
     /* decode scratch, one row per sequence */
     float *x, *x2, *ln, *qkv, *att, *br, *fch, *g; /* (B, C) / (B, 3C) / (B, 4C) */
+    const sm_gpt_qweights *qw; /* compact matrices, or NULL (sm_gpt_cache_set_weights) */
 };
+
+/* The compact matrix of a weight kind (QKVW, ATTPROJW, FCW, FCPROJW) of layer l. */
+static const sm_qmat *qmat(const sm_gpt_qweights *qw, int kind, int64_t l) {
+    return &qw->layer[4 * l + (kind - SM_GPT_QKVW)];
+}
+
+int sm_gpt_cache_set_weights(sm_gpt_cache *c, const sm_gpt_qweights *qw) {
+    if (!c) return SM_ERR_ARG;
+    if (qw) {
+        const int64_t C = c->cfg.n_embd, V = c->cfg.vocab_size;
+        const int kinds[4] = {SM_GPT_QKVW, SM_GPT_ATTPROJW, SM_GPT_FCW, SM_GPT_FCPROJW};
+        const int64_t Ks[4] = {C, C, C, 4 * C}, Ns[4] = {3 * C, C, 4 * C, C};
+        if (!qw->layer || !qw->wte || qw->wte->K != C || qw->wte->N != V) return SM_ERR_ARG;
+        for (int64_t l = 0; l < c->cfg.n_layer; l++)
+            for (int i = 0; i < 4; i++) {
+                const sm_qmat *q = qmat(qw, kinds[i], l);
+                if (q->K != Ks[i] || q->N != Ns[i] || !q->codes) return SM_ERR_ARG;
+            }
+    }
+    c->qw = qw;
+    return SM_OK;
+}
 
 static int64_t cache_layer_floats(const sm_gpt_cache *c) {
     return c->B * c->cfg.n_head * c->Tmax * (c->cfg.n_embd / c->cfg.n_head);
@@ -416,7 +439,40 @@ typedef struct {
     int last_only;             /* logits (B, V) of each sequence's last position only */
     float *pooled;             /* if set: (B, C) mean over positions of ln_f's output */
     gemm_fn gemm;              /* the linear layers' product (sm_sgemm unless bf16 training) */
+    const sm_gpt_qweights *qw; /* compact matrices (inference), or NULL */
+    float *wbuf;               /* with qw: one matrix widened to float32 (4 C x C floats) */
 } fwd_bufs;
+
+/* The float32 matrix of a weight kind for a product: the block's, or the compact one widened
+ * into wbuf (used by the product right after, before the next call overwrites it). */
+static const float *wmat(const sm_gpt_qweights *qw, float *wbuf, const float *params,
+                         const sm_gpt_config *cfg, int kind, int64_t l, int nt) {
+    if (!qw) return P(params, kind, l);
+    const sm_qmat *q = qmat(qw, kind, l);
+    sm_dequantize_rows(q, 0, q->K, wbuf, nt);
+    return wbuf;
+}
+
+/* x[i] = wte[idx[i]] + wpe[pos0 + i % T] for n rows (T positions per sequence), the embedding
+ * rows widened from the compact wte. */
+static void embed_q(float *x, const int *idx, int64_t n, int64_t T, int64_t pos0,
+                    const sm_gpt_qweights *qw, const float *wpe, int64_t C) {
+    for (int64_t i = 0; i < n; i++) {
+        sm_qmat_row(qw->wte, idx[i], x + i * C);
+        sm_residual_forward(x + i * C, x + i * C, wpe + (pos0 + i % T) * C, C, 1);
+    }
+}
+
+/* logits (m, V) of rows x (row stride ldx) against the compact wte, vocabulary split over nt
+ * threads (each output computed whole by one thread: the bits do not depend on nt). */
+static void head_q(float *logits, int64_t ldl, const float *x, int64_t ldx, int64_t m,
+                   const sm_qmat *wte, int nt) {
+    SM_PARALLEL(nt) {
+        int64_t v0, v1;
+        sm_split_range(wte->N, 64, SM_THREAD_COUNT(), SM_THREAD_ID(), &v0, &v1);
+        if (v1 > v0) sm_qgemv_dots(wte, m, x, ldx, v0, v1, logits, ldl);
+    }
+}
 
 #define RET_IF(rc)                                                                                \
     do {                                                                                          \
@@ -437,8 +493,11 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
     const gemm_fn gemm = f->gemm ? f->gemm : sm_sgemm;
     const gemm_epi_fn gemm_epi = linear_gemm_epi(gemm);
 
-    sm_encoder_forward(x, idx + b0 * T, P(params, SM_GPT_WTE, 0), P(params, SM_GPT_WPE, 0), bc, T,
-                       C, V, nt);
+    if (f->qw)
+        embed_q(x, idx + b0 * T, N, T, 0, f->qw, P(params, SM_GPT_WPE, 0), C);
+    else
+        sm_encoder_forward(x, idx + b0 * T, P(params, SM_GPT_WTE, 0), P(params, SM_GPT_WPE, 0), bc,
+                           T, C, V, nt);
     if (drop) dropout_at(x, x, N * C, dropout, seed, STREAM_EMB, e0, nt);
 
     for (int64_t l = 0; l < L; l++) {
@@ -458,7 +517,7 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         /* Each product adds its bias (and, without dropout, the residual; after c_fc, GELU)
          * tile by tile while the tile is in cache: see sm_gemm_epilogue. */
         const sm_gemm_epilogue qkv_epi = {P(params, SM_GPT_QKVB, l), NULL, 0, NULL, 0};
-        RET_IF(gemm_epi(0, 0, N, 3 * C, C, f->ln, C, P(params, SM_GPT_QKVW, l), 3 * C, qkv, 3 * C,
+        RET_IF(gemm_epi(0, 0, N, 3 * C, C, f->ln, C, wmat(f->qw, f->wbuf, params, cfg, SM_GPT_QKVW, l, nt), 3 * C, qkv, 3 * C,
                         &qkv_epi, nt));
         if (f->cache) { /* prefill: keep this chunk's keys and values */
             const sm_gpt_cache *kc = f->cache;
@@ -471,13 +530,13 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         RET_IF(sm_attention_forward_ex(atty, lse, qkv, bc, T, C, NH, drop ? &ad : NULL, nt));
         if (drop) {
             const sm_gemm_epilogue e = {P(params, SM_GPT_ATTPROJB, l), NULL, 0, NULL, 0};
-            RET_IF(gemm_epi(0, 0, N, C, C, atty, C, P(params, SM_GPT_ATTPROJW, l), C, f->br, C,
+            RET_IF(gemm_epi(0, 0, N, C, C, atty, C, wmat(f->qw, f->wbuf, params, cfg, SM_GPT_ATTPROJW, l, nt), C, f->br, C,
                             &e, nt));
             dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_ATT(l), e0, nt);
             sm_residual_forward(res2, x, f->br, N * C, nt);
         } else {
             const sm_gemm_epilogue e = {P(params, SM_GPT_ATTPROJB, l), x, C, NULL, 0};
-            RET_IF(gemm_epi(0, 0, N, C, C, atty, C, P(params, SM_GPT_ATTPROJW, l), C, res2, C,
+            RET_IF(gemm_epi(0, 0, N, C, C, atty, C, wmat(f->qw, f->wbuf, params, cfg, SM_GPT_ATTPROJW, l, nt), C, res2, C,
                             &e, nt));
         }
 
@@ -485,17 +544,17 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
         sm_layernorm_forward(f->ln, mean2, rstd2, res2, P(params, SM_GPT_LN2W, l),
                              P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
         const sm_gemm_epilogue fc_epi = {P(params, SM_GPT_FCB, l), NULL, 0, f->g, 4 * C};
-        RET_IF(gemm_epi(0, 0, N, 4 * C, C, f->ln, C, P(params, SM_GPT_FCW, l), 4 * C, fch, 4 * C,
+        RET_IF(gemm_epi(0, 0, N, 4 * C, C, f->ln, C, wmat(f->qw, f->wbuf, params, cfg, SM_GPT_FCW, l, nt), 4 * C, fch, 4 * C,
                         &fc_epi, nt));
         if (drop) {
             const sm_gemm_epilogue e = {P(params, SM_GPT_FCPROJB, l), NULL, 0, NULL, 0};
-            RET_IF(gemm_epi(0, 0, N, C, 4 * C, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, f->br,
+            RET_IF(gemm_epi(0, 0, N, C, 4 * C, f->g, 4 * C, wmat(f->qw, f->wbuf, params, cfg, SM_GPT_FCPROJW, l, nt), C, f->br,
                             C, &e, nt));
             dropout_at(f->br, f->br, N * C, dropout, seed, STREAM_MLP(l), e0, nt);
             sm_residual_forward(xout, res2, f->br, N * C, nt);
         } else {
             const sm_gemm_epilogue e = {P(params, SM_GPT_FCPROJB, l), res2, C, NULL, 0};
-            RET_IF(gemm_epi(0, 0, N, C, 4 * C, f->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, xout,
+            RET_IF(gemm_epi(0, 0, N, C, 4 * C, f->g, 4 * C, wmat(f->qw, f->wbuf, params, cfg, SM_GPT_FCPROJW, l, nt), C, xout,
                             C, &e, nt));
         }
         x = xout;
@@ -511,7 +570,16 @@ static int gpt_forward_chunk(const fwd_bufs *f, const float *params, const sm_gp
             for (int64_t t = 0; t < T; t++) sm_residual_forward(o, o, f->ln + (b * T + t) * C, C, 1);
             for (int64_t c = 0; c < C; c++) o[c] /= (float)T;
         }
-    if (f->logits && f->last_only) /* each sequence's last row (rows T apart), in groups of 4:
+    if (f->logits && f->qw && f->last_only) {
+        head_q(f->logits + b0 * V, V, f->ln + (T - 1) * C, T * C, bc, f->qw->wte, nt);
+    } else if (f->logits && f->qw) { /* every position: the token embedding widened once */
+        float *w = (float *)sm_pool_rent(sm_pool_default(), (size_t)(V * C) * sizeof(float));
+        if (!w) return SM_ERR_NOMEM;
+        for (int64_t v = 0; v < V; v++) sm_qmat_row(f->qw->wte, v, w + v * C);
+        int rc = gemm(0, 1, N, V, C, 1.0f, f->ln, C, w, C, 0.0f, f->logits + b0 * T * V, V, nt);
+        sm_pool_return(w);
+        RET_IF(rc);
+    } else if (f->logits && f->last_only) /* each sequence's last row (rows T apart), in groups of 4:
                                     * the matrix-vector path, so a sequence's logits have the
                                     * same bits whatever else is in the batch */
         for (int64_t r = 0; r < bc; r += 4)
@@ -540,7 +608,8 @@ static float mean_loss(const float *losses, int64_t n, int64_t n_valid) {
 static int forward_inference(float *logits, float *loss, int64_t *n_valid, const float *params,
                              const sm_gpt_config *cfg, const int *idx, const int *targets,
                              int64_t B, int64_t T, float dropout, uint64_t seed,
-                             sm_gpt_cache *cache, int64_t cache_seq0, float *pooled, int nt) {
+                             sm_gpt_cache *cache, int64_t cache_seq0, float *pooled,
+                             const sm_gpt_qweights *qw, int nt) {
     const int64_t C = cfg->n_embd, V = cfg->vocab_size, BT = B * T;
     const int64_t Bc = chunk_seqs(B, T, C), N = Bc * T;
     const int want_logits = logits != NULL || targets != NULL;
@@ -561,6 +630,7 @@ static int forward_inference(float *logits, float *loss, int64_t *n_valid, const
         f.g = CARVE_F(&cv, N * 4 * C);
         f.logits = (want_logits && !logits) ? CARVE_F(&cv, BT * V) : NULL;
         losses = targets ? CARVE_F(&cv, BT) : NULL;
+        f.wbuf = qw ? CARVE_F(&cv, 4 * C * C) : NULL;
         if (pass == 0) {
             cv.base = (char *)sm_pool_rent(sm_pool_default(), (size_t)cv.used);
             if (!cv.base) return SM_ERR_NOMEM;
@@ -572,6 +642,7 @@ static int forward_inference(float *logits, float *loss, int64_t *n_valid, const
     f.cache_seq0 = cache_seq0;
     f.last_only = cache != NULL;
     f.pooled = pooled;
+    f.qw = qw;
     int rc = SM_OK;
     for (int64_t b0 = 0; b0 < B && rc == SM_OK; b0 += Bc) {
         const int64_t bc = B - b0 < Bc ? B - b0 : Bc;
@@ -653,7 +724,19 @@ int sm_gpt_forward(float *logits, float *loss, int64_t *n_valid, sm_gpt_state *s
                                 seed, nt);
     }
     return forward_inference(logits, loss, n_valid, params, cfg, idx, targets, B, T, dropout,
-                             seed, NULL, 0, NULL, nt);
+                             seed, NULL, 0, NULL, NULL, nt);
+}
+
+int sm_gpt_forward_q(float *logits, float *loss, int64_t *n_valid, const float *params,
+                     const sm_gpt_qweights *qw, const sm_gpt_config *cfg, const int *idx,
+                     const int *targets, int64_t B, int64_t T, int nthreads) {
+    if (sm_gpt_config_check(cfg) != SM_OK || !params || !qw || !idx || B < 1 || T < 1 ||
+        T > cfg->block_size)
+        return SM_ERR_ARG;
+    for (int64_t i = 0; i < B * T; i++)
+        if (idx[i] < 0 || idx[i] >= cfg->vocab_size) return SM_ERR_ARG;
+    return forward_inference(logits, loss, n_valid, params, cfg, idx, targets, B, T, 0.0f, 0,
+                             NULL, 0, NULL, qw, sm_resolve_threads(nthreads));
 }
 
 int sm_gpt_embed(float *out, const float *params, const sm_gpt_config *cfg, const int *idx,
@@ -662,7 +745,7 @@ int sm_gpt_embed(float *out, const float *params, const sm_gpt_config *cfg, cons
         T > cfg->block_size)
         return SM_ERR_ARG;
     return forward_inference(NULL, NULL, NULL, params, cfg, idx, NULL, B, T, 0.0f, 0, NULL, 0, out,
-                             sm_resolve_threads(nthreads));
+                             NULL, sm_resolve_threads(nthreads));
 }
 
 /* ---- prefill and decode --------------------------------------------------------------------- */
@@ -675,7 +758,7 @@ int sm_gpt_prefill(float *logits, sm_gpt_cache *c, const float *params, const sm
     const int nt = sm_resolve_threads(nthreads);
     memset(c->len, 0, (size_t)c->B * sizeof(int)); /* a failed prefill leaves an empty cache */
     int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, c->B, T, 0.0f, 0, c, 0,
-                               NULL, nt);
+                               NULL, c->qw, nt);
     if (rc == SM_OK)
         for (int64_t b = 0; b < c->B; b++) c->len[b] = (int)T;
     return rc;
@@ -691,7 +774,7 @@ int sm_gpt_prefill_seq(float *logits, sm_gpt_cache *c, const float *params,
     const int nt = sm_resolve_threads(nthreads);
     for (int64_t i = b; i < b + nb; i++) c->len[i] = 0;
     int rc = forward_inference(logits, NULL, NULL, params, cfg, idx, NULL, nb, T, 0.0f, 0, c, b,
-                               NULL, nt);
+                               NULL, c->qw, nt);
     if (rc == SM_OK)
         for (int64_t i = b; i < b + nb; i++) c->len[i] = (int)T;
     return rc;
@@ -735,7 +818,8 @@ int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
      * products take their matrix path for N > 4, whose rows do not depend on the others) */
     carver cv = {NULL, 0};
     float *x = NULL, *res2 = NULL, *ln = NULL, *qkv = NULL, *att = NULL, *lse = NULL;
-    float *fch = NULL, *g = NULL;
+    float *fch = NULL, *g = NULL, *wbuf = NULL;
+    const sm_gpt_qweights *qw = c->qw;
     for (int pass = 0; pass < 2; pass++) {
         x = CARVE_F(&cv, N * C);
         res2 = CARVE_F(&cv, N * C);
@@ -745,6 +829,7 @@ int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
         lse = CARVE_F(&cv, NH * T);
         fch = CARVE_F(&cv, N * 4 * C);
         g = CARVE_F(&cv, N * 4 * C);
+        wbuf = qw ? CARVE_F(&cv, 4 * C * C) : NULL;
         if (pass == 0) {
             cv.base = (char *)sm_pool_rent(sm_pool_default(), (size_t)cv.used);
             if (!cv.base) return SM_ERR_NOMEM;
@@ -760,14 +845,17 @@ int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
             rc = SM_ERR_ARG;
             goto done;
         }
-        sm_residual_forward(x + i * C, wte + (int64_t)id * C, wpe + (pre + i) * C, C, 1);
+        if (qw)
+            embed_q(x + i * C, &id, 1, 1, pre + i, qw, wpe, C);
+        else
+            sm_residual_forward(x + i * C, wte + (int64_t)id * C, wpe + (pre + i) * C, C, 1);
     }
     for (int64_t l = 0; l < L; l++) {
         float *kc = c->k + l * lay + b * per_seq, *vc = c->v + l * lay + b * per_seq;
         sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
                              P(params, SM_GPT_LN1B, l), N, C, LN_EPS, nt);
         const sm_gemm_epilogue qkv_epi = {P(params, SM_GPT_QKVB, l), NULL, 0, NULL, 0};
-        rc = sm_sgemm_epi(0, 0, N, C3, C, ln, C, P(params, SM_GPT_QKVW, l), C3, qkv + pre * C3, C3,
+        rc = sm_sgemm_epi(0, 0, N, C3, C, ln, C, wmat(qw, wbuf, params, cfg, SM_GPT_QKVW, l, nt), C3, qkv + pre * C3, C3,
                           &qkv_epi, nt);
         if (rc != SM_OK) goto done;
         sm_kv_cache_read(qkv, kc, vc, pre, NH, c->Tmax, hs);
@@ -775,23 +863,26 @@ int sm_gpt_prefill_extend(float *logits, sm_gpt_cache *c, const float *params,
         rc = sm_attention_forward_tail(att, lse, qkv, T, C, NH, pre / SM_ATT_BLOCK, nt);
         if (rc != SM_OK) goto done;
         const sm_gemm_epilogue proj_epi = {P(params, SM_GPT_ATTPROJB, l), x, C, NULL, 0};
-        rc = sm_sgemm_epi(0, 0, N, C, C, att + pre * C, C, P(params, SM_GPT_ATTPROJW, l), C, res2,
+        rc = sm_sgemm_epi(0, 0, N, C, C, att + pre * C, C, wmat(qw, wbuf, params, cfg, SM_GPT_ATTPROJW, l, nt), C, res2,
                           C, &proj_epi, nt);
         if (rc != SM_OK) goto done;
         sm_layernorm_forward(ln, NULL, NULL, res2, P(params, SM_GPT_LN2W, l),
                              P(params, SM_GPT_LN2B, l), N, C, LN_EPS, nt);
         const sm_gemm_epilogue fc_epi = {P(params, SM_GPT_FCB, l), NULL, 0, g, 4 * C};
-        rc = sm_sgemm_epi(0, 0, N, 4 * C, C, ln, C, P(params, SM_GPT_FCW, l), 4 * C, fch, 4 * C,
+        rc = sm_sgemm_epi(0, 0, N, 4 * C, C, ln, C, wmat(qw, wbuf, params, cfg, SM_GPT_FCW, l, nt), 4 * C, fch, 4 * C,
                           &fc_epi, nt);
         if (rc != SM_OK) goto done;
         const sm_gemm_epilogue out_epi = {P(params, SM_GPT_FCPROJB, l), res2, C, NULL, 0};
-        rc = sm_sgemm_epi(0, 0, N, C, 4 * C, g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, x, C,
+        rc = sm_sgemm_epi(0, 0, N, C, 4 * C, g, 4 * C, wmat(qw, wbuf, params, cfg, SM_GPT_FCPROJW, l, nt), C, x, C,
                           &out_epi, nt);
         if (rc != SM_OK) goto done;
     }
     sm_layernorm_forward(ln, NULL, NULL, x, P(params, SM_GPT_LNFW, 0), P(params, SM_GPT_LNFB, 0),
                          N, C, LN_EPS, nt);
-    rc = sm_sgemm(0, 1, 1, V, C, 1.0f, ln + (N - 1) * C, N * C, wte, C, 0.0f, logits, V, nt);
+    if (qw)
+        head_q(logits, V, ln + (N - 1) * C, N * C, 1, qw->wte, nt);
+    else
+        rc = sm_sgemm(0, 1, 1, V, C, 1.0f, ln + (N - 1) * C, N * C, wte, C, 0.0f, logits, V, nt);
     if (rc == SM_OK) c->len[b] = (int)T;
 done:
     sm_pool_return(cv.base);
@@ -842,6 +933,18 @@ static void bias_cols(float *y, const float *bias, int64_t B, int64_t ld, int64_
     for (int64_t b = 0; b < B; b++) sm_bias_add(y + b * ld + n0, bias + n0, 1, n1 - n0, 1);
 }
 
+/* y[:, n0:n1] = x W[:, n0:n1] for the weight `kind` of layer l (K rows, N columns): the float32
+ * matrix-vector kernel, or the compact one when the cache has compact weights. */
+static void lin_cols(const sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg, int kind,
+                     int64_t l, int64_t B, int64_t N, int64_t K, const float *x, int64_t ldx,
+                     float *y, int64_t ldy, int64_t n0, int64_t n1, float *gs) {
+    if (n1 <= n0) return;
+    if (c->qw)
+        sm_qgemv(qmat(c->qw, kind, l), B, x, ldx, 0, K, n0, n1, y, ldy);
+    else
+        sm_gemv_cols(0, B, N, K, x, ldx, P(params, kind, l), N, y, ldy, n0, n1, gs);
+}
+
 /* The layers of a decode step, products split by output columns. */
 static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt_config *cfg,
                               int64_t B, const int *seqs, float *scratch, int nt) {
@@ -860,8 +963,8 @@ static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt
             /* qkv = ln_1(x) W_qkv + b */
             sm_layernorm_forward(d.ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
                                  P(params, SM_GPT_LN1B, l), B, C, LN_EPS, 1);
-            sm_gemv_cols(0, B, 3 * C, C, d.ln, C, P(params, SM_GPT_QKVW, l), 3 * C, qkv, 3 * C,
-                         q0, q1, d.gs);
+            lin_cols(c, params, cfg, SM_GPT_QKVW, l, B, 3 * C, C, d.ln, C, qkv, 3 * C, q0, q1,
+                     d.gs);
             bias_cols(qkv, P(params, SM_GPT_QKVB, l), B, 3 * C, q0, q1);
             SM_BARRIER();
             /* the new keys and values into the cache, attention per (sequence, head) */
@@ -869,8 +972,7 @@ static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt
                                       c->Tmax, hs, u0, u1, d.aws);
             SM_BARRIER();
             /* xo = x + (att W_proj + b) */
-            sm_gemv_cols(0, B, C, C, c->att, C, P(params, SM_GPT_ATTPROJW, l), C, br, C, c0, c1,
-                         d.gs);
+            lin_cols(c, params, cfg, SM_GPT_ATTPROJW, l, B, C, C, c->att, C, br, C, c0, c1, d.gs);
             bias_cols(br, P(params, SM_GPT_ATTPROJB, l), B, C, c0, c1);
             for (int64_t b = 0; b < B; b++)
                 sm_residual_forward(xo + b * C + c0, x + b * C + c0, br + b * C + c0, c1 - c0, 1);
@@ -878,15 +980,15 @@ static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt
             /* g = gelu(ln_2(xo) W_fc + b) */
             sm_layernorm_forward(d.ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
                                  P(params, SM_GPT_LN2B, l), B, C, LN_EPS, 1);
-            sm_gemv_cols(0, B, 4 * C, C, d.ln, C, P(params, SM_GPT_FCW, l), 4 * C, c->fch, 4 * C,
-                         f0, f1, d.gs);
+            lin_cols(c, params, cfg, SM_GPT_FCW, l, B, 4 * C, C, d.ln, C, c->fch, 4 * C, f0, f1,
+                     d.gs);
             bias_cols(c->fch, P(params, SM_GPT_FCB, l), B, 4 * C, f0, f1);
             for (int64_t b = 0; b < B; b++)
                 sm_gelu_forward(c->g + b * 4 * C + f0, c->fch + b * 4 * C + f0, f1 - f0, 1);
             SM_BARRIER();
             /* x = xo + (g W_fcproj + b) */
-            sm_gemv_cols(0, B, C, 4 * C, c->g, 4 * C, P(params, SM_GPT_FCPROJW, l), C, br, C, c0,
-                         c1, d.gs);
+            lin_cols(c, params, cfg, SM_GPT_FCPROJW, l, B, C, 4 * C, c->g, 4 * C, br, C, c0, c1,
+                     d.gs);
             bias_cols(br, P(params, SM_GPT_FCPROJB, l), B, C, c0, c1);
             for (int64_t b = 0; b < B; b++)
                 sm_residual_forward(x + b * C + c0, xo + b * C + c0, br + b * C + c0, c1 - c0, 1);
@@ -897,14 +999,20 @@ static void decode_by_columns(sm_gpt_cache *c, const float *params, const sm_gpt
 
 static int64_t dec_blocks(int64_t K) { return (K + DEC_KB - 1) / DEC_KB; }
 
-/* This thread's share of the partials part[j] (B, N) = x[:, rows of block j] W[that block]. */
-static void dec_partials(float *part, const float *x, int64_t ldx, const float *W, int64_t B,
-                         int64_t K, int64_t N, int tid, int nth, float *gs) {
+/* This thread's share of the partials part[j] (B, N) = x[:, rows of block j] W[that block], W
+ * the weight `kind` of layer l (float32, or the cache's compact matrix). */
+static void dec_partials(float *part, const float *x, int64_t ldx, const sm_gpt_cache *c,
+                         const float *params, const sm_gpt_config *cfg, int kind, int64_t l,
+                         int64_t B, int64_t K, int64_t N, int tid, int nth, float *gs) {
     int64_t j0, j1;
     sm_split_range(dec_blocks(K), 1, nth, tid, &j0, &j1);
+    const float *W = c->qw ? NULL : P(params, kind, l);
     for (int64_t j = j0; j < j1; j++) {
         const int64_t k0 = j * DEC_KB, kb = K - k0 < DEC_KB ? K - k0 : DEC_KB;
-        sm_gemv_rows_stream(B, N, kb, x + k0, ldx, W + k0 * N, N, part + j * B * N, N, gs);
+        if (c->qw)
+            sm_qgemv(qmat(c->qw, kind, l), B, x, ldx, k0, k0 + kb, 0, N, part + j * B * N, N);
+        else
+            sm_gemv_rows_stream(B, N, kb, x + k0, ldx, W + k0 * N, N, part + j * B * N, N, gs);
     }
 }
 
@@ -943,7 +1051,8 @@ static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_co
              * appends k and v to the cache and attends */
             sm_layernorm_forward(d.ln, NULL, NULL, x, P(params, SM_GPT_LN1W, l),
                                  P(params, SM_GPT_LN1B, l), B, C, LN_EPS, 1);
-            dec_partials(part, d.ln, C, P(params, SM_GPT_QKVW, l), B, C, 3 * C, tid, nth, d.gs);
+            dec_partials(part, d.ln, C, c, params, cfg, SM_GPT_QKVW, l, B, C, 3 * C, tid, nth,
+                         d.gs);
             SM_BARRIER();
             for (int64_t u = u0; u < u1; u++) {
                 const int64_t b = u / NH, h = u % NH;
@@ -955,7 +1064,8 @@ static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_co
             }
             SM_BARRIER();
             /* xo = x + (att W_proj + b) */
-            dec_partials(part, c->att, C, P(params, SM_GPT_ATTPROJW, l), B, C, C, tid, nth, d.gs);
+            dec_partials(part, c->att, C, c, params, cfg, SM_GPT_ATTPROJW, l, B, C, C, tid, nth,
+                         d.gs);
             SM_BARRIER();
             for (int64_t b = 0; b < B; b++) {
                 dec_reduce(xo, C, part, P(params, SM_GPT_ATTPROJB, l), B, C, C, b, c0, c1);
@@ -965,7 +1075,8 @@ static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_co
             /* g = gelu(ln_2(xo) W_fc + b) */
             sm_layernorm_forward(d.ln, NULL, NULL, xo, P(params, SM_GPT_LN2W, l),
                                  P(params, SM_GPT_LN2B, l), B, C, LN_EPS, 1);
-            dec_partials(part, d.ln, C, P(params, SM_GPT_FCW, l), B, C, 4 * C, tid, nth, d.gs);
+            dec_partials(part, d.ln, C, c, params, cfg, SM_GPT_FCW, l, B, C, 4 * C, tid, nth,
+                         d.gs);
             SM_BARRIER();
             for (int64_t b = 0; b < B; b++) {
                 dec_reduce(c->fch, 4 * C, part, P(params, SM_GPT_FCB, l), B, C, 4 * C, b, f0, f1);
@@ -973,8 +1084,8 @@ static void decode_by_rows(sm_gpt_cache *c, const float *params, const sm_gpt_co
             }
             SM_BARRIER();
             /* x = xo + (g W_fcproj + b) */
-            dec_partials(part, c->g, 4 * C, P(params, SM_GPT_FCPROJW, l), B, 4 * C, C, tid, nth,
-                         d.gs);
+            dec_partials(part, c->g, 4 * C, c, params, cfg, SM_GPT_FCPROJW, l, B, 4 * C, C, tid,
+                         nth, d.gs);
             SM_BARRIER();
             for (int64_t b = 0; b < B; b++) {
                 dec_reduce(x, C, part, P(params, SM_GPT_FCPROJB, l), B, 4 * C, C, b, c0, c1);
@@ -998,7 +1109,12 @@ static void decode_head(float *logits, const sm_gpt_cache *c, const float *param
         sm_split_range(V, 64, SM_THREAD_COUNT(), tid, &v0, &v1);
         sm_layernorm_forward(d.ln, NULL, NULL, c->x, P(params, SM_GPT_LNFW, 0),
                              P(params, SM_GPT_LNFB, 0), B, C, LN_EPS, 1);
-        sm_gemv_cols(1, B, V, C, d.ln, C, P(params, SM_GPT_WTE, 0), C, logits, V, v0, v1, d.gs);
+        if (v1 <= v0) {
+        } else if (c->qw) {
+            sm_qgemv_dots(c->qw->wte, B, d.ln, C, v0, v1, logits, V);
+        } else {
+            sm_gemv_cols(1, B, V, C, d.ln, C, P(params, SM_GPT_WTE, 0), C, logits, V, v0, v1, d.gs);
+        }
     }
 }
 
@@ -1043,8 +1159,11 @@ static int decode_rows(float *logits, sm_gpt_cache *c, const float *params,
     /* x (B, C): each sequence's new token at its own position */
     const float *wte = P(params, SM_GPT_WTE, 0), *wpe = P(params, SM_GPT_WPE, 0);
     for (int64_t b = 0; b < B; b++)
-        sm_residual_forward(c->x + b * C, wte + (int64_t)tokens[b] * C, wpe + (int64_t)c->pos[b] * C,
-                            C, 1);
+        if (c->qw)
+            embed_q(c->x + b * C, &tokens[b], 1, 1, c->pos[b], c->qw, wpe, C);
+        else
+            sm_residual_forward(c->x + b * C, wte + (int64_t)tokens[b] * C,
+                                wpe + (int64_t)c->pos[b] * C, C, 1);
     if (by_rows)
         decode_by_rows(c, params, cfg, B, seqs, scratch, nt);
     else

@@ -23,6 +23,7 @@
 #define SM_MODEL_H
 
 #include "sm_common.h"
+#include "sm_quant.h"
 
 typedef struct sm_gpt_config {
     int64_t vocab_size; /* V */
@@ -165,6 +166,27 @@ typedef struct sm_gpt_cache sm_gpt_cache;
 
 /* SM_OK, SM_ERR_ARG (bad config, B < 1, capacity < 1 or above block_size) or SM_ERR_NOMEM. */
 int sm_gpt_cache_create(sm_gpt_cache **out, const sm_gpt_config *cfg, int64_t B, int64_t capacity);
+
+/* Compact weight matrices of an inference model (sm_quant.h): per layer l, layer[4l + 0..3] are
+ * attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj in the rows layout (K, N), as the float32
+ * block stores them; wte is the token embedding (V, C) in the dots layout (the LM head reads its
+ * rows; the embedding of a token is its row widened). With them, the float32 block's matrices
+ * are never read (they may be zeros, never touched): its LayerNorms, biases and wpe are. */
+typedef struct sm_gpt_qweights {
+    const sm_qmat *layer;
+    const sm_qmat *wte;
+} sm_gpt_qweights;
+
+/* Every prefill, decode and generation on this cache uses qw's matrices (NULL: the float32
+ * block's). The caller keeps qw and its matrices alive as long as the cache uses them.
+ * SM_ERR_ARG when a matrix's shape does not fit the cache's configuration. */
+int sm_gpt_cache_set_weights(sm_gpt_cache *c, const sm_gpt_qweights *qw);
+
+/* sm_gpt_forward in eval mode (no state, no dropout) with compact matrices: logits (B, T, V)
+ * and the loss as sm_gpt_forward gives them. */
+int sm_gpt_forward_q(float *logits, float *loss, int64_t *n_valid, const float *params,
+                     const sm_gpt_qweights *qw, const sm_gpt_config *cfg, const int *idx,
+                     const int *targets, int64_t B, int64_t T, int nthreads);
 void sm_gpt_cache_free(sm_gpt_cache *c);
 int64_t sm_gpt_cache_nbytes(const sm_gpt_cache *c);
 int64_t sm_gpt_cache_B(const sm_gpt_cache *c);

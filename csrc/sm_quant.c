@@ -84,6 +84,39 @@ int sm_quantize_t(int fmt, int64_t N, int64_t K, int64_t group, const float *Wt,
     return SM_OK;
 }
 
+void sm_qmat_row(const sm_qmat *q, int64_t r, float *out) {
+    const int64_t K = q->K;
+    if (q->fmt == SM_QBF16) {
+        const uint16_t *c = (const uint16_t *)q->codes + r * K;
+        for (int64_t k = 0; k < K; k++) out[k] = from_bf16(c[k]);
+        return;
+    }
+    const int8_t *c = (const int8_t *)q->codes + r * K;
+    const float *s = q->scales + r * (K / q->group);
+    for (int64_t k = 0; k < K; k++) out[k] = s[k / q->group] * (float)c[k];
+}
+
+void sm_dequantize_rows(const sm_qmat *q, int64_t k0, int64_t k1, float *out, int nthreads) {
+    const int64_t N = q->N;
+    int nt = sm_resolve_threads(nthreads);
+    if (nt > (k1 - k0) / 16 + 1) nt = (int)((k1 - k0) / 16 + 1);
+    SM_PARALLEL(nt) {
+        int64_t a, b;
+        sm_split_range(k1 - k0, 16, SM_THREAD_COUNT(), SM_THREAD_ID(), &a, &b);
+        for (int64_t k = k0 + a; k < k0 + b; k++) {
+            float *o = out + (k - k0) * N;
+            if (q->fmt == SM_QBF16) {
+                const uint16_t *c = (const uint16_t *)q->codes + k * N;
+                for (int64_t n = 0; n < N; n++) o[n] = from_bf16(c[n]);
+            } else {
+                const int8_t *c = (const int8_t *)q->codes + k * N;
+                const float *sc = q->scales + (k / q->group) * N;
+                for (int64_t n = 0; n < N; n++) o[n] = sc[n] * (float)c[n];
+            }
+        }
+    }
+}
+
 void sm_dequantize(const sm_qmat *q, int transposed, float *out) {
     const int64_t K = q->K, N = q->N, G = q->group;
     for (int64_t i = 0; i < K * N; i++) {
@@ -112,12 +145,12 @@ static float code_at(const sm_qmat *q, int64_t i) {
  * group (int8), the group's sum times its scale added to the total, groups in order. */
 static void rows_tile_generic(const sm_qmat *q, int m, const float *x, int64_t ldx, int64_t k0,
                               int64_t k1, int64_t n0, int64_t w, float *y, int64_t ldy) {
-    const int64_t N = q->N, G = q->fmt == SM_QI8 ? q->group : k1 - k0;
+    const int64_t N = q->N, G = q->fmt == SM_QI8 ? q->group : q->K;
     float tot[QMAXM][QTILE], part[QMAXM][QTILE];
     for (int b = 0; b < m; b++)
         for (int64_t j = 0; j < w; j++) tot[b][j] = 0.0f;
-    for (int64_t g0 = k0; g0 < k1; g0 += G) {
-        const int64_t g1 = g0 + G < k1 ? g0 + G : k1;
+    for (int64_t g0 = k0, g1; g0 < k1; g0 = g1) { /* each group's share of [k0, k1) */
+        g1 = (g0 / G + 1) * G < k1 ? (g0 / G + 1) * G : k1;
         for (int b = 0; b < m; b++)
             for (int64_t j = 0; j < w; j++) part[b][j] = 0.0f;
         for (int64_t k = g0; k < g1; k++)
@@ -154,14 +187,14 @@ SM_TARGET_AVX512
 SM_INLINE void rows_tile_avx512(const sm_qmat *q, const int bf16, const int m, const float *x,
                                 int64_t ldx, int64_t k0, int64_t k1, int64_t n0, int64_t w,
                                 float *y, int64_t ldy) {
-    const int64_t N = q->N, G = bf16 ? k1 - k0 : q->group;
+    const int64_t N = q->N, G = bf16 ? q->K : q->group;
     __mmask16 mk[4];
     for (int v = 0; v < 4; v++) mk[v] = sm_mask16(w - 16 * v);
     __m512 tot[QMAXM][4], part[QMAXM][4];
     for (int b = 0; b < m; b++)
         for (int v = 0; v < 4; v++) tot[b][v] = _mm512_setzero_ps();
-    for (int64_t g0 = k0; g0 < k1; g0 += G) {
-        const int64_t g1 = g0 + G < k1 ? g0 + G : k1;
+    for (int64_t g0 = k0, g1; g0 < k1; g0 = g1) { /* each group's share of [k0, k1) */
+        g1 = (g0 / G + 1) * G < k1 ? (g0 / G + 1) * G : k1;
         for (int b = 0; b < m; b++)
             for (int v = 0; v < 4; v++) part[b][v] = _mm512_setzero_ps();
         for (int64_t k = g0; k < g1; k++) {
@@ -185,6 +218,97 @@ SM_INLINE void rows_tile_avx512(const sm_qmat *q, const int bf16, const int m, c
     }
     for (int b = 0; b < m; b++)
         for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(y + b * ldy + n0 + 16 * v, mk[v], tot[b][v]);
+}
+
+/* The streaming form of the same product, for matrices read from memory: the rows of W are
+ * read front to back (QSTREAM_W columns at a time: whole rows up to that width), four at a time into per-column
+ * sums kept in a small buffer, so the prefetchers see long sequential runs instead of one short
+ * piece per row. Every element gets the same FMAs in the same order as rows_tile (k ascending
+ * within a group, then the group's scale), so the bits are the same. */
+#define QSTREAM_W 4096 /* floats per row of the sums: whole rows for widths up to 4096 */
+
+SM_TARGET_AVX512
+SM_INLINE void rows_stream_avx512(const sm_qmat *q, const int bf16, const int m, const float *x,
+                                  int64_t ldx, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                                  float *y, int64_t ldy) {
+    const int64_t N = q->N, G = bf16 ? q->K : q->group;
+    float part[QMAXM][QSTREAM_W] __attribute__((aligned(64)));
+    for (int64_t c0 = n0; c0 < n1; c0 += QSTREAM_W) {
+        const int64_t w = n1 - c0 < QSTREAM_W ? n1 - c0 : QSTREAM_W;
+        for (int b = 0; b < m; b++)
+            for (int64_t j = 0; j < w; j++) y[b * ldy + c0 + j] = 0.0f;
+        for (int64_t g0 = k0, g1; g0 < k1; g0 = g1) { /* each group's share of [k0, k1) */
+            g1 = (g0 / G + 1) * G < k1 ? (g0 / G + 1) * G : k1;
+            for (int b = 0; b < m; b++) memset(part[b], 0, (size_t)w * sizeof(float));
+            int64_t k = g0;
+            for (; k + 4 <= g1; k += 4) {
+                __m512 xv[QMAXM][4];
+                for (int b = 0; b < m; b++)
+                    for (int r = 0; r < 4; r++) xv[b][r] = _mm512_set1_ps(x[b * ldx + k + r]);
+                for (int64_t j = 0; j < w; j += 16) {
+                    const __mmask16 mk = sm_mask16(w - j);
+                    const __m512 a0 = codes16_avx512(q, bf16, k * N + c0 + j, mk);
+                    const __m512 a1 = codes16_avx512(q, bf16, (k + 1) * N + c0 + j, mk);
+                    const __m512 a2 = codes16_avx512(q, bf16, (k + 2) * N + c0 + j, mk);
+                    const __m512 a3 = codes16_avx512(q, bf16, (k + 3) * N + c0 + j, mk);
+                    for (int b = 0; b < m; b++) {
+                        __m512 p = _mm512_load_ps(part[b] + j);
+                        p = _mm512_fmadd_ps(xv[b][0], a0, p);
+                        p = _mm512_fmadd_ps(xv[b][1], a1, p);
+                        p = _mm512_fmadd_ps(xv[b][2], a2, p);
+                        p = _mm512_fmadd_ps(xv[b][3], a3, p);
+                        _mm512_store_ps(part[b] + j, p);
+                    }
+                }
+            }
+            for (; k < g1; k++)
+                for (int64_t j = 0; j < w; j += 16) {
+                    const __mmask16 mk = sm_mask16(w - j);
+                    const __m512 a0 = codes16_avx512(q, bf16, k * N + c0 + j, mk);
+                    for (int b = 0; b < m; b++) {
+                        const __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(x[b * ldx + k]), a0,
+                                                         _mm512_load_ps(part[b] + j));
+                        _mm512_store_ps(part[b] + j, p);
+                    }
+                }
+            for (int b = 0; b < m; b++) {
+                float *yb = y + b * ldy + c0;
+                if (bf16) {
+                    memcpy(yb, part[b], (size_t)w * sizeof(float));
+                    continue;
+                }
+                const float *sg = q->scales + (g0 / G) * N + c0;
+                for (int64_t j = 0; j < w; j += 16) {
+                    const __mmask16 mk = sm_mask16(w - j);
+                    const __m512 t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, sg + j),
+                                                     _mm512_load_ps(part[b] + j),
+                                                     _mm512_maskz_loadu_ps(mk, yb + j));
+                    _mm512_mask_storeu_ps(yb + j, mk, t);
+                }
+            }
+        }
+    }
+}
+
+SM_TARGET_AVX512
+static void stream_avx512(const sm_qmat *q, int m, const float *x, int64_t ldx, int64_t k0,
+                          int64_t k1, int64_t n0, int64_t n1, float *y, int64_t ldy) {
+#define STREAM_CASE(BF, M) rows_stream_avx512(q, BF, M, x, ldx, k0, k1, n0, n1, y, ldy); return;
+    if (q->fmt == SM_QBF16) {
+        switch (m) {
+        case 1: STREAM_CASE(1, 1)
+        case 2: STREAM_CASE(1, 2)
+        case 3: STREAM_CASE(1, 3)
+        default: STREAM_CASE(1, 4)
+        }
+    }
+    switch (m) {
+    case 1: STREAM_CASE(0, 1)
+    case 2: STREAM_CASE(0, 2)
+    case 3: STREAM_CASE(0, 3)
+    default: STREAM_CASE(0, 4)
+    }
+#undef STREAM_CASE
 }
 
 SM_TARGET_AVX512
@@ -213,12 +337,20 @@ int sm_qgemv(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t k
              int64_t n0, int64_t n1, float *y, int64_t ldy) {
     if (!q || !x || !y || M < 1 || k0 < 0 || k1 > q->K || k0 >= k1 || n0 < 0 || n1 > q->N ||
         n0 >= n1 || ldx < k1 || ldy < n1 || (q->fmt != SM_QBF16 && q->fmt != SM_QI8) ||
-        (q->fmt == SM_QI8 && (q->group < 1 || q->K % q->group || k0 % q->group ||
-                              (k1 % q->group && k1 != q->K))))
+        (q->fmt == SM_QI8 && (q->group < 1 || q->K % q->group)))
         return SM_ERR_ARG;
     const int avx512 = SM_X86_KERNELS && sm_simd_active() >= SM_SIMD_AVX512;
+    /* wide ranges stream (the same bits as the tiles: see rows_stream_avx512) */
+    const int stream = avx512 && (n1 - n0) > QTILE;
     for (int64_t b0 = 0; b0 < M; b0 += QMAXM) {
         const int m = (int)(M - b0 < QMAXM ? M - b0 : QMAXM);
+#if SM_X86_KERNELS
+        if (stream) {
+            stream_avx512(q, m, x + b0 * ldx, ldx, k0, k1, n0, n1, y + b0 * ldy, ldy);
+            continue;
+        }
+#endif
+        (void)stream;
         for (int64_t c0 = n0; c0 < n1; c0 += QTILE) {
             const int64_t w = n1 - c0 < QTILE ? n1 - c0 : QTILE;
 #if SM_X86_KERNELS

@@ -46,9 +46,17 @@ int sm_quantize_t(int fmt, int64_t N, int64_t K, int64_t group, const float *Wt,
  * receives Wt~ (N, K). */
 void sm_dequantize(const sm_qmat *q, int transposed, float *out);
 
+/* Row r of a dots-layout matrix, Wt~[r, :] (K floats), into out. */
+void sm_qmat_row(const sm_qmat *q, int64_t r, float *out);
+
+/* Rows [k0, k1) of a rows-layout matrix, W~ as float32, into out (row stride N), split over
+ * nthreads threads (the prefill's products then run on it). */
+void sm_dequantize_rows(const sm_qmat *q, int64_t k0, int64_t k1, float *out, int nthreads);
+
 /* y[b, n] = sum_{k in [k0, k1)} x[b, k] W~[k, n] for b < M, n in [n0, n1); x row stride ldx, y
- * row stride ldy. For int8, k0 and k1 must be multiples of the group (or k1 == K). Serial: the
- * caller splits columns or k-ranges between threads. SM_ERR_ARG on bad ranges. */
+ * row stride ldy. For int8 each group's part of [k0, k1) is summed, times the group's scale,
+ * and added in order (a range inside one group: one part). Serial: the caller splits columns or
+ * k-ranges between threads. SM_ERR_ARG on bad ranges. */
 int sm_qgemv(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t k0, int64_t k1,
              int64_t n0, int64_t n1, float *y, int64_t ldy);
 

@@ -240,6 +240,27 @@ cdef extern from "sm_attention.h" nogil:
                                   int64_t B, int64_t NH, int64_t T_max, int64_t hs)
 
 
+# ---- sm_quant.h (bf16 / int8 weight matrices and their matrix-vector products) ----------------
+
+cdef extern from "sm_quant.h" nogil:
+    enum:
+        SM_QBF16
+        SM_QI8
+    ctypedef struct sm_qmat:
+        int fmt
+        int64_t K, N, group
+        const void *codes
+        const float *scales
+    int sm_quantize(int fmt, int64_t K, int64_t N, int64_t group, const float *W, int64_t ldw,
+                    void *codes, float *scales)
+    int sm_quantize_t(int fmt, int64_t N, int64_t K, int64_t group, const float *Wt, int64_t ldw,
+                      void *codes, float *scales)
+    void sm_dequantize(const sm_qmat *q, int transposed, float *out)
+    int sm_qgemv(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t k0, int64_t k1,
+                 int64_t n0, int64_t n1, float *y, int64_t ldy)
+    int sm_qgemv_dots(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t n0,
+                      int64_t n1, float *y, int64_t ldy)
+
 # ---- sm_model.h (whole GPT-2 forward / backward / AdamW) -------------------------------------
 
 cdef extern from "sm_model.h" nogil:
@@ -299,6 +320,13 @@ cdef extern from "sm_model.h" nogil:
         pass
     int sm_gpt_cache_create(sm_gpt_cache **out, const sm_gpt_config *cfg, int64_t B,
                             int64_t capacity)
+    ctypedef struct sm_gpt_qweights:
+        const sm_qmat *layer
+        const sm_qmat *wte
+    int sm_gpt_cache_set_weights(sm_gpt_cache *c, const sm_gpt_qweights *qw)
+    int sm_gpt_forward_q(float *logits, float *loss, int64_t *n_valid, const float *params,
+                         const sm_gpt_qweights *qw, const sm_gpt_config *cfg, const int *idx,
+                         const int *targets, int64_t B, int64_t T, int nthreads)
     void sm_gpt_cache_free(sm_gpt_cache *c)
     int64_t sm_gpt_cache_nbytes(const sm_gpt_cache *c)
     int64_t sm_gpt_cache_B(const sm_gpt_cache *c)
@@ -363,27 +391,6 @@ cdef extern from "sm_generate.h" nogil:
 
 
 # ---- end of declarations ---------------------------------------------------------------------
-
-# ---- sm_quant.h (bf16 / int8 weight matrices and their matrix-vector products) ----------------
-
-cdef extern from "sm_quant.h" nogil:
-    enum:
-        SM_QBF16
-        SM_QI8
-    ctypedef struct sm_qmat:
-        int fmt
-        int64_t K, N, group
-        const void *codes
-        const float *scales
-    int sm_quantize(int fmt, int64_t K, int64_t N, int64_t group, const float *W, int64_t ldw,
-                    void *codes, float *scales)
-    int sm_quantize_t(int fmt, int64_t N, int64_t K, int64_t group, const float *Wt, int64_t ldw,
-                      void *codes, float *scales)
-    void sm_dequantize(const sm_qmat *q, int transposed, float *out)
-    int sm_qgemv(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t k0, int64_t k1,
-                 int64_t n0, int64_t n1, float *y, int64_t ldy)
-    int sm_qgemv_dots(const sm_qmat *q, int64_t M, const float *x, int64_t ldx, int64_t n0,
-                      int64_t n1, float *y, int64_t ldy)
 
 # ---- sm_index.h (VectorIndex store and exact top-k search) --------------------------------------
 

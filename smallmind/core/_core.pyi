@@ -410,7 +410,9 @@ class GPTState:
 
 @disjoint_base
 class GPTCache:
-    def __new__(cls, cfg: _Config, B: _Int, capacity: _Int) -> Self: ...
+    weights: GPTQWeights | None
+    def __new__(cls, cfg: _Config, B: _Int, capacity: _Int,
+                weights: GPTQWeights | None = None) -> Self: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
@@ -523,6 +525,18 @@ class QMatrix:
     def dequantize(self) -> _F32: ...
     def matvec(self, x: _F32, k0: _Int | None = None, k1: _Int | None = None,
                n0: _Int | None = None, n1: _Int | None = None) -> _F32: ...
+
+@disjoint_base
+class GPTQWeights:
+    layers: list[QMatrix]
+    wte: QMatrix
+    def __new__(cls, layers: list[QMatrix], wte: QMatrix) -> Self: ...
+    @property
+    def nbytes(self) -> int: ...
+
+# gpt_forward in eval mode with compact matrices: (loss or None, n_valid)
+def gpt_forward_q(params: _F32, cfg: _Config, qw: GPTQWeights, idx: _I32, targets: Any = None,
+                  logits: Any = None, threads: _Int | None = None) -> tuple[float | None, int]: ...
 
 # ---- sampling (sm_sample.h) ----
 # the uniform draw in [0, 1) number `counter` of stream `key`

@@ -264,9 +264,11 @@ cdef class GPTCache:
     cdef sm_gpt_cache *c
     cdef sm_gpt_config cfg
     cdef object lock
+    cdef readonly object weights     # GPTQWeights in use, or None
 
-    def __cinit__(self, tuple cfg, B, capacity):
+    def __cinit__(self, tuple cfg, B, capacity, weights=None):
         self.c = NULL
+        self.weights = None
         self.lock = _threading.Lock()
         _gpt_config(cfg, &self.cfg)
         _check_int(B, "B", 1, 2 ** 24)
@@ -276,6 +278,13 @@ cdef class GPTCache:
         with nogil:
             rc = sm_gpt_cache_create(&self.c, &self.cfg, b, cap)
         _raise_for(rc, "GPTCache")
+        if weights is not None:
+            if not isinstance(weights, GPTQWeights):
+                raise TypeError(f"weights must be a GPTQWeights, got {type(weights).__name__}")
+            rc = sm_gpt_cache_set_weights(self.c, &(<GPTQWeights>weights).qw)
+            if rc != SM_OK:
+                raise ValidationError("weights do not fit this cache's model configuration")
+            self.weights = weights
 
     def __dealloc__(self):
         if self.c != NULL:

@@ -2,6 +2,8 @@
 # matrix-vector products of decoding that read them. The arrays are the caller's (QMatrix keeps
 # its codes and scales alive); products release the GIL.
 
+from libc.stdlib cimport malloc, free
+
 _QFORMATS = {"bf16": SM_QBF16, "int8": SM_QI8}
 
 
@@ -64,7 +66,7 @@ cdef class QMatrix:
 
     def matvec(self, x, k0=None, k1=None, n0=None, n1=None):
         """x (M, K) float32 times the matrix: (M, n1 - n0) over the reduction range [k0, k1)
-        (rows layout; int8: whole groups) and the output range [n0, n1)."""
+        (rows layout) and the output range [n0, n1)."""
         _check_f32(x, "x", 2)
         cdef int64_t K = self.q.K, N = self.q.N, M = x.shape[0]
         if x.shape[1] != K:
@@ -85,6 +87,82 @@ cdef class QMatrix:
                 rc = sm_qgemv(&self.q, M, px, K, a, b, c, d, py, N)
         if rc == SM_ERR_ARG:
             raise ValidationError(f"bad ranges: k [{a}, {b}), n [{c}, {d}) for a {K} x {N} "
-                                  f"matrix (int8 k ranges in whole groups of {self.q.group})")
+                                  f"matrix")
         _raise_for(rc, "QMatrix.matvec")
         return y[:, c:d]
+
+
+cdef class GPTQWeights:
+    """The compact matrices of an inference model (sm_gpt_qweights): `layers`, 4 per layer
+    (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; QMatrix in the rows layout) and `wte` (the
+    token embedding, QMatrix in the dots layout). Keeps them alive while caches use them."""
+    cdef sm_gpt_qweights qw
+    cdef sm_qmat *mats
+    cdef readonly list layers
+    cdef readonly QMatrix wte
+
+    def __cinit__(self, list layers, QMatrix wte):
+        self.mats = NULL
+        if not layers or len(layers) % 4:
+            raise ValidationError("layers must hold 4 matrices per layer")
+        if wte.layout != "dots":
+            raise ValidationError("wte must be in the dots layout")
+        for i, m in enumerate(layers):
+            if not isinstance(m, QMatrix) or (<QMatrix>m).layout != "rows":
+                raise ValidationError(f"layers[{i}] must be a QMatrix in the rows layout")
+        self.mats = <sm_qmat *>malloc(len(layers) * sizeof(sm_qmat))
+        if self.mats == NULL:
+            raise MemoryError("GPTQWeights")
+        for i, m in enumerate(layers):
+            self.mats[i] = (<QMatrix>m).q
+        self.layers, self.wte = list(layers), wte
+        self.qw.layer = self.mats
+        self.qw.wte = &wte.q
+
+    def __dealloc__(self):
+        free(self.mats)
+        self.mats = NULL
+
+    @property
+    def nbytes(self):
+        """Bytes of codes and scales."""
+        return sum(m.codes.nbytes + m.scales.nbytes for m in self.layers + [self.wte])
+
+
+def gpt_forward_q(params, tuple cfg, GPTQWeights qw, idx, targets=None, logits=None,
+                  threads=None):
+    """gpt_forward in eval mode with compact matrices (sm_gpt_forward_q). Returns (loss,
+    n_valid), loss None without targets."""
+    cdef sm_gpt_config c
+    _gpt_config(cfg, &c)
+    _check_f32(params, "params", 1)
+    if cnp.PyArray_DIMS(<cnp.ndarray>params)[0] != sm_gpt_num_params(&c):
+        raise ValidationError(f"params must hold {sm_gpt_num_params(&c)} floats, got {params.shape[0]}")
+    _check_i32(idx, "idx", 2)
+    cdef int64_t B = idx.shape[0], T = idx.shape[1]
+    if B < 1 or T < 1 or T > c.block_size:
+        raise ValidationError(f"idx must be (B, T) with 1 <= T <= {c.block_size}, got {idx.shape}")
+    _check_ids(idx, "idx", 0, c.vocab_size - 1,
+               f"token ids in [0, {c.vocab_size - 1}] (vocab_size is {c.vocab_size})")
+    cdef const int *pt = NULL
+    if targets is not None:
+        _check_i32(targets, "targets", 2)
+        _check_shape(targets, "targets", (B, T))
+        _check_ids(targets, "targets", -1, c.vocab_size - 1,
+                   f"token ids in [0, {c.vocab_size - 1}] or -1 (ignored)")
+        pt = _iptr(targets)
+    cdef float *pl = NULL
+    if logits is not None:
+        _out_f32(logits, "logits", (B, T, c.vocab_size))
+        pl = _fptr(logits)
+    cdef int nt = _threads(threads)
+    cdef const float *pp = _fptr(params)
+    cdef const int *pi = _iptr(idx)
+    cdef float loss = 0.0
+    cdef int64_t n_valid = 0
+    cdef int rc
+    with nogil:
+        rc = sm_gpt_forward_q(pl, &loss if pt != NULL else NULL, &n_valid, pp, &qw.qw, &c, pi, pt,
+                              B, T, nt)
+    _raise_for(rc, "gpt_forward_q")
+    return (float(loss) if targets is not None else None), int(n_valid)

@@ -261,7 +261,7 @@ class PrefixCache:
                 return
         if self.store is None:
             m = self.model
-            self.store = _core.GPTCache(m.core_config, self.entries, m.config.block_size)
+            self.store = m.new_cache(self.entries, m.config.block_size)
         e = min(range(self.entries), key=lambda i: (self.keys[i] is not None, self.used[i]))
         _core.gpt_cache_copy(self.store, e, cache, slot, n)
         self.keys[e] = list(ids[:n])
@@ -570,7 +570,7 @@ class BatchEngine(Closeable):
         prm, cfg, T = model.flat_params, model.core_config, model.config.block_size
         nv = tok.vocab_size
         if self._cache is None and (admitted or self._rows):
-            self._cache = _core.GPTCache(cfg, self.max_batch, T)
+            self._cache = model.new_cache(self.max_batch, T)
             self._gen = _core.GPTGenerator(prm, cfg, self._cache, nv, window_keep(T, self.window))
         if self._cache is None:
             return                               # nothing to do (nothing admitted or running)

@@ -395,7 +395,7 @@ class Sampling:
             reasons = ["length"] * B
         ttft = 0.0
         steps = _StepThreads(self.threads)
-        cache = _core.GPTCache(cfg, B, T)
+        cache = model.new_cache(B, T)
         try:
             logits = _prefill_rows(prm, cfg, cache, dict(enumerate(windows)), steps.current)
             loop = _core.GPTGenerator(prm, cfg, cache, nv, self._keep())
@@ -494,7 +494,7 @@ class Sampling:
         emitted = 0
         reason = "length"
         steps = _StepThreads(self.threads)
-        cache = _core.GPTCache(cfg, 1, T)
+        cache = model.new_cache(1, T)
         try:
             window = ids[-T:]
             logits = _core.gpt_prefill(params, cfg, np.asarray([window], dtype=np.int32), cache,

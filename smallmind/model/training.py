@@ -159,6 +159,9 @@ class Training:
         if not isinstance(model, TransformerModel):
             raise TypeError(f"model must be a TransformerModel, got {type(model).__name__}")
         model.check_open()
+        if model.dtype != "float32":
+            raise ValidationError(f"training needs float32 weights; the model is quantized "
+                                  f"({model.dtype}, for inference)")
         if not isinstance(tokenizer, BaseTokenizer):
             raise TypeError(f"tokenizer must be a Tokenizer or a BPETokenizer, got "
                             f"{type(tokenizer).__name__}")

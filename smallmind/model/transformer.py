@@ -169,8 +169,26 @@ class TransformerModel(Closeable):
         self._lock = threading.RLock()
         # Dropout masks: one 64-bit seed per training forward, drawn from this generator.
         self._dropout_rng = np.random.Generator(np.random.PCG64([config.seed, 0x5EED_D409]))
+        self._qweights: Any = None    # _core.GPTQWeights of a quantized (inference) model
+        self._dtype = "float32"
 
     # ---- the surface smallmind's own modules use -----------------------------------------------
+
+    @property
+    def dtype(self) -> str:
+        """How the weight matrices are stored: "float32", or "bf16" / "int8" after quantize()."""
+        return self._dtype
+
+    def new_cache(self, B: int, capacity: int):
+        """A KV cache (_core.GPTCache) for B sequences of up to `capacity` positions that decodes
+        with this model's weights (its compact matrices when quantized)."""
+        return _core.GPTCache(self._cfg, B, capacity, weights=self._qweights)
+
+    def _float_only(self, what: str) -> None:
+        if self._qweights is not None:
+            raise ValidationError(f"{what} needs float32 weights; this model is quantized "
+                                  f"({self._dtype}, for inference): dequantize() gives a float32 "
+                                  f"model with the same weights")
 
     @property
     def layout(self) -> ParameterLayout:
@@ -237,15 +255,77 @@ class TransformerModel(Closeable):
             else:
                 v[...] = rng.standard_normal(v.shape, dtype=np.float32) * np.float32(std[spec.init])
 
+    # ---- quantized inference ------------------------------------------------------------------
+
+    _MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    def quantize(self, dtype: str, *, group: int | None = None) -> TransformerModel:
+        """A new inference model whose weight matrices (attention, MLP, and the token embedding
+        that is also the LM head) are stored as "bf16" (2 bytes a weight) or "int8" (1 byte, with
+        a float32 scale per output and per `group` rows of the reduction axis; None: one scale
+        per output, over the whole axis). LayerNorms, biases and the position embedding stay
+        float32. Decoding reads the compact matrices (fewer bytes per token); the prefill widens
+        each matrix to float32 for its product. The model is in eval mode and cannot train:
+        train(), train_forward() and backward() raise ValidationError. This model is unchanged."""
+        self.check_open()
+        self._float_only("quantize()")
+        if dtype not in ("bf16", "int8"):
+            raise ValidationError(f"dtype must be 'bf16' or 'int8', got {dtype!r}")
+        C = self.config.n_embd
+        if group is not None:
+            if dtype != "int8":
+                raise ValidationError("group goes with dtype='int8' (bf16 has no scales)")
+            check_int(group, "group", 1, C)
+            if C % group:
+                raise ValidationError(f"group must divide n_embd ({C}), got {group}")
+        views = self.state_dict()
+        with self._lock:
+            layers = [_core.QMatrix(np.ascontiguousarray(views[f"transformer.h.{l}.{m}"]), dtype,
+                                    group) for l in range(self.config.n_layer)
+                      for m in self._MATRICES]
+            wte = _core.QMatrix(np.ascontiguousarray(views["transformer.wte.weight"]), dtype, group,
+                                "dots")
+            q = TransformerModel.empty(self.config)
+            for name, v in views.items():      # the float32 rest; the matrices stay untouched zeros
+                if name != "transformer.wte.weight" and not name.endswith(self._MATRICES):
+                    q._layout.view(q._params, name)[...] = v
+        q._qweights = _core.GPTQWeights(layers, wte)
+        q._dtype = dtype
+        q._training = False
+        return q
+
+    def dequantize(self) -> TransformerModel:
+        """A float32 model whose weights are the values this model's compact matrices stand
+        for (a float32 model: a copy)."""
+        self.check_open()
+        out = TransformerModel.empty(self.config)
+        if self._qweights is None:
+            out._params[...] = self._params
+        else:
+            views = out._layout.views(out._params)
+            mine = self._layout.views(self._params)
+            mats = iter(self._qweights.layers)
+            for l in range(self.config.n_layer):
+                for m in self._MATRICES:
+                    views[f"transformer.h.{l}.{m}"][...] = next(mats).dequantize()
+            views["transformer.wte.weight"][...] = self._qweights.wte.dequantize()
+            for name, v in mine.items():
+                if name != "transformer.wte.weight" and not name.endswith(self._MATRICES):
+                    views[name][...] = v
+        out._training = self._training
+        return out
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Parameters as zero-copy float32 views, Hugging Face GPT-2 names and (in, out) layout.
         Writing into a view changes the model. The LM head is tied to transformer.wte.weight."""
         self.check_open()
+        self._float_only("state_dict()")
         return self._layout.views(self._params)
 
     def grads(self) -> dict[str, np.ndarray]:
         """Gradients, same names and shapes as state_dict(), as zero-copy views."""
         self.check_open()
+        self._float_only("grads()")
         return self._layout.views(self.flat_grads)
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
@@ -254,6 +334,7 @@ class TransformerModel(Closeable):
         strict, the names must be exactly those of state_dict() (an `lm_head.weight` equal to
         wte is accepted, as Hugging Face checkpoints carry one). Nothing is changed on error."""
         self.check_open()
+        self._float_only("load_state_dict()")
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of name -> array, got {type(state).__name__}")
         layout = self._layout
@@ -317,6 +398,11 @@ class TransformerModel(Closeable):
         training state."""
         st = self._state
         g = self._grad_block
+        if self._qweights is not None:   # the compact matrices and the float32 rest (the
+            # block's matrix regions are never written, so they take no memory)
+            rest = sum(v.nbytes for n, v in self._layout.views(self._params).items()
+                       if n != "transformer.wte.weight" and not n.endswith(self._MATRICES))
+            return self._qweights.nbytes + rest
         return (self._params.nbytes + (g.nbytes if g is not None else 0)
                 + (st.nbytes if st is not None else 0))
 
@@ -328,6 +414,8 @@ class TransformerModel(Closeable):
 
     def train(self, mode: bool = True) -> "TransformerModel":
         self.check_open()
+        if mode:
+            self._float_only("training")
         self._training = bool(mode)
         return self
 
@@ -373,6 +461,16 @@ class TransformerModel(Closeable):
         if not (self._training and targets is not None):
             self._backward_ready = False   # backward() refers to the latest forward only
         logits = np.empty((B, T, self.config.vocab_size), dtype=np.float32)
+        if self._qweights is not None:       # a quantized model: eval mode always
+            tg = None if targets is None else self._ids(targets, "targets")
+            if tg is not None and tg.shape != idx.shape:
+                raise ValidationError(f"targets must have the shape of idx {idx.shape}, got {tg.shape}")
+            loss, n_valid = _core.gpt_forward_q(self._params, self._cfg, self._qweights, idx, tg,
+                                                logits, threads)
+            if tg is None:
+                return logits
+            self._check_valid(n_valid)
+            return logits, loss
         if targets is None:
             if self._training and self.config.dropout > 0.0:
                 with self._lock:
@@ -421,6 +519,7 @@ class TransformerModel(Closeable):
         draws every micro-batch's seed on every rank); None draws the next one here."""
         with self._lock:
             self.check_open()
+            self._float_only("train_forward()")
             B, T = idx.shape
             created = False
             if (self._state is None or self._state.shape != (B, T)
@@ -461,6 +560,7 @@ class TransformerModel(Closeable):
         zero_grad() first unless you mean to accumulate."""
         with self._lock:
             self.check_open()
+            self._float_only("backward()")
             if self._state is None or not self._state.ready or not self._backward_ready:
                 raise ValidationError("backward() needs a train-mode forward(idx, targets) first "
                                       "(each such forward allows one backward, and only until "
@@ -488,12 +588,14 @@ class TransformerModel(Closeable):
     def save_pretrained(self, folder, tokenizer=None) -> None:
         """Write a Hugging Face GPT-2 folder (config.json, model.safetensors and, for a
         BPETokenizer, its tokenizer files) that transformers loads as it is."""
+        self._float_only("save_pretrained()")
         from .pretrained import save_pretrained
         save_pretrained(self, folder, tokenizer)
 
     def save(self, path, tokenizer=None) -> None:
         """Write a safetensors checkpoint (atomically): parameters under Hugging Face names,
         the config and, if given, the tokenizer in its metadata."""
+        self._float_only("save()")
         from .checkpoint import save_checkpoint
         self.check_open()
         with self._lock:
@@ -522,7 +624,9 @@ class TransformerModel(Closeable):
         c = self.config
         return (f"TransformerModel(vocab_size={c.vocab_size}, block_size={c.block_size}, "
                 f"n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
-                f"params={self.num_parameters():,}, {'train' if self._training else 'eval'})")
+                f"params={self.num_parameters():,}, "
+                + (f"{self._dtype}, " if self._qweights is not None else "")
+                + f"{'train' if self._training else 'eval'})")
 
     def config_json(self) -> str:
         return json.dumps(self.config.to_dict(), sort_keys=True)
