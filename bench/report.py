@@ -475,8 +475,51 @@ def pretrained_tables(rows, machine):
     return "\n".join(out)
 
 
+def quant_tables(rows, machine):
+    """bench_quant.py: decode / prefill / batch per weight format."""
+    shape = rows[0].get("shape", {})
+    fmts = [k for k in ("float32", "bf16", "int8", "int8/g32") if k in rows[0]]
+    out = [f"Machine: {machine.get('cpu', '?')}, {machine.get('cores')} cores; smallmind "
+           f"{machine.get('smallmind')} ({machine.get('simd')}), torch {machine.get('torch')}; load "
+           f"average {machine.get('loadavg')} at start, {machine.get('loadavg_end')} at end. Model: "
+           f"{shape.get('n_layer')}/{shape.get('n_head')}/{shape.get('n_embd')}, "
+           f"{shape.get('vocab_size'):,} ids", "",
+           "| threads | format | MB read per token | decode tokens/s | vs float32 | limit tokens/s "
+           "| share of limit | first divergence from float32 |", "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["part"] == "decode"):
+        for f in fmts:
+            c = r[f]
+            lim = c.get("limit_tokens_per_s")
+            share = "-" if lim is None else f"{100 * c['share_of_limit']:.0f}%"
+            out.append(f"| {r['threads']} | {f} | {c['bytes_per_token'] / 1e6:.0f} "
+                       f"| {c['tokens_per_s']:.1f} | **{c['vs_float32']:.2f}x** "
+                       f"| {'-' if lim is None else f'{lim:.1f}'} | {share} "
+                       f"| {c['diverge_vs_float32']} |")
+        for t in ("torch_float32", "torch_int8"):
+            if t in r:
+                out.append(f"| {r['threads']} | {t.replace('_', ' ')} | - | "
+                           f"{r[t]['tokens_per_s']:.1f} | - | - | - | - |")
+        if "int8_vs_torch_int8" in r:
+            out.append(f"| {r['threads']} | int8 vs torch int8 | | **{r['int8_vs_torch_int8']:.2f}x** "
+                       f"| | | | |")
+    out += ["", "| threads | " + " | ".join(f"prefill {f} ms (vs float32)" for f in fmts) + " |",
+            "|---|" + "---|" * len(fmts)]
+    for r in (r for r in rows if r["part"] == "prefill"):
+        out.append(f"| {r['threads']} | " + " | ".join(
+            f"{r[f]['ms']:.1f} ({r[f]['vs_float32']:.2f}x)" for f in fmts) + " |")
+    out += ["", "| threads | rows | " + " | ".join(f"{f} tokens/s (vs float32)" for f in fmts)
+            + " |", "|---|---|" + "---|" * len(fmts)]
+    for r in (r for r in rows if r["part"] == "batch"):
+        out.append(f"| {r['threads']} | {r['rows']} | " + " | ".join(
+            f"{r[f]['tokens_per_s']:.1f} ({r[f]['vs_float32']:.2f}x)" for f in fmts) + " |")
+    return "\n".join(out)
+
+
 def main(argv):
     full = json.load(open(argv[0]))
+    if any(r.get("kind") == "quant" for r in full["rows"]):
+        print(quant_tables(full["rows"], full["machine"]))
+        return
     if any(r.get("kind") == "pretrained" for r in full["rows"]):
         print(pretrained_tables(full["rows"], full["machine"]))
         return
