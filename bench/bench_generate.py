@@ -435,6 +435,26 @@ def ttft_row(name, model, tmodel, prompt, plan, threads, quick):
     return row
 
 
+def same_products(model, P, threads, rng):
+    """(gemms, linear FLOPs): a function running the SGEMM on the four linear products of every
+    layer for P positions (P x C @ C x 3C, C x C, C x 4C; P x 4C @ 4C x C) with the model's own
+    weight matrices - what a prefill of P tokens multiplies - and their FLOP count."""
+    cfg = model.config
+    C, L = cfg.n_embd, cfg.n_layer
+    shapes = [(P, C, 3 * C), (P, C, C), (P, C, 4 * C), (P, 4 * C, C)]
+    sd = model.state_dict()
+    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    xs = [rng.standard_normal((m, k)).astype(np.float32) for m, k, n in shapes]
+    ops = [(xs[i], sd[f"transformer.h.{layer}.{nm}.weight"])
+           for layer in range(L) for i, nm in enumerate(names)]
+    outs = [np.empty((a.shape[0], w.shape[1]), np.float32) for a, w in ops]
+
+    def gemms():
+        for (a, b), o in zip(ops, outs):
+            sm.kernels.matmul(a, b, out=o, threads=threads)
+    return gemms, 2 * P * sum(k * n for m, k, n in shapes) * L
+
+
 def prefill_rows(name, model, tmodel, plan, threads, quick):
     """Prefill of prompts of PREFILL_LENGTHS tokens at batch 1 against the SGEMM on the same
     shapes: the prefill's useful FLOPs (the linear layers on every position, causal attention,
@@ -451,18 +471,7 @@ def prefill_rows(name, model, tmodel, plan, threads, quick):
         prompt = rng.integers(0, V, size=(1, P)).astype(np.int64)
         p32 = prompt.astype(np.int32)
         cache = sm._core.GPTCache(model.core_config, 1, T)
-        shapes = [(P, C, 3 * C), (P, C, C), (P, C, 4 * C), (P, 4 * C, C)]
-        sd = model.state_dict()
-        names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-        xs = [rng.standard_normal((m, k)).astype(np.float32) for m, k, n in shapes]
-        ops = [(xs[i], sd[f"transformer.h.{layer}.{nm}.weight"])
-               for layer in range(L) for i, nm in enumerate(names)]
-        outs = [np.empty((a.shape[0], w.shape[1]), np.float32) for a, w in ops]
-
-        def gemms():
-            for (a, b), o in zip(ops, outs):
-                sm.kernels.matmul(a, b, out=o, threads=threads)
-
+        gemms, linear = same_products(model, P, threads, rng)
         fns = {"prefill": lambda: sm._core.gpt_prefill(model.flat_params, model.core_config, p32,
                                                        cache, threads),
                "ttft": lambda: sm_ttft(model, prompt, threads),
@@ -473,7 +482,6 @@ def prefill_rows(name, model, tmodel, plan, threads, quick):
         reps = 3 if P * C >= 256 * 768 else 10
         secs, res = run_many(fns, reps, quick)
         cache.close()
-        linear = 2 * P * sum(k * n for m, k, n in shapes) * L      # every layer's products
         flops = linear + L * 2 * P * P * C + 2 * C * V                # + attention, LM head
         row = base_row("prefill", name, plan, threads, model.config.num_parameters())
         row.update(prompt_tokens=P, batch=1, prefill_ms=1e3 * secs["prefill"],

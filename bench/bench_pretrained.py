@@ -112,18 +112,7 @@ def prefill_row(model, hf, threads, P, quick):
     rng = np.random.default_rng(5)
     prompt = rng.integers(0, V, size=(1, P)).astype(np.int32)
     cache = sm._core.GPTCache(model.core_config, 1, cfg.block_size)
-    shapes = [(P, C, 3 * C), (P, C, C), (P, C, 4 * C), (P, 4 * C, C)]
-    sd = model.state_dict()
-    names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    xs = [rng.standard_normal((m, k)).astype(np.float32) for m, k, n in shapes]
-    ops = [(xs[i], sd[f"transformer.h.{layer}.{nm}.weight"])
-           for layer in range(L) for i, nm in enumerate(names)]
-    outs = [np.empty((a.shape[0], w.shape[1]), np.float32) for a, w in ops]
-
-    def gemms():
-        for (a, b), o in zip(ops, outs):
-            sm.kernels.matmul(a, b, out=o, threads=threads)
-
+    gemms, linear = bg.same_products(model, P, threads, rng)
     fns = {"prefill": lambda: sm._core.gpt_prefill(model.flat_params, model.core_config, prompt,
                                                    cache, threads).argmax(axis=1),
            "sgemm": gemms}
@@ -136,7 +125,6 @@ def prefill_row(model, hf, threads, P, quick):
         fns["transformers"] = hf_prefill
     secs, res = bg.run_many(fns, 1 if quick else 2, quick)
     cache.close()
-    linear = 2 * P * sum(k * n for m, k, n in shapes) * L
     flops = linear + L * 2 * P * P * C + 2 * C * V
     row = {"kind": "pretrained", "part": "prefill", "threads": threads, "prompt_tokens": P,
            "prefill_ms": 1e3 * secs["prefill"], "sgemm_ms": 1e3 * secs["sgemm"],

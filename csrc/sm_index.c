@@ -15,6 +15,7 @@
 
 #include "sm_gemm.h"
 #include "sm_pool.h"
+#include "sm_quant.h"
 #include "sm_runtime.h"
 
 struct sm_index {
@@ -133,23 +134,9 @@ static int grow(sm_index *ix, int64_t need) {
 
 /* ---- compact rows ------------------------------------------------------------------------- */
 
-static uint16_t to_bf16(float f) { /* round to nearest even; inputs are finite */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* Element d of row r's compact copy, as the search reads it (int8: code times scale). */
 static double compact_at(const sm_index *ix, int64_t r, int64_t d) {
-    if (ix->storage == SM_STORE_BF16) return from_bf16(((const uint16_t *)ix->codes)[r * ix->ld + d]);
+    if (ix->storage == SM_STORE_BF16) return sm_bf16_widen(((const uint16_t *)ix->codes)[r * ix->ld + d]);
     return (double)ix->scale[r] * ((const int8_t *)ix->codes)[r * ix->ld + d];
 }
 
@@ -158,7 +145,7 @@ static void encode_row(sm_index *ix, int64_t r, const float *x) {
     const int64_t dim = ix->dim, ld = ix->ld;
     if (ix->storage == SM_STORE_BF16) {
         uint16_t *c = (uint16_t *)ix->codes + r * ld;
-        for (int64_t d = 0; d < dim; d++) c[d] = to_bf16(x[d]);
+        for (int64_t d = 0; d < dim; d++) c[d] = sm_bf16_round(x[d]);
         memset(c + dim, 0, (size_t)(ld - dim) * 2);
         return;
     }
@@ -248,7 +235,7 @@ int sm_index_add_codes(sm_index *ix, const void *codes, const float *scales, int
         int nonzero = 0;
         if (ix->storage == SM_STORE_BF16) {
             for (int64_t d = 0; d < dim; d++) {
-                const float v = from_bf16(((const uint16_t *)codes)[i * dim + d]);
+                const float v = sm_bf16_widen(((const uint16_t *)codes)[i * dim + d]);
                 if (!isfinite(v)) return SM_ERR_ARG;
                 nonzero |= v != 0.0f;
             }
@@ -417,7 +404,7 @@ static void cdots_generic(const sm_index *ix, const float *qp, int m, int64_t r0
                 float *a = acc[(d / 16) & 1];
                 if (ix->storage == SM_STORE_BF16) {
                     const uint16_t *c = (const uint16_t *)ix->codes + r * ld + d;
-                    for (int l = 0; l < 16; l++) a[l] += qi[d + l] * from_bf16(c[l]);
+                    for (int l = 0; l < 16; l++) a[l] += qi[d + l] * sm_bf16_widen(c[l]);
                 } else {
                     const int8_t *c = (const int8_t *)ix->codes + r * ld + d;
                     for (int l = 0; l < 16; l++) a[l] += qi[d + l] * (float)c[l];

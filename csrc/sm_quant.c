@@ -9,20 +9,6 @@
 
 #include "sm_runtime.h"
 
-static uint16_t to_bf16(float f) { /* round to nearest even; finite inputs */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static float from_bf16(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static int8_t to_i8(float w, float scale) {
     float v = scale > 0.0f ? nearbyintf(w / scale) : 0.0f;
     return (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
@@ -39,7 +25,7 @@ int sm_quantize(int fmt, int64_t K, int64_t N, int64_t group, const float *W, in
     if (fmt == SM_QBF16) {
         uint16_t *c = (uint16_t *)codes;
         for (int64_t k = 0; k < K; k++)
-            for (int64_t n = 0; n < N; n++) c[k * N + n] = to_bf16(W[k * ldw + n]);
+            for (int64_t n = 0; n < N; n++) c[k * N + n] = sm_bf16_round(W[k * ldw + n]);
         return SM_OK;
     }
     int8_t *c = (int8_t *)codes;
@@ -69,7 +55,7 @@ int sm_quantize_t(int fmt, int64_t N, int64_t K, int64_t group, const float *Wt,
     for (int64_t r = 0; r < N; r++) {
         const float *w = Wt + r * ldw;
         if (fmt == SM_QBF16) {
-            for (int64_t k = 0; k < K; k++) ((uint16_t *)codes)[r * K + k] = to_bf16(w[k]);
+            for (int64_t k = 0; k < K; k++) ((uint16_t *)codes)[r * K + k] = sm_bf16_round(w[k]);
             continue;
         }
         for (int64_t g = 0; g < K / group; g++) {
@@ -88,7 +74,7 @@ void sm_qmat_row(const sm_qmat *q, int64_t r, float *out) {
     const int64_t K = q->K;
     if (q->fmt == SM_QBF16) {
         const uint16_t *c = (const uint16_t *)q->codes + r * K;
-        for (int64_t k = 0; k < K; k++) out[k] = from_bf16(c[k]);
+        for (int64_t k = 0; k < K; k++) out[k] = sm_bf16_widen(c[k]);
         return;
     }
     const int8_t *c = (const int8_t *)q->codes + r * K;
@@ -107,7 +93,7 @@ void sm_dequantize_rows(const sm_qmat *q, int64_t k0, int64_t k1, float *out, in
             float *o = out + (k - k0) * N;
             if (q->fmt == SM_QBF16) {
                 const uint16_t *c = (const uint16_t *)q->codes + k * N;
-                for (int64_t n = 0; n < N; n++) o[n] = from_bf16(c[n]);
+                for (int64_t n = 0; n < N; n++) o[n] = sm_bf16_widen(c[n]);
             } else {
                 const int8_t *c = (const int8_t *)q->codes + k * N;
                 const float *sc = q->scales + (k / q->group) * N;
@@ -121,7 +107,7 @@ void sm_dequantize(const sm_qmat *q, int transposed, float *out) {
     const int64_t K = q->K, N = q->N, G = q->group;
     for (int64_t i = 0; i < K * N; i++) {
         if (q->fmt == SM_QBF16) {
-            out[i] = from_bf16(((const uint16_t *)q->codes)[i]);
+            out[i] = sm_bf16_widen(((const uint16_t *)q->codes)[i]);
             continue;
         }
         /* rows form: i = k * N + n, scale (k / G, n); dots form: i = n * K + k, scale (n, k / G) */
@@ -137,7 +123,7 @@ void sm_dequantize(const sm_qmat *q, int transposed, float *out) {
 #define QMAXM 4  /* rows of x per pass (more go in passes of up to 4) */
 
 static float code_at(const sm_qmat *q, int64_t i) {
-    return q->fmt == SM_QBF16 ? from_bf16(((const uint16_t *)q->codes)[i])
+    return q->fmt == SM_QBF16 ? sm_bf16_widen(((const uint16_t *)q->codes)[i])
                               : (float)((const int8_t *)q->codes)[i];
 }
 

@@ -21,9 +21,26 @@
 #ifndef SM_QUANT_H
 #define SM_QUANT_H
 
+#include <string.h>
+
 #include "sm_common.h"
 
 enum { SM_QBF16 = 1, SM_QI8 = 2 };
+
+/* float32 -> bf16 bits, round to nearest even (finite inputs), and back (exact). */
+static inline uint16_t sm_bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float sm_bf16_widen(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 typedef struct sm_qmat {
     int fmt;              /* SM_QBF16 or SM_QI8 */
