@@ -198,7 +198,8 @@ CLI_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    """Generation (`generate`, `chat`, the server's defaults): tokens, sampling, window policy."""
+    """Generation (`generate`, `chat`, the server's defaults): tokens, sampling, window policy,
+    and the weights' format (dtype "bf16" / "int8": the model is quantized when loaded)."""
     max_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 0
@@ -207,6 +208,7 @@ class InferenceOptions:
     stop: tuple = ()
     window: str = "shift"
     threads: int | None = None
+    dtype: str = "float32"
 
     def __post_init__(self):
         check_int(self.max_tokens, "max_tokens", 0)
@@ -223,6 +225,11 @@ class InferenceOptions:
         object.__setattr__(self, "stop", stop)
         _check(self.window in ("shift", "slide"), "window", self.window, "'shift' or 'slide'")
         check_optional_int(self.threads, "threads", 1, 1024)
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+
+
+# How the model's weight matrices are held for generation (TransformerModel.quantize).
+DTYPES = ("float32", "bf16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,3 +108,33 @@ def test_what_needs_float32_weights_refuses_a_quantized_model(tmp_path):
     with pytest.raises(sm.ValidationError, match="group goes with"):
         m.quantize("bf16", group=32)
     assert "int8" in repr(m.quantize("int8"))
+
+
+def test_the_server_reports_the_dtype_and_the_command_line_quantizes(tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from smallmind import cli
+    from smallmind.generation.server import create_app
+    m = _model()
+    q = m.quantize("int8")
+    with TestClient(create_app(q, TOK, model_name="q8")) as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["smallmind"]["dtype"] == "int8"
+        assert 'dtype="int8"' in c.get("/metrics").text
+        want = sm.Sampling(q, TOK).generate("the quick", 12, temperature=0)
+        got = c.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 12,
+                                               "temperature": 0}).json()
+        assert got["choices"][0]["text"] == want
+    path = tmp_path / "m.safetensors"
+    m.save(path, TOK)
+    for dtype in ("int8", "bf16"):
+        assert cli.main(["generate", str(path), "--prompt", "the quick", "--max-tokens", "12",
+                         "--temperature", "0", "--dtype", dtype]) == 0
+        out = capsys.readouterr().out
+        want = sm.Sampling(m.quantize(dtype), TOK).generate("the quick", 12, temperature=0)
+        assert out == "the quick" + want + "\n"
+    with pytest.raises(SystemExit) as e:                  # argparse: not one of the choices
+        cli.main(["generate", str(path), "--dtype", "int4"])
+    assert e.value.code == 2

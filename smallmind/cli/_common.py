@@ -23,7 +23,7 @@ def settings_for(args, base=None) -> Settings:
     from ..config import load_settings
     flags = {k: v for k, v in vars(args).items() if v is not None}
     inference = {k: flags.get(k) for k in ("max_tokens", "temperature", "top_k", "top_p",
-                                           "seed", "stop", "window", "threads")}
+                                           "seed", "stop", "window", "threads", "dtype")}
     server = {k: flags.get(k) for k in ("host", "port", "max_concurrency", "queue_size", "timeout",
                                         "threads_per_request", "max_body_bytes",
                                         "max_prompt_chars", "header_timeout", "body_timeout",
@@ -34,7 +34,8 @@ def settings_for(args, base=None) -> Settings:
         overrides = {"model": {k: flags.get(k) for k in MODEL_FLAGS + TOKENIZER_FLAGS},
                      "training": {k: flags.get(k) for k in TRAINING_FLAGS}}
     elif args.command == "serve":
-        overrides = {"server": server, "inference": {"threads": flags.get("threads")}}
+        overrides = {"server": server, "inference": {"threads": flags.get("threads"),
+                                                     "dtype": flags.get("dtype")}}
     else:
         overrides = {"inference": inference}
     return load_settings(getattr(args, "config", None), overrides=overrides, base=base)

@@ -220,6 +220,7 @@ def build_parser():
                    f"429 (default: {_default('server', 'queue_size')})")
     p.add_argument("--timeout", type=float, help=f"seconds a request may take (default: "
                    f"{_default('server', 'timeout')})")
+    _dtype_flag(p)
     p.add_argument("--threads-per-request", type=int, help="threads of each batch engine step "
                    "(default: all cores)")
     p.add_argument("--max-body-bytes", type=int, help=f"largest request body in bytes, then HTTP "
@@ -285,6 +286,14 @@ def _sampling_flags(p):
     p.add_argument("--window", choices=("shift", "slide"),
                    help="past the context length: keep the newer half and refill (shift), or "
                         f"move by one token (slide) (default: {_default('inference', 'window')})")
+    _dtype_flag(p)
+
+
+def _dtype_flag(p):
+    p.add_argument("--dtype", choices=("float32", "bf16", "int8"),
+                   help="the weight matrices' format for generation: bf16 or int8 quantize the "
+                        "model when it loads (fewer bytes per token, faster decoding; default: "
+                        f"{_default('inference', 'dtype')})")
 
 
 _GLOBAL_FLAGS = {"--log-json": 0, "--log-level": 1}     # flag -> values it takes

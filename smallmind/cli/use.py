@@ -32,11 +32,23 @@ def load_model(name, what=None):
 
 
 
+def _as_dtype(model, dtype):
+    """The model in the weight format asked for (quantized from float32; the float32 copy is
+    closed), or as it is."""
+    if dtype == "float32" or model.dtype == dtype:
+        return model
+    try:
+        return model.quantize(dtype)
+    finally:
+        model.close()
+
+
 def _sampling(args):
     """(Sampling, its generate options, InferenceOptions, path) for generate / chat."""
     from ..generation.sampling import Sampling
     inf = settings_for(args).inference
     model, tok, path = load_model(args.model)
+    model = _as_dtype(model, inf.dtype)
     return Sampling(model, tok, threads=inf.threads, window=inf.window), _sample_kwargs(inf), inf, path
 
 
@@ -86,6 +98,7 @@ def cmd_serve(args):
     st = settings_for(args)
     keys = st.server.api_keys()                 # a missing key file fails before the model loads
     model, tok, path = load_model(args.model)
+    model = _as_dtype(model, st.inference.dtype)
     name = os.path.basename(os.path.normpath(args.model))
     name = st.server.model_name or (os.path.splitext(name)[0] if os.path.isfile(args.model) else name)
     print(f"smallmind {__version__}: serving {path} ({model}) as {name!r} on "

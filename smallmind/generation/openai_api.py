@@ -406,7 +406,7 @@ def embeddings_response(vectors: np.ndarray, fmt: str, model: str, n_tokens: int
 def model_card(name: str, created: int, model) -> dict:
     cfg = model.config
     return {"id": name, "object": "model", "created": created, "owned_by": "smallmind",
-            "smallmind": {"dtype": "float32", "parameters": model.num_parameters(),
+            "smallmind": {"dtype": model.dtype, "parameters": model.num_parameters(),
                           "context_length": cfg.block_size,
                 "vocab_size": cfg.vocab_size, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd}}
 

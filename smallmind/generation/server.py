@@ -578,7 +578,7 @@ def create_app(model: TransformerModel, tokenizer: BaseTokenizer, options: "Serv
             _metrics.REGISTRY.set("smallmind_engine_queued", engine.queued,
                                   "requests waiting for a slot of the batch engine")
         _metrics.REGISTRY.set("smallmind_model_info", 1, "the served model", id=name,
-                              dtype="float32")
+                              dtype=model.dtype)
         return PlainTextResponse(_metrics.render_prometheus(),
                                  media_type="text/plain; version=0.0.4")
 
