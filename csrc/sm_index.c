@@ -472,20 +472,7 @@ static void cdots_avx512(const sm_index *ix, const float *qp, int m, int64_t r0,
         cdots_row_avx512(ix, BF, qp, M, r0 + j, s + j, lds);                                       \
     }                                                                                              \
     return;
-    if (bf16) {
-        switch (m) {
-        case 1: CDOTS_CASE(1, 1)
-        case 2: CDOTS_CASE(1, 2)
-        case 3: CDOTS_CASE(1, 3)
-        default: CDOTS_CASE(1, 4)
-        }
-    }
-    switch (m) {
-    case 1: CDOTS_CASE(0, 1)
-    case 2: CDOTS_CASE(0, 2)
-    case 3: CDOTS_CASE(0, 3)
-    default: CDOTS_CASE(0, 4)
-    }
+    SM_QDISPATCH(bf16, m, CDOTS_CASE);
 #undef CDOTS_CASE
 }
 #endif

@@ -280,20 +280,7 @@ SM_TARGET_AVX512
 static void stream_avx512(const sm_qmat *q, int m, const float *x, int64_t ldx, int64_t k0,
                           int64_t k1, int64_t n0, int64_t n1, float *y, int64_t ldy) {
 #define STREAM_CASE(BF, M) rows_stream_avx512(q, BF, M, x, ldx, k0, k1, n0, n1, y, ldy); return;
-    if (q->fmt == SM_QBF16) {
-        switch (m) {
-        case 1: STREAM_CASE(1, 1)
-        case 2: STREAM_CASE(1, 2)
-        case 3: STREAM_CASE(1, 3)
-        default: STREAM_CASE(1, 4)
-        }
-    }
-    switch (m) {
-    case 1: STREAM_CASE(0, 1)
-    case 2: STREAM_CASE(0, 2)
-    case 3: STREAM_CASE(0, 3)
-    default: STREAM_CASE(0, 4)
-    }
+    SM_QDISPATCH(q->fmt == SM_QBF16, m, STREAM_CASE);
 #undef STREAM_CASE
 }
 
@@ -301,20 +288,7 @@ SM_TARGET_AVX512
 static void rows_avx512(const sm_qmat *q, int m, const float *x, int64_t ldx, int64_t k0,
                         int64_t k1, int64_t n0, int64_t w, float *y, int64_t ldy) {
 #define ROWS_CASE(BF, M) rows_tile_avx512(q, BF, M, x, ldx, k0, k1, n0, w, y, ldy); return;
-    if (q->fmt == SM_QBF16) {
-        switch (m) {
-        case 1: ROWS_CASE(1, 1)
-        case 2: ROWS_CASE(1, 2)
-        case 3: ROWS_CASE(1, 3)
-        default: ROWS_CASE(1, 4)
-        }
-    }
-    switch (m) {
-    case 1: ROWS_CASE(0, 1)
-    case 2: ROWS_CASE(0, 2)
-    case 3: ROWS_CASE(0, 3)
-    default: ROWS_CASE(0, 4)
-    }
+    SM_QDISPATCH(q->fmt == SM_QBF16, m, ROWS_CASE);
 #undef ROWS_CASE
 }
 #endif
@@ -405,20 +379,7 @@ static void dots_avx512(const sm_qmat *q, int m, const float *x, int64_t ldx, in
 #define DOTS_CASE(BF, M)                                                                           \
     for (int64_t n = n0; n < n1; n++) dots_row_avx512(q, BF, M, x, ldx, n, y, ldy);              \
     return;
-    if (q->fmt == SM_QBF16) {
-        switch (m) {
-        case 1: DOTS_CASE(1, 1)
-        case 2: DOTS_CASE(1, 2)
-        case 3: DOTS_CASE(1, 3)
-        default: DOTS_CASE(1, 4)
-        }
-    }
-    switch (m) {
-    case 1: DOTS_CASE(0, 1)
-    case 2: DOTS_CASE(0, 2)
-    case 3: DOTS_CASE(0, 3)
-    default: DOTS_CASE(0, 4)
-    }
+    SM_QDISPATCH(q->fmt == SM_QBF16, m, DOTS_CASE);
 #undef DOTS_CASE
 }
 #endif

@@ -27,6 +27,27 @@
 
 enum { SM_QBF16 = 1, SM_QI8 = 2 };
 
+/* Run CASE(BF, M) with BF = (bf16 != 0) and M = min(m, 4) as compile-time constants: the
+ * kernels inline one body per (format, row count) so their accumulators stay in registers.
+ * CASE must end with `return;`. */
+#define SM_QDISPATCH(bf16, m, CASE)                                                                \
+    do {                                                                                           \
+        if (bf16) {                                                                                \
+            switch (m) {                                                                           \
+            case 1: CASE(1, 1)                                                                     \
+            case 2: CASE(1, 2)                                                                     \
+            case 3: CASE(1, 3)                                                                     \
+            default: CASE(1, 4)                                                                    \
+            }                                                                                      \
+        }                                                                                          \
+        switch (m) {                                                                               \
+        case 1: CASE(0, 1)                                                                         \
+        case 2: CASE(0, 2)                                                                         \
+        case 3: CASE(0, 3)                                                                         \
+        default: CASE(0, 4)                                                                        \
+        }                                                                                          \
+    } while (0)
+
 /* float32 -> bf16 bits, round to nearest even (finite inputs), and back (exact). */
 static inline uint16_t sm_bf16_round(float f) {
     uint32_t u;
