@@ -25,6 +25,10 @@ from .errors import SmallMindError
 DEFAULT_TIMEOUT = 300.0
 TIMEOUT_ENV = "SMALLMIND_MPI_TIMEOUT"
 _BUCKETS_AHEAD = 4       # bucketed all-reduce: reduce-scatters posted ahead of the summing
+# How long abort() waits between printing its message and ending the job. MPICH's launcher
+# (hydra) may tear the job down as soon as a process ends, before it has forwarded what that
+# process last wrote to stderr: a CI run once lost the "no answer from the other ranks" line.
+_FORWARD_GRACE_S = 1.0
 
 # Environment variables the MPI launchers set in the processes they start: a process started by
 # mpirun/mpiexec has one of them (MPICH/Hydra: PMI_SIZE; Open MPI: OMPI_COMM_WORLD_SIZE; PMIx).
@@ -182,6 +186,7 @@ class Communicator:
         """Print `message` (naming this rank) and end every process of the job."""
         print(f"smallmind: rank {self.rank} of {self.size}: {message}", file=sys.stderr,
               flush=True)
+        time.sleep(_FORWARD_GRACE_S)     # let the launcher forward the line (see above)
         if threading.current_thread() is not threading.main_thread() and \
                 self._MPI.Query_thread() < self._MPI.THREAD_MULTIPLE:
             os._exit(code)    # MPI calls from this thread are not allowed: the launcher ends the rest
