@@ -12,8 +12,9 @@ CheckpointError, naming the file, for anything a corrupt or hostile file can hol
 
 load_file reads the file once and copies each tensor out; read_into streams a file tensor by
 tensor into arrays the caller gives (Hugging Face weights into a model's parameter block). Left
-out: memory mapping, and the 8-bit / 4-bit float dtypes numpy cannot hold. BF16 is read (widened exactly to
-float32) but never written.
+out: memory mapping, and the 8-bit / 4-bit float dtypes numpy cannot hold. numpy has no bfloat16:
+load_file widens BF16 exactly to float32, load_typed keeps its bits as uint16 (with each tensor's
+file dtype), and save_file writes the uint16 arrays its `bf16` argument names as BF16.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from .errors import CheckpointError, ValidationError
 
-__all__ = ["save_file", "load_file", "read_into", "read_metadata", "MAX_HEADER_SIZE"]
+__all__ = ["save_file", "load_file", "load_typed", "read_into", "read_metadata", "MAX_HEADER_SIZE"]
 
 MAX_HEADER_SIZE = 100_000_000      # the reference's limit on the JSON header
 
@@ -69,10 +70,13 @@ def _check_utf8(s, what):
         raise ValidationError(f"{what} contains a lone surrogate and cannot be written as UTF-8") from None
 
 
-def _build_header(tensors, metadata):
+def _build_header(tensors, metadata, bf16=frozenset()):
     """Validate the inputs; return (header bytes, [(name, array)] in file order)."""
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of str -> numpy array, got {type(tensors).__name__}")
+    for name in bf16:
+        if name not in tensors:
+            raise ValidationError(f"bf16 names {name!r}, which is not one of the tensors")
     entries = []
     for name, a in tensors.items():
         if not isinstance(name, str):
@@ -85,6 +89,11 @@ def _build_header(tensors, metadata):
         if not isinstance(a, np.ndarray):
             raise TypeError(f"tensors[{name!r}] must be a numpy array, got {type(a).__name__}")
         st = _st_dtype(name, a)
+        if name in bf16:
+            if st != "U16":
+                raise ValidationError(f"tensors[{name!r}] is listed in bf16, so it must hold the "
+                                      f"bfloat16 bits as uint16; got {a.dtype}")
+            st = "BF16"
         entries.append((-_DTYPES[st][1], name, st, a))
     meta = None
     if metadata is not None:
@@ -214,7 +223,7 @@ def _verify_default(verify):
     return bool(verify)
 
 
-def save_file(tensors, path, metadata=None, *, checksums: bool = False) -> None:
+def save_file(tensors, path, metadata=None, *, checksums: bool = False, bf16=()) -> None:
     """Write ``tensors`` (a mapping of name -> numpy array) and optional ``metadata`` (str ->
     str) to ``path`` in safetensors format, atomically: the data goes to a temporary file
     (".<name>.<pid>.<thread>.<random>.tmp") in the same directory, is flushed and fsync'ed,
@@ -225,12 +234,18 @@ def save_file(tensors, path, metadata=None, *, checksums: bool = False) -> None:
     of every tensor's bytes (key ``smallmind.sha256``), verified by load_file: smallmind's
     checkpoints and index files are written so.
 
+    ``bf16``: names of uint16 tensors that hold bfloat16 bits, written with dtype BF16 (what
+    PyTorch and the ``safetensors`` package read as bfloat16).
+
     Raises TypeError / smallmind.ValidationError (naming the tensor or key) for bad inputs
     before touching the disk, and OSError for file-system failures.
     """
+    if isinstance(bf16, str):
+        raise TypeError("bf16 must be a collection of tensor names, not one str")
+    bf16 = frozenset(bf16)
     if checksums:
         metadata = _with_checksums(tensors, metadata)
-    header, order = _build_header(tensors, metadata)
+    header, order = _build_header(tensors, metadata, bf16)
     path = os.fspath(path)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
@@ -458,6 +473,18 @@ def load_file(path, *, verify: bool | None = None):
 
     verify: check the checksums a file written with ``checksums=True`` carries (default: yes,
     unless the environment sets SMALLMIND_VERIFY_CHECKSUMS=0; about 1 s per 1.3 GB here)."""
+    tensors, dtypes, metadata = _load(path, verify, widen_bf16=True)
+    return tensors, metadata
+
+
+def load_typed(path, *, verify: bool | None = None):
+    """As load_file, but BF16 tensors keep their bits (uint16 arrays), and each tensor's file
+    dtype comes too: ``(tensors, dtypes, metadata)`` with dtypes name -> "F32", "BF16", "I8", ...
+    (so a reader can tell BF16 from U16, which both arrive as uint16)."""
+    return _load(path, verify, widen_bf16=False)
+
+
+def _load(path, verify, widen_bf16):
     f, path = _open(path)
     try:
         with f:
@@ -467,7 +494,7 @@ def load_file(path, *, verify: bool | None = None):
     n = _header_length(path, buf[:8], len(buf))
     data_size = len(buf) - 8 - n
     infos, metadata = _parse_header(path, buf[8:8 + n], data_size)
-    tensors = {}
+    tensors, dtypes = {}, {}
     base = 8 + n
     if _verify_default(verify):
         _verify(path, metadata, buf, base, infos)
@@ -481,7 +508,7 @@ def load_file(path, *, verify: bool | None = None):
             raise _fail(path, f"tensor {name!r} is BOOL but holds bytes other than 0 and 1")
         try:
             view = view.reshape(shape)
-            if st == "BF16":
+            if st == "BF16" and widen_bf16:
                 # bfloat16 is the top half of a float32: widening is exact.
                 arr = np.empty(shape, np.float32)
                 np.left_shift(view, 16, out=arr.view(np.uint32), dtype=np.uint32)
@@ -490,7 +517,8 @@ def load_file(path, *, verify: bool | None = None):
         except (ValueError, MemoryError) as e:
             raise _fail(path, f"tensor {name!r} with shape {list(shape)} cannot be built: {e}") from None
         tensors[name] = arr
-    return tensors, metadata
+        dtypes[name] = st
+    return tensors, dtypes, metadata
 
 
 def read_metadata(path):

@@ -2,7 +2,8 @@
 weight matrices are compact. Its forward pass is the float32 pass of the weights its codes stand
 for (dequantize()), bit for bit; its prefill and decode steps agree with that model to float32
 rounding; decoding does not depend on the thread count or on the other rows of a batch; and
-everything that would train or save float32 weights refuses it."""
+everything that would train or read float32 weights refuses it. (Its checkpoint files:
+test_quantized_checkpoint.py.)"""
 import numpy as np
 import pytest
 
@@ -93,7 +94,7 @@ def test_memory_is_the_compact_matrices():
 def test_what_needs_float32_weights_refuses_a_quantized_model(tmp_path):
     q = _model().quantize("bf16")
     for call, name in ((lambda: q.train(), "training"), (q.state_dict, "state_dict"),
-                       (q.grads, "grads"), (lambda: q.save(tmp_path / "x.safetensors"), "save"),
+                       (q.grads, "grads"), (lambda: q.save_pretrained(tmp_path), "save_pretrained"),
                        (lambda: q.load_state_dict({}), "load_state_dict"),
                        (lambda: q.quantize("int8"), "quantize"),
                        (lambda: sm.Training(q, TOK, TEXT, 16, 2), "training")):

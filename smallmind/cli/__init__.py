@@ -22,7 +22,7 @@ from ._common import UserError
 from .info import cmd_bench, cmd_info
 from .parser import build_parser, unrecognised, with_command
 from .train import cmd_demo, cmd_train
-from .use import cmd_chat, cmd_generate, cmd_serve
+from .use import cmd_chat, cmd_generate, cmd_quantize, cmd_serve
 
 __all__ = ["main", "UserError"]
 
@@ -67,7 +67,8 @@ def main(argv=None):
         handler = _WarningLines(logging.WARNING)
         logger.addHandler(handler)
     commands = {"demo": cmd_demo, "info": cmd_info, "bench": cmd_bench, "train": cmd_train,
-                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
+                "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
+                "quantize": cmd_quantize}
     from ..errors import SmallMindError
     try:
         with warnings.catch_warnings():

@@ -58,6 +58,10 @@ SMALLMIND_MODEL_* variables, --config FILE, the resumed run's own, the defaults 
     "serve": """example:
   smallmind serve ck --port 8000 --max-concurrency 4
   curl localhost:8000/v1/completions -d '{"prompt": "The ", "max_tokens": 20}'""",
+    "quantize": """examples:
+  smallmind quantize ck ck-int8.safetensors                 # int8, one scale per output
+  smallmind quantize gpt2-folder gpt2-bf16.safetensors --dtype bf16
+  smallmind generate ck-int8.safetensors --prompt 'The '    # loads as int8""",
     "info": """examples:
   smallmind info
   smallmind info --config smallmind.toml""",
@@ -255,6 +259,22 @@ def build_parser():
     p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (default: the "
                    "model folder's chat_template.jinja, else smallmind's own)")
 
+    p = parsers["quantize"] = _sub(sub, "quantize", "write a checkpoint's model with int8 or "
+                                   "bf16 weights", "Write MODEL's weight matrices as int8 (with "
+                                   "float32 scales) or bf16 into one safetensors file OUT, with "
+                                   "its tokenizer; generate, chat and serve load it as it is. "
+                                   "LayerNorms, biases and the position embedding stay float32. "
+                                   "The file is written atomically.")
+    p.add_argument("model", metavar="MODEL", help=_MODEL_ARG)
+    p.add_argument("out", metavar="OUT", help="the .safetensors file to write")
+    p.add_argument("--dtype", choices=("int8", "bf16"), default="int8",
+                   help="the weight matrices' format (default: int8)")
+    p.add_argument("--group", type=int, help="int8 only: one scale per output for every N rows "
+                   "of the input axis (N must divide the model's width; default: one scale per "
+                   "output over the whole axis)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: "
+                   "refused)")
+
     p = parsers["info"] = _sub(sub, "info", "version, build facts, SIMD level, threads",
                                "The version, compiler, OpenMP, SIMD level and thread count.")
     p.add_argument("--config", nargs="?", const=True, metavar="FILE",
@@ -291,8 +311,9 @@ def _sampling_flags(p):
 
 def _dtype_flag(p):
     p.add_argument("--dtype", choices=("float32", "bf16", "int8"),
-                   help="the weight matrices' format for generation: bf16 or int8 quantize the "
-                        "model when it loads (fewer bytes per token, faster decoding; default: "
+                   help="the weight matrices' format for generation: bf16 or int8 quantize a "
+                        "float32 model when it loads (fewer bytes per token, faster decoding); "
+                        "a model saved by `smallmind quantize` is used as saved (default: "
                         f"{_default('inference', 'dtype')})")
 
 

@@ -304,6 +304,10 @@ def _init_model(args):
                         "run (give one of them)")
     from .use import load_model
     model, tok, path = load_model(args.init, "--init")
+    if model.dtype != "float32":
+        model.close()
+        raise UserError(f"--init {path} holds a quantized ({model.dtype}) inference model: it "
+                        f"cannot train (start from the float32 model it was made from)")
     if args.block_size is not None and not 1 <= args.block_size <= model.config.block_size:
         model.close()
         raise UserError(f"--block-size {args.block_size} must be between 1 and the model's "

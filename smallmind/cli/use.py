@@ -32,15 +32,49 @@ def load_model(name, what=None):
 
 
 
-def _as_dtype(model, dtype):
+def _as_dtype(model, dtype, path):
     """The model in the weight format asked for (quantized from float32; the float32 copy is
-    closed), or as it is."""
+    closed), or as it is. float32 (the default) means as saved."""
     if dtype == "float32" or model.dtype == dtype:
         return model
     try:
+        if model.dtype != "float32":
+            raise UserError(f"{path} holds {model.dtype} weights already: --dtype {dtype} would "
+                            f"quantize them a second time (quantize the float32 model instead)")
         return model.quantize(dtype)
     finally:
         model.close()
+
+
+def cmd_quantize(args):
+    """Write MODEL quantized to OUT (atomically), with its tokenizer."""
+    from ..errors import ValidationError
+    out = args.out
+    if os.path.isdir(out):
+        raise UserError(f"OUT {out} is a folder; give the .safetensors file to write")
+    if os.path.exists(out) and not args.overwrite:
+        raise UserError(f"OUT {out} exists; pass --overwrite to replace it")
+    if args.group is not None and args.dtype != "int8":
+        raise UserError("--group goes with --dtype int8 (bf16 has no scales)")
+    model, tok, path = load_model(args.model)
+    try:
+        if model.dtype != "float32":
+            raise UserError(f"{path} holds {model.dtype} weights already; quantize the float32 "
+                            f"model it was made from")
+        try:
+            q = model.quantize(args.dtype, group=args.group)
+        except ValidationError as e:
+            raise UserError(f"--group: {e}") from None
+    finally:
+        model.close()
+    try:
+        before = model.config.num_parameters() * 4
+        q.save(out, tok)
+        print(f"smallmind: wrote {out}: {q} ({os.path.getsize(out) / 1e6:.1f} MB on disk; "
+              f"float32 weights {before / 1e6:.1f} MB)")
+    finally:
+        q.close()
+    return 0
 
 
 def _sampling(args):
@@ -48,7 +82,7 @@ def _sampling(args):
     from ..generation.sampling import Sampling
     inf = settings_for(args).inference
     model, tok, path = load_model(args.model)
-    model = _as_dtype(model, inf.dtype)
+    model = _as_dtype(model, inf.dtype, path)
     return Sampling(model, tok, threads=inf.threads, window=inf.window), _sample_kwargs(inf), inf, path
 
 
@@ -98,7 +132,7 @@ def cmd_serve(args):
     st = settings_for(args)
     keys = st.server.api_keys()                 # a missing key file fails before the model loads
     model, tok, path = load_model(args.model)
-    model = _as_dtype(model, st.inference.dtype)
+    model = _as_dtype(model, st.inference.dtype, path)
     name = os.path.basename(os.path.normpath(args.model))
     name = st.server.model_name or (os.path.splitext(name)[0] if os.path.isfile(args.model) else name)
     print(f"smallmind {__version__}: serving {path} ({model}) as {name!r} on "

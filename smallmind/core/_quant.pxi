@@ -16,39 +16,77 @@ cdef class QMatrix:
     cdef readonly object codes, scales
     cdef readonly str fmt, layout
 
-    def __cinit__(self, W, str fmt, group=None, str layout="rows"):
+    def __cinit__(self, W, str fmt, group=None, str layout="rows", codes=None, scales=None):
+        """W: the float32 matrix to quantize; or W=None with `codes` (int8 or uint16 bf16 bits,
+        in W's shape) and, for int8, `scales` (rows: (K / group, N); dots: (N, K / group)), a
+        compact matrix as a file stores it (copied; validated: bf16 codes must be finite,
+        scales finite and >= 0)."""
         if fmt not in _QFORMATS:
             raise ValidationError(f"fmt must be one of {tuple(_QFORMATS)}, got {fmt!r}")
         if layout not in ("rows", "dots"):
             raise ValidationError(f"layout must be 'rows' or 'dots', got {layout!r}")
-        _check_f32(W, "W", 2)
-        cdef int64_t R = W.shape[0], C = W.shape[1]
+        if (W is None) == (codes is None):
+            raise ValidationError("give either W (to quantize) or codes (stored values)")
+        cdef object src = W if codes is None else codes
+        if not isinstance(src, np.ndarray) or src.ndim != 2:
+            raise ValidationError(f"{'W' if codes is None else 'codes'} must be a 2-D numpy array")
+        cdef int64_t R = src.shape[0], C = src.shape[1]
         cdef int64_t K = R if layout == "rows" else C, N = C if layout == "rows" else R
         cdef int64_t G = K if group is None else group
         _check_int(G, "group", 1, K)
         if fmt == "int8" and K % G:
             raise ValidationError(f"group must divide the reduction length {K}, got {G}")
-        self.codes = np.empty((R, C), np.uint16 if fmt == "bf16" else np.int8)
         cdef int64_t ns = (K // G) * N if fmt == "int8" else 0
-        self.scales = np.empty(ns, np.float32)
+        if codes is not None:
+            self._adopt(codes, scales, fmt, layout, K, N, G)
+        else:
+            if scales is not None:
+                raise ValidationError("scales go with codes, not with W")
+            _check_f32(W, "W", 2)
+            self.codes = np.empty((R, C), np.uint16 if fmt == "bf16" else np.int8)
+            self.scales = np.empty(ns, np.float32)
         cdef int f = _QFORMATS[fmt], rc
-        cdef const float *pw = _fptr(W)
         cdef void *pc = cnp.PyArray_DATA(<cnp.ndarray>self.codes)
         cdef float *ps = _fptr(self.scales) if fmt == "int8" else NULL
+        cdef const float *pw
         cdef bint rows = layout == "rows"
-        with nogil:
-            if rows:
-                rc = sm_quantize(f, K, N, G, pw, C, pc, ps)
-            else:
-                rc = sm_quantize_t(f, N, K, G, pw, C, pc, ps)
-        if rc == SM_ERR_ARG:
-            raise ValidationError("W must be finite")
-        _raise_for(rc, "QMatrix")
+        if codes is None:
+            pw = _fptr(W)
+            with nogil:
+                if rows:
+                    rc = sm_quantize(f, K, N, G, pw, C, pc, ps)
+                else:
+                    rc = sm_quantize_t(f, N, K, G, pw, C, pc, ps)
+            if rc == SM_ERR_ARG:
+                raise ValidationError("W must be finite")
+            _raise_for(rc, "QMatrix")
         self.q.fmt, self.q.K, self.q.N = f, K, N
         self.q.group = G if fmt == "int8" else K
         self.q.codes = pc
         self.q.scales = ps
         self.fmt, self.layout = fmt, layout
+
+    cdef _adopt(self, codes, scales, str fmt, str layout, int64_t K, int64_t N, int64_t G):
+        want = np.int8 if fmt == "int8" else np.uint16
+        if codes.dtype != want:
+            raise ValidationError(f"codes must be {np.dtype(want)} for {fmt}, got {codes.dtype}")
+        self.codes = np.array(codes, dtype=want, order="C", copy=True)
+        if fmt == "bf16":
+            if scales is not None:
+                raise ValidationError("bf16 has no scales")
+            if np.any((self.codes & 0x7F80) == 0x7F80):
+                raise ValidationError("codes hold NaN or infinite bf16 values")
+            self.scales = np.empty(0, np.float32)
+            return
+        shape = (K // G, N) if layout == "rows" else (N, K // G)
+        if not isinstance(scales, np.ndarray) or scales.dtype != np.float32 or \
+                tuple(scales.shape) != shape:
+            got = (f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, np.ndarray)
+                   else type(scales).__name__)
+            raise ValidationError(f"scales must be float32 {shape} for group {G}, got {got}")
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise ValidationError("scales must be finite and >= 0")
+        self.scales = np.array(scales, dtype=np.float32, order="C", copy=True).reshape(-1)
 
     @property
     def shape(self):
@@ -57,6 +95,16 @@ cdef class QMatrix:
     @property
     def group(self):
         return self.q.group
+
+    def scales_2d(self):
+        """The scales in the shape they apply in: rows (K / group, N), dots (N, K / group);
+        None for bf16."""
+        if self.fmt != "int8":
+            return None
+        G = self.q.group
+        if self.layout == "rows":
+            return self.scales.reshape(self.q.K // G, self.q.N)
+        return self.scales.reshape(self.q.N, self.q.K // G)
 
     def dequantize(self):
         """The matrix the codes stand for, float32, in W's shape."""

@@ -9,6 +9,11 @@ file under the final name, and carry SHA-256 checksums of their header and of ea
 Loading verifies them and validates everything else, and raises CheckpointError saying what
 is wrong: an edited `n_head` or a flipped bit is refused, never loaded as a different model.
 The parameter tensors load unchanged into PyTorch / transformers' GPT-2 (lm_head tied).
+
+A quantized (inference) model is saved compact: its weight matrices as I8 codes plus F32
+`<name>_scale` tensors, or as BF16, the rest F32 (TransformerModel.quantized_state_dict gives
+the layout), with metadata "quantization" = {"dtype": ..., "group": ...}; it has no optimizer
+state and loads back as the same quantized model.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ class Checkpoint:
     training: dict | None   # step, RNG states, hyperparameters (JSON values)
     exp_avg: dict | None    # AdamW first moments, name -> array (None without optimizer state)
     exp_avg_sq: dict | None
+    # {"dtype": "int8" | "bf16", "group": int | None} for a quantized model, whose `params` are
+    # then its quantized_state_dict() (codes, scales and the float32 rest); None for float32
+    quantization: dict | None = None
 
 
 def tokenizer_from_json(s: str) -> BaseTokenizer:
@@ -75,7 +83,16 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: BaseTokenizer | No
     if tokenizer is not None and not isinstance(tokenizer, BaseTokenizer):
         raise TypeError(f"tokenizer must be a Tokenizer, a BPETokenizer or None, got "
                         f"{type(tokenizer).__name__}")
-    tensors = dict(model.state_dict())
+    bf16: list[str] = []
+    if model.dtype != "float32":
+        if optimizer is not None or training is not None:
+            raise ValidationError(f"a quantized model ({model.dtype}) has no training state to "
+                                  f"save: optimizer and training must be None")
+        tensors = model.quantized_state_dict()
+        if model.dtype == "bf16":
+            bf16 = model.layout.compact_matrices()
+    else:
+        tensors = dict(model.state_dict())
     if optimizer is not None:
         for prefix, block in zip((_M, _V), optimizer):
             for name, view in model.layout.views(block).items():
@@ -88,7 +105,10 @@ def save_checkpoint(path, model: TransformerModel, tokenizer: BaseTokenizer | No
         meta["tokenizer"] = tokenizer.to_json()
     if training is not None:
         meta["training"] = json.dumps(training, sort_keys=True)
-    _safetensors.save_file(tensors, os.fspath(path), meta, checksums=True)
+    if model.dtype != "float32":
+        meta["quantization"] = json.dumps({"dtype": model.dtype, "group": model.quant_group},
+                                          sort_keys=True)
+    _safetensors.save_file(tensors, os.fspath(path), meta, checksums=True, bf16=bf16)
 
 
 def find_checkpoint(path, *, latest: bool = False) -> str:
@@ -133,7 +153,7 @@ def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -
     carries (of its header and of each tensor) are verified unless verify=False or the
     environment sets SMALLMIND_VERIFY_CHECKSUMS=0: an edited or corrupted file is refused."""
     path = find_checkpoint(path, latest=latest)
-    tensors, meta = _safetensors.load_file(path, verify=verify)
+    tensors, dtypes, meta = _safetensors.load_typed(path, verify=verify)
     if meta.get("format") != FORMAT:
         _fail(path, f"not a smallmind checkpoint (metadata format is {meta.get('format')!r})")
     try:
@@ -166,6 +186,8 @@ def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -
             _fail(path, f"invalid training metadata: {e}")
         if not isinstance(training, dict):
             _fail(path, "invalid training metadata: not an object")
+    if "quantization" in meta:
+        return _read_quantized(path, meta, cfg, tok, tensors, dtypes)
     # What the configuration's tensors must be, from the parameter table (no model is built).
     shapes = ParameterLayout.for_config(cfg).shapes()
     params = {k: t for k, t in tensors.items() if not k.startswith("optimizer.")}
@@ -199,7 +221,39 @@ def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -
     return Checkpoint(os.fspath(path), cfg, params, tok, training, moments[0], moments[1])
 
 
+def _read_quantized(path, meta, cfg, tok, tensors, dtypes) -> Checkpoint:
+    """The rest of read_checkpoint for a quantized model's file: its quantization metadata,
+    and each compact matrix's file dtype (I8 or BF16; U16 bits would arrive looking the same).
+    The tensors themselves are validated as the model is built (model_from_checkpoint)."""
+    try:
+        q = json.loads(meta["quantization"])
+        if not isinstance(q, dict) or set(q) != {"dtype", "group"}:
+            raise ValueError("not an object with exactly dtype and group")
+        if q["dtype"] not in ("int8", "bf16"):
+            raise ValueError(f"dtype must be 'int8' or 'bf16', got {q['dtype']!r}")
+        if q["group"] is not None and (type(q["group"]) is not int or q["group"] < 1):
+            raise ValueError(f"group must be a positive int or null, got {q['group']!r}")
+    except (ValueError, RecursionError) as e:
+        _fail(path, f"invalid quantization metadata: {e}")
+    if "training" in meta or any(k.startswith("optimizer.") for k in tensors):
+        _fail(path, "a quantized model's checkpoint cannot hold training state")
+    want = "I8" if q["dtype"] == "int8" else "BF16"
+    for name in ParameterLayout.for_config(cfg).compact_matrices():
+        if name in dtypes and dtypes[name] != want:
+            _fail(path, f"{name} must be {want} in a {q['dtype']} checkpoint, got {dtypes[name]}")
+    for name, st in dtypes.items():
+        if st not in ("F32", "I8", "BF16"):
+            _fail(path, f"{name} has dtype {st}; a {q['dtype']} checkpoint holds F32 and {want}")
+    return Checkpoint(os.fspath(path), cfg, tensors, tok, None, None, None, quantization=q)
+
+
 def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
+    if ck.quantization is not None:
+        try:
+            return TransformerModel.from_quantized_state_dict(
+                ck.config, ck.params, ck.quantization["dtype"], ck.quantization["group"])
+        except ValidationError as e:
+            _fail(ck.path, str(e))
     model = TransformerModel.empty(ck.config)
     try:
         model.load_state_dict(ck.params)

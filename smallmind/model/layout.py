@@ -20,7 +20,11 @@ from ..core import _core
 if TYPE_CHECKING:  # only for annotations: transformer.py imports this module
     from .transformer import ModelConfig
 
-__all__ = ["TensorSpec", "ParameterLayout", "aligned_zeros"]
+__all__ = ["TensorSpec", "ParameterLayout", "aligned_zeros", "COMPACT_PER_LAYER"]
+
+# A layer's weight matrices, in the order the C core's compact weights hold them.
+COMPACT_PER_LAYER = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                     "mlp.c_proj.weight")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,14 @@ class ParameterLayout:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: s.shape for n, s in self._specs.items()}
+
+    def compact_matrices(self) -> list[str]:
+        """The weight matrices a quantized model stores compactly, in the order the C core
+        takes them (sm_gpt_qweights): each layer's attn.c_attn, attn.c_proj, mlp.c_fc,
+        mlp.c_proj, then the token embedding (also the LM head)."""
+        n_layer = 1 + max(s.layer for s in self)
+        return [f"transformer.h.{l}.{m}" for l in range(n_layer) for m in COMPACT_PER_LAYER] \
+            + ["transformer.wte.weight"]
 
     def spec(self, name: str) -> TensorSpec:
         try:

@@ -124,6 +124,13 @@ def _split_seed(seed: int, offset: int) -> int:
 _MAX_STEP = 2 ** 62      # the largest step count TRAINING_RULES allows
 
 
+def _trainable(ck: Checkpoint) -> None:
+    if ck.quantization is not None:
+        raise CheckpointError(f"{ck.path} holds a quantized ({ck.quantization['dtype']}) "
+                              f"inference model: it cannot train (train from the float32 "
+                              f"checkpoint it was made from)")
+
+
 class Training:
     """Trains `model` on `text` encoded by `tokenizer`.
 
@@ -601,6 +608,7 @@ class Training:
         (CheckpointError otherwise), and for the same text: continuing on other text
         (fine-tuning) needs new_data=True (ValidationError naming `text` otherwise)."""
         ck = source if isinstance(source, Checkpoint) else read_checkpoint(source, latest=True)
+        _trainable(ck)
         if ck.config != self.model.config:
             raise CheckpointError(f"{ck.path}: the checkpoint is for {ck.config}, not this "
                                   f"model's {self.model.config}")
@@ -673,6 +681,7 @@ class Training:
         run's text unless new_data=True (see restore). `trainer.model` and `trainer.tokenizer`
         give the rebuilt objects."""
         ck = path if isinstance(path, Checkpoint) else read_checkpoint(path, latest=True)
+        _trainable(ck)
         if ck.tokenizer is None:
             raise CheckpointError(f"{ck.path}: the checkpoint has no tokenizer to resume with")
         t = ck.training or {}

@@ -117,6 +117,24 @@ class ModelConfig:
         return ParameterLayout.for_config(self)
 
 
+def _matrix_layout(name: str) -> str:
+    """How a compact matrix is stored: the token embedding row by row per token ("dots", as
+    the LM head reads it), the layers' (in, out) matrices along their input ("rows")."""
+    return "dots" if name == "transformer.wte.weight" else "rows"
+
+
+def _check_quantization(config: ModelConfig, dtype: Any, group: Any) -> int | None:
+    if dtype not in ("bf16", "int8"):
+        raise ValidationError(f"dtype must be 'bf16' or 'int8', got {dtype!r}")
+    if group is not None:
+        if dtype != "int8":
+            raise ValidationError("group goes with dtype='int8' (bf16 has no scales)")
+        check_int(group, "group", 1, config.n_embd)
+        if config.n_embd % group:
+            raise ValidationError(f"group must divide n_embd ({config.n_embd}), got {group}")
+    return group
+
+
 class TransformerModel(Closeable):
     """A GPT-2 language model on the CPU.
 
@@ -171,6 +189,7 @@ class TransformerModel(Closeable):
         self._dropout_rng = np.random.Generator(np.random.PCG64([config.seed, 0x5EED_D409]))
         self._qweights: Any = None    # _core.GPTQWeights of a quantized (inference) model
         self._dtype = "float32"
+        self._quant_group: int | None = None
 
     # ---- the surface smallmind's own modules use -----------------------------------------------
 
@@ -257,8 +276,6 @@ class TransformerModel(Closeable):
 
     # ---- quantized inference ------------------------------------------------------------------
 
-    _MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
     def quantize(self, dtype: str, *, group: int | None = None) -> TransformerModel:
         """A new inference model whose weight matrices (attention, MLP, and the token embedding
         that is also the LM head) are stored as "bf16" (2 bytes a weight) or "int8" (1 byte, with
@@ -266,33 +283,102 @@ class TransformerModel(Closeable):
         per output, over the whole axis). LayerNorms, biases and the position embedding stay
         float32. Decoding reads the compact matrices (fewer bytes per token); the prefill widens
         each matrix to float32 for its product. The model is in eval mode and cannot train:
-        train(), train_forward() and backward() raise ValidationError. This model is unchanged."""
+        train(), train_forward() and backward() raise ValidationError. save() writes it compact
+        (load() gives it back as it is). This model is unchanged."""
         self.check_open()
         self._float_only("quantize()")
-        if dtype not in ("bf16", "int8"):
-            raise ValidationError(f"dtype must be 'bf16' or 'int8', got {dtype!r}")
-        C = self.config.n_embd
-        if group is not None:
-            if dtype != "int8":
-                raise ValidationError("group goes with dtype='int8' (bf16 has no scales)")
-            check_int(group, "group", 1, C)
-            if C % group:
-                raise ValidationError(f"group must divide n_embd ({C}), got {group}")
+        group = _check_quantization(self.config, dtype, group)
         views = self.state_dict()
         with self._lock:
-            layers = [_core.QMatrix(np.ascontiguousarray(views[f"transformer.h.{l}.{m}"]), dtype,
-                                    group) for l in range(self.config.n_layer)
-                      for m in self._MATRICES]
-            wte = _core.QMatrix(np.ascontiguousarray(views["transformer.wte.weight"]), dtype, group,
-                                "dots")
-            q = TransformerModel.empty(self.config)
-            for name, v in views.items():      # the float32 rest; the matrices stay untouched zeros
-                if name != "transformer.wte.weight" and not name.endswith(self._MATRICES):
-                    q._layout.view(q._params, name)[...] = v
-        q._qweights = _core.GPTQWeights(layers, wte)
+            mats = {name: _core.QMatrix(np.ascontiguousarray(views[name]), dtype, group,
+                                        _matrix_layout(name))
+                    for name in self._layout.compact_matrices()}
+            return TransformerModel._compact(self.config, dtype, group, mats, views)
+
+    @classmethod
+    def _compact(cls, config: ModelConfig, dtype: str, group: int | None, mats: dict,
+                 rest: Mapping[str, Any]) -> TransformerModel:
+        """An inference model from its compact matrices (name -> QMatrix) and the float32
+        tensors of `rest` (the matrices' entries in it are not read)."""
+        q = cls.empty(config)
+        for name, dest in q._layout.views(q._params).items():
+            if name not in mats:      # the float32 rest; the matrices' floats stay zeros
+                dest[...] = rest[name]
+        order = q._layout.compact_matrices()
+        q._qweights = _core.GPTQWeights([mats[n] for n in order[:-1]], mats[order[-1]])
         q._dtype = dtype
+        q._quant_group = group
         q._training = False
         return q
+
+    def quantized_state_dict(self) -> dict[str, np.ndarray]:
+        """A quantized model's tensors as its checkpoint stores them: the float32 tensors
+        (LayerNorms, biases, wpe) under their Hugging Face names, and for each compact matrix
+        its codes under the matrix's name, in the float32 matrix's shape (int8, or bfloat16
+        bits as uint16), plus for int8 `<name>_scale`, float32: matrix[k, n] = code[k, n] *
+        scale[k // group, n] for the (in, out) matrices, and wte[v, c] = code[v, c] *
+        scale[v, c // group] for the token embedding. Copies, not views."""
+        self.check_open()
+        if self._qweights is None:
+            raise ValidationError("quantized_state_dict() is for a quantized model; this one is "
+                                  "float32: state_dict() gives its tensors")
+        names = self._layout.compact_matrices()
+        mats = list(self._qweights.layers) + [self._qweights.wte]
+        out = {name: v.copy() for name, v in self._layout.views(self._params).items()
+               if name not in names}
+        for name, m in zip(names, mats):
+            out[name] = m.codes.copy()
+            if self._dtype == "int8":
+                out[name + "_scale"] = m.scales_2d().copy()
+        return out
+
+    @property
+    def quant_group(self) -> int | None:
+        """The int8 scale group along the reduction axis (None: one scale per output, over the
+        whole axis); None for bf16 and float32."""
+        return self._quant_group
+
+    @classmethod
+    def from_quantized_state_dict(cls, config: ModelConfig, tensors: Mapping[str, Any],
+                                  dtype: str, group: int | None = None) -> TransformerModel:
+        """The quantized model whose quantized_state_dict() is `tensors` (the inverse: the same
+        codes, scales and float32 tensors; bit for bit the same outputs). Every tensor is
+        validated - present, nothing extra, dtype, shape, finite values, scales >= 0 - and
+        ValidationError names the first that is wrong."""
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        group = _check_quantization(config, dtype, group)
+        layout = ParameterLayout.for_config(config)
+        names = layout.compact_matrices()
+        shapes = layout.shapes()
+        want = {n: ("float32", s) for n, s in shapes.items()}
+        for n in names:
+            want[n] = ("int8" if dtype == "int8" else "uint16", shapes[n])
+            if dtype == "int8":
+                K, N = shapes[n] if _matrix_layout(n) == "rows" else shapes[n][::-1]
+                G = K if group is None else group
+                want[n + "_scale"] = ("float32", (K // G, N) if _matrix_layout(n) == "rows"
+                                      else (N, K // G))
+        missing = [n for n in want if n not in tensors]
+        extra = [n for n in tensors if n not in want]
+        if missing or extra:
+            raise ValidationError(f"tensors do not match a {dtype} model of this configuration "
+                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        for n, (dt, shape) in want.items():
+            t = tensors[n]
+            if not isinstance(t, np.ndarray) or t.dtype != dt or t.shape != shape:
+                got = f"{t.dtype} {t.shape}" if isinstance(t, np.ndarray) else type(t).__name__
+                raise ValidationError(f"tensors[{n!r}] must be {dt} {shape}, got {got}")
+            if dt == "float32" and not np.isfinite(t).all():
+                raise ValidationError(f"tensors[{n!r}] contains NaN or infinite values")
+        mats = {}
+        for n in names:
+            try:
+                mats[n] = _core.QMatrix(None, dtype, group, _matrix_layout(n), codes=tensors[n],
+                                        scales=tensors.get(n + "_scale"))
+            except ValidationError as e:
+                raise ValidationError(f"tensors[{n!r}]: {e}") from None
+        return cls._compact(config, dtype, group, mats, tensors)
 
     def dequantize(self) -> TransformerModel:
         """A float32 model whose weights are the values this model's compact matrices stand
@@ -303,15 +389,10 @@ class TransformerModel(Closeable):
             out._params[...] = self._params
         else:
             views = out._layout.views(out._params)
-            mine = self._layout.views(self._params)
-            mats = iter(self._qweights.layers)
-            for l in range(self.config.n_layer):
-                for m in self._MATRICES:
-                    views[f"transformer.h.{l}.{m}"][...] = next(mats).dequantize()
-            views["transformer.wte.weight"][...] = self._qweights.wte.dequantize()
-            for name, v in mine.items():
-                if name != "transformer.wte.weight" and not name.endswith(self._MATRICES):
-                    views[name][...] = v
+            mats = dict(zip(self._layout.compact_matrices(),
+                            list(self._qweights.layers) + [self._qweights.wte]))
+            for name, v in self._layout.views(self._params).items():
+                views[name][...] = mats[name].dequantize() if name in mats else v
         out._training = self._training
         return out
 
@@ -400,8 +481,9 @@ class TransformerModel(Closeable):
         g = self._grad_block
         if self._qweights is not None:   # the compact matrices and the float32 rest (the
             # block's matrix regions are never written, so they take no memory)
+            compact = set(self._layout.compact_matrices())
             rest = sum(v.nbytes for n, v in self._layout.views(self._params).items()
-                       if n != "transformer.wte.weight" and not n.endswith(self._MATRICES))
+                       if n not in compact)
             return self._qweights.nbytes + rest
         return (self._params.nbytes + (g.nbytes if g is not None else 0)
                 + (st.nbytes if st is not None else 0))
@@ -594,8 +676,9 @@ class TransformerModel(Closeable):
 
     def save(self, path, tokenizer=None) -> None:
         """Write a safetensors checkpoint (atomically): parameters under Hugging Face names,
-        the config and, if given, the tokenizer in its metadata."""
-        self._float_only("save()")
+        the config and, if given, the tokenizer in its metadata. A quantized model is written
+        compact (int8 codes and scales, or bf16; see quantized_state_dict) and load() gives it
+        back quantized."""
         from .checkpoint import save_checkpoint
         self.check_open()
         with self._lock:
@@ -603,7 +686,8 @@ class TransformerModel(Closeable):
 
     @classmethod
     def load(cls, path) -> "TransformerModel":
-        """The model of a checkpoint file, in eval mode (CheckpointError if the file is bad)."""
+        """The model of a checkpoint file, in eval mode (CheckpointError if the file is bad);
+        quantized if it was saved quantized."""
         from .checkpoint import load_checkpoint
         return load_checkpoint(path)[0]
 
