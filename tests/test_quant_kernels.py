@@ -128,3 +128,29 @@ def test_bad_arguments():
         q.matvec(np.ones((1, 63), np.float32))
     with pytest.raises(sm.ValidationError, match="no k range"):
         _core.QMatrix(W, "bf16", layout="dots").matvec(np.ones((1, 32), np.float32), 0, 16)
+
+
+@pytest.mark.parametrize("fmt,group", [("bf16", None), ("int8", None), ("int8", 8)])
+@pytest.mark.parametrize("K,N,k0,k1,n0,n1", [
+    (64, 300, 0, 64, 0, 300),        # streamed: wider than a tile; 300 = 9 x 32 + 12
+    (67, 211, 3, 66, 5, 211),        # odd k range (not a multiple of 4), odd columns
+    (16, 4200, 0, 16, 0, 4200),      # past one streaming chunk of 4096 columns
+    (40, 130, 8, 40, 1, 97),         # 96 columns from an odd start
+])
+def test_streamed_ranges_are_the_generic_bits(fmt, group, K, N, k0, k1, n0, n1):
+    """The streamed AVX-512 rows form (bf16 reads 32 codes per load, evens and odds apart)
+    against the generic loop, for ranges that end inside a 32-column chunk or a 4-row step."""
+    if fmt == "int8" and group is not None and (K % group or k0 % group or k1 % group):
+        k0, k1, K = 0, 64, 64
+    W = _mat(K, N, 11)
+    q = _core.QMatrix(W, fmt, group)
+    x = np.random.default_rng(12).standard_normal((5, K)).astype(np.float32)
+    outs = []
+    try:
+        for level in ("generic", "avx512"):
+            if sm.set_simd_level(level) != level:
+                pytest.skip("no AVX-512 here")
+            outs.append(q.matvec(x, k0, k1, n0, n1))
+    finally:
+        sm.set_simd_level(None)
+    np.testing.assert_array_equal(outs[0], outs[1])
