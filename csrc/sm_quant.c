@@ -437,15 +437,17 @@ static void dots_row_generic(const sm_qmat *q, int64_t M, const float *x, int64_
 #if SM_X86_KERNELS
 /* The same with four zmm accumulators per row of x: accumulator j's lane l takes k = g0 + 16 j
  * + l, g0 + 64 + 16 j + l, ... (groups a multiple of 16 long; the last < 64 of a group go 16 at
- * a time to accumulators 0, 1, 2), then ((a0 + a1) + (a2 + a3)) reduced by
- * _mm512_reduce_add_ps. Four independent chains, because one chain of FMAs waits 4 cycles per
- * 16 weights - slower than memory delivers int8 or bf16 codes. The same terms as the generic
- * path, added in another order. */
+ * a time to accumulators 0, 1, 2), then per group ((a0 + a1) + (a2 + a3)), times the group's
+ * scale, is added lane by lane to the row's total, which is summed by _mm512_reduce_add_ps at
+ * the end. Four independent chains, because one chain of FMAs waits 4 cycles per 16 weights -
+ * slower than memory delivers int8 or bf16 codes; and one horizontal sum per row, not per group
+ * (per 32 weights with group=32). The same terms as the generic path, added in another order. */
 SM_TARGET_AVX512
 SM_INLINE void dots_row_avx512(const sm_qmat *q, const int bf16, const int m, const float *x,
                                int64_t ldx, int64_t n, float *y, int64_t ldy) {
     const int64_t K = q->K, G = bf16 ? K : q->group;
-    float total[QMAXM] = {0};
+    __m512 total[QMAXM];
+    for (int b = 0; b < m; b++) total[b] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < K; g0 += G) {
         __m512 acc[QMAXM][4];
         for (int b = 0; b < m; b++)
@@ -453,31 +455,35 @@ SM_INLINE void dots_row_avx512(const sm_qmat *q, const int bf16, const int m, co
         const int64_t end = g0 + G;
         int64_t k = g0;
         for (; k + 64 <= end; k += 64) {
-            __m512 c[4];
             { /* QPF: the stored rows are contiguous, so one stream, DOTS_PF bytes ahead */
                 const char *ahead = (const char *)q->codes + (n * K + k) * (bf16 ? 2 : 1) + DOTS_PF;
                 _mm_prefetch(ahead, _MM_HINT_T0);
                 if (bf16) _mm_prefetch(ahead + 64, _MM_HINT_T0);
             }
+            __m512 c[4];
             for (int j = 0; j < 4; j++) c[j] = codes16_avx512(q, bf16, n * K + k + 16 * j, 0xFFFF);
             for (int b = 0; b < m; b++)
                 for (int j = 0; j < 4; j++)
                     acc[b][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + b * ldx + k + 16 * j), c[j],
                                                 acc[b][j]);
         }
-        for (int j = 0; k < end; k += 16, j++) {
-            const __mmask16 mk = sm_mask16(end - k);
-            const __m512 c = codes16_avx512(q, bf16, n * K + k, mk);
+        if (k < end && !bf16) /* short groups (group=32): prefetch their stretch too */
+            _mm_prefetch((const char *)q->codes + n * K + k + DOTS_PF, _MM_HINT_T0);
+        for (int j = 0; j < 4; j++) { /* fixed bounds: unrolled, acc stays in registers */
+            const int64_t kj = k + 16 * j;
+            if (kj >= end) break;
+            const __mmask16 mk = sm_mask16(end - kj);
+            const __m512 c = codes16_avx512(q, bf16, n * K + kj, mk);
             for (int b = 0; b < m; b++)
-                acc[b][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + b * ldx + k), c, acc[b][j]);
+                acc[b][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + b * ldx + kj), c, acc[b][j]);
         }
-        for (int b = 0; b < m; b++) {
-            const float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]),
-                                                               _mm512_add_ps(acc[b][2], acc[b][3])));
-            total[b] = bf16 ? t : fmaf(q->scales[n * (K / G) + g0 / G], t, total[b]);
-        }
+        const __m512 s = bf16 ? _mm512_set1_ps(1.0f) : _mm512_set1_ps(q->scales[n * (K / G) + g0 / G]);
+        for (int b = 0; b < m; b++)
+            total[b] = _mm512_fmadd_ps(s, _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]),
+                                                        _mm512_add_ps(acc[b][2], acc[b][3])),
+                                       total[b]);
     }
-    for (int b = 0; b < m; b++) y[b * ldy + n] = total[b];
+    for (int b = 0; b < m; b++) y[b * ldy + n] = _mm512_reduce_add_ps(total[b]);
 }
 
 SM_TARGET_AVX512
