@@ -231,6 +231,13 @@ SM_INLINE void rows_tile_avx512(const sm_qmat *q, const int bf16, const int m, c
 
 #define QSTREAM_W 4096 /* floats per row of the sums: whole rows for widths up to 4096 */
 
+/* x[b, k .. k + 3] for the m rows of x, each in all 16 lanes: one streaming step's four rows */
+SM_TARGET_AVX512
+SM_INLINE void bcast4(const float *x, int64_t ldx, int64_t k, int m, __m512 xv[][4]) {
+    for (int b = 0; b < m; b++)
+        for (int r = 0; r < 4; r++) xv[b][r] = _mm512_set1_ps(x[b * ldx + k + r]);
+}
+
 /* Rows [g0, g1) of a bf16 matrix into part (columns c0 .. c0 + w, 32 at a time, each chunk's
  * sums evens first, then odds: see bf16_pair_avx512): for every column, the FMAs over k in
  * order that rows_tile does, so the bits are the same. */
@@ -243,8 +250,7 @@ SM_INLINE void bf16_stream_rows(const sm_qmat *q, const int m, const float *x, i
     int64_t k = g0;
     for (; k + 4 <= g1; k += 4) {
         __m512 xv[QMAXM][4];
-        for (int b = 0; b < m; b++)
-            for (int r = 0; r < 4; r++) xv[b][r] = _mm512_set1_ps(x[b * ldx + k + r]);
+        bcast4(x, ldx, k, m, xv);
         for (int64_t j = 0; j < w; j += 32) {
             const __mmask32 mk = mask32(w - j);
             __m512 e[4], o[4];
@@ -303,8 +309,7 @@ SM_INLINE void rows_stream_avx512(const sm_qmat *q, const int bf16, const int m,
             }
             for (; k + 4 <= g1; k += 4) {
                 __m512 xv[QMAXM][4];
-                for (int b = 0; b < m; b++)
-                    for (int r = 0; r < 4; r++) xv[b][r] = _mm512_set1_ps(x[b * ldx + k + r]);
+                bcast4(x, ldx, k, m, xv);
                 for (int64_t j = 0; j < w; j += 16) {
                     const __mmask16 mk = sm_mask16(w - j);
                     if (!bf16 && (j & 63) == 0) /* one 64-byte line of int8 codes per 4 steps */
