@@ -451,6 +451,8 @@ SM_TARGET_AVX512
 SM_INLINE void dots_row_avx512(const sm_qmat *q, const int bf16, const int m, const float *x,
                                int64_t ldx, int64_t n, float *y, int64_t ldy) {
     const int64_t K = q->K, G = bf16 ? K : q->group;
+    /* this row's scales, one per group, walked in step (no division per group) */
+    const float *sc = bf16 ? NULL : q->scales + n * (K / G);
     __m512 total[QMAXM];
     for (int b = 0; b < m; b++) total[b] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < K; g0 += G) {
@@ -482,7 +484,7 @@ SM_INLINE void dots_row_avx512(const sm_qmat *q, const int bf16, const int m, co
             for (int b = 0; b < m; b++)
                 acc[b][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + b * ldx + kj), c, acc[b][j]);
         }
-        const __m512 s = bf16 ? _mm512_set1_ps(1.0f) : _mm512_set1_ps(q->scales[n * (K / G) + g0 / G]);
+        const __m512 s = _mm512_set1_ps(bf16 ? 1.0f : *sc++);
         for (int b = 0; b < m; b++)
             total[b] = _mm512_fmadd_ps(s, _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]),
                                                         _mm512_add_ps(acc[b][2], acc[b][3])),
