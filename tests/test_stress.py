@@ -84,7 +84,10 @@ def test_sixteen_threads_mixing_everything_equal_serial():
     mismatches, errors, done = [], [], [0] * THREADS
     side = sm.VectorIndex(8, metric="l2")               # mutated while others search it
     side_rng = np.random.default_rng(1)
-    side.add(side_rng.standard_normal((500, 8)).astype(np.float32))
+    initial = side.add(side_rng.standard_normal((500, 8)).astype(np.float32))
+    # each removing thread (t % 4 == 1) removes its own share of the first ids: two threads
+    # reading side.ids[:1] at once would both try to remove the same id
+    removable = {t: list(initial[t // 4::4]) for t in range(THREADS) if t % 4 == 1}
     side_q = np.zeros(8, np.float32)
     start = threading.Barrier(THREADS)
 
