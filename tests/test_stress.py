@@ -115,7 +115,7 @@ def test_sixteen_threads_mixing_everything_equal_serial():
                 if t % 4 == 0:
                     side.add(rng.standard_normal((3, 8)).astype(np.float32))
                 elif t % 4 == 1 and n % 3 == 0:
-                    side.remove(side.ids[:1])
+                    side.remove([removable[t].pop(0)])
                 else:
                     ids, scores = side.search(side_q, 5, threads=1 + n % 2)
                     if list(scores) != sorted(scores) or len(ids) != 5:   # l2: nearest first
