@@ -179,7 +179,7 @@ SM_INLINE __m512 codes16_avx512(const sm_qmat *q, const int bf16, int64_t i, __m
  * half of lane i and code 2i + 1 in the high half, so (v << 16) is the even codes as float32 and
  * (v & 0xFFFF0000) the odd ones: one integer op per 16 weights, where widening 16 codes takes a
  * shuffle and a shift. Whoever uses the pair keeps even and odd positions apart (see
- * rows_stream_avx512 and dots_bf16_avx512). */
+ * bf16_stream_rows). */
 SM_TARGET_AVX512 SM_INLINE __mmask32 mask32(int64_t n) {
     return n >= 32 ? (__mmask32)0xFFFFFFFFu : n <= 0 ? (__mmask32)0 : (__mmask32)((1u << n) - 1u);
 }
@@ -230,6 +230,7 @@ SM_INLINE void rows_tile_avx512(const sm_qmat *q, const int bf16, const int m, c
 }
 
 #define QSTREAM_W 4096 /* floats per row of the sums: whole rows for widths up to 4096 */
+_Static_assert(QSTREAM_W % 32 == 0, "bf16 streaming fills whole 32-column chunks of the sums");
 
 /* x[b, k .. k + 3] for the m rows of x, each in all 16 lanes: one streaming step's four rows */
 SM_TARGET_AVX512
@@ -441,8 +442,8 @@ static void dots_row_generic(const sm_qmat *q, int64_t M, const float *x, int64_
 
 #if SM_X86_KERNELS
 /* The same with four zmm accumulators per row of x: accumulator j's lane l takes k = g0 + 16 j
- * + l, g0 + 64 + 16 j + l, ... (groups a multiple of 16 long; the last < 64 of a group go 16 at
- * a time to accumulators 0, 1, 2), then per group ((a0 + a1) + (a2 + a3)), times the group's
+ * + l, g0 + 64 + 16 j + l, ... (the last < 64 of a group go 16 at a time to accumulators 0, 1,
+ * 2, 3 in turn), then per group ((a0 + a1) + (a2 + a3)), times the group's
  * scale, is added lane by lane to the row's total, which is summed by _mm512_reduce_add_ps at
  * the end. Four independent chains, because one chain of FMAs waits 4 cycles per 16 weights -
  * slower than memory delivers int8 or bf16 codes; and one horizontal sum per row, not per group

@@ -145,7 +145,9 @@ def _set(name, value):
 
 
 @pytest.mark.parametrize("case,kw,match", [
-    ("scale < 0", dict(edit=_set(C_ATTN + "_scale", lambda s: -s)), "scales must be finite and >= 0"),
+    ("scale < 0", dict(edit=_set(C_ATTN + "_scale", lambda s: -s)), "scales must be finite, >= 0"),
+    ("scale huge", dict(edit=_set(C_ATTN + "_scale", lambda s: np.full_like(s, 3e37))),
+     "<= 2.6e36"),
     ("scale NaN", dict(edit=_set(C_ATTN + "_scale", lambda s: s * np.nan)), "_scale.. contains NaN"),
     ("no scale", dict(edit=lambda t: t.pop(C_ATTN + "_scale")), "missing"),
     ("scale shape", dict(edit=_set(C_ATTN + "_scale", lambda s: np.concatenate([s, s]))),
@@ -221,6 +223,11 @@ def test_from_quantized_state_dict_checks_its_arguments():
 def test_qmatrix_from_codes_validates_them():
     W = np.random.default_rng(0).standard_normal((32, 24)).astype(np.float32)
     q = _core.QMatrix(W, "int8", 8)
+    for group, err in ((True, TypeError), (2.5, TypeError), (2**70, sm.ValidationError), (0, sm.ValidationError)):
+        with pytest.raises(err, match="group"):
+            _core.QMatrix(None, "int8", group, codes=q.codes, scales=q.scales_2d())
+    with pytest.raises(TypeError, match="W must be a numpy array"):
+        _core.QMatrix([[1.0]], "int8")
     with pytest.raises(sm.ValidationError, match="either W"):
         _core.QMatrix(W, "int8", 8, codes=q.codes)
     with pytest.raises(sm.ValidationError, match="codes must be int8"):
@@ -236,6 +243,22 @@ def test_qmatrix_from_codes_validates_them():
     np.testing.assert_array_equal(r.dequantize(), q.dequantize())
     x = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
     np.testing.assert_array_equal(r.matvec(x), q.matvec(x))
+
+
+def test_a_float32_checkpoint_may_hold_bf16_weights(tmp_path):
+    """Other tools write bfloat16 weights: a float32 checkpoint file with BF16 tensors loads
+    them widened (exactly) to float32."""
+    m = _model()
+    tensors = {}
+    for name, v in m.state_dict().items():
+        bits = (v.view(np.uint32) >> 16).astype(np.uint16)          # truncated to bf16
+        tensors[name] = bits
+    meta = {"format": "smallmind", "format_version": "1",
+            "model_config": json.dumps(m.config.to_dict())}
+    st.save_file(tensors, tmp_path / "b.safetensors", meta, bf16=list(tensors))
+    r, _ = sm.load_checkpoint(tmp_path / "b.safetensors")
+    for name, v in r.state_dict().items():
+        np.testing.assert_array_equal(v, (tensors[name].astype(np.uint32) << 16).view(np.float32))
 
 
 def test_bf16_tensors_in_the_safetensors_writer(tmp_path):

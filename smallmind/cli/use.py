@@ -64,11 +64,13 @@ def cmd_quantize(args):
         try:
             q = model.quantize(args.dtype, group=args.group)
         except ValidationError as e:
-            raise UserError(f"--group: {e}") from None
+            raise UserError(f"--group: {e}" if args.group is not None else str(e)) from None
     finally:
         model.close()
     try:
         before = model.config.num_parameters() * 4
+        if os.path.exists(out) and not args.overwrite:     # again: it may have appeared meanwhile
+            raise UserError(f"OUT {out} exists; pass --overwrite to replace it")
         q.save(out, tok)
         print(f"smallmind: wrote {out}: {q} ({os.path.getsize(out) / 1e6:.1f} MB on disk; "
               f"float32 weights {before / 1e6:.1f} MB)")

@@ -20,7 +20,7 @@ cdef class QMatrix:
         """W: the float32 matrix to quantize; or W=None with `codes` (int8 or uint16 bf16 bits,
         in W's shape) and, for int8, `scales` (rows: (K / group, N); dots: (N, K / group)), a
         compact matrix as a file stores it (copied; validated: bf16 codes must be finite,
-        scales finite and >= 0)."""
+        scales finite, >= 0 and at most FLT_MAX / 128)."""
         if fmt not in _QFORMATS:
             raise ValidationError(f"fmt must be one of {tuple(_QFORMATS)}, got {fmt!r}")
         if layout not in ("rows", "dots"):
@@ -28,12 +28,16 @@ cdef class QMatrix:
         if (W is None) == (codes is None):
             raise ValidationError("give either W (to quantize) or codes (stored values)")
         cdef object src = W if codes is None else codes
-        if not isinstance(src, np.ndarray) or src.ndim != 2:
-            raise ValidationError(f"{'W' if codes is None else 'codes'} must be a 2-D numpy array")
+        what = "W" if codes is None else "codes"
+        if not isinstance(src, np.ndarray):
+            raise TypeError(f"{what} must be a numpy array, got {type(src).__name__}")
+        if src.ndim != 2:
+            raise ValidationError(f"{what} must be 2-D, got {src.ndim}-D")
         cdef int64_t R = src.shape[0], C = src.shape[1]
         cdef int64_t K = R if layout == "rows" else C, N = C if layout == "rows" else R
+        if group is not None:         # checked as given: True, 2.5 or 2**70 are refused
+            _check_int(group, "group", 1, K)
         cdef int64_t G = K if group is None else group
-        _check_int(G, "group", 1, K)
         if fmt == "int8" and K % G:
             raise ValidationError(f"group must divide the reduction length {K}, got {G}")
         cdef int64_t ns = (K // G) * N if fmt == "int8" else 0
@@ -84,8 +88,11 @@ cdef class QMatrix:
             got = (f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, np.ndarray)
                    else type(scales).__name__)
             raise ValidationError(f"scales must be float32 {shape} for group {G}, got {got}")
-        if not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise ValidationError("scales must be finite and >= 0")
+        # <= FLT_MAX / 128: a code times its scale stays finite
+        if not (np.isfinite(scales).all() and (scales >= 0).all()
+                and (scales <= np.float32(3.4028234e38 / 128)).all()):
+            raise ValidationError("scales must be finite, >= 0 and <= 2.6e36 (so that 127 "
+                                  "times a scale is a float32)")
         self.scales = np.array(scales, dtype=np.float32, order="C", copy=True).reshape(-1)
 
     @property

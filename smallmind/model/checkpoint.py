@@ -29,7 +29,7 @@ from ..errors import CheckpointError, ValidationError
 from .bpe import BPETokenizer
 from .layout import ParameterLayout
 from .tokenizer import BaseTokenizer, Tokenizer
-from .transformer import ModelConfig, TransformerModel
+from .transformer import ModelConfig, TransformerModel, quantized_tensor_specs
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "find_checkpoint", "Checkpoint",
            "tokenizer_from_json"]
@@ -149,7 +149,9 @@ def _fail(path, what: str) -> NoReturn:
 
 def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -> Checkpoint:
     """Read and validate a checkpoint (see the module docstring): a file, or a run's folder as
-    find_checkpoint() resolves it (`ck.path` is the file read). The SHA-256 checksums the file
+    find_checkpoint() resolves it (`ck.path` is the file read). For a quantized model's file the
+    tensors' names, dtypes and shapes are checked here and their values (finite, scales in
+    range) when model_from_checkpoint builds the model. The SHA-256 checksums the file
     carries (of its header and of each tensor) are verified unless verify=False or the
     environment sets SMALLMIND_VERIFY_CHECKSUMS=0: an edited or corrupted file is refused."""
     path = find_checkpoint(path, latest=latest)
@@ -188,6 +190,9 @@ def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -
             _fail(path, "invalid training metadata: not an object")
     if "quantization" in meta:
         return _read_quantized(path, meta, cfg, tok, tensors, dtypes)
+    for name, st in dtypes.items():     # bfloat16 weights are float32 values: widened exactly
+        if st == "BF16":
+            tensors[name] = (tensors[name].astype(np.uint32) << 16).view(np.float32)
     # What the configuration's tensors must be, from the parameter table (no model is built).
     shapes = ParameterLayout.for_config(cfg).shapes()
     params = {k: t for k, t in tensors.items() if not k.startswith("optimizer.")}
@@ -244,6 +249,20 @@ def _read_quantized(path, meta, cfg, tok, tensors, dtypes) -> Checkpoint:
     for name, st in dtypes.items():
         if st not in ("F32", "I8", "BF16"):
             _fail(path, f"{name} has dtype {st}; a {q['dtype']} checkpoint holds F32 and {want}")
+    # names, dtypes and shapes here; the values (finite, scales in range) as the model is built
+    if q["group"] is not None and (q["group"] > cfg.n_embd or cfg.n_embd % q["group"]):
+        _fail(path, f"invalid quantization metadata: group {q['group']} does not divide "
+                    f"n_embd {cfg.n_embd}")
+    specs = quantized_tensor_specs(cfg, q["dtype"], q["group"])
+    missing = [n for n in specs if n not in tensors]
+    extra = [n for n in tensors if n not in specs]
+    if missing or extra:
+        _fail(path, f"tensors do not match a {q['dtype']} model of this configuration "
+                    f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, (dt, shape) in specs.items():
+        if tensors[name].dtype != dt or tensors[name].shape != shape:
+            _fail(path, f"{name} must be {dt} {shape}, got {tensors[name].dtype} "
+                        f"{tensors[name].shape}")
     return Checkpoint(os.fspath(path), cfg, tensors, tok, None, None, None, quantization=q)
 
 

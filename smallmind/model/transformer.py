@@ -123,6 +123,24 @@ def _matrix_layout(name: str) -> str:
     return "dots" if name == "transformer.wte.weight" else "rows"
 
 
+def quantized_tensor_specs(config: ModelConfig, dtype: str, group: int | None
+                           ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (numpy dtype, shape) of every tensor of a quantized model's state
+    (TransformerModel.quantized_state_dict): the float32 tensors, each compact matrix's codes
+    (int8, or uint16 bfloat16 bits) and, for int8, its `<name>_scale`."""
+    layout = ParameterLayout.for_config(config)
+    shapes = layout.shapes()
+    want = {n: ("float32", s) for n, s in shapes.items()}
+    for n in layout.compact_matrices():
+        want[n] = ("int8" if dtype == "int8" else "uint16", shapes[n])
+        if dtype == "int8":
+            rows = _matrix_layout(n) == "rows"
+            K, N = shapes[n] if rows else shapes[n][::-1]
+            G = K if group is None else group
+            want[n + "_scale"] = ("float32", (K // G, N) if rows else (N, K // G))
+    return want
+
+
 def _check_quantization(config: ModelConfig, dtype: Any, group: Any) -> int | None:
     if dtype not in ("bf16", "int8"):
         raise ValidationError(f"dtype must be 'bf16' or 'int8', got {dtype!r}")
@@ -348,17 +366,8 @@ class TransformerModel(Closeable):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         group = _check_quantization(config, dtype, group)
-        layout = ParameterLayout.for_config(config)
-        names = layout.compact_matrices()
-        shapes = layout.shapes()
-        want = {n: ("float32", s) for n, s in shapes.items()}
-        for n in names:
-            want[n] = ("int8" if dtype == "int8" else "uint16", shapes[n])
-            if dtype == "int8":
-                K, N = shapes[n] if _matrix_layout(n) == "rows" else shapes[n][::-1]
-                G = K if group is None else group
-                want[n + "_scale"] = ("float32", (K // G, N) if _matrix_layout(n) == "rows"
-                                      else (N, K // G))
+        names = ParameterLayout.for_config(config).compact_matrices()
+        want = quantized_tensor_specs(config, dtype, group)
         missing = [n for n in want if n not in tensors]
         extra = [n for n in tensors if n not in want]
         if missing or extra:
