@@ -330,3 +330,46 @@ def test_smallmind_quantize_keeps_files_and_refuses_a_second_quantization(tmp_pa
                         (["quantize", str(src), str(tmp_path)], "is a folder")):
         assert cli.main(args) == 2, args
         assert match in capsys.readouterr().err
+
+
+def test_loaders_take_a_dtype(tmp_path):
+    """dtype= at load: quantize a float32 file or folder as it loads, dequantize a quantized
+    one to float32, keep a file as stored (None or its own format), and refuse to quantize a
+    quantized file into the other compact format."""
+    m = _model()
+    f32, q8 = tmp_path / "f.safetensors", tmp_path / "q8.safetensors"
+    m.save(f32, TOK)
+    m.quantize("int8").save(q8, TOK)
+    idx = _idx(m)
+    for dtype in ("bf16", "int8"):
+        got, tok = sm.load_checkpoint(f32, dtype=dtype)
+        assert got.dtype == dtype and tok == TOK
+        np.testing.assert_array_equal(got.forward(idx), m.quantize(dtype).forward(idx))
+    assert sm.TransformerModel.load(f32, dtype="float32").dtype == "float32"
+    assert sm.TransformerModel.load(q8).dtype == "int8"
+    assert sm.TransformerModel.load(q8, dtype="int8").dtype == "int8"
+    q16 = tmp_path / "q16.safetensors"
+    m.quantize("int8", group=16).save(q16, TOK)
+    assert sm.TransformerModel.load(q16, dtype="int8").quant_group == 16   # as stored
+    back = sm.TransformerModel.load(q8, dtype="float32")
+    assert back.dtype == "float32"
+    np.testing.assert_array_equal(back.forward(idx), m.quantize("int8").dequantize().forward(idx))
+    with pytest.raises(sm.ValidationError, match="int8 already"):
+        sm.load_checkpoint(q8, dtype="bf16")
+    with pytest.raises(sm.ValidationError, match="dtype must be"):
+        sm.load_checkpoint(f32, dtype="int4")
+    q = m.quantize("int8", group=16)
+    assert q.astype("int8", group=16) is q and m.astype("float32") is m
+    with pytest.raises(sm.ValidationError, match="int8 already"):
+        q.astype("int8")                                     # another grouping: a second rounding
+
+
+def test_load_pretrained_takes_a_dtype(tmp_path):
+    bpe = sm.BPETokenizer.train(TEXT, 300)
+    big = sm.TransformerModel(sm.ModelConfig(bpe.vocab_size, 64, 2, 4, 64, seed=3)).eval()
+    big.save_pretrained(tmp_path / "hf", bpe)
+    got, tok = sm.load_pretrained(tmp_path / "hf", dtype="int8")
+    assert got.dtype == "int8" and tok == bpe
+    idx = np.arange(20)[None] % bpe.vocab_size
+    np.testing.assert_array_equal(got.forward(idx), big.quantize("int8").forward(idx))
+    assert sm.TransformerModel.from_pretrained(tmp_path / "hf", dtype="bf16").dtype == "bf16"

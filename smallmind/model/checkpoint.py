@@ -281,10 +281,14 @@ def model_from_checkpoint(ck: Checkpoint) -> TransformerModel:
     return model
 
 
-def load_checkpoint(path, *, verify: bool | None = None) -> tuple[TransformerModel, BaseTokenizer | None]:
+def load_checkpoint(path, *, verify: bool | None = None, dtype: str | None = None
+                    ) -> tuple[TransformerModel, BaseTokenizer | None]:
     """(model, tokenizer) from a checkpoint file or a run's folder (its best model, see
     find_checkpoint); the tokenizer is None if none was saved. The model is returned in eval
-    mode, ready for generation. verify: as read_checkpoint."""
+    mode, ready for generation. verify: as read_checkpoint. dtype: the weights' format wanted
+    ("float32", "bf16", "int8"; None: as stored; TransformerModel.astype's rules)."""
+    if dtype not in (None, "float32", "bf16", "int8"):
+        raise ValidationError(f"dtype must be None, 'float32', 'bf16' or 'int8', got {dtype!r}")
     ck = read_checkpoint(path, verify=verify)
-    return model_from_checkpoint(ck).eval(), ck.tokenizer
+    return model_from_checkpoint(ck).eval()._loaded_as(dtype), ck.tokenizer
 

@@ -147,9 +147,13 @@ def from_pretrained(folder) -> TransformerModel:
     return model.eval()
 
 
-def load_pretrained(folder) -> tuple[TransformerModel, BPETokenizer | None]:
+def load_pretrained(folder, *, dtype: str | None = None
+                    ) -> tuple[TransformerModel, BPETokenizer | None]:
     """(model, tokenizer) from a Hugging Face GPT-2 folder: the tokenizer from tokenizer.json, else
-    vocab.json + merges.txt, else None."""
+    vocab.json + merges.txt, else None. dtype: "bf16" / "int8" quantize the model as it loads
+    (None or "float32": as stored; TransformerModel.astype)."""
+    if dtype not in (None, "float32", "bf16", "int8"):
+        raise ValidationError(f"dtype must be None, 'float32', 'bf16' or 'int8', got {dtype!r}")
     folder = os.fspath(folder)
     model = from_pretrained(folder)
     try:
@@ -166,7 +170,7 @@ def load_pretrained(folder) -> tuple[TransformerModel, BPETokenizer | None]:
     except BaseException:
         model.close()
         raise
-    return model, tok
+    return model._loaded_as(dtype), tok
 
 
 # ---- out ------------------------------------------------------------------------------------------

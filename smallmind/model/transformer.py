@@ -389,6 +389,39 @@ class TransformerModel(Closeable):
                 raise ValidationError(f"tensors[{n!r}]: {e}") from None
         return cls._compact(config, dtype, group, mats, tensors)
 
+    def astype(self, dtype: str, *, group: int | None = None) -> TransformerModel:
+        """This model with its weight matrices in `dtype`: "float32" (a quantized model's
+        dequantize(); a float32 model itself), "bf16" or "int8" (quantize(dtype, group=group)
+        of a float32 model; a model already in that format itself). A quantized model is not
+        quantized again into the other compact format: ValidationError (its rounding would
+        add to the first)."""
+        self.check_open()
+        if dtype not in ("float32", "bf16", "int8"):
+            raise ValidationError(f"dtype must be 'float32', 'bf16' or 'int8', got {dtype!r}")
+        if dtype == self._dtype and (dtype != "int8" or group == self._quant_group):
+            return self
+        if dtype == "float32":
+            return self.dequantize()
+        if self._dtype != "float32":
+            raise ValidationError(f"this model is {self._dtype} already: astype({dtype!r}) would "
+                                  f"quantize its rounded weights again; start from the float32 "
+                                  f"model")
+        return self.quantize(dtype, group=group)
+
+    def _loaded_as(self, dtype: str | None) -> TransformerModel:
+        """For loaders: this freshly loaded model in `dtype` (None, or the format it is stored
+        in - any int8 grouping: as stored), closing this one when a converted copy is returned."""
+        if dtype is None or dtype == self._dtype:
+            return self
+        try:
+            out = self.astype(dtype)
+        except BaseException:
+            self.close()
+            raise
+        if out is not self:
+            self.close()
+        return out
+
     def dequantize(self) -> TransformerModel:
         """A float32 model whose weights are the values this model's compact matrices stand
         for (a float32 model: a copy)."""
@@ -669,12 +702,13 @@ class TransformerModel(Closeable):
     # ---- files --------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder) -> "TransformerModel":
+    def from_pretrained(cls, folder, *, dtype: str | None = None) -> "TransformerModel":
         """A model (eval mode) from a Hugging Face GPT-2 folder: config.json and
         model.safetensors (or its shards). Unsupported options raise CheckpointError naming the
-        field. sm.load_pretrained(folder) also returns its tokenizer."""
+        field. dtype: "bf16" / "int8" quantize it as it loads (see astype). sm.load_pretrained
+        (folder) also returns its tokenizer."""
         from .pretrained import from_pretrained
-        return from_pretrained(folder)
+        return from_pretrained(folder)._loaded_as(dtype)
 
     def save_pretrained(self, folder, tokenizer=None) -> None:
         """Write a Hugging Face GPT-2 folder (config.json, model.safetensors and, for a
@@ -694,11 +728,12 @@ class TransformerModel(Closeable):
             save_checkpoint(path, self, tokenizer)
 
     @classmethod
-    def load(cls, path) -> "TransformerModel":
+    def load(cls, path, *, dtype: str | None = None) -> "TransformerModel":
         """The model of a checkpoint file, in eval mode (CheckpointError if the file is bad);
-        quantized if it was saved quantized."""
+        quantized if it was saved quantized. dtype: the weights' format wanted (None: as
+        stored; see astype)."""
         from .checkpoint import load_checkpoint
-        return load_checkpoint(path)[0]
+        return load_checkpoint(path, dtype=dtype)[0]
 
     # ---- lifetime -----------------------------------------------------------------------------
 
