@@ -30,22 +30,19 @@ enum { SM_QBF16 = 1, SM_QI8 = 2 };
 /* Run CASE(BF, M) with BF = (bf16 != 0) and M = min(m, 4) as compile-time constants: the
  * kernels inline one body per (format, row count) so their accumulators stay in registers.
  * CASE must end with `return;`. */
+#define SM_QDISPATCH_M(BF, m, CASE)                                                                \
+    switch (m) {                                                                                   \
+    case 1: CASE(BF, 1)                                                                            \
+    case 2: CASE(BF, 2)                                                                            \
+    case 3: CASE(BF, 3)                                                                            \
+    default: CASE(BF, 4)                                                                           \
+    }
 #define SM_QDISPATCH(bf16, m, CASE)                                                                \
     do {                                                                                           \
         if (bf16) {                                                                                \
-            switch (m) {                                                                           \
-            case 1: CASE(1, 1)                                                                     \
-            case 2: CASE(1, 2)                                                                     \
-            case 3: CASE(1, 3)                                                                     \
-            default: CASE(1, 4)                                                                    \
-            }                                                                                      \
+            SM_QDISPATCH_M(1, m, CASE)                                                             \
         }                                                                                          \
-        switch (m) {                                                                               \
-        case 1: CASE(0, 1)                                                                         \
-        case 2: CASE(0, 2)                                                                         \
-        case 3: CASE(0, 3)                                                                         \
-        default: CASE(0, 4)                                                                        \
-        }                                                                                          \
+        SM_QDISPATCH_M(0, m, CASE)                                                                 \
     } while (0)
 
 /* float32 -> bf16 bits, round to nearest even (finite inputs), and back (exact). */
