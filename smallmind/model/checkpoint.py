@@ -29,7 +29,7 @@ from ..errors import CheckpointError, ValidationError
 from .bpe import BPETokenizer
 from .layout import ParameterLayout
 from .tokenizer import BaseTokenizer, Tokenizer
-from .transformer import ModelConfig, TransformerModel, quantized_tensor_specs
+from .transformer import ModelConfig, TransformerModel, check_quantized_state
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "find_checkpoint", "Checkpoint",
            "tokenizer_from_json"]
@@ -228,8 +228,9 @@ def read_checkpoint(path, *, latest: bool = False, verify: bool | None = None) -
 
 def _read_quantized(path, meta, cfg, tok, tensors, dtypes) -> Checkpoint:
     """The rest of read_checkpoint for a quantized model's file: its quantization metadata,
-    and each compact matrix's file dtype (I8 or BF16; U16 bits would arrive looking the same).
-    The tensors themselves are validated as the model is built (model_from_checkpoint)."""
+    each compact matrix's file dtype (I8 or BF16; U16 bits would arrive looking the same) and
+    the tensors' names, dtypes and shapes; their values are checked as the model is built
+    (model_from_checkpoint)."""
     try:
         q = json.loads(meta["quantization"])
         if not isinstance(q, dict) or set(q) != {"dtype", "group"}:
@@ -250,19 +251,10 @@ def _read_quantized(path, meta, cfg, tok, tensors, dtypes) -> Checkpoint:
         if st not in ("F32", "I8", "BF16"):
             _fail(path, f"{name} has dtype {st}; a {q['dtype']} checkpoint holds F32 and {want}")
     # names, dtypes and shapes here; the values (finite, scales in range) as the model is built
-    if q["group"] is not None and (q["group"] > cfg.n_embd or cfg.n_embd % q["group"]):
-        _fail(path, f"invalid quantization metadata: group {q['group']} does not divide "
-                    f"n_embd {cfg.n_embd}")
-    specs = quantized_tensor_specs(cfg, q["dtype"], q["group"])
-    missing = [n for n in specs if n not in tensors]
-    extra = [n for n in tensors if n not in specs]
-    if missing or extra:
-        _fail(path, f"tensors do not match a {q['dtype']} model of this configuration "
-                    f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, (dt, shape) in specs.items():
-        if tensors[name].dtype != dt or tensors[name].shape != shape:
-            _fail(path, f"{name} must be {dt} {shape}, got {tensors[name].dtype} "
-                        f"{tensors[name].shape}")
+    try:
+        check_quantized_state(cfg, tensors, q["dtype"], q["group"])
+    except ValidationError as e:
+        _fail(path, str(e))
     return Checkpoint(os.fspath(path), cfg, tensors, tok, None, None, None, quantization=q)
 
 

@@ -123,8 +123,8 @@ def _matrix_layout(name: str) -> str:
     return "dots" if name == "transformer.wte.weight" else "rows"
 
 
-def quantized_tensor_specs(config: ModelConfig, dtype: str, group: int | None
-                           ) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _quantized_tensor_specs(config: ModelConfig, dtype: str, group: int | None
+                            ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (numpy dtype, shape) of every tensor of a quantized model's state
     (TransformerModel.quantized_state_dict): the float32 tensors, each compact matrix's codes
     (int8, or uint16 bfloat16 bits) and, for int8, its `<name>_scale`."""
@@ -150,6 +150,27 @@ def _check_quantization(config: ModelConfig, dtype: Any, group: Any) -> int | No
         check_int(group, "group", 1, config.n_embd)
         if config.n_embd % group:
             raise ValidationError(f"group must divide n_embd ({config.n_embd}), got {group}")
+    return group
+
+
+def check_quantized_state(config: ModelConfig, tensors: Mapping[str, Any], dtype: Any,
+                          group: Any) -> int | None:
+    """Check that `tensors` has the names, dtypes and shapes of a `dtype` / `group` quantized
+    model's state (TransformerModel.quantized_state_dict) for `config`; returns the group.
+    ValidationError names the first thing wrong. (The values are checked as the model is
+    built: TransformerModel.from_quantized_state_dict.)"""
+    group = _check_quantization(config, dtype, group)
+    want = _quantized_tensor_specs(config, dtype, group)
+    missing = [n for n in want if n not in tensors]
+    extra = [n for n in tensors if n not in want]
+    if missing or extra:
+        raise ValidationError(f"tensors do not match a {dtype} model of this configuration "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for n, (dt, shape) in want.items():
+        t = tensors[n]
+        if not isinstance(t, np.ndarray) or t.dtype != dt or t.shape != shape:
+            got = f"{t.dtype} {t.shape}" if isinstance(t, np.ndarray) else type(t).__name__
+            raise ValidationError(f"tensors[{n!r}] must be {dt} {shape}, got {got}")
     return group
 
 
@@ -365,20 +386,10 @@ class TransformerModel(Closeable):
         ValidationError names the first that is wrong."""
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-        group = _check_quantization(config, dtype, group)
+        group = check_quantized_state(config, tensors, dtype, group)
         names = ParameterLayout.for_config(config).compact_matrices()
-        want = quantized_tensor_specs(config, dtype, group)
-        missing = [n for n in want if n not in tensors]
-        extra = [n for n in tensors if n not in want]
-        if missing or extra:
-            raise ValidationError(f"tensors do not match a {dtype} model of this configuration "
-                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        for n, (dt, shape) in want.items():
-            t = tensors[n]
-            if not isinstance(t, np.ndarray) or t.dtype != dt or t.shape != shape:
-                got = f"{t.dtype} {t.shape}" if isinstance(t, np.ndarray) else type(t).__name__
-                raise ValidationError(f"tensors[{n!r}] must be {dt} {shape}, got {got}")
-            if dt == "float32" and not np.isfinite(t).all():
+        for n, t in tensors.items():
+            if t.dtype == np.float32 and not np.isfinite(t).all():
                 raise ValidationError(f"tensors[{n!r}] contains NaN or infinite values")
         mats = {}
         for n in names:
